@@ -1,0 +1,144 @@
+// Cell formulas shared by the CPU and CUDA paths.
+//
+// Every function here works on one hidden unit j of one sequence row and is
+// `__host__ __device__`, so the CPU test suite exercises exactly the formulas
+// the GPU kernels run. T is the math type (float for half/bfloat16 storage,
+// otherwise the storage type).
+//
+// Gate layouts follow PyTorch (torch.nn.LSTM / GRU / RNN):
+//   LSTM: pre-activations [i, f, g, o], c' = f*c + i*g, h' = o*tanh(c')
+//   GRU:  [r, z, n], n = tanh(x_n + r*(W_hn h + b_hn)), h' = (1-z)*n + z*h
+//   RNN:  h' = act(x + W_hh h), act = tanh or relu
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define VK_HD __host__ __device__ __forceinline__
+#else
+#define VK_HD inline
+#endif
+
+namespace varlen {
+
+enum class Cell : int { LSTM = 0, GRU = 1, RNN_TANH = 2, RNN_RELU = 3 };
+
+// Number of gate blocks (of H columns each) in W_ih / W_hh.
+constexpr int num_gates(Cell c) {
+  return c == Cell::LSTM ? 4 : (c == Cell::GRU ? 3 : 1);
+}
+// Width (in blocks of H) of the per-step gate workspace kept for backward.
+//   LSTM: activated [i, f, g, o]; GRU: [r, z, n, W_hn h + b_hn]; RNN: [h'].
+constexpr int num_saved_gates(Cell c) {
+  return c == Cell::LSTM ? 4 : (c == Cell::GRU ? 4 : 1);
+}
+// Recurrent states per row: LSTM (h, c), others h.
+constexpr int num_states(Cell c) { return c == Cell::LSTM ? 2 : 1; }
+
+VK_HD float vk_exp(float x) { return ::expf(x); }
+VK_HD double vk_exp(double x) { return ::exp(x); }
+VK_HD float vk_tanh(float x) { return ::tanhf(x); }
+VK_HD double vk_tanh(double x) { return ::tanh(x); }
+
+template <typename T>
+VK_HD T sigmoid(T x) {
+  return T(1) / (T(1) + vk_exp(-x));
+}
+// Derivatives expressed through the activation's output y.
+template <typename T>
+VK_HD T dsigmoid_from_y(T y) {
+  return y * (T(1) - y);
+}
+template <typename T>
+VK_HD T dtanh_from_y(T y) {
+  return T(1) - y * y;
+}
+
+// ---------------------------------------------------------------- LSTM
+// Inputs: pre-activations (x-part + h-part + biases) and c_prev.
+template <typename T>
+struct LstmFwd {
+  T i, f, g, o, c, h;
+};
+template <typename T>
+VK_HD LstmFwd<T> lstm_forward(T pi, T pf, T pg, T po, T c_prev) {
+  LstmFwd<T> r;
+  r.i = sigmoid(pi);
+  r.f = sigmoid(pf);
+  r.g = vk_tanh(pg);
+  r.o = sigmoid(po);
+  r.c = r.f * c_prev + r.i * r.g;
+  r.h = r.o * vk_tanh(r.c);
+  return r;
+}
+
+// Gradients w.r.t. the four pre-activations and c_prev.
+// dh: total gradient reaching h' (from the output and from step t+1);
+// dc: gradient reaching c' from step t+1 (or from c_n).
+template <typename T>
+struct LstmBwd {
+  T di, df, dg, do_, dc_prev;
+};
+template <typename T>
+VK_HD LstmBwd<T> lstm_backward(T i, T f, T g, T o, T c_prev, T dh, T dc) {
+  const T c = f * c_prev + i * g;  // the forward's c', recomputed
+  const T tc = vk_tanh(c);
+  const T dct = dc + dh * o * dtanh_from_y(tc);
+  LstmBwd<T> r;
+  r.do_ = dh * tc * dsigmoid_from_y(o);
+  r.di = dct * g * dsigmoid_from_y(i);
+  r.df = dct * c_prev * dsigmoid_from_y(f);
+  r.dg = dct * i * dtanh_from_y(g);
+  r.dc_prev = dct * f;
+  return r;
+}
+
+// ---------------------------------------------------------------- GRU
+// xr, xz, xn: input part with b_ih; hr, hz: hidden part with b_hh;
+// hn: W_hn h + b_hn (kept for backward).
+template <typename T>
+struct GruFwd {
+  T r, z, n, h;
+};
+template <typename T>
+VK_HD GruFwd<T> gru_forward(T xr, T xz, T xn, T hr, T hz, T hn, T h_prev) {
+  GruFwd<T> o;
+  o.r = sigmoid(xr + hr);
+  o.z = sigmoid(xz + hz);
+  o.n = vk_tanh(xn + o.r * hn);
+  o.h = (T(1) - o.z) * o.n + o.z * h_prev;
+  return o;
+}
+
+// Gradients w.r.t. input-side pre-activations (dxr, dxz, dxn), hidden-side
+// ones (dhr = dxr, dhz = dxz, dhn), and the direct path to h_prev.
+template <typename T>
+struct GruBwd {
+  T dr, dz, dxn, dhn, dh_prev_direct;
+};
+template <typename T>
+VK_HD GruBwd<T> gru_backward(T r, T z, T n, T hn, T h_prev, T dh) {
+  GruBwd<T> o;
+  const T dn = dh * (T(1) - z) * dtanh_from_y(n);
+  o.dxn = dn;
+  o.dhn = dn * r;
+  o.dr = dn * hn * dsigmoid_from_y(r);
+  o.dz = dh * (h_prev - n) * dsigmoid_from_y(z);
+  o.dh_prev_direct = dh * z;
+  return o;
+}
+
+// ---------------------------------------------------------------- RNN
+template <typename T, bool kRelu>
+VK_HD T rnn_forward(T pre) {
+  if (kRelu) return pre > T(0) ? pre : T(0);
+  return vk_tanh(pre);
+}
+// Gradient w.r.t. the pre-activation, from the output h'.
+template <typename T, bool kRelu>
+VK_HD T rnn_backward(T h, T dh) {
+  if (kRelu) return h > T(0) ? dh : T(0);
+  return dh * dtanh_from_y(h);
+}
+
+}  // namespace varlen

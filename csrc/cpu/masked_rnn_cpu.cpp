@@ -1,0 +1,386 @@
+// CPU kernels for rnn_forward / rnn_backward.
+//
+// Strategy: run one direction of one layer on the valid tokens only.
+//  1. Order the batch by length, longest first (stable counting sort). In that
+//     order the sequences still running at step t are the prefix [0, bs[t]),
+//     where bs[t] = #{b : lengths[b] > t}, so every per-step GEMM works on a
+//     contiguous block of rows and padded steps are never touched.
+//  2. Gather the valid input rows into a packed (N, I) matrix, N = sum(lengths)
+//     (row off[t] + i is step t of the i-th longest sequence), and compute the
+//     input projection for all of them with one GEMM.
+//  3. Step through time: one GEMM of the active hidden rows with W_hh, then the
+//     fused cell update from cell_math.h. Rows past the active prefix are not
+//     touched, so each one keeps its final state (forward direction) or its
+//     initial state until its own last step comes (reverse direction).
+//  4. Scatter the packed output into the zero-filled padded output.
+// The workspaces hold packed rows [0, N) of a (T*B, *) buffer.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../cell_math.h"
+#include "../rnn_args.h"
+
+namespace varlen {
+namespace {
+
+using at::Tensor;
+
+// The batch in length order, and where each step's rows start in packed form.
+struct Plan {
+  int64_t T = 0, B = 0, N = 0;
+  std::vector<int64_t> perm;  // perm[i]: batch index of the i-th longest sequence
+  std::vector<int64_t> bs;    // bs[t]: sequences with length > t
+  std::vector<int64_t> off;   // off[t]: sum of bs[s] for s < t
+};
+
+Plan make_plan(const Tensor& lengths, int64_t T) {
+  Plan p;
+  p.T = T;
+  p.B = lengths.size(0);
+  const Tensor len = lengths.contiguous();
+  const int64_t* L = len.data_ptr<int64_t>();
+  std::vector<int64_t> count(T + 1, 0);
+  for (int64_t b = 0; b < p.B; ++b) {
+    TORCH_CHECK(L[b] >= 0 && L[b] <= T, "lengths[", b, "] = ", L[b],
+                " is out of range: each length must be in [0, T] with T = ", T);
+    ++count[L[b]];
+  }
+  // greater[l]: sequences longer than l. Longest first, stable in the batch
+  // index (counting sort); sequences with length > t are then the prefix
+  // [0, greater[t]) of the order.
+  std::vector<int64_t> greater(T + 1, 0);
+  for (int64_t l = T - 1; l >= 0; --l) greater[l] = greater[l + 1] + count[l + 1];
+  p.bs.assign(greater.begin(), greater.begin() + T);
+  p.off.assign(T + 1, 0);
+  for (int64_t t = 0; t < T; ++t) p.off[t + 1] = p.off[t] + p.bs[t];
+  p.perm.assign(p.B, 0);
+  for (int64_t b = 0; b < p.B; ++b) p.perm[greater[L[b]]++] = b;
+  p.N = p.off[T];
+  return p;
+}
+
+// dst (N, D) packed <- src (T, B, D) padded, valid rows only.
+template <typename scalar_t>
+void gather_packed(const Plan& p, const Tensor& src, scalar_t* dst) {
+  const int64_t D = src.size(2), s0 = src.stride(0), s1 = src.stride(1);
+  const scalar_t* base = src.const_data_ptr<scalar_t>();
+  at::parallel_for(0, p.T, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t i = 0; i < p.bs[t]; ++i)
+        std::copy_n(base + t * s0 + p.perm[i] * s1, D, dst + (p.off[t] + i) * D);
+  });
+}
+
+// dst (T, B, D) contiguous, zero-filled <- src (N, D) packed.
+template <typename scalar_t>
+void scatter_padded(const Plan& p, const scalar_t* src, Tensor& dst) {
+  const int64_t D = dst.size(2), B = p.B;
+  scalar_t* base = dst.data_ptr<scalar_t>();
+  at::parallel_for(0, p.T, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t i = 0; i < p.bs[t]; ++i)
+        std::copy_n(src + (p.off[t] + i) * D, D, base + (t * B + p.perm[i]) * D);
+  });
+}
+
+// Rows of a (B, D) state tensor into / out of length order.
+Tensor to_sorted(const Plan& p, const Tensor& x) {
+  return x.index_select(0, at::tensor(p.perm, x.options().dtype(at::kLong)));
+}
+Tensor from_sorted(const Plan& p, const Tensor& x) {
+  Tensor out = at::empty_like(x);
+  out.index_copy_(0, at::tensor(p.perm, x.options().dtype(at::kLong)), x);
+  return out;
+}
+
+// Steps in processing order: forward 0..T-1, reverse T-1..0.
+template <typename F>
+void for_each_step(const Plan& p, bool reverse, bool backward_pass, F&& f) {
+  // The backward pass visits steps in the opposite order to the forward pass.
+  const bool descending = reverse != backward_pass;
+  for (int64_t k = 0; k < p.T; ++k) {
+    const int64_t t = descending ? p.T - 1 - k : k;
+    if (p.bs[t] > 0) f(t, p.bs[t]);
+  }
+}
+
+int64_t grain_rows(int64_t H) { return std::max<int64_t>(1, 2048 / std::max<int64_t>(H, 1)); }
+
+// ------------------------------------------------------------------ forward
+template <typename scalar_t, Cell K>
+std::vector<Tensor> forward_impl(const Plan& p, const RnnSizes& s, const Tensor& input,
+                                 const Tensor& h0, const c10::optional<Tensor>& c0,
+                                 const Tensor& w_ih, const Tensor& w_hh,
+                                 const c10::optional<Tensor>& b_ih,
+                                 const c10::optional<Tensor>& b_hh, bool reverse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t G = num_gates(K), GS = num_saved_gates(K), S = num_states(K);
+  const int64_t T = s.T, B = s.B, I = s.I, H = s.H, N = p.N;
+  const auto opts = input.options();
+
+  Tensor xp = at::empty({N, I}, opts);
+  gather_packed<scalar_t>(p, input, xp.data_ptr<scalar_t>());
+  // Input projection for every valid token, with the biases that can be folded
+  // in (all of b_hh except GRU's b_hn, which sits inside r * (...)).
+  Tensor gx;
+  Tensor b_hn;
+  if (b_ih.has_value()) {
+    Tensor bias = *b_ih + *b_hh;
+    if (K == Cell::GRU) {
+      bias = at::cat({bias.narrow(0, 0, 2 * H), b_ih->narrow(0, 2 * H, H)});
+      b_hn = b_hh->narrow(0, 2 * H, H).contiguous();
+    }
+    gx = at::addmm(bias, xp, w_ih.t());
+  } else {
+    gx = at::mm(xp, w_ih.t());
+  }
+
+  Tensor h = to_sorted(p, h0).contiguous();
+  Tensor c = K == Cell::LSTM ? to_sorted(p, *c0).contiguous() : Tensor();
+  Tensor gh = at::empty({B, G * H}, opts);
+  Tensor yp = at::empty({N, H}, opts);
+  Tensor gates = at::empty({T, B, GS * H}, opts);
+  Tensor states = at::empty({T, B, S * H}, opts);
+  const Tensor w_hh_t = w_hh.t();
+
+  scalar_t* hp = h.data_ptr<scalar_t>();
+  scalar_t* cp = K == Cell::LSTM ? c.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* gxp = gx.const_data_ptr<scalar_t>();
+  const scalar_t* ghp = gh.const_data_ptr<scalar_t>();
+  const scalar_t* bhn = b_hn.defined() ? b_hn.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* ypp = yp.data_ptr<scalar_t>();
+  scalar_t* wg = gates.data_ptr<scalar_t>();
+  scalar_t* ws = states.data_ptr<scalar_t>();
+
+  for_each_step(p, reverse, /*backward_pass=*/false, [&](int64_t t, int64_t n) {
+    Tensor gh_n = gh.narrow(0, 0, n);
+    at::mm_out(gh_n, h.narrow(0, 0, n), w_hh_t);
+    at::parallel_for(0, n, grain_rows(H), [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) {
+        const int64_t row = p.off[t] + i;
+        const scalar_t* x = gxp + row * G * H;
+        const scalar_t* hh = ghp + i * G * H;
+        scalar_t* hi = hp + i * H;
+        scalar_t* y = ypp + row * H;
+        scalar_t* sg = wg + row * GS * H;
+        scalar_t* st = ws + row * S * H;
+        for (int64_t j = 0; j < H; ++j) {
+          const acc_t h_prev = hi[j];
+          st[j] = hi[j];
+          acc_t h_new;
+          if constexpr (K == Cell::LSTM) {
+            scalar_t* ci = cp + i * H;
+            st[H + j] = ci[j];
+            const auto r = lstm_forward<acc_t>(
+                acc_t(x[j]) + acc_t(hh[j]), acc_t(x[H + j]) + acc_t(hh[H + j]),
+                acc_t(x[2 * H + j]) + acc_t(hh[2 * H + j]),
+                acc_t(x[3 * H + j]) + acc_t(hh[3 * H + j]), acc_t(ci[j]));
+            sg[j] = r.i;
+            sg[H + j] = r.f;
+            sg[2 * H + j] = r.g;
+            sg[3 * H + j] = r.o;
+            ci[j] = r.c;
+            h_new = r.h;
+          } else if constexpr (K == Cell::GRU) {
+            const acc_t hn = acc_t(hh[2 * H + j]) + (bhn ? acc_t(bhn[j]) : acc_t(0));
+            const auto r = gru_forward<acc_t>(x[j], x[H + j], x[2 * H + j], hh[j], hh[H + j],
+                                              hn, h_prev);
+            sg[j] = r.r;
+            sg[H + j] = r.z;
+            sg[2 * H + j] = r.n;
+            sg[3 * H + j] = hn;
+            h_new = r.h;
+          } else {
+            h_new = rnn_forward<acc_t, K == Cell::RNN_RELU>(acc_t(x[j]) + acc_t(hh[j]));
+            sg[j] = h_new;
+          }
+          hi[j] = h_new;
+          y[j] = h_new;
+        }
+      }
+    });
+  });
+
+  Tensor output = at::zeros({T, B, H}, opts);
+  scatter_padded<scalar_t>(p, ypp, output);
+  Tensor h_n = from_sorted(p, h);
+  Tensor c_n = K == Cell::LSTM ? from_sorted(p, c) : at::empty({0}, opts);
+  return {output, h_n, c_n, gates, states};
+}
+
+// ----------------------------------------------------------------- backward
+template <typename scalar_t, Cell K>
+std::vector<Tensor> backward_impl(const Plan& p, const RnnSizes& s, const Tensor& grad_output,
+                                  const Tensor& grad_h_n, const Tensor& grad_c_n,
+                                  const Tensor& input, const Tensor& w_ih, const Tensor& w_hh,
+                                  const Tensor& gates, const Tensor& states, bool reverse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t G = num_gates(K), GS = num_saved_gates(K), S = num_states(K);
+  const int64_t T = s.T, B = s.B, I = s.I, H = s.H, N = p.N;
+  const auto opts = input.options();
+
+  Tensor dyp = at::empty({N, H}, opts);
+  gather_packed<scalar_t>(p, grad_output, dyp.data_ptr<scalar_t>());
+  Tensor dh = to_sorted(p, grad_h_n).contiguous();
+  Tensor dc = K == Cell::LSTM ? to_sorted(p, grad_c_n).contiguous() : Tensor();
+  // Gradients w.r.t. the pre-activations, input side and hidden side. They
+  // differ only for GRU's n gate (the hidden side is scaled by r).
+  Tensor dgx = at::empty({N, G * H}, opts);
+  Tensor dgh = K == Cell::GRU ? at::empty({N, G * H}, opts) : dgx;
+
+  scalar_t* dhp = dh.data_ptr<scalar_t>();
+  scalar_t* dcp = K == Cell::LSTM ? dc.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* dy = dyp.const_data_ptr<scalar_t>();
+  const scalar_t* wg = gates.const_data_ptr<scalar_t>();
+  const scalar_t* ws = states.const_data_ptr<scalar_t>();
+  scalar_t* dgxp = dgx.data_ptr<scalar_t>();
+  scalar_t* dghp = dgh.data_ptr<scalar_t>();
+
+  for_each_step(p, reverse, /*backward_pass=*/true, [&](int64_t t, int64_t n) {
+    at::parallel_for(0, n, grain_rows(H), [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) {
+        const int64_t row = p.off[t] + i;
+        const scalar_t* sg = wg + row * GS * H;
+        const scalar_t* st = ws + row * S * H;
+        const scalar_t* dyi = dy + row * H;
+        scalar_t* dhi = dhp + i * H;
+        scalar_t* gx = dgxp + row * G * H;
+        scalar_t* gh = dghp + row * G * H;
+        for (int64_t j = 0; j < H; ++j) {
+          const acc_t dht = acc_t(dhi[j]) + acc_t(dyi[j]);
+          if constexpr (K == Cell::LSTM) {
+            scalar_t* dci = dcp + i * H;
+            const auto r = lstm_backward<acc_t>(sg[j], sg[H + j], sg[2 * H + j], sg[3 * H + j],
+                                                st[H + j], dht, dci[j]);
+            gx[j] = r.di;
+            gx[H + j] = r.df;
+            gx[2 * H + j] = r.dg;
+            gx[3 * H + j] = r.do_;
+            dci[j] = r.dc_prev;
+          } else if constexpr (K == Cell::GRU) {
+            const auto r =
+                gru_backward<acc_t>(sg[j], sg[H + j], sg[2 * H + j], sg[3 * H + j], st[j], dht);
+            gx[j] = gh[j] = r.dr;
+            gx[H + j] = gh[H + j] = r.dz;
+            gx[2 * H + j] = r.dxn;
+            gh[2 * H + j] = r.dhn;
+            dhi[j] = r.dh_prev_direct;
+          } else {
+            gx[j] = rnn_backward<acc_t, K == Cell::RNN_RELU>(sg[j], dht);
+          }
+        }
+      }
+    });
+    // Gradient reaching the previous hidden state through W_hh.
+    Tensor dh_n = dh.narrow(0, 0, n);
+    const Tensor dg_t = dgh.narrow(0, p.off[t], n);
+    if (K == Cell::GRU) {
+      dh_n.addmm_(dg_t, w_hh);
+    } else {
+      at::mm_out(dh_n, dg_t, w_hh);
+    }
+  });
+
+  Tensor xp = at::empty({N, I}, opts);
+  gather_packed<scalar_t>(p, input, xp.data_ptr<scalar_t>());
+  const Tensor h_prev = states.view({T * B, S * H}).narrow(0, 0, N).narrow(1, 0, H);
+  Tensor grad_w_ih = at::mm(dgx.t(), xp);
+  Tensor grad_w_hh = at::mm(dgh.t(), h_prev);
+  Tensor grad_b_ih = dgx.sum(0);
+  Tensor grad_b_hh = K == Cell::GRU ? dgh.sum(0) : grad_b_ih.clone();
+  Tensor grad_input = at::zeros({T, B, I}, opts);
+  Tensor dxp = at::mm(dgx, w_ih);
+  scatter_padded<scalar_t>(p, dxp.const_data_ptr<scalar_t>(), grad_input);
+  Tensor grad_h0 = from_sorted(p, dh);
+  Tensor grad_c0 = K == Cell::LSTM ? from_sorted(p, dc) : at::empty({0}, opts);
+  return {grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
+}
+
+// Runtime cell -> compile-time cell.
+template <typename F>
+auto dispatch_cell(Cell cell, F&& f) {
+  switch (cell) {
+    case Cell::LSTM:
+      return f(std::integral_constant<Cell, Cell::LSTM>{});
+    case Cell::GRU:
+      return f(std::integral_constant<Cell, Cell::GRU>{});
+    case Cell::RNN_TANH:
+      return f(std::integral_constant<Cell, Cell::RNN_TANH>{});
+    default:
+      return f(std::integral_constant<Cell, Cell::RNN_RELU>{});
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_cpu(
+    const Tensor& input, const Tensor& lengths, const Tensor& h0,
+    const c10::optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
+    const c10::optional<Tensor>& b_ih, const c10::optional<Tensor>& b_hh,
+    c10::string_view cell, bool reverse) {
+  const RnnSizes s = check_rnn_forward_args(input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                            std::string(cell));
+  const Plan p = make_plan(lengths, s.T);
+  const Tensor x = input.stride(2) == 1 ? input : input.contiguous();
+  std::vector<Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "rnn_forward",
+                                  [&] {
+    out = dispatch_cell(s.cell, [&](auto k) {
+      return forward_impl<scalar_t, decltype(k)::value>(p, s, x, h0, c0, w_ih.contiguous(),
+                                                        w_hh.contiguous(), b_ih, b_hh, reverse);
+    });
+  });
+  return {out[0], out[1], out[2], out[3], out[4]};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cpu(
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
+    const Tensor& input, const Tensor& lengths, const Tensor& w_ih, const Tensor& w_hh,
+    const Tensor& gates, const Tensor& states, c10::string_view cell_name, bool reverse) {
+  RnnSizes s;
+  s.cell = parse_cell(std::string(cell_name));
+  TORCH_CHECK(input.dim() == 3, "input must be 3-D (T, B, I), got shape ", input.sizes());
+  s.T = input.size(0);
+  s.B = input.size(1);
+  s.I = input.size(2);
+  s.H = w_hh.size(1);
+  s.G = num_gates(s.cell);
+  s.GS = num_saved_gates(s.cell);
+  s.S = num_states(s.cell);
+  const int64_t T = s.T, B = s.B, H = s.H;
+  check_lengths_meta(lengths, input, B);
+  VK_CHECK_SHAPE(grad_output, T, B, H);
+  VK_CHECK_SHAPE(grad_h_n, B, H);
+  if (s.cell == Cell::LSTM) VK_CHECK_SHAPE(grad_c_n, B, H);
+  VK_CHECK_SHAPE(w_ih, s.G * H, s.I);
+  VK_CHECK_SHAPE(w_hh, s.G * H, H);
+  VK_CHECK_SHAPE(gates, T, B, s.GS * H);
+  VK_CHECK_SHAPE(states, T, B, s.S * H);
+  TORCH_CHECK(gates.is_contiguous() && states.is_contiguous(),
+              "gates and states must be the unchanged workspaces from rnn_forward");
+  const Plan p = make_plan(lengths, T);
+  const Tensor go = grad_output.stride(2) == 1 ? grad_output : grad_output.contiguous();
+  const Tensor x = input.stride(2) == 1 ? input : input.contiguous();
+  std::vector<Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "rnn_backward",
+                                  [&] {
+    out = dispatch_cell(s.cell, [&](auto k) {
+      return backward_impl<scalar_t, decltype(k)::value>(
+          p, s, go.to(input.scalar_type()), grad_h_n.to(input.scalar_type()),
+          grad_c_n.to(input.scalar_type()), x, w_ih.contiguous(), w_hh.contiguous(), gates,
+          states, reverse);
+    });
+  });
+  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6]};
+}
+
+}  // namespace
+}  // namespace varlen
+
+TORCH_LIBRARY_IMPL(varlen_kernels, CPU, m) {
+  m.impl("rnn_forward", &varlen::rnn_forward_cpu);
+  m.impl("rnn_backward", &varlen::rnn_backward_cpu);
+}

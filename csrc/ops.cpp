@@ -1,0 +1,57 @@
+// The one place where every varlen_kernels op schema is declared.
+// Backends register their kernels with TORCH_LIBRARY_IMPL in csrc/cpu and
+// csrc/cuda; fake (meta) kernels and autograd live in varlen_kernels/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#ifndef VK_SOURCE_HASH
+#define VK_SOURCE_HASH "unknown"
+#endif
+#ifndef VK_TORCH_VERSION
+#define VK_TORCH_VERSION "unknown"
+#endif
+
+// `import varlen_kernels._C` loads the shared library, which runs the
+// registrations below; the module itself only carries build information.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  PyObject* m = PyModule_Create(&def);
+  if (m == nullptr) return nullptr;
+  PyModule_AddStringConstant(m, "SOURCE_HASH", VK_SOURCE_HASH);
+  PyModule_AddStringConstant(m, "TORCH_VERSION", VK_TORCH_VERSION);
+#ifdef VK_WITH_CUDA
+  PyModule_AddIntConstant(m, "WITH_CUDA", 1);
+#else
+  PyModule_AddIntConstant(m, "WITH_CUDA", 0);
+#endif
+  return m;
+}
+
+TORCH_LIBRARY(varlen_kernels, m) {
+  // One direction of one recurrent layer over a padded, time-major batch.
+  //   input   (T, B, I), any strides with a unit last stride
+  //   lengths (B,) int64 on the input's device, each in [0, T]
+  //   h0      (B, H);  c0 (B, H) for cell == "lstm", else None
+  //   w_ih    (G*H, I); w_hh (G*H, H); b_ih, b_hh (G*H,) or None
+  //           G = 4 (lstm), 3 (gru), 1 (rnn_tanh, rnn_relu)
+  // Returns
+  //   output  (T, B, H): h at every valid step, exactly 0 past each length
+  //   h_n     (B, H):    state after each sequence's own last valid step
+  //   c_n     (B, H) for lstm, (0,) otherwise
+  //   gates   (T, B, GS*H), states (T, B, S*H): opaque workspaces for
+  //           rnn_backward, to be passed to it unchanged (GS = 4 for lstm and
+  //           gru, 1 for rnn; S = 2 for lstm, 1 otherwise)
+  m.def(
+      "rnn_forward(Tensor input, Tensor lengths, Tensor h0, Tensor? c0, "
+      "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, str cell, "
+      "bool reverse) -> (Tensor output, Tensor h_n, Tensor c_n, "
+      "Tensor gates, Tensor states)");
+  // Gradients of rnn_forward. grad_c_n is (0,) for non-LSTM cells. The bias
+  // gradients are returned whether or not the forward had biases.
+  m.def(
+      "rnn_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, "
+      "Tensor input, Tensor lengths, Tensor w_ih, Tensor w_hh, Tensor gates, "
+      "Tensor states, str cell, bool reverse) -> (Tensor grad_input, "
+      "Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
+      "Tensor grad_b_ih, Tensor grad_b_hh)");
+}

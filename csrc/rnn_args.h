@@ -1,0 +1,100 @@
+// Argument checks shared by the CPU and CUDA rnn kernels. Every message names
+// the argument, what was expected and what came.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <string>
+
+#include "cell_math.h"
+
+#define VK_CHECK_SHAPE(x, ...)                                                 \
+  TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}), #x               \
+              " must have shape (" #__VA_ARGS__ ") = ",                      \
+              at::IntArrayRef({__VA_ARGS__}), ", got ", (x).sizes())
+
+namespace varlen {
+
+inline Cell parse_cell(const std::string& cell) {
+  if (cell == "lstm") return Cell::LSTM;
+  if (cell == "gru") return Cell::GRU;
+  if (cell == "rnn_tanh") return Cell::RNN_TANH;
+  if (cell == "rnn_relu") return Cell::RNN_RELU;
+  TORCH_CHECK(false, "cell must be one of 'lstm', 'gru', 'rnn_tanh', 'rnn_relu', got '", cell, "'");
+}
+
+struct RnnSizes {
+  Cell cell;
+  int64_t T, B, I, H, G, GS, S;
+};
+
+inline void check_same_device(const at::Tensor& ref, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), name, " must be on the input's device ", ref.device(),
+              ", got ", t.device());
+}
+
+inline void check_lengths_meta(const at::Tensor& lengths, const at::Tensor& input, int64_t B) {
+  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == B,
+              "lengths must be 1-D with one entry per sequence (", B, "), got shape ",
+              lengths.sizes());
+  TORCH_CHECK(lengths.scalar_type() == at::kLong, "lengths must be int64, got ",
+              lengths.scalar_type());
+  check_same_device(input, lengths, "lengths");
+}
+
+// Checks the forward's arguments and returns the problem sizes.
+inline RnnSizes check_rnn_forward_args(const at::Tensor& input, const at::Tensor& lengths,
+                                       const at::Tensor& h0, const c10::optional<at::Tensor>& c0,
+                                       const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                       const c10::optional<at::Tensor>& b_ih,
+                                       const c10::optional<at::Tensor>& b_hh,
+                                       const std::string& cell_name) {
+  RnnSizes s;
+  s.cell = parse_cell(cell_name);
+  TORCH_CHECK(input.dim() == 3, "input must be 3-D (T, B, I), got shape ", input.sizes());
+  TORCH_CHECK(input.is_floating_point(), "input must be floating point, got ", input.scalar_type());
+  s.T = input.size(0);
+  s.B = input.size(1);
+  s.I = input.size(2);
+  TORCH_CHECK(w_hh.dim() == 2, "w_hh must be 2-D (G*H, H), got shape ", w_hh.sizes());
+  s.H = w_hh.size(1);
+  s.G = num_gates(s.cell);
+  s.GS = num_saved_gates(s.cell);
+  s.S = num_states(s.cell);
+  const int64_t G = s.G, H = s.H, I = s.I, B = s.B;
+  VK_CHECK_SHAPE(w_hh, G * H, H);
+  VK_CHECK_SHAPE(w_ih, G * H, I);
+  VK_CHECK_SHAPE(h0, B, H);
+  check_lengths_meta(lengths, input, B);
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&h0, "h0"},
+                                {&w_ih, "w_ih"},
+                                {&w_hh, "w_hh"}}) {
+    TORCH_CHECK(t->scalar_type() == input.scalar_type(), name, " must have the input's dtype ",
+                input.scalar_type(), ", got ", t->scalar_type());
+    check_same_device(input, *t, name);
+  }
+  if (s.cell == Cell::LSTM) {
+    TORCH_CHECK(c0.has_value(), "c0 is required for cell 'lstm'");
+    VK_CHECK_SHAPE(*c0, B, H);
+    TORCH_CHECK(c0->scalar_type() == input.scalar_type(), "c0 must have the input's dtype ",
+                input.scalar_type(), ", got ", c0->scalar_type());
+    check_same_device(input, *c0, "c0");
+  } else {
+    TORCH_CHECK(!c0.has_value(), "c0 must be None for cell '", cell_name, "'");
+  }
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(),
+              "b_ih and b_hh must both be given or both be None");
+  if (b_ih.has_value()) {
+    VK_CHECK_SHAPE(*b_ih, G * H);
+    VK_CHECK_SHAPE(*b_hh, G * H);
+    for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&*b_ih, "b_ih"},
+                                  {&*b_hh, "b_hh"}}) {
+      TORCH_CHECK(t->scalar_type() == input.scalar_type(), name,
+                  " must have the input's dtype ", input.scalar_type(), ", got ",
+                  t->scalar_type());
+      check_same_device(input, *t, name);
+    }
+  }
+  return s;
+}
+
+}  // namespace varlen

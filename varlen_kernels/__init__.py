@@ -1,0 +1,23 @@
+"""varlen_kernels: fused masked RNN/GRU/LSTM kernels for variable-length batches.
+
+    from varlen_kernels import MaskedLSTM
+    lstm = MaskedLSTM(input_size=32, hidden_size=64, batch_first=True)
+    output, (h_n, c_n) = lstm(x, lengths)   # x: (B, T, 32), lengths: (B,)
+"""
+from ._load import load_extension
+
+_C = load_extension()  # registers the ops before the Python registrations below
+
+from . import ops  # noqa: E402
+from .reference import masked_rnn_reference, rnn_layer_reference  # noqa: E402
+from .rnn import MaskedGRU, MaskedLSTM, MaskedRNN  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = [
+    "MaskedRNN",
+    "MaskedLSTM",
+    "MaskedGRU",
+    "masked_rnn_reference",
+    "rnn_layer_reference",
+    "ops",
+]

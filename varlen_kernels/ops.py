@@ -1,0 +1,104 @@
+"""Python side of the custom ops: thin wrappers, fake kernels and autograd.
+
+Schemas live in csrc/ops.cpp; kernels in csrc/cpu and csrc/cuda.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+# Gate blocks (of H columns) in the weights, per cell.
+NUM_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+# Widths (in blocks of H) of the rnn_forward workspaces, per cell.
+_SAVED_GATES = {"lstm": 4, "gru": 4, "rnn_tanh": 1, "rnn_relu": 1}
+_STATES = {"lstm": 2, "gru": 1, "rnn_tanh": 1, "rnn_relu": 1}
+
+
+def rnn_layer(
+    input: Tensor,
+    lengths: Tensor,
+    h0: Tensor,
+    c0: Optional[Tensor],
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Optional[Tensor],
+    b_hh: Optional[Tensor],
+    cell: str,
+    reverse: bool,
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """One direction of one masked recurrent layer (differentiable).
+
+    input: (T, B, I); lengths: (B,) int64 on input's device, each in [0, T];
+    h0, c0: (B, H) (c0 only for "lstm"); w_ih: (G*H, I); w_hh: (G*H, H);
+    b_ih, b_hh: (G*H,) or None. reverse runs each sequence from its own last
+    valid step back to step 0.
+
+    Returns output (T, B, H), zero past each length; h_n (B, H) and c_n (B, H)
+    (None unless "lstm"): each sequence's state after its last valid step.
+    """
+    out, h_n, c_n, _, _ = torch.ops.varlen_kernels.rnn_forward.default(
+        input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, cell, reverse
+    )
+    return out, h_n, (c_n if cell == "lstm" else None)
+
+
+@torch.library.register_fake("varlen_kernels::rnn_forward")
+def _rnn_forward_fake(input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, cell, reverse):
+    torch._check(cell in CELLS, lambda: f"cell must be one of {CELLS}, got {cell!r}")
+    T, B, _ = input.shape
+    H = w_hh.shape[1]
+    return (
+        input.new_empty(T, B, H),
+        input.new_empty(B, H),
+        input.new_empty(B, H) if cell == "lstm" else input.new_empty(0),
+        input.new_empty(T, B, _SAVED_GATES[cell] * H),
+        input.new_empty(T, B, _STATES[cell] * H),
+    )
+
+
+@torch.library.register_fake("varlen_kernels::rnn_backward")
+def _rnn_backward_fake(grad_output, grad_h_n, grad_c_n, input, lengths, w_ih, w_hh, gates,
+                       states, cell, reverse):
+    G, H = w_hh.shape
+    return (
+        torch.empty_like(input),
+        input.new_empty(input.shape[1], H),
+        input.new_empty(input.shape[1], H) if cell == "lstm" else input.new_empty(0),
+        torch.empty_like(w_ih),
+        torch.empty_like(w_hh),
+        input.new_empty(G),
+        input.new_empty(G),
+    )
+
+
+def _rnn_setup_context(ctx, inputs, output):
+    input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, cell, reverse = inputs
+    _, _, _, gates, states = output
+    ctx.save_for_backward(input, lengths, w_ih, w_hh, gates, states)
+    ctx.cell, ctx.reverse, ctx.has_bias = cell, reverse, b_ih is not None
+    ctx.mark_non_differentiable(gates, states)
+
+
+def _rnn_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_states):
+    input, lengths, w_ih, w_hh, gates, states = ctx.saved_tensors
+    T, B, _ = input.shape
+    H = w_hh.shape[1]
+    lstm = ctx.cell == "lstm"
+    if grad_output is None:
+        grad_output = input.new_zeros(T, B, H)
+    if grad_h_n is None:
+        grad_h_n = input.new_zeros(B, H)
+    if grad_c_n is None or not lstm:
+        grad_c_n = input.new_zeros(B, H) if lstm else input.new_zeros(0)
+    gi, gh0, gc0, gwih, gwhh, gbih, gbhh = torch.ops.varlen_kernels.rnn_backward.default(
+        grad_output, grad_h_n, grad_c_n, input, lengths, w_ih, w_hh, gates, states, ctx.cell,
+        ctx.reverse,
+    )
+    bias = (gbih, gbhh) if ctx.has_bias else (None, None)
+    return (gi, None, gh0, gc0 if lstm else None, gwih, gwhh, *bias, None, None)
+
+
+torch.library.register_autograd(
+    "varlen_kernels::rnn_forward", _rnn_backward, setup_context=_rnn_setup_context
+)

@@ -146,6 +146,10 @@ std::vector<Tensor> forward_impl(const Plan& p, const RnnSizes& s, const Tensor&
   Tensor yp = at::empty({N, H}, opts);
   Tensor gates = at::empty({T, B, GS * H}, opts);
   Tensor states = at::empty({T, B, S * H}, opts);
+  // Packed rows fill [0, N) of the workspaces; zero the rest so that every
+  // output of the op is deterministic.
+  gates.view({T * B, GS * H}).narrow(0, N, T * B - N).zero_();
+  states.view({T * B, S * H}).narrow(0, N, T * B - N).zero_();
   const Tensor w_hh_t = w_hh.t();
 
   scalar_t* hp = h.data_ptr<scalar_t>();

@@ -1,0 +1,70 @@
+"""Shared factories and oracles for the test suite."""
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import varlen_kernels  # noqa: F401  (loads the ops)
+
+CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
+TORCH_CLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn_tanh": nn.RNN, "rnn_relu": nn.RNN}
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def make_torch_rnn(cell, input_size, hidden_size, **kw):
+    if cell.startswith("rnn_"):
+        kw["nonlinearity"] = cell[4:]
+    return TORCH_CLS[cell](input_size, hidden_size, **kw)
+
+
+def sample_lengths(T, B, generator=None, with_zero=True):
+    """Unsorted lengths that always include 1 and T, and 0 where allowed."""
+    lengths = torch.randint(1, T + 1, (B,), generator=generator)
+    lengths[0] = T
+    if B > 1:
+        lengths[1] = 1
+    if with_zero and B > 2:
+        lengths[2] = 0
+    return lengths[torch.randperm(B, generator=generator)]
+
+
+def sample_inputs(cell, *, T=7, B=5, I=4, H=6, num_layers=1, bidirectional=False,
+                  batch_first=False, bias=True, device="cpu", dtype=torch.float64,
+                  with_zero=True, seed=0, requires_grad=True):
+    """(torch module, x, lengths, hx): x is padded with NaN past each length."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    ref = make_torch_rnn(cell, I, H, num_layers=num_layers, bidirectional=bidirectional,
+                         batch_first=batch_first, bias=bias, dtype=dtype, device=device)
+    lengths = sample_lengths(T, B, g, with_zero)
+    x = torch.randn(T, B, I, generator=g, dtype=dtype)
+    x[torch.arange(T)[:, None] >= lengths[None, :]] = float("nan")
+    if batch_first:
+        x = x.transpose(0, 1).contiguous()
+    LD = num_layers * (2 if bidirectional else 1)
+    h0 = torch.randn(LD, B, H, generator=g, dtype=dtype)
+    hx = (h0, torch.randn(LD, B, H, generator=g, dtype=dtype)) if cell == "lstm" else h0
+    to = dict(device=device)
+    x = x.to(**to).requires_grad_(requires_grad)
+    hx = tuple(h.to(**to).requires_grad_(requires_grad) for h in hx) if cell == "lstm" \
+        else hx.to(**to).requires_grad_(requires_grad)
+    return ref, x, lengths, hx
+
+
+def states_of(cell, h):
+    return list(h) if cell == "lstm" else [h]
+
+
+def run_packed(ref, x, lengths, hx, batch_first):
+    """nn.* + pack_padded_sequence + pad_packed_sequence on the sequences with
+    length > 0 (nn.* refuses length 0). Returns output, [states], kept index."""
+    keep = torch.nonzero(lengths > 0).flatten()
+    bdim = 0 if batch_first else 1
+    T = x.shape[1 if batch_first else 0]
+    xs = x.index_select(bdim, keep.to(x.device))
+    hs = [h.index_select(1, keep.to(h.device)) for h in (hx if isinstance(hx, tuple) else (hx,))]
+    packed = pack_padded_sequence(xs, lengths[keep], batch_first=batch_first, enforce_sorted=False)
+    y, h = ref(packed, tuple(hs) if isinstance(hx, tuple) else hs[0])
+    y, _ = pad_packed_sequence(y, batch_first=batch_first, total_length=T)
+    return y, (list(h) if isinstance(h, tuple) else [h]), keep

@@ -1,0 +1,328 @@
+"""MaskedRNN and the rnn ops against nn.* + pack_padded_sequence, the reference
+loop, gradcheck and opcheck."""
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from conftest import CELLS, DEVICES, make_torch_rnn, run_packed, sample_inputs, states_of
+from varlen_kernels import MaskedGRU, MaskedLSTM, MaskedRNN, masked_rnn_reference, ops
+from varlen_kernels.reference import rnn_layer_reference
+
+TOL = {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rtol=2e-5, atol=2e-5)}
+
+
+def check_against_packed(cell, *, num_layers=1, bidirectional=False, batch_first=False,
+                         dtype=torch.float64, seed=0, bias=True, device="cpu", T=7, B=5):
+    ref, x, lengths, hx = sample_inputs(cell, num_layers=num_layers, bidirectional=bidirectional,
+                                        batch_first=batch_first, dtype=dtype, seed=seed, bias=bias,
+                                        device=device, T=T, B=B)
+    m = MaskedRNN.from_torch(ref)
+    y, h = m(x, lengths, hx)
+    hs = states_of(cell, h)
+    g = torch.Generator().manual_seed(seed + 1)
+    gy = torch.randn(y.shape, generator=g, dtype=dtype).to(device)
+    ghs = [torch.randn(s.shape, generator=g, dtype=dtype).to(device) for s in hs]
+    h0s = states_of(cell, hx)
+    loss = (y * gy).sum() + sum((s * gs).sum() for s, gs in zip(hs, ghs))
+    grads = torch.autograd.grad(loss, [x, *h0s, *m.parameters()])
+
+    x2 = x.detach().clone().requires_grad_()
+    h0s2 = [s.detach().clone().requires_grad_() for s in h0s]
+    y2, hs2, keep = run_packed(ref, x2, lengths, tuple(h0s2) if cell == "lstm" else h0s2[0],
+                               batch_first)
+    bdim = 0 if batch_first else 1
+    kd = keep.to(device)
+    loss2 = (y2 * gy.index_select(bdim, kd)).sum() + sum(
+        (s * gs.index_select(1, kd)).sum() for s, gs in zip(hs2, ghs))
+    grads2 = torch.autograd.grad(loss2, [x2, *h0s2, *ref.parameters()])
+
+    tol = TOL[dtype]
+    zero = torch.nonzero(lengths == 0).flatten().to(device)
+    torch.testing.assert_close(y.index_select(bdim, kd), y2, **tol)
+    assert (y.index_select(bdim, zero) == 0).all()
+    for s, s2, s0 in zip(hs, hs2, h0s):
+        torch.testing.assert_close(s.index_select(1, kd), s2, **tol)
+        assert torch.equal(s.index_select(1, zero), s0.detach().index_select(1, zero))
+    # Padding: output exactly zero, input gradient exactly zero.
+    T = x.shape[1 if batch_first else 0]
+    pad = (torch.arange(T)[:, None] >= lengths[None, :]).to(device)
+    if batch_first:
+        pad = pad.t()
+    assert (y[pad] == 0).all()
+    assert (grads[0][pad] == 0).all()
+    torch.testing.assert_close(grads[0], grads2[0], **tol)
+    for gs, g0, g0_2 in zip(ghs, grads[1:1 + len(h0s)], grads2[1:1 + len(h0s)]):
+        expected = g0_2.clone()
+        expected[:, zero] = gs[:, zero]  # h_n = h0 for empty sequences
+        torch.testing.assert_close(g0, expected, **tol)
+    for (name, _), gp, gp2 in zip(m.named_parameters(), grads[1 + len(h0s):],
+                                  grads2[1 + len(h0s):]):
+        torch.testing.assert_close(gp, gp2, **tol, msg=lambda s: f"{name}: {s}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("num_layers,bidirectional,batch_first",
+                         list(itertools.product([1, 2, 3], [False, True], [False, True])))
+def test_matches_packed_float64(cell, num_layers, bidirectional, batch_first, device):
+    check_against_packed(cell, num_layers=num_layers, bidirectional=bidirectional,
+                         batch_first=batch_first, device=device, seed=num_layers)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_matches_packed_float32(cell, bidirectional, device):
+    check_against_packed(cell, num_layers=2, bidirectional=bidirectional, dtype=torch.float32,
+                         device=device, seed=3)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_matches_packed_no_bias(cell):
+    check_against_packed(cell, num_layers=2, bidirectional=True, bias=False, seed=5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(cell=st.sampled_from(CELLS), T=st.integers(1, 9), B=st.integers(1, 6),
+       num_layers=st.integers(1, 2), bidirectional=st.booleans(), batch_first=st.booleans(),
+       seed=st.integers(0, 10_000))
+def test_matches_packed_hypothesis(cell, T, B, num_layers, bidirectional, batch_first, seed):
+    check_against_packed(cell, num_layers=num_layers, bidirectional=bidirectional,
+                         batch_first=batch_first, seed=seed, T=T, B=B)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_matches_reference_loop(cell):
+    ref, x, lengths, hx = sample_inputs(cell, num_layers=2, bidirectional=True)
+    m = MaskedRNN.from_torch(ref)
+    y, h = m(x, lengths, hx)
+    y_ref, h_ref = masked_rnn_reference(m, x, lengths, hx)
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-11)
+    for a, b in zip(states_of(cell, h), states_of(cell, h_ref)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    gy = torch.randn_like(y)
+    g1 = torch.autograd.grad((y * gy).sum() + h_ref[0].sum() * 0, [x, *m.parameters()],
+                             allow_unused=True)
+    y_ref2, _ = masked_rnn_reference(m, x, lengths, hx)
+    g2 = torch.autograd.grad((y_ref2 * gy).sum(), [x, *m.parameters()])
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_lengths_none_is_plain_torch(cell):
+    torch.manual_seed(0)
+    ref = make_torch_rnn(cell, 3, 4, num_layers=2, bidirectional=True, dtype=torch.float64)
+    m = MaskedRNN.from_torch(ref)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    y, h = m(x)
+    y2, h2 = ref(x)
+    torch.testing.assert_close(y, y2, rtol=1e-9, atol=1e-11)
+    for a, b in zip(states_of(cell, h), states_of(cell, h2)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_unbatched_input(cell):
+    torch.manual_seed(0)
+    ref = make_torch_rnn(cell, 3, 4, dtype=torch.float64)
+    m = MaskedRNN.from_torch(ref)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    y, h = m(x)
+    y2, h2 = ref(x)
+    assert y.shape == y2.shape
+    torch.testing.assert_close(y, y2, rtol=1e-9, atol=1e-11)
+    for a, b in zip(states_of(cell, h), states_of(cell, h2)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    y3, _ = m(x, torch.tensor([3]))
+    torch.testing.assert_close(y3[:3], y2[:3], rtol=1e-9, atol=1e-11)
+    assert (y3[3:] == 0).all()
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_gradcheck_op(cell):
+    torch.manual_seed(0)
+    T, B, I, H = 4, 3, 2, 3
+    G = ops.NUM_GATES[cell]
+    dd = dict(dtype=torch.float64, requires_grad=True)
+    x = torch.randn(T, B, I, **dd)
+    lengths = torch.tensor([4, 0, 2])
+    h0 = torch.randn(B, H, **dd)
+    c0 = torch.randn(B, H, **dd) if cell == "lstm" else None
+    w = [torch.randn(G * H, I, **dd), torch.randn(G * H, H, **dd), torch.randn(G * H, **dd),
+         torch.randn(G * H, **dd)]
+    for reverse in (False, True):
+        def f(x, h0, c0, *w):
+            out, h, c = ops.rnn_layer(x, lengths, h0, c0, *w, cell, reverse)
+            return (out, h) if c is None else (out, h, c)
+        assert torch.autograd.gradcheck(f, (x, h0, c0, *w))
+
+
+def _op_samples(cell, requires_grad):
+    torch.manual_seed(0)
+    T, B, I, H = 4, 3, 2, 3
+    G = ops.NUM_GATES[cell]
+    dd = dict(dtype=torch.float64, requires_grad=requires_grad)
+    lengths = torch.tensor([4, 0, 2])
+    c0 = torch.randn(B, H, **dd) if cell == "lstm" else None
+    return [torch.randn(T, B, I, **dd), lengths, torch.randn(B, H, **dd), c0,
+            torch.randn(G * H, I, **dd), torch.randn(G * H, H, **dd), torch.randn(G * H, **dd),
+            torch.randn(G * H, **dd)]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_opcheck_forward(cell, requires_grad, reverse):
+    args = _op_samples(cell, requires_grad) + [cell, reverse]
+    torch.library.opcheck(torch.ops.varlen_kernels.rnn_forward.default, args)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_opcheck_backward(cell):
+    args = _op_samples(cell, False)
+    x, lengths, h0, c0, w_ih, w_hh = args[:6]
+    out, h_n, c_n, gates, states = torch.ops.varlen_kernels.rnn_forward(*args, cell, False)
+    torch.library.opcheck(
+        torch.ops.varlen_kernels.rnn_backward.default,
+        [torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(c_n), x, lengths, w_ih,
+         w_hh, gates, states, cell, False])
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_layer_matches_reference_with_inf_padding(cell):
+    """Inf/NaN in padding of the input never reaches values or gradients."""
+    args = _op_samples(cell, True)
+    x = args[0].detach().clone()
+    x[2:, 2] = float("inf")
+    x[:, 1] = float("nan")
+    x.requires_grad_()
+    args[0] = x
+    out, h, c = ops.rnn_layer(*args, cell, True)
+    out_r, h_r, c_r = rnn_layer_reference(*args, cell, True)
+    torch.testing.assert_close(out, out_r, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(h, h_r, rtol=1e-9, atol=1e-11)
+    gx, = torch.autograd.grad(out.sum() + h.sum(), [x])
+    gx_r, = torch.autograd.grad(out_r.sum() + h_r.sum(), [x])
+    torch.testing.assert_close(gx, gx_r, rtol=1e-9, atol=1e-11)
+    assert (gx[2:, 2] == 0).all() and (gx[:, 1] == 0).all()
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("enforce_sorted", [False, True])
+def test_packed_sequence_drop_in(cell, enforce_sorted):
+    ref, x, lengths, hx = sample_inputs(cell, num_layers=2, bidirectional=True, with_zero=False)
+    x = torch.nan_to_num(x.detach(), nan=0.0).requires_grad_()
+    if enforce_sorted:
+        lengths, order = lengths.sort(descending=True)
+        x = x[:, order].detach().requires_grad_()
+    m = MaskedRNN.from_torch(ref)
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=enforce_sorted)
+    y, h = m(packed, hx=hx)
+    y2, h2 = ref(packed, hx)
+    assert isinstance(y, torch.nn.utils.rnn.PackedSequence)
+    assert torch.equal(y.batch_sizes, y2.batch_sizes)
+    for a, b in [(y.sorted_indices, y2.sorted_indices), (y.unsorted_indices, y2.unsorted_indices)]:
+        assert (a is None and b is None) or torch.equal(a, b)
+    torch.testing.assert_close(y.data, y2.data, rtol=1e-9, atol=1e-11)
+    for a, b in zip(states_of(cell, h), states_of(cell, h2)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    g1, = torch.autograd.grad(y.data.sum() + states_of(cell, h)[0].sum(), [x], retain_graph=True)
+    g2, = torch.autograd.grad(y2.data.sum() + states_of(cell, h2)[0].sum(), [x])
+    torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_state_dict_both_ways(cell):
+    ref = make_torch_rnn(cell, 3, 4, num_layers=2, bidirectional=True)
+    m = MaskedRNN(3, 4, cell=cell, num_layers=2, bidirectional=True)
+    assert [n for n, _ in m.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    assert all(a.shape == b.shape for a, b in zip(m.parameters(), ref.parameters()))
+    m.load_state_dict(ref.state_dict())
+    for a, b in zip(m.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+    m2 = MaskedRNN(3, 4, cell=cell, num_layers=2, bidirectional=True)
+    ref.load_state_dict(m2.state_dict())
+    back = m2.to_torch()
+    assert type(back) is type(ref)
+    for a, b in zip(back.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_init_matches_torch_distribution():
+    m = MaskedLSTM(8, 16, num_layers=2, bias=True)
+    bound = 1 / 16 ** 0.5
+    for p in m.parameters():
+        assert p.abs().max() <= bound and p.abs().max() > bound * 0.5
+    assert isinstance(MaskedGRU(2, 3), MaskedRNN) and MaskedGRU(2, 3).cell == "gru"
+
+
+def test_lengths_forms_agree():
+    ref, x, lengths, hx = sample_inputs("gru", with_zero=True)
+    m = MaskedRNN.from_torch(ref)
+    y1, _ = m(x, lengths, hx)
+    y2, _ = m(x, lengths.tolist(), hx)
+    y3, _ = m(x, lengths.to(torch.int32), hx)
+    assert torch.equal(y1, y2) and torch.equal(y1, y3)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_dropout_between_layers(cell):
+    ref, x, lengths, hx = sample_inputs(cell, num_layers=3, with_zero=True)
+    m = MaskedRNN.from_torch(ref)
+    m.dropout = 0.5
+    m.eval()
+    y_eval, _ = m(x, lengths, hx)
+    m.train()
+    torch.manual_seed(1)
+    y_train, _ = m(x, lengths, hx)
+    torch.manual_seed(1)
+    y_ref, _ = masked_rnn_reference(m, x, lengths, hx)
+    assert not torch.allclose(y_train, y_eval)
+    torch.testing.assert_close(y_train, y_ref, rtol=1e-9, atol=1e-11)
+    pad = torch.arange(x.shape[0])[:, None] >= lengths[None, :]
+    assert (y_train[pad] == 0).all()
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_bfloat16_error_close_to_torch(cell):
+    """bf16 error vs a float64 oracle stays within 2x that of the same loop run by
+    PyTorch in bf16 (plus a small floor for ties)."""
+    ref, x, lengths, hx = sample_inputs(cell, T=12, B=6, I=8, H=16, with_zero=True,
+                                        requires_grad=False)
+    m64 = MaskedRNN.from_torch(ref)
+    y64, _ = m64(x, lengths, hx)
+    m16 = MaskedRNN.from_torch(ref).to(torch.bfloat16)
+    x16 = x.to(torch.bfloat16)
+    hx16 = tuple(h.to(torch.bfloat16) for h in hx) if cell == "lstm" else hx.to(torch.bfloat16)
+    y16, _ = m16(x16, lengths, hx16)
+    y16_ref, _ = masked_rnn_reference(m16, x16, lengths, hx16)
+    err = (y16.double() - y64).abs().max()
+    err_ref = (y16_ref.double() - y64).abs().max()
+    assert err <= 2 * err_ref + 1e-3, (err, err_ref)
+
+
+def test_compile_fullgraph_matches_eager():
+    """Forward + loss compiled with fullgraph=True (no graph break); AOTAutograd
+    traces the backward through the registered backward op."""
+    ref, x, lengths, hx = sample_inputs("lstm", num_layers=2, bidirectional=True, batch_first=True,
+                                        dtype=torch.float32)
+    m = MaskedRNN.from_torch(ref)
+
+    def step(x, lengths, h0, c0):
+        y, (h, c) = m(x, lengths, (h0, c0))
+        return y.square().sum() + h.sum() + c.sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (step, compiled):
+        loss = fn(x, lengths, *hx)
+        results.append((loss, torch.autograd.grad(loss, [x, *hx, *m.parameters()])))
+    (l1, g1), (l2, g2) = results
+    torch.testing.assert_close(l1, l2)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)

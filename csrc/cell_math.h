@@ -35,14 +35,35 @@ constexpr int num_saved_gates(Cell c) {
 // Recurrent states per row: LSTM (h, c), others h.
 constexpr int num_states(Cell c) { return c == Cell::LSTM ? 2 : 1; }
 
-VK_HD float vk_exp(float x) { return ::expf(x); }
-VK_HD double vk_exp(double x) { return ::exp(x); }
-VK_HD float vk_tanh(float x) { return ::tanhf(x); }
-VK_HD double vk_tanh(double x) { return ::tanh(x); }
+// Elementary functions, per math type. The scalar versions below serve the
+// CUDA kernels and the CPU's scalar tails; the CPU path specializes Math for
+// SIMD vectors (csrc/cpu/rnn_pointwise.h), so the formulas below run
+// unchanged on whole vectors.
+template <typename T>
+struct Math;
+template <>
+struct Math<float> {
+  static VK_HD float exp(float x) { return ::expf(x); }
+  static VK_HD float tanh(float x) { return ::tanhf(x); }
+  static VK_HD float relu(float x) { return x > 0.f ? x : 0.f; }
+  // d relu / d pre, from the output h, times dh.
+  static VK_HD float relu_grad(float h, float dh) { return h > 0.f ? dh : 0.f; }
+};
+template <>
+struct Math<double> {
+  static VK_HD double exp(double x) { return ::exp(x); }
+  static VK_HD double tanh(double x) { return ::tanh(x); }
+  static VK_HD double relu(double x) { return x > 0. ? x : 0.; }
+  static VK_HD double relu_grad(double h, double dh) { return h > 0. ? dh : 0.; }
+};
 
 template <typename T>
 VK_HD T sigmoid(T x) {
-  return T(1) / (T(1) + vk_exp(-x));
+  return T(1) / (T(1) + Math<T>::exp(-x));
+}
+template <typename T>
+VK_HD T vk_tanh(T x) {
+  return Math<T>::tanh(x);
 }
 // Derivatives expressed through the activation's output y.
 template <typename T>
@@ -131,14 +152,14 @@ VK_HD GruBwd<T> gru_backward(T r, T z, T n, T hn, T h_prev, T dh) {
 // ---------------------------------------------------------------- RNN
 template <typename T, bool kRelu>
 VK_HD T rnn_forward(T pre) {
-  if (kRelu) return pre > T(0) ? pre : T(0);
-  return vk_tanh(pre);
+  if constexpr (kRelu) return Math<T>::relu(pre);
+  else return vk_tanh(pre);
 }
 // Gradient w.r.t. the pre-activation, from the output h'.
 template <typename T, bool kRelu>
 VK_HD T rnn_backward(T h, T dh) {
-  if (kRelu) return h > T(0) ? dh : T(0);
-  return dh * dtanh_from_y(h);
+  if constexpr (kRelu) return Math<T>::relu_grad(h, dh);
+  else return dh * dtanh_from_y(h);
 }
 
 }  // namespace varlen

@@ -20,10 +20,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "../cell_math.h"
 #include "../rnn_args.h"
+#include "rnn_pointwise.h"
 
 namespace varlen {
 namespace {
@@ -109,6 +112,22 @@ void for_each_step(const Plan& p, bool reverse, bool backward_pass, F&& f) {
   }
 }
 
+// The AVX2 build of the pointwise kernels where the CPU has AVX2 and FMA and
+// VARLEN_KERNELS_CPU_CAPABILITY is not "default"; otherwise the portable one.
+bool use_avx2() {
+  static const bool avx2 = [] {
+    const char* env = std::getenv("VARLEN_KERNELS_CPU_CAPABILITY");
+    if (env != nullptr && std::string(env) == "default") return false;
+#if defined(__x86_64__) || defined(_M_X64)
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+#else
+    return false;
+#endif
+  }();
+  return avx2;
+}
+
 int64_t grain_rows(int64_t H) { return std::max<int64_t>(1, 2048 / std::max<int64_t>(H, 1)); }
 
 // ------------------------------------------------------------------ forward
@@ -118,7 +137,6 @@ std::vector<Tensor> forward_impl(const Plan& p, const RnnSizes& s, const Tensor&
                                  const Tensor& w_ih, const Tensor& w_hh,
                                  const c10::optional<Tensor>& b_ih,
                                  const c10::optional<Tensor>& b_hh, bool reverse) {
-  using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t G = num_gates(K), GS = num_saved_gates(K), S = num_states(K);
   const int64_t T = s.T, B = s.B, I = s.I, H = s.H, N = p.N;
   const auto opts = input.options();
@@ -164,49 +182,12 @@ std::vector<Tensor> forward_impl(const Plan& p, const RnnSizes& s, const Tensor&
   for_each_step(p, reverse, /*backward_pass=*/false, [&](int64_t t, int64_t n) {
     Tensor gh_n = gh.narrow(0, 0, n);
     at::mm_out(gh_n, h.narrow(0, 0, n), w_hh_t);
+    const int64_t o = p.off[t];
+    const FwdStep<scalar_t> step{gxp + o * G * H, ghp, bhn, hp, cp, ypp + o * H,
+                                 wg + o * GS * H, ws + o * S * H, H};
     at::parallel_for(0, n, grain_rows(H), [&](int64_t r0, int64_t r1) {
-      for (int64_t i = r0; i < r1; ++i) {
-        const int64_t row = p.off[t] + i;
-        const scalar_t* x = gxp + row * G * H;
-        const scalar_t* hh = ghp + i * G * H;
-        scalar_t* hi = hp + i * H;
-        scalar_t* y = ypp + row * H;
-        scalar_t* sg = wg + row * GS * H;
-        scalar_t* st = ws + row * S * H;
-        for (int64_t j = 0; j < H; ++j) {
-          const acc_t h_prev = hi[j];
-          st[j] = hi[j];
-          acc_t h_new;
-          if constexpr (K == Cell::LSTM) {
-            scalar_t* ci = cp + i * H;
-            st[H + j] = ci[j];
-            const auto r = lstm_forward<acc_t>(
-                acc_t(x[j]) + acc_t(hh[j]), acc_t(x[H + j]) + acc_t(hh[H + j]),
-                acc_t(x[2 * H + j]) + acc_t(hh[2 * H + j]),
-                acc_t(x[3 * H + j]) + acc_t(hh[3 * H + j]), acc_t(ci[j]));
-            sg[j] = r.i;
-            sg[H + j] = r.f;
-            sg[2 * H + j] = r.g;
-            sg[3 * H + j] = r.o;
-            ci[j] = r.c;
-            h_new = r.h;
-          } else if constexpr (K == Cell::GRU) {
-            const acc_t hn = acc_t(hh[2 * H + j]) + (bhn ? acc_t(bhn[j]) : acc_t(0));
-            const auto r = gru_forward<acc_t>(x[j], x[H + j], x[2 * H + j], hh[j], hh[H + j],
-                                              hn, h_prev);
-            sg[j] = r.r;
-            sg[H + j] = r.z;
-            sg[2 * H + j] = r.n;
-            sg[3 * H + j] = hn;
-            h_new = r.h;
-          } else {
-            h_new = rnn_forward<acc_t, K == Cell::RNN_RELU>(acc_t(x[j]) + acc_t(hh[j]));
-            sg[j] = h_new;
-          }
-          hi[j] = h_new;
-          y[j] = h_new;
-        }
-      }
+      if (use_avx2()) avx2::forward_rows<scalar_t, K>(step, r0, r1);
+      else base::forward_rows<scalar_t, K>(step, r0, r1);
     });
   });
 
@@ -223,7 +204,6 @@ std::vector<Tensor> backward_impl(const Plan& p, const RnnSizes& s, const Tensor
                                   const Tensor& grad_h_n, const Tensor& grad_c_n,
                                   const Tensor& input, const Tensor& w_ih, const Tensor& w_hh,
                                   const Tensor& gates, const Tensor& states, bool reverse) {
-  using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t G = num_gates(K), GS = num_saved_gates(K), S = num_states(K);
   const int64_t T = s.T, B = s.B, I = s.I, H = s.H, N = p.N;
   const auto opts = input.options();
@@ -246,39 +226,12 @@ std::vector<Tensor> backward_impl(const Plan& p, const RnnSizes& s, const Tensor
   scalar_t* dghp = dgh.data_ptr<scalar_t>();
 
   for_each_step(p, reverse, /*backward_pass=*/true, [&](int64_t t, int64_t n) {
+    const int64_t o = p.off[t];
+    const BwdStep<scalar_t> step{wg + o * GS * H, ws + o * S * H, dy + o * H, dhp, dcp,
+                                 dgxp + o * G * H, dghp + o * G * H, H};
     at::parallel_for(0, n, grain_rows(H), [&](int64_t r0, int64_t r1) {
-      for (int64_t i = r0; i < r1; ++i) {
-        const int64_t row = p.off[t] + i;
-        const scalar_t* sg = wg + row * GS * H;
-        const scalar_t* st = ws + row * S * H;
-        const scalar_t* dyi = dy + row * H;
-        scalar_t* dhi = dhp + i * H;
-        scalar_t* gx = dgxp + row * G * H;
-        scalar_t* gh = dghp + row * G * H;
-        for (int64_t j = 0; j < H; ++j) {
-          const acc_t dht = acc_t(dhi[j]) + acc_t(dyi[j]);
-          if constexpr (K == Cell::LSTM) {
-            scalar_t* dci = dcp + i * H;
-            const auto r = lstm_backward<acc_t>(sg[j], sg[H + j], sg[2 * H + j], sg[3 * H + j],
-                                                st[H + j], dht, dci[j]);
-            gx[j] = r.di;
-            gx[H + j] = r.df;
-            gx[2 * H + j] = r.dg;
-            gx[3 * H + j] = r.do_;
-            dci[j] = r.dc_prev;
-          } else if constexpr (K == Cell::GRU) {
-            const auto r =
-                gru_backward<acc_t>(sg[j], sg[H + j], sg[2 * H + j], sg[3 * H + j], st[j], dht);
-            gx[j] = gh[j] = r.dr;
-            gx[H + j] = gh[H + j] = r.dz;
-            gx[2 * H + j] = r.dxn;
-            gh[2 * H + j] = r.dhn;
-            dhi[j] = r.dh_prev_direct;
-          } else {
-            gx[j] = rnn_backward<acc_t, K == Cell::RNN_RELU>(sg[j], dht);
-          }
-        }
-      }
+      if (use_avx2()) avx2::backward_rows<scalar_t, K>(step, r0, r1);
+      else base::backward_rows<scalar_t, K>(step, r0, r1);
     });
     // Gradient reaching the previous hidden state through W_hh.
     Tensor dh_n = dh.narrow(0, 0, n);

@@ -1,0 +1,213 @@
+// Fused per-step cell updates of the CPU path, over rows [r0, r1) of one step.
+//
+// This header is compiled twice (rnn_pointwise_avx2.cpp, rnn_pointwise_base.cpp),
+// each time inside namespace varlen::VK_CPU_NS with its own CPU_CAPABILITY, and
+// masked_rnn_cpu.cpp picks one at run time. float and double run on SIMD
+// vectors (at::vec::Vectorized, with Sleef's exp/tanh) through the same
+// cell_math.h formulas as the CUDA kernels; half and bfloat16 run them on
+// scalars in float.
+#pragma once
+
+#include <cstdint>
+
+#include "../cell_math.h"
+
+namespace varlen {
+
+// One step's rows. All row-major; row i of each array belongs to the i-th
+// longest sequence still running at this step.
+template <typename scalar_t>
+struct FwdStep {
+  const scalar_t* gx;    // (n, G*H) input projection + folded biases
+  const scalar_t* gh;    // (n, G*H) W_hh h_prev
+  const scalar_t* b_hn;  // (H,) GRU's b_hn, or nullptr
+  scalar_t* h;           // (n, H) h_prev in, h' out
+  scalar_t* c;           // (n, H) LSTM c_prev in, c' out
+  scalar_t* y;           // (n, H) output rows
+  scalar_t* gates;       // (n, GS*H) saved for backward
+  scalar_t* states;      // (n, S*H) saved h_prev (, c_prev)
+  int64_t H;
+};
+
+template <typename scalar_t>
+struct BwdStep {
+  const scalar_t* gates;   // (n, GS*H) from the forward
+  const scalar_t* states;  // (n, S*H) from the forward
+  const scalar_t* dy;      // (n, H) gradient w.r.t. this step's output
+  scalar_t* dh;            // (n, H) in: gradient w.r.t. h' from later steps;
+                           //        out (GRU): the direct part of d h_prev
+  scalar_t* dc;            // (n, H) LSTM: d c' in, d c_prev out
+  scalar_t* dgx;           // (n, G*H) d pre-activations, input side
+  scalar_t* dgh;           // (n, G*H) d pre-activations, hidden side (GRU only)
+  int64_t H;
+};
+
+#define VK_DECLARE_POINTWISE(NS)                                                  \
+  namespace NS {                                                                  \
+  template <typename scalar_t, Cell K>                                            \
+  void forward_rows(const FwdStep<scalar_t>& a, int64_t r0, int64_t r1);          \
+  template <typename scalar_t, Cell K>                                            \
+  void backward_rows(const BwdStep<scalar_t>& a, int64_t r0, int64_t r1);         \
+  }
+VK_DECLARE_POINTWISE(avx2)
+VK_DECLARE_POINTWISE(base)
+#undef VK_DECLARE_POINTWISE
+
+}  // namespace varlen
+
+// ------------------------------------------------------------------------
+// Definitions: only in the two capability translation units.
+#ifdef VK_CPU_NS
+#include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <type_traits>
+
+namespace varlen {
+
+template <typename S>
+struct Math<at::vec::Vectorized<S>> {
+  using V = at::vec::Vectorized<S>;
+  static V exp(V x) { return x.exp(); }
+  static V tanh(V x) { return x.tanh(); }
+  static V relu(V x) { return at::vec::maximum(x, V(S(0))); }
+  static V relu_grad(V h, V dh) { return V::blendv(V(S(0)), dh, h > V(S(0))); }
+};
+
+namespace VK_CPU_NS {
+
+// M: the math type (a scalar or a SIMD vector); S: the storage type.
+template <typename M, typename S>
+inline M load(const S* p) {
+  if constexpr (std::is_arithmetic_v<M>) return M(*p);
+  else return M::loadu(p);
+}
+template <typename M, typename S>
+inline void store(S* p, M v) {
+  if constexpr (std::is_arithmetic_v<M>) *p = S(v);
+  else v.store(p);
+}
+
+template <Cell K, typename M, typename S>
+inline void forward_elem(const FwdStep<S>& a, int64_t i, int64_t j) {
+  constexpr int64_t G = num_gates(K), GS = num_saved_gates(K), S_ = num_states(K);
+  const int64_t H = a.H;
+  const S* x = a.gx + i * G * H + j;
+  const S* hh = a.gh + i * G * H + j;
+  S* h = a.h + i * H + j;
+  S* sg = a.gates + i * GS * H + j;
+  S* st = a.states + i * S_ * H + j;
+  const M h_prev = load<M>(h);
+  store(st, h_prev);
+  M h_new;
+  if constexpr (K == Cell::LSTM) {
+    S* c = a.c + i * H + j;
+    const M c_prev = load<M>(c);
+    store(st + H, c_prev);
+    const auto r = lstm_forward<M>(load<M>(x) + load<M>(hh), load<M>(x + H) + load<M>(hh + H),
+                                   load<M>(x + 2 * H) + load<M>(hh + 2 * H),
+                                   load<M>(x + 3 * H) + load<M>(hh + 3 * H), c_prev);
+    store(sg, r.i);
+    store(sg + H, r.f);
+    store(sg + 2 * H, r.g);
+    store(sg + 3 * H, r.o);
+    store(c, r.c);
+    h_new = r.h;
+  } else if constexpr (K == Cell::GRU) {
+    M hn = load<M>(hh + 2 * H);
+    if (a.b_hn) hn = hn + load<M>(a.b_hn + j);
+    const auto r = gru_forward<M>(load<M>(x), load<M>(x + H), load<M>(x + 2 * H), load<M>(hh),
+                                  load<M>(hh + H), hn, h_prev);
+    store(sg, r.r);
+    store(sg + H, r.z);
+    store(sg + 2 * H, r.n);
+    store(sg + 3 * H, hn);
+    h_new = r.h;
+  } else {
+    h_new = rnn_forward<M, K == Cell::RNN_RELU>(load<M>(x) + load<M>(hh));
+    store(sg, h_new);
+  }
+  store(h, h_new);
+  store(a.y + i * H + j, h_new);
+}
+
+template <Cell K, typename M, typename S>
+inline void backward_elem(const BwdStep<S>& a, int64_t i, int64_t j) {
+  constexpr int64_t G = num_gates(K), GS = num_saved_gates(K), S_ = num_states(K);
+  const int64_t H = a.H;
+  const S* sg = a.gates + i * GS * H + j;
+  const S* st = a.states + i * S_ * H + j;
+  S* dh = a.dh + i * H + j;
+  S* gx = a.dgx + i * G * H + j;
+  const M dht = load<M>(dh) + load<M>(a.dy + i * H + j);
+  if constexpr (K == Cell::LSTM) {
+    S* dc = a.dc + i * H + j;
+    const auto r = lstm_backward<M>(load<M>(sg), load<M>(sg + H), load<M>(sg + 2 * H),
+                                    load<M>(sg + 3 * H), load<M>(st + H), dht, load<M>(dc));
+    store(gx, r.di);
+    store(gx + H, r.df);
+    store(gx + 2 * H, r.dg);
+    store(gx + 3 * H, r.do_);
+    store(dc, r.dc_prev);
+  } else if constexpr (K == Cell::GRU) {
+    S* gh = a.dgh + i * G * H + j;
+    const auto r = gru_backward<M>(load<M>(sg), load<M>(sg + H), load<M>(sg + 2 * H),
+                                   load<M>(sg + 3 * H), load<M>(st), dht);
+    store(gx, r.dr);
+    store(gh, r.dr);
+    store(gx + H, r.dz);
+    store(gh + H, r.dz);
+    store(gx + 2 * H, r.dxn);
+    store(gh + 2 * H, r.dhn);
+    store(dh, r.dh_prev_direct);
+  } else {
+    store(gx, rnn_backward<M, K == Cell::RNN_RELU>(load<M>(sg), dht));
+  }
+}
+
+// Whole vectors first, then a scalar tail, with the same formulas.
+template <typename S, typename F>
+inline void over_row(int64_t H, F&& f) {
+  using acc_t = at::opmath_type<S>;
+  int64_t j = 0;
+  if constexpr (std::is_same_v<S, acc_t>) {
+    using V = at::vec::Vectorized<S>;
+    for (; j + V::size() <= H; j += V::size()) f(V(), j);
+  }
+  for (; j < H; ++j) f(acc_t(), j);
+}
+
+template <typename scalar_t, Cell K>
+void forward_rows(const FwdStep<scalar_t>& a, int64_t r0, int64_t r1) {
+  for (int64_t i = r0; i < r1; ++i)
+    over_row<scalar_t>(a.H, [&](auto m, int64_t j) {
+      forward_elem<K, decltype(m)>(a, i, j);
+    });
+}
+
+template <typename scalar_t, Cell K>
+void backward_rows(const BwdStep<scalar_t>& a, int64_t r0, int64_t r1) {
+  for (int64_t i = r0; i < r1; ++i)
+    over_row<scalar_t>(a.H, [&](auto m, int64_t j) {
+      backward_elem<K, decltype(m)>(a, i, j);
+    });
+}
+
+#define VK_INSTANTIATE_CELL(S, K)                                                  \
+  template void forward_rows<S, K>(const FwdStep<S>&, int64_t, int64_t);           \
+  template void backward_rows<S, K>(const BwdStep<S>&, int64_t, int64_t);
+#define VK_INSTANTIATE(S)                  \
+  VK_INSTANTIATE_CELL(S, Cell::LSTM)       \
+  VK_INSTANTIATE_CELL(S, Cell::GRU)        \
+  VK_INSTANTIATE_CELL(S, Cell::RNN_TANH)   \
+  VK_INSTANTIATE_CELL(S, Cell::RNN_RELU)
+VK_INSTANTIATE(float)
+VK_INSTANTIATE(double)
+VK_INSTANTIATE(c10::BFloat16)
+VK_INSTANTIATE(c10::Half)
+#undef VK_INSTANTIATE
+#undef VK_INSTANTIATE_CELL
+
+}  // namespace VK_CPU_NS
+}  // namespace varlen
+#endif  // VK_CPU_NS

@@ -54,4 +54,18 @@ TORCH_LIBRARY(varlen_kernels, m) {
       "Tensor states, str cell, bool reverse) -> (Tensor grad_input, "
       "Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_b_ih, Tensor grad_b_hh)");
+
+  // Masked cross entropy over tokens (rows).
+  //   logits (R, C); target (R,) int64; mask (R,) bool: which rows count.
+  // Returns loss (R,) and lse (R,) (logsumexp, kept for backward) in the math
+  // type (float32 for half/bfloat16), both 0 where mask is false. Rows with
+  // mask false are never read.
+  m.def(
+      "cross_entropy_forward(Tensor logits, Tensor target, Tensor mask, "
+      "float label_smoothing) -> (Tensor loss, Tensor lse)");
+  // grad_logits (R, C) = grad_loss * (softmax - (1 - eps) onehot - eps / C)
+  // on rows with mask true, 0 elsewhere.
+  m.def(
+      "cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor mask, "
+      "Tensor lse, float label_smoothing) -> Tensor");
 }

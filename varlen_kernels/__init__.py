@@ -9,6 +9,7 @@ from ._load import load_extension
 _C = load_extension()  # registers the ops before the Python registrations below
 
 from . import ops  # noqa: E402
+from .losses import masked_bce_with_logits, masked_cross_entropy, masked_mse  # noqa: E402
 from .reference import masked_rnn_reference, rnn_layer_reference  # noqa: E402
 from .rnn import MaskedGRU, MaskedLSTM, MaskedRNN  # noqa: E402
 
@@ -19,5 +20,8 @@ __all__ = [
     "MaskedGRU",
     "masked_rnn_reference",
     "rnn_layer_reference",
+    "masked_cross_entropy",
+    "masked_mse",
+    "masked_bce_with_logits",
     "ops",
 ]

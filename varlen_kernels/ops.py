@@ -102,3 +102,37 @@ def _rnn_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_state
 torch.library.register_autograd(
     "varlen_kernels::rnn_forward", _rnn_backward, setup_context=_rnn_setup_context
 )
+
+
+# ------------------------------------------------------------ cross entropy
+@torch.library.register_fake("varlen_kernels::cross_entropy_forward")
+def _ce_forward_fake(logits, target, mask, label_smoothing):
+    acc = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+    R = logits.shape[0]
+    return logits.new_empty(R, dtype=acc), logits.new_empty(R, dtype=acc)
+
+
+@torch.library.register_fake("varlen_kernels::cross_entropy_backward")
+def _ce_backward_fake(grad_loss, logits, target, mask, lse, label_smoothing):
+    return torch.empty_like(logits)
+
+
+def _ce_setup_context(ctx, inputs, output):
+    logits, target, mask, label_smoothing = inputs
+    ctx.save_for_backward(logits, target, mask, output[1])
+    ctx.label_smoothing = label_smoothing
+    ctx.mark_non_differentiable(output[1])
+
+
+def _ce_backward(ctx, grad_loss, _grad_lse):
+    logits, target, mask, lse = ctx.saved_tensors
+    if grad_loss is None:
+        return None, None, None, None
+    grad = torch.ops.varlen_kernels.cross_entropy_backward.default(
+        grad_loss, logits, target, mask, lse, ctx.label_smoothing)
+    return grad, None, None, None
+
+
+torch.library.register_autograd(
+    "varlen_kernels::cross_entropy_forward", _ce_backward, setup_context=_ce_setup_context
+)

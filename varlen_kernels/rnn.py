@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from ._checks import check_lengths
 from .ops import CELLS, NUM_GATES, rnn_layer
 
 _TORCH_MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
@@ -207,7 +208,7 @@ class MaskedRNN(nn.Module):
             raise TypeError(f"input must have the parameters' dtype {p.dtype}, got {x.dtype}")
         if x.device != p.device:
             raise ValueError(f"input must be on the parameters' device {p.device}, got {x.device}")
-        lengths = self._check_lengths(lengths, x)
+        lengths = check_lengths(lengths, T, B, x.device)
         h0, c0 = self._check_hx(hx, x, unbatched)
         D = 2 if self.bidirectional else 1
         per = 4 if self.bias else 2
@@ -228,31 +229,6 @@ class MaskedRNN(nn.Module):
             if self.dropout > 0 and self.training and lay < self.num_layers - 1:
                 x = F.dropout(x, self.dropout, training=True)
         return x, torch.stack(h_n), (torch.stack(c_n) if self.cell == "lstm" else None)
-
-    def _check_lengths(self, lengths, x: Tensor) -> Tensor:
-        T, B = x.shape[0], x.shape[1]
-        if lengths is None:
-            return torch.full((B,), T, dtype=torch.long, device=x.device)
-        if isinstance(lengths, (list, tuple)):
-            if not all(isinstance(v, int) and not isinstance(v, bool) for v in lengths):
-                raise TypeError(f"lengths must hold ints, got {lengths!r}")
-            lengths = torch.tensor(lengths, dtype=torch.long)
-        if not isinstance(lengths, Tensor):
-            raise TypeError(f"lengths must be a 1-D integer Tensor or a list of ints, got {type(lengths).__name__}")
-        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
-            raise TypeError(f"lengths must have an integer dtype, got {lengths.dtype}")
-        if lengths.dim() != 1 or lengths.shape[0] != B:
-            raise ValueError(f"lengths must be 1-D with one entry per sequence (B={B}), "
-                             f"got shape {tuple(lengths.shape)}")
-        if (lengths.device.type == x.device.type == "cuda") and lengths.device != x.device:
-            raise ValueError(f"lengths is on {lengths.device} but input is on {x.device}")
-        if lengths.device.type == "cpu" and not torch.compiler.is_compiling() and B > 0:
-            lo, hi = int(lengths.min()), int(lengths.max())
-            if lo < 0 or hi > T:
-                bad = int(torch.nonzero((lengths < 0) | (lengths > T))[0, 0])
-                raise ValueError(f"lengths must be in [0, T] with T={T} (the input's time "
-                                 f"dimension), got lengths[{bad}] = {int(lengths[bad])}")
-        return lengths.to(device=x.device, dtype=torch.long, non_blocking=True)
 
     def _check_hx(self, hx, x: Tensor, unbatched: bool) -> Tuple[Tensor, Optional[Tensor]]:
         B = x.shape[1]

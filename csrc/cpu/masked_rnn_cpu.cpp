@@ -20,12 +20,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <string>
 #include <vector>
 
 #include "../cell_math.h"
 #include "../rnn_args.h"
+#include "cpu_capability.h"
 #include "rnn_pointwise.h"
 
 namespace varlen {
@@ -110,22 +109,6 @@ void for_each_step(const Plan& p, bool reverse, bool backward_pass, F&& f) {
     const int64_t t = descending ? p.T - 1 - k : k;
     if (p.bs[t] > 0) f(t, p.bs[t]);
   }
-}
-
-// The AVX2 build of the pointwise kernels where the CPU has AVX2 and FMA and
-// VARLEN_KERNELS_CPU_CAPABILITY is not "default"; otherwise the portable one.
-bool use_avx2() {
-  static const bool avx2 = [] {
-    const char* env = std::getenv("VARLEN_KERNELS_CPU_CAPABILITY");
-    if (env != nullptr && std::string(env) == "default") return false;
-#if defined(__x86_64__) || defined(_M_X64)
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
-#else
-    return false;
-#endif
-  }();
-  return avx2;
 }
 
 int64_t grain_rows(int64_t H) { return std::max<int64_t>(1, 2048 / std::max<int64_t>(H, 1)); }

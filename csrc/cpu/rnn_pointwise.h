@@ -1,6 +1,6 @@
 // Fused per-step cell updates of the CPU path, over rows [r0, r1) of one step.
 //
-// This header is compiled twice (rnn_pointwise_avx2.cpp, rnn_pointwise_base.cpp),
+// This header is compiled twice (kernels_avx2.cpp, kernels_base.cpp),
 // each time inside namespace varlen::VK_CPU_NS with its own CPU_CAPABILITY, and
 // masked_rnn_cpu.cpp picks one at run time. float and double run on SIMD
 // vectors (at::vec::Vectorized, with Sleef's exp/tanh) through the same

@@ -1,4 +1,4 @@
-// rnn_pointwise.h for CPUs with AVX2, FMA and F16C (chosen at run time).
+// rnn_pointwise.h and loss_rows.h for CPUs with AVX2, FMA and F16C (chosen at run time).
 #if defined(__x86_64__) || defined(_M_X64)
 // The extension is built for the baseline ISA; this translation unit alone is
 // compiled for AVX2+FMA. GCC's target pragma does not announce the ISA to the
@@ -20,9 +20,11 @@
 #define CPU_CAPABILITY_AVX2
 #define VK_CPU_NS avx2
 #include "rnn_pointwise.h"
+#include "loss_rows.h"
 #else
 // Not x86: the dispatcher never picks this build; give it the portable code.
 #define CPU_CAPABILITY DEFAULT
 #define VK_CPU_NS avx2
 #include "rnn_pointwise.h"
+#include "loss_rows.h"
 #endif

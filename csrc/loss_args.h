@@ -1,0 +1,30 @@
+// Argument checks of the masked-loss kernels, shared by the backends.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "rnn_args.h"  // VK_CHECK_SHAPE
+
+namespace varlen {
+
+// logits (R, C) floating; target (R,) int64; mask (R,) bool; all on one device.
+inline void check_cross_entropy_args(const at::Tensor& logits, const at::Tensor& target,
+                                     const at::Tensor& mask, double label_smoothing) {
+  TORCH_CHECK(logits.dim() == 2, "logits must be 2-D (R, C), got shape ", logits.sizes());
+  TORCH_CHECK(logits.is_floating_point(), "logits must be floating point, got ",
+              logits.scalar_type());
+  const int64_t R = logits.size(0);
+  TORCH_CHECK(logits.size(1) > 0, "logits must have at least one class, got shape ",
+              logits.sizes());
+  VK_CHECK_SHAPE(target, R);
+  VK_CHECK_SHAPE(mask, R);
+  TORCH_CHECK(target.scalar_type() == at::kLong, "target must be int64, got ",
+              target.scalar_type());
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "mask must be bool, got ", mask.scalar_type());
+  check_same_device(logits, target, "target");
+  check_same_device(logits, mask, "mask");
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0,
+              "label_smoothing must be in [0, 1], got ", label_smoothing);
+}
+
+}  // namespace varlen

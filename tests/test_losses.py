@@ -1,0 +1,181 @@
+"""Masked losses against torch.nn.functional on the valid tokens."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from varlen_kernels import masked_bce_with_logits, masked_cross_entropy, masked_mse
+
+F64 = dict(rtol=1e-10, atol=1e-12)
+
+
+def make(B=3, T=5, C=10, dtype=torch.float64, seed=0, feature=None):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([T, 1, 0, 3, 2][:B]) if B <= 5 else torch.randint(0, T + 1, (B,), generator=g)
+    valid = torch.arange(T)[None, :] < lengths[:, None]  # (B, T)
+    logits = torch.randn(B, T, C, generator=g, dtype=dtype) * 3
+    target = torch.randint(0, C, (B, T), generator=g)
+    # Padding holds garbage: NaN/Inf logits and out-of-range targets.
+    logits[~valid] = float("nan")
+    if (~valid).any():
+        logits[~valid][..., 0] = float("inf")
+    target[~valid] = -7
+    return logits.requires_grad_(), target, lengths, valid
+
+
+@pytest.mark.parametrize("C", [2, 10, 257, 32000])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_cross_entropy_matches_torch(C, reduction, label_smoothing):
+    logits, target, lengths, valid = make(C=C, seed=C)
+    out = masked_cross_entropy(logits, target, lengths, reduction=reduction,
+                               label_smoothing=label_smoothing)
+    x_valid = logits.detach()[valid].clone().requires_grad_()
+    ref = F.cross_entropy(x_valid, target[valid], reduction="none" if reduction == "none" else reduction,
+                          label_smoothing=label_smoothing)
+    if reduction == "none":
+        assert out.shape == valid.shape and (out[~valid] == 0).all()
+        torch.testing.assert_close(out[valid], ref, **F64)
+        w = torch.randn(out.shape, dtype=out.dtype)
+        g, = torch.autograd.grad((out * w).sum(), [logits])
+        g_ref, = torch.autograd.grad((ref * w[valid]).sum(), [x_valid])
+    else:
+        torch.testing.assert_close(out, ref, **F64)
+        g, = torch.autograd.grad(out, [logits])
+        g_ref, = torch.autograd.grad(ref, [x_valid])
+    torch.testing.assert_close(g[valid], g_ref, **F64)
+    assert (g[~valid] == 0).all()
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_cross_entropy_layouts_and_mask(batch_first):
+    logits, target, lengths, valid = make(seed=1)
+    ref = masked_cross_entropy(logits, target, lengths)
+    if not batch_first:
+        out = masked_cross_entropy(logits.transpose(0, 1), target.t(), lengths, batch_first=False)
+        torch.testing.assert_close(out, ref, **F64)
+    torch.testing.assert_close(masked_cross_entropy(logits, target, mask=valid), ref, **F64)
+    # A mask that is not a prefix.
+    m = torch.zeros_like(valid)
+    m[0, 1] = m[0, 3] = m[1, 0] = True
+    out = masked_cross_entropy(logits, target, mask=m)
+    torch.testing.assert_close(out, F.cross_entropy(logits[m], target[m]), **F64)
+
+
+def test_cross_entropy_all_padding_is_zero_not_nan():
+    logits, target, _, _ = make()
+    zero_lengths = torch.zeros(3, dtype=torch.long)
+    for reduction in ("mean", "sum"):
+        out = masked_cross_entropy(logits, target, zero_lengths, reduction=reduction)
+        assert out.item() == 0.0
+        g, = torch.autograd.grad(out, [logits])
+        assert (g == 0).all()
+
+
+def test_cross_entropy_large_logits_and_low_precision():
+    logits, target, lengths, valid = make(C=50, seed=2)
+    big = (logits.detach() * 1e4 / 3).requires_grad_()
+    out = masked_cross_entropy(big, target, lengths)
+    torch.testing.assert_close(out, F.cross_entropy(big.detach()[valid], target[valid]), **F64)
+    for dtype in (torch.bfloat16, torch.float16):
+        x = logits.detach().to(dtype)
+        exact = F.cross_entropy(logits.detach()[valid], target[valid])
+        ours = masked_cross_entropy(x, target, lengths).double()
+        theirs = F.cross_entropy(x[valid], target[valid]).double()
+        assert (ours - exact).abs() <= 2 * (theirs - exact).abs() + 1e-3
+
+
+def test_cross_entropy_out_of_range_target_at_valid_step():
+    logits, target, lengths, _ = make(C=4)
+    target[0, 2] = 4
+    with pytest.raises(RuntimeError, match=r"target at valid position 2 \(flattened\) is 4, outside the class range \[0, 4\)"):
+        masked_cross_entropy(logits, target, lengths)
+
+
+def test_cross_entropy_gradcheck_and_opcheck():
+    logits, target, lengths, valid = make(B=3, T=4, C=5)
+    x = torch.nan_to_num(logits.detach(), nan=0.0, posinf=0.0).requires_grad_()
+    for ls in (0.0, 0.2):
+        assert torch.autograd.gradcheck(
+            lambda x: masked_cross_entropy(x, target, lengths, reduction="none", label_smoothing=ls), (x,))
+    rows = (x.reshape(-1, 5), target.reshape(-1), valid.reshape(-1), 0.1)
+    torch.library.opcheck(torch.ops.varlen_kernels.cross_entropy_forward.default, rows)
+    torch.library.opcheck(torch.ops.varlen_kernels.cross_entropy_forward.default,
+                          (rows[0].detach(),) + rows[1:])
+    loss, lse = torch.ops.varlen_kernels.cross_entropy_forward(*rows)
+    torch.library.opcheck(torch.ops.varlen_kernels.cross_entropy_backward.default,
+                          (torch.randn_like(loss), rows[0].detach(), rows[1], rows[2], lse, 0.1))
+
+
+def test_cross_entropy_compiles_fullgraph():
+    logits, target, lengths, _ = make(dtype=torch.float32)
+    fn = torch.compile(lambda x, t, l: masked_cross_entropy(x, t, l), fullgraph=True, backend="aot_eager")
+    a, b = fn(logits, target, lengths), masked_cross_entropy(logits, target, lengths)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(torch.autograd.grad(a, [logits])[0], torch.autograd.grad(b, [logits])[0])
+
+
+@pytest.mark.parametrize("loss_name", ["mse", "bce"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("feature", [(), (4,), (2, 3)])
+def test_elementwise_losses_match_torch(loss_name, reduction, feature):
+    g = torch.Generator().manual_seed(3)
+    B, T = 3, 5
+    lengths = torch.tensor([5, 0, 2])
+    valid = torch.arange(T)[None, :] < lengths[:, None]
+    pred = torch.randn((B, T) + feature, generator=g, dtype=torch.float64)
+    target = torch.rand((B, T) + feature, generator=g, dtype=torch.float64)
+    pred[~valid] = float("nan")
+    target[~valid] = float("inf")
+    pred.requires_grad_()
+    pw = torch.rand(feature, generator=g, dtype=torch.float64) + 0.5 if loss_name == "bce" else None
+    if loss_name == "mse":
+        out = masked_mse(pred, target, lengths, reduction=reduction)
+        ref_fn = lambda p, t, r: F.mse_loss(p, t, reduction=r)  # noqa: E731
+    else:
+        out = masked_bce_with_logits(pred, target, lengths, reduction=reduction, pos_weight=pw)
+        ref_fn = lambda p, t, r: F.binary_cross_entropy_with_logits(p, t, reduction=r, pos_weight=pw)  # noqa: E731
+    pv = pred.detach()[valid].clone().requires_grad_()
+    ref = ref_fn(pv, target[valid], reduction)
+    if reduction == "none":
+        torch.testing.assert_close(out[valid], ref, **F64)
+        assert (out[~valid] == 0).all()
+        out, ref = out.sum(), ref.sum()
+    else:
+        torch.testing.assert_close(out, ref, **F64)
+    g1, = torch.autograd.grad(out, [pred])
+    g2, = torch.autograd.grad(ref, [pv])
+    torch.testing.assert_close(g1[valid], g2, **F64)
+    assert (g1[~valid] == 0).all()
+
+
+def test_elementwise_all_padding_and_gradcheck():
+    pred = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    target = torch.rand(2, 3, 4, dtype=torch.float64)
+    for fn in (masked_mse, masked_bce_with_logits):
+        out = fn(pred, target, torch.tensor([0, 0]))
+        assert out.item() == 0.0 and (torch.autograd.grad(out, [pred])[0] == 0).all()
+        assert torch.autograd.gradcheck(lambda p: fn(p, target, torch.tensor([3, 1])), (pred,))
+
+
+def test_loss_bad_input():
+    logits, target, lengths, _ = make()
+    with pytest.raises(TypeError, match="target must be an integer Tensor of class indices, got torch.float32"):
+        masked_cross_entropy(logits, target.float(), lengths)
+    with pytest.raises(ValueError, match=r"target must have shape \(3, 5\).*got \(3, 4\)"):
+        masked_cross_entropy(logits, target[:, :4], lengths)
+    with pytest.raises(ValueError, match=r"lengths must be in \[0, T\] with T=5.*lengths\[0\] = 6"):
+        masked_cross_entropy(logits, target, torch.tensor([6, 1, 0]))
+    with pytest.raises(ValueError, match="exactly one of lengths and mask"):
+        masked_cross_entropy(logits, target)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        masked_cross_entropy(logits, target, lengths, reduction="avg")
+    with pytest.raises(ValueError, match=r"logits must be 3-D"):
+        masked_cross_entropy(logits[0], target, lengths)
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\], got 1.5"):
+        masked_cross_entropy(logits, target, lengths, label_smoothing=1.5)
+    with pytest.raises(ValueError, match=r"target must have the shape of pred \(3, 5\), got \(3, 4\)"):
+        masked_mse(torch.randn(3, 5), torch.randn(3, 4), lengths)
+    with pytest.raises(ValueError, match=r"mask must have shape \(3, 5\)"):
+        masked_mse(torch.randn(3, 5), torch.randn(3, 5), mask=torch.ones(5, 3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="mask must be a bool Tensor"):
+        masked_bce_with_logits(torch.randn(3, 5), torch.rand(3, 5), mask=torch.ones(3, 5))

@@ -1,0 +1,323 @@
+// CUDA kernels for rnn_forward / rnn_backward.
+//
+// Lengths stay on the GPU: nothing here reads them on the host, so forward and
+// backward never synchronize and can be captured in a CUDA graph. Layout is the
+// padded, time-major one:
+//  - the input projection of all T*B tokens is one cuBLAS GEMM (padded rows are
+//    computed but never consumed);
+//  - each step is one GEMM of the B hidden rows with W_hh plus one fused kernel
+//    that applies the cell (cell_math.h) to the rows with t < lengths[b] and
+//    leaves the others untouched (frozen state, zero output);
+//  - the backward mirrors this; the weight gradients are one GEMM each over all
+//    tokens, with the padded rows of the pre-activation gradients exactly zero
+//    and the padded input replaced by zero first (so NaN there cannot leak).
+// Recurrent state and gate math are in the math type (float for half and
+// bfloat16); GEMMs accumulate in float.
+// Workspaces: gates (T, B, GS*H) and states (T, B, S*H) in the padded layout,
+// zero at padded steps.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../cell_math.h"
+#include "../rnn_args.h"
+
+namespace varlen {
+namespace {
+
+using at::Tensor;
+
+constexpr int kThreads = 256;
+
+template <typename scalar_t, typename acc_t>
+struct FwdArgs {
+  const int64_t* lengths;  // (B,)
+  const scalar_t* gx;      // (B, G*H) this step's input projection + folded biases
+  const scalar_t* gh;      // (B, G*H) W_hh h_prev
+  const scalar_t* b_hn;    // (H,) GRU's b_hn or nullptr
+  acc_t* h;                // (B, H) state, math type
+  acc_t* c;                // (B, H) LSTM cell state, math type
+  scalar_t* h_out;         // (B, H) h in storage type, the next GEMM's operand
+  scalar_t* y;             // (B, H) this step's output rows
+  scalar_t* gates;         // (B, GS*H) this step's workspace rows
+  scalar_t* states;        // (B, S*H)
+  int64_t t, T, B, H;
+};
+
+template <typename scalar_t, typename acc_t, Cell K>
+__global__ void forward_step_kernel(FwdArgs<scalar_t, acc_t> a) {
+  constexpr int64_t G = num_gates(K), GS = num_saved_gates(K), S = num_states(K);
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t H = a.H;
+  if (idx >= a.B * H) return;
+  const int64_t b = idx / H, j = idx % H;
+  const int64_t len = a.lengths[b];
+  CUDA_KERNEL_ASSERT(len >= 0 && len <= a.T && "lengths must be in [0, T]");
+  scalar_t* sg = a.gates + b * GS * H + j;
+  scalar_t* st = a.states + b * S * H + j;
+  if (a.t >= len) {  // padded step: never read, zero output and workspace
+    a.y[idx] = scalar_t(0);
+#pragma unroll
+    for (int k = 0; k < GS; ++k) sg[k * H] = scalar_t(0);
+#pragma unroll
+    for (int k = 0; k < S; ++k) st[k * H] = scalar_t(0);
+    return;
+  }
+  const scalar_t* x = a.gx + b * G * H + j;
+  const scalar_t* hh = a.gh + b * G * H + j;
+  const acc_t h_prev = a.h[idx];
+  st[0] = scalar_t(h_prev);
+  acc_t h_new;
+  if constexpr (K == Cell::LSTM) {
+    const acc_t c_prev = a.c[idx];
+    st[H] = scalar_t(c_prev);
+    const auto r = lstm_forward<acc_t>(acc_t(x[0]) + acc_t(hh[0]), acc_t(x[H]) + acc_t(hh[H]),
+                                       acc_t(x[2 * H]) + acc_t(hh[2 * H]),
+                                       acc_t(x[3 * H]) + acc_t(hh[3 * H]), c_prev);
+    sg[0] = scalar_t(r.i);
+    sg[H] = scalar_t(r.f);
+    sg[2 * H] = scalar_t(r.g);
+    sg[3 * H] = scalar_t(r.o);
+    a.c[idx] = r.c;
+    h_new = r.h;
+  } else if constexpr (K == Cell::GRU) {
+    const acc_t hn = acc_t(hh[2 * H]) + (a.b_hn ? acc_t(a.b_hn[j]) : acc_t(0));
+    const auto r = gru_forward<acc_t>(acc_t(x[0]), acc_t(x[H]), acc_t(x[2 * H]), acc_t(hh[0]),
+                                      acc_t(hh[H]), hn, h_prev);
+    sg[0] = scalar_t(r.r);
+    sg[H] = scalar_t(r.z);
+    sg[2 * H] = scalar_t(r.n);
+    sg[3 * H] = scalar_t(hn);
+    h_new = r.h;
+  } else {
+    h_new = rnn_forward<acc_t, K == Cell::RNN_RELU>(acc_t(x[0]) + acc_t(hh[0]));
+    sg[0] = scalar_t(h_new);
+  }
+  a.h[idx] = h_new;
+  a.h_out[idx] = scalar_t(h_new);
+  a.y[idx] = scalar_t(h_new);
+}
+
+template <typename scalar_t, typename acc_t>
+struct BwdArgs {
+  const int64_t* lengths;   // (B,)
+  const scalar_t* gates;    // (B, GS*H) this step's workspace rows
+  const scalar_t* states;   // (B, S*H)
+  const scalar_t* dy;       // (B, H) gradient w.r.t. this step's output
+  scalar_t* dh;             // (B, H) in: d h' from later steps; out: direct part of d h_prev
+  acc_t* dc;                // (B, H) LSTM: d c' in, d c_prev out
+  scalar_t* dgx;            // (B, G*H) d pre-activations, input side
+  scalar_t* dgh;            // (B, G*H) hidden side (GRU; aliases dgx otherwise)
+  int64_t t, T, B, H;
+};
+
+template <typename scalar_t, typename acc_t, Cell K>
+__global__ void backward_step_kernel(BwdArgs<scalar_t, acc_t> a) {
+  constexpr int64_t G = num_gates(K), GS = num_saved_gates(K), S = num_states(K);
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t H = a.H;
+  if (idx >= a.B * H) return;
+  const int64_t b = idx / H, j = idx % H;
+  scalar_t* gx = a.dgx + b * G * H + j;
+  scalar_t* gh = a.dgh + b * G * H + j;
+  if (a.t >= a.lengths[b]) {  // padded step: zero gradients, carried dh unchanged
+#pragma unroll
+    for (int k = 0; k < G; ++k) gx[k * H] = scalar_t(0);
+    if constexpr (K == Cell::GRU) {
+#pragma unroll
+      for (int k = 0; k < G; ++k) gh[k * H] = scalar_t(0);
+    }
+    return;
+  }
+  const scalar_t* sg = a.gates + b * GS * H + j;
+  const scalar_t* st = a.states + b * S * H + j;
+  const acc_t dht = acc_t(a.dh[idx]) + acc_t(a.dy[idx]);
+  acc_t direct = acc_t(0);
+  if constexpr (K == Cell::LSTM) {
+    const auto r = lstm_backward<acc_t>(acc_t(sg[0]), acc_t(sg[H]), acc_t(sg[2 * H]),
+                                        acc_t(sg[3 * H]), acc_t(st[H]), dht, a.dc[idx]);
+    gx[0] = scalar_t(r.di);
+    gx[H] = scalar_t(r.df);
+    gx[2 * H] = scalar_t(r.dg);
+    gx[3 * H] = scalar_t(r.do_);
+    a.dc[idx] = r.dc_prev;
+  } else if constexpr (K == Cell::GRU) {
+    const auto r = gru_backward<acc_t>(acc_t(sg[0]), acc_t(sg[H]), acc_t(sg[2 * H]),
+                                       acc_t(sg[3 * H]), acc_t(st[0]), dht);
+    gx[0] = gh[0] = scalar_t(r.dr);
+    gx[H] = gh[H] = scalar_t(r.dz);
+    gx[2 * H] = scalar_t(r.dxn);
+    gh[2 * H] = scalar_t(r.dhn);
+    direct = r.dh_prev_direct;
+  } else {
+    gx[0] = scalar_t(rnn_backward<acc_t, K == Cell::RNN_RELU>(acc_t(sg[0]), dht));
+  }
+  a.dh[idx] = scalar_t(direct);  // the W_hh part is added by the GEMM that follows
+}
+
+template <typename F>
+auto dispatch_cell(Cell cell, F&& f) {
+  switch (cell) {
+    case Cell::LSTM:
+      return f(std::integral_constant<Cell, Cell::LSTM>{});
+    case Cell::GRU:
+      return f(std::integral_constant<Cell, Cell::GRU>{});
+    case Cell::RNN_TANH:
+      return f(std::integral_constant<Cell, Cell::RNN_TANH>{});
+    default:
+      return f(std::integral_constant<Cell, Cell::RNN_RELU>{});
+  }
+}
+
+int64_t step_order(int64_t k, int64_t T, bool descending) { return descending ? T - 1 - k : k; }
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_cuda(
+    const Tensor& input, const Tensor& lengths, const Tensor& h0,
+    const c10::optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
+    const c10::optional<Tensor>& b_ih, const c10::optional<Tensor>& b_hh,
+    c10::string_view cell_name, bool reverse) {
+  const RnnSizes s = check_rnn_forward_args(input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                            std::string(cell_name));
+  const c10::cuda::CUDAGuard guard(input.device());
+  const int64_t T = s.T, B = s.B, I = s.I, H = s.H, G = s.G;
+  const auto opts = input.options();
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  const Tensor len = lengths.contiguous();
+
+  Tensor gx;
+  Tensor b_hn;
+  const Tensor x2 = input.reshape({T * B, I});
+  if (b_ih.has_value()) {
+    Tensor bias = *b_ih + *b_hh;
+    if (s.cell == Cell::GRU) {
+      bias = at::cat({bias.narrow(0, 0, 2 * H), b_ih->narrow(0, 2 * H, H)});
+      b_hn = b_hh->narrow(0, 2 * H, H).contiguous();
+    }
+    gx = at::addmm(bias, x2, w_ih.t());
+  } else {
+    gx = at::mm(x2, w_ih.t());
+  }
+  // Fresh buffers: the recurrence updates them in place.
+  Tensor h = at::empty({B, H}, opts.dtype(acc_type)).copy_(h0);
+  Tensor h_out = at::empty({B, H}, opts).copy_(h0);
+  Tensor c = s.cell == Cell::LSTM ? at::empty({B, H}, opts.dtype(acc_type)).copy_(*c0) : Tensor();
+  Tensor gh = at::empty({B, G * H}, opts);
+  Tensor output = at::empty({T, B, H}, opts);
+  Tensor gates = at::empty({T, B, s.GS * H}, opts);
+  Tensor states = at::empty({T, B, s.S * H}, opts);
+  const Tensor w_hh_t = w_hh.t();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int blocks = static_cast<int>((B * H + kThreads - 1) / kThreads);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "rnn_forward_cuda",
+                                  [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dispatch_cell(s.cell, [&](auto k) {
+      constexpr Cell K = decltype(k)::value;
+      constexpr int64_t GS = num_saved_gates(K), S = num_states(K);
+      for (int64_t step = 0; step < T; ++step) {
+        const int64_t t = step_order(step, T, reverse);
+        at::mm_out(gh, h_out, w_hh_t);
+        FwdArgs<scalar_t, acc_t> a{len.const_data_ptr<int64_t>(),
+                                   gx.const_data_ptr<scalar_t>() + t * B * G * H,
+                                   gh.const_data_ptr<scalar_t>(),
+                                   b_hn.defined() ? b_hn.const_data_ptr<scalar_t>() : nullptr,
+                                   h.data_ptr<acc_t>(),
+                                   K == Cell::LSTM ? c.data_ptr<acc_t>() : nullptr,
+                                   h_out.data_ptr<scalar_t>(),
+                                   output.data_ptr<scalar_t>() + t * B * H,
+                                   gates.data_ptr<scalar_t>() + t * B * GS * H,
+                                   states.data_ptr<scalar_t>() + t * B * S * H,
+                                   t, T, B, H};
+        if (B * H > 0) {
+          forward_step_kernel<scalar_t, acc_t, K><<<blocks, kThreads, 0, stream>>>(a);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      }
+      return 0;
+    });
+  });
+  Tensor h_n = h.to(input.scalar_type());
+  Tensor c_n = s.cell == Cell::LSTM ? c.to(input.scalar_type()) : at::empty({0}, opts);
+  return {output, h_n, c_n, gates, states};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cuda(
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
+    const Tensor& input, const Tensor& lengths, const Tensor& w_ih, const Tensor& w_hh,
+    const Tensor& gates, const Tensor& states, c10::string_view cell_name, bool reverse) {
+  const Cell cell = parse_cell(std::string(cell_name));
+  TORCH_CHECK(input.dim() == 3, "input must be 3-D (T, B, I), got shape ", input.sizes());
+  const c10::cuda::CUDAGuard guard(input.device());
+  const int64_t T = input.size(0), B = input.size(1), I = input.size(2), H = w_hh.size(1);
+  const int64_t G = num_gates(cell), GS = num_saved_gates(cell), S = num_states(cell);
+  check_lengths_meta(lengths, input, B);
+  VK_CHECK_SHAPE(grad_output, T, B, H);
+  VK_CHECK_SHAPE(grad_h_n, B, H);
+  if (cell == Cell::LSTM) VK_CHECK_SHAPE(grad_c_n, B, H);
+  VK_CHECK_SHAPE(w_ih, G * H, I);
+  VK_CHECK_SHAPE(w_hh, G * H, H);
+  VK_CHECK_SHAPE(gates, T, B, GS * H);
+  VK_CHECK_SHAPE(states, T, B, S * H);
+  TORCH_CHECK(gates.is_contiguous() && states.is_contiguous(),
+              "gates and states must be the unchanged workspaces from rnn_forward");
+  const auto opts = input.options();
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  const Tensor len = lengths.contiguous();
+  const Tensor dy = grad_output.to(input.scalar_type()).contiguous();
+  Tensor dh = at::empty({B, H}, opts).copy_(grad_h_n);
+  Tensor dc = cell == Cell::LSTM ? at::empty({B, H}, opts.dtype(acc_type)).copy_(grad_c_n) : Tensor();
+  Tensor dgx = at::empty({T * B, G * H}, opts);
+  Tensor dgh = cell == Cell::GRU ? at::empty({T * B, G * H}, opts) : dgx;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int blocks = static_cast<int>((B * H + kThreads - 1) / kThreads);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
+                                  "rnn_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dispatch_cell(cell, [&](auto k) {
+      constexpr Cell K = decltype(k)::value;
+      for (int64_t step = 0; step < T; ++step) {
+        const int64_t t = step_order(step, T, !reverse);
+        BwdArgs<scalar_t, acc_t> a{len.const_data_ptr<int64_t>(),
+                                   gates.const_data_ptr<scalar_t>() + t * B * GS * H,
+                                   states.const_data_ptr<scalar_t>() + t * B * S * H,
+                                   dy.const_data_ptr<scalar_t>() + t * B * H,
+                                   dh.data_ptr<scalar_t>(),
+                                   K == Cell::LSTM ? dc.data_ptr<acc_t>() : nullptr,
+                                   dgx.data_ptr<scalar_t>() + t * B * G * H,
+                                   dgh.data_ptr<scalar_t>() + t * B * G * H,
+                                   t, T, B, H};
+        if (B * H > 0) {
+          backward_step_kernel<scalar_t, acc_t, K><<<blocks, kThreads, 0, stream>>>(a);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+        // Rows past their length have zero dgh, so their carried dh is unchanged.
+        dh.addmm_(dgh.narrow(0, t * B, B), w_hh);
+      }
+      return 0;
+    });
+  });
+  // Padded input is replaced by zero before it meets a gradient (0 * NaN is NaN).
+  const Tensor valid = (at::arange(T, len.options()).unsqueeze(1) < len.unsqueeze(0)).unsqueeze(2);
+  const Tensor x_valid = at::where(valid, input, at::zeros({}, opts)).reshape({T * B, I});
+  const Tensor h_prev = states.view({T * B, S * H}).narrow(1, 0, H);
+  Tensor grad_w_ih = at::mm(dgx.t(), x_valid);
+  Tensor grad_w_hh = at::mm(dgh.t(), h_prev);
+  Tensor grad_b_ih = dgx.sum(0);
+  Tensor grad_b_hh = cell == Cell::GRU ? dgh.sum(0) : grad_b_ih.clone();
+  Tensor grad_input = at::mm(dgx, w_ih).view({T, B, I});
+  Tensor grad_c0 = cell == Cell::LSTM ? dc.to(input.scalar_type()) : at::empty({0}, opts);
+  return {grad_input, dh, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
+}
+
+}  // namespace
+}  // namespace varlen
+
+TORCH_LIBRARY_IMPL(varlen_kernels, CUDA, m) {
+  m.impl("rnn_forward", &varlen::rnn_forward_cuda);
+  m.impl("rnn_backward", &varlen::rnn_backward_cuda);
+}

@@ -12,6 +12,8 @@ from . import ops  # noqa: E402
 from .losses import masked_bce_with_logits, masked_cross_entropy, masked_mse  # noqa: E402
 from .reference import masked_rnn_reference, rnn_layer_reference  # noqa: E402
 from .rnn import MaskedGRU, MaskedLSTM, MaskedRNN  # noqa: E402
+from .tbptt import Chunk, detach_state, tbptt_chunks  # noqa: E402
+from . import distributed  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
@@ -23,5 +25,9 @@ __all__ = [
     "masked_cross_entropy",
     "masked_mse",
     "masked_bce_with_logits",
+    "tbptt_chunks",
+    "detach_state",
+    "Chunk",
+    "distributed",
     "ops",
 ]

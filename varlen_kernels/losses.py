@@ -41,6 +41,10 @@ def _valid_mask(x: Tensor, lengths, mask, batch_first: bool, name: str) -> Tenso
     return valid if batch_first else valid.t()
 
 
+def _autocast(x: Tensor) -> bool:
+    return x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type)
+
+
 def _check_reduction(reduction):
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -81,6 +85,8 @@ def masked_cross_entropy(logits: Tensor, target: Tensor, lengths=None, *, mask: 
     if not (0.0 <= float(label_smoothing) <= 1.0):
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     valid = _valid_mask(logits, lengths, mask, batch_first, "logits")
+    if _autocast(logits):
+        logits = logits.float()  # losses in float32 under autocast, as PyTorch's
     C = logits.shape[2]
     loss, _ = torch.ops.varlen_kernels.cross_entropy_forward.default(
         logits.reshape(-1, C), target.reshape(-1).to(torch.long), valid.reshape(-1),
@@ -95,6 +101,8 @@ def _elementwise(name, pred, target, lengths, mask, batch_first, reduction, fn):
     if pred.shape != target.shape:
         raise ValueError(f"target must have the shape of {name} {tuple(pred.shape)}, got {tuple(target.shape)}")
     valid = _valid_mask(pred, lengths, mask, batch_first, name)
+    if _autocast(pred):
+        pred, target = pred.float(), target.float()  # losses in float32 under autocast
     v = valid.view(valid.shape + (1,) * (pred.dim() - 2))
     zero = torch.zeros((), dtype=pred.dtype, device=pred.device)
     # Select before any arithmetic: padding never reaches the math (so NaN

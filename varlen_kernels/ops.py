@@ -37,6 +37,11 @@ def rnn_layer(
     Returns output (T, B, H), zero past each length; h_n (B, H) and c_n (B, H)
     (None unless "lstm"): each sequence's state after its last valid step.
     """
+    device = input.device.type
+    if device in ("cuda", "cpu") and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        input, h0, c0, w_ih, w_hh, b_ih, b_hh = (
+            None if t is None else t.to(dtype) for t in (input, h0, c0, w_ih, w_hh, b_ih, b_hh))
     out, h_n, c_n, _, _ = torch.ops.varlen_kernels.rnn_forward.default(
         input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, cell, reverse
     )
@@ -136,3 +141,12 @@ def _ce_backward(ctx, grad_loss, _grad_lse):
 torch.library.register_autograd(
     "varlen_kernels::cross_entropy_forward", _ce_backward, setup_context=_ce_setup_context
 )
+
+
+# ------------------------------------------------------------------ autocast
+# Under torch.autocast the recurrence runs in the autocast dtype (its GEMMs are
+# where the time goes; gate math and recurrent state stay in float inside the
+# CUDA kernels), see rnn_layer; the cross entropy runs in float32, as PyTorch's
+# autocast policy does for its own losses. Integer tensors are left alone.
+for _device in ("cuda", "cpu"):
+    torch.library.register_autocast("varlen_kernels::cross_entropy_forward", _device, torch.float32)

@@ -204,12 +204,13 @@ class MaskedRNN(nn.Module):
         if I != self.input_size:
             raise ValueError(f"input.size(-1) must be equal to input_size={self.input_size}, got {I}")
         p = self.weight_ih_l0
-        if x.dtype != p.dtype:
+        autocast = x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type)
+        if x.dtype != p.dtype and not autocast:
             raise TypeError(f"input must have the parameters' dtype {p.dtype}, got {x.dtype}")
         if x.device != p.device:
             raise ValueError(f"input must be on the parameters' device {p.device}, got {x.device}")
         lengths = check_lengths(lengths, T, B, x.device)
-        h0, c0 = self._check_hx(hx, x, unbatched)
+        h0, c0 = self._check_hx(hx, x, unbatched, autocast)
         D = 2 if self.bidirectional else 1
         per = 4 if self.bias else 2
         names = self._flat_weights_names
@@ -230,7 +231,7 @@ class MaskedRNN(nn.Module):
                 x = F.dropout(x, self.dropout, training=True)
         return x, torch.stack(h_n), (torch.stack(c_n) if self.cell == "lstm" else None)
 
-    def _check_hx(self, hx, x: Tensor, unbatched: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    def _check_hx(self, hx, x: Tensor, unbatched: bool, autocast: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
         B = x.shape[1]
         LD = self.num_layers * (2 if self.bidirectional else 1)
         shape = (LD, self.hidden_size) if unbatched else (LD, B, self.hidden_size)
@@ -253,7 +254,7 @@ class MaskedRNN(nn.Module):
             if tuple(s.shape) != shape:
                 raise ValueError(f"{name} must have shape {shape} (num_layers * num_directions, "
                                  f"{'' if unbatched else 'B, '}hidden_size), got {tuple(s.shape)}")
-            if s.dtype != x.dtype:
+            if s.dtype != x.dtype and not (autocast and s.is_floating_point()):
                 raise TypeError(f"{name} must have the input's dtype {x.dtype}, got {s.dtype}")
             if s.device != x.device:
                 raise ValueError(f"{name} must be on the input's device {x.device}, got {s.device}")

@@ -20,7 +20,8 @@ endif
 
 $(VENV)/.installed:
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install "$(TORCH)" ninja pybind11 pytest hypothesis numpy setuptools wheel
+	$(VENV)/bin/pip install "$(TORCH)" ninja pybind11 pytest hypothesis numpy setuptools wheel \
+		aeon tqdm matplotlib
 	touch $@
 
 build: $(SETUP_DEPS)

@@ -94,3 +94,9 @@ def test_lengths_on_other_gpu(lstm):
     lstm = lstm.cuda(0)
     with pytest.raises(ValueError, match="lengths is on cuda:1 but input is on cuda:0"):
         lstm(x().cuda(0), torch.tensor([1, 2], device="cuda:1"))
+
+
+def test_fixed_cell_classes():
+    assert isinstance(MaskedLSTM.from_torch(torch.nn.LSTM(2, 3)), MaskedLSTM)
+    with pytest.raises(ValueError, match="MaskedLSTM has cell 'lstm', got cell='gru'"):
+        MaskedLSTM.from_torch(torch.nn.GRU(2, 3))

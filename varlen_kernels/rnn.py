@@ -262,15 +262,23 @@ class MaskedRNN(nn.Module):
         return out[0], (out[1] if lstm else None)
 
 
-class MaskedLSTM(MaskedRNN):
+class _FixedCell(MaskedRNN):
+    _cell = ""
+
+    def __init__(self, input_size: int, hidden_size: int, **kwargs):
+        cell = kwargs.pop("cell", self._cell)
+        if cell != self._cell:
+            raise ValueError(f"{type(self).__name__} has cell {self._cell!r}, got cell={cell!r}")
+        super().__init__(input_size, hidden_size, cell=self._cell, **kwargs)
+
+
+class MaskedLSTM(_FixedCell):
     """``MaskedRNN(..., cell="lstm")``: a drop-in for nn.LSTM with ``lengths``."""
 
-    def __init__(self, input_size: int, hidden_size: int, **kwargs):
-        super().__init__(input_size, hidden_size, cell="lstm", **kwargs)
+    _cell = "lstm"
 
 
-class MaskedGRU(MaskedRNN):
+class MaskedGRU(_FixedCell):
     """``MaskedRNN(..., cell="gru")``: a drop-in for nn.GRU with ``lengths``."""
 
-    def __init__(self, input_size: int, hidden_size: int, **kwargs):
-        super().__init__(input_size, hidden_size, cell="gru", **kwargs)
+    _cell = "gru"

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 
 #include "rnn_args.h"  // VK_CHECK_SHAPE
 
@@ -25,6 +26,20 @@ inline void check_cross_entropy_args(const at::Tensor& logits, const at::Tensor&
   check_same_device(logits, mask, "mask");
   TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0,
               "label_smoothing must be in [0, 1], got ", label_smoothing);
+}
+
+// The backward's extra arguments: grad_loss and lse (R,) in the math type.
+inline void check_cross_entropy_backward_args(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                              const at::Tensor& target, const at::Tensor& mask,
+                                              const at::Tensor& lse, double label_smoothing) {
+  check_cross_entropy_args(logits, target, mask, label_smoothing);
+  const int64_t R = logits.size(0);
+  const auto acc = at::toOpMathType(logits.scalar_type());
+  VK_CHECK_SHAPE(grad_loss, R);
+  VK_CHECK_SHAPE(lse, R);
+  TORCH_CHECK(lse.scalar_type() == acc, "lse must be ", acc, ", got ", lse.scalar_type());
+  check_same_device(logits, grad_loss, "grad_loss");
+  check_same_device(logits, lse, "lse");
 }
 
 }  // namespace varlen

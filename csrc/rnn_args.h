@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <string>
+#include <type_traits>
 
 #include "cell_math.h"
 
@@ -95,6 +96,53 @@ inline RnnSizes check_rnn_forward_args(const at::Tensor& input, const at::Tensor
     }
   }
   return s;
+}
+
+// Checks the backward's arguments against the forward's workspaces and returns
+// the problem sizes.
+inline RnnSizes check_rnn_backward_args(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                                        const at::Tensor& grad_c_n, const at::Tensor& input,
+                                        const at::Tensor& lengths, const at::Tensor& w_ih,
+                                        const at::Tensor& w_hh, const at::Tensor& gates,
+                                        const at::Tensor& states, const std::string& cell_name) {
+  RnnSizes s;
+  s.cell = parse_cell(cell_name);
+  TORCH_CHECK(input.dim() == 3, "input must be 3-D (T, B, I), got shape ", input.sizes());
+  TORCH_CHECK(w_hh.dim() == 2, "w_hh must be 2-D (G*H, H), got shape ", w_hh.sizes());
+  s.T = input.size(0);
+  s.B = input.size(1);
+  s.I = input.size(2);
+  s.H = w_hh.size(1);
+  s.G = num_gates(s.cell);
+  s.GS = num_saved_gates(s.cell);
+  s.S = num_states(s.cell);
+  const int64_t T = s.T, B = s.B, H = s.H;
+  check_lengths_meta(lengths, input, B);
+  VK_CHECK_SHAPE(grad_output, T, B, H);
+  VK_CHECK_SHAPE(grad_h_n, B, H);
+  if (s.cell == Cell::LSTM) VK_CHECK_SHAPE(grad_c_n, B, H);
+  VK_CHECK_SHAPE(w_ih, s.G * H, s.I);
+  VK_CHECK_SHAPE(w_hh, s.G * H, H);
+  VK_CHECK_SHAPE(gates, T, B, s.GS * H);
+  VK_CHECK_SHAPE(states, T, B, s.S * H);
+  TORCH_CHECK(gates.is_contiguous() && states.is_contiguous(),
+              "gates and states must be the unchanged workspaces from rnn_forward");
+  return s;
+}
+
+// Runtime cell -> compile-time cell: f(std::integral_constant<Cell, K>{}).
+template <typename F>
+auto dispatch_cell(Cell cell, F&& f) {
+  switch (cell) {
+    case Cell::LSTM:
+      return f(std::integral_constant<Cell, Cell::LSTM>{});
+    case Cell::GRU:
+      return f(std::integral_constant<Cell, Cell::GRU>{});
+    case Cell::RNN_TANH:
+      return f(std::integral_constant<Cell, Cell::RNN_TANH>{});
+    default:
+      return f(std::integral_constant<Cell, Cell::RNN_RELU>{});
+  }
 }
 
 }  // namespace varlen

@@ -40,12 +40,9 @@ std::tuple<Tensor, Tensor> cross_entropy_forward_cpu(const Tensor& logits, const
 Tensor cross_entropy_backward_cpu(const Tensor& grad_loss, const Tensor& logits,
                                   const Tensor& target, const Tensor& mask, const Tensor& lse,
                                   double label_smoothing) {
-  check_cross_entropy_args(logits, target, mask, label_smoothing);
+  check_cross_entropy_backward_args(grad_loss, logits, target, mask, lse, label_smoothing);
   const int64_t R = logits.size(0), C = logits.size(1);
   const auto acc = at::toOpMathType(logits.scalar_type());
-  VK_CHECK_SHAPE(grad_loss, R);
-  VK_CHECK_SHAPE(lse, R);
-  TORCH_CHECK(lse.scalar_type() == acc, "lse must be ", acc, ", got ", lse.scalar_type());
   const Tensor x = logits.contiguous(), t = target.contiguous(), m = mask.contiguous();
   const Tensor g = grad_loss.to(acc).contiguous(), l = lse.contiguous();
   Tensor grad = at::empty({R, C}, x.options());

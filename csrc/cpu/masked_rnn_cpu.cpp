@@ -78,15 +78,18 @@ void gather_packed(const Plan& p, const Tensor& src, scalar_t* dst) {
   });
 }
 
-// dst (T, B, D) contiguous, zero-filled <- src (N, D) packed.
+// dst (T, B, D) contiguous <- src (N, D) packed, and zeros at padded steps.
 template <typename scalar_t>
 void scatter_padded(const Plan& p, const scalar_t* src, Tensor& dst) {
   const int64_t D = dst.size(2), B = p.B;
   scalar_t* base = dst.data_ptr<scalar_t>();
   at::parallel_for(0, p.T, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
+    for (int64_t t = t0; t < t1; ++t) {
       for (int64_t i = 0; i < p.bs[t]; ++i)
         std::copy_n(src + (p.off[t] + i) * D, D, base + (t * B + p.perm[i]) * D);
+      for (int64_t i = p.bs[t]; i < B; ++i)
+        std::fill_n(base + (t * B + p.perm[i]) * D, D, scalar_t(0));
+    }
   });
 }
 
@@ -174,7 +177,7 @@ std::vector<Tensor> forward_impl(const Plan& p, const RnnSizes& s, const Tensor&
     });
   });
 
-  Tensor output = at::zeros({T, B, H}, opts);
+  Tensor output = at::empty({T, B, H}, opts);
   scatter_padded<scalar_t>(p, ypp, output);
   Tensor h_n = from_sorted(p, h);
   Tensor c_n = K == Cell::LSTM ? from_sorted(p, c) : at::empty({0}, opts);
@@ -233,27 +236,12 @@ std::vector<Tensor> backward_impl(const Plan& p, const RnnSizes& s, const Tensor
   Tensor grad_w_hh = at::mm(dgh.t(), h_prev);
   Tensor grad_b_ih = dgx.sum(0);
   Tensor grad_b_hh = K == Cell::GRU ? dgh.sum(0) : grad_b_ih.clone();
-  Tensor grad_input = at::zeros({T, B, I}, opts);
+  Tensor grad_input = at::empty({T, B, I}, opts);
   Tensor dxp = at::mm(dgx, w_ih);
   scatter_padded<scalar_t>(p, dxp.const_data_ptr<scalar_t>(), grad_input);
   Tensor grad_h0 = from_sorted(p, dh);
   Tensor grad_c0 = K == Cell::LSTM ? from_sorted(p, dc) : at::empty({0}, opts);
   return {grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
-}
-
-// Runtime cell -> compile-time cell.
-template <typename F>
-auto dispatch_cell(Cell cell, F&& f) {
-  switch (cell) {
-    case Cell::LSTM:
-      return f(std::integral_constant<Cell, Cell::LSTM>{});
-    case Cell::GRU:
-      return f(std::integral_constant<Cell, Cell::GRU>{});
-    case Cell::RNN_TANH:
-      return f(std::integral_constant<Cell, Cell::RNN_TANH>{});
-    default:
-      return f(std::integral_constant<Cell, Cell::RNN_RELU>{});
-  }
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_cpu(
@@ -280,27 +268,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
     const Tensor& input, const Tensor& lengths, const Tensor& w_ih, const Tensor& w_hh,
     const Tensor& gates, const Tensor& states, c10::string_view cell_name, bool reverse) {
-  RnnSizes s;
-  s.cell = parse_cell(std::string(cell_name));
-  TORCH_CHECK(input.dim() == 3, "input must be 3-D (T, B, I), got shape ", input.sizes());
-  s.T = input.size(0);
-  s.B = input.size(1);
-  s.I = input.size(2);
-  s.H = w_hh.size(1);
-  s.G = num_gates(s.cell);
-  s.GS = num_saved_gates(s.cell);
-  s.S = num_states(s.cell);
-  const int64_t T = s.T, B = s.B, H = s.H;
-  check_lengths_meta(lengths, input, B);
-  VK_CHECK_SHAPE(grad_output, T, B, H);
-  VK_CHECK_SHAPE(grad_h_n, B, H);
-  if (s.cell == Cell::LSTM) VK_CHECK_SHAPE(grad_c_n, B, H);
-  VK_CHECK_SHAPE(w_ih, s.G * H, s.I);
-  VK_CHECK_SHAPE(w_hh, s.G * H, H);
-  VK_CHECK_SHAPE(gates, T, B, s.GS * H);
-  VK_CHECK_SHAPE(states, T, B, s.S * H);
-  TORCH_CHECK(gates.is_contiguous() && states.is_contiguous(),
-              "gates and states must be the unchanged workspaces from rnn_forward");
+  const RnnSizes s = check_rnn_backward_args(grad_output, grad_h_n, grad_c_n, input, lengths, w_ih,
+                                             w_hh, gates, states, std::string(cell_name));
+  const int64_t T = s.T;
   const Plan p = make_plan(lengths, T);
   const Tensor go = grad_output.stride(2) == 1 ? grad_output : grad_output.contiguous();
   const Tensor x = input.stride(2) == 1 ? input : input.contiguous();

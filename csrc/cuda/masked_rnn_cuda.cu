@@ -158,20 +158,6 @@ __global__ void backward_step_kernel(BwdArgs<scalar_t, acc_t> a) {
   a.dh[idx] = scalar_t(direct);  // the W_hh part is added by the GEMM that follows
 }
 
-template <typename F>
-auto dispatch_cell(Cell cell, F&& f) {
-  switch (cell) {
-    case Cell::LSTM:
-      return f(std::integral_constant<Cell, Cell::LSTM>{});
-    case Cell::GRU:
-      return f(std::integral_constant<Cell, Cell::GRU>{});
-    case Cell::RNN_TANH:
-      return f(std::integral_constant<Cell, Cell::RNN_TANH>{});
-    default:
-      return f(std::integral_constant<Cell, Cell::RNN_RELU>{});
-  }
-}
-
 int64_t step_order(int64_t k, int64_t T, bool descending) { return descending ? T - 1 - k : k; }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_cuda(
@@ -249,21 +235,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
     const Tensor& input, const Tensor& lengths, const Tensor& w_ih, const Tensor& w_hh,
     const Tensor& gates, const Tensor& states, c10::string_view cell_name, bool reverse) {
-  const Cell cell = parse_cell(std::string(cell_name));
-  TORCH_CHECK(input.dim() == 3, "input must be 3-D (T, B, I), got shape ", input.sizes());
+  const RnnSizes s = check_rnn_backward_args(grad_output, grad_h_n, grad_c_n, input, lengths, w_ih,
+                                             w_hh, gates, states, std::string(cell_name));
   const c10::cuda::CUDAGuard guard(input.device());
-  const int64_t T = input.size(0), B = input.size(1), I = input.size(2), H = w_hh.size(1);
-  const int64_t G = num_gates(cell), GS = num_saved_gates(cell), S = num_states(cell);
-  check_lengths_meta(lengths, input, B);
-  VK_CHECK_SHAPE(grad_output, T, B, H);
-  VK_CHECK_SHAPE(grad_h_n, B, H);
-  if (cell == Cell::LSTM) VK_CHECK_SHAPE(grad_c_n, B, H);
-  VK_CHECK_SHAPE(w_ih, G * H, I);
-  VK_CHECK_SHAPE(w_hh, G * H, H);
-  VK_CHECK_SHAPE(gates, T, B, GS * H);
-  VK_CHECK_SHAPE(states, T, B, S * H);
-  TORCH_CHECK(gates.is_contiguous() && states.is_contiguous(),
-              "gates and states must be the unchanged workspaces from rnn_forward");
+  const Cell cell = s.cell;
+  const int64_t T = s.T, B = s.B, I = s.I, H = s.H, G = s.G, GS = s.GS, S = s.S;
   const auto opts = input.options();
   const auto acc_type = at::toOpMathType(input.scalar_type());
   const Tensor len = lengths.contiguous();

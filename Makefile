@@ -28,7 +28,7 @@ build: $(SETUP_DEPS)
 	$(PY) -m pip install --no-build-isolation --no-deps -e . -q
 
 test: build
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests
 
 bench: build
 	$(PY) benchmarks/bench_rnn.py

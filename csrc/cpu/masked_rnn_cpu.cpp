@@ -78,15 +78,16 @@ void gather_packed(const Plan& p, const Tensor& src, scalar_t* dst) {
   });
 }
 
-// dst (T, B, D) contiguous <- src (N, D) packed, and zeros at padded steps.
+// dst (T, B, D) contiguous <- src (N, D) packed (if given), and zeros at padded steps.
 template <typename scalar_t>
 void scatter_padded(const Plan& p, const scalar_t* src, Tensor& dst) {
   const int64_t D = dst.size(2), B = p.B;
   scalar_t* base = dst.data_ptr<scalar_t>();
   at::parallel_for(0, p.T, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      for (int64_t i = 0; i < p.bs[t]; ++i)
-        std::copy_n(src + (p.off[t] + i) * D, D, base + (t * B + p.perm[i]) * D);
+      if (src != nullptr)
+        for (int64_t i = 0; i < p.bs[t]; ++i)
+          std::copy_n(src + (p.off[t] + i) * D, D, base + (t * B + p.perm[i]) * D);
       for (int64_t i = p.bs[t]; i < B; ++i)
         std::fill_n(base + (t * B + p.perm[i]) * D, D, scalar_t(0));
     }
@@ -147,7 +148,8 @@ std::vector<Tensor> forward_impl(const Plan& p, const RnnSizes& s, const Tensor&
   Tensor h = to_sorted(p, h0).contiguous();
   Tensor c = K == Cell::LSTM ? to_sorted(p, *c0).contiguous() : Tensor();
   Tensor gh = at::empty({B, G * H}, opts);
-  Tensor yp = at::empty({N, H}, opts);
+  // The pointwise kernel writes each valid step straight into the padded output.
+  Tensor output = at::empty({T, B, H}, opts);
   Tensor gates = at::empty({T, B, GS * H}, opts);
   Tensor states = at::empty({T, B, S * H}, opts);
   // Packed rows fill [0, N) of the workspaces; zero the rest so that every
@@ -161,7 +163,7 @@ std::vector<Tensor> forward_impl(const Plan& p, const RnnSizes& s, const Tensor&
   const scalar_t* gxp = gx.const_data_ptr<scalar_t>();
   const scalar_t* ghp = gh.const_data_ptr<scalar_t>();
   const scalar_t* bhn = b_hn.defined() ? b_hn.const_data_ptr<scalar_t>() : nullptr;
-  scalar_t* ypp = yp.data_ptr<scalar_t>();
+  scalar_t* out = output.data_ptr<scalar_t>();
   scalar_t* wg = gates.data_ptr<scalar_t>();
   scalar_t* ws = states.data_ptr<scalar_t>();
 
@@ -169,16 +171,15 @@ std::vector<Tensor> forward_impl(const Plan& p, const RnnSizes& s, const Tensor&
     Tensor gh_n = gh.narrow(0, 0, n);
     at::mm_out(gh_n, h.narrow(0, 0, n), w_hh_t);
     const int64_t o = p.off[t];
-    const FwdStep<scalar_t> step{gxp + o * G * H, ghp, bhn, hp, cp, ypp + o * H,
-                                 wg + o * GS * H, ws + o * S * H, H};
+    const FwdStep<scalar_t> step{gxp + o * G * H, ghp, bhn, hp, cp, out + t * B * H,
+                                 p.perm.data(), H, wg + o * GS * H, ws + o * S * H, H};
     at::parallel_for(0, n, grain_rows(H), [&](int64_t r0, int64_t r1) {
       if (use_avx2()) avx2::forward_rows<scalar_t, K>(step, r0, r1);
       else base::forward_rows<scalar_t, K>(step, r0, r1);
     });
   });
 
-  Tensor output = at::empty({T, B, H}, opts);
-  scatter_padded<scalar_t>(p, ypp, output);
+  scatter_padded<scalar_t>(p, static_cast<const scalar_t*>(nullptr), output);
   Tensor h_n = from_sorted(p, h);
   Tensor c_n = K == Cell::LSTM ? from_sorted(p, c) : at::empty({0}, opts);
   return {output, h_n, c_n, gates, states};
@@ -194,8 +195,6 @@ std::vector<Tensor> backward_impl(const Plan& p, const RnnSizes& s, const Tensor
   const int64_t T = s.T, B = s.B, I = s.I, H = s.H, N = p.N;
   const auto opts = input.options();
 
-  Tensor dyp = at::empty({N, H}, opts);
-  gather_packed<scalar_t>(p, grad_output, dyp.data_ptr<scalar_t>());
   Tensor dh = to_sorted(p, grad_h_n).contiguous();
   Tensor dc = K == Cell::LSTM ? to_sorted(p, grad_c_n).contiguous() : Tensor();
   // Gradients w.r.t. the pre-activations, input side and hidden side. They
@@ -205,7 +204,8 @@ std::vector<Tensor> backward_impl(const Plan& p, const RnnSizes& s, const Tensor
 
   scalar_t* dhp = dh.data_ptr<scalar_t>();
   scalar_t* dcp = K == Cell::LSTM ? dc.data_ptr<scalar_t>() : nullptr;
-  const scalar_t* dy = dyp.const_data_ptr<scalar_t>();
+  const scalar_t* dy = grad_output.const_data_ptr<scalar_t>();
+  const int64_t dy_s0 = grad_output.stride(0), dy_s1 = grad_output.stride(1);
   const scalar_t* wg = gates.const_data_ptr<scalar_t>();
   const scalar_t* ws = states.const_data_ptr<scalar_t>();
   scalar_t* dgxp = dgx.data_ptr<scalar_t>();
@@ -213,8 +213,8 @@ std::vector<Tensor> backward_impl(const Plan& p, const RnnSizes& s, const Tensor
 
   for_each_step(p, reverse, /*backward_pass=*/true, [&](int64_t t, int64_t n) {
     const int64_t o = p.off[t];
-    const BwdStep<scalar_t> step{wg + o * GS * H, ws + o * S * H, dy + o * H, dhp, dcp,
-                                 dgxp + o * G * H, dghp + o * G * H, H};
+    const BwdStep<scalar_t> step{wg + o * GS * H, ws + o * S * H, dy + t * dy_s0, p.perm.data(),
+                                 dy_s1, dhp, dcp, dgxp + o * G * H, dghp + o * G * H, H};
     at::parallel_for(0, n, grain_rows(H), [&](int64_t r0, int64_t r1) {
       if (use_avx2()) avx2::backward_rows<scalar_t, K>(step, r0, r1);
       else base::backward_rows<scalar_t, K>(step, r0, r1);

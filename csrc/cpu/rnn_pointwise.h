@@ -23,7 +23,10 @@ struct FwdStep {
   const scalar_t* b_hn;  // (H,) GRU's b_hn, or nullptr
   scalar_t* h;           // (n, H) h_prev in, h' out
   scalar_t* c;           // (n, H) LSTM c_prev in, c' out
-  scalar_t* y;           // (n, H) output rows
+  scalar_t* y;           // (B, *) this step of the padded output; row i goes to
+                         // y + perm[i] * y_stride
+  const int64_t* perm;   // (n,) batch index of each row
+  int64_t y_stride;
   scalar_t* gates;       // (n, GS*H) saved for backward
   scalar_t* states;      // (n, S*H) saved h_prev (, c_prev)
   int64_t H;
@@ -33,7 +36,10 @@ template <typename scalar_t>
 struct BwdStep {
   const scalar_t* gates;   // (n, GS*H) from the forward
   const scalar_t* states;  // (n, S*H) from the forward
-  const scalar_t* dy;      // (n, H) gradient w.r.t. this step's output
+  const scalar_t* dy;      // (B, *) this step of grad_output; row i is at
+                           // dy + perm[i] * dy_stride
+  const int64_t* perm;     // (n,) batch index of each row
+  int64_t dy_stride;
   scalar_t* dh;            // (n, H) in: gradient w.r.t. h' from later steps;
                            //        out (GRU): the direct part of d h_prev
   scalar_t* dc;            // (n, H) LSTM: d c' in, d c_prev out
@@ -128,7 +134,7 @@ inline void forward_elem(const FwdStep<S>& a, int64_t i, int64_t j) {
     store(sg, h_new);
   }
   store(h, h_new);
-  store(a.y + i * H + j, h_new);
+  store(a.y + a.perm[i] * a.y_stride + j, h_new);
 }
 
 template <Cell K, typename M, typename S>
@@ -139,7 +145,7 @@ inline void backward_elem(const BwdStep<S>& a, int64_t i, int64_t j) {
   const S* st = a.states + i * S_ * H + j;
   S* dh = a.dh + i * H + j;
   S* gx = a.dgx + i * G * H + j;
-  const M dht = load<M>(dh) + load<M>(a.dy + i * H + j);
+  const M dht = load<M>(dh) + load<M>(a.dy + a.perm[i] * a.dy_stride + j);
   if constexpr (K == Cell::LSTM) {
     S* dc = a.dc + i * H + j;
     const auto r = lstm_backward<M>(load<M>(sg), load<M>(sg + H), load<M>(sg + 2 * H),

@@ -112,6 +112,9 @@ class MaskedRNN(nn.Module):
         names = self._flat_weights_names
         return [[getattr(self, n) for n in names[k:k + per]] for k in range(0, len(names), per)]
 
+    def flatten_parameters(self) -> None:
+        """No-op, for code written for nn.*: the kernels use the parameters as they are."""
+
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}, cell={self.cell!r}"
         if self.num_layers != 1:

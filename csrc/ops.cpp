@@ -38,9 +38,10 @@ TORCH_LIBRARY(varlen_kernels, m) {
   //   output  (T, B, H): h at every valid step, exactly 0 past each length
   //   h_n     (B, H):    state after each sequence's own last valid step
   //   c_n     (B, H) for lstm, (0,) otherwise
-  //   gates   (T, B, GS*H), states (T, B, S*H): opaque workspaces for
-  //           rnn_backward, to be passed to it unchanged (GS = 4 for lstm and
-  //           gru, 1 for rnn; S = 2 for lstm, 1 otherwise)
+  //   gates   (*, GS*H), states (*, S*H): opaque workspaces for rnn_backward,
+  //           to be passed to it unchanged (GS = 4 for lstm and gru, 1 for rnn;
+  //           S = 2 for lstm, 1 otherwise). CPU: one row per valid token,
+  //           (N, ...) with N = sum(lengths); CUDA: (T, B, ...), padded.
   m.def(
       "rnn_forward(Tensor input, Tensor lengths, Tensor h0, Tensor? c0, "
       "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, str cell, "

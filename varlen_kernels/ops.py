@@ -53,12 +53,19 @@ def _rnn_forward_fake(input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, cell, reve
     torch._check(cell in CELLS, lambda: f"cell must be one of {CELLS}, got {cell!r}")
     T, B, _ = input.shape
     H = w_hh.shape[1]
+    if input.device.type == "cpu":
+        # The CPU kernel keeps one workspace row per valid token: N = sum(lengths).
+        n = torch.library.get_ctx().new_dynamic_size()
+        torch._check(n <= T * B)
+        rows = (n,)
+    else:
+        rows = (T, B)
     return (
         input.new_empty(T, B, H),
         input.new_empty(B, H),
         input.new_empty(B, H) if cell == "lstm" else input.new_empty(0),
-        input.new_empty(T, B, _SAVED_GATES[cell] * H),
-        input.new_empty(T, B, _STATES[cell] * H),
+        input.new_empty(*rows, _SAVED_GATES[cell] * H),
+        input.new_empty(*rows, _STATES[cell] * H),
     )
 
 

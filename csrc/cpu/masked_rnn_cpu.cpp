@@ -13,7 +13,7 @@
 //     touched, so each one keeps its final state (forward direction) or its
 //     initial state until its own last step comes (reverse direction).
 //  4. Scatter the packed output into the zero-filled padded output.
-// The workspaces hold packed rows [0, N) of a (T*B, *) buffer.
+// The workspaces hold the packed rows, (N, *).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -150,12 +150,9 @@ std::vector<Tensor> forward_impl(const Plan& p, const RnnSizes& s, const Tensor&
   Tensor gh = at::empty({B, G * H}, opts);
   // The pointwise kernel writes each valid step straight into the padded output.
   Tensor output = at::empty({T, B, H}, opts);
-  Tensor gates = at::empty({T, B, GS * H}, opts);
-  Tensor states = at::empty({T, B, S * H}, opts);
-  // Packed rows fill [0, N) of the workspaces; zero the rest so that every
-  // output of the op is deterministic.
-  gates.view({T * B, GS * H}).narrow(0, N, T * B - N).zero_();
-  states.view({T * B, S * H}).narrow(0, N, T * B - N).zero_();
+  // Workspaces hold the valid tokens only, packed: (N, GS*H) and (N, S*H).
+  Tensor gates = at::empty({N, GS * H}, opts);
+  Tensor states = at::empty({N, S * H}, opts);
   const Tensor w_hh_t = w_hh.t();
 
   scalar_t* hp = h.data_ptr<scalar_t>();
@@ -231,7 +228,7 @@ std::vector<Tensor> backward_impl(const Plan& p, const RnnSizes& s, const Tensor
 
   Tensor xp = at::empty({N, I}, opts);
   gather_packed<scalar_t>(p, input, xp.data_ptr<scalar_t>());
-  const Tensor h_prev = states.view({T * B, S * H}).narrow(0, 0, N).narrow(1, 0, H);
+  const Tensor h_prev = states.narrow(1, 0, H);
   Tensor grad_w_ih = at::mm(dgx.t(), xp);
   Tensor grad_w_hh = at::mm(dgh.t(), h_prev);
   Tensor grad_b_ih = dgx.sum(0);
@@ -272,6 +269,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_
                                              w_hh, gates, states, std::string(cell_name));
   const int64_t T = s.T;
   const Plan p = make_plan(lengths, T);
+  VK_CHECK_SHAPE(gates, p.N, s.GS * s.H);  // N: the valid tokens
+  VK_CHECK_SHAPE(states, p.N, s.S * s.H);
   const Tensor go = grad_output.stride(2) == 1 ? grad_output : grad_output.contiguous();
   const Tensor x = input.stride(2) == 1 ? input : input.contiguous();
   std::vector<Tensor> out;

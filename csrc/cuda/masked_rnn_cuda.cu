@@ -240,6 +240,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_
   const c10::cuda::CUDAGuard guard(input.device());
   const Cell cell = s.cell;
   const int64_t T = s.T, B = s.B, I = s.I, H = s.H, G = s.G, GS = s.GS, S = s.S;
+  VK_CHECK_SHAPE(gates, T, B, GS * H);
+  VK_CHECK_SHAPE(states, T, B, S * H);
   const auto opts = input.options();
   const auto acc_type = at::toOpMathType(input.scalar_type());
   const Tensor len = lengths.contiguous();

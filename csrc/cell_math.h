@@ -44,6 +44,7 @@ struct Math;
 template <>
 struct Math<float> {
   static VK_HD float exp(float x) { return ::expf(x); }
+  static VK_HD float log1p(float x) { return ::log1pf(x); }
   static VK_HD float tanh(float x) { return ::tanhf(x); }
   static VK_HD float relu(float x) { return x > 0.f ? x : 0.f; }
   // d relu / d pre, from the output h, times dh.
@@ -52,6 +53,7 @@ struct Math<float> {
 template <>
 struct Math<double> {
   static VK_HD double exp(double x) { return ::exp(x); }
+  static VK_HD double log1p(double x) { return ::log1p(x); }
   static VK_HD double tanh(double x) { return ::tanh(x); }
   static VK_HD double relu(double x) { return x > 0. ? x : 0.; }
   static VK_HD double relu_grad(double h, double dh) { return h > 0. ? dh : 0.; }

@@ -4,6 +4,9 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
+#include <string>
+
+#include "loss_math.h"
 #include "rnn_args.h"  // VK_CHECK_SHAPE
 
 namespace varlen {
@@ -40,6 +43,39 @@ inline void check_cross_entropy_backward_args(const at::Tensor& grad_loss, const
   TORCH_CHECK(lse.scalar_type() == acc, "lse must be ", acc, ", got ", lse.scalar_type());
   check_same_device(logits, grad_loss, "grad_loss");
   check_same_device(logits, lse, "lse");
+}
+
+inline ElemLoss parse_elem_loss(const std::string& kind) {
+  if (kind == "mse") return ElemLoss::MSE;
+  if (kind == "bce_with_logits") return ElemLoss::BCE_WITH_LOGITS;
+  TORCH_CHECK(false, "kind must be 'mse' or 'bce_with_logits', got '", kind, "'");
+}
+
+// input, target (R, F) of one floating dtype; mask (R,) bool; pos_weight (F,).
+inline ElemLoss check_elementwise_loss_args(const at::Tensor& input, const at::Tensor& target,
+                                            const at::Tensor& mask,
+                                            const c10::optional<at::Tensor>& pos_weight,
+                                            const std::string& kind_name) {
+  const ElemLoss kind = parse_elem_loss(kind_name);
+  TORCH_CHECK(input.dim() == 2, "input must be 2-D (R, F), got shape ", input.sizes());
+  TORCH_CHECK(input.is_floating_point(), "input must be floating point, got ", input.scalar_type());
+  const int64_t R = input.size(0), F = input.size(1);
+  VK_CHECK_SHAPE(target, R, F);
+  VK_CHECK_SHAPE(mask, R);
+  TORCH_CHECK(target.scalar_type() == input.scalar_type(), "target must have the input's dtype ",
+              input.scalar_type(), ", got ", target.scalar_type());
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "mask must be bool, got ", mask.scalar_type());
+  check_same_device(input, target, "target");
+  check_same_device(input, mask, "mask");
+  if (pos_weight.has_value()) {
+    TORCH_CHECK(kind == ElemLoss::BCE_WITH_LOGITS, "pos_weight is only for 'bce_with_logits'");
+    VK_CHECK_SHAPE(*pos_weight, F);
+    TORCH_CHECK(pos_weight->scalar_type() == input.scalar_type(),
+                "pos_weight must have the input's dtype ", input.scalar_type(), ", got ",
+                pos_weight->scalar_type());
+    check_same_device(input, *pos_weight, "pos_weight");
+  }
+  return kind;
 }
 
 }  // namespace varlen

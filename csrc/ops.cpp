@@ -69,4 +69,20 @@ TORCH_LIBRARY(varlen_kernels, m) {
   m.def(
       "cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor mask, "
       "Tensor lse, float label_smoothing) -> Tensor");
+
+  // Masked elementwise losses over tokens (rows) of F features.
+  //   input, target (R, F); mask (R,) bool; pos_weight (F,) or None (bce only);
+  //   kind "mse" or "bce_with_logits".
+  // Returns, in the math type (float32 for half/bfloat16), the per-token sums
+  // (R,) if reduce_rows else the per-element losses (R, F); 0 where mask is
+  // false. Rows with mask false are never read.
+  m.def(
+      "elementwise_loss_forward(Tensor input, Tensor target, Tensor mask, "
+      "Tensor? pos_weight, str kind, bool reduce_rows) -> Tensor");
+  // Gradients w.r.t. input and target; grad is (R,) or (R, F) like the forward's
+  // result. 0 on rows with mask false.
+  m.def(
+      "elementwise_loss_backward(Tensor grad, Tensor input, Tensor target, Tensor mask, "
+      "Tensor? pos_weight, str kind, bool reduce_rows) -> (Tensor grad_input, "
+      "Tensor grad_target)");
 }

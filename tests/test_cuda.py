@@ -144,3 +144,26 @@ def test_cross_entropy_cuda_opcheck_and_all_padding():
     torch.library.opcheck(torch.ops.varlen_kernels.cross_entropy_forward.default, (x, t, m, 0.1))
     out = masked_cross_entropy(x.view(2, 3, 5), t.view(2, 3), torch.zeros(2, dtype=torch.long, device="cuda"))
     assert out.item() == 0.0 and (torch.autograd.grad(out, [x])[0] == 0).all()
+
+
+@pytest.mark.parametrize("kind", ["mse", "bce_with_logits"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_elementwise_losses_cuda_match_cpu(kind, reduction):
+    from varlen_kernels import masked_bce_with_logits, masked_mse
+    fn = masked_mse if kind == "mse" else masked_bce_with_logits
+    g = torch.Generator().manual_seed(5)
+    pred = torch.randn(3, 7, 5, generator=g, dtype=torch.float64)
+    target = torch.rand(3, 7, 5, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([7, 0, 3])
+    pred[1] = float("nan")
+    outs = []
+    for device in ("cpu", "cuda"):
+        p = pred.to(device).requires_grad_()
+        out = fn(p, target.to(device), lengths)
+        grad, = torch.autograd.grad(out.sum(), [p])
+        outs.append((out.cpu(), grad.cpu()))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-10, atol=1e-12)
+    torch.library.opcheck(torch.ops.varlen_kernels.elementwise_loss_forward.default,
+                          (pred[0].cuda().requires_grad_(), target[0].cuda(),
+                           torch.ones(7, dtype=torch.bool, device="cuda"), None, kind, reduction == "mean"))

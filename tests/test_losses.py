@@ -179,3 +179,39 @@ def test_loss_bad_input():
         masked_mse(torch.randn(3, 5), torch.randn(3, 5), mask=torch.ones(5, 3, dtype=torch.bool))
     with pytest.raises(TypeError, match="mask must be a bool Tensor"):
         masked_bce_with_logits(torch.randn(3, 5), torch.rand(3, 5), mask=torch.ones(3, 5))
+
+
+@pytest.mark.parametrize("kind", ["mse", "bce_with_logits"])
+@pytest.mark.parametrize("reduce_rows", [False, True])
+def test_elementwise_op_opcheck_and_target_grad(kind, reduce_rows):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.rand(6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    m = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool)
+    pw = torch.rand(3, generator=g, dtype=torch.float64) + 0.5 if kind == "bce_with_logits" else None
+    op = torch.ops.varlen_kernels.elementwise_loss_forward.default
+    torch.library.opcheck(op, (x, y, m, pw, kind, reduce_rows))
+    torch.library.opcheck(op, (x.detach(), y.detach(), m, pw, kind, reduce_rows))
+    assert torch.autograd.gradcheck(lambda x, y: op(x, y, m, pw, kind, reduce_rows), (x, y))
+    out = op(x, y, m, pw, kind, reduce_rows)
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.varlen_kernels.elementwise_loss_backward.default,
+                          (grad, x.detach(), y.detach(), m, pw, kind, reduce_rows))
+
+
+def test_mse_target_gradient_matches_torch():
+    pred = torch.randn(2, 4, 3, dtype=torch.float64)
+    target = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([4, 2])
+    valid = torch.arange(4)[None] < lengths[:, None]
+    g, = torch.autograd.grad(masked_mse(pred, target, lengths), [target])
+    tv = target.detach()[valid].clone().requires_grad_()
+    g_ref, = torch.autograd.grad(F.mse_loss(pred[valid], tv), [tv])
+    torch.testing.assert_close(g[valid], g_ref, **F64)
+    assert (g[~valid] == 0).all()
+
+
+def test_pos_weight_with_grad_is_refused():
+    with pytest.raises(NotImplementedError, match="gradients w.r.t. pos_weight are not implemented"):
+        masked_bce_with_logits(torch.randn(2, 3, 4), torch.rand(2, 3, 4), [3, 1],
+                               pos_weight=torch.ones(4, requires_grad=True))

@@ -12,7 +12,6 @@ gets gradient 0. The mean's divisor is computed on the device (no host sync).
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_lengths
@@ -94,41 +93,45 @@ def masked_cross_entropy(logits: Tensor, target: Tensor, lengths=None, *, mask: 
     return _reduce(loss.view(valid.shape), valid.sum(), reduction, logits.dtype)
 
 
-def _elementwise(name, pred, target, lengths, mask, batch_first, reduction, fn):
+def _elementwise(name, kind, pred, target, lengths, mask, batch_first, reduction, pos_weight=None):
     _check_reduction(reduction)
     if not isinstance(pred, Tensor) or not isinstance(target, Tensor):
         raise TypeError(f"{name} and target must be Tensors")
+    if not pred.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {pred.dtype}")
     if pred.shape != target.shape:
         raise ValueError(f"target must have the shape of {name} {tuple(pred.shape)}, got {tuple(target.shape)}")
     valid = _valid_mask(pred, lengths, mask, batch_first, name)
     if _autocast(pred):
-        pred, target = pred.float(), target.float()  # losses in float32 under autocast
-    v = valid.view(valid.shape + (1,) * (pred.dim() - 2))
-    zero = torch.zeros((), dtype=pred.dtype, device=pred.device)
-    # Select before any arithmetic: padding never reaches the math (so NaN
-    # there cannot leak into values or gradients).
-    per = torch.where(v, fn(torch.where(v, pred, zero), torch.where(v, target.to(pred.dtype), zero)), zero)
-    acc = torch.promote_types(per.dtype, torch.float32)
-    per_token = per.to(acc).reshape(valid.shape + (-1,)).sum(2) if reduction != "none" else per
-    count = valid.sum() * (pred[0, 0].numel() if pred.dim() > 2 else 1)
-    return _reduce(per_token, count, reduction, pred.dtype)
+        pred = pred.float()  # losses in float32 under autocast, as PyTorch's
+    target = target.to(pred.dtype)
+    F = pred[0, 0].numel() if pred.dim() > 2 else 1
+    pw = None
+    if pos_weight is not None:
+        if pos_weight.requires_grad:
+            raise NotImplementedError("gradients w.r.t. pos_weight are not implemented: "
+                                      "pass a pos_weight that does not require grad")
+        pw = torch.broadcast_to(pos_weight.to(pred), pred.shape[2:] or (1,)).reshape(F)
+    out = torch.ops.varlen_kernels.elementwise_loss_forward.default(
+        pred.reshape(-1, F), target.reshape(-1, F), valid.reshape(-1), pw, kind, reduction != "none")
+    if reduction == "none":
+        return out.view(pred.shape).to(pred.dtype)
+    return _reduce(out, valid.sum() * F, reduction, pred.dtype)
 
 
 def masked_mse(pred: Tensor, target: Tensor, lengths=None, *, mask: Optional[Tensor] = None,
                batch_first: bool = True, reduction: str = "mean") -> Tensor:
-    """Squared error over valid steps. pred, target: (B, T, *) if batch_first else
-    (T, B, *); "mean" averages over valid elements (valid steps x trailing features);
-    "none" returns the elementwise loss, zero in padding."""
-    return _elementwise("pred", pred, target, lengths, mask, batch_first, reduction,
-                        lambda p, t: (p - t).square())
+    """Squared error over valid steps, one fused op. pred, target: (B, T, *) if
+    batch_first else (T, B, *); "mean" averages over valid elements (valid steps x
+    trailing features); "none" returns the elementwise loss, zero in padding."""
+    return _elementwise("pred", "mse", pred, target, lengths, mask, batch_first, reduction)
 
 
 def masked_bce_with_logits(logits: Tensor, target: Tensor, lengths=None, *, mask: Optional[Tensor] = None,
                            batch_first: bool = True, reduction: str = "mean",
                            pos_weight: Optional[Tensor] = None) -> Tensor:
-    """Binary cross entropy with logits over valid steps; shapes and reductions as
-    :func:`masked_mse`; pos_weight broadcast over the trailing dims as in
-    F.binary_cross_entropy_with_logits."""
-    return _elementwise("logits", logits, target, lengths, mask, batch_first, reduction,
-                        lambda x, t: F.binary_cross_entropy_with_logits(
-                            x, t, pos_weight=pos_weight, reduction="none"))
+    """Binary cross entropy with logits over valid steps, one fused op; shapes and
+    reductions as :func:`masked_mse`; pos_weight broadcast over the trailing dims as
+    in F.binary_cross_entropy_with_logits (no gradient w.r.t. pos_weight)."""
+    return _elementwise("logits", "bce_with_logits", logits, target, lengths, mask, batch_first,
+                        reduction, pos_weight)

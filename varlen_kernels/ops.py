@@ -150,10 +150,42 @@ torch.library.register_autograd(
 )
 
 
+# -------------------------------------------------------- elementwise losses
+@torch.library.register_fake("varlen_kernels::elementwise_loss_forward")
+def _elem_forward_fake(input, target, mask, pos_weight, kind, reduce_rows):
+    acc = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+    shape = input.shape[:1] if reduce_rows else input.shape
+    return input.new_empty(shape, dtype=acc)
+
+
+@torch.library.register_fake("varlen_kernels::elementwise_loss_backward")
+def _elem_backward_fake(grad, input, target, mask, pos_weight, kind, reduce_rows):
+    return torch.empty_like(input), torch.empty_like(input)
+
+
+def _elem_setup_context(ctx, inputs, output):
+    input, target, mask, pos_weight, kind, reduce_rows = inputs
+    ctx.save_for_backward(input, target, mask, pos_weight)
+    ctx.kind, ctx.reduce_rows = kind, reduce_rows
+
+
+def _elem_backward(ctx, grad):
+    input, target, mask, pos_weight = ctx.saved_tensors
+    gi, gt = torch.ops.varlen_kernels.elementwise_loss_backward.default(
+        grad, input, target, mask, pos_weight, ctx.kind, ctx.reduce_rows)
+    return gi, gt, None, None, None, None
+
+
+torch.library.register_autograd(
+    "varlen_kernels::elementwise_loss_forward", _elem_backward, setup_context=_elem_setup_context
+)
+
+
 # ------------------------------------------------------------------ autocast
 # Under torch.autocast the recurrence runs in the autocast dtype (its GEMMs are
 # where the time goes; gate math and recurrent state stay in float inside the
 # CUDA kernels), see rnn_layer; the cross entropy runs in float32, as PyTorch's
 # autocast policy does for its own losses. Integer tensors are left alone.
 for _device in ("cuda", "cpu"):
-    torch.library.register_autocast("varlen_kernels::cross_entropy_forward", _device, torch.float32)
+    for _op in ("cross_entropy_forward", "elementwise_loss_forward"):
+        torch.library.register_autocast(f"varlen_kernels::{_op}", _device, torch.float32)

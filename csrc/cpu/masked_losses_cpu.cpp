@@ -5,6 +5,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "../loss_args.h"
 #include "cpu_capability.h"
 #include "loss_rows.h"
@@ -62,10 +64,96 @@ Tensor cross_entropy_backward_cpu(const Tensor& grad_loss, const Tensor& logits,
   return grad;
 }
 
+// ------------------------------------------------------ elementwise losses
+Tensor elementwise_loss_forward_cpu(const Tensor& input, const Tensor& target, const Tensor& mask,
+                                   const c10::optional<Tensor>& pos_weight,
+                                   c10::string_view kind_name, bool reduce_rows) {
+  const ElemLoss kind =
+      check_elementwise_loss_args(input, target, mask, pos_weight, std::string(kind_name));
+  const Tensor x = input.contiguous(), y = target.contiguous(), m = mask.contiguous();
+  const Tensor pw = pos_weight.has_value() ? pos_weight->contiguous() : Tensor();
+  const int64_t R = x.size(0), F = x.size(1);
+  const auto acc = at::toOpMathType(x.scalar_type());
+  Tensor out = reduce_rows ? at::empty({R}, x.options().dtype(acc))
+                           : at::empty({R, F}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "elem_loss_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t *xp = x.const_data_ptr<scalar_t>(), *yp = y.const_data_ptr<scalar_t>();
+    const scalar_t* pwp = pw.defined() ? pw.const_data_ptr<scalar_t>() : nullptr;
+    const bool* mp = m.const_data_ptr<bool>();
+    acc_t* op = out.data_ptr<acc_t>();
+    at::parallel_for(0, R, std::max<int64_t>(1, 4096 / std::max<int64_t>(F, 1)),
+                     [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        if (!mp[r]) {
+          if (reduce_rows) op[r] = acc_t(0);
+          else std::fill_n(op + r * F, F, acc_t(0));
+          continue;
+        }
+        acc_t sum = acc_t(0);
+        for (int64_t f = 0; f < F; ++f) {
+          const acc_t l = elem_loss<acc_t>(kind, xp[r * F + f], yp[r * F + f],
+                                           pwp ? acc_t(pwp[f]) : acc_t(1)).loss;
+          if (reduce_rows) sum += l;
+          else op[r * F + f] = l;
+        }
+        if (reduce_rows) op[r] = sum;
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor> elementwise_loss_backward_cpu(
+    const Tensor& grad, const Tensor& input, const Tensor& target, const Tensor& mask,
+    const c10::optional<Tensor>& pos_weight, c10::string_view kind_name, bool reduce_rows) {
+  const ElemLoss kind =
+      check_elementwise_loss_args(input, target, mask, pos_weight, std::string(kind_name));
+  const int64_t R = input.size(0), F = input.size(1);
+  const auto acc = at::toOpMathType(input.scalar_type());
+  if (reduce_rows) {
+    VK_CHECK_SHAPE(grad, R);
+  } else {
+    VK_CHECK_SHAPE(grad, R, F);
+  }
+  const Tensor x = input.contiguous(), y = target.contiguous(), m = mask.contiguous();
+  const Tensor g = grad.to(acc).contiguous();
+  const Tensor pw = pos_weight.has_value() ? pos_weight->contiguous() : Tensor();
+  Tensor gx = at::empty({R, F}, x.options()), gy = at::empty({R, F}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "elem_loss_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t *xp = x.const_data_ptr<scalar_t>(), *yp = y.const_data_ptr<scalar_t>();
+    const scalar_t* pwp = pw.defined() ? pw.const_data_ptr<scalar_t>() : nullptr;
+    const bool* mp = m.const_data_ptr<bool>();
+    const acc_t* gp = g.const_data_ptr<acc_t>();
+    scalar_t *gxp = gx.data_ptr<scalar_t>(), *gyp = gy.data_ptr<scalar_t>();
+    at::parallel_for(0, R, std::max<int64_t>(1, 4096 / std::max<int64_t>(F, 1)),
+                     [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        if (!mp[r]) {
+          std::fill_n(gxp + r * F, F, scalar_t(0));
+          std::fill_n(gyp + r * F, F, scalar_t(0));
+          continue;
+        }
+        for (int64_t f = 0; f < F; ++f) {
+          const int64_t i = r * F + f;
+          const auto o = elem_loss<acc_t>(kind, xp[i], yp[i], pwp ? acc_t(pwp[f]) : acc_t(1));
+          const acc_t gi = reduce_rows ? gp[r] : gp[i];
+          gxp[i] = scalar_t(gi * o.dx);
+          gyp[i] = scalar_t(gi * o.dy);
+        }
+      }
+    });
+  });
+  return {gx, gy};
+}
+
 }  // namespace
 }  // namespace varlen
 
 TORCH_LIBRARY_IMPL(varlen_kernels, CPU, m) {
   m.impl("cross_entropy_forward", &varlen::cross_entropy_forward_cpu);
   m.impl("cross_entropy_backward", &varlen::cross_entropy_backward_cpu);
+  m.impl("elementwise_loss_forward", &varlen::elementwise_loss_forward_cpu);
+  m.impl("elementwise_loss_backward", &varlen::elementwise_loss_backward_cpu);
 }

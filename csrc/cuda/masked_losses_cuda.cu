@@ -10,7 +10,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <string>
 
 #include "../cell_math.h"
 #include "../loss_args.h"
@@ -168,10 +170,135 @@ Tensor cross_entropy_backward_cuda(const Tensor& grad_loss, const Tensor& logits
   return grad;
 }
 
+// ------------------------------------------------------ elementwise losses
+// Per-token sums: one block per row, a block reduction over F.
+template <typename scalar_t, typename acc_t>
+__global__ void elem_loss_rows_kernel(const scalar_t* __restrict__ x,
+                                      const scalar_t* __restrict__ y,
+                                      const bool* __restrict__ mask,
+                                      const scalar_t* __restrict__ pos_weight, acc_t* out,
+                                      int64_t F, ElemLoss kind) {
+  __shared__ acc_t shared[kThreads / 32];
+  const int64_t r = blockIdx.x;
+  if (!mask[r]) {  // uniform across the block
+    if (threadIdx.x == 0) out[r] = acc_t(0);
+    return;
+  }
+  acc_t sum = acc_t(0);
+  for (int64_t f = threadIdx.x; f < F; f += blockDim.x) {
+    const int64_t i = r * F + f;
+    sum += elem_loss<acc_t>(kind, acc_t(x[i]), acc_t(y[i]),
+                            pos_weight ? acc_t(pos_weight[f]) : acc_t(1)).loss;
+  }
+  sum = block_reduce(sum, [](acc_t a, acc_t b) { return a + b; }, acc_t(0), shared);
+  if (threadIdx.x == 0) out[r] = sum;
+}
+
+// Per-element losses (forward, reduce_rows = false) or gradients (backward).
+template <typename scalar_t, typename acc_t, bool kBackward>
+__global__ void elem_loss_elements_kernel(const scalar_t* __restrict__ x,
+                                          const scalar_t* __restrict__ y,
+                                          const bool* __restrict__ mask,
+                                          const scalar_t* __restrict__ pos_weight,
+                                          const acc_t* __restrict__ grad, bool grad_per_row,
+                                          acc_t* out, scalar_t* gx, scalar_t* gy, int64_t R,
+                                          int64_t F, ElemLoss kind) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < R * F;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / F, f = i % F;
+    if (!mask[r]) {
+      if constexpr (kBackward) {
+        gx[i] = gy[i] = scalar_t(0);
+      } else {
+        out[i] = acc_t(0);
+      }
+      continue;
+    }
+    const auto o = elem_loss<acc_t>(kind, acc_t(x[i]), acc_t(y[i]),
+                                    pos_weight ? acc_t(pos_weight[f]) : acc_t(1));
+    if constexpr (kBackward) {
+      const acc_t g = grad_per_row ? grad[r] : grad[i];
+      gx[i] = scalar_t(g * o.dx);
+      gy[i] = scalar_t(g * o.dy);
+    } else {
+      out[i] = o.loss;
+    }
+  }
+}
+
+int elementwise_blocks(int64_t n) {
+  return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535));
+}
+
+Tensor elementwise_loss_forward_cuda(const Tensor& input, const Tensor& target, const Tensor& mask,
+                                    const c10::optional<Tensor>& pos_weight,
+                                    c10::string_view kind_name, bool reduce_rows) {
+  const ElemLoss kind =
+      check_elementwise_loss_args(input, target, mask, pos_weight, std::string(kind_name));
+  const c10::cuda::CUDAGuard guard(input.device());
+  const Tensor x = input.contiguous(), y = target.contiguous(), m = mask.contiguous();
+  const Tensor pw = pos_weight.has_value() ? pos_weight->contiguous() : Tensor();
+  const int64_t R = x.size(0), F = x.size(1);
+  const auto acc = at::toOpMathType(x.scalar_type());
+  Tensor out = reduce_rows ? at::empty({R}, x.options().dtype(acc))
+                           : at::empty({R, F}, x.options().dtype(acc));
+  if (R == 0) return out;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "elem_loss_fwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* pwp = pw.defined() ? pw.const_data_ptr<scalar_t>() : nullptr;
+    if (reduce_rows) {
+      elem_loss_rows_kernel<scalar_t, acc_t><<<R, kThreads, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), m.const_data_ptr<bool>(),
+          pwp, out.data_ptr<acc_t>(), F, kind);
+    } else if (F > 0) {
+      elem_loss_elements_kernel<scalar_t, acc_t, false>
+          <<<elementwise_blocks(R * F), kThreads, 0, stream>>>(
+              x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
+              m.const_data_ptr<bool>(), pwp, nullptr, false, out.data_ptr<acc_t>(), nullptr,
+              nullptr, R, F, kind);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor> elementwise_loss_backward_cuda(
+    const Tensor& grad, const Tensor& input, const Tensor& target, const Tensor& mask,
+    const c10::optional<Tensor>& pos_weight, c10::string_view kind_name, bool reduce_rows) {
+  const ElemLoss kind =
+      check_elementwise_loss_args(input, target, mask, pos_weight, std::string(kind_name));
+  const c10::cuda::CUDAGuard guard(input.device());
+  const int64_t R = input.size(0), F = input.size(1);
+  const auto acc = at::toOpMathType(input.scalar_type());
+  if (reduce_rows) {
+    VK_CHECK_SHAPE(grad, R);
+  } else {
+    VK_CHECK_SHAPE(grad, R, F);
+  }
+  const Tensor x = input.contiguous(), y = target.contiguous(), m = mask.contiguous();
+  const Tensor g = grad.to(acc).contiguous();
+  const Tensor pw = pos_weight.has_value() ? pos_weight->contiguous() : Tensor();
+  Tensor gx = at::empty({R, F}, x.options()), gy = at::empty({R, F}, x.options());
+  if (R * F == 0) return {gx, gy};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "elem_loss_bwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    elem_loss_elements_kernel<scalar_t, acc_t, true>
+        <<<elementwise_blocks(R * F), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+            x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), m.const_data_ptr<bool>(),
+            pw.defined() ? pw.const_data_ptr<scalar_t>() : nullptr, g.const_data_ptr<acc_t>(),
+            reduce_rows, nullptr, gx.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(), R, F, kind);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {gx, gy};
+}
+
 }  // namespace
 }  // namespace varlen
 
 TORCH_LIBRARY_IMPL(varlen_kernels, CUDA, m) {
   m.impl("cross_entropy_forward", &varlen::cross_entropy_forward_cuda);
   m.impl("cross_entropy_backward", &varlen::cross_entropy_backward_cuda);
+  m.impl("elementwise_loss_forward", &varlen::elementwise_loss_forward_cuda);
+  m.impl("elementwise_loss_backward", &varlen::elementwise_loss_backward_cuda);
 }

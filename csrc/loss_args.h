@@ -78,4 +78,39 @@ inline ElemLoss check_elementwise_loss_args(const at::Tensor& input, const at::T
   return kind;
 }
 
+// The checked, contiguous operands of the elementwise-loss kernels.
+struct ElemLossOperands {
+  ElemLoss kind;
+  at::Tensor x, y, mask, pos_weight;  // pos_weight undefined when not given
+  int64_t R, F;
+  at::ScalarType acc;  // the math type
+};
+
+inline ElemLossOperands elementwise_loss_operands(const at::Tensor& input, const at::Tensor& target,
+                                                  const at::Tensor& mask,
+                                                  const c10::optional<at::Tensor>& pos_weight,
+                                                  const std::string& kind_name) {
+  const ElemLoss kind = check_elementwise_loss_args(input, target, mask, pos_weight, kind_name);
+  return {kind,
+          input.contiguous(),
+          target.contiguous(),
+          mask.contiguous(),
+          pos_weight.has_value() ? pos_weight->contiguous() : at::Tensor(),
+          input.size(0),
+          input.size(1),
+          at::toOpMathType(input.scalar_type())};
+}
+
+// The backward's grad: (R,) per-token sums if reduce_rows, else (R, F); in the math type.
+inline at::Tensor elementwise_loss_grad(const at::Tensor& grad, const ElemLossOperands& o,
+                                        bool reduce_rows) {
+  if (reduce_rows) {
+    VK_CHECK_SHAPE(grad, o.R);
+  } else {
+    VK_CHECK_SHAPE(grad, o.R, o.F);
+  }
+  check_same_device(o.x, grad, "grad");
+  return grad.to(o.acc).contiguous();
+}
+
 }  // namespace varlen

@@ -68,12 +68,12 @@ Tensor cross_entropy_backward_cpu(const Tensor& grad_loss, const Tensor& logits,
 Tensor elementwise_loss_forward_cpu(const Tensor& input, const Tensor& target, const Tensor& mask,
                                    const c10::optional<Tensor>& pos_weight,
                                    c10::string_view kind_name, bool reduce_rows) {
-  const ElemLoss kind =
-      check_elementwise_loss_args(input, target, mask, pos_weight, std::string(kind_name));
-  const Tensor x = input.contiguous(), y = target.contiguous(), m = mask.contiguous();
-  const Tensor pw = pos_weight.has_value() ? pos_weight->contiguous() : Tensor();
-  const int64_t R = x.size(0), F = x.size(1);
-  const auto acc = at::toOpMathType(x.scalar_type());
+  const ElemLossOperands o =
+      elementwise_loss_operands(input, target, mask, pos_weight, std::string(kind_name));
+  const Tensor &x = o.x, &y = o.y, &m = o.mask, &pw = o.pos_weight;
+  const int64_t R = o.R, F = o.F;
+  const ElemLoss kind = o.kind;
+  const auto acc = o.acc;
   Tensor out = reduce_rows ? at::empty({R}, x.options().dtype(acc))
                            : at::empty({R, F}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "elem_loss_fwd", [&] {
@@ -107,18 +107,12 @@ Tensor elementwise_loss_forward_cpu(const Tensor& input, const Tensor& target, c
 std::tuple<Tensor, Tensor> elementwise_loss_backward_cpu(
     const Tensor& grad, const Tensor& input, const Tensor& target, const Tensor& mask,
     const c10::optional<Tensor>& pos_weight, c10::string_view kind_name, bool reduce_rows) {
-  const ElemLoss kind =
-      check_elementwise_loss_args(input, target, mask, pos_weight, std::string(kind_name));
-  const int64_t R = input.size(0), F = input.size(1);
-  const auto acc = at::toOpMathType(input.scalar_type());
-  if (reduce_rows) {
-    VK_CHECK_SHAPE(grad, R);
-  } else {
-    VK_CHECK_SHAPE(grad, R, F);
-  }
-  const Tensor x = input.contiguous(), y = target.contiguous(), m = mask.contiguous();
-  const Tensor g = grad.to(acc).contiguous();
-  const Tensor pw = pos_weight.has_value() ? pos_weight->contiguous() : Tensor();
+  const ElemLossOperands o =
+      elementwise_loss_operands(input, target, mask, pos_weight, std::string(kind_name));
+  const Tensor &x = o.x, &y = o.y, &m = o.mask, &pw = o.pos_weight;
+  const int64_t R = o.R, F = o.F;
+  const ElemLoss kind = o.kind;
+  const Tensor g = elementwise_loss_grad(grad, o, reduce_rows);
   Tensor gx = at::empty({R, F}, x.options()), gy = at::empty({R, F}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "elem_loss_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -351,3 +351,11 @@ def test_portable_cpu_kernels_match(tmp_path):
     env = dict(__import__("os").environ, VARLEN_KERNELS_CPU_CAPABILITY="default")
     r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+def test_opcheck_forward_strided_input():
+    """batch_first hands the op a transposed (non-contiguous) input."""
+    args = _op_samples("gru", True)
+    args[0] = args[0].detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+    assert not args[0].is_contiguous()
+    torch.library.opcheck(torch.ops.varlen_kernels.rnn_forward.default, args + ["gru", False])

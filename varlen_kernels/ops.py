@@ -74,11 +74,11 @@ def _rnn_backward_fake(grad_output, grad_h_n, grad_c_n, input, lengths, w_ih, w_
                        states, cell, reverse):
     G, H = w_hh.shape
     return (
-        torch.empty_like(input),
+        input.new_empty(input.shape),  # the kernels return contiguous gradients
         input.new_empty(input.shape[1], H),
         input.new_empty(input.shape[1], H) if cell == "lstm" else input.new_empty(0),
-        torch.empty_like(w_ih),
-        torch.empty_like(w_hh),
+        w_ih.new_empty(w_ih.shape),
+        w_hh.new_empty(w_hh.shape),
         input.new_empty(G),
         input.new_empty(G),
     )
@@ -126,7 +126,7 @@ def _ce_forward_fake(logits, target, mask, label_smoothing):
 
 @torch.library.register_fake("varlen_kernels::cross_entropy_backward")
 def _ce_backward_fake(grad_loss, logits, target, mask, lse, label_smoothing):
-    return torch.empty_like(logits)
+    return logits.new_empty(logits.shape)
 
 
 def _ce_setup_context(ctx, inputs, output):
@@ -160,7 +160,7 @@ def _elem_forward_fake(input, target, mask, pos_weight, kind, reduce_rows):
 
 @torch.library.register_fake("varlen_kernels::elementwise_loss_backward")
 def _elem_backward_fake(grad, input, target, mask, pos_weight, kind, reduce_rows):
-    return torch.empty_like(input), torch.empty_like(input)
+    return input.new_empty(input.shape), input.new_empty(input.shape)
 
 
 def _elem_setup_context(ctx, inputs, output):

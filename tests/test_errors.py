@@ -100,3 +100,18 @@ def test_fixed_cell_classes():
     assert isinstance(MaskedLSTM.from_torch(torch.nn.LSTM(2, 3)), MaskedLSTM)
     with pytest.raises(ValueError, match="MaskedLSTM has cell 'lstm', got cell='gru'"):
         MaskedLSTM.from_torch(torch.nn.GRU(2, 3))
+
+
+def test_double_backward_is_refused():
+    from varlen_kernels import masked_cross_entropy
+    m = MaskedLSTM(2, 3).double()
+    x = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
+    y, _ = m(x, [4, 2])
+    g, = torch.autograd.grad(y.sum(), [x], create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward .*::rnn_backward is not supported"):
+        g.sum().backward()
+    logits = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    g, = torch.autograd.grad(masked_cross_entropy(logits, torch.zeros(2, 3, dtype=torch.long), [3, 1]),
+                             [logits], create_graph=True)
+    with pytest.raises(NotImplementedError, match="cross_entropy_backward is not supported"):
+        g.sum().backward()

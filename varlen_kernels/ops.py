@@ -181,6 +181,21 @@ torch.library.register_autograd(
 )
 
 
+# ----------------------------------------------------------- double backward
+# The backward ops are not differentiable themselves. Say so when someone
+# differentiates through them (create_graph=True), rather than returning
+# silently incomplete second-order gradients.
+def _refuse_double_backward(name):
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"double backward (gradients of gradients) through varlen_kernels::{name} is not supported")
+    return backward
+
+
+for _name in ("rnn_backward", "cross_entropy_backward", "elementwise_loss_backward"):
+    torch.library.register_autograd(f"varlen_kernels::{_name}", _refuse_double_backward(_name))
+
+
 # ------------------------------------------------------------------ autocast
 # Under torch.autocast the recurrence runs in the autocast dtype (its GEMMs are
 # where the time goes; gate math and recurrent state stay in float inside the

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import CELLS, requires_cuda, run_packed, sample_inputs, states_of
+from conftest import CELLS, requires_cuda, run_packed, sample_inputs
 from varlen_kernels import MaskedRNN, masked_cross_entropy, ops
 
 pytestmark = requires_cuda

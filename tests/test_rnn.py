@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import pack_padded_sequence
 
 from conftest import CELLS, DEVICES, make_torch_rnn, run_packed, sample_inputs, states_of
 from varlen_kernels import MaskedGRU, MaskedLSTM, MaskedRNN, masked_rnn_reference, ops

@@ -1,7 +1,6 @@
 """Truncated backpropagation through time over padded variable-length batches."""
 from typing import Iterator, NamedTuple, Optional, Union
 
-import torch
 from torch import Tensor
 
 from ._checks import check_lengths

@@ -32,7 +32,7 @@ test: build
 
 bench: build
 	$(PY) benchmarks/bench_rnn.py
-	cd benchmarks && ../$(PY) bench_losses.py
+	$(PY) benchmarks/bench_losses.py
 
 clean:
 	rm -rf build *.egg-info varlen_kernels/*.so

@@ -45,6 +45,6 @@ done
 
 log benchmarks
 $PY benchmarks/bench_rnn.py --device cuda 2>&1 | tee "$RES/bench_rnn_cuda.log" | tail -30
-(cd benchmarks && $PY bench_losses.py --device cuda 2>&1 | tee "results/bench_losses_cuda.log" | tail -20)
+$PY benchmarks/bench_losses.py --device cuda 2>&1 | tee "$RES/bench_losses_cuda.log" | tail -20
 if [ -n "${OUT:-}" ]; then cp -r "$RES" "$OUT/"; fi
 exit $status

@@ -16,8 +16,8 @@ def load(name):
 
 
 def test_japanese_vowels(tmp_path):
-    pytest.importorskip("aeon")
-    pytest.importorskip("matplotlib")
+    for module in ("aeon", "matplotlib", "tqdm"):
+        pytest.importorskip(module)
     results = load("japanese_vowels").main(["--epochs", "2", "--hidden", "16", "--plot", str(tmp_path / "jv.png")])
     assert (tmp_path / "jv.png").stat().st_size > 0
     for accuracy, seconds in results.values():
@@ -25,7 +25,8 @@ def test_japanese_vowels(tmp_path):
 
 
 def test_char_lm(tmp_path):
-    pytest.importorskip("matplotlib")
+    for module in ("matplotlib", "tqdm"):
+        pytest.importorskip(module)
     history = load("char_lm").main(["--steps", "4", "--batch-size", "4", "--hidden", "16", "--files", "2",
                                     "--bptt", "8", "--plot", str(tmp_path / "lm.png")])
     assert (tmp_path / "lm.png").stat().st_size > 0

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "cell_math.h"
 
@@ -130,6 +131,24 @@ inline RnnSizes check_rnn_backward_args(const at::Tensor& grad_output, const at:
   TORCH_CHECK(gates.is_contiguous() && states.is_contiguous(),
               "gates and states must be the unchanged workspaces from rnn_forward");
   return s;
+}
+
+// The input projection x @ w_ih^T of rows x (M, I), (M, G*H), with the biases
+// that fold into it: b_ih and all of b_hh except GRU's b_hn, which sits inside
+// r * (W_hn h + b_hn) and is returned apart ((H,), undefined otherwise).
+inline std::pair<at::Tensor, at::Tensor> input_projection(const at::Tensor& x,
+                                                          const at::Tensor& w_ih,
+                                                          const c10::optional<at::Tensor>& b_ih,
+                                                          const c10::optional<at::Tensor>& b_hh,
+                                                          Cell cell, int64_t H) {
+  if (!b_ih.has_value()) return {at::mm(x, w_ih.t()), at::Tensor()};
+  at::Tensor bias = *b_ih + *b_hh;
+  at::Tensor b_hn;
+  if (cell == Cell::GRU) {
+    bias = at::cat({bias.narrow(0, 0, 2 * H), b_ih->narrow(0, 2 * H, H)});
+    b_hn = b_hh->narrow(0, 2 * H, H).contiguous();
+  }
+  return {at::addmm(bias, x, w_ih.t()), b_hn};
 }
 
 // Runtime cell -> compile-time cell: f(std::integral_constant<Cell, K>{}).

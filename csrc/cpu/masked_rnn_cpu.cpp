@@ -12,7 +12,8 @@
 //     fused cell update from cell_math.h. Rows past the active prefix are not
 //     touched, so each one keeps its final state (forward direction) or its
 //     initial state until its own last step comes (reverse direction).
-//  4. Scatter the packed output into the zero-filled padded output.
+//     Each valid step is written straight into the padded output; the padded
+//     steps are then set to zero.
 // The workspaces hold the packed rows, (N, *).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -130,20 +131,9 @@ std::vector<Tensor> forward_impl(const Plan& p, const RnnSizes& s, const Tensor&
 
   Tensor xp = at::empty({N, I}, opts);
   gather_packed<scalar_t>(p, input, xp.data_ptr<scalar_t>());
-  // Input projection for every valid token, with the biases that can be folded
-  // in (all of b_hh except GRU's b_hn, which sits inside r * (...)).
-  Tensor gx;
-  Tensor b_hn;
-  if (b_ih.has_value()) {
-    Tensor bias = *b_ih + *b_hh;
-    if (K == Cell::GRU) {
-      bias = at::cat({bias.narrow(0, 0, 2 * H), b_ih->narrow(0, 2 * H, H)});
-      b_hn = b_hh->narrow(0, 2 * H, H).contiguous();
-    }
-    gx = at::addmm(bias, xp, w_ih.t());
-  } else {
-    gx = at::mm(xp, w_ih.t());
-  }
+  // Input projection for every valid token.
+  const auto proj = input_projection(xp, w_ih, b_ih, b_hh, K, H);
+  const Tensor &gx = proj.first, &b_hn = proj.second;
 
   Tensor h = to_sorted(p, h0).contiguous();
   Tensor c = K == Cell::LSTM ? to_sorted(p, *c0).contiguous() : Tensor();

@@ -173,19 +173,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_cuda(
   const auto acc_type = at::toOpMathType(input.scalar_type());
   const Tensor len = lengths.contiguous();
 
-  Tensor gx;
-  Tensor b_hn;
-  const Tensor x2 = input.reshape({T * B, I});
-  if (b_ih.has_value()) {
-    Tensor bias = *b_ih + *b_hh;
-    if (s.cell == Cell::GRU) {
-      bias = at::cat({bias.narrow(0, 0, 2 * H), b_ih->narrow(0, 2 * H, H)});
-      b_hn = b_hh->narrow(0, 2 * H, H).contiguous();
-    }
-    gx = at::addmm(bias, x2, w_ih.t());
-  } else {
-    gx = at::mm(x2, w_ih.t());
-  }
+  const auto proj = input_projection(input.reshape({T * B, I}), w_ih, b_ih, b_hh, s.cell, H);
+  const Tensor &gx = proj.first, &b_hn = proj.second;
   // Fresh buffers: the recurrence updates them in place.
   Tensor h = at::empty({B, H}, opts.dtype(acc_type)).copy_(h0);
   Tensor h_out = at::empty({B, H}, opts).copy_(h0);

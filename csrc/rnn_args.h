@@ -151,6 +151,20 @@ inline std::pair<at::Tensor, at::Tensor> input_projection(const at::Tensor& x,
   return {at::addmm(bias, x, w_ih.t()), b_hn};
 }
 
+// The same biases, unfolded, in the math type `acc` (float for half and
+// bfloat16, so that b_ih + b_hh is not rounded to the storage type): per gate
+// (G*H,) b_ih + b_hh, GRU's n gate b_in only; and GRU's b_hn (H,). Undefined
+// tensors when there are no biases (and for b_hn outside GRU).
+inline std::pair<at::Tensor, at::Tensor> gate_biases(const c10::optional<at::Tensor>& b_ih,
+                                                     const c10::optional<at::Tensor>& b_hh,
+                                                     Cell cell, int64_t H, at::ScalarType acc) {
+  if (!b_ih.has_value()) return {at::Tensor(), at::Tensor()};
+  const at::Tensor bi = b_ih->to(acc), bh = b_hh->to(acc);
+  if (cell != Cell::GRU) return {(bi + bh).contiguous(), at::Tensor()};
+  at::Tensor bias = at::cat({bi.narrow(0, 0, 2 * H) + bh.narrow(0, 0, 2 * H), bi.narrow(0, 2 * H, H)});
+  return {bias, bh.narrow(0, 2 * H, H).contiguous()};
+}
+
 // Runtime cell -> compile-time cell: f(std::integral_constant<Cell, K>{}).
 template <typename F>
 auto dispatch_cell(Cell cell, F&& f) {

@@ -7,6 +7,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .testing import emulation_active
+
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 # Gate blocks (of H columns) in the weights, per cell.
 NUM_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
@@ -53,8 +55,9 @@ def _rnn_forward_fake(input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, cell, reve
     torch._check(cell in CELLS, lambda: f"cell must be one of {CELLS}, got {cell!r}")
     T, B, _ = input.shape
     H = w_hh.shape[1]
-    if input.device.type == "cpu":
+    if input.device.type == "cpu" and not emulation_active():
         # The CPU kernel keeps one workspace row per valid token: N = sum(lengths).
+        # The CUDA kernels (also when emulated on CPU tensors) keep (T, B) rows.
         n = torch.library.get_ctx().new_dynamic_size()
         torch._check(n <= T * B)
         rows = (n,)

@@ -11,19 +11,19 @@
 //  - the backward mirrors this; the weight gradients are one GEMM each over all
 //    tokens, with the padded rows of the pre-activation gradients exactly zero
 //    and the padded input replaced by zero first (so NaN there cannot leak).
-// Recurrent state and gate math are in the math type (float for half and
-// bfloat16); GEMMs accumulate in float.
+// Recurrent state, the backward's dh/dc carry, the biases and the gate math
+// are in the math type (float for half and bfloat16); GEMMs accumulate in
+// float. The biases are added in the step kernel, in the math type, not
+// folded into the storage-type projection.
 // Workspaces: gates (T, B, GS*H) and states (T, B, S*H) in the padded layout,
 // zero at padded steps.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include "../cell_math.h"
 #include "../rnn_args.h"
+#include "launch.h"
 
 namespace varlen {
 namespace {
@@ -35,9 +35,10 @@ constexpr int kThreads = 256;
 template <typename scalar_t, typename acc_t>
 struct FwdArgs {
   const int64_t* lengths;  // (B,)
-  const scalar_t* gx;      // (B, G*H) this step's input projection + folded biases
+  const scalar_t* gx;      // (B, G*H) this step's input projection x W_ih^T
   const scalar_t* gh;      // (B, G*H) W_hh h_prev
-  const scalar_t* b_hn;    // (H,) GRU's b_hn or nullptr
+  const acc_t* bias;       // (G*H,) b_ih + b_hh (GRU's n gate: b_in only) or nullptr
+  const acc_t* b_hn;       // (H,) GRU's b_hn or nullptr
   acc_t* h;                // (B, H) state, math type
   acc_t* c;                // (B, H) LSTM cell state, math type
   scalar_t* h_out;         // (B, H) h in storage type, the next GEMM's operand
@@ -48,11 +49,9 @@ struct FwdArgs {
 };
 
 template <typename scalar_t, typename acc_t, Cell K>
-__global__ void forward_step_kernel(FwdArgs<scalar_t, acc_t> a) {
+__device__ void forward_step_one(const FwdArgs<scalar_t, acc_t>& a, int64_t idx) {
   constexpr int64_t G = num_gates(K), GS = num_saved_gates(K), S = num_states(K);
-  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t H = a.H;
-  if (idx >= a.B * H) return;
   const int64_t b = idx / H, j = idx % H;
   const int64_t len = a.lengths[b];
   CUDA_KERNEL_ASSERT(len >= 0 && len <= a.T && "lengths must be in [0, T]");
@@ -68,15 +67,17 @@ __global__ void forward_step_kernel(FwdArgs<scalar_t, acc_t> a) {
   }
   const scalar_t* x = a.gx + b * G * H + j;
   const scalar_t* hh = a.gh + b * G * H + j;
+  // Pre-activation parts in the math type: input side with its bias, hidden side.
+  auto xin = [&](int k) { return acc_t(x[k * H]) + (a.bias ? a.bias[k * H + j] : acc_t(0)); };
+  auto hid = [&](int k) { return acc_t(hh[k * H]); };
   const acc_t h_prev = a.h[idx];
   st[0] = scalar_t(h_prev);
   acc_t h_new;
   if constexpr (K == Cell::LSTM) {
     const acc_t c_prev = a.c[idx];
     st[H] = scalar_t(c_prev);
-    const auto r = lstm_forward<acc_t>(acc_t(x[0]) + acc_t(hh[0]), acc_t(x[H]) + acc_t(hh[H]),
-                                       acc_t(x[2 * H]) + acc_t(hh[2 * H]),
-                                       acc_t(x[3 * H]) + acc_t(hh[3 * H]), c_prev);
+    const auto r = lstm_forward<acc_t>(xin(0) + hid(0), xin(1) + hid(1), xin(2) + hid(2),
+                                       xin(3) + hid(3), c_prev);
     sg[0] = scalar_t(r.i);
     sg[H] = scalar_t(r.f);
     sg[2 * H] = scalar_t(r.g);
@@ -84,21 +85,27 @@ __global__ void forward_step_kernel(FwdArgs<scalar_t, acc_t> a) {
     a.c[idx] = r.c;
     h_new = r.h;
   } else if constexpr (K == Cell::GRU) {
-    const acc_t hn = acc_t(hh[2 * H]) + (a.b_hn ? acc_t(a.b_hn[j]) : acc_t(0));
-    const auto r = gru_forward<acc_t>(acc_t(x[0]), acc_t(x[H]), acc_t(x[2 * H]), acc_t(hh[0]),
-                                      acc_t(hh[H]), hn, h_prev);
+    const acc_t hn = hid(2) + (a.b_hn ? a.b_hn[j] : acc_t(0));
+    const auto r = gru_forward<acc_t>(xin(0), xin(1), xin(2), hid(0), hid(1), hn, h_prev);
     sg[0] = scalar_t(r.r);
     sg[H] = scalar_t(r.z);
     sg[2 * H] = scalar_t(r.n);
     sg[3 * H] = scalar_t(hn);
     h_new = r.h;
   } else {
-    h_new = rnn_forward<acc_t, K == Cell::RNN_RELU>(acc_t(x[0]) + acc_t(hh[0]));
+    h_new = rnn_forward<acc_t, K == Cell::RNN_RELU>(xin(0) + hid(0));
     sg[0] = scalar_t(h_new);
   }
   a.h[idx] = h_new;
   a.h_out[idx] = scalar_t(h_new);
   a.y[idx] = scalar_t(h_new);
+}
+
+template <typename scalar_t, typename acc_t, Cell K>
+__global__ void forward_step_kernel(FwdArgs<scalar_t, acc_t> a) {
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < a.B * a.H;
+       idx += int64_t(gridDim.x) * blockDim.x)
+    forward_step_one<scalar_t, acc_t, K>(a, idx);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -107,7 +114,7 @@ struct BwdArgs {
   const scalar_t* gates;    // (B, GS*H) this step's workspace rows
   const scalar_t* states;   // (B, S*H)
   const scalar_t* dy;       // (B, H) gradient w.r.t. this step's output
-  scalar_t* dh;             // (B, H) in: d h' from later steps; out: direct part of d h_prev
+  acc_t* dh;                // (B, H) in: d h' from later steps; out: direct part of d h_prev
   acc_t* dc;                // (B, H) LSTM: d c' in, d c_prev out
   scalar_t* dgx;            // (B, G*H) d pre-activations, input side
   scalar_t* dgh;            // (B, G*H) hidden side (GRU; aliases dgx otherwise)
@@ -115,11 +122,9 @@ struct BwdArgs {
 };
 
 template <typename scalar_t, typename acc_t, Cell K>
-__global__ void backward_step_kernel(BwdArgs<scalar_t, acc_t> a) {
+__device__ void backward_step_one(const BwdArgs<scalar_t, acc_t>& a, int64_t idx) {
   constexpr int64_t G = num_gates(K), GS = num_saved_gates(K), S = num_states(K);
-  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t H = a.H;
-  if (idx >= a.B * H) return;
   const int64_t b = idx / H, j = idx % H;
   scalar_t* gx = a.dgx + b * G * H + j;
   scalar_t* gh = a.dgh + b * G * H + j;
@@ -134,7 +139,7 @@ __global__ void backward_step_kernel(BwdArgs<scalar_t, acc_t> a) {
   }
   const scalar_t* sg = a.gates + b * GS * H + j;
   const scalar_t* st = a.states + b * S * H + j;
-  const acc_t dht = acc_t(a.dh[idx]) + acc_t(a.dy[idx]);
+  const acc_t dht = a.dh[idx] + acc_t(a.dy[idx]);
   acc_t direct = acc_t(0);
   if constexpr (K == Cell::LSTM) {
     const auto r = lstm_backward<acc_t>(acc_t(sg[0]), acc_t(sg[H]), acc_t(sg[2 * H]),
@@ -155,7 +160,14 @@ __global__ void backward_step_kernel(BwdArgs<scalar_t, acc_t> a) {
   } else {
     gx[0] = scalar_t(rnn_backward<acc_t, K == Cell::RNN_RELU>(acc_t(sg[0]), dht));
   }
-  a.dh[idx] = scalar_t(direct);  // the W_hh part is added by the GEMM that follows
+  a.dh[idx] = direct;  // the W_hh part is added by the GEMM that follows
+}
+
+template <typename scalar_t, typename acc_t, Cell K>
+__global__ void backward_step_kernel(BwdArgs<scalar_t, acc_t> a) {
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < a.B * a.H;
+       idx += int64_t(gridDim.x) * blockDim.x)
+    backward_step_one<scalar_t, acc_t, K>(a, idx);
 }
 
 int64_t step_order(int64_t k, int64_t T, bool descending) { return descending ? T - 1 - k : k; }
@@ -167,14 +179,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_cuda(
     c10::string_view cell_name, bool reverse) {
   const RnnSizes s = check_rnn_forward_args(input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                             std::string(cell_name));
-  const c10::cuda::CUDAGuard guard(input.device());
+  const cuda::DeviceGuard guard(input.device());
   const int64_t T = s.T, B = s.B, I = s.I, H = s.H, G = s.G;
   const auto opts = input.options();
   const auto acc_type = at::toOpMathType(input.scalar_type());
   const Tensor len = lengths.contiguous();
 
-  const auto proj = input_projection(input.reshape({T * B, I}), w_ih, b_ih, b_hh, s.cell, H);
-  const Tensor &gx = proj.first, &b_hn = proj.second;
+  const Tensor gx = at::mm(input.reshape({T * B, I}), w_ih.t());
+  const auto biases = gate_biases(b_ih, b_hh, s.cell, H, acc_type);
+  const Tensor &bias = biases.first, &b_hn = biases.second;
   // Fresh buffers: the recurrence updates them in place.
   Tensor h = at::empty({B, H}, opts.dtype(acc_type)).copy_(h0);
   Tensor h_out = at::empty({B, H}, opts).copy_(h0);
@@ -184,8 +197,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_cuda(
   Tensor gates = at::empty({T, B, s.GS * H}, opts);
   Tensor states = at::empty({T, B, s.S * H}, opts);
   const Tensor w_hh_t = w_hh.t();
-  auto stream = at::cuda::getCurrentCUDAStream();
-  const int blocks = static_cast<int>((B * H + kThreads - 1) / kThreads);
+  const auto stream = cuda::current_stream();
+  const unsigned blocks = cuda::grid_for(B * H, kThreads);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "rnn_forward_cuda",
                                   [&] {
@@ -199,7 +212,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_cuda(
         FwdArgs<scalar_t, acc_t> a{len.const_data_ptr<int64_t>(),
                                    gx.const_data_ptr<scalar_t>() + t * B * G * H,
                                    gh.const_data_ptr<scalar_t>(),
-                                   b_hn.defined() ? b_hn.const_data_ptr<scalar_t>() : nullptr,
+                                   bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr,
+                                   b_hn.defined() ? b_hn.const_data_ptr<acc_t>() : nullptr,
                                    h.data_ptr<acc_t>(),
                                    K == Cell::LSTM ? c.data_ptr<acc_t>() : nullptr,
                                    h_out.data_ptr<scalar_t>(),
@@ -207,10 +221,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_cuda(
                                    gates.data_ptr<scalar_t>() + t * B * GS * H,
                                    states.data_ptr<scalar_t>() + t * B * S * H,
                                    t, T, B, H};
-        if (B * H > 0) {
-          forward_step_kernel<scalar_t, acc_t, K><<<blocks, kThreads, 0, stream>>>(a);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
+        if (B * H > 0)
+          cuda::launch(forward_step_kernel<scalar_t, acc_t, K>, blocks, kThreads, 0, stream, a);
       }
       return 0;
     });
@@ -226,7 +238,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_
     const Tensor& gates, const Tensor& states, c10::string_view cell_name, bool reverse) {
   const RnnSizes s = check_rnn_backward_args(grad_output, grad_h_n, grad_c_n, input, lengths, w_ih,
                                              w_hh, gates, states, std::string(cell_name));
-  const c10::cuda::CUDAGuard guard(input.device());
+  const cuda::DeviceGuard guard(input.device());
   const Cell cell = s.cell;
   const int64_t T = s.T, B = s.B, I = s.I, H = s.H, G = s.G, GS = s.GS, S = s.S;
   VK_CHECK_SHAPE(gates, T, B, GS * H);
@@ -235,12 +247,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_
   const auto acc_type = at::toOpMathType(input.scalar_type());
   const Tensor len = lengths.contiguous();
   const Tensor dy = grad_output.to(input.scalar_type()).contiguous();
-  Tensor dh = at::empty({B, H}, opts).copy_(grad_h_n);
+  // The carried dh and dc stay in the math type across steps.
+  Tensor dh = at::empty({B, H}, opts.dtype(acc_type)).copy_(grad_h_n);
   Tensor dc = cell == Cell::LSTM ? at::empty({B, H}, opts.dtype(acc_type)).copy_(grad_c_n) : Tensor();
   Tensor dgx = at::empty({T * B, G * H}, opts);
   Tensor dgh = cell == Cell::GRU ? at::empty({T * B, G * H}, opts) : dgx;
-  auto stream = at::cuda::getCurrentCUDAStream();
-  const int blocks = static_cast<int>((B * H + kThreads - 1) / kThreads);
+  const auto stream = cuda::current_stream();
+  const unsigned blocks = cuda::grid_for(B * H, kThreads);
+  const bool same_type = acc_type == input.scalar_type();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
                                   "rnn_backward_cuda", [&] {
@@ -253,17 +267,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_
                                    gates.const_data_ptr<scalar_t>() + t * B * GS * H,
                                    states.const_data_ptr<scalar_t>() + t * B * S * H,
                                    dy.const_data_ptr<scalar_t>() + t * B * H,
-                                   dh.data_ptr<scalar_t>(),
+                                   dh.data_ptr<acc_t>(),
                                    K == Cell::LSTM ? dc.data_ptr<acc_t>() : nullptr,
                                    dgx.data_ptr<scalar_t>() + t * B * G * H,
                                    dgh.data_ptr<scalar_t>() + t * B * G * H,
                                    t, T, B, H};
-        if (B * H > 0) {
-          backward_step_kernel<scalar_t, acc_t, K><<<blocks, kThreads, 0, stream>>>(a);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
+        if (B * H > 0)
+          cuda::launch(backward_step_kernel<scalar_t, acc_t, K>, blocks, kThreads, 0, stream, a);
         // Rows past their length have zero dgh, so their carried dh is unchanged.
-        dh.addmm_(dgh.narrow(0, t * B, B), w_hh);
+        // In half/bfloat16 the GEMM's result is added to the float carry.
+        if (same_type) dh.addmm_(dgh.narrow(0, t * B, B), w_hh);
+        else dh.add_(at::mm(dgh.narrow(0, t * B, B), w_hh));
       }
       return 0;
     });
@@ -278,13 +292,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_
   Tensor grad_b_hh = cell == Cell::GRU ? dgh.sum(0) : grad_b_ih.clone();
   Tensor grad_input = at::mm(dgx, w_ih).view({T, B, I});
   Tensor grad_c0 = cell == Cell::LSTM ? dc.to(input.scalar_type()) : at::empty({0}, opts);
-  return {grad_input, dh, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
+  return {grad_input, dh.to(input.scalar_type()), grad_c0, grad_w_ih, grad_w_hh, grad_b_ih,
+          grad_b_hh};
 }
 
 }  // namespace
 }  // namespace varlen
 
-TORCH_LIBRARY_IMPL(varlen_kernels, CUDA, m) {
+VK_CUDA_LIBRARY_IMPL(m) {
   m.impl("rnn_forward", &varlen::rnn_forward_cuda);
   m.impl("rnn_backward", &varlen::rnn_backward_cuda);
 }

@@ -1,0 +1,68 @@
+// The host side of the CUDA kernels, in one place: the stream, the device
+// guard, kernel launches, shared-memory declarations and the op registration.
+//
+// Under nvcc this is the CUDA runtime (<<<grid, block, smem, stream>>>, the
+// current stream, c10's device guard). In the emulation build (g++, with
+// csrc/emulation/cuda_on_cpu.h included first) the same calls run the kernels
+// on the CPU through the emulator, on CPU tensors, and need no CUDA runtime.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <utility>
+
+#ifdef VK_EMULATE_CUDA
+// cuda_on_cpu.h (included first) provides dim3, the intrinsics, VK_SHARED.
+#define VK_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(varlen_kernels_emu, CPU, m)
+#else
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#define VK_SHARED(T, name, n) __shared__ T name[n]
+#define VK_DYNAMIC_SHARED(T, name)                                    \
+  extern __shared__ __align__(16) unsigned char vk_dynamic_smem_[]; \
+  T* const name = reinterpret_cast<T*>(vk_dynamic_smem_)
+#define VK_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(varlen_kernels, CUDA, m)
+#endif
+
+namespace varlen {
+namespace cuda {
+
+#ifdef VK_EMULATE_CUDA
+struct Stream {};
+inline Stream current_stream() { return {}; }
+struct DeviceGuard {
+  explicit DeviceGuard(const c10::Device&) {}
+};
+#else
+using Stream = cudaStream_t;
+inline Stream current_stream() { return at::cuda::getCurrentCUDAStream().stream(); }
+using DeviceGuard = c10::cuda::CUDAGuard;
+#endif
+
+// Blocks for a grid-stride loop over n items, `per_block` at a time: never more
+// than max_blocks, so an int64 count never narrows into a launch dimension.
+inline unsigned grid_for(int64_t n, int64_t per_block, int64_t max_blocks = 65535 * 16) {
+  return static_cast<unsigned>(std::clamp<int64_t>((n + per_block - 1) / per_block, 1, max_blocks));
+}
+
+// Every kernel launch of the project goes through here.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Stream stream,
+            Args&&... args) {
+#ifdef VK_EMULATE_CUDA
+  (void)stream;
+  // Each thread calls the kernel with its own copy of the arguments, as each
+  // CUDA thread has its own view of the parameters.
+  ::vk_emu::launch(grid, block, smem, /*cooperative=*/false, [&] { kernel(args...); });
+#else
+  kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+}
+
+}  // namespace cuda
+}  // namespace varlen

@@ -1,0 +1,241 @@
+// The CPU execution of CUDA code: the project's csrc/cuda sources compile as
+// C++ under g++ with this header included first, and their kernels run on the
+// CPU with CUDA's semantics (csrc/emulation/executor.cpp):
+//  - the threads of a block run as fibers; each runs until it blocks at a
+//    barrier or a warp intrinsic, in forward, reverse or seeded random thread
+//    order (set_thread_order), so a kernel that forgets a barrier gives
+//    different results in different orders;
+//  - __syncthreads and grid.sync() are barriers; one reached by only some
+//    threads, or a warp intrinsic that not every lane of its mask reaches, is
+//    an error, not a hang;
+//  - warp intrinsics complete when every lane of the mask has arrived; each
+//    lane gets its own result, so a later shuffle cannot overwrite an earlier
+//    one before all lanes have read it;
+//  - shared memory is a per-block heap buffer filled with NaN bytes (0xff) at
+//    every launch, declared with VK_SHARED / VK_DYNAMIC_SHARED (a bare
+//    __shared__ does not compile here), so AddressSanitizer sees overflows;
+//  - CUDA_KERNEL_ASSERT raises an error naming block, thread and condition.
+// Launches go through csrc/cuda/launch.h, which is <<<...>>> under nvcc.
+#pragma once
+
+#if defined(__CUDACC__)
+#error "cuda_on_cpu.h is for the g++ build of the CUDA sources only"
+#endif
+
+#define VK_EMULATE_CUDA 1
+
+#include <c10/macros/Macros.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <type_traits>
+
+// ------------------------------------------------------------ qualifiers
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__                                                              \
+  static_assert(false, "bare __shared__ does not run under the CPU execution " \
+                       "of CUDA: declare with VK_SHARED(T, name, n)");
+
+// Kernels assert with CUDA_KERNEL_ASSERT; on the host torch's version aborts
+// the process. Here it raises an error naming block, thread and condition.
+#undef CUDA_KERNEL_ASSERT
+#define CUDA_KERNEL_ASSERT(cond)                                          \
+  do {                                                                    \
+    if (C10_UNLIKELY(!(cond))) ::vk_emu::assert_failed(#cond, __FILE__, __LINE__); \
+  } while (0)
+#undef CUDA_KERNEL_ASSERT_MSG
+#define CUDA_KERNEL_ASSERT_MSG(cond, msg)                                  \
+  do {                                                                    \
+    if (C10_UNLIKELY(!(cond))) ::vk_emu::assert_failed(msg, __FILE__, __LINE__); \
+  } while (0)
+
+// ------------------------------------------------------------ indices
+struct uint3 {
+  unsigned x, y, z;
+};
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+// Variables, not macros: the executor sets them at every fiber switch.
+inline thread_local uint3 threadIdx{0, 0, 0};
+inline thread_local uint3 blockIdx{0, 0, 0};
+inline thread_local dim3 blockDim{1, 1, 1};
+inline thread_local dim3 gridDim{1, 1, 1};
+constexpr int warpSize = 32;
+
+namespace vk_emu {
+
+// ------------------------------------------------------------ executor API
+enum class Order : int { Forward = 0, Reverse = 1, Random = 2 };
+void set_thread_order(Order order, uint64_t seed);
+Order thread_order();
+
+// The emulated device: what launches are checked against.
+struct DeviceLimits {
+  int sm_count = 132;
+  int max_threads_per_block = 1024;
+  int max_threads_per_sm = 2048;
+  int max_blocks_per_sm = 32;
+  size_t max_shared_per_block = 227 * 1024;
+  size_t max_shared_per_sm = 228 * 1024;
+  // Fibers of one cooperative launch (each has a guarded stack mapping).
+  int max_cooperative_threads = 16384;
+};
+DeviceLimits& device_limits();
+
+// Runs `body` as the kernel of a <<<grid, block, smem>>> launch. Throws
+// std::runtime_error on a bad configuration or a kernel error. Cooperative
+// launches run all blocks at once (grid.sync() allowed) and are refused, as
+// cudaLaunchCooperativeKernel refuses them, when the grid cannot be resident.
+void launch(dim3 grid, dim3 block, size_t dynamic_smem, bool cooperative,
+            const std::function<void()>& body);
+
+[[noreturn]] void assert_failed(const char* cond, const char* file, int line);
+
+// Synchronization and warp primitives, called by the intrinsics below.
+void sync_block();
+int sync_block_reduce(int pred, int op);  // op: 0 count, 1 and, 2 or
+void sync_grid();
+void yield();  // for spin waits on flags set by other threads or blocks
+enum class WarpOp : int { Sync, ShflIdx, ShflUp, ShflDown, ShflXor, Ballot, Any, All };
+uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int width);
+
+// Shared memory of the current block: one buffer per declaration site (site,
+// the k-th execution of it by this thread), same pointer for every thread.
+void* shared_array(const void* site, size_t bytes, size_t align);
+void* dynamic_shared(size_t align);
+
+template <typename T>
+T* shared_array_of(const void* site, size_t n) {
+  return static_cast<T*>(shared_array(site, n * sizeof(T), alignof(T)));
+}
+
+template <typename T>
+uint64_t to_bits(T v) {
+  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8,
+                "warp shuffles move values of at most 8 bytes");
+  uint64_t b = 0;
+  std::memcpy(&b, &v, sizeof(T));
+  return b;
+}
+template <typename T>
+T from_bits(uint64_t b) {
+  T v;
+  std::memcpy(&v, &b, sizeof(T));
+  return v;
+}
+
+}  // namespace vk_emu
+
+// One buffer per site and block; the static is only an address to key on.
+#define VK_SHARED(T, name, n)                 \
+  static const char name##_vk_site = 0;       \
+  T* const name = ::vk_emu::shared_array_of<T>(&name##_vk_site, (n))
+#define VK_DYNAMIC_SHARED(T, name) \
+  T* const name = static_cast<T*>(::vk_emu::dynamic_shared(alignof(T)))
+
+// ------------------------------------------------------------ intrinsics
+inline void __syncthreads() { vk_emu::sync_block(); }
+inline int __syncthreads_count(int p) { return vk_emu::sync_block_reduce(p, 0); }
+inline int __syncthreads_and(int p) { return vk_emu::sync_block_reduce(p, 1); }
+inline int __syncthreads_or(int p) { return vk_emu::sync_block_reduce(p, 2); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  vk_emu::warp_op(vk_emu::WarpOp::Sync, mask, 0, 0, 32);
+}
+template <typename T>
+T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
+  return vk_emu::from_bits<T>(
+      vk_emu::warp_op(vk_emu::WarpOp::ShflIdx, mask, vk_emu::to_bits(v), src, width));
+}
+template <typename T>
+T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  return vk_emu::from_bits<T>(
+      vk_emu::warp_op(vk_emu::WarpOp::ShflUp, mask, vk_emu::to_bits(v), int(delta), width));
+}
+template <typename T>
+T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  return vk_emu::from_bits<T>(
+      vk_emu::warp_op(vk_emu::WarpOp::ShflDown, mask, vk_emu::to_bits(v), int(delta), width));
+}
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  return vk_emu::from_bits<T>(
+      vk_emu::warp_op(vk_emu::WarpOp::ShflXor, mask, vk_emu::to_bits(v), lane_mask, width));
+}
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+  return unsigned(vk_emu::warp_op(vk_emu::WarpOp::Ballot, mask, pred != 0, 0, 32));
+}
+inline int __any_sync(unsigned mask, int pred) {
+  return int(vk_emu::warp_op(vk_emu::WarpOp::Any, mask, pred != 0, 0, 32));
+}
+inline int __all_sync(unsigned mask, int pred) {
+  return int(vk_emu::warp_op(vk_emu::WarpOp::All, mask, pred != 0, 0, 32));
+}
+inline unsigned __activemask() { return 0xffffffffu; }
+
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+
+template <typename T>
+T __ldg(const T* p) {
+  return *p;
+}
+
+// Atomics: the fibers of a launch share one OS thread, but atomic_ref keeps
+// the memory semantics explicit.
+template <typename T>
+T atomicAdd(T* p, T v) {
+  return std::atomic_ref<T>(*p).fetch_add(v);
+}
+template <typename T>
+T atomicSub(T* p, T v) {
+  return std::atomic_ref<T>(*p).fetch_sub(v);
+}
+template <typename T>
+T atomicExch(T* p, T v) {
+  return std::atomic_ref<T>(*p).exchange(v);
+}
+template <typename T>
+T atomicCAS(T* p, T expected, T desired) {
+  std::atomic_ref<T>(*p).compare_exchange_strong(expected, desired);
+  return expected;  // the old value either way
+}
+template <typename T>
+T atomicMax(T* p, T v) {
+  static_assert(std::is_integral_v<T>, "atomicMax takes integers, as in CUDA");
+  std::atomic_ref<T> a(*p);
+  T old = a.load();
+  while (old < v && !a.compare_exchange_weak(old, v)) {
+  }
+  return old;
+}
+template <typename T>
+T atomicMin(T* p, T v) {
+  static_assert(std::is_integral_v<T>, "atomicMin takes integers, as in CUDA");
+  std::atomic_ref<T> a(*p);
+  T old = a.load();
+  while (old > v && !a.compare_exchange_weak(old, v)) {
+  }
+  return old;
+}
+
+// ------------------------------------------------------------ cooperative groups
+namespace cooperative_groups {
+struct grid_group {
+  void sync() const { vk_emu::sync_grid(); }
+};
+struct thread_block {
+  void sync() const { vk_emu::sync_block(); }
+};
+inline grid_group this_grid() { return {}; }
+inline thread_block this_thread_block() { return {}; }
+}  // namespace cooperative_groups

@@ -1,0 +1,600 @@
+// The executor behind cuda_on_cpu.h: the threads of a launch as fibers on the
+// calling OS thread, with CUDA's barrier and warp semantics (see the header).
+//
+// A non-cooperative launch runs its blocks one after another (CUDA orders
+// blocks in no way); a cooperative launch runs all of them together so that
+// grid.sync() can hold. Inside a group of fibers the scheduler makes passes:
+// each pass resumes every runnable fiber once, in the chosen thread order, and
+// a fiber runs until it finishes, reaches a barrier, parks at a warp intrinsic
+// or yields. A barrier opens when every thread it covers has reached it; when
+// nothing can run and some thread has not finished, the launch fails with a
+// description of where each thread stands.
+#include "emulation/cuda_on_cpu.h"
+
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <exception>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#define VK_ASAN 1
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
+
+namespace vk_emu {
+namespace {
+
+constexpr size_t kStackBytes = 256 * 1024;
+
+// Thrown inside a parked fiber to unwind it after another thread failed.
+struct Cancelled {};
+
+// A kernel's own failure (assert or exception), with where it happened.
+struct KernelError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+enum class State { Ready, Block, Grid, Warp, Done };
+
+struct Fiber {
+  ucontext_t ctx;
+  char* stack = nullptr;  // usable part, above a guard page
+  uint3 tid{0, 0, 0};
+  int block = 0;  // index into the launch's blocks
+  int lane = 0, warp = 0;
+  State state = State::Ready;
+  // Warp intrinsic deposit and result.
+  WarpOp wop = WarpOp::Sync;
+  unsigned wmask = 0;
+  uint64_t wvalue = 0, wresult = 0;
+  int warg = 0, wwidth = 32;
+  // Block barrier with a reduction.
+  int bpred = 0, bresult = 0;
+  void* fake_stack = nullptr;  // AddressSanitizer's, while switched out
+};
+
+struct SharedBuffer {
+  const void* site;
+  size_t bytes;
+  std::unique_ptr<unsigned char[]> data;
+};
+
+struct BlockState {
+  uint3 idx{0, 0, 0};
+  int first = 0, count = 0;  // fibers [first, first + count)
+  std::vector<SharedBuffer> shared;
+  std::unique_ptr<unsigned char[]> dynamic;
+};
+
+struct Launch {
+  dim3 grid, block;
+  size_t dynamic_smem = 0;
+  bool cooperative = false;
+  const std::function<void()>* body = nullptr;
+  std::vector<Fiber> fibers;
+  std::vector<BlockState> blocks;
+  int active_first = 0, active_count = 0;  // the fibers being scheduled
+  std::vector<std::vector<int>> warp_lanes;  // fibers of each (block, warp)
+  // Warps whose intrinsic just completed: the scheduler runs them on at once,
+  // so a warp gets ahead of the others until it reaches a block barrier.
+  std::vector<size_t> run_ahead;
+  int warps_per_block = 0;
+  std::exception_ptr error;
+  bool cancelling = false;
+};
+
+// Stacks are kept per OS thread and reused across launches.
+struct StackPool {
+  std::vector<char*> free;
+  ~StackPool() {
+    for (char* s : free) munmap(s - getpagesize(), kStackBytes + getpagesize());
+  }
+  char* get() {
+    if (!free.empty()) {
+      char* s = free.back();
+      free.pop_back();
+      return s;
+    }
+    const size_t page = getpagesize();
+    void* p = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_STACK, -1, 0);
+    if (p == MAP_FAILED) throw std::runtime_error("emulated launch: cannot map a fiber stack");
+    mprotect(p, page, PROT_NONE);  // guard page below the stack
+    return static_cast<char*>(p) + page;
+  }
+  void put(char* s) { free.push_back(s); }
+};
+
+struct ThreadState {
+  Order order = Order::Forward;
+  uint64_t seed = 0;
+  uint64_t launches = 0;
+  Launch* launch = nullptr;  // the launch running on this OS thread
+  Fiber* current = nullptr;  // the fiber running, or null in the scheduler
+  ucontext_t scheduler;
+  const void* sched_stack_bottom = nullptr;
+  size_t sched_stack_size = 0;
+  void* sched_fake_stack = nullptr;
+  StackPool stacks;
+};
+
+thread_local ThreadState ts;
+DeviceLimits g_limits;
+
+std::string str(uint3 v) {
+  std::ostringstream s;
+  s << "(" << v.x << ", " << v.y << ", " << v.z << ")";
+  return s.str();
+}
+
+std::string where(const Fiber& f) {
+  const Launch& L = *ts.launch;
+  return "block " + str(L.blocks[f.block].idx) + " thread " + str(f.tid);
+}
+
+// ------------------------------------------------------------ switching
+void switch_to_scheduler(Fiber& f, bool finished) {
+#ifdef VK_ASAN
+  __sanitizer_start_switch_fiber(finished ? nullptr : &f.fake_stack, ts.sched_stack_bottom,
+                                 ts.sched_stack_size);
+#endif
+  swapcontext(&f.ctx, &ts.scheduler);
+#ifdef VK_ASAN
+  __sanitizer_finish_switch_fiber(f.fake_stack, nullptr, nullptr);
+#endif
+  (void)finished;
+}
+
+void set_indices(const Fiber& f) {
+  const Launch& L = *ts.launch;
+  threadIdx = f.tid;
+  blockIdx = L.blocks[f.block].idx;
+  blockDim = L.block;
+  gridDim = L.grid;
+}
+
+void resume(Fiber& f) {
+  ts.current = &f;
+  set_indices(f);
+#ifdef VK_ASAN
+  __sanitizer_start_switch_fiber(&ts.sched_fake_stack, f.stack, kStackBytes);
+#endif
+  swapcontext(&ts.scheduler, &f.ctx);
+#ifdef VK_ASAN
+  __sanitizer_finish_switch_fiber(ts.sched_fake_stack, nullptr, nullptr);
+#endif
+  ts.current = nullptr;
+}
+
+void fiber_main() {
+  Fiber& f = *ts.current;
+#ifdef VK_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &ts.sched_stack_bottom, &ts.sched_stack_size);
+#endif
+  Launch& L = *ts.launch;
+  try {
+    if (!L.cancelling) (*L.body)();  // a fiber first resumed to be cancelled never runs
+  } catch (const Cancelled&) {
+  } catch (const KernelError&) {
+    if (!L.error) L.error = std::current_exception();
+  } catch (const std::exception& e) {
+    if (!L.error)
+      L.error = std::make_exception_ptr(KernelError(where(f) + ": " + e.what()));
+  }
+  f.state = State::Done;
+  switch_to_scheduler(f, true);
+}
+
+void start_fiber(Fiber& f) {
+  f.stack = ts.stacks.get();
+#ifdef VK_ASAN
+  __asan_unpoison_memory_region(f.stack, kStackBytes);  // a reused stack may hold old poison
+#endif
+  getcontext(&f.ctx);
+  f.ctx.uc_stack.ss_sp = f.stack;
+  f.ctx.uc_stack.ss_size = kStackBytes;
+  f.ctx.uc_link = nullptr;
+  makecontext(&f.ctx, fiber_main, 0);
+  // ASan's swapcontext interceptor clears the shadow of uc_stack at every
+  // switch into the context; with a size of 0 it leaves the live stack alone.
+  f.ctx.uc_stack.ss_size = 0;
+}
+
+// Parks the running fiber in `state` until the scheduler resumes it.
+void park(State state) {
+  Fiber& f = *ts.current;
+  f.state = state;
+  switch_to_scheduler(f, false);
+  if (ts.launch->cancelling) throw Cancelled{};
+}
+
+Fiber& running(const char* what) {
+  if (ts.current == nullptr || ts.launch == nullptr)
+    throw std::runtime_error(std::string(what) + " called outside an emulated kernel");
+  return *ts.current;
+}
+
+// ------------------------------------------------------------ warps
+std::string op_name(WarpOp op) {
+  static const char* names[] = {"__syncwarp", "__shfl_sync", "__shfl_up_sync", "__shfl_down_sync",
+                                "__shfl_xor_sync", "__ballot_sync", "__any_sync", "__all_sync"};
+  return names[int(op)];
+}
+
+[[noreturn]] void warp_fail(const Fiber& f, const std::string& msg) {
+  throw KernelError(where(f) + ": " + op_name(f.wop) + ": " + msg);
+}
+
+// If every lane of f's mask is parked at the same intrinsic with the same
+// mask, computes every lane's result and makes them runnable.
+void try_complete_warp(Fiber& f) {
+  Launch& L = *ts.launch;
+  const std::vector<int>& lanes = L.warp_lanes[size_t(f.block) * L.warps_per_block + f.warp];
+  for (int l = 0; l < 32; ++l) {
+    if (!(f.wmask >> l & 1u)) continue;
+    if (l >= int(lanes.size()))
+      warp_fail(f, "mask 0x" + [&] { std::ostringstream s; s << std::hex << f.wmask; return s.str(); }() +
+                       " names lane " + std::to_string(l) + ", which does not exist in this block");
+    const Fiber& o = L.fibers[lanes[l]];
+    if (o.state == State::Done)
+      warp_fail(f, "lane " + std::to_string(l) + " of the mask has exited");
+    // Not there yet, or still at another intrinsic of its own group (which
+    // may complete first); a lane that never comes is a deadlock, reported
+    // by the scheduler.
+    if (o.state != State::Warp || o.wop != f.wop || o.wmask != f.wmask) return;
+  }
+  uint64_t bits = 0;
+  for (int l = 0; l < 32; ++l)
+    if (f.wmask >> l & 1u) bits |= uint64_t(L.fibers[lanes[l]].wvalue != 0) << l;
+  for (int l = 0; l < 32; ++l) {
+    if (!(f.wmask >> l & 1u)) continue;
+    Fiber& o = L.fibers[lanes[l]];
+    const int w = o.wwidth, base = l / w * w;
+    int src = l;
+    switch (o.wop) {
+      case WarpOp::ShflIdx: src = base + ((o.warg % w) + w) % w; break;
+      case WarpOp::ShflUp: src = l - o.warg >= base ? l - o.warg : l; break;
+      case WarpOp::ShflDown: src = l + o.warg < base + w ? l + o.warg : l; break;
+      case WarpOp::ShflXor: src = (l ^ o.warg) < base + w ? (l ^ o.warg) : l; break;
+      default: break;
+    }
+    switch (o.wop) {
+      case WarpOp::Ballot: o.wresult = bits; break;
+      case WarpOp::Any: o.wresult = bits != 0; break;
+      case WarpOp::All: o.wresult = bits == f.wmask; break;
+      case WarpOp::Sync: o.wresult = 0; break;
+      default:
+        if (!(f.wmask >> src & 1u))
+          warp_fail(o, "lane " + std::to_string(l) + " reads lane " + std::to_string(src) +
+                           ", which is not in the mask");
+        o.wresult = L.fibers[lanes[src]].wvalue;
+    }
+  }
+  for (int l = 0; l < 32; ++l)
+    if (f.wmask >> l & 1u) L.fibers[lanes[l]].state = State::Ready;
+  L.run_ahead.push_back(size_t(f.block) * L.warps_per_block + f.warp);
+}
+
+// ------------------------------------------------------------ scheduling
+std::vector<int> pass_order(int first, int count, std::mt19937_64& rng) {
+  std::vector<int> idx(count);
+  std::iota(idx.begin(), idx.end(), first);
+  if (ts.order == Order::Reverse) std::reverse(idx.begin(), idx.end());
+  if (ts.order == Order::Random) std::shuffle(idx.begin(), idx.end(), rng);
+  return idx;
+}
+
+std::string describe_stuck(const Launch& L) {
+  std::ostringstream s;
+  int shown = 0;
+  for (int i = L.active_first; i < L.active_first + L.active_count && shown < 8; ++i) {
+    const Fiber& f = L.fibers[i];
+    const char* st = f.state == State::Block  ? "at __syncthreads"
+                     : f.state == State::Grid ? "at grid.sync()"
+                     : f.state == State::Warp ? nullptr
+                     : f.state == State::Done ? "exited"
+                                              : "runnable";
+    s << "\n  " << where(f) << ": " << (st ? st : ("at " + op_name(f.wop)).c_str());
+    ++shown;
+  }
+  return s.str();
+}
+
+// Opens the barriers that every thread they cover has reached. Returns
+// whether any fiber became runnable; throws if a barrier can never open.
+bool release_barriers(Launch& L) {
+  bool released = false;
+  const int lo = L.active_first, hi = L.active_first + L.active_count;
+  // Block barriers.
+  for (size_t b = 0; b < L.blocks.size(); ++b) {
+    const BlockState& B = L.blocks[b];
+    if (B.first < lo || B.first >= hi) continue;
+    int at = 0, done = 0, count = 0;
+    for (int i = B.first; i < B.first + B.count; ++i) {
+      const Fiber& f = L.fibers[i];
+      if (f.state == State::Block) {
+        ++at;
+        count += f.bpred != 0;
+      }
+      done += f.state == State::Done;
+    }
+    if (at == 0 || at + done < B.count) continue;
+    if (done > 0)
+      throw KernelError("__syncthreads() reached by " + std::to_string(at) + " of the " +
+                        std::to_string(B.count) + " threads of block " + str(B.idx) +
+                        "; the others have exited (a barrier must be reached by every thread "
+                        "of the block)");
+    for (int i = B.first; i < B.first + B.count; ++i) {
+      Fiber& f = L.fibers[i];
+      f.bresult = count;  // threads whose predicate was true
+      f.state = State::Ready;
+    }
+    released = true;
+  }
+  // Grid barrier.
+  int at = 0, done = 0;
+  for (int i = lo; i < hi; ++i) {
+    at += L.fibers[i].state == State::Grid;
+    done += L.fibers[i].state == State::Done;
+  }
+  if (at > 0 && at + done == L.active_count) {
+    if (done > 0)
+      throw KernelError("grid.sync() reached by " + std::to_string(at) + " of the " +
+                        std::to_string(L.active_count) +
+                        " threads of the grid; the others have exited");
+    for (int i = lo; i < hi; ++i) L.fibers[i].state = State::Ready;
+    released = true;
+  }
+  return released;
+}
+
+void cancel_all(Launch& L) {
+  L.cancelling = true;
+  for (int i = L.active_first; i < L.active_first + L.active_count; ++i) {
+    Fiber& f = L.fibers[i];
+    if (f.state != State::Done) resume(f);  // unwinds it (Cancelled) to fiber_main
+  }
+}
+
+void run_group(Launch& L, int first, int count, std::mt19937_64& rng) {
+  L.active_first = first;
+  L.active_count = count;
+  for (int i = first; i < first + count; ++i) start_fiber(L.fibers[i]);
+  try {
+    for (;;) {
+      bool ran = false;
+      for (int i : pass_order(first, count, rng)) {
+        Fiber& f = L.fibers[i];
+        if (f.state != State::Ready) continue;
+        resume(f);
+        ran = true;
+        while (!L.error && !L.run_ahead.empty()) {
+          const size_t w = L.run_ahead.back();
+          L.run_ahead.pop_back();
+          std::vector<int> lanes = L.warp_lanes[w];
+          if (ts.order == Order::Reverse) std::reverse(lanes.begin(), lanes.end());
+          if (ts.order == Order::Random) std::shuffle(lanes.begin(), lanes.end(), rng);
+          for (int lane : lanes) {
+            if (L.fibers[lane].state == State::Ready) resume(L.fibers[lane]);
+            if (L.error) break;
+          }
+        }
+        if (L.error) break;
+      }
+      if (L.error) std::rethrow_exception(L.error);
+      bool done = true;
+      for (int i = first; i < first + count; ++i) done &= L.fibers[i].state == State::Done;
+      if (done) break;
+      if (!release_barriers(L) && !ran)
+        throw KernelError("deadlock: no thread can go on" + describe_stuck(L));
+    }
+  } catch (...) {
+    cancel_all(L);
+    for (int i = first; i < first + count; ++i) ts.stacks.put(L.fibers[i].stack);
+    throw;
+  }
+  for (int i = first; i < first + count; ++i) ts.stacks.put(L.fibers[i].stack);
+}
+
+void check_config(dim3 grid, dim3 block, size_t smem, bool cooperative) {
+  const DeviceLimits& d = g_limits;
+  const uint64_t threads = uint64_t(block.x) * block.y * block.z;
+  const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
+  std::ostringstream err;
+  if (threads == 0 || blocks == 0)
+    err << "invalid configuration: grid (" << grid.x << ", " << grid.y << ", " << grid.z
+        << ") and block (" << block.x << ", " << block.y << ", " << block.z
+        << ") must have no zero dimension";
+  else if (threads > uint64_t(d.max_threads_per_block) || block.z > 64)
+    err << "invalid configuration: " << threads << " threads per block, at most "
+        << d.max_threads_per_block;
+  else if (grid.x > 2147483647u || grid.y > 65535u || grid.z > 65535u)
+    err << "invalid configuration: grid (" << grid.x << ", " << grid.y << ", " << grid.z
+        << ") exceeds (2^31-1, 65535, 65535)";
+  else if (smem > d.max_shared_per_block)
+    err << "invalid configuration: " << smem << " bytes of dynamic shared memory, at most "
+        << d.max_shared_per_block;
+  if (!err.str().empty()) throw std::runtime_error("emulated launch: " + err.str());
+  if (!cooperative) return;
+  uint64_t per_sm = std::min<uint64_t>(d.max_blocks_per_sm, d.max_threads_per_sm / threads);
+  if (smem > 0) per_sm = std::min<uint64_t>(per_sm, d.max_shared_per_sm / smem);
+  if (blocks > per_sm * d.sm_count)
+    throw std::runtime_error(
+        "emulated cooperative launch: too many blocks in cooperative launch (" +
+        std::to_string(blocks) + " blocks, at most " + std::to_string(per_sm * d.sm_count) +
+        " can be resident: " + std::to_string(per_sm) + " per SM on " +
+        std::to_string(d.sm_count) + " SMs)");
+  if (blocks * threads > uint64_t(d.max_cooperative_threads))
+    throw std::runtime_error("emulated cooperative launch: " + std::to_string(blocks * threads) +
+                             " threads, the emulator runs at most " +
+                             std::to_string(d.max_cooperative_threads) + " at once");
+}
+
+}  // namespace
+
+// ------------------------------------------------------------ API
+void set_thread_order(Order order, uint64_t seed) {
+  ts.order = order;
+  ts.seed = seed;
+}
+Order thread_order() { return ts.order; }
+DeviceLimits& device_limits() { return g_limits; }
+
+void launch(dim3 grid, dim3 block, size_t dynamic_smem, bool cooperative,
+            const std::function<void()>& body) {
+  if (ts.launch != nullptr) throw std::runtime_error("emulated launch from inside a kernel");
+  check_config(grid, block, dynamic_smem, cooperative);
+  Launch L;
+  L.grid = grid;
+  L.block = block;
+  L.dynamic_smem = dynamic_smem;
+  L.cooperative = cooperative;
+  L.body = &body;
+  const int threads = int(block.x * block.y * block.z);
+  const uint64_t nblocks = uint64_t(grid.x) * grid.y * grid.z;
+  L.warps_per_block = (threads + 31) / 32;
+  std::mt19937_64 rng(ts.seed * 0x9E3779B97F4A7C15ull + ++ts.launches);
+
+  struct Scope {
+    ~Scope() { ts.launch = nullptr; }
+  } scope;
+  ts.launch = &L;
+
+  auto setup_block = [&](uint64_t b, int first) {
+    BlockState& B = L.blocks.emplace_back();
+    B.idx = {unsigned(b % grid.x), unsigned(b / grid.x % grid.y), unsigned(b / grid.x / grid.y)};
+    B.first = first;
+    B.count = threads;
+    if (dynamic_smem > 0) {
+      B.dynamic.reset(new unsigned char[dynamic_smem]);
+      std::memset(B.dynamic.get(), 0xff, dynamic_smem);  // NaN in every float type
+    }
+    const int bi = int(L.blocks.size() - 1);
+    for (int t = 0; t < threads; ++t) {
+      Fiber& f = L.fibers.emplace_back();
+      f.tid = {unsigned(t % block.x), unsigned(t / block.x % block.y),
+               unsigned(t / block.x / block.y)};
+      f.block = bi;
+      f.lane = t % 32;
+      f.warp = t / 32;
+    }
+    for (int w = 0; w < L.warps_per_block; ++w) {
+      std::vector<int>& lanes = L.warp_lanes.emplace_back();
+      for (int t = w * 32; t < std::min(threads, w * 32 + 32); ++t) lanes.push_back(first + t);
+    }
+  };
+
+  // Block order follows the thread order too.
+  std::vector<uint64_t> order(nblocks);
+  std::iota(order.begin(), order.end(), 0);
+  if (ts.order == Order::Reverse) std::reverse(order.begin(), order.end());
+  if (ts.order == Order::Random) std::shuffle(order.begin(), order.end(), rng);
+
+  if (cooperative) {
+    L.fibers.reserve(nblocks * threads);
+    for (uint64_t b : order) setup_block(b, int(L.fibers.size()));
+    run_group(L, 0, int(L.fibers.size()), rng);
+  } else {
+    L.fibers.reserve(threads);
+    for (uint64_t b : order) {
+      L.fibers.clear();
+      L.blocks.clear();
+      L.warp_lanes.clear();
+      setup_block(b, 0);
+      run_group(L, 0, threads, rng);
+    }
+  }
+}
+
+void assert_failed(const char* cond, const char* file, int line) {
+  std::string msg = std::string("device-side assert failed: ") + cond + " (" + file + ":" +
+                    std::to_string(line) + ")";
+  if (ts.current != nullptr && ts.launch != nullptr)
+    msg = where(*ts.current) + ": " + msg;
+  throw KernelError(msg);
+}
+
+void sync_block() {
+  Fiber& f = running("__syncthreads");
+  f.bpred = 0;
+  park(State::Block);
+}
+
+int sync_block_reduce(int pred, int op) {
+  Fiber& f = running("__syncthreads_count/and/or");
+  f.bpred = pred != 0;
+  park(State::Block);
+  const int count = f.bresult, n = int(blockDim.x * blockDim.y * blockDim.z);
+  return op == 0 ? count : (op == 1 ? int(count == n) : int(count > 0));
+}
+
+void sync_grid() {
+  Fiber& f = running("grid.sync()");
+  if (!ts.launch->cooperative)
+    throw KernelError(where(f) + ": grid.sync() needs a cooperative launch");
+  park(State::Grid);
+}
+
+void yield() {
+  running("vk_emu::yield");
+  park(State::Ready);
+}
+
+uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int width) {
+  Fiber& f = running("a warp intrinsic");
+  f.wop = op;
+  f.wmask = mask;
+  f.wvalue = value;
+  f.warg = arg;
+  f.wwidth = width;
+  if (!(mask >> f.lane & 1u)) warp_fail(f, "the calling lane is not in the mask");
+  if (width <= 0 || width > 32 || (width & (width - 1)) != 0)
+    warp_fail(f, "width must be a power of 2 in [1, 32], got " + std::to_string(width));
+  f.state = State::Warp;
+  try_complete_warp(f);
+  if (f.state == State::Warp) park(State::Warp);
+  else if (ts.launch->cancelling) throw Cancelled{};
+  return f.wresult;
+}
+
+void* shared_array(const void* site, size_t bytes, size_t align) {
+  Fiber& f = running("VK_SHARED");
+  BlockState& B = ts.launch->blocks[f.block];
+  for (SharedBuffer& s : B.shared) {
+    if (s.site != site) continue;
+    if (s.bytes != bytes)
+      throw KernelError(where(f) + ": VK_SHARED array declared with " + std::to_string(bytes) +
+                        " bytes here and " + std::to_string(s.bytes) + " by another thread");
+    return s.data.get();
+  }
+  (void)align;  // new[] aligns to max_align_t
+  size_t total = bytes;
+  for (const SharedBuffer& s : B.shared) total += s.bytes;
+  if (total + ts.launch->dynamic_smem > g_limits.max_shared_per_block)
+    throw KernelError(where(f) + ": " + std::to_string(total + ts.launch->dynamic_smem) +
+                      " bytes of shared memory in one block, at most " +
+                      std::to_string(g_limits.max_shared_per_block));
+  SharedBuffer& s = B.shared.emplace_back(SharedBuffer{site, bytes, nullptr});
+  s.data.reset(new unsigned char[bytes == 0 ? 1 : bytes]);
+  std::memset(s.data.get(), 0xff, bytes);  // garbage: NaN in every float type
+  return s.data.get();
+}
+
+void* dynamic_shared(size_t align) {
+  Fiber& f = running("VK_DYNAMIC_SHARED");
+  (void)align;
+  BlockState& B = ts.launch->blocks[f.block];
+  return B.dynamic.get();
+}
+
+}  // namespace vk_emu

@@ -1,0 +1,208 @@
+// Kernels that test the executor itself (tests/test_emulation.py), written as
+// CUDA code is written in csrc/cuda. Each takes x (n,) float32 and writes
+// out (n, k) float32, one row per thread, so that every thread's view is
+// checked, not only thread 0's.
+#include "emulation/cuda_on_cpu.h"
+
+#include "cuda/launch.h"
+
+#include <string>
+
+namespace varlen {
+namespace {
+
+// Two block sums in a row through one shared buffer, as the loss kernels
+// reduce: shuffles within warps, warp totals through shared memory. `skip`
+// removes one of the three barriers (1, 2, 3) to show the executor catches it.
+__device__ float block_sum(float v, float* shared, int skip) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int o = 16; o > 0; o /= 2) v += __shfl_down_sync(0xffffffffu, v, o);
+  if (lane == 0) shared[warp] = v;
+  if (skip != 1) __syncthreads();
+  if (warp == 0) {
+    v = lane < int(blockDim.x / 32) ? shared[lane] : 0.f;
+    for (int o = 16; o > 0; o /= 2) v += __shfl_down_sync(0xffffffffu, v, o);
+    if (lane == 0) shared[0] = v;
+  }
+  if (skip != 2) __syncthreads();
+  const float out = shared[0];
+  if (skip != 3) __syncthreads();
+  return out;
+}
+
+__global__ void reduce_kernel(const float* x, float* out, int skip) {
+  VK_SHARED(float, shared, 32);
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  const float a = block_sum(x[i], shared, skip);
+  const float b = block_sum(2.f * x[i], shared, skip);
+  out[2 * i] = a;
+  out[2 * i + 1] = b;
+}
+
+// Every warp intrinsic, each lane's results in a row of 10.
+__global__ void warp_kernel(const float* x, float* out) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x, lane = threadIdx.x % 32;
+  const float v = x[i];
+  float* o = out + 10 * i;
+  const unsigned full = 0xffffffffu;
+  o[0] = __shfl_sync(full, v, (lane + 3) % 32);
+  o[1] = __shfl_up_sync(full, v, 1);
+  o[2] = __shfl_down_sync(full, v, 2);
+  o[3] = __shfl_xor_sync(full, v, 5);
+  o[4] = __shfl_sync(full, v, 1, 8);       // lane 1 of each group of 8
+  o[5] = __shfl_down_sync(full, v, 4, 8);  // within groups of 8
+  o[6] = float(__ballot_sync(full, v > 0.f) & 0xffffu);
+  o[7] = float(__ballot_sync(full, v > 0.f) >> 16);
+  o[8] = float(__any_sync(full, v > 1.f));
+  o[9] = float(__all_sync(full, v > -1.f));
+  // Only the even lanes, with a mask of their own.
+  if (lane % 2 == 0) o[0] += 1000.f * __shfl_xor_sync(0x55555555u, v, 2);
+  __syncwarp();
+}
+
+// Atomics on shared and global memory: out[0] = sum of x (float atomicAdd),
+// out[1] = thread count (int), out[2] = max index (atomicMax), out[3] = count of
+// CAS wins (exactly 1 per block).
+__global__ void atomics_kernel(const float* x, float* out, int* counters) {
+  VK_SHARED(int, block_count, 1);
+  if (threadIdx.x == 0) block_count[0] = 0;
+  __syncthreads();
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  atomicAdd(&out[0], x[i]);
+  atomicAdd(&block_count[0], 1);
+  atomicMax(&counters[0], i);
+  if (atomicCAS(&counters[1 + blockIdx.x], 0, 1) == 0) atomicAdd(&counters[1 + gridDim.x], 1);
+  __syncthreads();
+  if (threadIdx.x == 0) atomicAdd(&counters[2 + gridDim.x], block_count[0]);
+  __threadfence();
+}
+
+// Cooperative: each block writes its sum, grid.sync(), every thread reads all.
+__global__ void grid_kernel(const float* x, float* out, float* partial) {
+  VK_SHARED(float, shared, 32);
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  const float s = block_sum(x[i], shared, 0);
+  if (threadIdx.x == 0) partial[blockIdx.x] = s;
+  cooperative_groups::this_grid().sync();
+  float total = 0.f;
+  for (unsigned b = 0; b < gridDim.x; ++b) total += partial[b];
+  out[i] = total;
+}
+
+// Dynamic shared memory: each thread writes its slot, reads its mirror.
+__global__ void dynamic_kernel(const float* x, float* out) {
+  VK_DYNAMIC_SHARED(float, buf);
+  const int t = threadIdx.x, i = blockIdx.x * blockDim.x + t;
+  out[2 * i] = buf[t];  // before any write: the poison (NaN)
+  buf[t] = x[i];
+  __syncthreads();
+  out[2 * i + 1] = buf[blockDim.x - 1 - t];
+}
+
+__global__ void assert_kernel(const float* x, float* out) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  CUDA_KERNEL_ASSERT(x[i] >= 0.f && "x must be non-negative");
+  out[i] = x[i];
+}
+
+// Half the threads leave before a barrier the others wait at.
+__global__ void divergent_barrier_kernel(const float* x, float* out) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (threadIdx.x % 2) return;
+  __syncthreads();
+  out[i] = x[i];
+}
+
+// Odd lanes leave; even lanes shuffle with the full mask.
+__global__ void divergent_warp_kernel(const float* x, float* out) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (threadIdx.x % 2) return;
+  out[i] = __shfl_down_sync(0xffffffffu, x[i], 1);
+}
+
+// Cooperative: block 0's last thread publishes a flag the other blocks spin on.
+__global__ void spin_kernel(const float* x, float* out, int* flag) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (blockIdx.x == 0 && threadIdx.x == blockDim.x - 1) {
+    out[i] = x[i];
+    __threadfence();
+    atomicExch(flag, 1);
+    return;
+  }
+  while (atomicAdd(flag, 0) == 0) vk_emu::yield();
+  out[i] = x[i] + 1.f;
+}
+
+at::Tensor selftest(const at::Tensor& x_in, c10::string_view name_view, int64_t blocks,
+                    int64_t threads) {
+  const std::string name(name_view);
+  const at::Tensor x = x_in.contiguous().to(at::kFloat);
+  TORCH_CHECK(x.numel() == blocks * threads, "x must have blocks * threads elements");
+  const float* xp = x.const_data_ptr<float>();
+  const dim3 grid{unsigned(blocks)}, block{unsigned(threads)};
+  const auto stream = cuda::current_stream();
+  auto f32 = x.options();
+  if (name.rfind("reduce", 0) == 0) {
+    const int skip = name == "reduce" ? 0 : std::stoi(name.substr(name.size() - 1));
+    at::Tensor out = at::empty({x.numel(), 2}, f32);
+    cuda::launch(reduce_kernel, grid, block, 0, stream, xp, out.data_ptr<float>(), skip);
+    return out;
+  }
+  if (name == "warp") {
+    at::Tensor out = at::empty({x.numel(), 10}, f32);
+    cuda::launch(warp_kernel, grid, block, 0, stream, xp, out.data_ptr<float>());
+    return out;
+  }
+  if (name == "atomics") {
+    at::Tensor out = at::zeros({1}, f32);
+    at::Tensor counters = at::zeros({blocks + 3}, x.options().dtype(at::kInt));
+    cuda::launch(atomics_kernel, grid, block, 0, stream, xp, out.data_ptr<float>(),
+                 counters.data_ptr<int>());
+    return at::cat({out, counters.to(at::kFloat)});
+  }
+  if (name == "grid_sync") {
+    at::Tensor out = at::empty({x.numel()}, f32), partial = at::empty({blocks}, f32);
+    float* o = out.data_ptr<float>();
+    float* p = partial.data_ptr<float>();
+    vk_emu::launch(grid, block, 0, /*cooperative=*/true, [&] { grid_kernel(xp, o, p); });
+    return out;
+  }
+  if (name == "grid_sync_noncooperative") {
+    at::Tensor out = at::empty({x.numel()}, f32), partial = at::empty({blocks}, f32);
+    cuda::launch(grid_kernel, grid, block, 0, stream, xp, out.data_ptr<float>(),
+                 partial.data_ptr<float>());
+    return out;
+  }
+  if (name == "dynamic") {
+    at::Tensor out = at::empty({x.numel(), 2}, f32);
+    cuda::launch(dynamic_kernel, grid, block, threads * sizeof(float), stream, xp,
+                 out.data_ptr<float>());
+    return out;
+  }
+  if (name == "spin") {
+    at::Tensor out = at::empty({x.numel()}, f32);
+    at::Tensor flag = at::zeros({1}, x.options().dtype(at::kInt));
+    float* o = out.data_ptr<float>();
+    int* fl = flag.data_ptr<int>();
+    vk_emu::launch(grid, block, 0, /*cooperative=*/true, [&] { spin_kernel(xp, o, fl); });
+    return out;
+  }
+  at::Tensor out = at::zeros({x.numel()}, f32);
+  if (name == "assert")
+    cuda::launch(assert_kernel, grid, block, 0, stream, xp, out.data_ptr<float>());
+  else if (name == "divergent_barrier")
+    cuda::launch(divergent_barrier_kernel, grid, block, 0, stream, xp, out.data_ptr<float>());
+  else if (name == "divergent_warp")
+    cuda::launch(divergent_warp_kernel, grid, block, 0, stream, xp, out.data_ptr<float>());
+  else
+    TORCH_CHECK(false, "unknown self-test '", name, "'");
+  return out;
+}
+
+}  // namespace
+}  // namespace varlen
+
+TORCH_LIBRARY_FRAGMENT(varlen_kernels_emu, m) {
+  m.def("selftest(Tensor x, str name, int blocks, int threads) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(varlen_kernels_emu, CPU, m) { m.impl("selftest", &varlen::selftest); }

@@ -1,0 +1,72 @@
+// Every varlen_kernels op schema, declared once. csrc/ops.cpp defines them in
+// the `varlen_kernels` library; the emulation build (csrc/emulation) defines
+// the same schemas again in `varlen_kernels_emu`, for the CUDA kernels'
+// code compiled for the CPU. Fake (meta) kernels and autograd live in
+// varlen_kernels/ops.py.
+#pragma once
+
+#include <torch/library.h>
+
+namespace varlen {
+
+inline void define_ops(torch::Library& m) {
+  // One direction of one recurrent layer over a padded, time-major batch.
+  //   input   (T, B, I), any strides with a unit last stride
+  //   lengths (B,) int64 on the input's device, each in [0, T]
+  //   h0      (B, H);  c0 (B, H) for cell == "lstm", else None
+  //   w_ih    (G*H, I); w_hh (G*H, H); b_ih, b_hh (G*H,) or None
+  //           G = 4 (lstm), 3 (gru), 1 (rnn_tanh, rnn_relu)
+  // Returns
+  //   output  (T, B, H): h at every valid step, exactly 0 past each length
+  //   h_n     (B, H):    state after each sequence's own last valid step
+  //   c_n     (B, H) for lstm, (0,) otherwise
+  //   gates   (*, GS*H), states (*, S*H): opaque workspaces for rnn_backward,
+  //           to be passed to it unchanged (GS = 4 for lstm and gru, 1 for rnn;
+  //           S = 2 for lstm, 1 otherwise). CPU: one row per valid token,
+  //           (N, ...) with N = sum(lengths); CUDA: (T, B, ...), padded.
+  m.def(
+      "rnn_forward(Tensor input, Tensor lengths, Tensor h0, Tensor? c0, "
+      "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, str cell, "
+      "bool reverse) -> (Tensor output, Tensor h_n, Tensor c_n, "
+      "Tensor gates, Tensor states)");
+  // Gradients of rnn_forward. grad_c_n is (0,) for non-LSTM cells. The bias
+  // gradients are returned whether or not the forward had biases.
+  m.def(
+      "rnn_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, "
+      "Tensor input, Tensor lengths, Tensor w_ih, Tensor w_hh, Tensor gates, "
+      "Tensor states, str cell, bool reverse) -> (Tensor grad_input, "
+      "Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
+      "Tensor grad_b_ih, Tensor grad_b_hh)");
+
+  // Masked cross entropy over tokens (rows).
+  //   logits (R, C); target (R,) int64; mask (R,) bool: which rows count.
+  // Returns loss (R,) and lse (R,) (logsumexp, kept for backward) in the math
+  // type (float32 for half/bfloat16), both 0 where mask is false. Rows with
+  // mask false are never read.
+  m.def(
+      "cross_entropy_forward(Tensor logits, Tensor target, Tensor mask, "
+      "float label_smoothing) -> (Tensor loss, Tensor lse)");
+  // grad_logits (R, C) = grad_loss * (softmax - (1 - eps) onehot - eps / C)
+  // on rows with mask true, 0 elsewhere.
+  m.def(
+      "cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor mask, "
+      "Tensor lse, float label_smoothing) -> Tensor");
+
+  // Masked elementwise losses over tokens (rows) of F features.
+  //   input, target (R, F); mask (R,) bool; pos_weight (F,) or None (bce only);
+  //   kind "mse" or "bce_with_logits".
+  // Returns, in the math type (float32 for half/bfloat16), the per-token sums
+  // (R,) if reduce_rows else the per-element losses (R, F); 0 where mask is
+  // false. Rows with mask false are never read.
+  m.def(
+      "elementwise_loss_forward(Tensor input, Tensor target, Tensor mask, "
+      "Tensor? pos_weight, str kind, bool reduce_rows) -> Tensor");
+  // Gradients w.r.t. input and target; grad is (R,) or (R, F) like the forward's
+  // result. 0 on rows with mask false.
+  m.def(
+      "elementwise_loss_backward(Tensor grad, Tensor input, Tensor target, Tensor mask, "
+      "Tensor? pos_weight, str kind, bool reduce_rows) -> (Tensor grad_input, "
+      "Tensor grad_target)");
+}
+
+}  // namespace varlen

@@ -1,0 +1,119 @@
+"""Testing helpers: run the CUDA kernels' code on the CPU.
+
+    from varlen_kernels.testing import emulate_cuda
+    with emulate_cuda(order="reverse"):
+        y, h = MaskedGRU(4, 8)(x, lengths)   # CPU tensors, CUDA kernels' code
+
+Inside ``emulate_cuda()`` every varlen_kernels op called on CPU tensors runs
+the code of csrc/cuda (compiled by g++ with csrc/emulation/cuda_on_cpu.h) in
+place of the CPU kernels: the same schemas, fake kernels and autograd, so
+``torch.library.opcheck`` and ``torch.compile`` see the same ops. The threads
+of each block run as fibers in the given order ("forward", "reverse" or a
+seeded "random" one), so a kernel that misses a barrier gives different
+results in different orders; a barrier or warp intrinsic that not every
+thread reaches, an out-of-range launch or a failed ``CUDA_KERNEL_ASSERT``
+raises RuntimeError.
+
+When the process runs with AddressSanitizer preloaded, the ASan-instrumented
+build of the same code is used:
+
+    ASAN_OPTIONS=detect_leaks=0:detect_odr_violation=0 \\
+    LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so.6)" \\
+    python -m pytest tests -k emulated
+"""
+import contextlib
+import importlib
+import os
+import warnings
+
+import torch
+
+from ._build_info import source_hash
+
+ORDERS = ("forward", "reverse", "random")
+# Every op of csrc/op_schemas.h.
+OPS = ("rnn_forward", "rnn_backward", "cross_entropy_forward", "cross_entropy_backward",
+       "elementwise_loss_forward", "elementwise_loss_backward")
+
+_HOW = ("It is built with the extension from a source checkout: `make build` (or "
+        "`pip install --no-build-isolation -e .`) at the repository root; "
+        "VARLEN_KERNELS_EMULATION=0 must not be set.")
+_depth = 0  # nesting of emulate_cuda(); the kernel override is process-wide
+_module = None
+
+
+def _asan_loaded():
+    try:
+        with open("/proc/self/maps") as f:
+            return "libasan" in f.read()
+    except OSError:
+        return False
+
+
+def emulation_module():
+    """The loaded emulation build (``_C_emu``, or ``_C_emu_asan`` when AddressSanitizer
+    is loaded in this process); raises RuntimeError saying how to build it."""
+    global _module
+    if _module is not None:
+        return _module
+    name = "_C_emu_asan" if _asan_loaded() else "_C_emu"
+    try:
+        module = importlib.import_module(f"varlen_kernels.{name}")
+    except ImportError as e:
+        raise RuntimeError(f"the CPU execution of the CUDA code (varlen_kernels.{name}) is not "
+                           f"built or cannot be loaded ({e}). {_HOW}") from e
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isdir(os.path.join(root, "csrc")) and module.SOURCE_HASH != source_hash(root):
+        raise RuntimeError(f"varlen_kernels.{name} is stale: it was built from other sources "
+                           f"than those in {os.path.join(root, 'csrc')}. Rebuild it. {_HOW}")
+    _module = module
+    return module
+
+
+def emulation_active() -> bool:
+    """Whether an ``emulate_cuda()`` block is open."""
+    return _depth > 0
+
+
+@contextlib.contextmanager
+def emulate_cuda(order: str = "forward", seed: int = 0):
+    """Runs the varlen_kernels ops on CPU tensors through the CUDA kernels' code.
+
+    order: "forward", "reverse" or "random" (seeded by ``seed``): the order in
+    which the threads of a block run between barriers.
+    """
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    module = emulation_module()
+    module.set_thread_order(ORDERS.index(order), int(seed))
+    lib = torch.library.Library("varlen_kernels", "IMPL")
+    with warnings.catch_warnings():
+        # The dispatcher warns that these override the CPU kernels: that is the point.
+        warnings.simplefilter("ignore")
+        for op in OPS:
+            lib.impl(op, getattr(torch.ops.varlen_kernels_emu, op).default, "CPU")
+    global _depth
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
+        lib._destroy()
+        module.set_thread_order(0, 0)
+
+
+def selftest(x, name: str, blocks: int, threads: int):
+    """Runs one of the executor's own test kernels (csrc/emulation/selftest.cpp)."""
+    emulation_module()
+    return torch.ops.varlen_kernels_emu.selftest(x, name, blocks, threads)
+
+
+@contextlib.contextmanager
+def emulated_sm_count(n: int):
+    """Sets the emulated device's SM count (bounds cooperative grids) for a while."""
+    module = emulation_module()
+    old = module.set_sm_count(int(n))
+    try:
+        yield
+    finally:
+        module.set_sm_count(old)

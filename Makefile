@@ -27,8 +27,16 @@ $(VENV)/.installed:
 build: $(SETUP_DEPS)
 	$(PY) -m pip install --no-build-isolation --no-deps -e . -q
 
+# The emulated CUDA tests run twice: with the rest (thread order "forward"), then
+# again under AddressSanitizer in a seeded random thread order.
+ASAN_LIB := $(shell gcc -print-file-name=libasan.so 2>/dev/null)
+CXX_LIB  := $(shell gcc -print-file-name=libstdc++.so.6 2>/dev/null)
+ASAN_ENV := ASAN_OPTIONS=detect_leaks=0:detect_odr_violation=0 LD_PRELOAD="$(ASAN_LIB) $(CXX_LIB)"
+
 test: build
 	$(PY) -m pytest tests
+	@echo "== the CUDA kernels' code again, under AddressSanitizer, random thread order"
+	VK_EMU_ORDERS=random VK_EMU_SEED=$${VK_EMU_SEED:-1} $(ASAN_ENV) $(PY) -m pytest tests -m emulation -p no:cacheprovider
 
 bench: build
 	$(PY) benchmarks/bench_rnn.py

@@ -69,10 +69,17 @@ def emulation_sources(variant):
 cpp_sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
 with_cuda = want_cuda() and len(cuda_sources) > 0
-defines = [
-    f'-DVK_SOURCE_HASH="{source_hash(ROOT)}"',
-    f'-DVK_TORCH_VERSION="{torch.__version__}"',
-] + (["-DVK_WITH_CUDA"] if with_cuda else [])
+# The hash and torch version go into a generated header that only the module
+# files include, so a source change recompiles what it touches, not everything.
+GENERATED = os.path.join(ROOT, "build", "generated")
+os.makedirs(GENERATED, exist_ok=True)
+_info = (f'#define VK_SOURCE_HASH "{source_hash(ROOT)}"\n'
+         f'#define VK_TORCH_VERSION "{torch.__version__}"\n')
+_info_path = os.path.join(GENERATED, "vk_build_info.h")
+if not os.path.exists(_info_path) or open(_info_path).read() != _info:
+    with open(_info_path, "w") as f:
+        f.write(_info)
+defines = ["-DVK_WITH_CUDA"] if with_cuda else []
 cxx_flags = ["-O3", "-std=c++20", "-fno-math-errno"] + defines
 nvcc_flags = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"] + defines
 
@@ -80,7 +87,7 @@ if with_cuda:
     ext = CUDAExtension(
         "varlen_kernels._C",
         cpp_sources + cuda_sources,
-        include_dirs=[os.path.join(ROOT, "csrc")] + cuda_wheel_includes(),
+        include_dirs=[os.path.join(ROOT, "csrc"), GENERATED] + cuda_wheel_includes(),
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         py_limited_api=False,
     )
@@ -88,13 +95,13 @@ else:
     ext = CppExtension(
         "varlen_kernels._C",
         cpp_sources,
-        include_dirs=[os.path.join(ROOT, "csrc")],
+        include_dirs=[os.path.join(ROOT, "csrc"), GENERATED],
         extra_compile_args={"cxx": cxx_flags},
     )
 
 extensions = [ext]
 if os.environ.get("VARLEN_KERNELS_EMULATION", "1") not in ("", "0"):
-    emu_flags = ["-std=c++20", "-fno-math-errno", f'-DVK_SOURCE_HASH="{source_hash(ROOT)}"']
+    emu_flags = ["-std=c++20", "-fno-math-errno"]
     for name, flags, link in [
         ("_C_emu", ["-O2"], []),
         ("_C_emu_asan", ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"],
@@ -103,7 +110,7 @@ if os.environ.get("VARLEN_KERNELS_EMULATION", "1") not in ("", "0"):
         extensions.append(CppExtension(
             f"varlen_kernels.{name}",
             emulation_sources(name),
-            include_dirs=[os.path.join(ROOT, "csrc")],
+            include_dirs=[os.path.join(ROOT, "csrc"), GENERATED],
             extra_compile_args={"cxx": emu_flags + flags + [f"-DVK_EMU_MODULE={name}"]},
             extra_link_args=link,
         ))

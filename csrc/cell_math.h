@@ -44,6 +44,7 @@ struct Math;
 template <>
 struct Math<float> {
   static VK_HD float exp(float x) { return ::expf(x); }
+  static VK_HD float log(float x) { return ::logf(x); }
   static VK_HD float log1p(float x) { return ::log1pf(x); }
   static VK_HD float tanh(float x) { return ::tanhf(x); }
   static VK_HD float relu(float x) { return x > 0.f ? x : 0.f; }
@@ -53,6 +54,7 @@ struct Math<float> {
 template <>
 struct Math<double> {
   static VK_HD double exp(double x) { return ::exp(x); }
+  static VK_HD double log(double x) { return ::log(x); }
   static VK_HD double log1p(double x) { return ::log1p(x); }
   static VK_HD double tanh(double x) { return ::tanh(x); }
   static VK_HD double relu(double x) { return x > 0. ? x : 0.; }

@@ -130,6 +130,14 @@ inline RnnSizes check_rnn_backward_args(const at::Tensor& grad_output, const at:
               gates.sizes(), " and ", states.sizes());
   TORCH_CHECK(gates.is_contiguous() && states.is_contiguous(),
               "gates and states must be the unchanged workspaces from rnn_forward");
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&grad_output, "grad_output"},
+                                {&grad_h_n, "grad_h_n"},
+                                {&w_ih, "w_ih"},
+                                {&w_hh, "w_hh"},
+                                {&gates, "gates"},
+                                {&states, "states"}})
+    check_same_device(input, *t, name);
+  if (s.cell == Cell::LSTM) check_same_device(input, grad_c_n, "grad_c_n");
   return s;
 }
 

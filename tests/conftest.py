@@ -1,15 +1,72 @@
-"""Shared factories and oracles for the test suite."""
+"""Shared factories, oracles and the device fixture of the test suite.
+
+The `device` fixture runs a test on every backend there is:
+  cpu                 the C++ CPU kernels
+  emulated-<order>    the CUDA kernels' code, executed on the CPU (CPU tensors,
+                      inside varlen_kernels.testing.emulate_cuda), in each thread
+                      order of VK_EMU_ORDERS (default "forward"; "random" uses
+                      the seed VK_EMU_SEED, default 0)
+  cuda                the CUDA kernels on a GPU, where there is one
+The test receives the torch device to put its tensors on ("cpu" for the first
+two). `-k emulated` selects the emulated runs. Tests marked `cpu_only` (they
+exercise no CUDA kernel) skip the emulated runs. The `gpu` fixture is the same
+without the plain CPU backend: for checks of the CUDA kernels only.
+"""
+import contextlib
+import os
+
 import pytest
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import varlen_kernels  # noqa: F401  (loads the ops)
+from varlen_kernels.testing import emulate_cuda
 
 CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
 TORCH_CLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn_tanh": nn.RNN, "rnn_relu": nn.RNN}
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+HAS_CUDA = torch.cuda.is_available()
+EMU_ORDERS = [o for o in os.environ.get("VK_EMU_ORDERS", "forward").split(",") if o]
+EMU_SEED = int(os.environ.get("VK_EMU_SEED", "0"))
+GPU_BACKENDS = [f"emulated-{o}" for o in EMU_ORDERS] + (["cuda"] if HAS_CUDA else [])
+BACKENDS = ["cpu"] + GPU_BACKENDS
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cpu_only: exercises no CUDA kernel; skipped when emulated")
+    config.addinivalue_line("markers", "emulation: runs CUDA code on the CPU (`-m emulation` "
+                                       "selects them, as the AddressSanitizer run does)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if any(str(params.get(k, "")).startswith("emulated-") for k in ("device", "gpu")):
+            item.add_marker(pytest.mark.emulation)
+
+
+@contextlib.contextmanager
+def backend(name):
+    """Yields the torch device of a backend, with the emulation on where it applies."""
+    if name.startswith("emulated-"):
+        with emulate_cuda(order=name.split("-", 1)[1], seed=EMU_SEED):
+            yield "cpu"
+    else:
+        yield name
+
+
+def _backend_fixture(request):
+    if request.param.startswith("emulated-") and request.node.get_closest_marker("cpu_only"):
+        pytest.skip("exercises no CUDA kernel")
+    if request.param == "cuda" and not HAS_CUDA:
+        pytest.skip("needs a CUDA device")
+    with backend(request.param) as device:
+        yield device
+
+
+device = pytest.fixture(params=BACKENDS)(_backend_fixture)
+gpu = pytest.fixture(params=GPU_BACKENDS or ["cuda"])(_backend_fixture)
 
 
 def make_torch_rnn(cell, input_size, hidden_size, **kw):
@@ -56,6 +113,19 @@ def states_of(cell, h):
     return list(h) if cell == "lstm" else [h]
 
 
+@contextlib.contextmanager
+def ieee_fp32():
+    """cuDNN RNNs run float32 in TF32 by default (torch.backends.cudnn.rnn.fp32_precision):
+    references run in IEEE float32, the precision the kernels are held to."""
+    rnn = torch.backends.cudnn.rnn
+    old = rnn.fp32_precision
+    rnn.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        rnn.fp32_precision = old
+
+
 def run_packed(ref, x, lengths, hx, batch_first):
     """nn.* + pack_padded_sequence + pad_packed_sequence on the sequences with
     length > 0 (nn.* refuses length 0). Returns output, [states], kept index."""
@@ -65,6 +135,7 @@ def run_packed(ref, x, lengths, hx, batch_first):
     xs = x.index_select(bdim, keep.to(x.device))
     hs = [h.index_select(1, keep.to(h.device)) for h in (hx if isinstance(hx, tuple) else (hx,))]
     packed = pack_padded_sequence(xs, lengths[keep], batch_first=batch_first, enforce_sorted=False)
-    y, h = ref(packed, tuple(hs) if isinstance(hx, tuple) else hs[0])
+    with ieee_fp32():
+        y, h = ref(packed, tuple(hs) if isinstance(hx, tuple) else hs[0])
     y, _ = pad_packed_sequence(y, batch_first=batch_first, total_length=T)
     return y, (list(h) if isinstance(h, tuple) else [h]), keep

@@ -1,5 +1,7 @@
-"""CUDA-only checks (skipped without a GPU). Values and gradients against cuDNN's
-packed path run in test_rnn.py, parametrized over devices."""
+"""Checks of the CUDA kernels, run by the `gpu` fixture (conftest.py) on the CUDA
+code executed on the CPU (every CI run) and on a GPU where there is one. Values
+and gradients against nn.* + pack_padded_sequence for every configuration run
+in test_rnn.py / test_losses.py on every backend."""
 import subprocess
 import sys
 
@@ -8,62 +10,89 @@ import torch
 import torch.nn.functional as F
 
 from conftest import CELLS, requires_cuda, run_packed, sample_inputs
-from varlen_kernels import MaskedRNN, masked_cross_entropy, ops
+from varlen_kernels import (MaskedRNN, masked_bce_with_logits, masked_cross_entropy, masked_mse,
+                            masked_rnn_reference, ops)
+from varlen_kernels.testing import emulate_cuda, emulated_device
 
-pytestmark = requires_cuda
+
+def layer_args(cell, device, requires_grad, T=4, B=3, I=2, H=3, lengths=(4, 0, 2), seed=0):
+    torch.manual_seed(seed)
+    G = ops.NUM_GATES[cell]
+    dd = dict(dtype=torch.float64, device=device, requires_grad=requires_grad)
+    return [torch.randn(T, B, I, **dd), torch.tensor(lengths, device=device),
+            torch.randn(B, H, **dd), torch.randn(B, H, **dd) if cell == "lstm" else None,
+            torch.randn(G * H, I, **dd), torch.randn(G * H, H, **dd), torch.randn(G * H, **dd),
+            torch.randn(G * H, **dd)]
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_gradcheck_cuda(cell):
-    torch.manual_seed(0)
-    T, B, I, H = 4, 3, 2, 3
-    G = ops.NUM_GATES[cell]
-    dd = dict(dtype=torch.float64, device="cuda", requires_grad=True)
-    lengths = torch.tensor([4, 0, 2], device="cuda")
-    args = [torch.randn(T, B, I, **dd), torch.randn(B, H, **dd),
-            torch.randn(B, H, **dd) if cell == "lstm" else None,
-            torch.randn(G * H, I, **dd), torch.randn(G * H, H, **dd), torch.randn(G * H, **dd),
-            torch.randn(G * H, **dd)]
+def test_gradcheck(cell, gpu):
+    x, lengths, h0, c0, *w = layer_args(cell, gpu, True)
     for reverse in (False, True):
         def f(x, h0, c0, *w):
             out, h, c = ops.rnn_layer(x, lengths, h0, c0, *w, cell, reverse)
             return (out, h) if c is None else (out, h, c)
-        assert torch.autograd.gradcheck(f, args)
+        assert torch.autograd.gradcheck(f, (x, h0, c0, *w))
 
 
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck_cuda(cell, requires_grad):
-    torch.manual_seed(0)
-    T, B, I, H = 4, 3, 2, 3
-    G = ops.NUM_GATES[cell]
-    dd = dict(dtype=torch.float64, device="cuda", requires_grad=requires_grad)
-    args = [torch.randn(T, B, I, **dd), torch.tensor([4, 0, 2], device="cuda"),
-            torch.randn(B, H, **dd), torch.randn(B, H, **dd) if cell == "lstm" else None,
-            torch.randn(G * H, I, **dd), torch.randn(G * H, H, **dd), torch.randn(G * H, **dd),
-            torch.randn(G * H, **dd), cell, True]
-    torch.library.opcheck(torch.ops.varlen_kernels.rnn_forward.default, args)
+def test_opcheck(cell, requires_grad, gpu):
+    args = layer_args(cell, gpu, requires_grad)
+    torch.library.opcheck(torch.ops.varlen_kernels.rnn_forward.default, args + [cell, True])
+    if not requires_grad:
+        out, h_n, c_n, gates, states = torch.ops.varlen_kernels.rnn_forward(*args, cell, False)
+        x, lengths, _, _, w_ih, w_hh = args[:6]
+        torch.library.opcheck(
+            torch.ops.varlen_kernels.rnn_backward.default,
+            [torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(c_n), x, lengths, w_ih,
+             w_hh, gates, states, cell, False])
+
+
+def _grads(m, x, lengths, hx, gy):
+    y, _ = m(x, lengths, hx)
+    grads = torch.autograd.grad((y * gy.to(y.dtype)).sum(), [x, *m.parameters()])
+    return y, grads
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_error_vs_cudnn(cell, dtype):
-    """Error against a float64 oracle within ~2x that of cuDNN's packed path in
-    the same precision."""
-    ref, x, lengths, hx = sample_inputs(cell, T=32, B=16, I=32, H=64, device="cuda",
-                                        requires_grad=False, with_zero=False)
+def test_low_precision_values_and_gradients(cell, dtype, gpu):
+    """Output and every gradient, against a float64 oracle, within 2x the error of
+    PyTorch's own same-precision path (the masked loop in that dtype, and cuDNN's
+    packed path on a GPU), with a floor of a few ulps of the dtype."""
+    ref, x, lengths, hx = sample_inputs(cell, T=12, B=6, I=8, H=16, device=gpu,
+                                        requires_grad=False, with_zero=True)
     x = torch.nan_to_num(x, nan=0.0)
+    g = torch.Generator().manual_seed(1)
+    gy = torch.randn(12, 6, 16, generator=g, dtype=torch.float64).to(gpu)
     m64 = MaskedRNN.from_torch(ref)
-    y64, _ = m64(x, lengths, hx)
-    low = lambda t: t.to(dtype)  # noqa: E731
-    hx_low = tuple(map(low, hx)) if cell == "lstm" else low(hx)
-    y_ours, _ = MaskedRNN.from_torch(ref).to(dtype)(low(x), lengths, hx_low)
-    y_cudnn, _, _ = run_packed(ref.to(dtype), low(x), lengths, hx_low, False)
-    err = (y_ours.double() - y64).abs().max()
-    err_cudnn = (y_cudnn.double() - y64).abs().max()
-    assert err <= 2 * err_cudnn + 1e-3, (err.item(), err_cudnn.item())
+    y64, g64 = _grads(m64, x.requires_grad_(), lengths, hx, gy)
+    low = lambda t: t.detach().to(dtype)  # noqa: E731
+    x16 = low(x).requires_grad_()
+    hx16 = tuple(map(low, hx)) if cell == "lstm" else low(hx)
+    m16 = MaskedRNN.from_torch(ref).to(dtype)
+    y16, g16 = _grads(m16, x16, lengths, hx16, gy)
+    # PyTorch's same-precision error: the masked loop (reference.py) in `dtype`,
+    # PyTorch's own arithmetic on this device.
+    x16r = low(x).requires_grad_()
+    y_ref, _ = masked_rnn_reference(m16, x16r, lengths, hx16)
+    g_ref = torch.autograd.grad((y_ref * gy.to(dtype)).sum(), [x16r, *m16.parameters()])
+    floor = torch.finfo(dtype).eps * 4
+    names = ["output", "input"] + [n for n, _ in m16.named_parameters()]
+    for name, ours, theirs, exact in zip(names, [y16, *g16], [y_ref, *g_ref], [y64, *g64]):
+        scale = exact.abs().max().clamp_min(1.0)
+        err = ((ours.double() - exact).abs().max() / scale).item()
+        err_ref = ((theirs.double() - exact).abs().max() / scale).item()
+        assert err <= 2 * max(err_ref, floor), f"{name}: error {err:.3g}, PyTorch's {err_ref:.3g}"
+    if gpu == "cuda":  # and against cuDNN in the same precision
+        y_cudnn, _, _ = run_packed(ref.to(dtype), low(x), lengths, hx16, False)
+        err = (y16.double() - y64).abs().max().item()
+        err_cudnn = (y_cudnn.double() - y64).abs().max().item()
+        assert err <= 2 * max(err_cudnn, floor), (err, err_cudnn)
 
 
+@requires_cuda
 def test_cuda_graph_capture_fwd_bwd():
     ref, x, lengths, hx = sample_inputs("lstm", num_layers=2, bidirectional=True, device="cuda",
                                         dtype=torch.float32, requires_grad=False)
@@ -99,6 +128,7 @@ def test_cuda_graph_capture_fwd_bwd():
         torch.testing.assert_close(a.grad, b.grad)
 
 
+@requires_cuda
 def test_lengths_out_of_range_on_device_fails_loudly():
     code = ("import torch, varlen_kernels as vk\n"
             "m = vk.MaskedGRU(2, 3).cuda()\n"
@@ -109,15 +139,72 @@ def test_lengths_out_of_range_on_device_fails_loudly():
     assert r.returncode != 0 and "lengths must be in [0, T]" in out, out[-2000:]
 
 
-@pytest.mark.parametrize("C", [2, 257, 32000])
+@requires_cuda
+def test_loss_lengths_out_of_range_on_device_fail_loudly():
+    code = ("import torch, varlen_kernels as vk\n"
+            "x = torch.randn(2, 4, 3, device='cuda')\n"
+            "vk.masked_cross_entropy(x, torch.zeros(2, 4, dtype=torch.long, device='cuda'),\n"
+            "                        torch.tensor([1, 9], device='cuda'))\n"
+            "torch.cuda.synchronize()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and "lengths must be in [0, T]" in out, out[-2000:]
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_lengths_out_of_range_fail_the_device_assert(cell):
+    """The op itself (no Python check in front) refuses a length > T in the kernel."""
+    args = layer_args(cell, "cpu", False, lengths=(4, 9, 2))
+    with emulate_cuda():
+        with pytest.raises(RuntimeError, match=r"device-side assert failed: .*lengths must be in \[0, T\]"):
+            torch.ops.varlen_kernels.rnn_forward(*args, cell, False)
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize("cell", CELLS)
+def test_grid_stride_loops_go_round(cell):
+    """With the grid capped at 2 blocks, every kernel's grid-stride loop covers
+    more rows than the grid has threads; results equal the CPU kernels'."""
+    ref, x, lengths, hx = sample_inputs(cell, T=5, B=70, I=3, H=9, num_layers=1, bidirectional=True)
+    m = MaskedRNN.from_torch(ref)
+    logits = torch.randn(70, 5, 300, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 300, (70, 5))
+
+    def run():
+        y, h = m(x, lengths, hx)
+        loss = masked_cross_entropy(y.transpose(0, 1).sum(-1, keepdim=True) * logits, target, lengths)
+        loss = loss + masked_mse(logits, logits.detach() * 0.5, lengths)
+        return torch.autograd.grad(loss, [x, logits, *m.parameters()])
+
+    expected = run()
+    with emulate_cuda(order="random", seed=3), emulated_device(max_grid_blocks=2):
+        got = run()
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_zero_length_batches(device):
+    """B = 0, all lengths 0, and T = 0 on every backend."""
+    m = MaskedRNN(3, 4, cell="lstm", bidirectional=True).double().to(device)
+    for T, B, lengths in [(5, 0, []), (5, 3, [0, 0, 0]), (0, 2, [0, 0])]:
+        x = torch.randn(T, B, 3, dtype=torch.float64, device=device, requires_grad=True)
+        y, (h, c) = m(x, torch.tensor(lengths, dtype=torch.long, device=device))
+        assert y.shape == (T, B, 8) and (y == 0).all() and (h == 0).all() and (c == 0).all()
+        gx, = torch.autograd.grad(y.sum() + h.sum() + c.sum(), [x])
+        assert gx.shape == x.shape and (gx == 0).all()
+
+
+# --------------------------------------------------------------------- losses
+@pytest.mark.parametrize("C", [2, 257, 32000, 131072])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_cross_entropy_cuda_matches_torch(C, dtype):
+def test_cross_entropy_matches_torch(C, dtype, gpu):
     torch.manual_seed(C)
-    B, T = 4, 6
-    lengths = torch.tensor([6, 0, 3, 1], device="cuda")
-    valid = torch.arange(T, device="cuda")[None] < lengths[:, None]
-    logits = (torch.randn(B, T, C, device="cuda", dtype=torch.float64) * 3)
-    target = torch.randint(0, C, (B, T), device="cuda")
+    B, T = (4, 6) if C < 100_000 else (2, 3)
+    lengths = torch.tensor([T, 0, 3, 1][:B], device=gpu)
+    valid = torch.arange(T, device=gpu)[None] < lengths[:, None]
+    logits = torch.randn(B, T, C, device=gpu, dtype=torch.float64) * 3
+    target = torch.randint(0, C, (B, T), device=gpu)
     exact = F.cross_entropy(logits[valid], target[valid], label_smoothing=0.1)
     x = logits.to(dtype)
     x[~valid] = float("nan")
@@ -137,33 +224,117 @@ def test_cross_entropy_cuda_matches_torch(C, dtype):
     torch.testing.assert_close(g[valid].double(), g_ref.double(), **tol)
 
 
-def test_cross_entropy_cuda_opcheck_and_all_padding():
-    x = torch.randn(6, 5, device="cuda", dtype=torch.float64, requires_grad=True)
-    t = torch.randint(0, 5, (6,), device="cuda")
-    m = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool, device="cuda")
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_minus_inf_logits_in_valid_rows(label_smoothing, reduction, device):
+    """-inf logits (masked-out classes) give what F.cross_entropy gives, never NaN
+    from exp(-inf - -inf); also at the start of a row and in whole vectors."""
+    C = 37
+    logits = torch.randn(2, 3, C, dtype=torch.float64, device=device) * 2
+    logits[0, 0, :9] = float("-inf")    # the first vectors of a row
+    logits[0, 1, 20:] = float("-inf")
+    logits[1, 0, ::2] = float("-inf")
+    target = torch.tensor([[12, 3, 5], [1, 2, 0]], device=device)
+    lengths = torch.tensor([3, 1], device=device)
+    valid = torch.arange(3, device=device)[None] < lengths[:, None]
+    x = logits.requires_grad_()
+    out = masked_cross_entropy(x, target, lengths, reduction=reduction, label_smoothing=label_smoothing)
+    xv = logits.detach()[valid].clone().requires_grad_()
+    ref = F.cross_entropy(xv, target[valid], reduction=reduction, label_smoothing=label_smoothing)
+    if reduction == "none":
+        out = out[valid]
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12, equal_nan=False)
+    if label_smoothing == 0.0:  # with smoothing the loss is inf, as in PyTorch
+        assert torch.isfinite(out).all()
+        g, = torch.autograd.grad(out.sum(), [x])
+        g_ref, = torch.autograd.grad(ref.sum(), [xv])
+        torch.testing.assert_close(g[valid], g_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("offset", [0, 1, 3])
+@pytest.mark.parametrize("C", [8, 13, 64])
+def test_cross_entropy_unaligned_rows(offset, C, device):
+    """Rows that start off a 16-byte boundary, and C not a multiple of the vector
+    width, take the element-wise path for their tails; results are the same."""
+    base = torch.randn(4 * 5 * C + offset, dtype=torch.float32, device=device)
+    logits = base[offset:].view(4, 5, C).requires_grad_()
+    target = torch.randint(0, C, (4, 5), device=device)
+    lengths = torch.tensor([5, 2, 0, 4], device=device)
+    valid = torch.arange(5, device=device)[None] < lengths[:, None]
+    out = masked_cross_entropy(logits, target, lengths, label_smoothing=0.05)
+    xv = logits.detach()[valid].double().requires_grad_()
+    ref = F.cross_entropy(xv, target[valid], label_smoothing=0.05)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    g, = torch.autograd.grad(out, [logits])
+    g_ref, = torch.autograd.grad(ref, [xv])
+    torch.testing.assert_close(g[valid].double(), g_ref, rtol=1e-4, atol=1e-6)
+    assert (g[~valid] == 0).all()
+
+
+def test_cross_entropy_opcheck_and_all_padding(gpu):
+    x = torch.randn(6, 5, device=gpu, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 5, (6,), device=gpu)
+    m = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool, device=gpu)
     torch.library.opcheck(torch.ops.varlen_kernels.cross_entropy_forward.default, (x, t, m, 0.1))
-    out = masked_cross_entropy(x.view(2, 3, 5), t.view(2, 3), torch.zeros(2, dtype=torch.long, device="cuda"))
+    out = masked_cross_entropy(x.view(2, 3, 5), t.view(2, 3), torch.zeros(2, dtype=torch.long, device=gpu))
     assert out.item() == 0.0 and (torch.autograd.grad(out, [x])[0] == 0).all()
 
 
 @pytest.mark.parametrize("kind", ["mse", "bce_with_logits"])
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_elementwise_losses_cuda_match_cpu(kind, reduction):
-    from varlen_kernels import masked_bce_with_logits, masked_mse
-    fn = masked_mse if kind == "mse" else masked_bce_with_logits
+@pytest.mark.parametrize("reduce_rows", [False, True])
+def test_elementwise_loss_opcheck(kind, reduce_rows, gpu):
+    """Values against F.* on every backend are in test_losses.py."""
     g = torch.Generator().manual_seed(5)
-    pred = torch.randn(3, 7, 5, generator=g, dtype=torch.float64)
-    target = torch.rand(3, 7, 5, generator=g, dtype=torch.float64)
-    lengths = torch.tensor([7, 0, 3])
-    pred[1] = float("nan")
-    outs = []
-    for device in ("cpu", "cuda"):
-        p = pred.to(device).requires_grad_()
-        out = fn(p, target.to(device), lengths)
-        grad, = torch.autograd.grad(out.sum(), [p])
-        outs.append((out.cpu(), grad.cpu()))
-    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-10, atol=1e-12)
+    pred = torch.randn(7, 5, generator=g, dtype=torch.float64).to(gpu).requires_grad_()
+    target = torch.rand(7, 5, generator=g, dtype=torch.float64).to(gpu)
+    mask = torch.tensor([1, 1, 0, 1, 0, 0, 1], dtype=torch.bool, device=gpu)
     torch.library.opcheck(torch.ops.varlen_kernels.elementwise_loss_forward.default,
-                          (pred[0].cuda().requires_grad_(), target[0].cuda(),
-                           torch.ones(7, dtype=torch.bool, device="cuda"), None, kind, reduction == "mean"))
+                          (pred, target, mask, None, kind, reduce_rows))
+
+
+def test_packed_reference_runs_cudnn_in_ieee_fp32():
+    """The nn.* reference never runs in TF32 (cuDNN's default for float32 RNNs)."""
+    seen = []
+
+    class Probe(torch.nn.GRU):
+        def forward(self, *args, **kwargs):
+            seen.append(torch.backends.cudnn.rnn.fp32_precision)
+            return super().forward(*args, **kwargs)
+
+    before = torch.backends.cudnn.rnn.fp32_precision
+    x = torch.randn(4, 2, 3)
+    run_packed(Probe(3, 5), x, torch.tensor([4, 2]), torch.zeros(1, 2, 5), False)
+    assert seen == ["ieee"] and torch.backends.cudnn.rnn.fp32_precision == before
+
+
+@pytest.mark.parametrize("special", ["nan", "inf"])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_cross_entropy_nan_and_inf_logits_in_valid_rows(special, offset, device):
+    """A NaN logit at a valid step gives NaN, as in PyTorch. A +inf logit makes
+    the logsumexp +inf: the loss is +inf (inf - NaN where the target's own logit
+    is +inf), what the math gives; PyTorch's log_softmax gives NaN for the whole
+    row. Same in the vector and the element-wise paths, on every backend."""
+    C = 10
+    base = torch.randn(2 * 4 * C + offset, dtype=torch.float32, device=device)
+    logits = base[offset:].view(2, 4, C)
+    for b, t, c in [(0, 0, 0), (0, 1, 9), (1, 0, 4)]:
+        logits[b, t, c] = float(special)
+    target = torch.tensor([[3, 3, 1, 0], [2, 5, 0, 0]], device=device)
+    lengths = torch.tensor([4, 2], device=device)
+    valid = torch.arange(4, device=device)[None] < lengths[:, None]
+    out = masked_cross_entropy(logits, target, lengths, reduction="none")
+    ref = F.cross_entropy(logits[valid].double(), target[valid], reduction="none")
+    if special == "inf":
+        hit = logits[valid].gather(1, target[valid][:, None])[:, 0] == float("inf")
+        ref = torch.where(torch.isnan(ref) & ~hit, float("inf"), ref)
+    torch.testing.assert_close(out[valid].double(), ref, equal_nan=True, rtol=1e-5, atol=1e-6)
+
+
+def test_cross_entropy_backward_op_refuses_bad_targets(device):
+    """The backward op checks targets too (it is callable on its own)."""
+    logits = torch.randn(3, 4, dtype=torch.float64, device=device)
+    target = torch.tensor([1, 7, 2], device=device)
+    mask = torch.tensor([True, True, False], device=device)
+    grad = torch.ones(3, dtype=torch.float64, device=device)
+    with pytest.raises(RuntimeError, match=r"outside the class range \[0, 4\)|target out of class range"):
+        torch.ops.varlen_kernels.cross_entropy_backward(grad, logits, target, mask, grad, 0.0)

@@ -4,7 +4,10 @@ import torch
 import torch.nn.functional as F
 
 from varlen_kernels import masked_bce_with_logits, masked_cross_entropy, masked_mse
+from varlen_kernels.testing import emulation_active
 
+# Every test runs on each backend (conftest.py: cpu, the CUDA code emulated, cuda).
+pytestmark = pytest.mark.usefixtures("device")
 F64 = dict(rtol=1e-10, atol=1e-12)
 
 
@@ -16,10 +19,18 @@ def make(B=3, T=5, C=10, dtype=torch.float64, seed=0, feature=None):
     target = torch.randint(0, C, (B, T), generator=g)
     # Padding holds garbage: NaN/Inf logits and out-of-range targets.
     logits[~valid] = float("nan")
-    if (~valid).any():
-        logits[~valid][..., 0] = float("inf")
+    logits[..., 0][~valid] = float("inf")  # through a view, so it lands in logits
     target[~valid] = -7
     return logits.requires_grad_(), target, lengths, valid
+
+
+@pytest.mark.cpu_only
+def test_padding_holds_nan_and_inf():
+    """The factory's padding really holds the garbage the tests rely on."""
+    logits, target, _, valid = make(C=4)
+    pad = logits.detach()[~valid]
+    assert torch.isinf(pad[:, 0]).all() and torch.isnan(pad[:, 1:]).all()
+    assert (target[~valid] == -7).all()
 
 
 @pytest.mark.parametrize("C", [2, 10, 257, 32000])
@@ -87,7 +98,12 @@ def test_cross_entropy_large_logits_and_low_precision():
 def test_cross_entropy_out_of_range_target_at_valid_step():
     logits, target, lengths, _ = make(C=4)
     target[0, 2] = 4
-    with pytest.raises(RuntimeError, match=r"target at valid position 2 \(flattened\) is 4, outside the class range \[0, 4\)"):
+    # The CPU kernel names the position; the CUDA kernels fail a device-side assert
+    # (a RuntimeError naming block, thread and condition under the emulation).
+    msg = (r"block \(2, 0, 0\) thread \(\d+, 0, 0\): device-side assert failed: .*target out of "
+           r"class range at a valid position" if emulation_active() else
+           r"target at valid position 2 \(flattened\) is 4, outside the class range \[0, 4\)")
+    with pytest.raises(RuntimeError, match=msg):
         masked_cross_entropy(logits, target, lengths)
 
 

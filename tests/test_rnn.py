@@ -4,14 +4,16 @@ import itertools
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from conftest import CELLS, DEVICES, make_torch_rnn, run_packed, sample_inputs, states_of
+from conftest import CELLS, make_torch_rnn, run_packed, sample_inputs, states_of
 from varlen_kernels import MaskedGRU, MaskedLSTM, MaskedRNN, masked_rnn_reference, ops
 from varlen_kernels.reference import rnn_layer_reference
 
+# Every test runs on each backend (conftest.py: cpu, the CUDA code emulated, cuda).
+pytestmark = pytest.mark.usefixtures("device")
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rtol=2e-5, atol=2e-5)}
 
 
@@ -64,7 +66,6 @@ def check_against_packed(cell, *, num_layers=1, bidirectional=False, batch_first
         torch.testing.assert_close(gp, gp2, **tol, msg=lambda s: f"{name}: {s}")
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("num_layers,bidirectional,batch_first",
                          list(itertools.product([1, 2, 3], [False, True], [False, True])))
@@ -73,7 +74,6 @@ def test_matches_packed_float64(cell, num_layers, bidirectional, batch_first, de
                          batch_first=batch_first, device=device, seed=num_layers)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_matches_packed_float32(cell, bidirectional, device):
@@ -93,7 +93,7 @@ def test_matches_packed_no_bias(cell):
     check_against_packed(cell, num_layers=2, bidirectional=True, bias=False, seed=5)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cell=st.sampled_from(CELLS), T=st.integers(1, 9), B=st.integers(1, 6),
        num_layers=st.integers(1, 2), bidirectional=st.booleans(), batch_first=st.booleans(),
        seed=st.integers(0, 10_000))
@@ -243,6 +243,7 @@ def test_packed_sequence_drop_in(cell, enforce_sorted):
     torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("cell", CELLS)
 def test_state_dict_both_ways(cell):
     ref = make_torch_rnn(cell, 3, 4, num_layers=2, bidirectional=True)
@@ -260,6 +261,7 @@ def test_state_dict_both_ways(cell):
         assert torch.equal(a, b)
 
 
+@pytest.mark.cpu_only
 def test_init_matches_torch_distribution():
     m = MaskedLSTM(8, 16, num_layers=2, bias=True)
     bound = 1 / 16 ** 0.5
@@ -335,6 +337,7 @@ def test_compile_fullgraph_matches_eager():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.cpu_only
 def test_portable_cpu_kernels_match(tmp_path):
     """The portable (non-AVX2) build of the pointwise kernels gives the same results."""
     import subprocess

@@ -34,7 +34,11 @@ def _valid_mask(x: Tensor, lengths, mask, batch_first: bool, name: str) -> Tenso
         if tuple(mask.shape) != lead:
             raise ValueError(f"mask must have shape {lead} ({name}'s leading dims), got {tuple(mask.shape)}")
         return mask.to(x.device)
+    on_host = isinstance(lengths, (list, tuple)) or (isinstance(lengths, Tensor) and lengths.device.type == "cpu")
     lengths = check_lengths(lengths, T, B, x.device)
+    if not on_host:  # checked on the device, without a host sync (CPU lengths were checked eagerly)
+        torch._assert_async(((lengths >= 0) & (lengths <= T)).all(),
+                            f"lengths must be in [0, T] with T={T} (the time dimension)")
     steps = torch.arange(T, device=x.device)
     valid = steps.unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
     return valid if batch_first else valid.t()

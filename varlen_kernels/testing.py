@@ -109,11 +109,16 @@ def selftest(x, name: str, blocks: int, threads: int):
 
 
 @contextlib.contextmanager
-def emulated_sm_count(n: int):
-    """Sets the emulated device's SM count (bounds cooperative grids) for a while."""
+def emulated_device(*, sm_count=None, max_grid_blocks=None):
+    """Changes limits of the emulated device for a while: ``sm_count`` bounds
+    cooperative grids; ``max_grid_blocks`` caps grid-stride launches, so that a
+    small test makes their loops go round."""
     module = emulation_module()
-    old = module.set_sm_count(int(n))
+    new = {k: v for k, v in (("sm_count", sm_count), ("max_grid_blocks", max_grid_blocks))
+           if v is not None}
+    old = {k: module.set_limit(k, int(v)) for k, v in new.items()}
     try:
         yield
     finally:
-        module.set_sm_count(old)
+        for k, v in old.items():
+            module.set_limit(k, v)

@@ -122,7 +122,10 @@ void ce_backward_rows(const CeArgs<scalar_t, acc_t>& a, int64_t r0, int64_t r1) 
     at::vec::map<acc_t>(
         [go, lse, uniform](const V& v) { return (v - V(lse)).exp() * V(go) - V(uniform); }, dst,
         x, C);
-    dst[a.target[r]] -= go * (acc_t(1) - eps);
+    const int64_t t = a.target[r];
+    TORCH_CHECK(t >= 0 && t < C, "target at valid position ", r, " (flattened) is ", t,
+                ", outside the class range [0, ", C, ")");
+    dst[t] -= go * (acc_t(1) - eps);
     if constexpr (!std::is_same_v<scalar_t, acc_t>) {
       for (int64_t c = 0; c < C; ++c) g[c] = scalar_t(dst[c]);
     }

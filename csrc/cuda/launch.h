@@ -44,8 +44,12 @@ using DeviceGuard = c10::cuda::CUDAGuard;
 #endif
 
 // Blocks for a grid-stride loop over n items, `per_block` at a time: never more
-// than max_blocks, so an int64 count never narrows into a launch dimension.
+// than max_blocks (nor the build's cap), so an int64 count never narrows into a
+// launch dimension.
 inline unsigned grid_for(int64_t n, int64_t per_block, int64_t max_blocks = 65535 * 16) {
+#ifdef VK_EMULATE_CUDA
+  max_blocks = std::min(max_blocks, ::vk_emu::device_limits().max_grid_blocks);
+#endif
   return static_cast<unsigned>(std::clamp<int64_t>((n + per_block - 1) / per_block, 1, max_blocks));
 }
 

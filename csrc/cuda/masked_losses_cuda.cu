@@ -4,7 +4,8 @@
 // sum per thread, then a block reduction), so log-softmax is never
 // materialized; only the per-token logsumexp is kept. Backward: softmax -
 // onehot, scaled by the upstream gradient. Logits are read 16 bytes at a time
-// where the row is aligned. Rows with mask false are never read. No host sync.
+// from each row's first 16-byte boundary on. Rows with mask false are never
+// read. No host sync.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -25,17 +26,62 @@ using at::Tensor;
 
 constexpr int kThreads = 256;
 
-// (max, sum of exp(x - max)) pairs, merged.
+// A running logsumexp: (max, sum of exp(x - max)). Special values end up as in
+// PyTorch's logsumexp: a NaN makes it NaN, a +inf makes it +inf (m = +inf,
+// s = 1), a -inf adds exp(-inf) = 0 (never exp(-inf - -inf) = NaN).
 template <typename T>
 struct MaxSum {
   T m, s;
 };
 template <typename T>
+__device__ __forceinline__ bool is_nan(T v) {
+  return v != v;
+}
+template <typename T>
 __device__ __forceinline__ MaxSum<T> merge(MaxSum<T> a, MaxSum<T> b) {
-  if (a.m == -INFINITY) return b;
-  if (b.m == -INFINITY) return a;
+  if (is_nan(a.m) || a.m == T(INFINITY)) return a;
+  if (is_nan(b.m) || b.m == T(INFINITY)) return b;
+  if (a.m == T(-INFINITY)) return b;
+  if (b.m == T(-INFINITY)) return a;
   const T m = a.m > b.m ? a.m : b.m;
   return {m, a.s * Math<T>::exp(a.m - m) + b.s * Math<T>::exp(b.m - m)};
+}
+
+// Adds one value: one exp (the sum is rescaled only when the max moves).
+template <typename T>
+__device__ __forceinline__ void online_add(MaxSum<T>& ms, T v) {
+  if (is_nan(ms.m) || ms.m == T(INFINITY)) return;  // final already
+  if (is_nan(v) || v == T(INFINITY)) {
+    ms = {v, T(1)};
+  } else if (v > ms.m) {  // ms.m = -inf gives exp(-inf) = 0
+    ms.s = ms.s * Math<T>::exp(ms.m - v) + T(1);
+    ms.m = v;
+  } else if (v != T(-INFINITY)) {
+    ms.s += Math<T>::exp(v - ms.m);
+  }
+}
+
+// Adds N values at once: their max first, then one rescale and N exps.
+template <typename T, int N>
+__device__ __forceinline__ void online_add(MaxSum<T>& ms, const T (&v)[N]) {
+  if (is_nan(ms.m) || ms.m == T(INFINITY)) return;
+  T m = ms.m;
+  bool special = false;
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    special |= is_nan(v[k]) || v[k] == T(INFINITY);
+    m = v[k] > m ? v[k] : m;
+  }
+  if (special) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) online_add(ms, v[k]);
+    return;
+  }
+  if (m == T(-INFINITY)) return;  // everything so far is -inf: the sum stays 0
+  T s = ms.s * Math<T>::exp(ms.m - m);
+#pragma unroll
+  for (int k = 0; k < N; ++k) s += Math<T>::exp(v[k] - m);
+  ms = {m, s};
 }
 
 template <typename T>
@@ -47,7 +93,8 @@ __device__ __forceinline__ MaxSum<T> shfl_down(MaxSum<T> v, int o) {
   return {__shfl_down_sync(0xffffffff, v.m, o), __shfl_down_sync(0xffffffff, v.s, o)};
 }
 
-// Reduction over the block; `identity` fills the lanes of missing warps.
+// Reduction over the block (a multiple of 32 threads); `identity` fills the
+// lanes of missing warps. Every thread gets the result.
 template <typename T, typename Op>
 __device__ T block_reduce(T v, Op op, T identity, T* shared) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -55,7 +102,7 @@ __device__ T block_reduce(T v, Op op, T identity, T* shared) {
   if (lane == 0) shared[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    v = lane < int(blockDim.x / 32) ? shared[lane] : identity;
+    v = lane < int((blockDim.x + 31) / 32) ? shared[lane] : identity;
     for (int o = 16; o > 0; o /= 2) v = op(v, shfl_down(v, o));
     if (lane == 0) shared[0] = v;
   }
@@ -72,26 +119,26 @@ struct alignas(16) Vec16 {
   scalar_t v[kSize];
 };
 
-// Rows are read as 16-byte vectors when the row start is aligned (uniform
-// across the block), else one element at a time.
+// A row of C elements split into a head before its first 16-byte boundary,
+// whole 16-byte vectors from there, and a tail: [0, head), vectors
+// [head, tail), [tail, C). `other`, if given, must share the split (the
+// backward reads logits and writes gradients with the same vectors);
+// otherwise the whole row is head.
+struct RowSplit {
+  int64_t head, nvec, tail;
+};
 template <typename scalar_t>
-__device__ __forceinline__ bool row_aligned(const scalar_t* x) {
-  return reinterpret_cast<std::uintptr_t>(x) % 16 == 0;
-}
-
-// Adds the values v[0..n) to a running (max, sum of exp(x - max)). A -inf value
-// adds exp(-inf) = 0 (never exp(-inf - -inf) = NaN).
-template <typename acc_t, int N>
-__device__ __forceinline__ void online_add(MaxSum<acc_t>& ms, const acc_t (&v)[N]) {
-  acc_t m = ms.m;
-#pragma unroll
-  for (int k = 0; k < N; ++k) m = v[k] > m ? v[k] : m;
-  if (m == -INFINITY) return;  // everything so far is -inf: the sum stays 0
-  acc_t s = ms.s * Math<acc_t>::exp(ms.m - m);  // ms.m = -inf gives 0
-#pragma unroll
-  for (int k = 0; k < N; ++k) s += Math<acc_t>::exp(v[k] - m);
-  ms.m = m;
-  ms.s = s;
+__device__ __forceinline__ RowSplit split_row(const void* p, int64_t C,
+                                              const void* other = nullptr) {
+  constexpr int V = Vec16<scalar_t>::kSize;
+  const auto a = reinterpret_cast<std::uintptr_t>(p);
+  if (a % sizeof(scalar_t) != 0 ||
+      (other != nullptr && (reinterpret_cast<std::uintptr_t>(other) - a) % 16 != 0))
+    return {C, 0, C};
+  const int64_t to_boundary = int64_t((16 - a % 16) % 16 / sizeof(scalar_t));
+  const int64_t head = to_boundary < C ? to_boundary : C;
+  const int64_t nvec = (C - head) / V;
+  return {head, nvec, head + nvec * V};
 }
 
 template <typename scalar_t, typename acc_t>
@@ -110,35 +157,34 @@ __global__ void ce_forward_kernel(const scalar_t* __restrict__ logits,
     const int64_t t = target[r];
     CUDA_KERNEL_ASSERT(t >= 0 && t < C && "target out of class range at a valid position");
     const scalar_t* x = logits + r * C;
+    const RowSplit part = split_row<scalar_t>(x, C);
     const MaxSum<acc_t> none{-INFINITY, acc_t(0)};
     MaxSum<acc_t> ms = none;
     acc_t sum = acc_t(0);
-    int64_t c0 = 0;
-    if (row_aligned(x)) {
-      const int64_t nvec = C / V;
-      for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
-        const Vec16<scalar_t> in = reinterpret_cast<const Vec16<scalar_t>*>(x)[i];
-        acc_t v[V];
-#pragma unroll
-        for (int k = 0; k < V; ++k) {
-          v[k] = acc_t(in.v[k]);
-          sum += v[k];
-        }
-        online_add(ms, v);
-      }
-      c0 = nvec * V;
-    }
-    for (int64_t c = c0 + threadIdx.x; c < C; c += blockDim.x) {
-      const acc_t v[1] = {acc_t(x[c])};
+    auto scalar = [&](int64_t c) {
+      const acc_t v = acc_t(x[c]);
       online_add(ms, v);
-      sum += v[0];
+      sum += v;
+    };
+    for (int64_t c = threadIdx.x; c < part.head; c += blockDim.x) scalar(c);
+    const Vec16<scalar_t>* xv = reinterpret_cast<const Vec16<scalar_t>*>(x + part.head);
+    for (int64_t i = threadIdx.x; i < part.nvec; i += blockDim.x) {
+      const Vec16<scalar_t> in = xv[i];
+      acc_t v[V];
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        v[k] = acc_t(in.v[k]);
+        sum += v[k];
+      }
+      online_add(ms, v);
     }
+    for (int64_t c = part.tail + threadIdx.x; c < C; c += blockDim.x) scalar(c);
     ms = block_reduce(ms, [](MaxSum<acc_t> a, MaxSum<acc_t> b) { return merge(a, b); }, none,
                       shared_ms);
     if (eps != acc_t(0))
       sum = block_reduce(sum, [](acc_t a, acc_t b) { return a + b; }, acc_t(0), shared_sum);
     if (threadIdx.x == 0) {
-      const acc_t lse = ms.m + ::log(ms.s);
+      const acc_t lse = ms.m + Math<acc_t>::log(ms.s);
       acc_t l = (acc_t(1) - eps) * (lse - acc_t(x[t]));
       if (eps != acc_t(0)) l += eps * (lse - sum / acc_t(C));
       loss[r] = l;
@@ -156,37 +202,41 @@ __global__ void ce_backward_kernel(const acc_t* __restrict__ grad_loss,
   constexpr int V = Vec16<scalar_t>::kSize;
   for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
     scalar_t* g = grad + r * C;
-    const bool aligned = row_aligned(g) && row_aligned(logits + r * C);
-    const int64_t c0 = aligned ? C / V * V : 0;
+    Vec16<scalar_t>* gv;
     if (!mask[r]) {
+      const RowSplit part = split_row<scalar_t>(g, C);
+      gv = reinterpret_cast<Vec16<scalar_t>*>(g + part.head);
       Vec16<scalar_t> zero;
 #pragma unroll
       for (int k = 0; k < V; ++k) zero.v[k] = scalar_t(0);
-      for (int64_t i = threadIdx.x; i < c0 / V; i += blockDim.x)
-        reinterpret_cast<Vec16<scalar_t>*>(g)[i] = zero;
-      for (int64_t c = c0 + threadIdx.x; c < C; c += blockDim.x) g[c] = scalar_t(0);
+      for (int64_t c = threadIdx.x; c < part.head; c += blockDim.x) g[c] = scalar_t(0);
+      for (int64_t i = threadIdx.x; i < part.nvec; i += blockDim.x) gv[i] = zero;
+      for (int64_t c = part.tail + threadIdx.x; c < C; c += blockDim.x) g[c] = scalar_t(0);
       continue;
     }
     const scalar_t* x = logits + r * C;
+    const RowSplit part = split_row<scalar_t>(x, C, g);
     const acc_t go = grad_loss[r], l = lse[r], uniform = go * eps / acc_t(C);
     const acc_t hit = go * (acc_t(1) - eps);
     const int64_t t = target[r];
-    for (int64_t i = threadIdx.x; i < c0 / V; i += blockDim.x) {
-      const Vec16<scalar_t> in = reinterpret_cast<const Vec16<scalar_t>*>(x)[i];
+    CUDA_KERNEL_ASSERT(t >= 0 && t < C && "target out of class range at a valid position");
+    auto grad_of = [&](acc_t v, int64_t c) {
+      acc_t d = Math<acc_t>::exp(v - l) * go - uniform;
+      return c == t ? d - hit : d;
+    };
+    for (int64_t c = threadIdx.x; c < part.head; c += blockDim.x)
+      g[c] = scalar_t(grad_of(acc_t(x[c]), c));
+    const Vec16<scalar_t>* xv = reinterpret_cast<const Vec16<scalar_t>*>(x + part.head);
+    gv = reinterpret_cast<Vec16<scalar_t>*>(g + part.head);
+    for (int64_t i = threadIdx.x; i < part.nvec; i += blockDim.x) {
+      const Vec16<scalar_t> in = xv[i];
       Vec16<scalar_t> out;
 #pragma unroll
-      for (int k = 0; k < V; ++k) {
-        acc_t v = Math<acc_t>::exp(acc_t(in.v[k]) - l) * go - uniform;
-        if (i * V + k == t) v -= hit;
-        out.v[k] = scalar_t(v);
-      }
-      reinterpret_cast<Vec16<scalar_t>*>(g)[i] = out;
+      for (int k = 0; k < V; ++k) out.v[k] = scalar_t(grad_of(acc_t(in.v[k]), part.head + i * V + k));
+      gv[i] = out;
     }
-    for (int64_t c = c0 + threadIdx.x; c < C; c += blockDim.x) {
-      acc_t v = Math<acc_t>::exp(acc_t(x[c]) - l) * go - uniform;
-      if (c == t) v -= hit;
-      g[c] = scalar_t(v);
-    }
+    for (int64_t c = part.tail + threadIdx.x; c < C; c += blockDim.x)
+      g[c] = scalar_t(grad_of(acc_t(x[c]), c));
   }
 }
 

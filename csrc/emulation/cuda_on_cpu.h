@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <source_location>
 #include <type_traits>
 
 // ------------------------------------------------------------ qualifiers
@@ -89,6 +90,9 @@ struct DeviceLimits {
   size_t max_shared_per_sm = 228 * 1024;
   // Fibers of one cooperative launch (each has a guarded stack mapping).
   int max_cooperative_threads = 16384;
+  // Blocks of a grid-stride launch (varlen::cuda::grid_for): the nvcc build
+  // uses 65535 * 16; tests make it small so that the loops go round.
+  int64_t max_grid_blocks = 65535 * 16;
 };
 DeviceLimits& device_limits();
 
@@ -102,15 +106,19 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, bool cooperative,
 [[noreturn]] void assert_failed(const char* cond, const char* file, int line);
 
 // Synchronization and warp primitives, called by the intrinsics below.
-void sync_block();
-int sync_block_reduce(int pred, int op);  // op: 0 count, 1 and, 2 or
+// Barriers remember their call site: threads waiting at different
+// __syncthreads() calls are a divergent barrier, an error.
+void sync_block(const char* file, unsigned line);
+int sync_block_reduce(int pred, int op, const char* file, unsigned line);  // op: 0 count, 1 and, 2 or
 void sync_grid();
 void yield();  // for spin waits on flags set by other threads or blocks
 enum class WarpOp : int { Sync, ShflIdx, ShflUp, ShflDown, ShflXor, Ballot, Any, All };
 uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int width);
+unsigned active_mask();  // the lanes of the calling warp that have not exited
 
-// Shared memory of the current block: one buffer per declaration site (site,
-// the k-th execution of it by this thread), same pointer for every thread.
+// Shared memory of the current block: one buffer per declaration site, the
+// same for every thread of the block (as a __shared__ variable is one per
+// block, however often its function runs).
 void* shared_array(const void* site, size_t bytes, size_t align);
 void* dynamic_shared(size_t align);
 
@@ -137,17 +145,27 @@ T from_bits(uint64_t b) {
 }  // namespace vk_emu
 
 // One buffer per site and block; the static is only an address to key on.
-#define VK_SHARED(T, name, n)                 \
-  static const char name##_vk_site = 0;       \
-  T* const name = ::vk_emu::shared_array_of<T>(&name##_vk_site, (n))
+// `name` is an array reference of a compile-time size, as under nvcc.
+#define VK_SHARED(T, name, n)                                             \
+  static char name##_vk_site;                                             \
+  constexpr size_t name##_vk_n = (n);                                     \
+  T(&name)[name##_vk_n] = *reinterpret_cast<T(*)[name##_vk_n]>(           \
+      ::vk_emu::shared_array_of<T>(&name##_vk_site, name##_vk_n))
 #define VK_DYNAMIC_SHARED(T, name) \
   T* const name = static_cast<T*>(::vk_emu::dynamic_shared(alignof(T)))
 
 // ------------------------------------------------------------ intrinsics
-inline void __syncthreads() { vk_emu::sync_block(); }
-inline int __syncthreads_count(int p) { return vk_emu::sync_block_reduce(p, 0); }
-inline int __syncthreads_and(int p) { return vk_emu::sync_block_reduce(p, 1); }
-inline int __syncthreads_or(int p) { return vk_emu::sync_block_reduce(p, 2); }
+using vk_site = std::source_location;
+inline void __syncthreads(vk_site s = vk_site::current()) { vk_emu::sync_block(s.file_name(), s.line()); }
+inline int __syncthreads_count(int p, vk_site s = vk_site::current()) {
+  return vk_emu::sync_block_reduce(p, 0, s.file_name(), s.line());
+}
+inline int __syncthreads_and(int p, vk_site s = vk_site::current()) {
+  return vk_emu::sync_block_reduce(p, 1, s.file_name(), s.line());
+}
+inline int __syncthreads_or(int p, vk_site s = vk_site::current()) {
+  return vk_emu::sync_block_reduce(p, 2, s.file_name(), s.line());
+}
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
   vk_emu::warp_op(vk_emu::WarpOp::Sync, mask, 0, 0, 32);
 }
@@ -180,7 +198,7 @@ inline int __any_sync(unsigned mask, int pred) {
 inline int __all_sync(unsigned mask, int pred) {
   return int(vk_emu::warp_op(vk_emu::WarpOp::All, mask, pred != 0, 0, 32));
 }
-inline unsigned __activemask() { return 0xffffffffu; }
+inline unsigned __activemask() { return vk_emu::active_mask(); }
 
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
@@ -234,7 +252,7 @@ struct grid_group {
   void sync() const { vk_emu::sync_grid(); }
 };
 struct thread_block {
-  void sync() const { vk_emu::sync_block(); }
+  void sync(vk_site s = vk_site::current()) const { vk_emu::sync_block(s.file_name(), s.line()); }
 };
 inline grid_group this_grid() { return {}; }
 inline thread_block this_thread_block() { return {}; }

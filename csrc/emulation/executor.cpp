@@ -58,8 +58,11 @@ struct Fiber {
   unsigned wmask = 0;
   uint64_t wvalue = 0, wresult = 0;
   int warg = 0, wwidth = 32;
-  // Block barrier with a reduction.
+  // Block barrier with a reduction, and where the thread reached it.
   int bpred = 0, bresult = 0;
+  const char* bfile = nullptr;
+  unsigned bline = 0;
+  bool yielded = false;  // parked by yield() in the last pass
   void* fake_stack = nullptr;  // AddressSanitizer's, while switched out
 };
 
@@ -109,7 +112,8 @@ struct StackPool {
     void* p = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_STACK, -1, 0);
     if (p == MAP_FAILED) throw std::runtime_error("emulated launch: cannot map a fiber stack");
-    mprotect(p, page, PROT_NONE);  // guard page below the stack
+    if (mprotect(p, page, PROT_NONE) != 0)  // guard page below the stack
+      throw std::runtime_error("emulated launch: cannot protect a fiber stack's guard page");
     return static_cast<char*>(p) + page;
   }
   void put(char* s) { free.push_back(s); }
@@ -176,6 +180,8 @@ void resume(Fiber& f) {
   ts.current = nullptr;
 }
 
+void recheck_warp(const Fiber& done);
+
 void fiber_main() {
   Fiber& f = *ts.current;
 #ifdef VK_ASAN
@@ -190,8 +196,17 @@ void fiber_main() {
   } catch (const std::exception& e) {
     if (!L.error)
       L.error = std::make_exception_ptr(KernelError(where(f) + ": " + e.what()));
+  } catch (...) {
+    if (!L.error) L.error = std::make_exception_ptr(KernelError(where(f) + ": unknown exception"));
   }
   f.state = State::Done;
+  if (!L.cancelling && !L.error) {
+    try {
+      recheck_warp(f);
+    } catch (...) {
+      L.error = std::current_exception();
+    }
+  }
   switch_to_scheduler(f, true);
 }
 
@@ -235,54 +250,65 @@ std::string op_name(WarpOp op) {
   throw KernelError(where(f) + ": " + op_name(f.wop) + ": " + msg);
 }
 
-// If every lane of f's mask is parked at the same intrinsic with the same
-// mask, computes every lane's result and makes them runnable.
+// If every lane of f's mask that exists and has not exited is parked at the
+// same intrinsic with the same mask, computes their results and makes them
+// runnable. (CUDA requires only the non-exited lanes named in the mask to take
+// part; a shuffle that reads an absent lane is an error here, where CUDA
+// would return an undefined value.)
 void try_complete_warp(Fiber& f) {
   Launch& L = *ts.launch;
   const std::vector<int>& lanes = L.warp_lanes[size_t(f.block) * L.warps_per_block + f.warp];
-  for (int l = 0; l < 32; ++l) {
+  unsigned present = 0;
+  for (int l = 0; l < int(lanes.size()); ++l) {
     if (!(f.wmask >> l & 1u)) continue;
-    if (l >= int(lanes.size()))
-      warp_fail(f, "mask 0x" + [&] { std::ostringstream s; s << std::hex << f.wmask; return s.str(); }() +
-                       " names lane " + std::to_string(l) + ", which does not exist in this block");
     const Fiber& o = L.fibers[lanes[l]];
-    if (o.state == State::Done)
-      warp_fail(f, "lane " + std::to_string(l) + " of the mask has exited");
+    if (o.state == State::Done) continue;
     // Not there yet, or still at another intrinsic of its own group (which
     // may complete first); a lane that never comes is a deadlock, reported
     // by the scheduler.
     if (o.state != State::Warp || o.wop != f.wop || o.wmask != f.wmask) return;
+    present |= 1u << l;
   }
   uint64_t bits = 0;
   for (int l = 0; l < 32; ++l)
-    if (f.wmask >> l & 1u) bits |= uint64_t(L.fibers[lanes[l]].wvalue != 0) << l;
+    if (present >> l & 1u) bits |= uint64_t(L.fibers[lanes[l]].wvalue != 0) << l;
   for (int l = 0; l < 32; ++l) {
-    if (!(f.wmask >> l & 1u)) continue;
+    if (!(present >> l & 1u)) continue;
     Fiber& o = L.fibers[lanes[l]];
-    const int w = o.wwidth, base = l / w * w;
+    // PTX uses the low 5 bits of the lane argument; width is a power of 2.
+    const int w = o.wwidth, base = l & ~(w - 1), d = o.warg & 31;
     int src = l;
     switch (o.wop) {
-      case WarpOp::ShflIdx: src = base + ((o.warg % w) + w) % w; break;
-      case WarpOp::ShflUp: src = l - o.warg >= base ? l - o.warg : l; break;
-      case WarpOp::ShflDown: src = l + o.warg < base + w ? l + o.warg : l; break;
-      case WarpOp::ShflXor: src = (l ^ o.warg) < base + w ? (l ^ o.warg) : l; break;
+      case WarpOp::ShflIdx: src = base + (d & (w - 1)); break;
+      case WarpOp::ShflUp: src = l - d >= base ? l - d : l; break;
+      case WarpOp::ShflDown: src = l + d < base + w ? l + d : l; break;
+      case WarpOp::ShflXor: src = (l ^ d) < base + w ? (l ^ d) : l; break;
       default: break;
     }
     switch (o.wop) {
       case WarpOp::Ballot: o.wresult = bits; break;
       case WarpOp::Any: o.wresult = bits != 0; break;
-      case WarpOp::All: o.wresult = bits == f.wmask; break;
+      case WarpOp::All: o.wresult = bits == present; break;
       case WarpOp::Sync: o.wresult = 0; break;
       default:
-        if (!(f.wmask >> src & 1u))
-          warp_fail(o, "lane " + std::to_string(l) + " reads lane " + std::to_string(src) +
-                           ", which is not in the mask");
+        if (!(present >> src & 1u))
+          warp_fail(o, "lane " + std::to_string(l) + " reads lane " + std::to_string(src) + ", which " +
+                           (src >= int(lanes.size()) ? "does not exist in this block"
+                            : !(f.wmask >> src & 1u) ? "is not in the mask"
+                                                      : "has exited"));
         o.wresult = L.fibers[lanes[src]].wvalue;
     }
   }
   for (int l = 0; l < 32; ++l)
-    if (f.wmask >> l & 1u) L.fibers[lanes[l]].state = State::Ready;
+    if (present >> l & 1u) L.fibers[lanes[l]].state = State::Ready;
   L.run_ahead.push_back(size_t(f.block) * L.warps_per_block + f.warp);
+}
+
+// A fiber that exits may be the last lane a parked warp group waited for.
+void recheck_warp(const Fiber& done) {
+  Launch& L = *ts.launch;
+  for (int i : L.warp_lanes[size_t(done.block) * L.warps_per_block + done.warp])
+    if (L.fibers[i].state == State::Warp) try_complete_warp(L.fibers[i]);
 }
 
 // ------------------------------------------------------------ scheduling
@@ -320,11 +346,18 @@ bool release_barriers(Launch& L) {
     const BlockState& B = L.blocks[b];
     if (B.first < lo || B.first >= hi) continue;
     int at = 0, done = 0, count = 0;
+    const Fiber* first_at = nullptr;
     for (int i = B.first; i < B.first + B.count; ++i) {
       const Fiber& f = L.fibers[i];
       if (f.state == State::Block) {
         ++at;
         count += f.bpred != 0;
+        if (first_at == nullptr) first_at = &f;
+        if (f.bline != first_at->bline || std::string(f.bfile) != first_at->bfile)
+          throw KernelError("threads of block " + str(B.idx) + " wait at different __syncthreads(): " +
+                            where(*first_at) + " at " + first_at->bfile + ":" +
+                            std::to_string(first_at->bline) + ", " + where(f) + " at " + f.bfile +
+                            ":" + std::to_string(f.bline) + " (a divergent barrier)");
       }
       done += f.state == State::Done;
     }
@@ -366,18 +399,25 @@ void cancel_all(Launch& L) {
   }
 }
 
+// Passes in a row in which every thread that ran only yielded (a spin wait):
+// past this, the flag it waits for can never be set.
+constexpr int kMaxSpinPasses = 10000;
+
 void run_group(Launch& L, int first, int count, std::mt19937_64& rng) {
   L.active_first = first;
   L.active_count = count;
   for (int i = first; i < first + count; ++i) start_fiber(L.fibers[i]);
+  int spin_passes = 0;
   try {
     for (;;) {
-      bool ran = false;
+      bool ran = false, only_yields = true;
       for (int i : pass_order(first, count, rng)) {
         Fiber& f = L.fibers[i];
         if (f.state != State::Ready) continue;
+        f.yielded = false;
         resume(f);
         ran = true;
+        only_yields &= f.yielded && f.state == State::Ready;
         while (!L.error && !L.run_ahead.empty()) {
           const size_t w = L.run_ahead.back();
           L.run_ahead.pop_back();
@@ -395,8 +435,17 @@ void run_group(Launch& L, int first, int count, std::mt19937_64& rng) {
       bool done = true;
       for (int i = first; i < first + count; ++i) done &= L.fibers[i].state == State::Done;
       if (done) break;
-      if (!release_barriers(L) && !ran)
+      const bool released = release_barriers(L);
+      if (!released && !ran)
         throw KernelError("deadlock: no thread can go on" + describe_stuck(L));
+      spin_passes = released || !only_yields ? 0 : spin_passes + 1;
+      if (spin_passes > kMaxSpinPasses)
+        throw KernelError(std::string("livelock: every runnable thread spins in a wait that nothing "
+                                      "ends") +
+                          (L.cooperative ? "" : " (a non-cooperative launch runs its blocks one "
+                                                "after another: a flag set by another block never "
+                                                "comes)") +
+                          describe_stuck(L));
     }
   } catch (...) {
     cancel_all(L);
@@ -524,15 +573,19 @@ void assert_failed(const char* cond, const char* file, int line) {
   throw KernelError(msg);
 }
 
-void sync_block() {
+void sync_block(const char* file, unsigned line) {
   Fiber& f = running("__syncthreads");
   f.bpred = 0;
+  f.bfile = file;
+  f.bline = line;
   park(State::Block);
 }
 
-int sync_block_reduce(int pred, int op) {
+int sync_block_reduce(int pred, int op, const char* file, unsigned line) {
   Fiber& f = running("__syncthreads_count/and/or");
   f.bpred = pred != 0;
+  f.bfile = file;
+  f.bline = line;
   park(State::Block);
   const int count = f.bresult, n = int(blockDim.x * blockDim.y * blockDim.z);
   return op == 0 ? count : (op == 1 ? int(count == n) : int(count > 0));
@@ -546,7 +599,8 @@ void sync_grid() {
 }
 
 void yield() {
-  running("vk_emu::yield");
+  Fiber& f = running("vk_emu::yield");
+  f.yielded = true;
   park(State::Ready);
 }
 
@@ -588,6 +642,16 @@ void* shared_array(const void* site, size_t bytes, size_t align) {
   s.data.reset(new unsigned char[bytes == 0 ? 1 : bytes]);
   std::memset(s.data.get(), 0xff, bytes);  // garbage: NaN in every float type
   return s.data.get();
+}
+
+unsigned active_mask() {
+  Fiber& f = running("__activemask");
+  const Launch& L = *ts.launch;
+  unsigned m = 0;
+  const std::vector<int>& lanes = L.warp_lanes[size_t(f.block) * L.warps_per_block + f.warp];
+  for (int l = 0; l < int(lanes.size()); ++l)
+    if (L.fibers[lanes[l]].state != State::Done) m |= 1u << l;
+  return m;
 }
 
 void* dynamic_shared(size_t align) {

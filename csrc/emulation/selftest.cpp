@@ -6,6 +6,7 @@
 
 #include "cuda/launch.h"
 
+#include <bit>
 #include <string>
 
 namespace varlen {
@@ -113,11 +114,33 @@ __global__ void divergent_barrier_kernel(const float* x, float* out) {
   out[i] = x[i];
 }
 
-// Odd lanes leave; even lanes shuffle with the full mask.
+// Odd lanes leave; even lanes shuffle with the full mask (and read the odd ones).
 __global__ void divergent_warp_kernel(const float* x, float* out) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (threadIdx.x % 2) return;
   out[i] = __shfl_down_sync(0xffffffffu, x[i], 1);
+}
+
+// Threads wait at two different barriers: a divergent barrier.
+__global__ void two_barriers_kernel(const float* x, float* out) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (threadIdx.x < 16) {
+    __syncthreads();
+    out[i] = x[i];
+  } else {
+    __syncthreads();
+    out[i] = -x[i];
+  }
+}
+
+// Lane arguments outside [0, 32) (PTX uses their low 5 bits) and a partial
+// last warp shuffling among its active lanes: out (n, 3).
+__global__ void lane_args_kernel(const float* x, float* out) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  const unsigned active = __activemask();
+  out[3 * i] = __shfl_xor_sync(active, x[i], 33);      // lane ^ 1
+  out[3 * i + 1] = __shfl_sync(active, x[i], 32 + 2);  // lane 2 of the warp
+  out[3 * i + 2] = float(std::popcount(active));
 }
 
 // Cooperative: block 0's last thread publishes a flag the other blocks spin on.
@@ -131,6 +154,27 @@ __global__ void spin_kernel(const float* x, float* out, int* flag) {
   }
   while (atomicAdd(flag, 0) == 0) vk_emu::yield();
   out[i] = x[i] + 1.f;
+}
+
+// Writes past a 32-element shared array when the block has more than 32
+// threads: AddressSanitizer must report it (only run under ASan).
+__global__ void shared_overflow_kernel(const float* x, float* out) {
+  VK_SHARED(float, s, 32);
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  s[threadIdx.x] = x[i];
+  __syncthreads();
+  out[i] = s[threadIdx.x];
+}
+
+// Every block waits for a flag the last block sets: fine on a GPU where all
+// blocks are resident; a plain launch guarantees no such thing.
+__global__ void wait_for_last_block_kernel(float* out, int* flag) {
+  if (blockIdx.x == gridDim.x - 1) {
+    atomicExch(flag, 1);
+    return;
+  }
+  while (atomicAdd(flag, 0) == 0) vk_emu::yield();
+  out[blockIdx.x * blockDim.x + threadIdx.x] = 1.f;
 }
 
 at::Tensor selftest(const at::Tensor& x_in, c10::string_view name_view, int64_t blocks,
@@ -179,6 +223,11 @@ at::Tensor selftest(const at::Tensor& x_in, c10::string_view name_view, int64_t 
                  out.data_ptr<float>());
     return out;
   }
+  if (name == "lane_args") {
+    at::Tensor out = at::empty({x.numel(), 3}, f32);
+    cuda::launch(lane_args_kernel, grid, block, 0, stream, xp, out.data_ptr<float>());
+    return out;
+  }
   if (name == "spin") {
     at::Tensor out = at::empty({x.numel()}, f32);
     at::Tensor flag = at::zeros({1}, x.options().dtype(at::kInt));
@@ -192,6 +241,13 @@ at::Tensor selftest(const at::Tensor& x_in, c10::string_view name_view, int64_t 
     cuda::launch(assert_kernel, grid, block, 0, stream, xp, out.data_ptr<float>());
   else if (name == "divergent_barrier")
     cuda::launch(divergent_barrier_kernel, grid, block, 0, stream, xp, out.data_ptr<float>());
+  else if (name == "two_barriers")
+    cuda::launch(two_barriers_kernel, grid, block, 0, stream, xp, out.data_ptr<float>());
+  else if (name == "spin_noncooperative")
+    cuda::launch(wait_for_last_block_kernel, grid, block, 0, stream, out.data_ptr<float>(),
+                 at::zeros({1}, x.options().dtype(at::kInt)).data_ptr<int>());
+  else if (name == "shared_overflow")
+    cuda::launch(shared_overflow_kernel, grid, block, 0, stream, xp, out.data_ptr<float>());
   else if (name == "divergent_warp")
     cuda::launch(divergent_warp_kernel, grid, block, 0, stream, xp, out.data_ptr<float>());
   else

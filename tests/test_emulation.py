@@ -1,0 +1,260 @@
+"""The CPU execution of CUDA code checks itself: the executor's test kernels
+(csrc/emulation/selftest.cpp) in every thread order, and what it must refuse."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from varlen_kernels import testing
+from varlen_kernels.testing import ORDERS, emulate_cuda, emulated_device, selftest
+
+pytestmark = pytest.mark.emulation
+BLOCKS, THREADS = 3, 64
+
+
+def x_for(seed=0, n=BLOCKS * THREADS):
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed))
+
+
+def block_sums(x, threads=THREADS):
+    return x.double().view(-1, threads).sum(1).repeat_interleave(threads)
+
+
+def run(name, order, seed=0, blocks=BLOCKS, threads=THREADS, x=None):
+    x = x_for(seed, blocks * threads) if x is None else x
+    with emulate_cuda(order=order, seed=seed):
+        return x, selftest(x, name, blocks, threads)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_block_reduction_every_thread_sees_the_sum(order):
+    x, out = run("reduce", order)
+    torch.testing.assert_close(out[:, 0].double(), block_sums(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[:, 1].double(), 2 * block_sums(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("skip", [1, 2, 3])
+def test_missing_barrier_is_caught(skip):
+    """Each of the three barriers of the reduction, removed, changes some thread's
+    result in the forward or the reverse order (so the suite's orders catch it)."""
+    wrong = []
+    for order in ("forward", "reverse"):
+        x, out = run(f"reduce{skip}", order)
+        expected = torch.stack([block_sums(x), 2 * block_sums(x)], 1)
+        wrong.append(not torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-5))
+    assert any(wrong), f"removing barrier {skip} went unnoticed in forward and reverse order"
+
+
+def expected_warp(x):
+    """What CUDA gives for warp_kernel, lane by lane."""
+    out = torch.zeros(x.numel(), 10, dtype=torch.float64)
+    xd = x.double()
+    for i in range(x.numel()):
+        base, lane = i - i % 32, i % 32
+
+        def at(src):
+            return xd[base + src]
+        g8 = lane // 8 * 8
+        out[i, 0] = at((lane + 3) % 32)
+        out[i, 1] = at(lane - 1) if lane >= 1 else at(lane)
+        out[i, 2] = at(lane + 2) if lane + 2 < 32 else at(lane)
+        out[i, 3] = at(lane ^ 5)
+        out[i, 4] = at(g8 + 1)
+        out[i, 5] = at(lane + 4) if lane + 4 < g8 + 8 else at(lane)
+        bits = sum(1 << k for k in range(32) if xd[base + k] > 0)
+        out[i, 6] = bits & 0xFFFF
+        out[i, 7] = bits >> 16
+        out[i, 8] = float(bool((xd[base:base + 32] > 1).any()))
+        out[i, 9] = float(bool((xd[base:base + 32] > -1).all()))
+        if lane % 2 == 0:
+            out[i, 0] += 1000 * at(lane ^ 2)
+    return out
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_warp_intrinsics(order):
+    x, out = run("warp", order, seed=3)
+    torch.testing.assert_close(out.double(), expected_warp(x), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_atomics(order):
+    x, out = run("atomics", order, seed=1)
+    n = BLOCKS * THREADS
+    torch.testing.assert_close(out[0].double(), x.double().sum(), rtol=1e-5, atol=1e-4)
+    assert out[1].item() == n - 1  # atomicMax of the thread index
+    assert out[2:2 + BLOCKS].tolist() == [1.0] * BLOCKS  # one CAS winner per block
+    assert out[2 + BLOCKS].item() == BLOCKS
+    assert out[3 + BLOCKS].item() == n  # shared-memory atomicAdd, summed over blocks
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_cooperative_grid_sync(order):
+    x, out = run("grid_sync", order, seed=2)
+    torch.testing.assert_close(out.double(), x.double().sum().expand(out.shape), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_spin_wait_on_another_block_yields(order):
+    x, out = run("spin", order, seed=4)
+    expected = x + 1
+    expected[THREADS - 1] = x[THREADS - 1]
+    torch.testing.assert_close(out, expected)
+
+
+def test_grid_sync_needs_a_cooperative_launch():
+    with pytest.raises(RuntimeError, match=r"grid.sync\(\) needs a cooperative launch"):
+        run("grid_sync_noncooperative", "forward")
+
+
+def test_cooperative_launch_beyond_residency_is_refused():
+    with emulated_device(sm_count=2):  # 2 SMs x 32 blocks of 64 threads can be resident
+        run("grid_sync", "forward", blocks=64)
+        with pytest.raises(RuntimeError, match=r"too many blocks in cooperative launch \(65 blocks, at most 64"):
+            run("grid_sync", "forward", blocks=65)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_dynamic_shared_memory_is_poisoned_then_shared(order):
+    x, out = run("dynamic", order, seed=5)
+    assert torch.isnan(out[:, 0]).all()  # garbage before the first write
+    mirror = x.view(BLOCKS, THREADS).flip(1).reshape(-1)
+    torch.testing.assert_close(out[:, 1], mirror)
+
+
+def test_device_assert_names_block_thread_and_condition():
+    x = x_for().abs()
+    x[THREADS + 5] = -1
+    with pytest.raises(RuntimeError, match=r"block \(1, 0, 0\) thread \(5, 0, 0\): device-side assert "
+                                           r"failed: x\[i\] >= 0.f && \"x must be non-negative\""):
+        run("assert", "random", x=x)
+    run("assert", "forward", x=x.abs())  # the executor is usable after a failed launch
+
+
+def test_barrier_reached_by_part_of_the_block_is_an_error_not_a_hang():
+    with pytest.raises(RuntimeError, match=r"__syncthreads\(\) reached by 32 of the 64 threads"):
+        run("divergent_barrier", "forward")
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_shuffle_reading_an_exited_lane_is_an_error(order):
+    with pytest.raises(RuntimeError, match=r"__shfl_down_sync: lane 0 reads lane 1, which has exited"):
+        run("divergent_warp", order)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_divergent_barrier_is_an_error(order):
+    """Threads at two different __syncthreads() calls would release each other."""
+    with pytest.raises(RuntimeError, match=r"wait at different __syncthreads\(\).*selftest.cpp:\d+.*"
+                                           r"selftest.cpp:\d+ \(a divergent barrier\)"):
+        run("two_barriers", order)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_lane_arguments_and_partial_warps(order):
+    """Lane arguments use their low 5 bits, as in PTX; a 48-thread block has a
+    16-lane last warp whose __activemask() names those 16 lanes."""
+    x, out = run("lane_args", order, blocks=2, threads=48)
+    for i in range(x.numel()):
+        t = i % 48
+        base = i - t % 32
+        n = 32 if t < 32 else 16
+        assert out[i, 0] == x[base + ((t % 32) ^ 1)]
+        assert out[i, 1] == x[base + 2]
+        assert out[i, 2] == n
+
+
+def test_spin_on_another_block_without_cooperative_launch_is_reported():
+    """Blocks of a plain launch run one after another: a wait for another block
+    is reported (livelock), never a hang."""
+    with pytest.raises(RuntimeError, match=r"livelock: .*non-cooperative launch"):
+        run("spin_noncooperative", "forward", blocks=2, threads=32)
+
+
+def test_launch_configuration_is_checked():
+    with pytest.raises(RuntimeError, match=r"2048 threads per block, at most 1024"):
+        run("reduce", "forward", blocks=1, threads=2048)
+
+
+def test_ops_route_to_the_cuda_code_only_inside_the_context():
+    from varlen_kernels.ops import rnn_layer
+    x = torch.randn(3, 2, 2, dtype=torch.float64)
+    args = (torch.tensor([3, 1]), torch.zeros(2, 3, dtype=torch.float64), None,
+            torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64), None, None,
+            "rnn_tanh", False)
+    # The workspaces tell the backends apart: CPU rows are the valid tokens, CUDA's are (T, B).
+    rows = lambda: torch.ops.varlen_kernels.rnn_forward(x, *args)[3].shape[:-1]  # noqa: E731
+    assert rows() == (4,)
+    with emulate_cuda():
+        assert testing.emulation_active()
+        assert rows() == (3, 2)
+        with emulate_cuda(order="reverse"):
+            assert rows() == (3, 2)
+        assert rows() == (3, 2)
+    assert not testing.emulation_active() and rows() == (4,)
+    torch.testing.assert_close(rnn_layer(x, *args)[0], rnn_layer(x, *args)[0])
+
+
+def test_bad_order_is_refused():
+    with pytest.raises(ValueError, match=r"order must be one of \('forward', 'reverse', 'random'\), got 'sideways'"):
+        with emulate_cuda(order="sideways"):
+            pass
+
+
+def test_bare_shared_does_not_compile(tmp_path):
+    """A `__shared__` array would be per fiber on the CPU: the emulation build refuses it."""
+    from torch.utils.cpp_extension import include_paths
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = tmp_path / "k.cpp"
+    src.write_text('#include "emulation/cuda_on_cpu.h"\n'
+                   "__global__ void k(float* x) { __shared__ float s[32]; s[0] = x[0]; }\n")
+    cmd = ["g++", "-std=c++20", "-fsyntax-only", "-I", os.path.join(root, "csrc")]
+    cmd += [f"-I{p}" for p in include_paths()] + [str(src)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode != 0 and "declare with VK_SHARED" in r.stderr, r.stderr[-2000:]
+
+
+def test_missing_build_says_how_to_build(monkeypatch):
+    import importlib
+    monkeypatch.setattr(testing, "_module", None)
+
+    def fail(name):
+        raise ImportError(f"No module named {name!r}")
+    monkeypatch.setattr(importlib, "import_module", fail)
+    with pytest.raises(RuntimeError, match=r"is not built or cannot be loaded .*make build"):
+        with emulate_cuda():
+            pass
+
+
+def asan_env():
+    asan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    cxx = subprocess.run(["gcc", "-print-file-name=libstdc++.so.6"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(asan) or not os.path.exists(asan):
+        pytest.skip("libasan not found")
+    return dict(os.environ, LD_PRELOAD=f"{asan} {cxx}", ASAN_OPTIONS="detect_leaks=0:detect_odr_violation=0")
+
+
+def test_runs_under_address_sanitizer_when_preloaded():
+    """In a process with libasan preloaded, the ASan-instrumented build runs the
+    kernels (CI runs the emulated tests that way; this checks the mechanism)."""
+    code = ("import torch, varlen_kernels as vk\n"
+            "from varlen_kernels.testing import emulate_cuda, emulation_module\n"
+            "with emulate_cuda(order='random'):\n"
+            "    m = vk.MaskedLSTM(3, 4, bidirectional=True).double()\n"
+            "    y, _ = m(torch.randn(5, 2, 3, dtype=torch.float64), torch.tensor([5, 2]))\n"
+            "    y.sum().backward()\n"
+            "print('asan', emulation_module().ASAN)\n")
+    r = subprocess.run([sys.executable, "-c", code], env=asan_env(), capture_output=True, text=True)
+    assert r.returncode == 0 and "asan 1" in r.stdout, (r.stdout + r.stderr)[-3000:]
+
+
+def test_address_sanitizer_sees_a_shared_memory_overflow():
+    code = ("import torch\n"
+            "from varlen_kernels.testing import emulate_cuda, selftest\n"
+            "with emulate_cuda():\n"
+            "    selftest(torch.zeros(64), 'shared_overflow', 1, 64)\n")
+    r = subprocess.run([sys.executable, "-c", code], env=asan_env(), capture_output=True, text=True)
+    assert r.returncode != 0 and "heap-buffer-overflow" in r.stderr, (r.stdout + r.stderr)[-3000:]
+    assert "shared_overflow_kernel" in r.stderr

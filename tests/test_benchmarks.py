@@ -69,12 +69,22 @@ def test_bench_rnn_quick(tmp_path):
         assert row["masked_tok_per_s"] > 0 and row["masked_gflop_per_s"] > 0
 
 
+def test_bench_losses_quick(tmp_path):
+    r = run_script(["benchmarks/bench_losses.py", "--quick", "--out", str(tmp_path)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = read(tmp_path, "losses_cpu")["rows"]
+    assert [(r["tokens"], r["C"]) for r in rows] == [(64, 10), (64, 1000)]
+    for row in rows:
+        check_timed(row, ["masked", "idiom", "ignore"])
+        assert row["speedup_vs_idiom"] > 0 and row["speedup_vs_ignore"] > 0
+
+
 def test_default_out_is_a_new_run_folder(bench):
     rnn = bench("bench_rnn")
     out = pathlib.Path(rnn.default_out("cpu"))
     assert out.parent == BENCH / "results" / "runs" and out.name.endswith("_cpu")
     assert "*" in (out.parent / ".gitignore").read_text().split()  # runs stay out of git
-    assert rnn.parse_args([]).out is None
+    assert rnn.parse_args([]).out is None and load("bench_losses").parse_args([]).out is None
 
 
 # --------------------------------------------------------------- bench_rnn
@@ -146,3 +156,63 @@ def test_failing_case_is_recorded_and_rows_are_written_as_they_come(bench, tmp_p
     lstm, gru = read(tmp_path, "rnn_cpu")["rows"]
     check_timed(lstm, ["masked"])
     assert gru["cell"] == "gru" and gru["error"] == "TypeError: bad case"
+
+
+# ------------------------------------------------------------ bench_losses
+def test_bench_losses_loads_from_anywhere(tmp_path):
+    # bench_losses imports bench_rnn: that must not depend on the working directory
+    code = (f"import importlib.util as u; s = u.spec_from_file_location('bl', {str(BENCH / 'bench_losses.py')!r}); "
+            "m = u.module_from_spec(s); s.loader.exec_module(m); print(*m.parse_args(['--quick']).C, sep=',')")
+    r = run_script(["-c", code], cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.split()[-1] == "10,1000", r.stdout + r.stderr
+
+
+def test_loss_gradients_are_cleared_between_calls(bench):
+    losses = bench("bench_losses")
+    *_, fns, logits = losses.case(64, 10, torch.float64, "cpu", T=16)
+    for name, fn in fns.items():
+        fn()
+        once = logits.grad.clone()
+        fn()
+        torch.testing.assert_close(logits.grad, once, msg=name)  # not accumulated
+
+
+def test_loss_cases_are_sized_to_free_memory(bench):
+    losses = bench("bench_losses")
+    gpu_free = 79 * 2**30  # an 80 GB GPU
+    assert set(losses.plan(256, 256, 131072, torch.float32, gpu_free, 0.8)) == {"masked", "idiom", "ignore"}
+    assert set(losses.plan(256, 256, 131072, torch.bfloat16, gpu_free, 0.8)) == {"idiom", "ignore"}
+    assert losses.plan(256, 256, 32768, torch.float32, gpu_free, 0.8) == {}
+    assert losses.free_memory_bytes("cpu") > 0
+
+
+def test_loss_cases_over_memory_are_skipped(bench, tmp_path, capsys):
+    losses = bench("bench_losses")
+    losses.free_memory_bytes = lambda device: 64 * 10 * 4 * 3  # room for masked at C=10 only
+    rows = losses.main(["--quick", "--out", str(tmp_path)]).rows
+    assert "idiom: skipped (needs" in capsys.readouterr().out
+    small, large = read(tmp_path, "losses_cpu")["rows"]
+    check_timed(small, ["masked"])
+    assert "idiom_ms" not in small and small["idiom_skipped"].startswith("needs")
+    assert all(f"{k}_skipped" in large and f"{k}_ms" not in large for k in ["masked", "idiom", "ignore"])
+    assert rows == [small, large]
+
+
+def test_loss_out_of_memory_is_caught(bench, tmp_path):
+    losses = bench("bench_losses")
+    real = losses.case
+
+    def case(tokens, C, *a, **kw):
+        B, T, mask, fns, logits = real(tokens, C, *a, **kw)
+        if C == 10:
+            fns["idiom"] = lambda: (_ for _ in ()).throw(torch.OutOfMemoryError("out of memory"))
+        else:
+            raise torch.OutOfMemoryError("out of memory in the case")
+        return B, T, mask, fns, logits
+
+    losses.case = case
+    losses.main(["--quick", "--out", str(tmp_path)])
+    first, second = read(tmp_path, "losses_cpu")["rows"]
+    check_timed(first, ["masked", "ignore"])
+    assert first["idiom_error"] == "OutOfMemoryError: out of memory" and "speedup_vs_idiom" not in first
+    assert second["error"] == "OutOfMemoryError: out of memory in the case"

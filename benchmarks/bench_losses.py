@@ -148,6 +148,8 @@ def parse_args(argv=None):
     ap.add_argument("--C", type=int, nargs="*")
     ap.add_argument("--T", type=int, default=None, help="sequence length (default 256, 16 with --quick)")
     ap.add_argument("--dtypes", default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (default: as torch starts, recorded either way)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats per method (default 3)")
     ap.add_argument("--min-run-time", type=float, default=None,
                     help="seconds of blocked_autorange per repeat (default 0.5, 0.01 with --quick)")
@@ -173,6 +175,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     gpu = args.device.startswith("cuda")
     meta = run_info(args.device)
     meta.update(quick=args.quick, repeats=args.repeats, min_run_time=args.min_run_time,

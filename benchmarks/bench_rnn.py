@@ -317,6 +317,8 @@ def parse_args(argv=None):
     ap.add_argument("--compile-backend", default=None,
                     help="torch.compile backend of the compiled baseline (default inductor, "
                          "aot_eager with --quick)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (default: as torch starts, recorded either way)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats per method (default 3)")
     ap.add_argument("--min-run-time", type=float, default=None,
                     help="seconds of blocked_autorange per repeat")
@@ -350,6 +352,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     meta = run_info(args.device)
     meta.update(quick=args.quick, repeats=args.repeats, min_run_time=args.min_run_time,
                 baselines=args.baselines, compile_backend=args.compile_backend)

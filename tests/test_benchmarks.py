@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import shlex
 import subprocess
 import sys
 
@@ -220,3 +221,23 @@ def test_loss_out_of_memory_is_caught(bench, tmp_path):
     check_timed(first, ["masked", "ignore"])
     assert first["idiom_error"] == "OutOfMemoryError: out of memory" and "speedup_vs_idiom" not in first
     assert second["error"] == "OutOfMemoryError: out of memory in the case"
+
+
+# ------------------------------------------------------------- gpu_check.sh
+def test_gpu_check_writes_committed_results_explicitly(bench):
+    script = (BENCH / "gpu_check.sh").read_text()
+    variables = {"RES": "benchmarks/results"}
+    found = set()
+    for line in script.splitlines():
+        words = shlex.split(line.split("2>&1")[0]) if "benchmarks/bench_" in line else []
+        if len(words) < 2 or words[0] != "$PY":
+            continue
+        path = words[1]
+        args = [w.replace("$RES", variables["RES"]) for w in words[2:]]
+        module = bench(pathlib.Path(path).stem)
+        parsed = module.parse_args(args)
+        assert parsed.device == "cuda" and not parsed.quick
+        assert parsed.out and (ROOT / parsed.out).resolve() == (BENCH / "results").resolve()
+        assert (ROOT / path).exists()
+        found.add(path)
+    assert found == {"benchmarks/bench_rnn.py", "benchmarks/bench_losses.py"}

@@ -3,46 +3,197 @@
 Baselines, side by side in one run, same weights, lengths uniform in [1, T]:
   packed    nn.LSTM/GRU on pack_padded_sequence (pack and unpack included)
   padded    nn.LSTM/GRU on the whole padded batch (does all the padded work)
-  reference (CPU) varlen_kernels.masked_rnn_reference, the pure-PyTorch masked loop
-  compiled  (GPU) the same masked loop with its per-step body torch.compile'd
+  reference varlen_kernels.masked_rnn_reference, the pure-PyTorch masked loop
+            (default on the CPU)
+  compiled  the same masked loop with its per-step body torch.compile'd
+            (default on the GPU; on the CPU with --quick or --baselines)
 
-Writes benchmarks/results/rnn_<device>.{json,csv} with the device name, torch
-version and git commit. Run with `make bench`, or
-`python benchmarks/bench_rnn.py --device cuda` on a GPU machine.
+The methods are interleaved: each repeat times every method once (the median of
+a blocked_autorange), round-robin, so a slow phase of a noisy machine hits all of
+them. Per method a row gives the median over the repeats (name_ms), the fastest
+repeat (name_min_ms) and the spread (slowest / fastest repeat, name_spread); the
+speedups are ratios of the medians. A method or a case that fails is reported as
+`name: failed (Type: message)`, recorded in the row (name_error / error), and the
+run goes on.
+
+Results go to a new run folder, benchmarks/results/runs/<timestamp>_<device>/, as
+rnn_<device>.{json,csv}, rewritten after every case. The committed results in
+benchmarks/results/ are refreshed only on purpose, with `--out benchmarks/results`.
+
+  python benchmarks/bench_rnn.py --quick       # seconds: tiny sizes, every baseline
+  python benchmarks/bench_rnn.py               # the CPU figures (minutes)
+  python benchmarks/bench_rnn.py --device cuda --out benchmarks/results
 """
 import argparse
 import csv
+import importlib.util
+import io
 import json
 import os
 import platform
+import re
+import statistics
 import subprocess
 import sys
+import time
 
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch.utils.benchmark import Timer
 
-import varlen_kernels
-from varlen_kernels import MaskedRNN, masked_rnn_reference
-from varlen_kernels.reference import _cell_step
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RESULTS = os.path.join(HERE, "results")
+if importlib.util.find_spec("varlen_kernels") is None:
+    sys.path.insert(0, ROOT)  # a checkout that is neither installed nor on PYTHONPATH
+
+import varlen_kernels  # noqa: E402
+from varlen_kernels import MaskedRNN, masked_rnn_reference  # noqa: E402
+from varlen_kernels.reference import _cell_step  # noqa: E402
+
+BASELINES = ("masked", "packed", "padded", "reference", "compiled")
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 
 
+# ------------------------------------------------------------------ run info
 def commit():
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
-                                       text=True).strip()
+                                       text=True, stderr=subprocess.DEVNULL).strip()
     except Exception:
         return "unknown"
 
 
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_name(device):
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
 
 
+def cpu_isa():
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except Exception:
+        return "unknown"
+
+
+def run_info(device):
+    """What a figure depends on: device, ISA PyTorch dispatches to, threads, versions."""
+    return {"device": device_name(device), "isa": cpu_isa(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "commit": commit(), "varlen_kernels": varlen_kernels.__version__,
+            "python": sys.version.split()[0]}
+
+
+def device_tag(device):
+    return re.sub(r"[^A-Za-z0-9]+", "", device)
+
+
+def default_out(device):
+    """A fresh run folder, so a run never overwrites the committed results."""
+    runs = os.path.join(RESULTS, "runs")
+    os.makedirs(runs, exist_ok=True)
+    ignore = os.path.join(runs, ".gitignore")
+    if not os.path.exists(ignore):
+        with open(ignore, "w") as f:
+            f.write("# local benchmark runs; committed results live one folder up\n*\n")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return os.path.join(runs, f"{stamp}_{device_tag(device)}")
+
+
+def describe(exc):
+    msg = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {msg[:300]}" if msg else type(exc).__name__
+
+
+def release_memory(device):
+    if device.startswith("cuda") and torch.cuda.is_available():
+        try:
+            torch.cuda.synchronize()
+        except Exception:
+            pass
+        torch.cuda.empty_cache()
+
+
+class Results:
+    """Rows written to <out>/<stem>.json and .csv after every add(), so whatever
+    was measured before a crash or a kill is on disk."""
+
+    def __init__(self, out, stem, meta):
+        os.makedirs(out, exist_ok=True)
+        self.out, self.stem, self.meta, self.rows = out, os.path.join(out, stem), meta, []
+
+    def add(self, row):
+        self.rows.append(row)
+        self.write()
+
+    def write(self):
+        _replace(self.stem + ".json", json.dumps({"meta": self.meta, "rows": self.rows}, indent=1) + "\n")
+        keys = []
+        for row in self.rows:
+            keys += [k for k in row if k not in keys]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+        w.writeheader()
+        w.writerows(self.rows)
+        _replace(self.stem + ".csv", buf.getvalue())
+
+
+def _replace(path, text):
+    with open(path + ".tmp", "w", newline="") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+# ---------------------------------------------------------------- measuring
+def measure(fns, repeats, min_run_time, warmup=2, log=print):
+    """Times every fn `repeats` times, round-robin (repeat r times each method once),
+    each time the median of a blocked_autorange, in ms. Returns ({name: [ms, ...]},
+    {name: "Type: message"}): a method that raises (in warm-up or in any repeat) is
+    dropped with its error, and the others go on."""
+    live, errors = dict(fns), {}
+
+    def fail(name, exc):
+        errors[name] = describe(exc)
+        live.pop(name, None)
+        log(f"  {name}: failed ({errors[name]})")
+
+    for name, fn in list(live.items()):
+        try:
+            for _ in range(warmup):  # (and compilation)
+                fn()
+        except Exception as e:
+            fail(name, e)
+    times = {name: [] for name in live}
+    for _ in range(repeats):
+        for name, fn in list(live.items()):
+            try:
+                timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+                times[name].append(timer.blocked_autorange(min_run_time=min_run_time).median * 1e3)
+            except Exception as e:
+                fail(name, e)
+    return {name: ms for name, ms in times.items() if name in live}, errors
+
+
+def add_times(row, times):
+    """name_ms (median over the repeats), name_min_ms, name_spread (max / min)."""
+    for name, ms in times.items():
+        row[f"{name}_ms"] = round(statistics.median(ms), 3)
+        row[f"{name}_min_ms"] = round(min(ms), 3)
+        row[f"{name}_spread"] = round(max(ms) / min(ms), 3)
+
+
+# -------------------------------------------------------------------- cases
 def make_case(cell, T, B, H, dtype, device, seed=0):
     torch.manual_seed(seed)
     nn_cls = torch.nn.LSTM if cell == "lstm" else torch.nn.GRU
@@ -53,131 +204,181 @@ def make_case(cell, T, B, H, dtype, device, seed=0):
     return ref, masked, x, lengths
 
 
-def runners(ref, masked, x, lengths, device):
-    T = x.shape[0]
-    lengths_dev = lengths.to(device)
-
-    def fwd_bwd(out):
-        out.sum().backward()
-
-    def masked_step():
-        y, _ = masked(x, lengths_dev)
-        fwd_bwd(y)
-
-    def packed_step():
-        packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
-        y, _ = ref(packed)
-        y, _ = pad_packed_sequence(y, total_length=T)
-        fwd_bwd(y)
-
-    def padded_step():
-        y, _ = ref(x)
-        fwd_bwd(y)
-
-    def reference_step():
-        y, _ = masked_rnn_reference(masked, x, lengths_dev)
-        fwd_bwd(y)
-
-    out = {"masked": masked_step, "packed": packed_step, "padded": padded_step,
-           "reference": reference_step}
-    if device == "cuda":
-        # What a user would write with torch.compile: the masked loop in Python,
-        # its per-step body compiled once (compiling all T unrolled steps would
-        # take minutes per shape).
-        cell = masked.cell
-        weights = masked.all_weights[0]
-        step = torch.compile(masked_step, dynamic=False)
-
-        def compiled_step():
-            valid = torch.arange(T, device=device).unsqueeze(1) < lengths_dev
-            h = x.new_zeros(x.shape[1], masked.hidden_size)
-            c = h if cell == "lstm" else None
-            ys = []
-            for t in range(T):
-                h, c, y = step(cell, x[t], valid[t].unsqueeze(1), h, c, *weights)
-                ys.append(y)
-            fwd_bwd(torch.stack(ys))
-
-        out["compiled"] = compiled_step
-        del out["reference"]  # the compiled loop stands for it on the GPU
-    return out
-
-
-def masked_step(cell, x_t, m, h, c, w_ih, w_hh, b_ih, b_hh):
+def masked_cell_step(cell, x_t, m, h, c, w_ih, w_hh, b_ih, b_hh):
+    """One step of the masked loop (the reference's body): what the compiled baseline compiles."""
     zero = torch.zeros((), dtype=x_t.dtype, device=x_t.device)
     h_new, c_new = _cell_step(cell, torch.where(m, x_t, zero), h, c, w_ih, w_hh, b_ih, b_hh)
     c = torch.where(m, c_new, c) if c is not None else None
     return torch.where(m, h_new, h), c, torch.where(m, h_new, zero)
 
 
-def median_ms(fn, min_run_time):
-    fn()  # warm-up (and compilation)
-    fn()
-    m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    m = m.blocked_autorange(min_run_time=min_run_time)
-    return m.median * 1e3
+def compiled_loop(masked, x, lengths_dev, backend="inductor"):
+    """What a user would write with torch.compile: the masked loop in Python, its
+    per-step body compiled once (compiling all T unrolled steps would take minutes
+    per shape)."""
+    # A fresh cache per case: the cases' shapes would otherwise pile up recompiles
+    # of masked_cell_step until dynamo's limit, past which it runs eager silently.
+    torch._dynamo.reset()
+    step = torch.compile(masked_cell_step, dynamic=False, backend=backend)
+    cell, weights, T = masked.cell, masked.all_weights[0], x.shape[0]
+
+    def run_compiled():
+        valid = torch.arange(T, device=x.device).unsqueeze(1) < lengths_dev
+        h = x.new_zeros(x.shape[1], masked.hidden_size)
+        c = h if cell == "lstm" else None
+        ys = []
+        for t in range(T):
+            h, c, y = step(cell, x[t], valid[t].unsqueeze(1), h, c, *weights)
+            ys.append(y)
+        return torch.stack(ys)
+
+    return run_compiled
 
 
-def main():
+def forwards(ref, masked, x, lengths, device, baselines=BASELINES, compile_backend="inductor"):
+    """{name: fn() -> output (T, B, H)} for the requested baselines."""
+    T = x.shape[0]
+    lengths_dev = lengths.to(device)
+
+    def run_masked():
+        return masked(x, lengths_dev)[0]
+
+    def run_packed():
+        packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+        y, _ = ref(packed)
+        return pad_packed_sequence(y, total_length=T)[0]
+
+    def run_padded():
+        return ref(x)[0]
+
+    def run_reference():
+        return masked_rnn_reference(masked, x, lengths_dev)[0]
+
+    fns = {"masked": run_masked, "packed": run_packed, "padded": run_padded, "reference": run_reference}
+    out = {}
+    for name in baselines:
+        if name == "compiled":
+            out[name] = compiled_loop(masked, x, lengths_dev, compile_backend)
+        else:
+            out[name] = fns[name]
+    return out
+
+
+def runners(ref, masked, x, lengths, device, baselines=BASELINES, compile_backend="inductor"):
+    """{name: fn()} running forward and backward of each baseline."""
+    def fwd_bwd(forward):
+        return lambda: forward().sum().backward()
+
+    return {name: fwd_bwd(f) for name, f in
+            forwards(ref, masked, x, lengths, device, baselines, compile_backend).items()}
+
+
+def recurrence_flops(cell, valid_tokens, I, H):
+    """Forward + backward (~3x the forward) GEMM flops of the recurrence over the valid tokens."""
+    return 3 * 2 * valid_tokens * GATES[cell] * H * (I + H)
+
+
+def run_case(args, cell, dtype_name, T, B, H, baselines, log=print):
+    ref, masked, x, lengths = make_case(cell, T, B, H, getattr(torch, dtype_name), args.device)
+    valid = int(lengths.sum())
+    row = {"valid_fraction": round(valid / (T * B), 3)}
+    fns = runners(ref, masked, x, lengths, args.device, baselines, args.compile_backend)
+    times, errors = measure(fns, args.repeats, args.min_run_time, log=log)
+    add_times(row, times)
+    for name in times:
+        row[f"{name}_tok_per_s"] = round(valid / (row[f"{name}_ms"] * 1e-3))
+    if "masked" in times:
+        for name in times:
+            if name != "masked":
+                row[f"speedup_vs_{name}"] = round(row[f"{name}_ms"] / row["masked_ms"], 2)
+        gflop_per_s = recurrence_flops(cell, valid, H, H) / (row["masked_ms"] * 1e6)
+        row["masked_gflop_per_s"] = float(f"{gflop_per_s:.3g}")
+    for name, err in errors.items():
+        row[f"{name}_error"] = err
+    return row
+
+
+# --------------------------------------------------------------------- main
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny sizes (T=8, B=4, H=16), short timings, every baseline (compiled with "
+                         "aot_eager): checks that the harness works, in seconds")
     ap.add_argument("--cells", default="lstm,gru")
     ap.add_argument("--T", type=int, nargs="*")
     ap.add_argument("--B", type=int, nargs="*")
     ap.add_argument("--H", type=int, nargs="*")
     ap.add_argument("--dtypes", default=None, help="comma list, e.g. float32,bfloat16")
+    ap.add_argument("--baselines", default=None,
+                    help=f"comma list out of {','.join(BASELINES)} (default: all but compiled on "
+                         "the CPU, all but reference on the GPU, all with --quick)")
     ap.add_argument("--skip", default="", help="comma list of baselines to skip")
-    ap.add_argument("--min-run-time", type=float, default=None)
-    ap.add_argument("--out", default=os.path.join(HERE, "results"))
-    args = ap.parse_args()
-    gpu = args.device == "cuda"
-    Ts = args.T or ([512] if gpu else [100])
-    Bs = args.B or ([8, 64, 256] if gpu else [64])
-    Hs = args.H or ([256, 1024] if gpu else [256])
-    dtypes = (args.dtypes or ("float32,bfloat16" if gpu else "float32")).split(",")
-    min_run_time = args.min_run_time or (1.0 if gpu else 2.0)
+    ap.add_argument("--compile-backend", default=None,
+                    help="torch.compile backend of the compiled baseline (default inductor, "
+                         "aot_eager with --quick)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (default: as torch starts, recorded either way)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats per method (default 3)")
+    ap.add_argument("--min-run-time", type=float, default=None,
+                    help="seconds of blocked_autorange per repeat")
+    ap.add_argument("--out", default=None,
+                    help="results folder (default: a new benchmarks/results/runs/<timestamp>_<device>/; "
+                         "`--out benchmarks/results` refreshes the committed results)")
+    args = ap.parse_args(argv)
+    gpu = args.device.startswith("cuda")
+    if args.quick:
+        sizes, dtypes, min_run_time = ([8], [4], [16]), "float32", 0.01
+        baselines = list(BASELINES)
+    else:
+        sizes = ([512], [8, 64, 256], [256, 1024]) if gpu else ([100], [64], [256])
+        dtypes, min_run_time = ("float32,bfloat16" if gpu else "float32"), (0.5 if gpu else 1.0)
+        baselines = [b for b in BASELINES if b != ("reference" if gpu else "compiled")]
+    args.T, args.B, args.H = args.T or sizes[0], args.B or sizes[1], args.H or sizes[2]
+    args.dtypes = (args.dtypes or dtypes).split(",")
+    args.min_run_time = args.min_run_time or min_run_time
+    args.compile_backend = args.compile_backend or ("aot_eager" if args.quick else "inductor")
+    if args.baselines:
+        baselines = [b for b in args.baselines.split(",") if b]
     skip = set(filter(None, args.skip.split(",")))
+    unknown = [b for b in baselines + sorted(skip) if b not in BASELINES]
+    if unknown:
+        ap.error(f"unknown baselines {unknown}; choose from {','.join(BASELINES)}")
+    args.baselines = [b for b in baselines if b not in skip]
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
+    return args
 
-    meta = {"device": device_name(args.device), "torch": torch.__version__, "commit": commit(),
-            "varlen_kernels": varlen_kernels.__version__, "python": sys.version.split()[0]}
-    print(" ".join(f"{k}={v}" for k, v in meta.items()))
-    rows = []
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    meta = run_info(args.device)
+    meta.update(quick=args.quick, repeats=args.repeats, min_run_time=args.min_run_time,
+                baselines=args.baselines, compile_backend=args.compile_backend)
+    print(" ".join(f"{k}={v}" for k, v in meta.items()), flush=True)
+    results = Results(args.out or default_out(args.device), f"rnn_{device_tag(args.device)}", meta)
+    failures = 0
     for cell in args.cells.split(","):
-        for dtype_name in dtypes:
-            dtype = getattr(torch, dtype_name)
-            for T in Ts:
-                for B in Bs:
-                    for H in Hs:
-                        ref, masked, x, lengths = make_case(cell, T, B, H, dtype, args.device)
-                        valid = int(lengths.sum())
-                        times = {}
-                        for name, fn in runners(ref, masked, x, lengths, args.device).items():
-                            if name in skip:
-                                continue
-                            try:
-                                times[name] = median_ms(fn, min_run_time)
-                            except (RuntimeError, NotImplementedError) as e:  # e.g. no bf16 kernel
-                                print(f"  {name}: not measured ({type(e).__name__}: {str(e)[:120]})")
-                        row = dict(cell=cell, dtype=dtype_name, T=T, B=B, H=H,
-                                   valid_fraction=round(valid / (T * B), 3))
-                        for name, ms in times.items():
-                            row[f"{name}_ms"] = round(ms, 3)
-                            row[f"{name}_tok_per_s"] = round(valid / (ms * 1e-3))
-                        for name, ms in times.items():
-                            if name != "masked" and "masked" in times:
-                                row[f"speedup_vs_{name}"] = round(ms / times["masked"], 2)
-                        rows.append(row)
+        for dtype_name in args.dtypes:
+            for T in args.T:
+                for B in args.B:
+                    for H in args.H:
+                        row = dict(cell=cell, dtype=dtype_name, T=T, B=B, H=H)
+                        try:
+                            row.update(run_case(args, cell, dtype_name, T, B, H, args.baselines))
+                        except Exception as e:
+                            row["error"] = describe(e)
+                            print(f"  case failed ({row['error']})", flush=True)
+                        release_memory(args.device)
+                        row.update(isa=meta["isa"], threads=meta["threads"])
+                        failures += sum(k == "error" or k.endswith("_error") for k in row)
+                        results.add(row)
                         print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"rnn_{args.device}")
-    with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
-    with open(stem + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {stem}.json and {stem}.csv")
+    print(f"wrote {results.stem}.json and {results.stem}.csv"
+          + (f" ({failures} failures recorded)" if failures else ""))
+    return results
 
 
 if __name__ == "__main__":

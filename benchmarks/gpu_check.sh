@@ -44,7 +44,7 @@ for tool in memcheck racecheck; do
 done
 
 log benchmarks
-$PY benchmarks/bench_rnn.py --device cuda 2>&1 | tee "$RES/bench_rnn_cuda.log" | tail -30
-$PY benchmarks/bench_losses.py --device cuda 2>&1 | tee "$RES/bench_losses_cuda.log" | tail -20
+$PY benchmarks/bench_rnn.py --device cuda --out "$RES" 2>&1 | tee "$RES/bench_rnn_cuda.log" | tail -30 || status=1
+$PY benchmarks/bench_losses.py --device cuda --out "$RES" 2>&1 | tee "$RES/bench_losses_cuda.log" | tail -20 || status=1
 if [ -n "${OUT:-}" ]; then cp -r "$RES" "$OUT/"; fi
 exit $status

@@ -1,0 +1,243 @@
+"""The benchmark scripts run (on tiny sizes), record what they measure, and survive failures."""
+import csv
+import importlib.util
+import json
+import os
+import pathlib
+import shlex
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"_test_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """Loads a benchmark script as a module; sys.path and torch's threads are restored afterwards."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    threads = torch.get_num_threads()
+    yield load
+    torch.set_num_threads(threads)
+
+
+def run_script(args, cwd=ROOT, timeout=120):
+    """Runs python with args in a subprocess; the quick runs pass --threads 1, since
+    2 threads on a machine whose other core is busy make every call wait (100x)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def read(out, stem):
+    with open(out / f"{stem}.json") as f:
+        data = json.load(f)
+    with open(out / f"{stem}.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == len(data["rows"])
+    return data
+
+
+def check_timed(row, names):
+    for name in names:
+        assert row[f"{name}_ms"] > 0 and row[f"{name}_min_ms"] > 0, name
+        assert row[f"{name}_min_ms"] <= row[f"{name}_ms"]
+        assert row[f"{name}_spread"] >= 1
+        assert f"{name}_error" not in row
+    assert row["isa"] and row["threads"] >= 1
+
+
+# ------------------------------------------------------------------ --quick
+def test_bench_rnn_quick(tmp_path):
+    r = run_script(["benchmarks/bench_rnn.py", "--quick", "--threads", "1", "--out", str(tmp_path)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = read(tmp_path, "rnn_cpu")
+    assert data["meta"]["isa"] == torch.backends.cpu.get_cpu_capability()
+    assert data["meta"]["threads"] == 1 and data["meta"]["quick"] is True
+    rows = data["rows"]
+    assert [(r["cell"], r["T"], r["B"], r["H"]) for r in rows] == [("lstm", 8, 4, 16), ("gru", 8, 4, 16)]
+    names = ["masked", "packed", "padded", "reference", "compiled"]  # compiled runs on the CPU too
+    for row in rows:
+        check_timed(row, names)
+        for name in names[1:]:
+            assert row[f"speedup_vs_{name}"] > 0
+        assert row["masked_tok_per_s"] > 0 and row["masked_gflop_per_s"] > 0
+
+
+def test_bench_losses_quick(tmp_path):
+    r = run_script(["benchmarks/bench_losses.py", "--quick", "--threads", "1", "--out", str(tmp_path)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = read(tmp_path, "losses_cpu")["rows"]
+    assert [(r["tokens"], r["C"]) for r in rows] == [(64, 10), (64, 1000)]
+    for row in rows:
+        check_timed(row, ["masked", "idiom", "ignore"])
+        assert row["speedup_vs_idiom"] > 0 and row["speedup_vs_ignore"] > 0
+
+
+def test_default_out_is_a_new_run_folder(bench):
+    rnn = bench("bench_rnn")
+    out = pathlib.Path(rnn.default_out("cpu"))
+    assert out.parent == BENCH / "results" / "runs" and out.name.endswith("_cpu")
+    assert "*" in (out.parent / ".gitignore").read_text().split()  # runs stay out of git
+    assert rnn.parse_args([]).out is None and load("bench_losses").parse_args([]).out is None
+
+
+# --------------------------------------------------------------- bench_rnn
+def test_compiled_baseline_compiles_the_step_and_matches(bench):
+    rnn = bench("bench_rnn")
+    for cell in ["lstm", "gru"]:
+        ref, masked, x, lengths = rnn.make_case(cell, T=6, B=3, H=5, dtype=torch.float64, device="cpu")
+        fns = rnn.forwards(ref, masked, x, lengths, "cpu", compile_backend="eager")
+        assert set(fns) == set(rnn.BASELINES)
+        valid = (torch.arange(6)[:, None] < lengths[None, :])[..., None]
+        expected = fns["masked"]()
+        for name, fn in fns.items():  # every baseline computes the same outputs at valid steps
+            torch.testing.assert_close(torch.where(valid, fn(), 0), torch.where(valid, expected, 0),
+                                       msg=f"{cell} {name}")
+        for fn in rnn.runners(ref, masked, x, lengths, "cpu", ["compiled"], "eager").values():
+            fn()  # forward and backward
+
+
+def test_quick_selects_compiled_and_backend_on_cpu(bench):
+    rnn = bench("bench_rnn")
+    args = rnn.parse_args(["--quick", "--device", "cpu"])
+    assert "compiled" in args.baselines and args.compile_backend == "aot_eager"
+    args = rnn.parse_args(["--device", "cpu", "--baselines", "masked,compiled", "--compile-backend", "eager"])
+    assert args.baselines == ["masked", "compiled"] and args.compile_backend == "eager"
+    assert "compiled" not in rnn.parse_args(["--device", "cpu"]).baselines
+
+
+def test_measure_is_round_robin(bench):
+    rnn = bench("bench_rnn")
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times, errors = rnn.measure(fns, repeats=3, min_run_time=1e-4, warmup=0, log=lambda *a: None)
+    assert errors == {} and all(len(ms) == 3 for ms in times.values())
+    blocks = [name for i, name in enumerate(calls) if i == 0 or calls[i - 1] != name]
+    assert blocks == list("abc") * 3
+
+
+def test_failing_baseline_is_recorded(bench, tmp_path, capsys):
+    rnn = bench("bench_rnn")
+    real = rnn.runners
+
+    def runners(*a, **kw):
+        fns = real(*a, **kw)
+        fns["padded"] = lambda: (_ for _ in ()).throw(ValueError("boom"))  # not a RuntimeError
+        return fns
+
+    rnn.runners = runners
+    rows = rnn.main(["--quick", "--cells", "lstm", "--baselines", "masked,padded", "--out", str(tmp_path)]).rows
+    assert "padded: failed (ValueError: boom)" in capsys.readouterr().out
+    row = read(tmp_path, "rnn_cpu")["rows"][0]
+    assert row == rows[0] and row["padded_error"] == "ValueError: boom" and "padded_ms" not in row
+    check_timed(row, ["masked"])
+
+
+def test_failing_case_is_recorded_and_rows_are_written_as_they_come(bench, tmp_path):
+    rnn = bench("bench_rnn")
+    real = rnn.make_case
+
+    def make_case(cell, *a, **kw):
+        if cell == "gru":
+            raise TypeError("bad case")
+        if cell == "rnn_tanh":
+            raise KeyboardInterrupt  # a killed run: what was measured before is on disk
+        return real(cell, *a, **kw)
+
+    rnn.make_case = make_case
+    with pytest.raises(KeyboardInterrupt):
+        rnn.main(["--quick", "--cells", "lstm,gru,rnn_tanh", "--baselines", "masked", "--out", str(tmp_path)])
+    lstm, gru = read(tmp_path, "rnn_cpu")["rows"]
+    check_timed(lstm, ["masked"])
+    assert gru["cell"] == "gru" and gru["error"] == "TypeError: bad case"
+
+
+# ------------------------------------------------------------ bench_losses
+def test_bench_losses_loads_from_anywhere(tmp_path):
+    # bench_losses imports bench_rnn: that must not depend on the working directory
+    code = (f"import importlib.util as u; s = u.spec_from_file_location('bl', {str(BENCH / 'bench_losses.py')!r}); "
+            "m = u.module_from_spec(s); s.loader.exec_module(m); print(*m.parse_args(['--quick']).C, sep=',')")
+    r = run_script(["-c", code], cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.split()[-1] == "10,1000", r.stdout + r.stderr
+
+
+def test_loss_gradients_are_cleared_between_calls(bench):
+    losses = bench("bench_losses")
+    *_, fns, logits = losses.case(64, 10, torch.float64, "cpu", T=16)
+    for name, fn in fns.items():
+        fn()
+        once = logits.grad.clone()
+        fn()
+        torch.testing.assert_close(logits.grad, once, msg=name)  # not accumulated
+
+
+def test_loss_cases_are_sized_to_free_memory(bench):
+    losses = bench("bench_losses")
+    gpu_free = 79 * 2**30  # an 80 GB GPU
+    assert set(losses.plan(256, 256, 131072, torch.float32, gpu_free, 0.8)) == {"masked", "idiom", "ignore"}
+    assert set(losses.plan(256, 256, 131072, torch.bfloat16, gpu_free, 0.8)) == {"idiom", "ignore"}
+    assert losses.plan(256, 256, 32768, torch.float32, gpu_free, 0.8) == {}
+    assert losses.free_memory_bytes("cpu") > 0
+
+
+def test_loss_cases_over_memory_are_skipped(bench, tmp_path, capsys):
+    losses = bench("bench_losses")
+    losses.free_memory_bytes = lambda device: 64 * 10 * 4 * 3  # room for masked at C=10 only
+    rows = losses.main(["--quick", "--out", str(tmp_path)]).rows
+    assert "idiom: skipped (needs" in capsys.readouterr().out
+    small, large = read(tmp_path, "losses_cpu")["rows"]
+    check_timed(small, ["masked"])
+    assert "idiom_ms" not in small and small["idiom_skipped"].startswith("needs")
+    assert all(f"{k}_skipped" in large and f"{k}_ms" not in large for k in ["masked", "idiom", "ignore"])
+    assert rows == [small, large]
+
+
+def test_loss_out_of_memory_is_caught(bench, tmp_path):
+    losses = bench("bench_losses")
+    real = losses.case
+
+    def case(tokens, C, *a, **kw):
+        B, T, mask, fns, logits = real(tokens, C, *a, **kw)
+        if C == 10:
+            fns["idiom"] = lambda: (_ for _ in ()).throw(torch.OutOfMemoryError("out of memory"))
+        else:
+            raise torch.OutOfMemoryError("out of memory in the case")
+        return B, T, mask, fns, logits
+
+    losses.case = case
+    losses.main(["--quick", "--out", str(tmp_path)])
+    first, second = read(tmp_path, "losses_cpu")["rows"]
+    check_timed(first, ["masked", "ignore"])
+    assert first["idiom_error"] == "OutOfMemoryError: out of memory" and "speedup_vs_idiom" not in first
+    assert second["error"] == "OutOfMemoryError: out of memory in the case"
+
+
+# ------------------------------------------------------------- gpu_check.sh
+def test_gpu_check_writes_committed_results_explicitly(bench):
+    script = (BENCH / "gpu_check.sh").read_text()
+    variables = {"RES": "benchmarks/results"}
+    found = set()
+    for line in script.splitlines():
+        words = shlex.split(line.split("2>&1")[0]) if "benchmarks/bench_" in line else []
+        if len(words) < 2 or words[0] != "$PY":
+            continue
+        path = words[1]
+        args = [w.replace("$RES", variables["RES"]) for w in words[2:]]
+        module = bench(pathlib.Path(path).stem)
+        parsed = module.parse_args(args)
+        assert parsed.device == "cuda" and not parsed.quick
+        assert parsed.out and (ROOT / parsed.out).resolve() == (BENCH / "results").resolve()
+        assert (ROOT / path).exists()
+        found.add(path)
+    assert found == {"benchmarks/bench_rnn.py", "benchmarks/bench_losses.py"}

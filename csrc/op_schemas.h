@@ -67,6 +67,29 @@ inline void define_ops(torch::Library& m) {
       "elementwise_loss_backward(Tensor grad, Tensor input, Tensor target, Tensor mask, "
       "Tensor? pos_weight, str kind, bool reduce_rows) -> (Tensor grad_input, "
       "Tensor grad_target)");
+
+  // Fused linear + masked cross entropy over tokens (rows), chunk by chunk
+  // (csrc/linear_cross_entropy.h): the logits hidden @ weight^T + bias are
+  // never held for all rows at once.
+  //   hidden (N, H); weight (V, H); bias (V,) or None; target (N,) int64;
+  //   mask (N,) bool: which rows count (others are never read);
+  //   reduction "none" | "sum" | "mean" (over the rows that count, divisor on
+  //   the device); compute_grad ("sum"/"mean" only): also return the
+  //   gradients of the loss, from the same logits; chunk: rows per chunk, 0
+  //   for automatic.
+  // Returns loss ((N,) for "none", else ()) and lse (N,) in the math type;
+  // grad_hidden (N, H), grad_weight (V, H), grad_bias (V,) if compute_grad,
+  // else (0,) (grad_bias also (0,) without bias).
+  m.def(
+      "linear_cross_entropy_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
+      "Tensor mask, float label_smoothing, str reduction, bool compute_grad, int chunk) -> "
+      "(Tensor loss, Tensor lse, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+  // Gradients for per-token upstream gradients grad_loss (N,), recomputing
+  // each chunk's logits; grad_bias is (0,) without bias.
+  m.def(
+      "linear_cross_entropy_backward(Tensor grad_loss, Tensor hidden, Tensor weight, "
+      "Tensor? bias, Tensor target, Tensor mask, Tensor lse, float label_smoothing, int chunk) "
+      "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 }
 
 }  // namespace varlen

@@ -10,6 +10,7 @@ _C = load_extension()  # registers the ops before the Python registrations below
 
 from . import ops  # noqa: E402
 from .losses import masked_bce_with_logits, masked_cross_entropy, masked_mse  # noqa: E402
+from .linear_cross_entropy import MaskedLinearCrossEntropy, masked_linear_cross_entropy  # noqa: E402
 from .reference import masked_rnn_reference, rnn_layer_reference  # noqa: E402
 from .rnn import MaskedGRU, MaskedLSTM, MaskedRNN  # noqa: E402
 from .tbptt import Chunk, detach_state, tbptt_chunks  # noqa: E402
@@ -25,6 +26,8 @@ __all__ = [
     "masked_cross_entropy",
     "masked_mse",
     "masked_bce_with_logits",
+    "masked_linear_cross_entropy",
+    "MaskedLinearCrossEntropy",
     "tbptt_chunks",
     "detach_state",
     "Chunk",

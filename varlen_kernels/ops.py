@@ -184,6 +184,68 @@ torch.library.register_autograd(
 )
 
 
+# ------------------------------------------------- fused linear cross entropy
+def _acc(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+@torch.library.register_fake("varlen_kernels::linear_cross_entropy_forward")
+def _lce_forward_fake(hidden, weight, bias, target, mask, label_smoothing, reduction, compute_grad,
+                      chunk):
+    N, H = hidden.shape
+    V = weight.shape[0]
+    acc = _acc(hidden.dtype)
+    loss = hidden.new_empty((N,) if reduction == "none" else (), dtype=acc)
+    if not compute_grad:
+        return (loss, hidden.new_empty(N, dtype=acc), hidden.new_empty(0), hidden.new_empty(0),
+                hidden.new_empty(0))
+    return (loss, hidden.new_empty(N, dtype=acc), hidden.new_empty(N, H), weight.new_empty(V, H),
+            weight.new_empty(V) if bias is not None else hidden.new_empty(0))
+
+
+@torch.library.register_fake("varlen_kernels::linear_cross_entropy_backward")
+def _lce_backward_fake(grad_loss, hidden, weight, bias, target, mask, lse, label_smoothing, chunk):
+    return (hidden.new_empty(hidden.shape), weight.new_empty(weight.shape),
+            weight.new_empty(weight.shape[0]) if bias is not None else hidden.new_empty(0))
+
+
+def _lce_setup_context(ctx, inputs, output):
+    hidden, weight, bias, target, mask, label_smoothing, reduction, compute_grad, chunk = inputs
+    _, lse, gh, gw, gb = output
+    ctx.save_for_backward(hidden, weight, bias, target, mask, lse, gh, gw, gb)
+    ctx.label_smoothing, ctx.reduction, ctx.compute_grad, ctx.chunk = (
+        label_smoothing, reduction, compute_grad, chunk)
+    ctx.mark_non_differentiable(lse, gh, gw, gb)
+
+
+def _lce_backward(ctx, grad_loss, _lse, _gh, _gw, _gb):
+    hidden, weight, bias, target, mask, lse, gh, gw, gb = ctx.saved_tensors
+    none = (None,) * 6
+    if grad_loss is None:
+        return (None, None, None) + none
+    if ctx.compute_grad:  # gradients of the reduced loss, computed with the forward
+        if torch.is_grad_enabled():  # create_graph=True: these products are not the whole graph
+            raise NotImplementedError("double backward (gradients of gradients) through "
+                                      "varlen_kernels::linear_cross_entropy_forward is not supported")
+        g = grad_loss.to(gh.dtype)
+        return (g * gh, g.to(gw.dtype) * gw, g.to(gb.dtype) * gb if bias is not None else None) + none
+    if ctx.reduction == "none":
+        per_token = grad_loss
+    else:
+        per_token = grad_loss.expand(hidden.shape[0])
+        if ctx.reduction == "mean":
+            per_token = per_token / mask.sum().clamp_min(1)
+    gh, gw, gb = torch.ops.varlen_kernels.linear_cross_entropy_backward.default(
+        per_token.to(lse.dtype).contiguous(), hidden, weight, bias, target, mask, lse,
+        ctx.label_smoothing, ctx.chunk)
+    return (gh, gw, gb if bias is not None else None) + none
+
+
+torch.library.register_autograd(
+    "varlen_kernels::linear_cross_entropy_forward", _lce_backward, setup_context=_lce_setup_context
+)
+
+
 # ----------------------------------------------------------- double backward
 # The backward ops are not differentiable themselves. Say so when someone
 # differentiates through them (create_graph=True), rather than returning
@@ -195,7 +257,8 @@ def _refuse_double_backward(name):
     return backward
 
 
-for _name in ("rnn_backward", "cross_entropy_backward", "elementwise_loss_backward"):
+for _name in ("rnn_backward", "cross_entropy_backward", "elementwise_loss_backward",
+              "linear_cross_entropy_backward"):
     torch.library.register_autograd(f"varlen_kernels::{_name}", _refuse_double_backward(_name))
 
 

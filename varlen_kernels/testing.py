@@ -33,7 +33,8 @@ from ._build_info import source_hash
 ORDERS = ("forward", "reverse", "random")
 # Every op of csrc/op_schemas.h.
 OPS = ("rnn_forward", "rnn_backward", "cross_entropy_forward", "cross_entropy_backward",
-       "elementwise_loss_forward", "elementwise_loss_backward")
+       "elementwise_loss_forward", "elementwise_loss_backward", "linear_cross_entropy_forward",
+       "linear_cross_entropy_backward")
 
 _HOW = ("It is built with the extension from a source checkout: `make build` (or "
         "`pip install --no-build-isolation -e .`) at the repository root; "

@@ -17,6 +17,7 @@
 #ifdef VK_EMULATE_CUDA
 // cuda_on_cpu.h (included first) provides dim3, the intrinsics, VK_SHARED.
 #define VK_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(varlen_kernels_emu, CPU, m)
+#define VK_CUDA_LIBRARY "varlen_kernels_emu"  // where the CUDA kernels' ops live
 #else
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -26,6 +27,7 @@
   extern __shared__ __align__(16) unsigned char vk_dynamic_smem_[]; \
   T* const name = reinterpret_cast<T*>(vk_dynamic_smem_)
 #define VK_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(varlen_kernels, CUDA, m)
+#define VK_CUDA_LIBRARY "varlen_kernels"
 #endif
 
 namespace varlen {

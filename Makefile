@@ -41,6 +41,7 @@ test: build
 bench: build
 	$(PY) benchmarks/bench_rnn.py
 	$(PY) benchmarks/bench_losses.py
+	$(PY) benchmarks/bench_linear_ce.py
 
 clean:
 	rm -rf build *.egg-info varlen_kernels/*.so

@@ -152,8 +152,8 @@ inline void linear_ce_chunks(const CeOps& ops, const LinearCeRows& rows, const a
     const at::Tensor g = ops.backward.call(grad_rows.narrow(0, c0, n), logits, t, m, chunk_lse, eps);
     at::Tensor gh = grad_hidden.narrow(0, c0, n);
     at::mm_out(gh, g, weight);
-    const at::Tensor gw = at::mm(g.t(), h);
-    grad_weight.add_(gw);
+    if (grad_weight.scalar_type() == g.scalar_type()) grad_weight.addmm_(g.t(), h);
+    else grad_weight.add_(at::mm(g.t(), h));  // half/bfloat16 GEMM, float accumulator
     grad_bias.add_(g.sum(at::IntArrayRef{0}, /*keepdim=*/false, acc));
   }
 }

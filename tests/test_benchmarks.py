@@ -84,6 +84,17 @@ def test_bench_losses_quick(tmp_path):
         assert row["speedup_vs_idiom"] > 0 and row["speedup_vs_ignore"] > 0
 
 
+def test_bench_linear_ce_quick(tmp_path):
+    r = run_script(["benchmarks/bench_linear_ce.py", "--quick", "--threads", "1", "--out", str(tmp_path)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    with open(tmp_path / "linear_ce_cpu.json") as f:
+        row, = json.load(f)["rows"]
+    for name in ("fused", "idiom", "ignore", "masked"):
+        assert f"{name}_error" not in row, row[f"{name}_error"]
+        assert 0 < row[f"{name}_min_ms"] <= row[f"{name}_ms"] and row[f"{name}_extra_MiB"] >= 0
+    assert row["speedup_vs_idiom"] > 0 and row["memory_ratio_vs_idiom"] > 0
+
+
 def test_default_out_is_a_new_run_folder(bench):
     rnn = bench("bench_rnn")
     out = pathlib.Path(rnn.default_out("cpu"))

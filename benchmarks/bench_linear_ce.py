@@ -97,7 +97,7 @@ def run_method(cfg):
             "min_ms": round(times[0], 2), "valid_fraction": round(valid.float().mean().item(), 3)}
 
 
-def main(argv=None):
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default=None)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, for CI")
@@ -111,7 +111,11 @@ def main(argv=None):
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", default=None)
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args._child:
         print(json.dumps(run_method(json.loads(args._child))))
         return 0

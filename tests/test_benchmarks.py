@@ -251,4 +251,4 @@ def test_gpu_check_writes_committed_results_explicitly(bench):
         assert parsed.out and (ROOT / parsed.out).resolve() == (BENCH / "results").resolve()
         assert (ROOT / path).exists()
         found.add(path)
-    assert found == {"benchmarks/bench_rnn.py", "benchmarks/bench_losses.py"}
+    assert found == {"benchmarks/bench_rnn.py", "benchmarks/bench_losses.py", "benchmarks/bench_linear_ce.py"}

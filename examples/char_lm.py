@@ -70,7 +70,8 @@ def run_batch(model, batch, bptt, opt=None):
     for chunk in tbptt_chunks(inputs, lengths, bptt, batch_first=True):
         logits, state = model(chunk.input, chunk.lengths, state)
         window_targets = targets[:, chunk.start:chunk.start + logits.shape[1]]
-        loss_sum = masked_cross_entropy(logits, window_targets, chunk.lengths, reduction="sum")
+        loss_sum = masked_cross_entropy(logits, window_targets, chunk.lengths, reduction="sum",
+                                        batch_first=True)
         if opt is not None:
             opt.zero_grad()
             (loss_sum / chunk.lengths.sum().clamp_min(1)).backward()

@@ -71,7 +71,7 @@ def _lengths_and_hx(input, lengths, hx):
 
 
 class MaskedRNN(nn.Module):
-    r"""Multi-layer Elman RNN (tanh or ReLU), or LSTM/GRU with ``cell=``, over a
+    __doc__ = r"""Multi-layer Elman RNN (tanh or ReLU), or LSTM/GRU with ``cell=``, over a
     padded batch of variable-length sequences.
 
     A drop-in for ``torch.nn.RNN``: the same positional and keyword arguments in the
@@ -117,6 +117,7 @@ class MaskedRNN(nn.Module):
         cell: Optional[str] = None,
         proj_size: int = 0,
     ):
+        """Arguments as nn.RNN's, plus ``cell`` and ``proj_size`` by keyword: see the class docstring."""
         super().__init__()
         if nonlinearity is not None and nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
@@ -260,7 +261,9 @@ class MaskedRNN(nn.Module):
 
     # --------------------------------------------------------------- forward
     def forward(self, input, lengths=None, hx=None):
-        """See the class docstring: ``(output, h_n)``, or ``(output, (h_n, c_n))`` for an LSTM."""
+        """``(output, h_n)``, or ``(output, (h_n, c_n))`` for an LSTM; ``hx`` is ``h_0`` or
+        ``(h_0, c_0)``, each ``(num_layers * D, B, H)``. ``m(x, lengths)``, ``m(x, lengths, hx)``,
+        ``m(x, hx)`` and ``m(packed, hx)`` all work; see the class docstring."""
         return self._forward(input, lengths, hx, layer=rnn_layer)
 
     def _forward(self, input, lengths, hx, layer):
@@ -363,7 +366,7 @@ class MaskedRNN(nn.Module):
 
 
 class MaskedLSTM(MaskedRNN):
-    r"""Multi-layer LSTM over a padded batch of variable-length sequences: a drop-in
+    __doc__ = r"""Multi-layer LSTM over a padded batch of variable-length sequences: a drop-in
     for ``torch.nn.LSTM`` that also takes ``lengths``.
 
     The same positional and keyword arguments as ``nn.LSTM``, in the same order,
@@ -393,6 +396,7 @@ class MaskedLSTM(MaskedRNN):
         device=None,
         dtype=None,
     ):
+        """Arguments as nn.LSTM's: see the class docstring."""
         nn.Module.__init__(self)
         self._build(input_size, hidden_size, "lstm", num_layers, bias, batch_first, dropout,
                     bidirectional, proj_size, device, dtype)
@@ -405,7 +409,7 @@ class MaskedLSTM(MaskedRNN):
 
 
 class MaskedGRU(MaskedRNN):
-    r"""Multi-layer GRU over a padded batch of variable-length sequences: a drop-in
+    __doc__ = r"""Multi-layer GRU over a padded batch of variable-length sequences: a drop-in
     for ``torch.nn.GRU`` that also takes ``lengths``.
 
     The same positional and keyword arguments as ``nn.GRU``, in the same order,
@@ -433,6 +437,7 @@ class MaskedGRU(MaskedRNN):
         device=None,
         dtype=None,
     ):
+        """Arguments as nn.GRU's: see the class docstring."""
         nn.Module.__init__(self)
         self._build(input_size, hidden_size, "gru", num_layers, bias, batch_first, dropout,
                     bidirectional, 0, device, dtype)

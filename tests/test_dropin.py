@@ -198,8 +198,24 @@ def test_positional_arguments_as_nn(cls, nn_cls, extra):
     assert m.mode == ref.mode
     assert list(m.state_dict()) == list(ref.state_dict())
     m.load_state_dict(ref.state_dict())
-    x = torch.randn(2, 4, 5, dtype=torch.float64)
-    torch.testing.assert_close(m.eval()(x)[0], ref.eval()(x)[0], **F64)
+    m.eval(), ref.eval()
+    # values and gradients against nn.* on the packed batch, NaN in padding
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([4, 1, 3])
+    x = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)  # batch_first
+    x[torch.arange(4)[None, :] >= lengths[:, None]] = float("nan")
+    x.requires_grad_()
+    hx = torch.zeros(4, 3, 7, dtype=torch.float64)
+    hx = (hx, hx) if cls is MaskedLSTM else hx
+    y, h = m(x, lengths)
+    y2, hs2, _ = run_packed(ref, x, lengths, hx, True)
+    torch.testing.assert_close(y, y2, **F64)
+    for a, b in zip(states_of(m.cell, h), hs2):
+        torch.testing.assert_close(a, b, **F64)
+    ga = torch.autograd.grad(y.sum(), [x, *m.parameters()])
+    gb = torch.autograd.grad(y2.sum(), [x, *ref.parameters()])
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, **F64)
 
 
 def test_masked_rnn_is_elman():
@@ -271,6 +287,21 @@ def test_losses_default_time_major_like_the_modules(device):
     # batch_first=True reads (B, T, ...)
     torch.testing.assert_close(masked_cross_entropy(y.transpose(0, 1), target.t(), lengths, batch_first=True),
                                masked_cross_entropy(y, target, lengths), **F64)
+    # gradients, with NaN in the padding of the logits
+    logits = torch.where(valid[..., None], y.detach(), float("nan")).requires_grad_()
+    yt = torch.rand(T, B, 5, dtype=torch.float64)
+    for ours, theirs in ((lambda z: masked_cross_entropy(z, target, lengths, label_smoothing=0.1),
+                          lambda z: F.cross_entropy(z, target[valid], label_smoothing=0.1)),
+                         (lambda z: masked_mse(z, yt, lengths), lambda z: F.mse_loss(z, yt[valid])),
+                         (lambda z: masked_bce_with_logits(z, yt, lengths),
+                          lambda z: F.binary_cross_entropy_with_logits(z, yt[valid]))):
+        zv = logits.detach()[valid].requires_grad_()
+        a, b = ours(logits), theirs(zv)
+        torch.testing.assert_close(a, b, **F64)
+        ga, = torch.autograd.grad(a, [logits])
+        gb, = torch.autograd.grad(b, [zv])
+        torch.testing.assert_close(ga[valid], gb, **F64)
+        assert (ga[~valid] == 0).all()
 
 
 @pytest.mark.parametrize("fn,args", [

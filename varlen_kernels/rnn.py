@@ -85,7 +85,8 @@ class MaskedRNN(nn.Module):
         input_size: features I of the input.
         hidden_size: features H of the hidden state.
         num_layers: stacked layers (default 1).
-        nonlinearity: ``"tanh"`` (the default) or ``"relu"``, as in nn.RNN.
+        nonlinearity: ``"tanh"`` or ``"relu"``, as in nn.RNN; None (the default)
+            means ``"tanh"``, or whatever ``cell`` says.
         bias: whether the layers have ``bias_ih``/``bias_hh`` (default True).
         batch_first: input and output ``(B, T, *)`` instead of ``(T, B, *)``
             (default False); the states stay ``(num_layers * D, B, H)``.

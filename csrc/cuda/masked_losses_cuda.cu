@@ -5,7 +5,9 @@
 // materialized; only the per-token logsumexp is kept. Backward: softmax -
 // onehot, scaled by the upstream gradient. Class weights (optional) scale
 // each token's loss by the weight of its target and, with label smoothing,
-// weight the smoothing term per class (F.cross_entropy's formula). Logits are read 16 bytes at a time
+// weight the smoothing term per class (F.cross_entropy's formula); the
+// kernels are instantiated with and without weights, so the unweighted path
+// does no extra work. Logits are read 16 bytes at a time
 // from each row's first 16-byte boundary on. Rows with mask false are never
 // read. No host sync.
 #include <ATen/ATen.h>
@@ -143,7 +145,7 @@ __device__ __forceinline__ RowSplit split_row(const void* p, int64_t C,
   return {head, nvec, head + nvec * V};
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, bool kWeighted>
 __global__ void ce_forward_kernel(const scalar_t* __restrict__ logits,
                                   const int64_t* __restrict__ target,
                                   const bool* __restrict__ mask,
@@ -170,7 +172,8 @@ __global__ void ce_forward_kernel(const scalar_t* __restrict__ logits,
     auto scalar = [&](int64_t c) {
       const acc_t v = acc_t(x[c]);
       online_add(ms, v);
-      sum += weight ? weight[c] * v : v;
+      if constexpr (kWeighted) sum += weight[c] * v;
+      else sum += v;
     };
     for (int64_t c = threadIdx.x; c < part.head; c += blockDim.x) scalar(c);
     const Vec16<scalar_t>* xv = reinterpret_cast<const Vec16<scalar_t>*>(x + part.head);
@@ -180,7 +183,8 @@ __global__ void ce_forward_kernel(const scalar_t* __restrict__ logits,
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         v[k] = acc_t(in.v[k]);
-        sum += weight ? weight[part.head + i * V + k] * v[k] : v[k];
+        if constexpr (kWeighted) sum += weight[part.head + i * V + k] * v[k];
+        else sum += v[k];
       }
       online_add(ms, v);
     }
@@ -191,19 +195,21 @@ __global__ void ce_forward_kernel(const scalar_t* __restrict__ logits,
       sum = block_reduce(sum, [](acc_t a, acc_t b) { return a + b; }, acc_t(0), shared_sum);
     if (threadIdx.x == 0) {
       const acc_t lse = ms.m + Math<acc_t>::log(ms.s);
-      const acc_t wt = weight ? weight[t] : acc_t(1);
-      acc_t l = (acc_t(1) - eps) * wt * (lse - acc_t(x[t]));
-      if (eps != acc_t(0)) {
-        if (weight) l += eps / acc_t(C) * (*weight_sum * lse - sum);
-        else l += eps * (lse - sum / acc_t(C));
+      if constexpr (kWeighted) {
+        acc_t l = (acc_t(1) - eps) * weight[t] * (lse - acc_t(x[t]));
+        if (eps != acc_t(0)) l += eps / acc_t(C) * (*weight_sum * lse - sum);
+        loss[r] = l;
+      } else {
+        acc_t l = (acc_t(1) - eps) * (lse - acc_t(x[t]));
+        if (eps != acc_t(0)) l += eps * (lse - sum / acc_t(C));
+        loss[r] = l;
       }
-      loss[r] = l;
       lse_out[r] = lse;
     }
   }
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, bool kWeighted>
 __global__ void ce_backward_kernel(const acc_t* __restrict__ grad_loss,
                                    const scalar_t* __restrict__ logits,
                                    const int64_t* __restrict__ target,
@@ -232,11 +238,15 @@ __global__ void ce_backward_kernel(const acc_t* __restrict__ grad_loss,
     CUDA_KERNEL_ASSERT(t >= 0 && t < C && "target out of class range at a valid position");
     // go * (softmax * scale - (1 - eps) w[t] onehot - eps w / C), w = 1 without weights.
     const acc_t go = grad_loss[r], l = lse[r], uniform = go * eps / acc_t(C);
-    const acc_t wt = weight ? weight[t] : acc_t(1);
-    const acc_t hit = go * (acc_t(1) - eps) * wt;
-    const acc_t scale = weight ? go * ((acc_t(1) - eps) * wt + eps * *weight_sum / acc_t(C)) : go;
+    acc_t hit = go * (acc_t(1) - eps), scale = go;
+    if constexpr (kWeighted) {
+      hit *= weight[t];
+      scale = go * ((acc_t(1) - eps) * weight[t] + eps * *weight_sum / acc_t(C));
+    }
     auto grad_of = [&](acc_t v, int64_t c) {
-      acc_t d = Math<acc_t>::exp(v - l) * scale - (weight ? weight[c] * uniform : uniform);
+      acc_t d;
+      if constexpr (kWeighted) d = Math<acc_t>::exp(v - l) * scale - weight[c] * uniform;
+      else d = Math<acc_t>::exp(v - l) * go - uniform;
       return c == t ? d - hit : d;
     };
     for (int64_t c = threadIdx.x; c < part.head; c += blockDim.x)
@@ -275,7 +285,9 @@ std::tuple<Tensor, Tensor> cross_entropy_forward_cuda(const Tensor& logits, cons
   const CeWeight w = cross_entropy_weight(weight, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "ce_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    cuda::launch(ce_forward_kernel<scalar_t, acc_t>, cuda::grid_for(R, 1), kThreads, 0,
+    cuda::launch(w.w.defined() ? ce_forward_kernel<scalar_t, acc_t, true>
+                               : ce_forward_kernel<scalar_t, acc_t, false>,
+                 cuda::grid_for(R, 1), kThreads, 0,
                  cuda::current_stream(), x.const_data_ptr<scalar_t>(), t.const_data_ptr<int64_t>(),
                  m.const_data_ptr<bool>(), weight_ptr<acc_t>(w.w), weight_ptr<acc_t>(w.sum),
                  loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), R, C, acc_t(label_smoothing));
@@ -297,7 +309,9 @@ Tensor cross_entropy_backward_cuda(const Tensor& grad_loss, const Tensor& logits
   const CeWeight w = cross_entropy_weight(weight, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "ce_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    cuda::launch(ce_backward_kernel<scalar_t, acc_t>, cuda::grid_for(R, 1), kThreads, 0,
+    cuda::launch(w.w.defined() ? ce_backward_kernel<scalar_t, acc_t, true>
+                               : ce_backward_kernel<scalar_t, acc_t, false>,
+                 cuda::grid_for(R, 1), kThreads, 0,
                  cuda::current_stream(), g.const_data_ptr<acc_t>(), x.const_data_ptr<scalar_t>(),
                  t.const_data_ptr<int64_t>(), m.const_data_ptr<bool>(), l.const_data_ptr<acc_t>(),
                  weight_ptr<acc_t>(w.w), weight_ptr<acc_t>(w.sum), grad.data_ptr<scalar_t>(), R,

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import pack_padded_sequence
 
-from conftest import CELLS, make_torch_rnn, run_packed, sample_inputs, states_of
+from conftest import CELLS, run_packed, sample_inputs, states_of
 from varlen_kernels import (MaskedGRU, MaskedLSTM, MaskedRNN, masked_bce_with_logits,
                             masked_cross_entropy, masked_mse, tbptt_chunks)
 

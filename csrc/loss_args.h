@@ -11,15 +11,16 @@
 
 namespace varlen {
 
-// logits (R, C) floating; target (R,) int64; mask (R,) bool; all on one device.
+// logits (R, C) floating; target (R,) int64; mask (R,) bool; weight (C,) of
+// the logits' dtype or None; all on one device.
 inline void check_cross_entropy_args(const at::Tensor& logits, const at::Tensor& target,
-                                     const at::Tensor& mask, double label_smoothing) {
+                                     const at::Tensor& mask, double label_smoothing,
+                                     const c10::optional<at::Tensor>& weight) {
   TORCH_CHECK(logits.dim() == 2, "logits must be 2-D (R, C), got shape ", logits.sizes());
   TORCH_CHECK(logits.is_floating_point(), "logits must be floating point, got ",
               logits.scalar_type());
-  const int64_t R = logits.size(0);
-  TORCH_CHECK(logits.size(1) > 0, "logits must have at least one class, got shape ",
-              logits.sizes());
+  const int64_t R = logits.size(0), C = logits.size(1);
+  TORCH_CHECK(C > 0, "logits must have at least one class, got shape ", logits.sizes());
   VK_CHECK_SHAPE(target, R);
   VK_CHECK_SHAPE(mask, R);
   TORCH_CHECK(target.scalar_type() == at::kLong, "target must be int64, got ",
@@ -29,13 +30,22 @@ inline void check_cross_entropy_args(const at::Tensor& logits, const at::Tensor&
   check_same_device(logits, mask, "mask");
   TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0,
               "label_smoothing must be in [0, 1], got ", label_smoothing);
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == C,
+                "weight must have shape (C,) = (", C, "), one per class, got ", weight->sizes());
+    TORCH_CHECK(weight->scalar_type() == logits.scalar_type(),
+                "weight must have the logits' dtype ", logits.scalar_type(), ", got ",
+                weight->scalar_type());
+    check_same_device(logits, *weight, "weight");
+  }
 }
 
 // The backward's extra arguments: grad_loss and lse (R,) in the math type.
 inline void check_cross_entropy_backward_args(const at::Tensor& grad_loss, const at::Tensor& logits,
                                               const at::Tensor& target, const at::Tensor& mask,
-                                              const at::Tensor& lse, double label_smoothing) {
-  check_cross_entropy_args(logits, target, mask, label_smoothing);
+                                              const at::Tensor& lse, double label_smoothing,
+                                              const c10::optional<at::Tensor>& weight) {
+  check_cross_entropy_args(logits, target, mask, label_smoothing, weight);
   const int64_t R = logits.size(0);
   const auto acc = at::toOpMathType(logits.scalar_type());
   VK_CHECK_SHAPE(grad_loss, R);
@@ -43,6 +53,18 @@ inline void check_cross_entropy_backward_args(const at::Tensor& grad_loss, const
   TORCH_CHECK(lse.scalar_type() == acc, "lse must be ", acc, ", got ", lse.scalar_type());
   check_same_device(logits, grad_loss, "grad_loss");
   check_same_device(logits, lse, "lse");
+}
+
+// Class weights in the math type, contiguous (undefined when not given), and
+// their sum W as a one-element tensor on the same device (no host sync).
+struct CeWeight {
+  at::Tensor w, sum;
+};
+inline CeWeight cross_entropy_weight(const c10::optional<at::Tensor>& weight,
+                                     at::ScalarType acc) {
+  if (!weight.has_value()) return {};
+  at::Tensor w = weight->to(acc).contiguous();
+  return {w, w.sum().reshape({1})};
 }
 
 inline ElemLoss parse_elem_loss(const std::string& kind) {

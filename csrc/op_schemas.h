@@ -39,18 +39,22 @@ inline void define_ops(torch::Library& m) {
       "Tensor grad_b_ih, Tensor grad_b_hh)");
 
   // Masked cross entropy over tokens (rows).
-  //   logits (R, C); target (R,) int64; mask (R,) bool: which rows count.
+  //   logits (R, C); target (R,) int64; mask (R,) bool: which rows count;
+  //   weight (C,) class weights of the logits' dtype, or None (all 1).
   // Returns loss (R,) and lse (R,) (logsumexp, kept for backward) in the math
   // type (float32 for half/bfloat16), both 0 where mask is false. Rows with
-  // mask false are never read.
+  // mask false are never read. With eps = label_smoothing, w = weight and
+  // W = sum(w), as F.cross_entropy(reduction="none"):
+  //   loss = (1 - eps) w[t] (lse - x[t]) + eps / C * sum_c w[c] (lse - x[c])
   m.def(
       "cross_entropy_forward(Tensor logits, Tensor target, Tensor mask, "
-      "float label_smoothing) -> (Tensor loss, Tensor lse)");
-  // grad_logits (R, C) = grad_loss * (softmax - (1 - eps) onehot - eps / C)
+      "float label_smoothing, Tensor? weight=None) -> (Tensor loss, Tensor lse)");
+  // grad_logits (R, C) = grad_loss * (softmax ((1 - eps) w[t] + eps W / C)
+  //                                   - (1 - eps) w[t] onehot - eps w / C)
   // on rows with mask true, 0 elsewhere.
   m.def(
       "cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor mask, "
-      "Tensor lse, float label_smoothing) -> Tensor");
+      "Tensor lse, float label_smoothing, Tensor? weight=None) -> Tensor");
 
   // Masked elementwise losses over tokens (rows) of F features.
   //   input, target (R, F); mask (R,) bool; pos_weight (F,) or None (bce only);

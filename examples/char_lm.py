@@ -7,13 +7,18 @@ masked_cross_entropy (padding never counts) and truncated BPTT: each batch is
 cut into windows of --bptt steps and the LSTM state is carried across windows,
 detached.
 
-    python examples/char_lm.py                  # loss/perplexity printed, plot in char_lm.png
-    python examples/char_lm.py --steps 50       # a quick look
+    python examples/char_lm.py                  # loss/perplexity printed, plot in docs/char_lm.png
+    python examples/char_lm.py --steps 50 --plot lm.png   # a quick look, plot elsewhere
+
+A tenth of the lines is held out; the validation loss and perplexity are
+computed on the first --valid-lines of them (all held-out lines with 0), per
+predicted byte.
 """
 import argparse
 import glob
 import math
 import os
+import pathlib
 import random
 import sysconfig
 import time
@@ -23,6 +28,8 @@ from torch import nn
 from tqdm import tqdm
 
 from varlen_kernels import MaskedLSTM, detach_state, masked_cross_entropy, tbptt_chunks
+
+DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
 
 
 def load_lines(max_len, limit_files=None, seed=0):
@@ -70,7 +77,8 @@ def run_batch(model, batch, bptt, opt=None):
     for chunk in tbptt_chunks(inputs, lengths, bptt, batch_first=True):
         logits, state = model(chunk.input, chunk.lengths, state)
         window_targets = targets[:, chunk.start:chunk.start + logits.shape[1]]
-        loss_sum = masked_cross_entropy(logits, window_targets, chunk.lengths, reduction="sum")
+        loss_sum = masked_cross_entropy(logits, window_targets, chunk.lengths, reduction="sum",
+                                        batch_first=True)
         if opt is not None:
             opt.zero_grad()
             (loss_sum / chunk.lengths.sum().clamp_min(1)).backward()
@@ -79,6 +87,18 @@ def run_batch(model, batch, bptt, opt=None):
         total += loss_sum.item()
         state = detach_state(state)
     return total / max(int(lengths.sum()), 1)
+
+
+def evaluate(model, batches, bptt):
+    """Mean loss per predicted byte over every validation batch."""
+    model.eval()
+    total = tokens = 0
+    with torch.no_grad():
+        for batch in batches:
+            n = int(batch[2].sum())
+            total += run_batch(model, batch, bptt) * n
+            tokens += n
+    return total / max(tokens, 1)
 
 
 def main(argv=None):
@@ -92,33 +112,38 @@ def main(argv=None):
     ap.add_argument("--files", type=int, default=60, help="standard library files to read")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--plot", default="char_lm.png")
+    ap.add_argument("--valid-lines", type=int, default=128,
+                    help="held-out lines to compute the validation loss on (0: all of them)")
+    ap.add_argument("--plot", default=str(DOCS / "char_lm.png"), help="where to write the plot ('' for none)")
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     lines = load_lines(args.max_len, args.files, args.seed)
     split = max(len(lines) // 10, args.batch_size)
-    valid_lines, train_lines = lines[:split], lines[split:]
-    print(f"{len(train_lines)} training lines, {len(valid_lines)} validation lines")
+    held_out, train_lines = lines[:split], lines[split:]
+    valid_lines = held_out[:args.valid_lines] if args.valid_lines > 0 else held_out
+    valid_bytes = sum(len(x) - 1 for x in valid_lines)
+    print(f"{len(train_lines)} training lines; validation on {len(valid_lines)} of the "
+          f"{len(held_out)} held-out lines ({valid_bytes} predicted bytes)")
     model = CharLM(args.hidden, args.layers)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     rng = random.Random(args.seed)
-    valid_batch = make_batch(valid_lines[: 4 * args.batch_size])
+    size = 4 * args.batch_size
+    valid_batches = [make_batch(valid_lines[i:i + size]) for i in range(0, len(valid_lines), size)]
     history = {"step": [], "train": [], "valid": []}
     start = time.perf_counter()
     for step in tqdm(range(1, args.steps + 1), desc="training", unit="batch"):
         model.train()
         train_loss = run_batch(model, make_batch(rng.sample(train_lines, args.batch_size)), args.bptt, opt)
         if step % max(args.steps // 10, 1) == 0 or step == args.steps:
-            model.eval()
-            with torch.no_grad():
-                valid_loss = run_batch(model, valid_batch, args.bptt)
+            valid_loss = evaluate(model, valid_batches, args.bptt)
             history["step"].append(step)
             history["train"].append(train_loss)
             history["valid"].append(valid_loss)
             tqdm.write(f"step {step:5d}  train loss {train_loss:.3f}  valid loss {valid_loss:.3f}  "
                        f"valid perplexity {math.exp(valid_loss):.2f}")
     print(f"trained in {time.perf_counter() - start:.1f} s; final valid perplexity "
-          f"{math.exp(history['valid'][-1]):.2f} (uniform over bytes: 256)")
+          f"{math.exp(history['valid'][-1]):.2f} on {len(valid_lines)} held-out lines "
+          f"(uniform over bytes: 256)")
     if args.plot:
         import matplotlib
         matplotlib.use("Agg")
@@ -131,6 +156,7 @@ def main(argv=None):
         b.plot(history["step"], [math.exp(v) for v in history["valid"]])
         b.set(xlabel="step", ylabel="valid perplexity", yscale="log")
         fig.tight_layout()
+        pathlib.Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(args.plot, dpi=100)
         plt.close(fig)
         print(f"wrote {args.plot}")

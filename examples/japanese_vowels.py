@@ -7,10 +7,11 @@ lengths and classifies each sequence from its last valid state; the same model
 (same initial weights) is also trained with nn.LSTM + pack_padded_sequence for
 comparison.
 
-    python examples/japanese_vowels.py            # full run, plot in japanese_vowels.png
-    python examples/japanese_vowels.py --epochs 2 # a quick look
+    python examples/japanese_vowels.py            # full run, plot in docs/japanese_vowels.png
+    python examples/japanese_vowels.py --epochs 2 --plot jv.png   # a quick look, plot elsewhere
 """
 import argparse
+import pathlib
 import time
 
 import numpy as np
@@ -20,6 +21,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from tqdm import tqdm
 
 from varlen_kernels import MaskedLSTM
+
+DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
 
 
 def load(split):
@@ -93,6 +96,7 @@ def plot(histories, path):
     a.legend()
     b.legend()
     fig.tight_layout()
+    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -104,7 +108,8 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--plot", default="japanese_vowels.png")
+    ap.add_argument("--plot", default=str(DOCS / "japanese_vowels.png"),
+                    help="where to write the plot ('' for none)")
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     train_split, test_split = load("train"), load("test")

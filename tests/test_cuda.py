@@ -144,7 +144,7 @@ def test_loss_lengths_out_of_range_on_device_fail_loudly():
     code = ("import torch, varlen_kernels as vk\n"
             "x = torch.randn(2, 4, 3, device='cuda')\n"
             "vk.masked_cross_entropy(x, torch.zeros(2, 4, dtype=torch.long, device='cuda'),\n"
-            "                        torch.tensor([1, 9], device='cuda'))\n"
+            "                        torch.tensor([1, 9], device='cuda'), batch_first=True)\n"
             "torch.cuda.synchronize()\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     out = r.stdout + r.stderr
@@ -173,8 +173,9 @@ def test_grid_stride_loops_go_round(cell):
 
     def run():
         y, h = m(x, lengths, hx)
-        loss = masked_cross_entropy(y.transpose(0, 1).sum(-1, keepdim=True) * logits, target, lengths)
-        loss = loss + masked_mse(logits, logits.detach() * 0.5, lengths)
+        loss = masked_cross_entropy(y.transpose(0, 1).sum(-1, keepdim=True) * logits, target, lengths,
+                                    batch_first=True)
+        loss = loss + masked_mse(logits, logits.detach() * 0.5, lengths, batch_first=True)
         return torch.autograd.grad(loss, [x, logits, *m.parameters()])
 
     expected = run()
@@ -210,7 +211,7 @@ def test_cross_entropy_matches_torch(C, dtype, gpu):
     x[~valid] = float("nan")
     target[~valid] = -3
     x.requires_grad_()
-    out = masked_cross_entropy(x, target, lengths, label_smoothing=0.1)
+    out = masked_cross_entropy(x, target, lengths, label_smoothing=0.1, batch_first=True)
     xv = x.detach()[valid].clone().requires_grad_()
     theirs = F.cross_entropy(xv, target[valid], label_smoothing=0.1)
     if dtype == torch.float64:
@@ -238,7 +239,8 @@ def test_cross_entropy_minus_inf_logits_in_valid_rows(label_smoothing, reduction
     lengths = torch.tensor([3, 1], device=device)
     valid = torch.arange(3, device=device)[None] < lengths[:, None]
     x = logits.requires_grad_()
-    out = masked_cross_entropy(x, target, lengths, reduction=reduction, label_smoothing=label_smoothing)
+    out = masked_cross_entropy(x, target, lengths, reduction=reduction, label_smoothing=label_smoothing,
+                               batch_first=True)
     xv = logits.detach()[valid].clone().requires_grad_()
     ref = F.cross_entropy(xv, target[valid], reduction=reduction, label_smoothing=label_smoothing)
     if reduction == "none":
@@ -261,7 +263,7 @@ def test_cross_entropy_unaligned_rows(offset, C, device):
     target = torch.randint(0, C, (4, 5), device=device)
     lengths = torch.tensor([5, 2, 0, 4], device=device)
     valid = torch.arange(5, device=device)[None] < lengths[:, None]
-    out = masked_cross_entropy(logits, target, lengths, label_smoothing=0.05)
+    out = masked_cross_entropy(logits, target, lengths, label_smoothing=0.05, batch_first=True)
     xv = logits.detach()[valid].double().requires_grad_()
     ref = F.cross_entropy(xv, target[valid], label_smoothing=0.05)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
@@ -276,7 +278,8 @@ def test_cross_entropy_opcheck_and_all_padding(gpu):
     t = torch.randint(0, 5, (6,), device=gpu)
     m = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool, device=gpu)
     torch.library.opcheck(torch.ops.varlen_kernels.cross_entropy_forward.default, (x, t, m, 0.1))
-    out = masked_cross_entropy(x.view(2, 3, 5), t.view(2, 3), torch.zeros(2, dtype=torch.long, device=gpu))
+    out = masked_cross_entropy(x.view(2, 3, 5), t.view(2, 3), torch.zeros(2, dtype=torch.long, device=gpu),
+                               batch_first=True)
     assert out.item() == 0.0 and (torch.autograd.grad(out, [x])[0] == 0).all()
 
 
@@ -322,7 +325,7 @@ def test_cross_entropy_nan_and_inf_logits_in_valid_rows(special, offset, device)
     target = torch.tensor([[3, 3, 1, 0], [2, 5, 0, 0]], device=device)
     lengths = torch.tensor([4, 2], device=device)
     valid = torch.arange(4, device=device)[None] < lengths[:, None]
-    out = masked_cross_entropy(logits, target, lengths, reduction="none")
+    out = masked_cross_entropy(logits, target, lengths, reduction="none", batch_first=True)
     ref = F.cross_entropy(logits[valid].double(), target[valid], reduction="none")
     if special == "inf":
         hit = logits[valid].gather(1, target[valid][:, None])[:, 0] == float("inf")

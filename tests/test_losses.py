@@ -39,7 +39,7 @@ def test_padding_holds_nan_and_inf():
 def test_cross_entropy_matches_torch(C, reduction, label_smoothing):
     logits, target, lengths, valid = make(C=C, seed=C)
     out = masked_cross_entropy(logits, target, lengths, reduction=reduction,
-                               label_smoothing=label_smoothing)
+                               label_smoothing=label_smoothing, batch_first=True)
     x_valid = logits.detach()[valid].clone().requires_grad_()
     ref = F.cross_entropy(x_valid, target[valid], reduction="none" if reduction == "none" else reduction,
                           label_smoothing=label_smoothing)
@@ -60,7 +60,7 @@ def test_cross_entropy_matches_torch(C, reduction, label_smoothing):
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_cross_entropy_layouts_and_mask(batch_first):
     logits, target, lengths, valid = make(seed=1)
-    ref = masked_cross_entropy(logits, target, lengths)
+    ref = masked_cross_entropy(logits, target, lengths, batch_first=True)
     if not batch_first:
         out = masked_cross_entropy(logits.transpose(0, 1), target.t(), lengths, batch_first=False)
         torch.testing.assert_close(out, ref, **F64)
@@ -76,7 +76,7 @@ def test_cross_entropy_all_padding_is_zero_not_nan():
     logits, target, _, _ = make()
     zero_lengths = torch.zeros(3, dtype=torch.long)
     for reduction in ("mean", "sum"):
-        out = masked_cross_entropy(logits, target, zero_lengths, reduction=reduction)
+        out = masked_cross_entropy(logits, target, zero_lengths, reduction=reduction, batch_first=True)
         assert out.item() == 0.0
         g, = torch.autograd.grad(out, [logits])
         assert (g == 0).all()
@@ -85,12 +85,12 @@ def test_cross_entropy_all_padding_is_zero_not_nan():
 def test_cross_entropy_large_logits_and_low_precision():
     logits, target, lengths, valid = make(C=50, seed=2)
     big = (logits.detach() * 1e4 / 3).requires_grad_()
-    out = masked_cross_entropy(big, target, lengths)
+    out = masked_cross_entropy(big, target, lengths, batch_first=True)
     torch.testing.assert_close(out, F.cross_entropy(big.detach()[valid], target[valid]), **F64)
     for dtype in (torch.bfloat16, torch.float16):
         x = logits.detach().to(dtype)
         exact = F.cross_entropy(logits.detach()[valid], target[valid])
-        ours = masked_cross_entropy(x, target, lengths).double()
+        ours = masked_cross_entropy(x, target, lengths, batch_first=True).double()
         theirs = F.cross_entropy(x[valid], target[valid]).double()
         assert (ours - exact).abs() <= 2 * (theirs - exact).abs() + 1e-3
 
@@ -104,7 +104,7 @@ def test_cross_entropy_out_of_range_target_at_valid_step():
            r"class range at a valid position" if emulation_active() else
            r"target at valid position 2 \(flattened\) is 4, outside the class range \[0, 4\)")
     with pytest.raises(RuntimeError, match=msg):
-        masked_cross_entropy(logits, target, lengths)
+        masked_cross_entropy(logits, target, lengths, batch_first=True)
 
 
 def test_cross_entropy_gradcheck_and_opcheck():
@@ -112,7 +112,8 @@ def test_cross_entropy_gradcheck_and_opcheck():
     x = torch.nan_to_num(logits.detach(), nan=0.0, posinf=0.0).requires_grad_()
     for ls in (0.0, 0.2):
         assert torch.autograd.gradcheck(
-            lambda x: masked_cross_entropy(x, target, lengths, reduction="none", label_smoothing=ls), (x,))
+            lambda x: masked_cross_entropy(x, target, lengths, reduction="none", label_smoothing=ls,
+                                           batch_first=True), (x,))
     rows = (x.reshape(-1, 5), target.reshape(-1), valid.reshape(-1), 0.1)
     torch.library.opcheck(torch.ops.varlen_kernels.cross_entropy_forward.default, rows)
     torch.library.opcheck(torch.ops.varlen_kernels.cross_entropy_forward.default,
@@ -124,8 +125,9 @@ def test_cross_entropy_gradcheck_and_opcheck():
 
 def test_cross_entropy_compiles_fullgraph():
     logits, target, lengths, _ = make(dtype=torch.float32)
-    fn = torch.compile(lambda x, t, l: masked_cross_entropy(x, t, l), fullgraph=True, backend="aot_eager")
-    a, b = fn(logits, target, lengths), masked_cross_entropy(logits, target, lengths)
+    fn = torch.compile(lambda x, t, l: masked_cross_entropy(x, t, l, batch_first=True), fullgraph=True,
+                       backend="aot_eager")
+    a, b = fn(logits, target, lengths), masked_cross_entropy(logits, target, lengths, batch_first=True)
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(torch.autograd.grad(a, [logits])[0], torch.autograd.grad(b, [logits])[0])
 
@@ -145,10 +147,11 @@ def test_elementwise_losses_match_torch(loss_name, reduction, feature):
     pred.requires_grad_()
     pw = torch.rand(feature, generator=g, dtype=torch.float64) + 0.5 if loss_name == "bce" else None
     if loss_name == "mse":
-        out = masked_mse(pred, target, lengths, reduction=reduction)
+        out = masked_mse(pred, target, lengths, reduction=reduction, batch_first=True)
         ref_fn = lambda p, t, r: F.mse_loss(p, t, reduction=r)  # noqa: E731
     else:
-        out = masked_bce_with_logits(pred, target, lengths, reduction=reduction, pos_weight=pw)
+        out = masked_bce_with_logits(pred, target, lengths, reduction=reduction, pos_weight=pw,
+                                     batch_first=True)
         ref_fn = lambda p, t, r: F.binary_cross_entropy_with_logits(p, t, reduction=r, pos_weight=pw)  # noqa: E731
     pv = pred.detach()[valid].clone().requires_grad_()
     ref = ref_fn(pv, target[valid], reduction)
@@ -168,29 +171,30 @@ def test_elementwise_all_padding_and_gradcheck():
     pred = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
     target = torch.rand(2, 3, 4, dtype=torch.float64)
     for fn in (masked_mse, masked_bce_with_logits):
-        out = fn(pred, target, torch.tensor([0, 0]))
+        out = fn(pred, target, torch.tensor([0, 0]), batch_first=True)
         assert out.item() == 0.0 and (torch.autograd.grad(out, [pred])[0] == 0).all()
-        assert torch.autograd.gradcheck(lambda p: fn(p, target, torch.tensor([3, 1])), (pred,))
+        assert torch.autograd.gradcheck(lambda p: fn(p, target, torch.tensor([3, 1]), batch_first=True),
+                                        (pred,))
 
 
 def test_loss_bad_input():
     logits, target, lengths, _ = make()
     with pytest.raises(TypeError, match="target must be an integer Tensor of class indices, got torch.float32"):
-        masked_cross_entropy(logits, target.float(), lengths)
+        masked_cross_entropy(logits, target.float(), lengths, batch_first=True)
     with pytest.raises(ValueError, match=r"target must have shape \(3, 5\).*got \(3, 4\)"):
-        masked_cross_entropy(logits, target[:, :4], lengths)
+        masked_cross_entropy(logits, target[:, :4], lengths, batch_first=True)
     with pytest.raises(ValueError, match=r"lengths must be in \[0, T\] with T=5.*lengths\[0\] = 6"):
-        masked_cross_entropy(logits, target, torch.tensor([6, 1, 0]))
+        masked_cross_entropy(logits, target, torch.tensor([6, 1, 0]), batch_first=True)
     with pytest.raises(ValueError, match="exactly one of lengths and mask"):
         masked_cross_entropy(logits, target)
     with pytest.raises(ValueError, match="reduction must be one of"):
-        masked_cross_entropy(logits, target, lengths, reduction="avg")
-    with pytest.raises(ValueError, match=r"logits must be 3-D"):
-        masked_cross_entropy(logits[0], target, lengths)
+        masked_cross_entropy(logits, target, lengths, reduction="avg", batch_first=True)
+    with pytest.raises(ValueError, match=r"logits must be 3-D \(B, T, C\) or 2-D \(N, C\), got shape \(10,\)"):
+        masked_cross_entropy(logits[0, 0], target, lengths, batch_first=True)
     with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\], got 1.5"):
-        masked_cross_entropy(logits, target, lengths, label_smoothing=1.5)
+        masked_cross_entropy(logits, target, lengths, label_smoothing=1.5, batch_first=True)
     with pytest.raises(ValueError, match=r"target must have the shape of pred \(3, 5\), got \(3, 4\)"):
-        masked_mse(torch.randn(3, 5), torch.randn(3, 4), lengths)
+        masked_mse(torch.randn(3, 5), torch.randn(3, 4), lengths, batch_first=True)
     with pytest.raises(ValueError, match=r"mask must have shape \(3, 5\)"):
         masked_mse(torch.randn(3, 5), torch.randn(3, 5), mask=torch.ones(5, 3, dtype=torch.bool))
     with pytest.raises(TypeError, match="mask must be a bool Tensor"):
@@ -220,7 +224,7 @@ def test_mse_target_gradient_matches_torch():
     target = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
     lengths = torch.tensor([4, 2])
     valid = torch.arange(4)[None] < lengths[:, None]
-    g, = torch.autograd.grad(masked_mse(pred, target, lengths), [target])
+    g, = torch.autograd.grad(masked_mse(pred, target, lengths, batch_first=True), [target])
     tv = target.detach()[valid].clone().requires_grad_()
     g_ref, = torch.autograd.grad(F.mse_loss(pred[valid], tv), [tv])
     torch.testing.assert_close(g[valid], g_ref, **F64)
@@ -230,4 +234,4 @@ def test_mse_target_gradient_matches_torch():
 def test_pos_weight_with_grad_is_refused():
     with pytest.raises(NotImplementedError, match="gradients w.r.t. pos_weight are not implemented"):
         masked_bce_with_logits(torch.randn(2, 3, 4), torch.rand(2, 3, 4), [3, 1],
-                               pos_weight=torch.ones(4, requires_grad=True))
+                               pos_weight=torch.ones(4, requires_grad=True), batch_first=True)

@@ -67,7 +67,7 @@ def test_cpu_autocast_bfloat16():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, (h, c) = m(x, lengths)
         logits = head(y)
-        loss = masked_cross_entropy(logits, target, lengths)
+        loss = masked_cross_entropy(logits, target, lengths, batch_first=True)
     assert y.dtype == torch.bfloat16 and loss.dtype == torch.float32
     loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters())
@@ -85,7 +85,7 @@ def test_cuda_autocast(dtype):
     lengths = torch.tensor([6, 2, 0, 4], device="cuda")
     with torch.autocast("cuda", dtype=dtype):
         y, h = m(x, lengths)
-        loss = masked_mse(y, torch.zeros_like(y), lengths)
+        loss = masked_mse(y, torch.zeros_like(y), lengths, batch_first=True)
     assert y.dtype == dtype and loss.dtype == torch.float32
     loss.backward()
 
@@ -101,7 +101,7 @@ def test_compile_full_training_step():
 
     def step(x, lengths, target):
         y, _ = m(x, lengths)
-        loss = masked_cross_entropy(head(y), target, lengths)
+        loss = masked_cross_entropy(head(y), target, lengths, batch_first=True)
         loss.backward()
         return loss.detach()
 
@@ -115,8 +115,8 @@ def test_compile_full_training_step():
     for a, b in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(a, b)
     # The forward + loss is one graph with no break.
-    torch.compile(lambda x, l, t: masked_cross_entropy(head(m(x, l)[0]), t, l), fullgraph=True,
-                  backend="aot_eager")(x, lengths, target).backward()
+    torch.compile(lambda x, l, t: masked_cross_entropy(head(m(x, l)[0]), t, l, batch_first=True),
+                  fullgraph=True, backend="aot_eager")(x, lengths, target).backward()
 
 
 def _free_port():
@@ -134,7 +134,7 @@ def _ddp_worker(rank, world, port, batches, state, out):
     ddp = torch.nn.parallel.DistributedDataParallel(m)
     x, lengths, target = batches[rank]
     y, _ = ddp(x, lengths)
-    local = masked_mse(y, target, lengths, reduction="sum")
+    local = masked_mse(y, target, lengths, reduction="sum", batch_first=True)
     loss = ddp_mean(local, lengths.sum() * y.shape[-1])
     loss.backward()
     out[rank] = [p.grad.clone() for p in m.parameters()]
@@ -158,6 +158,6 @@ def test_ddp_uneven_lengths_match_single_process():
     lengths = torch.cat([b[1] for b in batches])
     target = torch.cat([b[2] for b in batches])
     y, _ = m(x, lengths)
-    masked_mse(y, target, lengths).backward()
+    masked_mse(y, target, lengths, batch_first=True).backward()
     for g, p in zip(ddp_grads, m.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)

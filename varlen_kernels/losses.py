@@ -1,9 +1,10 @@
 """Masked losses: averages over valid time steps only.
 
-Shapes, with ``batch_first=True`` (the default): inputs ``(B, T, ...)``; with
-``batch_first=False``: ``(T, B, ...)``. Valid steps come from ``lengths`` (B,)
-(step t of sequence b is valid iff t < lengths[b]) or from a boolean ``mask``
-of the inputs' two leading dims, for masks that are not prefixes.
+Shapes, as nn.* and MaskedRNN read them: with ``batch_first=False`` (the
+default, time-major) inputs are ``(T, B, ...)``; with ``batch_first=True``
+``(B, T, ...)``. Valid steps come from ``lengths`` (B,) (step t of sequence b
+is valid iff t < lengths[b]) or from a boolean ``mask`` of the inputs' two
+leading dims, for masks that are not prefixes.
 
 Every loss is exactly 0, with zero gradients, when no step is valid (never
 NaN), and never reads padding: NaN/Inf or garbage there changes nothing and
@@ -14,16 +15,18 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._checks import check_lengths
+from ._checks import check_lengths, layout_hint, lengths_on_host
 
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-def _valid_mask(x: Tensor, lengths, mask, batch_first: bool, name: str) -> Tensor:
+def _valid_mask(x: Tensor, lengths, mask, batch_first: bool, name: str, trailing: str = "...") -> Tensor:
     """Boolean (lead0, lead1) mask of valid steps, in x's layout."""
     if x.dim() < 2:
         raise ValueError(f"{name} must have at least 2 dims ({'B, T' if batch_first else 'T, B'}, ...), "
                          f"got shape {tuple(x.shape)}")
+    if not isinstance(batch_first, bool):
+        raise TypeError(f"batch_first must be a bool, got {type(batch_first).__name__}")
     lead = tuple(x.shape[:2])
     B, T = (lead[0], lead[1]) if batch_first else (lead[1], lead[0])
     if (lengths is None) == (mask is None):
@@ -34,8 +37,9 @@ def _valid_mask(x: Tensor, lengths, mask, batch_first: bool, name: str) -> Tenso
         if tuple(mask.shape) != lead:
             raise ValueError(f"mask must have shape {lead} ({name}'s leading dims), got {tuple(mask.shape)}")
         return mask.to(x.device)
-    on_host = isinstance(lengths, (list, tuple)) or (isinstance(lengths, Tensor) and lengths.device.type == "cpu")
-    lengths = check_lengths(lengths, T, B, x.device)
+    on_host = lengths_on_host(lengths)
+    lengths = check_lengths(lengths, T, B, x.device,
+                            layout=layout_hint(name, x.shape, batch_first, trailing))
     if not on_host:  # checked on the device, without a host sync (CPU lengths were checked eagerly)
         torch._assert_async(((lengths >= 0) & (lengths <= T)).all(),
                             f"lengths must be in [0, T] with T={T} (the time dimension)")
@@ -63,38 +67,85 @@ def _reduce(per_token: Tensor, count: Tensor, reduction: str, out_dtype) -> Tens
 
 
 def masked_cross_entropy(logits: Tensor, target: Tensor, lengths=None, *, mask: Optional[Tensor] = None,
-                         batch_first: bool = True, reduction: str = "mean",
-                         label_smoothing: float = 0.0) -> Tensor:
+                         batch_first: bool = False, reduction: str = "mean",
+                         label_smoothing: float = 0.0, weight: Optional[Tensor] = None,
+                         ignore_index: Optional[int] = -100) -> Tensor:
     """Cross entropy over the valid tokens, in one fused pass (no log-softmax kept).
 
-    logits: (B, T, C) if batch_first else (T, B, C); target: (B, T) / (T, B)
-    integer class indices (anything in padding); lengths: (B,) or mask: (B, T) /
-    (T, B) bool. reduction "mean" (per valid token), "sum", or "none" (per-token
-    losses of the leading shape, zero in padding). label_smoothing as in
-    F.cross_entropy. An out-of-range target at a valid step is an error.
+    logits: ``(T, B, C)``, or ``(B, T, C)`` with ``batch_first=True``, with
+    lengths ``(B,)`` (any integer form) or a bool mask of the leading dims; or
+    ``(N, C)`` flattened tokens with an optional ``(N,)`` bool mask (no mask:
+    every token). target: integer class indices of the leading shape (anything
+    in padding). ``weight``, ``ignore_index``, ``label_smoothing`` and
+    ``reduction`` as in ``F.cross_entropy``: targets equal to ``ignore_index``
+    count nowhere, on top of the lengths/mask; ``"mean"`` divides by the number
+    of counted tokens, or with ``weight`` by the summed weights of their targets;
+    ``"none"`` returns per-token losses of the leading shape, zero where not
+    counted. No counted token gives exactly 0 (not NaN). An out-of-range target
+    at a counted token is an error. No gradient w.r.t. ``weight``.
     """
     _check_reduction(reduction)
-    if not isinstance(logits, Tensor) or logits.dim() != 3:
-        raise ValueError(f"logits must be 3-D ({'B, T, C' if batch_first else 'T, B, C'}), "
-                         f"got shape {tuple(getattr(logits, 'shape', ()))}")
+    if not isinstance(logits, Tensor) or logits.dim() not in (2, 3):
+        raise ValueError(f"logits must be 3-D ({'B, T, C' if batch_first else 'T, B, C'}) or 2-D "
+                         f"(N, C), got shape {tuple(getattr(logits, 'shape', ()))}")
     if not logits.is_floating_point():
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
-    if not isinstance(target, Tensor) or target.dtype.is_floating_point or target.dtype == torch.bool:
+    if not isinstance(target, Tensor) or target.dtype.is_floating_point or target.dtype.is_complex \
+            or target.dtype == torch.bool:
         raise TypeError(f"target must be an integer Tensor of class indices, got "
                         f"{getattr(target, 'dtype', type(target).__name__)}")
-    if tuple(target.shape) != tuple(logits.shape[:2]):
-        raise ValueError(f"target must have shape {tuple(logits.shape[:2])} (logits' leading dims), "
+    lead = tuple(logits.shape[:-1])
+    if tuple(target.shape) != lead:
+        raise ValueError(f"target must have shape {lead} (logits' leading dims), "
                          f"got {tuple(target.shape)}")
     if not (0.0 <= float(label_smoothing) <= 1.0):
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    valid = _valid_mask(logits, lengths, mask, batch_first, "logits")
+    if ignore_index is not None and (not isinstance(ignore_index, int) or isinstance(ignore_index, bool)):
+        raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
+    C = logits.shape[-1]
+    if logits.dim() == 2:
+        if lengths is not None:
+            raise ValueError("lengths is for 3-D logits (T, B, C) or (B, T, C); 2-D logits (N, C) "
+                             "take mask= of shape (N,), or nothing (every token counts)")
+        if mask is None:
+            valid = torch.ones(lead, dtype=torch.bool, device=logits.device)
+        elif not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool Tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        elif tuple(mask.shape) != lead:
+            raise ValueError(f"mask must have shape {lead} (logits' leading dim), got {tuple(mask.shape)}")
+        else:
+            valid = mask.to(logits.device)
+    else:
+        valid = _valid_mask(logits, lengths, mask, batch_first, "logits", "C")
+    target = target.to(device=logits.device, dtype=torch.long)
+    counted = valid if ignore_index is None else valid & (target != ignore_index)
     if _autocast(logits):
         logits = logits.float()  # losses in float32 under autocast, as PyTorch's
-    C = logits.shape[2]
+    if weight is not None:
+        if not isinstance(weight, Tensor) or not weight.is_floating_point():
+            raise TypeError(f"weight must be a floating point Tensor of shape (C,) = ({C},), got "
+                            f"{getattr(weight, 'dtype', type(weight).__name__)}")
+        if tuple(weight.shape) != (C,):
+            raise ValueError(f"weight must have shape (C,) = ({C},), one per class, got {tuple(weight.shape)}")
+        if weight.requires_grad:
+            raise NotImplementedError("gradients w.r.t. weight are not implemented: "
+                                      "pass a weight that does not require grad")
+        weight = weight.to(device=logits.device, dtype=logits.dtype)
     loss, _ = torch.ops.varlen_kernels.cross_entropy_forward.default(
-        logits.reshape(-1, C), target.reshape(-1).to(torch.long), valid.reshape(-1),
-        float(label_smoothing))
-    return _reduce(loss.view(valid.shape), valid.sum(), reduction, logits.dtype)
+        logits.reshape(-1, C), target.reshape(-1), counted.reshape(-1), float(label_smoothing), weight)
+    loss = loss.view(counted.shape)
+    if reduction == "none":
+        return loss.to(logits.dtype)
+    total = loss.sum()
+    if reduction == "sum":
+        return total.to(logits.dtype)
+    count = counted.sum()
+    if weight is None:
+        return (total / count.clamp_min(1)).to(logits.dtype)
+    # F.cross_entropy's divisor: the weights of the counted tokens' targets.
+    w_sum = (weight.gather(0, torch.where(counted, target, 0).reshape(-1)).to(loss.dtype)
+             * counted.reshape(-1)).sum()
+    return (total / torch.where(count > 0, w_sum, torch.ones_like(w_sum))).to(logits.dtype)
 
 
 def _elementwise(name, kind, pred, target, lengths, mask, batch_first, reduction, pos_weight=None):
@@ -124,15 +175,15 @@ def _elementwise(name, kind, pred, target, lengths, mask, batch_first, reduction
 
 
 def masked_mse(pred: Tensor, target: Tensor, lengths=None, *, mask: Optional[Tensor] = None,
-               batch_first: bool = True, reduction: str = "mean") -> Tensor:
-    """Squared error over valid steps, one fused op. pred, target: (B, T, *) if
-    batch_first else (T, B, *); "mean" averages over valid elements (valid steps x
+               batch_first: bool = False, reduction: str = "mean") -> Tensor:
+    """Squared error over valid steps, one fused op. pred, target: (T, B, *), or
+    (B, T, *) with batch_first=True; "mean" averages over valid elements (valid steps x
     trailing features); "none" returns the elementwise loss, zero in padding."""
     return _elementwise("pred", "mse", pred, target, lengths, mask, batch_first, reduction)
 
 
 def masked_bce_with_logits(logits: Tensor, target: Tensor, lengths=None, *, mask: Optional[Tensor] = None,
-                           batch_first: bool = True, reduction: str = "mean",
+                           batch_first: bool = False, reduction: str = "mean",
                            pos_weight: Optional[Tensor] = None) -> Tensor:
     """Binary cross entropy with logits over valid steps, one fused op; shapes and
     reductions as :func:`masked_mse`; pos_weight broadcast over the trailing dims as

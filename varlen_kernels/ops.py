@@ -1,6 +1,6 @@
 """Python side of the custom ops: thin wrappers, fake kernels and autograd.
 
-Schemas live in csrc/ops.cpp; kernels in csrc/cpu and csrc/cuda.
+Schemas live in csrc/op_schemas.h; kernels in csrc/cpu and csrc/cuda.
 """
 from typing import Optional, Tuple
 
@@ -121,31 +121,32 @@ torch.library.register_autograd(
 
 # ------------------------------------------------------------ cross entropy
 @torch.library.register_fake("varlen_kernels::cross_entropy_forward")
-def _ce_forward_fake(logits, target, mask, label_smoothing):
+def _ce_forward_fake(logits, target, mask, label_smoothing, weight=None):
     acc = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
     R = logits.shape[0]
     return logits.new_empty(R, dtype=acc), logits.new_empty(R, dtype=acc)
 
 
 @torch.library.register_fake("varlen_kernels::cross_entropy_backward")
-def _ce_backward_fake(grad_loss, logits, target, mask, lse, label_smoothing):
+def _ce_backward_fake(grad_loss, logits, target, mask, lse, label_smoothing, weight=None):
     return logits.new_empty(logits.shape)
 
 
 def _ce_setup_context(ctx, inputs, output):
-    logits, target, mask, label_smoothing = inputs
-    ctx.save_for_backward(logits, target, mask, output[1])
+    logits, target, mask, label_smoothing = inputs[:4]
+    weight = inputs[4] if len(inputs) > 4 else None
+    ctx.save_for_backward(logits, target, mask, output[1], weight)
     ctx.label_smoothing = label_smoothing
     ctx.mark_non_differentiable(output[1])
 
 
 def _ce_backward(ctx, grad_loss, _grad_lse):
-    logits, target, mask, lse = ctx.saved_tensors
+    logits, target, mask, lse, weight = ctx.saved_tensors
     if grad_loss is None:
-        return None, None, None, None
+        return None, None, None, None, None
     grad = torch.ops.varlen_kernels.cross_entropy_backward.default(
-        grad_loss, logits, target, mask, lse, ctx.label_smoothing)
-    return grad, None, None, None
+        grad_loss, logits, target, mask, lse, ctx.label_smoothing, weight)
+    return grad, None, None, None, None
 
 
 torch.library.register_autograd(

@@ -1,73 +1,157 @@
 """MaskedRNN: a drop-in for nn.RNN / nn.GRU / nn.LSTM over variable-length batches."""
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+import warnings
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from ._checks import check_lengths
+from ._checks import check_lengths, layout_hint
 from .ops import CELLS, NUM_GATES, rnn_layer
 
 _TORCH_MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
 
 
-class MaskedRNN(nn.Module):
-    r"""Multi-layer RNN, GRU or LSTM over a padded batch of variable-length sequences.
+_FORWARD_DOC = """
+    Forward ``(input, lengths=None, hx=None)``, with ``D = 2`` if bidirectional:
+        input: ``(T, B, I)``, or ``(B, T, I)`` if batch_first; ``(T, I)``
+            unbatched; or a ``PackedSequence`` (then the output is one too, with
+            the same ``batch_sizes`` and indices).
+        lengths: ``(B,)`` valid steps per sequence, each in ``[0, T]``, any
+            order: a tensor of any integer dtype on any device, a NumPy array, or
+            a list/tuple of ints (NumPy integers too); an int for unbatched
+            input. ``None``: every sequence is T long. Length 0 is allowed: zero
+            output, ``h_n = h0``.
+        hx: ``h_0`` of shape ``(num_layers * D, B, H)``, or ``(h_0, c_0)`` for
+            an LSTM; zeros if None.
 
-    Constructor arguments, parameter names, shapes and initialisation are those of
-    ``torch.nn.LSTM`` / ``GRU`` / ``RNN`` (``cell`` picks which), so state dicts load
-    both ways. ``module(x, lengths)`` returns what
+    As in nn.*, the state may come second: ``m(x, h0)``, ``lstm(x, (h0, c0))``,
+    ``m(packed, hx)``. The second argument is taken as hx when it is a float
+    tensor of 2 or more dims or a tuple of tensors, or when input is a
+    PackedSequence; lengths are 1-D integers.
+
+    Returns ``(output, h_n)``, or ``(output, (h_n, c_n))`` for an LSTM. output is
+    ``(T, B, D*H)`` (``(B, T, D*H)`` if batch_first), exactly zero past each
+    length; ``h_n``/``c_n`` are ``(num_layers * D, B, H)``, each sequence's state
+    at its own last valid step (for the reverse direction: after step 0).
+    Padded input positions are never read and get gradient exactly 0.
+"""
+
+_DROPOUT_WARNING = ("dropout option adds dropout after all but last recurrent layer, so non-zero "
+                    "dropout expects num_layers greater than 1, but got dropout={} and num_layers={}")
+
+
+def _is_state(value) -> bool:
+    """Whether a second positional argument is a recurrent state rather than lengths:
+    a float tensor of 2+ dims, or a tuple/list of tensors (not 0-d integers)."""
+    if isinstance(value, Tensor):
+        return (value.is_floating_point() or value.is_complex()) and value.dim() >= 2
+    if isinstance(value, (tuple, list)) and value and all(isinstance(v, Tensor) for v in value):
+        return not all(v.dim() == 0 and not v.is_floating_point() for v in value)
+    return False
+
+
+def _lengths_and_hx(input, lengths, hx):
+    """Sorts the arguments after input into (lengths, hx), as nn.* users write them."""
+    if lengths is None:
+        return None, hx
+    packed = isinstance(input, PackedSequence)
+    if _is_state(lengths):
+        if hx is not None:
+            raise ValueError(
+                "hx is given twice: the second argument is a state (a float Tensor or a tuple of "
+                "Tensors, taken as hx) and hx= is given too; pass lengths second or by keyword")
+        return None, lengths
+    if packed:
+        raise ValueError("lengths must be None when input is a PackedSequence (the lengths come "
+                         "from its batch_sizes); after a PackedSequence, the second argument is hx")
+    return lengths, hx
+
+
+class MaskedRNN(nn.Module):
+    __doc__ = r"""Multi-layer Elman RNN (tanh or ReLU), or LSTM/GRU with ``cell=``, over a
+    padded batch of variable-length sequences.
+
+    A drop-in for ``torch.nn.RNN``: the same positional and keyword arguments in the
+    same order, the same parameter names, shapes and initialisation (state dicts
+    load both ways). ``module(x, lengths)`` returns what
     ``pad_packed_sequence(nn_module(pack_padded_sequence(x, lengths, enforce_sorted=False)))``
-    returns, values and gradients, without packing or sorting.
+    returns, values and gradients, without packing or sorting. :class:`MaskedLSTM`
+    and :class:`MaskedGRU` are the drop-ins for ``nn.LSTM`` and ``nn.GRU``.
 
     Args:
         input_size: features I of the input.
         hidden_size: features H of the hidden state.
-        cell: ``"lstm"``, ``"gru"``, ``"rnn_tanh"`` or ``"rnn_relu"``.
-        num_layers, bias, batch_first, dropout, bidirectional, device, dtype: as in nn.LSTM.
+        num_layers: stacked layers (default 1).
+        nonlinearity: ``"tanh"`` or ``"relu"``, as in nn.RNN; None (the default)
+            means ``"tanh"``, or whatever ``cell`` says.
+        bias: whether the layers have ``bias_ih``/``bias_hh`` (default True).
+        batch_first: input and output ``(B, T, *)`` instead of ``(T, B, *)``
+            (default False); the states stay ``(num_layers * D, B, H)``.
+        dropout: dropout on the outputs of every layer but the last, in training.
+        bidirectional: a reverse direction per layer, starting at each
+            sequence's own last valid step.
+        device, dtype: of the parameters.
+        cell: keyword only: ``"rnn_tanh"``, ``"rnn_relu"``, ``"lstm"`` or
+            ``"gru"`` (default: the Elman cell of ``nonlinearity``). A
+            ``nonlinearity`` that contradicts ``cell`` is an error.
+        proj_size: keyword only, LSTM only: not implemented, must be 0.
+""" + _FORWARD_DOC
 
-    Forward ``(input, lengths=None, hx=None)``:
-        input: ``(B, T, I)`` if batch_first else ``(T, B, I)``; ``(T, I)`` unbatched;
-            or a ``PackedSequence`` (then the output is one too, with the same
-            ``batch_sizes`` and indices).
-        lengths: ``(B,)`` integer tensor or list, on the CPU or the input's device,
-            any order, each in ``[0, T]``. ``None`` means every sequence is T long.
-            Length 0 is allowed: zero output, ``h_n = h0``.
-        hx: ``h0`` of shape ``(num_layers * D, B, H)`` (``D = 2`` if bidirectional),
-            or ``(h0, c0)`` for LSTM; zeros if None.
-
-    Returns ``(output, h_n)``, or ``(output, (h_n, c_n))`` for LSTM. output is
-    ``(B, T, D*H)`` if batch_first else ``(T, B, D*H)``, exactly zero past each
-    length; ``h_n``/``c_n`` are ``(num_layers * D, B, H)``, each sequence's state at
-    its own last valid step (for the reverse direction: after step 0).
-    Padded input positions are never read and get gradient exactly 0.
-    """
+    _cell: Optional[str] = None  # fixed by MaskedLSTM and MaskedGRU
 
     def __init__(
         self,
         input_size: int,
         hidden_size: int,
-        cell: str = "lstm",
         num_layers: int = 1,
+        nonlinearity: Optional[str] = None,
         bias: bool = True,
         batch_first: bool = False,
         dropout: float = 0.0,
         bidirectional: bool = False,
-        proj_size: int = 0,
         device=None,
         dtype=None,
+        *,
+        cell: Optional[str] = None,
+        proj_size: int = 0,
     ):
+        """Arguments as nn.RNN's, plus ``cell`` and ``proj_size`` by keyword: see the class docstring."""
         super().__init__()
-        if cell not in CELLS:
+        if nonlinearity is not None and nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        if cell is None:
+            cell = "rnn_" + (nonlinearity or "tanh")
+        elif cell not in CELLS:
             raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
+        elif nonlinearity is not None and cell != "rnn_" + nonlinearity:
+            raise ValueError(
+                f"nonlinearity={nonlinearity!r} contradicts cell={cell!r}"
+                + (": nonlinearity is for the Elman RNN only" if not cell.startswith("rnn_")
+                   else f"; use cell='rnn_{nonlinearity}' or leave one of them out"))
+        if proj_size and cell != "lstm":
+            raise ValueError(f"proj_size is only supported for an LSTM, got cell={cell!r}")
+        self._build(input_size, hidden_size, cell, num_layers, bias, batch_first, dropout,
+                    bidirectional, proj_size, device, dtype)
+
+    def _build(self, input_size, hidden_size, cell, num_layers, bias, batch_first, dropout,
+               bidirectional, proj_size, device, dtype) -> None:
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
                             ("num_layers", num_layers)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name, value in (("bias", bias), ("batch_first", batch_first),
+                            ("bidirectional", bidirectional)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {value!r}")
         if not (isinstance(dropout, (int, float)) and 0 <= dropout <= 1) or isinstance(dropout, bool):
             raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(_DROPOUT_WARNING.format(dropout, num_layers), stacklevel=3)
+        if not isinstance(proj_size, int) or isinstance(proj_size, bool) or proj_size < 0:
+            raise ValueError(f"proj_size must be an int >= 0, got {proj_size!r}")
         if proj_size != 0:
             raise NotImplementedError(
                 f"proj_size={proj_size}: LSTM projections are not implemented by MaskedRNN; "
@@ -75,6 +159,8 @@ class MaskedRNN(nn.Module):
             )
         self.cell = cell
         self.mode = {v: k for k, v in _TORCH_MODES.items()}[cell]
+        if cell.startswith("rnn_"):
+            self.nonlinearity = cell[4:]
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -116,9 +202,14 @@ class MaskedRNN(nn.Module):
         """No-op, for code written for nn.*: the kernels use the parameters as they are."""
 
     def extra_repr(self) -> str:
-        s = f"{self.input_size}, {self.hidden_size}, cell={self.cell!r}"
+        s = f"{self.input_size}, {self.hidden_size}"
         if self.num_layers != 1:
             s += f", num_layers={self.num_layers}"
+        if self._cell is None:
+            if self.cell == "rnn_relu":
+                s += ", nonlinearity='relu'"
+            elif not self.cell.startswith("rnn_"):
+                s += f", cell={self.cell!r}"
         if not self.bias:
             s += ", bias=False"
         if self.batch_first:
@@ -138,11 +229,19 @@ class MaskedRNN(nn.Module):
             raise TypeError(f"module must be an nn.LSTM, nn.GRU or nn.RNN, got {type(module).__name__}")
         if getattr(module, "proj_size", 0):
             raise NotImplementedError(f"proj_size={module.proj_size} is not supported by MaskedRNN")
+        cell = _TORCH_MODES[module.mode]
+        if cls._cell is not None and cell != cls._cell:
+            raise ValueError(f"{cls.__name__} has cell {cls._cell!r}, got cell={cell!r} "
+                             f"(from an nn.{type(module).__name__})")
         p = next(module.parameters())
-        new = cls(module.input_size, module.hidden_size, cell=_TORCH_MODES[module.mode],
-                  num_layers=module.num_layers, bias=module.bias, batch_first=module.batch_first,
+        kw = dict(num_layers=module.num_layers, bias=module.bias, batch_first=module.batch_first,
                   dropout=module.dropout, bidirectional=module.bidirectional, device=p.device,
                   dtype=p.dtype)
+        if cls._cell is None:
+            kw["cell"] = cell
+        with warnings.catch_warnings():  # nn.* already warned about dropout with one layer
+            warnings.filterwarnings("ignore", message="dropout option adds dropout")
+            new = cls(module.input_size, module.hidden_size, **kw)
         new.load_state_dict(module.state_dict())
         return new.train(module.training)
 
@@ -162,12 +261,16 @@ class MaskedRNN(nn.Module):
         return m.train(self.training)
 
     # --------------------------------------------------------------- forward
-    def forward(self, input, lengths: Optional[Union[Tensor, Sequence[int]]] = None, hx=None):
+    def forward(self, input, lengths=None, hx=None):
+        """``(output, h_n)``, or ``(output, (h_n, c_n))`` for an LSTM; ``hx`` is ``h_0`` or
+        ``(h_0, c_0)``, each ``(num_layers * D, B, H)``. ``m(x, lengths)``, ``m(x, lengths, hx)``,
+        ``m(x, hx)`` and ``m(packed, hx)`` all work; see the class docstring."""
         return self._forward(input, lengths, hx, layer=rnn_layer)
 
     def _forward(self, input, lengths, hx, layer):
+        lengths, hx = _lengths_and_hx(input, lengths, hx)
         if isinstance(input, PackedSequence):
-            return self._forward_packed(input, lengths, hx, layer)
+            return self._forward_packed(input, hx, layer)
         if not isinstance(input, Tensor):
             raise TypeError(f"input must be a Tensor or a PackedSequence, got {type(input).__name__}")
         if input.dim() not in (2, 3):
@@ -180,7 +283,8 @@ class MaskedRNN(nn.Module):
             x = input.unsqueeze(1)
         else:
             x = input.transpose(0, 1) if self.batch_first else input
-        output, h_n, c_n = self._run(x, lengths, hx, layer, unbatched)
+        layout = "" if unbatched else layout_hint("input", input.shape, self.batch_first, "I")
+        output, h_n, c_n = self._run(x, lengths, hx, layer, unbatched, layout)
         if unbatched:
             output, h_n = output.squeeze(1), h_n.squeeze(1)
             c_n = c_n.squeeze(1) if c_n is not None else None
@@ -188,10 +292,7 @@ class MaskedRNN(nn.Module):
             output = output.transpose(0, 1)
         return output, ((h_n, c_n) if self.cell == "lstm" else h_n)
 
-    def _forward_packed(self, packed: PackedSequence, lengths, hx, layer):
-        if lengths is not None:
-            raise ValueError("lengths must be None when input is a PackedSequence "
-                             "(the lengths come from its batch_sizes)")
+    def _forward_packed(self, packed: PackedSequence, hx, layer):
         padded, lens = pad_packed_sequence(packed)  # (T, B, I), original batch order
         output, h_n, c_n = self._run(padded, lens, hx, layer, unbatched=False)
         order = packed.sorted_indices
@@ -201,7 +302,7 @@ class MaskedRNN(nn.Module):
         out = PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
         return out, ((h_n, c_n) if self.cell == "lstm" else h_n)
 
-    def _run(self, x: Tensor, lengths, hx, layer, unbatched: bool):
+    def _run(self, x: Tensor, lengths, hx, layer, unbatched: bool, layout: str = ""):
         """x: (T, B, I). Returns output (T, B, D*H), h_n, c_n (L*D, B, H)."""
         T, B, I = x.shape
         if I != self.input_size:
@@ -212,7 +313,7 @@ class MaskedRNN(nn.Module):
             raise TypeError(f"input must have the parameters' dtype {p.dtype}, got {x.dtype}")
         if x.device != p.device:
             raise ValueError(f"input must be on the parameters' device {p.device}, got {x.device}")
-        lengths = check_lengths(lengths, T, B, x.device)
+        lengths = check_lengths(lengths, T, B, x.device, unbatched=unbatched, layout=layout)
         h0, c0 = self._check_hx(hx, x, unbatched, autocast)
         D = 2 if self.bidirectional else 1
         per = 4 if self.bias else 2
@@ -265,23 +366,85 @@ class MaskedRNN(nn.Module):
         return out[0], (out[1] if lstm else None)
 
 
-class _FixedCell(MaskedRNN):
-    _cell = ""
+class MaskedLSTM(MaskedRNN):
+    __doc__ = r"""Multi-layer LSTM over a padded batch of variable-length sequences: a drop-in
+    for ``torch.nn.LSTM`` that also takes ``lengths``.
 
-    def __init__(self, input_size: int, hidden_size: int, **kwargs):
-        cell = kwargs.pop("cell", self._cell)
-        if cell != self._cell:
-            raise ValueError(f"{type(self).__name__} has cell {self._cell!r}, got cell={cell!r}")
-        super().__init__(input_size, hidden_size, cell=self._cell, **kwargs)
+    The same positional and keyword arguments as ``nn.LSTM``, in the same order,
+    and the same parameter names, shapes and initialisation (state dicts load both
+    ways). ``module(x, lengths)`` returns what ``nn.LSTM`` returns on
+    ``pack_padded_sequence(x, lengths, enforce_sorted=False)``, padded back,
+    values and gradients, without packing or sorting.
 
-
-class MaskedLSTM(_FixedCell):
-    """``MaskedRNN(..., cell="lstm")``: a drop-in for nn.LSTM with ``lengths``."""
+    Args:
+        input_size, hidden_size, num_layers, bias, batch_first, dropout,
+        bidirectional, device, dtype: as in nn.LSTM (see :class:`MaskedRNN`).
+        proj_size: not implemented, must be 0.
+""" + _FORWARD_DOC
 
     _cell = "lstm"
 
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+    ):
+        """Arguments as nn.LSTM's: see the class docstring."""
+        nn.Module.__init__(self)
+        self._build(input_size, hidden_size, "lstm", num_layers, bias, batch_first, dropout,
+                    bidirectional, proj_size, device, dtype)
 
-class MaskedGRU(_FixedCell):
-    """``MaskedRNN(..., cell="gru")``: a drop-in for nn.GRU with ``lengths``."""
+    def forward(self, input, lengths=None, hx=None):
+        """``(output, (h_n, c_n))``; ``hx`` is ``(h_0, c_0)``, each ``(num_layers * D, B, H)``.
+        ``lstm(x, lengths)``, ``lstm(x, lengths, (h0, c0))``, ``lstm(x, (h0, c0))`` and
+        ``lstm(packed, (h0, c0))`` all work; see the class docstring."""
+        return self._forward(input, lengths, hx, layer=rnn_layer)
+
+
+class MaskedGRU(MaskedRNN):
+    __doc__ = r"""Multi-layer GRU over a padded batch of variable-length sequences: a drop-in
+    for ``torch.nn.GRU`` that also takes ``lengths``.
+
+    The same positional and keyword arguments as ``nn.GRU``, in the same order,
+    and the same parameter names, shapes and initialisation (state dicts load both
+    ways). ``module(x, lengths)`` returns what ``nn.GRU`` returns on
+    ``pack_padded_sequence(x, lengths, enforce_sorted=False)``, padded back,
+    values and gradients, without packing or sorting.
+
+    Args:
+        input_size, hidden_size, num_layers, bias, batch_first, dropout,
+        bidirectional, device, dtype: as in nn.GRU (see :class:`MaskedRNN`).
+""" + _FORWARD_DOC
 
     _cell = "gru"
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        """Arguments as nn.GRU's: see the class docstring."""
+        nn.Module.__init__(self)
+        self._build(input_size, hidden_size, "gru", num_layers, bias, batch_first, dropout,
+                    bidirectional, 0, device, dtype)
+
+    def forward(self, input, lengths=None, hx=None):
+        """``(output, h_n)``; ``hx`` is ``h_0``, ``(num_layers * D, B, H)``. ``gru(x, lengths)``,
+        ``gru(x, lengths, h0)``, ``gru(x, h0)`` and ``gru(packed, h0)`` all work; see the
+        class docstring."""
+        return self._forward(input, lengths, hx, layer=rnn_layer)

@@ -3,7 +3,7 @@ from typing import Iterator, NamedTuple, Optional, Union
 
 from torch import Tensor
 
-from ._checks import check_lengths
+from ._checks import check_lengths, layout_hint
 
 
 class Chunk(NamedTuple):
@@ -25,13 +25,15 @@ def tbptt_chunks(input: Tensor, lengths, k: int, *, batch_first: bool = False) -
         for chunk in tbptt_chunks(x, lengths, k=32, batch_first=True):
             out, state = lstm(chunk.input, chunk.lengths, state)
             loss = masked_cross_entropy(head(out), y[:, chunk.start:chunk.start + out.shape[1]],
-                                        chunk.lengths)
+                                        chunk.lengths, batch_first=True)
             loss.backward()
             state = detach_state(state)
 
     A sequence that ends inside a window stops there and its state stays frozen;
     in later windows its chunk length is 0, so the state passes through unchanged.
-    The forward values equal those of one unchunked (unidirectional) run.
+    For unidirectional layers the forward values equal those of one unchunked
+    run; a bidirectional layer's reverse direction starts again in each window,
+    so its values differ from the unchunked run's.
     """
     if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
         raise ValueError(f"k must be a positive int, got {k!r}")
@@ -39,7 +41,8 @@ def tbptt_chunks(input: Tensor, lengths, k: int, *, batch_first: bool = False) -
         raise ValueError(f"input must be a Tensor with at least 2 dims, got {getattr(input, 'shape', type(input))}")
     tdim = 1 if batch_first else 0
     T, B = input.shape[tdim], input.shape[1 - tdim]
-    lengths = check_lengths(lengths, T, B, input.device)
+    lengths = check_lengths(lengths, T, B, input.device,
+                            layout=layout_hint("input", input.shape, batch_first, "..."))
     for start in range(0, T, k):
         width = min(k, T - start)
         yield Chunk(start, input.narrow(tdim, start, width), (lengths - start).clamp(0, width))

@@ -19,6 +19,8 @@ struct CeArgs {
   scalar_t* grad_logits;   // backward out (R, C)
   int64_t C;
   double label_smoothing;
+  const acc_t* weight = nullptr;  // (C,) class weights, or null (all 1)
+  acc_t weight_sum = acc_t(0);    // sum of weight (when given)
 };
 
 #define VK_DECLARE_CE(NS)                                                        \
@@ -85,19 +87,29 @@ void ce_forward_rows(const CeArgs<scalar_t, acc_t>& a, int64_t r0, int64_t r1) {
         [shift](const V& v) { return (v - V(shift)).exp(); },
         [](const V& p, const V& q) { return p + q; }, x, C);
     const acc_t lse = shift + std::log(sum);
-    acc_t loss = (acc_t(1) - eps) * (lse - x[t]);
+    const acc_t wt = a.weight ? a.weight[t] : acc_t(1);
+    acc_t loss = (acc_t(1) - eps) * wt * (lse - x[t]);
     if (eps != acc_t(0)) {
-      const acc_t mean = at::vec::reduce_all<acc_t>(
-                             [](const V& p, const V& q) { return p + q; }, x, C) /
-                         acc_t(C);
-      loss += eps * (lse - mean);
+      if (a.weight) {  // eps / C * sum_c w[c] (lse - x[c])
+        const acc_t wx = at::vec::map2_reduce_all<acc_t>(
+            [](const V& v, const V& w) { return v * w; },
+            [](const V& p, const V& q) { return p + q; }, x, a.weight, C);
+        loss += eps / acc_t(C) * (a.weight_sum * lse - wx);
+      } else {
+        const acc_t mean = at::vec::reduce_all<acc_t>(
+                               [](const V& p, const V& q) { return p + q; }, x, C) /
+                           acc_t(C);
+        loss += eps * (lse - mean);
+      }
     }
     a.loss[r] = loss;
     a.lse[r] = lse;
   }
 }
 
-// grad_logits[r] = grad_loss[r] * (softmax - (1 - eps) * onehot(t) - eps / C)
+// grad_logits[r] = grad_loss[r] * (softmax - (1 - eps) * onehot(t) - eps / C);
+// with class weights w (sum W):
+//   grad_loss[r] * (softmax ((1 - eps) w[t] + eps W / C) - (1 - eps) w[t] onehot(t) - eps w / C)
 template <typename scalar_t, typename acc_t>
 void ce_backward_rows(const CeArgs<scalar_t, acc_t>& a, int64_t r0, int64_t r1) {
   using V = at::vec::Vectorized<acc_t>;
@@ -119,13 +131,25 @@ void ce_backward_rows(const CeArgs<scalar_t, acc_t>& a, int64_t r0, int64_t r1) 
       out.resize(C);
       dst = out.data();
     }
-    at::vec::map<acc_t>(
-        [go, lse, uniform](const V& v) { return (v - V(lse)).exp() * V(go) - V(uniform); }, dst,
-        x, C);
     const int64_t t = a.target[r];
     TORCH_CHECK(t >= 0 && t < C, "target at valid position ", r, " (flattened) is ", t,
                 ", outside the class range [0, ", C, ")");
-    dst[t] -= go * (acc_t(1) - eps);
+    if (a.weight) {
+      const acc_t wt = a.weight[t];
+      const acc_t scale = go * ((acc_t(1) - eps) * wt + eps * a.weight_sum / acc_t(C));
+      const acc_t per_weight = go * eps / acc_t(C);
+      at::vec::map2<acc_t>(
+          [lse, scale, per_weight](const V& v, const V& w) {
+            return (v - V(lse)).exp() * V(scale) - w * V(per_weight);
+          },
+          dst, x, a.weight, C);
+      dst[t] -= go * (acc_t(1) - eps) * wt;
+    } else {
+      at::vec::map<acc_t>(
+          [go, lse, uniform](const V& v) { return (v - V(lse)).exp() * V(go) - V(uniform); }, dst,
+          x, C);
+      dst[t] -= go * (acc_t(1) - eps);
+    }
     if constexpr (!std::is_same_v<scalar_t, acc_t>) {
       for (int64_t c = 0; c < C; ++c) g[c] = scalar_t(dst[c]);
     }

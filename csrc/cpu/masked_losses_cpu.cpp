@@ -16,20 +16,29 @@ namespace {
 
 using at::Tensor;
 
+template <typename scalar_t, typename acc_t>
+void set_weight(CeArgs<scalar_t, acc_t>& a, const CeWeight& w) {
+  if (!w.w.defined()) return;
+  a.weight = w.w.const_data_ptr<acc_t>();
+  a.weight_sum = w.sum.item<acc_t>();  // a CPU tensor: no device sync
+}
+
 std::tuple<Tensor, Tensor> cross_entropy_forward_cpu(const Tensor& logits, const Tensor& target,
-                                                     const Tensor& mask,
-                                                     double label_smoothing) {
-  check_cross_entropy_args(logits, target, mask, label_smoothing);
+                                                     const Tensor& mask, double label_smoothing,
+                                                     const c10::optional<Tensor>& weight) {
+  check_cross_entropy_args(logits, target, mask, label_smoothing, weight);
   const Tensor x = logits.contiguous(), t = target.contiguous(), m = mask.contiguous();
   const int64_t R = x.size(0), C = x.size(1);
   const auto acc = at::toOpMathType(x.scalar_type());
   Tensor loss = at::empty({R}, x.options().dtype(acc));
   Tensor lse = at::empty({R}, x.options().dtype(acc));
+  const CeWeight w = cross_entropy_weight(weight, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "ce_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const CeArgs<scalar_t, acc_t> a{x.const_data_ptr<scalar_t>(), t.const_data_ptr<int64_t>(),
-                                    m.const_data_ptr<bool>(), loss.data_ptr<acc_t>(),
-                                    lse.data_ptr<acc_t>(), nullptr, nullptr, C, label_smoothing};
+    CeArgs<scalar_t, acc_t> a{x.const_data_ptr<scalar_t>(), t.const_data_ptr<int64_t>(),
+                              m.const_data_ptr<bool>(), loss.data_ptr<acc_t>(),
+                              lse.data_ptr<acc_t>(), nullptr, nullptr, C, label_smoothing};
+    set_weight(a, w);
     at::parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)),
                      [&](int64_t r0, int64_t r1) {
                        if (use_avx2()) avx2::ce_forward_rows(a, r0, r1);
@@ -41,20 +50,22 @@ std::tuple<Tensor, Tensor> cross_entropy_forward_cpu(const Tensor& logits, const
 
 Tensor cross_entropy_backward_cpu(const Tensor& grad_loss, const Tensor& logits,
                                   const Tensor& target, const Tensor& mask, const Tensor& lse,
-                                  double label_smoothing) {
-  check_cross_entropy_backward_args(grad_loss, logits, target, mask, lse, label_smoothing);
+                                  double label_smoothing, const c10::optional<Tensor>& weight) {
+  check_cross_entropy_backward_args(grad_loss, logits, target, mask, lse, label_smoothing, weight);
   const int64_t R = logits.size(0), C = logits.size(1);
   const auto acc = at::toOpMathType(logits.scalar_type());
   const Tensor x = logits.contiguous(), t = target.contiguous(), m = mask.contiguous();
   const Tensor g = grad_loss.to(acc).contiguous(), l = lse.contiguous();
   Tensor grad = at::empty({R, C}, x.options());
+  const CeWeight w = cross_entropy_weight(weight, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "ce_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const CeArgs<scalar_t, acc_t> a{x.const_data_ptr<scalar_t>(), t.const_data_ptr<int64_t>(),
+    CeArgs<scalar_t, acc_t> a{x.const_data_ptr<scalar_t>(), t.const_data_ptr<int64_t>(),
                                     m.const_data_ptr<bool>(), nullptr,
                                     const_cast<acc_t*>(l.const_data_ptr<acc_t>()),
                                     g.const_data_ptr<acc_t>(), grad.data_ptr<scalar_t>(), C,
                                     label_smoothing};
+    set_weight(a, w);
     at::parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)),
                      [&](int64_t r0, int64_t r1) {
                        if (use_avx2()) avx2::ce_backward_rows(a, r0, r1);

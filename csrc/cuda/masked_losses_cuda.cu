@@ -3,7 +3,11 @@
 // Cross entropy forward: an online logsumexp over C (running max and rescaled
 // sum per thread, then a block reduction), so log-softmax is never
 // materialized; only the per-token logsumexp is kept. Backward: softmax -
-// onehot, scaled by the upstream gradient. Logits are read 16 bytes at a time
+// onehot, scaled by the upstream gradient. Class weights (optional) scale
+// each token's loss by the weight of its target and, with label smoothing,
+// weight the smoothing term per class (F.cross_entropy's formula); the
+// kernels are instantiated with and without weights, so the unweighted path
+// does no extra work. Logits are read 16 bytes at a time
 // from each row's first 16-byte boundary on. Rows with mask false are never
 // read. No host sync.
 #include <ATen/ATen.h>
@@ -141,11 +145,13 @@ __device__ __forceinline__ RowSplit split_row(const void* p, int64_t C,
   return {head, nvec, head + nvec * V};
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, bool kWeighted>
 __global__ void ce_forward_kernel(const scalar_t* __restrict__ logits,
                                   const int64_t* __restrict__ target,
-                                  const bool* __restrict__ mask, acc_t* loss, acc_t* lse_out,
-                                  int64_t R, int64_t C, acc_t eps) {
+                                  const bool* __restrict__ mask,
+                                  const acc_t* __restrict__ weight,
+                                  const acc_t* __restrict__ weight_sum, acc_t* loss,
+                                  acc_t* lse_out, int64_t R, int64_t C, acc_t eps) {
   VK_SHARED(MaxSum<acc_t>, shared_ms, kThreads / 32);
   VK_SHARED(acc_t, shared_sum, kThreads / 32);
   constexpr int V = Vec16<scalar_t>::kSize;
@@ -161,10 +167,13 @@ __global__ void ce_forward_kernel(const scalar_t* __restrict__ logits,
     const MaxSum<acc_t> none{-INFINITY, acc_t(0)};
     MaxSum<acc_t> ms = none;
     acc_t sum = acc_t(0);
+    // sum: of the logits, or of weight * logits with class weights (needed
+    // only with label smoothing).
     auto scalar = [&](int64_t c) {
       const acc_t v = acc_t(x[c]);
       online_add(ms, v);
-      sum += v;
+      if constexpr (kWeighted) sum += weight[c] * v;
+      else sum += v;
     };
     for (int64_t c = threadIdx.x; c < part.head; c += blockDim.x) scalar(c);
     const Vec16<scalar_t>* xv = reinterpret_cast<const Vec16<scalar_t>*>(x + part.head);
@@ -174,7 +183,8 @@ __global__ void ce_forward_kernel(const scalar_t* __restrict__ logits,
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         v[k] = acc_t(in.v[k]);
-        sum += v[k];
+        if constexpr (kWeighted) sum += weight[part.head + i * V + k] * v[k];
+        else sum += v[k];
       }
       online_add(ms, v);
     }
@@ -185,19 +195,27 @@ __global__ void ce_forward_kernel(const scalar_t* __restrict__ logits,
       sum = block_reduce(sum, [](acc_t a, acc_t b) { return a + b; }, acc_t(0), shared_sum);
     if (threadIdx.x == 0) {
       const acc_t lse = ms.m + Math<acc_t>::log(ms.s);
-      acc_t l = (acc_t(1) - eps) * (lse - acc_t(x[t]));
-      if (eps != acc_t(0)) l += eps * (lse - sum / acc_t(C));
-      loss[r] = l;
+      if constexpr (kWeighted) {
+        acc_t l = (acc_t(1) - eps) * weight[t] * (lse - acc_t(x[t]));
+        if (eps != acc_t(0)) l += eps / acc_t(C) * (*weight_sum * lse - sum);
+        loss[r] = l;
+      } else {
+        acc_t l = (acc_t(1) - eps) * (lse - acc_t(x[t]));
+        if (eps != acc_t(0)) l += eps * (lse - sum / acc_t(C));
+        loss[r] = l;
+      }
       lse_out[r] = lse;
     }
   }
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, bool kWeighted>
 __global__ void ce_backward_kernel(const acc_t* __restrict__ grad_loss,
                                    const scalar_t* __restrict__ logits,
                                    const int64_t* __restrict__ target,
                                    const bool* __restrict__ mask, const acc_t* __restrict__ lse,
+                                   const acc_t* __restrict__ weight,
+                                   const acc_t* __restrict__ weight_sum,
                                    scalar_t* __restrict__ grad, int64_t R, int64_t C, acc_t eps) {
   constexpr int V = Vec16<scalar_t>::kSize;
   for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
@@ -216,12 +234,19 @@ __global__ void ce_backward_kernel(const acc_t* __restrict__ grad_loss,
     }
     const scalar_t* x = logits + r * C;
     const RowSplit part = split_row<scalar_t>(x, C, g);
-    const acc_t go = grad_loss[r], l = lse[r], uniform = go * eps / acc_t(C);
-    const acc_t hit = go * (acc_t(1) - eps);
     const int64_t t = target[r];
     CUDA_KERNEL_ASSERT(t >= 0 && t < C && "target out of class range at a valid position");
+    // go * (softmax * scale - (1 - eps) w[t] onehot - eps w / C), w = 1 without weights.
+    const acc_t go = grad_loss[r], l = lse[r], uniform = go * eps / acc_t(C);
+    acc_t hit = go * (acc_t(1) - eps), scale = go;
+    if constexpr (kWeighted) {
+      hit *= weight[t];
+      scale = go * ((acc_t(1) - eps) * weight[t] + eps * *weight_sum / acc_t(C));
+    }
     auto grad_of = [&](acc_t v, int64_t c) {
-      acc_t d = Math<acc_t>::exp(v - l) * go - uniform;
+      acc_t d;
+      if constexpr (kWeighted) d = Math<acc_t>::exp(v - l) * scale - weight[c] * uniform;
+      else d = Math<acc_t>::exp(v - l) * go - uniform;
       return c == t ? d - hit : d;
     };
     for (int64_t c = threadIdx.x; c < part.head; c += blockDim.x)
@@ -240,10 +265,16 @@ __global__ void ce_backward_kernel(const acc_t* __restrict__ grad_loss,
   }
 }
 
+// Device pointer of an optional operand (null when undefined).
+template <typename acc_t>
+const acc_t* weight_ptr(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
+}
+
 std::tuple<Tensor, Tensor> cross_entropy_forward_cuda(const Tensor& logits, const Tensor& target,
-                                                      const Tensor& mask,
-                                                      double label_smoothing) {
-  check_cross_entropy_args(logits, target, mask, label_smoothing);
+                                                      const Tensor& mask, double label_smoothing,
+                                                      const c10::optional<Tensor>& weight) {
+  check_cross_entropy_args(logits, target, mask, label_smoothing, weight);
   const cuda::DeviceGuard guard(logits.device());
   const Tensor x = logits.contiguous(), t = target.contiguous(), m = mask.contiguous();
   const int64_t R = x.size(0), C = x.size(1);
@@ -251,20 +282,23 @@ std::tuple<Tensor, Tensor> cross_entropy_forward_cuda(const Tensor& logits, cons
   Tensor loss = at::empty({R}, x.options().dtype(acc));
   Tensor lse = at::empty({R}, x.options().dtype(acc));
   if (R == 0) return {loss, lse};
+  const CeWeight w = cross_entropy_weight(weight, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "ce_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    cuda::launch(ce_forward_kernel<scalar_t, acc_t>, cuda::grid_for(R, 1), kThreads, 0,
+    cuda::launch(w.w.defined() ? ce_forward_kernel<scalar_t, acc_t, true>
+                               : ce_forward_kernel<scalar_t, acc_t, false>,
+                 cuda::grid_for(R, 1), kThreads, 0,
                  cuda::current_stream(), x.const_data_ptr<scalar_t>(), t.const_data_ptr<int64_t>(),
-                 m.const_data_ptr<bool>(), loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), R, C,
-                 acc_t(label_smoothing));
+                 m.const_data_ptr<bool>(), weight_ptr<acc_t>(w.w), weight_ptr<acc_t>(w.sum),
+                 loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), R, C, acc_t(label_smoothing));
   });
   return {loss, lse};
 }
 
 Tensor cross_entropy_backward_cuda(const Tensor& grad_loss, const Tensor& logits,
                                    const Tensor& target, const Tensor& mask, const Tensor& lse,
-                                   double label_smoothing) {
-  check_cross_entropy_backward_args(grad_loss, logits, target, mask, lse, label_smoothing);
+                                   double label_smoothing, const c10::optional<Tensor>& weight) {
+  check_cross_entropy_backward_args(grad_loss, logits, target, mask, lse, label_smoothing, weight);
   const cuda::DeviceGuard guard(logits.device());
   const int64_t R = logits.size(0), C = logits.size(1);
   const auto acc = at::toOpMathType(logits.scalar_type());
@@ -272,12 +306,16 @@ Tensor cross_entropy_backward_cuda(const Tensor& grad_loss, const Tensor& logits
   const Tensor g = grad_loss.to(acc).contiguous(), l = lse.contiguous();
   Tensor grad = at::empty({R, C}, x.options());
   if (R == 0) return grad;
+  const CeWeight w = cross_entropy_weight(weight, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "ce_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    cuda::launch(ce_backward_kernel<scalar_t, acc_t>, cuda::grid_for(R, 1), kThreads, 0,
+    cuda::launch(w.w.defined() ? ce_backward_kernel<scalar_t, acc_t, true>
+                               : ce_backward_kernel<scalar_t, acc_t, false>,
+                 cuda::grid_for(R, 1), kThreads, 0,
                  cuda::current_stream(), g.const_data_ptr<acc_t>(), x.const_data_ptr<scalar_t>(),
                  t.const_data_ptr<int64_t>(), m.const_data_ptr<bool>(), l.const_data_ptr<acc_t>(),
-                 grad.data_ptr<scalar_t>(), R, C, acc_t(label_smoothing));
+                 weight_ptr<acc_t>(w.w), weight_ptr<acc_t>(w.sum), grad.data_ptr<scalar_t>(), R,
+                 C, acc_t(label_smoothing));
   });
   return grad;
 }

@@ -65,23 +65,32 @@ inline void check_linear_ce_args(const at::Tensor& hidden, const at::Tensor& wei
 }
 
 // The backend's cross-entropy ops, by library ("varlen_kernels", or
-// "varlen_kernels_emu" for the CUDA code executed on the CPU).
+// "varlen_kernels_emu" for the CUDA code executed on the CPU), called without
+// class weights.
 struct CeOps {
-  c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                              const at::Tensor&, double)>
-      forward;
-  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                      const at::Tensor&, const at::Tensor&, double)>
-      backward;
+  using Forward = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                     const at::Tensor&, double,
+                                                     const c10::optional<at::Tensor>&);
+  using Backward = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const at::Tensor&, const at::Tensor&, double,
+                              const c10::optional<at::Tensor>&);
+  c10::TypedOperatorHandle<Forward> forward_op;
+  c10::TypedOperatorHandle<Backward> backward_op;
   explicit CeOps(const std::string& ns)
-      : forward(c10::Dispatcher::singleton()
-                    .findSchemaOrThrow((ns + "::cross_entropy_forward").c_str(), "")
-                    .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                              const at::Tensor&, double)>()),
-        backward(c10::Dispatcher::singleton()
-                     .findSchemaOrThrow((ns + "::cross_entropy_backward").c_str(), "")
-                     .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                       const at::Tensor&, const at::Tensor&, double)>()) {}
+      : forward_op(c10::Dispatcher::singleton()
+                       .findSchemaOrThrow((ns + "::cross_entropy_forward").c_str(), "")
+                       .typed<Forward>()),
+        backward_op(c10::Dispatcher::singleton()
+                        .findSchemaOrThrow((ns + "::cross_entropy_backward").c_str(), "")
+                        .typed<Backward>()) {}
+  std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& logits, const at::Tensor& target,
+                                             const at::Tensor& mask, double eps) const {
+    return forward_op.call(logits, target, mask, eps, c10::nullopt);
+  }
+  at::Tensor backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
+                      const at::Tensor& mask, const at::Tensor& lse, double eps) const {
+    return backward_op.call(grad, logits, target, mask, lse, eps, c10::nullopt);
+  }
 };
 
 // Tokens per chunk: about 64 MiB of logits, at least 1.
@@ -141,7 +150,7 @@ inline void linear_ce_chunks(const CeOps& ops, const LinearCeRows& rows, const a
     const at::Tensor logits = bias.has_value() ? at::addmm(*bias, h, wt) : at::mm(h, wt);
     at::Tensor chunk_lse;
     if (loss.defined()) {
-      auto [l, s] = ops.forward.call(logits, t, m, eps);
+      auto [l, s] = ops.forward(logits, t, m, eps);
       loss.narrow(0, c0, n).copy_(l);
       lse.narrow(0, c0, n).copy_(s);
       chunk_lse = s;
@@ -149,7 +158,7 @@ inline void linear_ce_chunks(const CeOps& ops, const LinearCeRows& rows, const a
       chunk_lse = lse_in.narrow(0, c0, n);
     }
     if (!grads) continue;
-    const at::Tensor g = ops.backward.call(grad_rows.narrow(0, c0, n), logits, t, m, chunk_lse, eps);
+    const at::Tensor g = ops.backward(grad_rows.narrow(0, c0, n), logits, t, m, chunk_lse, eps);
     at::Tensor gh = grad_hidden.narrow(0, c0, n);
     at::mm_out(gh, g, weight);
     if (grad_weight.scalar_type() == g.scalar_type()) grad_weight.addmm_(g.t(), h);
@@ -224,6 +233,32 @@ inline LinearCeGrads linear_ce_backward(const std::string& ns, bool compact,
                    at::Tensor(), at::Tensor(), pick(lse), pick(grad_loss), gh, gw, gb);
   return {scatter_rows(rows, gh, N), gw.to(weight.scalar_type()),
           bias.has_value() ? gb.to(weight.scalar_type()) : at::empty({0}, hidden.options())};
+}
+
+// The ops as registered by a backend: B::kLibrary names the library of its
+// cross-entropy ops, B::kCompact whether the valid rows are gathered first,
+// B::Guard the device guard.
+template <typename B>
+LinearCeResult linear_ce_forward_op(const at::Tensor& hidden, const at::Tensor& weight,
+                                    const c10::optional<at::Tensor>& bias,
+                                    const at::Tensor& target, const at::Tensor& mask,
+                                    double label_smoothing, c10::string_view reduction,
+                                    bool compute_grad, int64_t chunk) {
+  const typename B::Guard guard(hidden.device());
+  return linear_ce_forward(B::kLibrary, B::kCompact, hidden, weight, bias, target, mask,
+                           label_smoothing, std::string(reduction), compute_grad, chunk);
+}
+
+template <typename B>
+LinearCeGrads linear_ce_backward_op(const at::Tensor& grad_loss, const at::Tensor& hidden,
+                                    const at::Tensor& weight,
+                                    const c10::optional<at::Tensor>& bias,
+                                    const at::Tensor& target, const at::Tensor& mask,
+                                    const at::Tensor& lse, double label_smoothing,
+                                    int64_t chunk) {
+  const typename B::Guard guard(hidden.device());
+  return linear_ce_backward(B::kLibrary, B::kCompact, grad_loss, hidden, weight, bias, target,
+                            mask, lse, label_smoothing, chunk);
 }
 
 }  // namespace varlen

@@ -2,10 +2,10 @@
 
 The text is the source of Python's standard library (already on the machine).
 Each line is a sequence of bytes; a batch is a padded set of lines with their
-lengths. Embedding -> MaskedLSTM -> Linear predicts the next byte, trained with
-masked_cross_entropy (padding never counts) and truncated BPTT: each batch is
-cut into windows of --bptt steps and the LSTM state is carried across windows,
-detached.
+lengths. Embedding -> MaskedLSTM -> MaskedLinearCrossEntropy (the output layer
+fused with its loss; padding never counts) predicts the next byte, trained with
+truncated BPTT: each batch is cut into windows of --bptt steps and the LSTM
+state is carried across windows, detached.
 
     python examples/char_lm.py                  # loss/perplexity printed, plot in docs/char_lm.png
     python examples/char_lm.py --steps 50 --plot lm.png   # a quick look, plot elsewhere
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from varlen_kernels import MaskedLSTM, detach_state, masked_cross_entropy, tbptt_chunks
+from varlen_kernels import MaskedLinearCrossEntropy, MaskedLSTM, detach_state, tbptt_chunks
 
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
 
@@ -63,11 +63,12 @@ class CharLM(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(256, 64)
         self.rnn = MaskedLSTM(64, hidden, num_layers=layers, batch_first=True)
-        self.head = nn.Linear(hidden, 256)
+        # The output layer fused with its loss: never holds the logits of every byte.
+        self.head = MaskedLinearCrossEntropy(hidden, 256)
 
     def forward(self, x, lengths, state=None):
-        out, state = self.rnn(self.embed(x), lengths, state)
-        return self.head(out), state
+        """Hidden states (B, T, hidden) and the recurrent state."""
+        return self.rnn(self.embed(x), lengths, state)
 
 
 def run_batch(model, batch, bptt, opt=None):
@@ -75,10 +76,10 @@ def run_batch(model, batch, bptt, opt=None):
     inputs, targets, lengths = batch
     state, total = None, 0.0
     for chunk in tbptt_chunks(inputs, lengths, bptt, batch_first=True):
-        logits, state = model(chunk.input, chunk.lengths, state)
-        window_targets = targets[:, chunk.start:chunk.start + logits.shape[1]]
-        loss_sum = masked_cross_entropy(logits, window_targets, chunk.lengths, reduction="sum",
-                                        batch_first=True)
+        hidden, state = model(chunk.input, chunk.lengths, state)
+        window_targets = targets[:, chunk.start:chunk.start + hidden.shape[1]]
+        loss_sum = model.head(hidden, window_targets, chunk.lengths, reduction="sum",
+                              batch_first=True)
         if opt is not None:
             opt.zero_grad()
             (loss_sum / chunk.lengths.sum().clamp_min(1)).backward()

@@ -74,6 +74,23 @@ def test_matches_ignore_index_batch_first_and_mask(device):
         torch.testing.assert_close(a, r, **F64)
 
 
+def test_ignore_index_counts_nowhere(device):
+    hidden, weight, b, target, lengths, valid = make(V=9, device=device)
+    target = target.clone()
+    target[0, 0] = -100  # a valid step whose target is ignored
+    target[1, 0] = 7
+    out = masked_linear_cross_entropy(hidden, weight, target, lengths, bias=b, label_smoothing=0.1)
+    keep = valid & (target != -100)
+    ref = F.cross_entropy(F.linear(hidden.detach()[keep], weight, b), target[keep], label_smoothing=0.1)
+    torch.testing.assert_close(out, ref, **F64)
+    out2 = masked_linear_cross_entropy(hidden, weight, target.masked_fill(target == -100, 3), lengths,
+                                       bias=b, ignore_index=3, label_smoothing=0.1)
+    keep2 = valid & (target.masked_fill(target == -100, 3) != 3)
+    ref2 = F.cross_entropy(F.linear(hidden.detach()[keep2], weight, b),
+                           target.masked_fill(target == -100, 3)[keep2], label_smoothing=0.1)
+    torch.testing.assert_close(out2, ref2, **F64)
+
+
 def test_matches_masked_cross_entropy_on_logits(device):
     hidden, weight, b, target, lengths, valid = make(V=7, device=device)
     out = masked_linear_cross_entropy(hidden, weight, target, lengths, bias=b, label_smoothing=0.1)

@@ -19,13 +19,13 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .losses import _autocast, _check_reduction, _valid_mask
+from .losses import _autocast, _check_class_target, _check_reduction, _valid_mask
 
 
 def masked_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, lengths=None, *,
                                 bias: Optional[Tensor] = None, mask: Optional[Tensor] = None,
                                 batch_first: bool = False, reduction: str = "mean",
-                                label_smoothing: float = 0.0,
+                                label_smoothing: float = 0.0, ignore_index: Optional[int] = -100,
                                 chunk_size: Optional[int] = None) -> Tensor:
     """Cross entropy of ``hidden @ weight.T + bias`` over the valid tokens, fused.
 
@@ -34,7 +34,8 @@ def masked_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, 
     (B, T) class indices (anything in padding); lengths: (B,) or mask: (T, B) /
     (B, T) bool. reduction "mean" (per valid token; 0 with zero gradients when
     there is none), "sum", or "none" (per-token losses, zero in padding).
-    label_smoothing as in F.cross_entropy. chunk_size: tokens per chunk
+    label_smoothing and ignore_index as in F.cross_entropy (targets equal to
+    ignore_index count nowhere, on top of lengths/mask). chunk_size: tokens per chunk
     (default: about 64 MiB of logits). Under autocast the GEMMs run in the
     autocast dtype and the logsumexp in float32.
     """
@@ -52,17 +53,12 @@ def masked_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, 
                          f"got {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if not isinstance(target, Tensor) or target.dtype.is_floating_point or target.dtype == torch.bool:
-        raise TypeError(f"target must be an integer Tensor of class indices, got "
-                        f"{getattr(target, 'dtype', type(target).__name__)}")
-    if tuple(target.shape) != tuple(hidden.shape[:2]):
-        raise ValueError(f"target must have shape {tuple(hidden.shape[:2])} (hidden's leading dims), "
-                         f"got {tuple(target.shape)}")
-    if not (0.0 <= float(label_smoothing) <= 1.0):
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    _check_class_target(target, tuple(hidden.shape[:2]), "hidden", label_smoothing, ignore_index)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     valid = _valid_mask(hidden, lengths, mask, batch_first, "hidden")
+    if ignore_index is not None:
+        valid = valid & (target != ignore_index)
     out_dtype = hidden.dtype
     if _autocast(hidden):
         dtype = torch.get_autocast_dtype(hidden.device.type)
@@ -94,7 +90,8 @@ class MaskedLinearCrossEntropy(nn.Module):
     nn.Linear (same names, shapes and initialization), so the weight can be tied to
     an embedding: ``head.weight = embedding.weight``.
     forward(hidden, target, lengths=None, *, mask=None, batch_first=False,
-    reduction="mean", label_smoothing=0.0): see :func:`masked_linear_cross_entropy`.
+    reduction="mean", label_smoothing=0.0, ignore_index=-100): see
+    :func:`masked_linear_cross_entropy`.
     """
 
     def __init__(self, in_features: int, num_classes: int, bias: bool = True, device=None,
@@ -113,11 +110,11 @@ class MaskedLinearCrossEntropy(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, hidden: Tensor, target: Tensor, lengths=None, *, mask: Optional[Tensor] = None,
-                batch_first: bool = False, reduction: str = "mean",
-                label_smoothing: float = 0.0) -> Tensor:
+                batch_first: bool = False, reduction: str = "mean", label_smoothing: float = 0.0,
+                ignore_index: Optional[int] = -100) -> Tensor:
         return masked_linear_cross_entropy(hidden, self.weight, target, lengths, bias=self.bias,
                                            mask=mask, batch_first=batch_first, reduction=reduction,
-                                           label_smoothing=label_smoothing)
+                                           label_smoothing=label_smoothing, ignore_index=ignore_index)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, num_classes={self.num_classes}, bias={self.bias is not None}"

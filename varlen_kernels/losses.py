@@ -66,6 +66,21 @@ def _reduce(per_token: Tensor, count: Tensor, reduction: str, out_dtype) -> Tens
     return (total / count.clamp_min(1)).to(out_dtype)
 
 
+def _check_class_target(target, lead, lead_name, label_smoothing, ignore_index):
+    """The checks every cross entropy makes of target, label_smoothing, ignore_index."""
+    if not isinstance(target, Tensor) or target.dtype.is_floating_point or target.dtype.is_complex \
+            or target.dtype == torch.bool:
+        raise TypeError(f"target must be an integer Tensor of class indices, got "
+                        f"{getattr(target, 'dtype', type(target).__name__)}")
+    if tuple(target.shape) != lead:
+        raise ValueError(f"target must have shape {lead} ({lead_name}' leading dims), "
+                         f"got {tuple(target.shape)}")
+    if not (0.0 <= float(label_smoothing) <= 1.0):
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if ignore_index is not None and (not isinstance(ignore_index, int) or isinstance(ignore_index, bool)):
+        raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
+
+
 def masked_cross_entropy(logits: Tensor, target: Tensor, lengths=None, *, mask: Optional[Tensor] = None,
                          batch_first: bool = False, reduction: str = "mean",
                          label_smoothing: float = 0.0, weight: Optional[Tensor] = None,
@@ -90,18 +105,8 @@ def masked_cross_entropy(logits: Tensor, target: Tensor, lengths=None, *, mask: 
                          f"(N, C), got shape {tuple(getattr(logits, 'shape', ()))}")
     if not logits.is_floating_point():
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
-    if not isinstance(target, Tensor) or target.dtype.is_floating_point or target.dtype.is_complex \
-            or target.dtype == torch.bool:
-        raise TypeError(f"target must be an integer Tensor of class indices, got "
-                        f"{getattr(target, 'dtype', type(target).__name__)}")
     lead = tuple(logits.shape[:-1])
-    if tuple(target.shape) != lead:
-        raise ValueError(f"target must have shape {lead} (logits' leading dims), "
-                         f"got {tuple(target.shape)}")
-    if not (0.0 <= float(label_smoothing) <= 1.0):
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if ignore_index is not None and (not isinstance(ignore_index, int) or isinstance(ignore_index, bool)):
-        raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
+    _check_class_target(target, lead, "logits", label_smoothing, ignore_index)
     C = logits.shape[-1]
     if logits.dim() == 2:
         if lengths is not None:

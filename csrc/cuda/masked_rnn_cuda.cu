@@ -176,7 +176,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_cuda(
     const Tensor& input, const Tensor& lengths, const Tensor& h0,
     const c10::optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
     const c10::optional<Tensor>& b_ih, const c10::optional<Tensor>& b_hh,
-    c10::string_view cell_name, bool reverse) {
+    c10::string_view cell_name, bool reverse, const c10::optional<Tensor>& w_hr) {
+  TORCH_CHECK(!w_hr.has_value(),
+              "w_hr (LSTM proj_size) is not implemented by the CUDA kernels yet");
   const RnnSizes s = check_rnn_forward_args(input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                             std::string(cell_name));
   const cuda::DeviceGuard guard(input.device());
@@ -232,10 +234,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_cuda(
   return {output, h_n, c_n, gates, states};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cuda(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cuda(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
     const Tensor& input, const Tensor& lengths, const Tensor& w_ih, const Tensor& w_hh,
-    const Tensor& gates, const Tensor& states, c10::string_view cell_name, bool reverse) {
+    const Tensor& gates, const Tensor& states, c10::string_view cell_name, bool reverse,
+    const c10::optional<Tensor>& w_hr) {
+  TORCH_CHECK(!w_hr.has_value(),
+              "w_hr (LSTM proj_size) is not implemented by the CUDA kernels yet");
   const RnnSizes s = check_rnn_backward_args(grad_output, grad_h_n, grad_c_n, input, lengths, w_ih,
                                              w_hh, gates, states, std::string(cell_name));
   const cuda::DeviceGuard guard(input.device());
@@ -293,7 +298,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_
   Tensor grad_input = at::mm(dgx, w_ih).view({T, B, I});
   Tensor grad_c0 = cell == Cell::LSTM ? dc.to(input.scalar_type()) : at::empty({0}, opts);
   return {grad_input, dh.to(input.scalar_type()), grad_c0, grad_w_ih, grad_w_hh, grad_b_ih,
-          grad_b_hh};
+          grad_b_hh, at::empty({0}, opts)};
 }
 
 }  // namespace

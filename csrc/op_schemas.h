@@ -24,9 +24,9 @@ inline void define_ops(torch::Library& m) {
   //           to be passed to it unchanged (GS = 4 for lstm and gru, 1 for rnn;
   //           S = 2 for lstm, 1 otherwise). CPU: one row per valid token,
   //           (N, ...) with N = sum(lengths); CUDA: (T, B, ...), padded.
-  //   w_hr    (P, H) LSTM projection (nn.LSTM's proj_size = P), or None; CPU
-  //           only. Then h = w_hr (o * tanh(c)) has P features: h0, h_n and
-  //           output have P columns, w_hh is (4H, P), states is (N, 2H + P).
+  //   w_hr    (P, H) LSTM projection (nn.LSTM's proj_size = P), or None.
+  //           Then h = w_hr (o * tanh(c)) has P features: h0, h_n and output
+  //           have P columns, w_hh is (4H, P), states rows are 2H + P wide.
   m.def(
       "rnn_forward(Tensor input, Tensor lengths, Tensor h0, Tensor? c0, "
       "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, str cell, "

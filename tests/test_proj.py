@@ -1,5 +1,6 @@
 """LSTM with projections (nn.LSTM's proj_size) against nn.LSTM + pack_padded_sequence:
-values and every gradient in float64, NaN in padding; the op's gradcheck and opcheck."""
+values and every gradient in float64, NaN in padding; the op's gradcheck and opcheck.
+On every backend (the device fixture: CPU kernels, the CUDA kernels' code emulated, cuda)."""
 import itertools
 
 import pytest
@@ -9,37 +10,35 @@ from torch import nn
 from conftest import run_packed, sample_lengths
 from varlen_kernels import MaskedLSTM, MaskedRNN, masked_rnn_reference, ops
 from varlen_kernels.reference import rnn_layer_reference
-from varlen_kernels.testing import emulate_cuda
 
-pytestmark = pytest.mark.cpu_only  # the CUDA kernels do not take w_hr yet (see the last test)
 F64 = dict(rtol=1e-9, atol=1e-11)
 
 
-def proj_inputs(num_layers, bidirectional, batch_first, T=7, B=5, I=4, H=6, P=3, seed=0):
+def proj_inputs(num_layers, bidirectional, batch_first, T=7, B=5, I=4, H=6, P=3, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     ref = nn.LSTM(I, H, num_layers, batch_first=batch_first, bidirectional=bidirectional,
-                  proj_size=P, dtype=torch.float64)
+                  proj_size=P, dtype=torch.float64, device=device)
     lengths = sample_lengths(T, B, g)
     x = torch.randn(T, B, I, generator=g, dtype=torch.float64)
     x[torch.arange(T)[:, None] >= lengths[None, :]] = float("nan")
     if batch_first:
         x = x.transpose(0, 1).contiguous()
     LD = num_layers * (2 if bidirectional else 1)
-    h0 = torch.randn(LD, B, P, generator=g, dtype=torch.float64).requires_grad_()
-    c0 = torch.randn(LD, B, H, generator=g, dtype=torch.float64).requires_grad_()
-    return ref, x.requires_grad_(), lengths, (h0, c0)
+    h0 = torch.randn(LD, B, P, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    c0 = torch.randn(LD, B, H, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    return ref, x.to(device).requires_grad_(), lengths, (h0, c0)
 
 
 @pytest.mark.parametrize("num_layers,bidirectional,batch_first",
                          list(itertools.product([1, 2], [False, True], [False, True])))
-def test_proj_matches_packed(num_layers, bidirectional, batch_first):
-    ref, x, lengths, hx = proj_inputs(num_layers, bidirectional, batch_first, seed=num_layers)
+def test_proj_matches_packed(num_layers, bidirectional, batch_first, device):
+    ref, x, lengths, hx = proj_inputs(num_layers, bidirectional, batch_first, seed=num_layers, device=device)
     m = MaskedLSTM.from_torch(ref)
     assert m.proj_size == 3 and [n for n, _ in m.named_parameters()] == [n for n, _ in ref.named_parameters()]
     y, (h, c) = m(x, lengths, hx)
     g = torch.Generator().manual_seed(9)
-    gy, gh, gc = (torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (y, h, c))
+    gy, gh, gc = (torch.randn(t.shape, generator=g, dtype=torch.float64).to(device) for t in (y, h, c))
     loss = (y * gy).sum() + (h * gh).sum() + (c * gc).sum()
     grads = torch.autograd.grad(loss, [x, *hx, *m.parameters()])
 
@@ -47,16 +46,17 @@ def test_proj_matches_packed(num_layers, bidirectional, batch_first):
     hx2 = tuple(s.detach().clone().requires_grad_() for s in hx)
     y2, (h2, c2), keep = run_packed(ref, x2, lengths, hx2, batch_first)
     bdim = 0 if batch_first else 1
+    keep = keep.to(device)
     loss2 = (y2 * gy.index_select(bdim, keep)).sum() + (h2 * gh[:, keep]).sum() + (c2 * gc[:, keep]).sum()
     grads2 = torch.autograd.grad(loss2, [x2, *hx2, *ref.parameters()])
 
     torch.testing.assert_close(y.index_select(bdim, keep), y2, **F64)
     torch.testing.assert_close(h[:, keep], h2, **F64)
     torch.testing.assert_close(c[:, keep], c2, **F64)
-    zero = torch.nonzero(lengths == 0).flatten()
+    zero = torch.nonzero(lengths == 0).flatten().to(device)
     assert torch.equal(h[:, zero], hx[0].detach()[:, zero]) and (y.index_select(bdim, zero) == 0).all()
     pad = torch.arange(x.shape[1 if batch_first else 0])[:, None] >= lengths[None, :]
-    pad = pad.t() if batch_first else pad
+    pad = (pad.t() if batch_first else pad).to(device)
     assert (y[pad] == 0).all() and (grads[0][pad] == 0).all()
     torch.testing.assert_close(grads[0], grads2[0], **F64)
     for k, (a, b, gs) in enumerate(zip(grads[1:3], grads2[1:3], (gh, gc))):
@@ -67,8 +67,8 @@ def test_proj_matches_packed(num_layers, bidirectional, batch_first):
         torch.testing.assert_close(a, b, **F64, msg=lambda s: f"{name}: {s}")
 
 
-def test_proj_reference_and_unbatched():
-    ref, x, lengths, hx = proj_inputs(2, True, False)
+def test_proj_reference_and_unbatched(device):
+    ref, x, lengths, hx = proj_inputs(2, True, False, device=device)
     m = MaskedLSTM.from_torch(ref)
     y, (h, c) = m(x, lengths, hx)
     y_r, (h_r, c_r) = masked_rnn_reference(m, x, lengths, hx)
@@ -81,6 +81,7 @@ def test_proj_reference_and_unbatched():
         torch.testing.assert_close(a, b, **F64)
 
 
+@pytest.mark.cpu_only
 def test_proj_constructor_state_dict_and_conversion():
     m = MaskedLSTM(5, 7, 2, True, False, 0.0, True, 3)  # nn.LSTM's positional order
     ref = nn.LSTM(5, 7, 2, True, False, 0.0, True, 3)
@@ -97,18 +98,18 @@ def test_proj_constructor_state_dict_and_conversion():
         MaskedLSTM(5, 7, proj_size=3)(torch.randn(4, 2, 5), [4, 1], (torch.zeros(1, 2, 7), torch.zeros(1, 2, 7)))
 
 
-def _op_args(requires_grad):
+def _op_args(requires_grad, device="cpu"):
     torch.manual_seed(0)
     T, B, I, H, P = 4, 3, 2, 3, 2
-    dd = dict(dtype=torch.float64, requires_grad=requires_grad)
-    return [torch.randn(T, B, I, **dd), torch.tensor([4, 0, 2]), torch.randn(B, P, **dd),
+    dd = dict(dtype=torch.float64, requires_grad=requires_grad, device=device)
+    return [torch.randn(T, B, I, **dd), torch.tensor([4, 0, 2], device=device), torch.randn(B, P, **dd),
             torch.randn(B, H, **dd), torch.randn(4 * H, I, **dd), torch.randn(4 * H, P, **dd),
             torch.randn(4 * H, **dd), torch.randn(4 * H, **dd)], torch.randn(P, H, **dd)
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-def test_proj_op_gradcheck_opcheck_and_reference(reverse):
-    args, w_hr = _op_args(True)
+def test_proj_op_gradcheck_opcheck_and_reference(reverse, device):
+    args, w_hr = _op_args(True, device)
 
     def f(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
         return ops.rnn_layer(x, args[1], h0, c0, w_ih, w_hh, b_ih, b_hh, "lstm", reverse, w_hr)
@@ -126,10 +127,3 @@ def test_proj_op_gradcheck_opcheck_and_reference(reverse):
     torch.library.opcheck(torch.ops.varlen_kernels.rnn_backward.default,
                           (torch.randn_like(o), torch.randn_like(h), torch.randn_like(c), det[0], det[1],
                            det[4], det[5], gates, states, "lstm", reverse, w_hr.detach()))
-
-
-def test_proj_on_the_cuda_kernels_is_a_clear_error():
-    args, w_hr = _op_args(False)
-    with emulate_cuda():
-        with pytest.raises(RuntimeError, match=r"w_hr \(LSTM proj_size\) is not implemented by the CUDA kernels"):
-            ops.rnn_layer(*args, "lstm", False, w_hr)

@@ -40,7 +40,7 @@ def rnn_layer(
     Returns output (T, B, H), zero past each length; h_n (B, H) and c_n (B, H)
     (None unless "lstm"): each sequence's state after its last valid step.
 
-    w_hr: (P, H) LSTM projection (nn.LSTM's proj_size), CPU only: then h0, h_n
+    w_hr: (P, H) LSTM projection (nn.LSTM's proj_size): then h0, h_n
     and output have P features and w_hh is (4H, P).
     """
     device = input.device.type
@@ -65,10 +65,14 @@ def _rnn_forward_fake(input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, cell, reve
     H = w_hh.shape[1]
     if w_hr is not None:  # LSTM with a projection (CPU): h has P = w_hr.shape[0] features
         P, Hc = w_hr.shape
-        n = torch.library.get_ctx().new_dynamic_size()
-        torch._check(n <= T * B)
+        if input.device.type == "cpu" and not emulation_active():
+            n = torch.library.get_ctx().new_dynamic_size()
+            torch._check(n <= T * B)
+            rows = (n,)
+        else:
+            rows = (T, B)
         return (input.new_empty(T, B, P), input.new_empty(B, P), input.new_empty(B, Hc),
-                input.new_empty(n, 4 * Hc), input.new_empty(n, 2 * Hc + P))
+                input.new_empty(*rows, 4 * Hc), input.new_empty(*rows, 2 * Hc + P))
     if input.device.type == "cpu" and not emulation_active():
         # The CPU kernel keeps one workspace row per valid token: N = sum(lengths).
         # The CUDA kernels (also when emulated on CPU tensors) keep (T, B) rows.

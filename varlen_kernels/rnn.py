@@ -97,7 +97,7 @@ class MaskedRNN(nn.Module):
         cell: keyword only: ``"rnn_tanh"``, ``"rnn_relu"``, ``"lstm"`` or
             ``"gru"`` (default: the Elman cell of ``nonlinearity``). A
             ``nonlinearity`` that contradicts ``cell`` is an error.
-        proj_size: keyword only, LSTM only: as nn.LSTM's ``proj_size`` (CPU).
+        proj_size: keyword only, LSTM only: as nn.LSTM's ``proj_size``.
 """ + _FORWARD_DOC
 
     _cell: Optional[str] = None  # fixed by MaskedLSTM and MaskedGRU
@@ -393,7 +393,7 @@ class MaskedLSTM(MaskedRNN):
         bidirectional, device, dtype: as in nn.LSTM (see :class:`MaskedRNN`).
         proj_size: as in nn.LSTM: ``h = W_hr (o * tanh(c))`` with P = proj_size
             features (h_0, h_n and the output have P; c has hidden_size).
-            Parameters ``weight_hr_l{k}``. CPU kernels only for now.
+            Parameters ``weight_hr_l{k}``.
 """ + _FORWARD_DOC
 
     _cell = "lstm"

@@ -239,29 +239,6 @@ std::vector<Tensor> backward_impl(const Plan& p, const RnnSizes& s, const Tensor
 // projects it into h, and h goes to the padded output. Workspace rows:
 // gates (4H) as without projection; states [r (H) | c_prev (H) | h_prev (P)].
 
-struct ProjSizes {
-  int64_t T, B, I, H, P;
-};
-
-ProjSizes check_proj_args(const Tensor& input, const Tensor& lengths, const Tensor& w_ih,
-                          const Tensor& w_hh, const Tensor& w_hr, const std::string& cell) {
-  TORCH_CHECK(cell == "lstm", "w_hr (a projection) is for cell 'lstm' only, got '", cell, "'");
-  TORCH_CHECK(input.dim() == 3, "input must be 3-D (T, B, I), got shape ", input.sizes());
-  TORCH_CHECK(w_hr.dim() == 2, "w_hr must be 2-D (P, H), got shape ", w_hr.sizes());
-  ProjSizes s{input.size(0), input.size(1), input.size(2), w_hr.size(1), w_hr.size(0)};
-  VK_CHECK_SHAPE(w_hh, 4 * s.H, s.P);
-  VK_CHECK_SHAPE(w_ih, 4 * s.H, s.I);
-  check_lengths_meta(lengths, input, s.B);
-  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&w_ih, "w_ih"},
-                                {&w_hh, "w_hh"},
-                                {&w_hr, "w_hr"}}) {
-    TORCH_CHECK(t->scalar_type() == input.scalar_type(), name, " must have the input's dtype ",
-                input.scalar_type(), ", got ", t->scalar_type());
-    check_same_device(input, *t, name);
-  }
-  return s;
-}
-
 template <typename scalar_t>
 std::vector<Tensor> forward_proj(const Plan& p, const ProjSizes& s, const Tensor& input,
                                  const Tensor& h0, const Tensor& c0, const Tensor& w_ih,

@@ -24,19 +24,23 @@ inline void define_ops(torch::Library& m) {
   //           to be passed to it unchanged (GS = 4 for lstm and gru, 1 for rnn;
   //           S = 2 for lstm, 1 otherwise). CPU: one row per valid token,
   //           (N, ...) with N = sum(lengths); CUDA: (T, B, ...), padded.
+  //   w_hr    (P, H) LSTM projection (nn.LSTM's proj_size = P), or None.
+  //           Then h = w_hr (o * tanh(c)) has P features: h0, h_n and output
+  //           have P columns, w_hh is (4H, P), states rows are 2H + P wide.
   m.def(
       "rnn_forward(Tensor input, Tensor lengths, Tensor h0, Tensor? c0, "
       "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, str cell, "
-      "bool reverse) -> (Tensor output, Tensor h_n, Tensor c_n, "
+      "bool reverse, Tensor? w_hr=None) -> (Tensor output, Tensor h_n, Tensor c_n, "
       "Tensor gates, Tensor states)");
   // Gradients of rnn_forward. grad_c_n is (0,) for non-LSTM cells. The bias
-  // gradients are returned whether or not the forward had biases.
+  // gradients are returned whether or not the forward had biases; grad_w_hr
+  // is (0,) without a projection.
   m.def(
       "rnn_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, "
       "Tensor input, Tensor lengths, Tensor w_ih, Tensor w_hh, Tensor gates, "
-      "Tensor states, str cell, bool reverse) -> (Tensor grad_input, "
+      "Tensor states, str cell, bool reverse, Tensor? w_hr=None) -> (Tensor grad_input, "
       "Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
-      "Tensor grad_b_ih, Tensor grad_b_hh)");
+      "Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_w_hr)");
 
   // Masked cross entropy over tokens (rows).
   //   logits (R, C); target (R,) int64; mask (R,) bool: which rows count;

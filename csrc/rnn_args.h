@@ -141,6 +141,30 @@ inline RnnSizes check_rnn_backward_args(const at::Tensor& grad_output, const at:
   return s;
 }
 
+// LSTM with a projection (nn.LSTM's proj_size): w_hr (P, H), w_hh (4H, P).
+struct ProjSizes {
+  int64_t T, B, I, H, P;
+};
+
+inline ProjSizes check_proj_args(const at::Tensor& input, const at::Tensor& lengths, const at::Tensor& w_ih,
+                          const at::Tensor& w_hh, const at::Tensor& w_hr, const std::string& cell) {
+  TORCH_CHECK(cell == "lstm", "w_hr (a projection) is for cell 'lstm' only, got '", cell, "'");
+  TORCH_CHECK(input.dim() == 3, "input must be 3-D (T, B, I), got shape ", input.sizes());
+  TORCH_CHECK(w_hr.dim() == 2, "w_hr must be 2-D (P, H), got shape ", w_hr.sizes());
+  ProjSizes s{input.size(0), input.size(1), input.size(2), w_hr.size(1), w_hr.size(0)};
+  VK_CHECK_SHAPE(w_hh, 4 * s.H, s.P);
+  VK_CHECK_SHAPE(w_ih, 4 * s.H, s.I);
+  check_lengths_meta(lengths, input, s.B);
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&w_ih, "w_ih"},
+                                {&w_hh, "w_hh"},
+                                {&w_hr, "w_hr"}}) {
+    TORCH_CHECK(t->scalar_type() == input.scalar_type(), name, " must have the input's dtype ",
+                input.scalar_type(), ", got ", t->scalar_type());
+    check_same_device(input, *t, name);
+  }
+  return s;
+}
+
 // The input projection x @ w_ih^T of rows x (M, I), (M, G*H), with the biases
 // that fold into it: b_ih and all of b_hh except GRU's b_hn, which sits inside
 // r * (W_hn h + b_hn) and is returned apart ((H,), undefined otherwise).

@@ -75,10 +75,10 @@ def test_bad_constructor_args():
         MaskedRNN(3, 0)
     with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\], got 1.5"):
         MaskedRNN(3, 4, dropout=1.5)
-    with pytest.raises(NotImplementedError, match="proj_size=2"):
-        MaskedLSTM(3, 4, proj_size=2)
-    with pytest.raises(NotImplementedError, match="proj_size=2"):
-        MaskedRNN.from_torch(torch.nn.LSTM(3, 4, proj_size=2))
+    with pytest.raises(ValueError, match="proj_size must be smaller than hidden_size=4, got 4"):
+        MaskedLSTM(3, 4, proj_size=4)
+    with pytest.raises(ValueError, match="proj_size is only supported for an LSTM"):
+        MaskedRNN(3, 4, cell="gru", proj_size=2)
     with pytest.raises(TypeError, match="nn.LSTM, nn.GRU or nn.RNN, got Linear"):
         MaskedRNN.from_torch(torch.nn.Linear(2, 2))
 

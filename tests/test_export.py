@@ -24,6 +24,7 @@ class Model(nn.Module):
         self.gru = MaskedGRU(8, 4, **kw)
         self.rnn = MaskedRNN(4, 4, nonlinearity="relu", **kw)
         self.tanh = MaskedRNN(4, 3, **kw)
+        self.proj = MaskedLSTM(3, 5, proj_size=3, **kw)
         self.head = nn.Linear(3, C, dtype=torch.float64)
         self.register_buffer("weight", torch.linspace(0.5, 1.5, C, dtype=torch.float64))
 
@@ -32,6 +33,7 @@ class Model(nn.Module):
         y, h = self.gru(y, lengths)
         y, _ = self.rnn(y, lengths, h)
         y, _ = self.tanh(y, lengths)
+        y, _ = self.proj(y, lengths)
         logits = self.head(y)
         bf = self.batch_first
         ce = masked_cross_entropy(logits, target, lengths, weight=self.weight, label_smoothing=0.1,

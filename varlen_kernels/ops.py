@@ -28,6 +28,7 @@ def rnn_layer(
     b_hh: Optional[Tensor],
     cell: str,
     reverse: bool,
+    w_hr: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """One direction of one masked recurrent layer (differentiable).
 
@@ -38,23 +39,40 @@ def rnn_layer(
 
     Returns output (T, B, H), zero past each length; h_n (B, H) and c_n (B, H)
     (None unless "lstm"): each sequence's state after its last valid step.
+
+    w_hr: (P, H) LSTM projection (nn.LSTM's proj_size): then h0, h_n
+    and output have P features and w_hh is (4H, P).
     """
     device = input.device.type
     if device in ("cuda", "cpu") and torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
-        input, h0, c0, w_ih, w_hh, b_ih, b_hh = (
-            None if t is None else t.to(dtype) for t in (input, h0, c0, w_ih, w_hh, b_ih, b_hh))
-    out, h_n, c_n, _, _ = torch.ops.varlen_kernels.rnn_forward.default(
-        input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, cell, reverse
-    )
+        input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = (
+            None if t is None else t.to(dtype)
+            for t in (input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
+    if w_hr is None:  # the schema's default: no projection
+        out, h_n, c_n, _, _ = torch.ops.varlen_kernels.rnn_forward.default(
+            input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, cell, reverse)
+    else:
+        out, h_n, c_n, _, _ = torch.ops.varlen_kernels.rnn_forward.default(
+            input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, cell, reverse, w_hr)
     return out, h_n, (c_n if cell == "lstm" else None)
 
 
 @torch.library.register_fake("varlen_kernels::rnn_forward")
-def _rnn_forward_fake(input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, cell, reverse):
+def _rnn_forward_fake(input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, cell, reverse, w_hr=None):
     torch._check(cell in CELLS, lambda: f"cell must be one of {CELLS}, got {cell!r}")
     T, B, _ = input.shape
     H = w_hh.shape[1]
+    if w_hr is not None:  # LSTM with a projection (CPU): h has P = w_hr.shape[0] features
+        P, Hc = w_hr.shape
+        if input.device.type == "cpu" and not emulation_active():
+            n = torch.library.get_ctx().new_dynamic_size()
+            torch._check(n <= T * B)
+            rows = (n,)
+        else:
+            rows = (T, B)
+        return (input.new_empty(T, B, P), input.new_empty(B, P), input.new_empty(B, Hc),
+                input.new_empty(*rows, 4 * Hc), input.new_empty(*rows, 2 * Hc + P))
     if input.device.type == "cpu" and not emulation_active():
         # The CPU kernel keeps one workspace row per valid token: N = sum(lengths).
         # The CUDA kernels (also when emulated on CPU tensors) keep (T, B) rows.
@@ -74,8 +92,13 @@ def _rnn_forward_fake(input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, cell, reve
 
 @torch.library.register_fake("varlen_kernels::rnn_backward")
 def _rnn_backward_fake(grad_output, grad_h_n, grad_c_n, input, lengths, w_ih, w_hh, gates,
-                       states, cell, reverse):
+                       states, cell, reverse, w_hr=None):
     G, H = w_hh.shape
+    if w_hr is not None:
+        return (input.new_empty(input.shape), input.new_empty(grad_h_n.shape),
+                input.new_empty(grad_c_n.shape), w_ih.new_empty(w_ih.shape),
+                w_hh.new_empty(w_hh.shape), input.new_empty(G), input.new_empty(G),
+                w_hr.new_empty(w_hr.shape))
     return (
         input.new_empty(input.shape),  # the kernels return contiguous gradients
         input.new_empty(input.shape[1], H),
@@ -84,34 +107,40 @@ def _rnn_backward_fake(grad_output, grad_h_n, grad_c_n, input, lengths, w_ih, w_
         w_hh.new_empty(w_hh.shape),
         input.new_empty(G),
         input.new_empty(G),
+        input.new_empty(0),
     )
 
 
 def _rnn_setup_context(ctx, inputs, output):
-    input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, cell, reverse = inputs
+    input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, cell, reverse = inputs[:10]
+    w_hr = inputs[10] if len(inputs) > 10 else None
     _, _, _, gates, states = output
-    ctx.save_for_backward(input, lengths, w_ih, w_hh, gates, states)
+    ctx.save_for_backward(input, lengths, w_ih, w_hh, gates, states, w_hr)
     ctx.cell, ctx.reverse, ctx.has_bias = cell, reverse, b_ih is not None
+    ctx.n_inputs = len(inputs)
     ctx.mark_non_differentiable(gates, states)
 
 
 def _rnn_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_states):
-    input, lengths, w_ih, w_hh, gates, states = ctx.saved_tensors
+    input, lengths, w_ih, w_hh, gates, states, w_hr = ctx.saved_tensors
     T, B, _ = input.shape
-    H = w_hh.shape[1]
+    H = w_hh.shape[1] if w_hr is None else w_hr.shape[1]  # cell features
+    P = w_hh.shape[1]                                     # state (output) features
     lstm = ctx.cell == "lstm"
     if grad_output is None:
-        grad_output = input.new_zeros(T, B, H)
+        grad_output = input.new_zeros(T, B, P)
     if grad_h_n is None:
-        grad_h_n = input.new_zeros(B, H)
+        grad_h_n = input.new_zeros(B, P)
     if grad_c_n is None or not lstm:
         grad_c_n = input.new_zeros(B, H) if lstm else input.new_zeros(0)
-    gi, gh0, gc0, gwih, gwhh, gbih, gbhh = torch.ops.varlen_kernels.rnn_backward.default(
+    extra = () if w_hr is None else (w_hr,)
+    gi, gh0, gc0, gwih, gwhh, gbih, gbhh, gwhr = torch.ops.varlen_kernels.rnn_backward.default(
         grad_output, grad_h_n, grad_c_n, input, lengths, w_ih, w_hh, gates, states, ctx.cell,
-        ctx.reverse,
+        ctx.reverse, *extra,
     )
     bias = (gbih, gbhh) if ctx.has_bias else (None, None)
-    return (gi, None, gh0, gc0 if lstm else None, gwih, gwhh, *bias, None, None)
+    grads = (gi, None, gh0, gc0 if lstm else None, gwih, gwhh, *bias, None, None)
+    return grads + ((gwhr if w_hr is not None else None),) * (ctx.n_inputs - 10)
 
 
 torch.library.register_autograd(

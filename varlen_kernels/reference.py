@@ -18,13 +18,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _cell_step(cell: str, x_t: Tensor, h: Tensor, c: Optional[Tensor], w_ih, w_hh, b_ih, b_hh):
+def _cell_step(cell: str, x_t: Tensor, h: Tensor, c: Optional[Tensor], w_ih, w_hh, b_ih, b_hh,
+               w_hr=None):
     gx = F.linear(x_t, w_ih, b_ih)
     gh = F.linear(h, w_hh, b_hh)
     if cell == "lstm":
         i, f, g, o = (gx + gh).chunk(4, 1)
         c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c_new), c_new
+        h_new = torch.sigmoid(o) * torch.tanh(c_new)
+        return (h_new if w_hr is None else F.linear(h_new, w_hr)), c_new
     if cell == "gru":
         xr, xz, xn = gx.chunk(3, 1)
         hr, hz, hn = gh.chunk(3, 1)
@@ -50,6 +52,7 @@ def rnn_layer_reference(
     b_hh: Optional[Tensor],
     cell: str,
     reverse: bool,
+    w_hr: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Same contract as :func:`varlen_kernels.ops.rnn_layer`, as a masked loop.
 
@@ -63,7 +66,7 @@ def rnn_layer_reference(
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
         m = valid[t].unsqueeze(1)  # (B, 1)
         x_t = torch.where(m, input[t], torch.zeros((), dtype=input.dtype, device=input.device))
-        h_new, c_new = _cell_step(cell, x_t, h, c, w_ih, w_hh, b_ih, b_hh)
+        h_new, c_new = _cell_step(cell, x_t, h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
         h = torch.where(m, h_new, h)
         if c is not None:
             c = torch.where(m, c_new, c)

@@ -97,7 +97,7 @@ class MaskedRNN(nn.Module):
         cell: keyword only: ``"rnn_tanh"``, ``"rnn_relu"``, ``"lstm"`` or
             ``"gru"`` (default: the Elman cell of ``nonlinearity``). A
             ``nonlinearity`` that contradicts ``cell`` is an error.
-        proj_size: keyword only, LSTM only: not implemented, must be 0.
+        proj_size: keyword only, LSTM only: as nn.LSTM's ``proj_size``.
 """ + _FORWARD_DOC
 
     _cell: Optional[str] = None  # fixed by MaskedLSTM and MaskedGRU
@@ -152,11 +152,8 @@ class MaskedRNN(nn.Module):
             warnings.warn(_DROPOUT_WARNING.format(dropout, num_layers), stacklevel=3)
         if not isinstance(proj_size, int) or isinstance(proj_size, bool) or proj_size < 0:
             raise ValueError(f"proj_size must be an int >= 0, got {proj_size!r}")
-        if proj_size != 0:
-            raise NotImplementedError(
-                f"proj_size={proj_size}: LSTM projections are not implemented by MaskedRNN; "
-                "use proj_size=0"
-            )
+        if proj_size >= hidden_size:
+            raise ValueError(f"proj_size must be smaller than hidden_size={hidden_size}, got {proj_size}")
         self.cell = cell
         self.mode = {v: k for k, v in _TORCH_MODES.items()}[cell]
         if cell.startswith("rnn_"):
@@ -168,18 +165,21 @@ class MaskedRNN(nn.Module):
         self.batch_first = batch_first
         self.dropout = float(dropout)
         self.bidirectional = bidirectional
-        self.proj_size = 0
+        self.proj_size = proj_size
         factory = {"device": device, "dtype": dtype}
         gate_size = NUM_GATES[cell] * hidden_size
+        state_size = proj_size or hidden_size
         num_directions = 2 if bidirectional else 1
         self._flat_weights_names: List[str] = []
         for layer in range(num_layers):
-            layer_input = input_size if layer == 0 else hidden_size * num_directions
+            layer_input = input_size if layer == 0 else state_size * num_directions
             for direction in range(num_directions):
                 suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-                shapes = [("weight_ih", (gate_size, layer_input)), ("weight_hh", (gate_size, hidden_size))]
+                shapes = [("weight_ih", (gate_size, layer_input)), ("weight_hh", (gate_size, state_size))]
                 if bias:
                     shapes += [("bias_ih", (gate_size,)), ("bias_hh", (gate_size,))]
+                if proj_size:
+                    shapes += [("weight_hr", (proj_size, hidden_size))]
                 for prefix, shape in shapes:
                     self.register_parameter(prefix + suffix, nn.Parameter(torch.empty(shape, **factory)))
                     self._flat_weights_names.append(prefix + suffix)
@@ -194,9 +194,13 @@ class MaskedRNN(nn.Module):
     @property
     def all_weights(self) -> List[List[nn.Parameter]]:
         """Parameters per (layer, direction), in nn.*'s order."""
-        per = 4 if self.bias else 2
+        per = self._per_direction
         names = self._flat_weights_names
         return [[getattr(self, n) for n in names[k:k + per]] for k in range(0, len(names), per)]
+
+    @property
+    def _per_direction(self) -> int:
+        return (4 if self.bias else 2) + (1 if self.proj_size else 0)
 
     def flatten_parameters(self) -> None:
         """No-op, for code written for nn.*: the kernels use the parameters as they are."""
@@ -218,6 +222,8 @@ class MaskedRNN(nn.Module):
             s += f", dropout={self.dropout}"
         if self.bidirectional:
             s += ", bidirectional=True"
+        if self.proj_size:
+            s += f", proj_size={self.proj_size}"
         return s
 
     # ------------------------------------------------------------ conversion
@@ -227,8 +233,6 @@ class MaskedRNN(nn.Module):
         ``nn.LSTM``, ``nn.GRU`` or ``nn.RNN``."""
         if not isinstance(module, nn.RNNBase) or module.mode not in _TORCH_MODES:
             raise TypeError(f"module must be an nn.LSTM, nn.GRU or nn.RNN, got {type(module).__name__}")
-        if getattr(module, "proj_size", 0):
-            raise NotImplementedError(f"proj_size={module.proj_size} is not supported by MaskedRNN")
         cell = _TORCH_MODES[module.mode]
         if cls._cell is not None and cell != cls._cell:
             raise ValueError(f"{cls.__name__} has cell {cls._cell!r}, got cell={cell!r} "
@@ -239,6 +243,8 @@ class MaskedRNN(nn.Module):
                   dtype=p.dtype)
         if cls._cell is None:
             kw["cell"] = cell
+        if getattr(module, "proj_size", 0):
+            kw["proj_size"] = module.proj_size
         with warnings.catch_warnings():  # nn.* already warned about dropout with one layer
             warnings.filterwarnings("ignore", message="dropout option adds dropout")
             new = cls(module.input_size, module.hidden_size, **kw)
@@ -252,7 +258,7 @@ class MaskedRNN(nn.Module):
                   dropout=self.dropout, bidirectional=self.bidirectional, device=p.device,
                   dtype=p.dtype)
         if self.cell == "lstm":
-            m = nn.LSTM(self.input_size, self.hidden_size, **kw)
+            m = nn.LSTM(self.input_size, self.hidden_size, proj_size=self.proj_size, **kw)
         elif self.cell == "gru":
             m = nn.GRU(self.input_size, self.hidden_size, **kw)
         else:
@@ -316,7 +322,7 @@ class MaskedRNN(nn.Module):
         lengths = check_lengths(lengths, T, B, x.device, unbatched=unbatched, layout=layout)
         h0, c0 = self._check_hx(hx, x, unbatched, autocast)
         D = 2 if self.bidirectional else 1
-        per = 4 if self.bias else 2
+        per = self._per_direction
         names = self._flat_weights_names
         h_n, c_n = [], []
         for lay in range(self.num_layers):
@@ -324,9 +330,11 @@ class MaskedRNN(nn.Module):
             for d in range(D):
                 k = lay * D + d
                 w = [getattr(self, n) for n in names[k * per:(k + 1) * per]]
+                w_hr = w.pop() if self.proj_size else None
                 w_ih, w_hh, b_ih, b_hh = (w + [None, None])[:4]
+                extra = () if w_hr is None else (w_hr,)
                 out, h, c = layer(x, lengths, h0[k], c0[k] if c0 is not None else None,
-                                  w_ih, w_hh, b_ih, b_hh, self.cell, d == 1)
+                                  w_ih, w_hh, b_ih, b_hh, self.cell, d == 1, *extra)
                 outs.append(out)
                 h_n.append(h)
                 c_n.append(c)
@@ -339,10 +347,12 @@ class MaskedRNN(nn.Module):
         B = x.shape[1]
         LD = self.num_layers * (2 if self.bidirectional else 1)
         shape = (LD, self.hidden_size) if unbatched else (LD, B, self.hidden_size)
+        h_size = self.proj_size or self.hidden_size
+        h_shape = (LD, h_size) if unbatched else (LD, B, h_size)
         lstm = self.cell == "lstm"
         if hx is None:
             zeros = x.new_zeros(LD, B, self.hidden_size)
-            return zeros, (zeros if lstm else None)
+            return x.new_zeros(LD, B, h_size), (zeros if lstm else None)
         if lstm:
             if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
                 raise TypeError("hx for an LSTM must be a tuple (h_0, c_0)")
@@ -352,12 +362,14 @@ class MaskedRNN(nn.Module):
                 raise TypeError(f"hx must be a Tensor for cell {self.cell!r}, got {type(hx).__name__}")
             states = [("hx", hx)]
         out = []
-        for name, s in states:
+        for k, (name, s) in enumerate(states):
             if not isinstance(s, Tensor):
                 raise TypeError(f"{name} must be a Tensor, got {type(s).__name__}")
-            if tuple(s.shape) != shape:
-                raise ValueError(f"{name} must have shape {shape} (num_layers * num_directions, "
-                                 f"{'' if unbatched else 'B, '}hidden_size), got {tuple(s.shape)}")
+            want = h_shape if k == 0 else shape
+            if tuple(s.shape) != want:
+                size = "proj_size" if (k == 0 and self.proj_size) else "hidden_size"
+                raise ValueError(f"{name} must have shape {want} (num_layers * num_directions, "
+                                 f"{'' if unbatched else 'B, '}{size}), got {tuple(s.shape)}")
             if s.dtype != x.dtype and not (autocast and s.is_floating_point()):
                 raise TypeError(f"{name} must have the input's dtype {x.dtype}, got {s.dtype}")
             if s.device != x.device:
@@ -379,7 +391,9 @@ class MaskedLSTM(MaskedRNN):
     Args:
         input_size, hidden_size, num_layers, bias, batch_first, dropout,
         bidirectional, device, dtype: as in nn.LSTM (see :class:`MaskedRNN`).
-        proj_size: not implemented, must be 0.
+        proj_size: as in nn.LSTM: ``h = W_hr (o * tanh(c))`` with P = proj_size
+            features (h_0, h_n and the output have P; c has hidden_size).
+            Parameters ``weight_hr_l{k}``.
 """ + _FORWARD_DOC
 
     _cell = "lstm"

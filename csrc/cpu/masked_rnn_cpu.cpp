@@ -231,11 +231,153 @@ std::vector<Tensor> backward_impl(const Plan& p, const RnnSizes& s, const Tensor
   return {grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh};
 }
 
+
+// ------------------------------------------------- LSTM with a projection
+// nn.LSTM's proj_size: the cell computes r = o * tanh(c) (H features) and the
+// state is h = w_hr r (P features), so W_hh is (4H, P). Same plan as above;
+// per step the pointwise kernel writes r into a scratch block, one GEMM
+// projects it into h, and h goes to the padded output. Workspace rows:
+// gates (4H) as without projection; states [r (H) | c_prev (H) | h_prev (P)].
+
+template <typename scalar_t>
+std::vector<Tensor> forward_proj(const Plan& p, const ProjSizes& s, const Tensor& input,
+                                 const Tensor& h0, const Tensor& c0, const Tensor& w_ih,
+                                 const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
+                                 const c10::optional<Tensor>& b_hh, const Tensor& w_hr,
+                                 bool reverse) {
+  constexpr Cell K = Cell::LSTM;
+  const int64_t T = s.T, B = s.B, I = s.I, H = s.H, P = s.P, N = p.N;
+  const auto opts = input.options();
+  VK_CHECK_SHAPE(h0, B, P);
+  VK_CHECK_SHAPE(c0, B, H);
+  Tensor xp = at::empty({N, I}, opts);
+  gather_packed<scalar_t>(p, input, xp.data_ptr<scalar_t>());
+  const Tensor gx = input_projection(xp, w_ih, b_ih, b_hh, K, H).first;
+
+  Tensor h = to_sorted(p, h0).contiguous();   // (B, P)
+  Tensor c = to_sorted(p, c0).contiguous();   // (B, H)
+  Tensor gh = at::empty({B, 4 * H}, opts);
+  Tensor r = at::empty({B, H}, opts);         // o * tanh(c) of this step's rows
+  Tensor y_scratch = at::empty({B, H}, opts);  // the kernel's padded write, unused
+  Tensor st_scratch = at::empty({B, 2 * H}, opts);
+  Tensor output = at::zeros({T, B, P}, opts);
+  Tensor gates = at::empty({N, 4 * H}, opts);
+  Tensor states = at::empty({N, 2 * H + P}, opts);
+  const Tensor w_hh_t = w_hh.t(), w_hr_t = w_hr.t();
+  scalar_t* out = output.data_ptr<scalar_t>();
+
+  for_each_step(p, reverse, /*backward_pass=*/false, [&](int64_t t, int64_t n) {
+    const int64_t o = p.off[t];
+    Tensor h_n = h.narrow(0, 0, n), r_n = r.narrow(0, 0, n);
+    Tensor gh_n = gh.narrow(0, 0, n);
+    at::mm_out(gh_n, h_n, w_hh_t);
+    Tensor st = states.narrow(0, o, n);
+    st.narrow(1, 2 * H, P).copy_(h_n);
+    const FwdStep<scalar_t> step{gx.const_data_ptr<scalar_t>() + o * 4 * H,
+                                 gh.const_data_ptr<scalar_t>(), nullptr, r.data_ptr<scalar_t>(),
+                                 c.data_ptr<scalar_t>(), y_scratch.data_ptr<scalar_t>(),
+                                 p.perm.data(), H, gates.data_ptr<scalar_t>() + o * 4 * H,
+                                 st_scratch.data_ptr<scalar_t>(), H};
+    at::parallel_for(0, n, grain_rows(H), [&](int64_t r0, int64_t r1) {
+      if (use_avx2()) avx2::forward_rows<scalar_t, K>(step, r0, r1);
+      else base::forward_rows<scalar_t, K>(step, r0, r1);
+    });
+    st.narrow(1, 0, H).copy_(r_n);
+    st.narrow(1, H, H).copy_(st_scratch.narrow(0, 0, n).narrow(1, H, H));
+    at::mm_out(h_n, r_n, w_hr_t);
+    const scalar_t* hp = h.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i)
+      std::copy_n(hp + i * P, P, out + (t * B + p.perm[i]) * P);
+  });
+  return {output, from_sorted(p, h), from_sorted(p, c), gates, states};
+}
+
+template <typename scalar_t>
+std::vector<Tensor> backward_proj(const Plan& p, const ProjSizes& s, const Tensor& grad_output,
+                                  const Tensor& grad_h_n, const Tensor& grad_c_n,
+                                  const Tensor& input, const Tensor& w_ih, const Tensor& w_hh,
+                                  const Tensor& w_hr, const Tensor& gates, const Tensor& states,
+                                  bool reverse) {
+  constexpr Cell K = Cell::LSTM;
+  const int64_t T = s.T, B = s.B, I = s.I, H = s.H, P = s.P, N = p.N;
+  const auto opts = input.options();
+  VK_CHECK_SHAPE(grad_output, T, B, P);
+  VK_CHECK_SHAPE(grad_h_n, B, P);
+  VK_CHECK_SHAPE(grad_c_n, B, H);
+  VK_CHECK_SHAPE(gates, N, 4 * H);
+  VK_CHECK_SHAPE(states, N, 2 * H + P);
+  Tensor dh = to_sorted(p, grad_h_n).contiguous();  // (B, P): d h' from later steps
+  Tensor dc = to_sorted(p, grad_c_n).contiguous();
+  Tensor dh_all = at::empty({N, P}, opts);          // d h' in total, per valid token
+  Tensor dr = at::empty({B, H}, opts);
+  Tensor zeros = at::zeros({B, H}, opts);           // grad_output already folded into dh_all
+  Tensor st_scratch = at::empty({B, 2 * H}, opts);
+  Tensor dgx = at::empty({N, 4 * H}, opts);
+  const scalar_t* dy = grad_output.const_data_ptr<scalar_t>();
+  const int64_t dy_s0 = grad_output.stride(0), dy_s1 = grad_output.stride(1);
+
+  for_each_step(p, reverse, /*backward_pass=*/true, [&](int64_t t, int64_t n) {
+    const int64_t o = p.off[t];
+    scalar_t* dht = dh_all.data_ptr<scalar_t>() + o * P;
+    const scalar_t* dhp = dh.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) {
+      const scalar_t* g = dy + t * dy_s0 + p.perm[i] * dy_s1;
+      for (int64_t j = 0; j < P; ++j) dht[i * P + j] = dhp[i * P + j] + g[j];
+    }
+    Tensor dr_n = dr.narrow(0, 0, n);
+    at::mm_out(dr_n, dh_all.narrow(0, o, n), w_hr);
+    st_scratch.narrow(0, 0, n).copy_(states.narrow(0, o, n).narrow(1, 0, 2 * H));
+    const BwdStep<scalar_t> step{gates.const_data_ptr<scalar_t>() + o * 4 * H,
+                                 st_scratch.const_data_ptr<scalar_t>(),
+                                 zeros.const_data_ptr<scalar_t>(), p.perm.data(), H,
+                                 dr.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(),
+                                 dgx.data_ptr<scalar_t>() + o * 4 * H, nullptr, H};
+    at::parallel_for(0, n, grain_rows(H), [&](int64_t r0, int64_t r1) {
+      if (use_avx2()) avx2::backward_rows<scalar_t, K>(step, r0, r1);
+      else base::backward_rows<scalar_t, K>(step, r0, r1);
+    });
+    Tensor dh_n = dh.narrow(0, 0, n);
+    at::mm_out(dh_n, dgx.narrow(0, o, n), w_hh);
+  });
+
+  Tensor xp = at::empty({N, I}, opts);
+  gather_packed<scalar_t>(p, input, xp.data_ptr<scalar_t>());
+  Tensor grad_w_ih = at::mm(dgx.t(), xp);
+  Tensor grad_w_hh = at::mm(dgx.t(), states.narrow(1, 2 * H, P));
+  Tensor grad_w_hr = at::mm(dh_all.t(), states.narrow(1, 0, H));
+  Tensor grad_b = dgx.sum(0);
+  Tensor grad_input = at::empty({T, B, I}, opts);
+  Tensor dxp = at::mm(dgx, w_ih);
+  scatter_padded<scalar_t>(p, dxp.const_data_ptr<scalar_t>(), grad_input);
+  return {grad_input, from_sorted(p, dh), from_sorted(p, dc), grad_w_ih, grad_w_hh, grad_b,
+          grad_b.clone(), grad_w_hr};
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_cpu(
     const Tensor& input, const Tensor& lengths, const Tensor& h0,
     const c10::optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
     const c10::optional<Tensor>& b_ih, const c10::optional<Tensor>& b_hh,
-    c10::string_view cell, bool reverse) {
+    c10::string_view cell, bool reverse, const c10::optional<Tensor>& w_hr) {
+  if (w_hr.has_value()) {
+    const ProjSizes s = check_proj_args(input, lengths, w_ih, w_hh, *w_hr, std::string(cell));
+    TORCH_CHECK(c0.has_value(), "c0 is required for cell 'lstm'");
+    TORCH_CHECK(b_ih.has_value() == b_hh.has_value(),
+                "b_ih and b_hh must both be given or both be None");
+    for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&h0, "h0"}, {&*c0, "c0"}}) {
+      TORCH_CHECK(t->scalar_type() == input.scalar_type(), name, " must have the input's dtype ",
+                  input.scalar_type(), ", got ", t->scalar_type());
+      check_same_device(input, *t, name);
+    }
+    const Plan p = make_plan(lengths, s.T);
+    const Tensor x = input.stride(2) == 1 ? input : input.contiguous();
+    std::vector<Tensor> out;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "rnn_forward",
+                                    [&] {
+      out = forward_proj<scalar_t>(p, s, x, h0, *c0, w_ih.contiguous(), w_hh.contiguous(), b_ih,
+                                   b_hh, w_hr->contiguous(), reverse);
+    });
+    return {out[0], out[1], out[2], out[3], out[4]};
+  }
   const RnnSizes s = check_rnn_forward_args(input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                             std::string(cell));
   const Plan p = make_plan(lengths, s.T);
@@ -251,10 +393,32 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_cpu(
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cpu(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
     const Tensor& input, const Tensor& lengths, const Tensor& w_ih, const Tensor& w_hh,
-    const Tensor& gates, const Tensor& states, c10::string_view cell_name, bool reverse) {
+    const Tensor& gates, const Tensor& states, c10::string_view cell_name, bool reverse,
+    const c10::optional<Tensor>& w_hr) {
+  if (w_hr.has_value()) {
+    const ProjSizes s = check_proj_args(input, lengths, w_ih, w_hh, *w_hr, std::string(cell_name));
+    for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&grad_output, "grad_output"},
+                                  {&grad_h_n, "grad_h_n"},
+                                  {&grad_c_n, "grad_c_n"},
+                                  {&gates, "gates"},
+                                  {&states, "states"}})
+      check_same_device(input, *t, name);
+    const Plan p = make_plan(lengths, s.T);
+    const Tensor x = input.stride(2) == 1 ? input : input.contiguous();
+    std::vector<Tensor> out;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "rnn_backward",
+                                    [&] {
+      const auto dt = input.scalar_type();
+      out = backward_proj<scalar_t>(p, s, grad_output.to(dt).contiguous(), grad_h_n.to(dt),
+                                    grad_c_n.to(dt), x, w_ih.contiguous(), w_hh.contiguous(),
+                                    w_hr->contiguous(), gates.contiguous(), states.contiguous(),
+                                    reverse);
+    });
+    return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7]};
+  }
   const RnnSizes s = check_rnn_backward_args(grad_output, grad_h_n, grad_c_n, input, lengths, w_ih,
                                              w_hh, gates, states, std::string(cell_name));
   const int64_t T = s.T;
@@ -273,7 +437,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_
           states, reverse);
     });
   });
-  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6]};
+  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], at::empty({0}, input.options())};
 }
 
 }  // namespace

@@ -172,11 +172,144 @@ __global__ void backward_step_kernel(BwdArgs<scalar_t, acc_t> a) {
 
 int64_t step_order(int64_t k, int64_t T, bool descending) { return descending ? T - 1 - k : k; }
 
+// LSTM with a projection (nn.LSTM's proj_size): the step kernel computes
+// r = o * tanh(c) for the running rows into a scratch block, one GEMM projects
+// all B rows, h = W_hr r, and the running rows commit it (state, output);
+// the others keep their state and get a zero output. Workspaces: gates
+// (T, B, 4H); states (T, B, 2H + P) = [r | c_prev | h_prev], zero where padded.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_proj_cuda(
+    const Tensor& input, const Tensor& lengths, const Tensor& h0, const Tensor& c0,
+    const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
+    const c10::optional<Tensor>& b_hh, const Tensor& w_hr, bool reverse) {
+  const ProjSizes s = check_proj_args(input, lengths, w_ih, w_hh, w_hr, "lstm");
+  const int64_t T = s.T, B = s.B, I = s.I, H = s.H, P = s.P;
+  VK_CHECK_SHAPE(h0, B, P);
+  VK_CHECK_SHAPE(c0, B, H);
+  const auto opts = input.options();
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  const Tensor len = lengths.contiguous();
+  const Tensor gx = at::mm(input.reshape({T * B, I}), w_ih.t());
+  const auto biases = gate_biases(b_ih, b_hh, Cell::LSTM, H, acc_type);
+  const Tensor& bias = biases.first;
+  Tensor h = at::empty({B, P}, opts.dtype(acc_type)).copy_(h0);
+  Tensor h_out = at::empty({B, P}, opts).copy_(h0);
+  Tensor c = at::empty({B, H}, opts.dtype(acc_type)).copy_(c0);
+  Tensor r_acc = at::zeros({B, H}, opts.dtype(acc_type));  // the kernel's state slot (unused)
+  Tensor r = at::zeros({B, H}, opts);                       // o * tanh(c), storage type
+  Tensor y_scratch = at::empty({B, H}, opts);
+  Tensor st_scratch = at::empty({B, 2 * H}, opts);
+  Tensor gh = at::empty({B, 4 * H}, opts);
+  Tensor output = at::empty({T, B, P}, opts);
+  Tensor gates = at::empty({T, B, 4 * H}, opts);
+  Tensor states = at::empty({T, B, 2 * H + P}, opts);
+  const Tensor w_hh_t = w_hh.t(), w_hr_t = w_hr.t(), zero = at::zeros({}, opts);
+  const auto stream = cuda::current_stream();
+  const unsigned blocks = cuda::grid_for(B * H, kThreads);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
+                                  "rnn_forward_proj_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    for (int64_t step = 0; step < T; ++step) {
+      const int64_t t = step_order(step, T, reverse);
+      const Tensor active = (len > t).unsqueeze(1);  // (B, 1), on the device
+      Tensor st = states[t];
+      st.narrow(1, 2 * H, P).copy_(at::where(active, h_out, zero));
+      at::mm_out(gh, h_out, w_hh_t);
+      FwdArgs<scalar_t, acc_t> a{len.const_data_ptr<int64_t>(),
+                                 gx.const_data_ptr<scalar_t>() + t * B * 4 * H,
+                                 gh.const_data_ptr<scalar_t>(),
+                                 bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr,
+                                 nullptr, r_acc.data_ptr<acc_t>(), c.data_ptr<acc_t>(),
+                                 r.data_ptr<scalar_t>(), y_scratch.data_ptr<scalar_t>(),
+                                 gates.data_ptr<scalar_t>() + t * B * 4 * H,
+                                 st_scratch.data_ptr<scalar_t>(), t, T, B, H};
+      if (B * H > 0)
+        cuda::launch(forward_step_kernel<scalar_t, acc_t, Cell::LSTM>, blocks, kThreads, 0,
+                     stream, a);
+      st.narrow(1, 0, H).copy_(at::where(active, r, zero));
+      st.narrow(1, H, H).copy_(st_scratch.narrow(1, H, H));
+      const Tensor hp = at::mm(r, w_hr_t);  // (B, P); committed by the running rows only
+      h.copy_(at::where(active, hp.to(acc_type), h));
+      h_out.copy_(at::where(active, hp, h_out));
+      output[t].copy_(at::where(active, hp, zero));
+    }
+  });
+  return {output, h.to(input.scalar_type()), c.to(input.scalar_type()), gates, states};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_proj_cuda(
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& input,
+    const Tensor& lengths, const Tensor& w_ih, const Tensor& w_hh, const Tensor& gates,
+    const Tensor& states, const Tensor& w_hr, bool reverse) {
+  const ProjSizes s = check_proj_args(input, lengths, w_ih, w_hh, w_hr, "lstm");
+  const int64_t T = s.T, B = s.B, I = s.I, H = s.H, P = s.P;
+  VK_CHECK_SHAPE(grad_output, T, B, P);
+  VK_CHECK_SHAPE(grad_h_n, B, P);
+  VK_CHECK_SHAPE(grad_c_n, B, H);
+  VK_CHECK_SHAPE(gates, T, B, 4 * H);
+  VK_CHECK_SHAPE(states, T, B, 2 * H + P);
+  const auto opts = input.options();
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  const Tensor len = lengths.contiguous();
+  const Tensor dy = grad_output.to(input.scalar_type()).contiguous();
+  Tensor dh = at::empty({B, P}, opts.dtype(acc_type)).copy_(grad_h_n);
+  Tensor dc = at::empty({B, H}, opts.dtype(acc_type)).copy_(grad_c_n);
+  Tensor dr = at::empty({B, H}, opts.dtype(acc_type));
+  Tensor no_dy = at::zeros({B, H}, opts);  // grad_output is folded into dh_all
+  Tensor st_scratch = at::empty({B, 2 * H}, opts);
+  Tensor dh_all = at::empty({T, B, P}, opts);  // d h' in total, zero where padded
+  Tensor dgx = at::empty({T * B, 4 * H}, opts);
+  const Tensor zero = at::zeros({}, opts.dtype(acc_type));
+  const auto stream = cuda::current_stream();
+  const unsigned blocks = cuda::grid_for(B * H, kThreads);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
+                                  "rnn_backward_proj_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    for (int64_t step = 0; step < T; ++step) {
+      const int64_t t = step_order(step, T, !reverse);
+      const Tensor active = (len > t).unsqueeze(1);
+      const Tensor dht = at::where(active, dh + dy[t].to(acc_type), zero);
+      dh_all[t].copy_(dht);
+      dr.copy_(at::mm(dh_all[t], w_hr));
+      st_scratch.copy_(states[t].narrow(1, 0, 2 * H));
+      BwdArgs<scalar_t, acc_t> a{len.const_data_ptr<int64_t>(),
+                                 gates.const_data_ptr<scalar_t>() + t * B * 4 * H,
+                                 st_scratch.const_data_ptr<scalar_t>(),
+                                 no_dy.const_data_ptr<scalar_t>(), dr.data_ptr<acc_t>(),
+                                 dc.data_ptr<acc_t>(), dgx.data_ptr<scalar_t>() + t * B * 4 * H,
+                                 dgx.data_ptr<scalar_t>() + t * B * 4 * H, t, T, B, H};
+      if (B * H > 0)
+        cuda::launch(backward_step_kernel<scalar_t, acc_t, Cell::LSTM>, blocks, kThreads, 0,
+                     stream, a);
+      // Running rows: d h_prev = dg W_hh; the others carry dh unchanged (their dg is 0).
+      dh.copy_(at::where(active, zero, dh));
+      dh.add_(at::mm(dgx.narrow(0, t * B, B), w_hh));
+    }
+  });
+  const Tensor valid = (at::arange(T, len.options()).unsqueeze(1) < len.unsqueeze(0)).unsqueeze(2);
+  const Tensor x_valid = at::where(valid, input, at::zeros({}, opts)).reshape({T * B, I});
+  const Tensor flat = states.view({T * B, 2 * H + P});
+  Tensor grad_w_ih = at::mm(dgx.t(), x_valid);
+  Tensor grad_w_hh = at::mm(dgx.t(), flat.narrow(1, 2 * H, P));
+  Tensor grad_w_hr = at::mm(dh_all.view({T * B, P}).t(), flat.narrow(1, 0, H));
+  Tensor grad_b = dgx.sum(0);
+  Tensor grad_input = at::mm(dgx, w_ih).view({T, B, I});
+  return {grad_input, dh.to(input.scalar_type()), dc.to(input.scalar_type()), grad_w_ih,
+          grad_w_hh, grad_b, grad_b.clone(), grad_w_hr};
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_cuda(
     const Tensor& input, const Tensor& lengths, const Tensor& h0,
     const c10::optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
     const c10::optional<Tensor>& b_ih, const c10::optional<Tensor>& b_hh,
-    c10::string_view cell_name, bool reverse) {
+    c10::string_view cell_name, bool reverse, const c10::optional<Tensor>& w_hr) {
+  if (w_hr.has_value()) {
+    check_proj_args(input, lengths, w_ih, w_hh, *w_hr, std::string(cell_name));
+    TORCH_CHECK(c0.has_value(), "c0 is required for cell 'lstm'");
+    TORCH_CHECK(b_ih.has_value() == b_hh.has_value(),
+                "b_ih and b_hh must both be given or both be None");
+    const cuda::DeviceGuard guard(input.device());
+    return rnn_forward_proj_cuda(input, lengths, h0, *c0, w_ih, w_hh, b_ih, b_hh, *w_hr, reverse);
+  }
   const RnnSizes s = check_rnn_forward_args(input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                             std::string(cell_name));
   const cuda::DeviceGuard guard(input.device());
@@ -232,10 +365,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_cuda(
   return {output, h_n, c_n, gates, states};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cuda(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cuda(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
     const Tensor& input, const Tensor& lengths, const Tensor& w_ih, const Tensor& w_hh,
-    const Tensor& gates, const Tensor& states, c10::string_view cell_name, bool reverse) {
+    const Tensor& gates, const Tensor& states, c10::string_view cell_name, bool reverse,
+    const c10::optional<Tensor>& w_hr) {
+  if (w_hr.has_value()) {
+    const cuda::DeviceGuard guard(input.device());
+    return rnn_backward_proj_cuda(grad_output, grad_h_n, grad_c_n, input, lengths, w_ih, w_hh,
+                                  gates, states, *w_hr, reverse);
+  }
   const RnnSizes s = check_rnn_backward_args(grad_output, grad_h_n, grad_c_n, input, lengths, w_ih,
                                              w_hh, gates, states, std::string(cell_name));
   const cuda::DeviceGuard guard(input.device());
@@ -293,7 +432,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_
   Tensor grad_input = at::mm(dgx, w_ih).view({T, B, I});
   Tensor grad_c0 = cell == Cell::LSTM ? dc.to(input.scalar_type()) : at::empty({0}, opts);
   return {grad_input, dh.to(input.scalar_type()), grad_c0, grad_w_ih, grad_w_hh, grad_b_ih,
-          grad_b_hh};
+          grad_b_hh, at::empty({0}, opts)};
 }
 
 }  // namespace

@@ -23,21 +23,8 @@ $PY -m pytest tests -p no:cacheprovider -q -rs 2>&1 | tee "$RES/gpu_tests.log" |
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 log compute-sanitizer
-cat > /tmp/vk_small.py <<'PYEOF'
-import torch, varlen_kernels as vk
-torch.manual_seed(0)
-for cell in ["lstm", "gru", "rnn_tanh"]:
-    m = vk.MaskedRNN(5, 7, cell=cell, num_layers=2, bidirectional=True, batch_first=True).cuda()
-    x = torch.randn(3, 6, 5, device="cuda", requires_grad=True)
-    y, _ = m(x, torch.tensor([6, 0, 3], device="cuda"))
-    y.sum().backward()
-logits = torch.randn(3, 6, 11, device="cuda", requires_grad=True)
-vk.masked_cross_entropy(logits, torch.randint(0, 11, (3, 6), device="cuda"), torch.tensor([6, 0, 2])).backward()
-torch.cuda.synchronize()
-print("ok")
-PYEOF
 for tool in memcheck racecheck; do
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool $tool $PY /tmp/vk_small.py \
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool $tool $PY benchmarks/sanitizer_workload.py --device cuda \
     > "$RES/sanitizer_$tool.log" 2>&1
   tail -3 "$RES/sanitizer_$tool.log"
   grep -q "ERROR SUMMARY: 0 errors\|RACECHECK SUMMARY: 0 hazards" "$RES/sanitizer_$tool.log" || status=1

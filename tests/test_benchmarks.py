@@ -252,3 +252,11 @@ def test_gpu_check_writes_committed_results_explicitly(bench):
         assert (ROOT / path).exists()
         found.add(path)
     assert found == {"benchmarks/bench_rnn.py", "benchmarks/bench_losses.py", "benchmarks/bench_linear_ce.py"}
+
+
+@pytest.mark.parametrize("emulate", [False, True])
+def test_sanitizer_workload_runs(emulate):
+    """The compute-sanitizer workload of gpu_check.sh, on the CPU kernels and on
+    the CUDA kernels' code executed on the CPU."""
+    r = run_script(["benchmarks/sanitizer_workload.py", "--device", "cpu"] + (["--emulate"] if emulate else []))
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr

@@ -1,0 +1,49 @@
+"""A small forward+backward through every op, for compute-sanitizer on a GPU
+(benchmarks/gpu_check.sh). The tests run it on the CPU and on the emulated CUDA
+code, so it cannot rot.
+
+    python benchmarks/sanitizer_workload.py --device cuda
+"""
+import argparse
+import contextlib
+
+import torch
+
+import varlen_kernels as vk
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--emulate", action="store_true", help="CPU tensors, the CUDA kernels' code")
+    args = ap.parse_args(argv)
+    dev = args.device
+    ctx = vk.testing.emulate_cuda(order="random") if args.emulate else contextlib.nullcontext()
+    torch.manual_seed(0)
+    with ctx:
+        for cell in ["lstm", "gru", "rnn_tanh"]:
+            m = vk.MaskedRNN(5, 7, cell=cell, num_layers=2, bidirectional=True, batch_first=True).to(dev)
+            x = torch.randn(3, 6, 5, device=dev, requires_grad=True)
+            y, _ = m(x, torch.tensor([6, 0, 3], device=dev))
+            y.sum().backward()
+        proj = vk.MaskedLSTM(5, 7, 1, proj_size=3).to(dev)
+        y, _ = proj(torch.randn(6, 3, 5, device=dev), torch.tensor([6, 0, 3]))
+        y.sum().backward()
+        logits = torch.randn(3, 6, 11, device=dev, requires_grad=True)
+        target = torch.randint(0, 11, (3, 6), device=dev)
+        lengths = torch.tensor([6, 0, 2])
+        vk.masked_cross_entropy(logits, target, lengths, batch_first=True, label_smoothing=0.1,
+                                weight=torch.rand(11, device=dev)).backward()
+        vk.masked_mse(logits, logits.detach() * 0.5, lengths, batch_first=True).backward()
+        hidden = torch.randn(6, 3, 8, device=dev, requires_grad=True)
+        head = vk.MaskedLinearCrossEntropy(8, 50).to(dev)
+        head(hidden, torch.randint(0, 50, (6, 3), device=dev), torch.tensor([6, 0, 2])).backward()
+        head(hidden, torch.randint(0, 50, (6, 3), device=dev), torch.tensor([6, 1, 2]),
+             reduction="none").sum().backward()
+    if dev.startswith("cuda"):
+        torch.cuda.synchronize()
+    print("ok")
+
+
+if __name__ == "__main__":
+    main()

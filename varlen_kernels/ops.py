@@ -63,16 +63,6 @@ def _rnn_forward_fake(input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, cell, reve
     torch._check(cell in CELLS, lambda: f"cell must be one of {CELLS}, got {cell!r}")
     T, B, _ = input.shape
     H = w_hh.shape[1]
-    if w_hr is not None:  # LSTM with a projection (CPU): h has P = w_hr.shape[0] features
-        P, Hc = w_hr.shape
-        if input.device.type == "cpu" and not emulation_active():
-            n = torch.library.get_ctx().new_dynamic_size()
-            torch._check(n <= T * B)
-            rows = (n,)
-        else:
-            rows = (T, B)
-        return (input.new_empty(T, B, P), input.new_empty(B, P), input.new_empty(B, Hc),
-                input.new_empty(*rows, 4 * Hc), input.new_empty(*rows, 2 * Hc + P))
     if input.device.type == "cpu" and not emulation_active():
         # The CPU kernel keeps one workspace row per valid token: N = sum(lengths).
         # The CUDA kernels (also when emulated on CPU tensors) keep (T, B) rows.
@@ -81,6 +71,10 @@ def _rnn_forward_fake(input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, cell, reve
         rows = (n,)
     else:
         rows = (T, B)
+    if w_hr is not None:  # LSTM with a projection: h has P = w_hr.shape[0] features
+        P, Hc = w_hr.shape
+        return (input.new_empty(T, B, P), input.new_empty(B, P), input.new_empty(B, Hc),
+                input.new_empty(*rows, 4 * Hc), input.new_empty(*rows, 2 * Hc + P))
     return (
         input.new_empty(T, B, H),
         input.new_empty(B, H),

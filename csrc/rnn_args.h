@@ -43,6 +43,37 @@ inline void check_lengths_meta(const at::Tensor& lengths, const at::Tensor& inpu
   check_same_device(input, lengths, "lengths");
 }
 
+// The forward's initial states and biases, with or without a projection:
+// dtypes and devices of h0 and c0 (required for LSTM, None otherwise), and the
+// biases (both or neither) of gate_rows = G*H entries. Shapes of h0 and c0 are
+// the caller's (their widths differ with a projection).
+inline void check_states_and_biases(const at::Tensor& input, const at::Tensor& h0,
+                                    const c10::optional<at::Tensor>& c0,
+                                    const c10::optional<at::Tensor>& b_ih,
+                                    const c10::optional<at::Tensor>& b_hh, Cell cell,
+                                    const std::string& cell_name, int64_t gate_rows) {
+  auto same_dtype_and_device = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.scalar_type() == input.scalar_type(), name, " must have the input's dtype ",
+                input.scalar_type(), ", got ", t.scalar_type());
+    check_same_device(input, t, name);
+  };
+  same_dtype_and_device(h0, "h0");
+  if (cell == Cell::LSTM) {
+    TORCH_CHECK(c0.has_value(), "c0 is required for cell 'lstm'");
+    same_dtype_and_device(*c0, "c0");
+  } else {
+    TORCH_CHECK(!c0.has_value(), "c0 must be None for cell '", cell_name, "'");
+  }
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(),
+              "b_ih and b_hh must both be given or both be None");
+  if (b_ih.has_value()) {
+    VK_CHECK_SHAPE(*b_ih, gate_rows);
+    VK_CHECK_SHAPE(*b_hh, gate_rows);
+    same_dtype_and_device(*b_ih, "b_ih");
+    same_dtype_and_device(*b_hh, "b_hh");
+  }
+}
+
 // Checks the forward's arguments and returns the problem sizes.
 inline RnnSizes check_rnn_forward_args(const at::Tensor& input, const at::Tensor& lengths,
                                        const at::Tensor& h0, const c10::optional<at::Tensor>& c0,
@@ -67,35 +98,14 @@ inline RnnSizes check_rnn_forward_args(const at::Tensor& input, const at::Tensor
   VK_CHECK_SHAPE(w_ih, G * H, I);
   VK_CHECK_SHAPE(h0, B, H);
   check_lengths_meta(lengths, input, B);
-  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&h0, "h0"},
-                                {&w_ih, "w_ih"},
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&w_ih, "w_ih"},
                                 {&w_hh, "w_hh"}}) {
     TORCH_CHECK(t->scalar_type() == input.scalar_type(), name, " must have the input's dtype ",
                 input.scalar_type(), ", got ", t->scalar_type());
     check_same_device(input, *t, name);
   }
-  if (s.cell == Cell::LSTM) {
-    TORCH_CHECK(c0.has_value(), "c0 is required for cell 'lstm'");
-    VK_CHECK_SHAPE(*c0, B, H);
-    TORCH_CHECK(c0->scalar_type() == input.scalar_type(), "c0 must have the input's dtype ",
-                input.scalar_type(), ", got ", c0->scalar_type());
-    check_same_device(input, *c0, "c0");
-  } else {
-    TORCH_CHECK(!c0.has_value(), "c0 must be None for cell '", cell_name, "'");
-  }
-  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(),
-              "b_ih and b_hh must both be given or both be None");
-  if (b_ih.has_value()) {
-    VK_CHECK_SHAPE(*b_ih, G * H);
-    VK_CHECK_SHAPE(*b_hh, G * H);
-    for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&*b_ih, "b_ih"},
-                                  {&*b_hh, "b_hh"}}) {
-      TORCH_CHECK(t->scalar_type() == input.scalar_type(), name,
-                  " must have the input's dtype ", input.scalar_type(), ", got ",
-                  t->scalar_type());
-      check_same_device(input, *t, name);
-    }
-  }
+  check_states_and_biases(input, h0, c0, b_ih, b_hh, s.cell, cell_name, G * H);
+  if (s.cell == Cell::LSTM) VK_CHECK_SHAPE(*c0, B, H);
   return s;
 }
 
@@ -146,8 +156,10 @@ struct ProjSizes {
   int64_t T, B, I, H, P;
 };
 
-inline ProjSizes check_proj_args(const at::Tensor& input, const at::Tensor& lengths, const at::Tensor& w_ih,
-                          const at::Tensor& w_hh, const at::Tensor& w_hr, const std::string& cell) {
+// The shapes, dtypes and devices of the input, lengths and weights.
+inline ProjSizes check_proj_args(const at::Tensor& input, const at::Tensor& lengths,
+                                 const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                 const at::Tensor& w_hr, const std::string& cell) {
   TORCH_CHECK(cell == "lstm", "w_hr (a projection) is for cell 'lstm' only, got '", cell, "'");
   TORCH_CHECK(input.dim() == 3, "input must be 3-D (T, B, I), got shape ", input.sizes());
   TORCH_CHECK(w_hr.dim() == 2, "w_hr must be 2-D (P, H), got shape ", w_hr.sizes());
@@ -162,6 +174,46 @@ inline ProjSizes check_proj_args(const at::Tensor& input, const at::Tensor& leng
                 input.scalar_type(), ", got ", t->scalar_type());
     check_same_device(input, *t, name);
   }
+  return s;
+}
+
+// The forward's arguments with a projection: h0 (B, P), c0 (B, H), biases (4H,).
+inline ProjSizes check_proj_forward_args(const at::Tensor& input, const at::Tensor& lengths,
+                                         const at::Tensor& h0, const c10::optional<at::Tensor>& c0,
+                                         const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                         const c10::optional<at::Tensor>& b_ih,
+                                         const c10::optional<at::Tensor>& b_hh,
+                                         const at::Tensor& w_hr, const std::string& cell) {
+  const ProjSizes s = check_proj_args(input, lengths, w_ih, w_hh, w_hr, cell);
+  const int64_t B = s.B, H = s.H, P = s.P;
+  check_states_and_biases(input, h0, c0, b_ih, b_hh, Cell::LSTM, cell, 4 * H);
+  VK_CHECK_SHAPE(h0, B, P);
+  VK_CHECK_SHAPE(*c0, B, H);
+  return s;
+}
+
+// The backward's arguments with a projection; the workspaces' row counts
+// depend on the backend's layout and are checked there.
+inline ProjSizes check_proj_backward_args(const at::Tensor& grad_output,
+                                          const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+                                          const at::Tensor& input, const at::Tensor& lengths,
+                                          const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                          const at::Tensor& w_hr, const at::Tensor& gates,
+                                          const at::Tensor& states, const std::string& cell) {
+  const ProjSizes s = check_proj_args(input, lengths, w_ih, w_hh, w_hr, cell);
+  const int64_t T = s.T, B = s.B, H = s.H, P = s.P;
+  VK_CHECK_SHAPE(grad_output, T, B, P);
+  VK_CHECK_SHAPE(grad_h_n, B, P);
+  VK_CHECK_SHAPE(grad_c_n, B, H);
+  TORCH_CHECK(gates.size(-1) == 4 * H && states.size(-1) == 2 * H + P,
+              "gates and states must be the unchanged workspaces from rnn_forward, got shapes ",
+              gates.sizes(), " and ", states.sizes());
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&grad_output, "grad_output"},
+                                {&grad_h_n, "grad_h_n"},
+                                {&grad_c_n, "grad_c_n"},
+                                {&gates, "gates"},
+                                {&states, "states"}})
+    check_same_device(input, *t, name);
   return s;
 }
 

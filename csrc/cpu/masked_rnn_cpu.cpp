@@ -248,8 +248,6 @@ std::vector<Tensor> forward_proj(const Plan& p, const ProjSizes& s, const Tensor
   constexpr Cell K = Cell::LSTM;
   const int64_t T = s.T, B = s.B, I = s.I, H = s.H, P = s.P, N = p.N;
   const auto opts = input.options();
-  VK_CHECK_SHAPE(h0, B, P);
-  VK_CHECK_SHAPE(c0, B, H);
   Tensor xp = at::empty({N, I}, opts);
   gather_packed<scalar_t>(p, input, xp.data_ptr<scalar_t>());
   const Tensor gx = input_projection(xp, w_ih, b_ih, b_hh, K, H).first;
@@ -301,10 +299,7 @@ std::vector<Tensor> backward_proj(const Plan& p, const ProjSizes& s, const Tenso
   constexpr Cell K = Cell::LSTM;
   const int64_t T = s.T, B = s.B, I = s.I, H = s.H, P = s.P, N = p.N;
   const auto opts = input.options();
-  VK_CHECK_SHAPE(grad_output, T, B, P);
-  VK_CHECK_SHAPE(grad_h_n, B, P);
-  VK_CHECK_SHAPE(grad_c_n, B, H);
-  VK_CHECK_SHAPE(gates, N, 4 * H);
+  VK_CHECK_SHAPE(gates, N, 4 * H);  // N: the valid tokens
   VK_CHECK_SHAPE(states, N, 2 * H + P);
   Tensor dh = to_sorted(p, grad_h_n).contiguous();  // (B, P): d h' from later steps
   Tensor dc = to_sorted(p, grad_c_n).contiguous();
@@ -359,15 +354,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_cpu(
     const c10::optional<Tensor>& b_ih, const c10::optional<Tensor>& b_hh,
     c10::string_view cell, bool reverse, const c10::optional<Tensor>& w_hr) {
   if (w_hr.has_value()) {
-    const ProjSizes s = check_proj_args(input, lengths, w_ih, w_hh, *w_hr, std::string(cell));
-    TORCH_CHECK(c0.has_value(), "c0 is required for cell 'lstm'");
-    TORCH_CHECK(b_ih.has_value() == b_hh.has_value(),
-                "b_ih and b_hh must both be given or both be None");
-    for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&h0, "h0"}, {&*c0, "c0"}}) {
-      TORCH_CHECK(t->scalar_type() == input.scalar_type(), name, " must have the input's dtype ",
-                  input.scalar_type(), ", got ", t->scalar_type());
-      check_same_device(input, *t, name);
-    }
+    const ProjSizes s = check_proj_forward_args(input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                                *w_hr, std::string(cell));
     const Plan p = make_plan(lengths, s.T);
     const Tensor x = input.stride(2) == 1 ? input : input.contiguous();
     std::vector<Tensor> out;
@@ -399,13 +387,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_b
     const Tensor& gates, const Tensor& states, c10::string_view cell_name, bool reverse,
     const c10::optional<Tensor>& w_hr) {
   if (w_hr.has_value()) {
-    const ProjSizes s = check_proj_args(input, lengths, w_ih, w_hh, *w_hr, std::string(cell_name));
-    for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&grad_output, "grad_output"},
-                                  {&grad_h_n, "grad_h_n"},
-                                  {&grad_c_n, "grad_c_n"},
-                                  {&gates, "gates"},
-                                  {&states, "states"}})
-      check_same_device(input, *t, name);
+    const ProjSizes s = check_proj_backward_args(grad_output, grad_h_n, grad_c_n, input, lengths,
+                                                 w_ih, w_hh, *w_hr, gates, states,
+                                                 std::string(cell_name));
     const Plan p = make_plan(lengths, s.T);
     const Tensor x = input.stride(2) == 1 ? input : input.contiguous();
     std::vector<Tensor> out;

@@ -177,14 +177,12 @@ int64_t step_order(int64_t k, int64_t T, bool descending) { return descending ? 
 // all B rows, h = W_hr r, and the running rows commit it (state, output);
 // the others keep their state and get a zero output. Workspaces: gates
 // (T, B, 4H); states (T, B, 2H + P) = [r | c_prev | h_prev], zero where padded.
+// Arguments checked by check_proj_forward_args.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_proj_cuda(
-    const Tensor& input, const Tensor& lengths, const Tensor& h0, const Tensor& c0,
-    const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
+    const ProjSizes& s, const Tensor& input, const Tensor& lengths, const Tensor& h0,
+    const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
     const c10::optional<Tensor>& b_hh, const Tensor& w_hr, bool reverse) {
-  const ProjSizes s = check_proj_args(input, lengths, w_ih, w_hh, w_hr, "lstm");
   const int64_t T = s.T, B = s.B, I = s.I, H = s.H, P = s.P;
-  VK_CHECK_SHAPE(h0, B, P);
-  VK_CHECK_SHAPE(c0, B, H);
   const auto opts = input.options();
   const auto acc_type = at::toOpMathType(input.scalar_type());
   const Tensor len = lengths.contiguous();
@@ -236,15 +234,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_proj_cuda(
   return {output, h.to(input.scalar_type()), c.to(input.scalar_type()), gates, states};
 }
 
+// Arguments checked by check_proj_backward_args, but for the workspaces' rows.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_proj_cuda(
-    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& input,
-    const Tensor& lengths, const Tensor& w_ih, const Tensor& w_hh, const Tensor& gates,
-    const Tensor& states, const Tensor& w_hr, bool reverse) {
-  const ProjSizes s = check_proj_args(input, lengths, w_ih, w_hh, w_hr, "lstm");
+    const ProjSizes& s, const Tensor& grad_output, const Tensor& grad_h_n,
+    const Tensor& grad_c_n, const Tensor& input, const Tensor& lengths, const Tensor& w_ih,
+    const Tensor& w_hh, const Tensor& gates, const Tensor& states, const Tensor& w_hr,
+    bool reverse) {
   const int64_t T = s.T, B = s.B, I = s.I, H = s.H, P = s.P;
-  VK_CHECK_SHAPE(grad_output, T, B, P);
-  VK_CHECK_SHAPE(grad_h_n, B, P);
-  VK_CHECK_SHAPE(grad_c_n, B, H);
   VK_CHECK_SHAPE(gates, T, B, 4 * H);
   VK_CHECK_SHAPE(states, T, B, 2 * H + P);
   const auto opts = input.options();
@@ -303,12 +299,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_cuda(
     const c10::optional<Tensor>& b_ih, const c10::optional<Tensor>& b_hh,
     c10::string_view cell_name, bool reverse, const c10::optional<Tensor>& w_hr) {
   if (w_hr.has_value()) {
-    check_proj_args(input, lengths, w_ih, w_hh, *w_hr, std::string(cell_name));
-    TORCH_CHECK(c0.has_value(), "c0 is required for cell 'lstm'");
-    TORCH_CHECK(b_ih.has_value() == b_hh.has_value(),
-                "b_ih and b_hh must both be given or both be None");
+    const ProjSizes s = check_proj_forward_args(input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                                *w_hr, std::string(cell_name));
     const cuda::DeviceGuard guard(input.device());
-    return rnn_forward_proj_cuda(input, lengths, h0, *c0, w_ih, w_hh, b_ih, b_hh, *w_hr, reverse);
+    return rnn_forward_proj_cuda(s, input, lengths, h0, *c0, w_ih, w_hh, b_ih, b_hh, *w_hr,
+                                 reverse);
   }
   const RnnSizes s = check_rnn_forward_args(input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                             std::string(cell_name));
@@ -371,8 +366,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_b
     const Tensor& gates, const Tensor& states, c10::string_view cell_name, bool reverse,
     const c10::optional<Tensor>& w_hr) {
   if (w_hr.has_value()) {
+    const ProjSizes s = check_proj_backward_args(grad_output, grad_h_n, grad_c_n, input, lengths,
+                                                 w_ih, w_hh, *w_hr, gates, states,
+                                                 std::string(cell_name));
     const cuda::DeviceGuard guard(input.device());
-    return rnn_backward_proj_cuda(grad_output, grad_h_n, grad_c_n, input, lengths, w_ih, w_hh,
+    return rnn_backward_proj_cuda(s, grad_output, grad_h_n, grad_c_n, input, lengths, w_ih, w_hh,
                                   gates, states, *w_hr, reverse);
   }
   const RnnSizes s = check_rnn_backward_args(grad_output, grad_h_n, grad_c_n, input, lengths, w_ih,

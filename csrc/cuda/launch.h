@@ -83,6 +83,18 @@ inline size_t max_dynamic_smem() {
 #endif
 }
 
+// Streaming multiprocessors of the current device.
+inline int64_t sm_count() {
+#ifdef VK_EMULATE_CUDA
+  return ::vk_emu::device_limits().sm_count;
+#else
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+#endif
+}
+
 // Most blocks of `kernel` (block threads, smem bytes of dynamic shared memory)
 // that can be resident at once on the current device: the grid limit of a
 // cooperative launch. 0 when not even one block fits.
@@ -96,19 +108,25 @@ int64_t cooperative_grid_limit(void (*kernel)(Params...), int threads, size_t sm
   if (smem > 0) per_sm = std::min<int64_t>(per_sm, int64_t(d.max_shared_per_sm / smem));
   return std::min<int64_t>(per_sm * d.sm_count, d.max_cooperative_threads / threads);
 #else
-  if (smem > max_dynamic_smem()) return 0;
-  int device = 0, sms = 0, per_sm = 0;
+  const size_t most_smem = max_dynamic_smem();
+  if (smem > most_smem) return 0;
+  int device = 0, cooperative = 0, per_sm = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
+  if (!cooperative) return 0;
+  // The attribute is a cap, not a reservation: set once to the device's limit,
+  // so that concurrent launches of other sizes never see a smaller one.
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      int(smem)));
+                                      int(most_smem)));
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
-  return int64_t(per_sm) * sms;
+  return int64_t(per_sm) * sm_count();
 #endif
 }
 
 // A cooperative launch (cooperative_groups::this_grid().sync() allowed): every
 // block is resident at once; a grid beyond cooperative_grid_limit is refused.
+// Call cooperative_grid_limit for the kernel first (it sets the kernel's
+// shared-memory cap).
 template <typename... Params, typename... Args>
 void launch_cooperative(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
                         Stream stream, Args&&... args) {
@@ -122,8 +140,6 @@ void launch_cooperative(void (*kernel)(Params...), dim3 grid, dim3 block, size_t
     int i = 0;
     ((ptrs[i++] = static_cast<void*>(&p)), ...);
   }, held);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      int(smem)));
   C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid, block,
                                              ptrs, smem, stream));
 #endif

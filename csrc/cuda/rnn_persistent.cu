@@ -141,6 +141,10 @@ __global__ void __launch_bounds__(kThreads) persistent_forward_kernel(FwdParams<
     const acc_t* hin = p.hbuf + (p.reverse ? ((t + 1) & 1) : (t & 1)) * B * H;
     acc_t* hout = p.hbuf + (p.reverse ? (t & 1) : ((t + 1) & 1)) * B * H;
     for (int64_t row0 = 0; row0 < nrun; row0 += RB) {
+      // Rows of this tile that run; a thread whose first row does not skips
+      // the product (the rows it would read past `rows` are never staged).
+      const int rows = nrun - row0 < RB ? int(nrun - row0) : RB;
+      const bool active = owns && rg < rows;
       acc_t acc[kRows][G];
 #pragma unroll
       for (int r = 0; r < kRows; ++r)
@@ -148,13 +152,13 @@ __global__ void __launch_bounds__(kThreads) persistent_forward_kernel(FwdParams<
         for (int g = 0; g < G; ++g) acc[r][g] = acc_t(0);
       for (int64_t k0 = 0; k0 < H; k0 += kChunk) {
         __syncthreads();  // the previous chunk (and tile) is consumed
-        for (int idx = tid; idx < RB * kChunk; idx += kThreads) {
+        for (int idx = tid; idx < rows * kChunk; idx += kThreads) {
           const int r = idx / kChunk, kk = idx % kChunk;
-          const int64_t i = row0 + r, k = k0 + kk;
-          hs[kk * RBp + r] = (i < nrun && k < H) ? hin[i * H + k] : acc_t(0);
+          const int64_t k = k0 + kk;
+          hs[kk * RBp + r] = k < H ? hin[(row0 + r) * H + k] : acc_t(0);
         }
         __syncthreads();
-        if (owns) {
+        if (active) {
           const int kn = H - k0 < kChunk ? int(H - k0) : kChunk;
           for (int kk = 0; kk < kn; ++kk) {
             acc_t wv[G];
@@ -162,6 +166,7 @@ __global__ void __launch_bounds__(kThreads) persistent_forward_kernel(FwdParams<
             for (int g = 0; g < G; ++g) wv[g] = acc_t(w[(k0 + kk) * GHs + g * Hs + u]);
 #pragma unroll
             for (int r = 0; r < kRows; ++r) {
+              if (r * RG + rg >= rows) break;
               const acc_t hv = hs[kk * RBp + r * RG + rg];
 #pragma unroll
               for (int g = 0; g < G; ++g) acc[r][g] += wv[g] * hv;
@@ -169,7 +174,7 @@ __global__ void __launch_bounds__(kThreads) persistent_forward_kernel(FwdParams<
           }
         }
       }
-      if (!owns) continue;
+      if (!active) continue;
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         const int64_t i = row0 + r * RG + rg;
@@ -247,6 +252,7 @@ __global__ void __launch_bounds__(kThreads) persistent_backward_kernel(BwdParams
     p.carry[i * H + jj] = p.grad_h_n[b * H + jj];
     if constexpr (K == Cell::LSTM) p.dcbuf[i * H + jj] = p.grad_c_n[b * H + jj];
   }
+  __syncthreads();  // other threads of this CTA read these rows in the steps
   const int64_t maxlen = longest(p.sorted_len, B, T);
 
   for (int64_t step = 0; step <= maxlen; ++step) {
@@ -261,22 +267,25 @@ __global__ void __launch_bounds__(kThreads) persistent_backward_kernel(BwdParams
       acc_t acc[kRows];
 #pragma unroll
       for (int r = 0; r < kRows; ++r) acc[r] = acc_t(0);
-      if (row0 < nprev) {  // the same for the whole block
+      // Rows of this tile with a product (those that ran at the previous step);
+      // a thread whose first row has none skips it.
+      const int rows = row0 < nprev ? (nprev - row0 < RB ? int(nprev - row0) : RB) : 0;
+      if (rows > 0) {  // the same for the whole block
         for (int64_t m0 = 0; m0 < GH; m0 += kChunk) {
           __syncthreads();
-          for (int idx = tid; idx < RB * kChunk; idx += kThreads) {
+          for (int idx = tid; idx < rows * kChunk; idx += kThreads) {
             const int r = idx / kChunk, kk = idx % kChunk;
-            const int64_t i = row0 + r, m = m0 + kk;
-            ds[kk * RBp + r] =
-                (i < nprev && m < GH) ? acc_t(dg_prev[p.perm[i] * GH + m]) : acc_t(0);
+            const int64_t m = m0 + kk;
+            ds[kk * RBp + r] = m < GH ? acc_t(dg_prev[p.perm[row0 + r] * GH + m]) : acc_t(0);
           }
           __syncthreads();
-          if (owns) {
+          if (owns && rg < rows) {
             const int kn = GH - m0 < kChunk ? int(GH - m0) : kChunk;
             for (int kk = 0; kk < kn; ++kk) {
               const acc_t wv = acc_t(w[(m0 + kk) * Hs + u]);
 #pragma unroll
-              for (int r = 0; r < kRows; ++r) acc[r] += ds[kk * RBp + r * RG + rg] * wv;
+              for (int r = 0; r < kRows; ++r)
+                if (r * RG + rg < rows) acc[r] += ds[kk * RBp + r * RG + rg] * wv;
             }
           }
         }
@@ -320,10 +329,13 @@ struct Launch {
 
 // The fewest units per CTA (the most CTAs) whose W_hh slice fits in shared
 // memory and whose grid can be resident at once.
+// At most one CTA per SM: every CTA reads all running rows of h each step, so
+// more CTAs mean more of that traffic, not more useful parallelism.
 template <typename scalar_t, typename acc_t, typename Kernel>
 Launch plan_launch(Kernel kernel, int G, int64_t H) {
   Launch l;
-  const int64_t most = cuda::cooperative_grid_limit(kernel, kThreads, 0);
+  const int64_t most =
+      std::min(cuda::sm_count(), cuda::cooperative_grid_limit(kernel, kThreads, 0));
   if (most < 1 || H < 1) return l;
   int64_t units = std::max<int64_t>(kMinUnits, (H + most - 1) / most);
   for (; units <= kMaxUnits; ++units) {
@@ -340,15 +352,19 @@ Launch plan_launch(Kernel kernel, int G, int64_t H) {
   return l;
 }
 
-// Whether to run the persistent kernel, given the plan; the error names the sizes.
-bool take(const Launch& l, const char* which, int64_t H, int G, at::ScalarType dtype) {
+// The launch of the persistent kernel, or units = 0 to take the per-step path;
+// the error (a forced persistent path that does not fit) names the sizes.
+template <typename scalar_t, typename acc_t, typename Kernel>
+Launch choose(Kernel kernel, const char* which, int64_t B, int64_t H, int G,
+              at::ScalarType dtype) {
   const RnnPath path = rnn_path_setting();
-  if (path == RnnPath::PerStep) return false;
+  if (path == RnnPath::PerStep || B * H == 0) return {};  // nothing to step: either path
+  const Launch l = plan_launch<scalar_t, acc_t>(kernel, G, H);
   TORCH_CHECK(l.units > 0 || path == RnnPath::Auto, "VARLEN_KERNELS_RNN_PATH=persistent: the ",
               which, " kernel does not fit this device for hidden_size ", H, ", ", G,
               " gate(s), dtype ", dtype, " (W_hh's slices exceed the shared memory of the CTAs ",
               "that can be resident at once); use 'auto' to fall back to the per-step path");
-  return l.units > 0;
+  return l;
 }
 
 }  // namespace
@@ -368,8 +384,9 @@ std::optional<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>> rnn_forward_pe
     dispatch_cell(cell, [&](auto k) {
       constexpr Cell K = decltype(k)::value;
       auto kernel = persistent_forward_kernel<scalar_t, acc_t, K>;
-      const Launch l = plan_launch<scalar_t, acc_t>(kernel, G, H);
-      if (!take(l, "persistent forward", H, G, gx.scalar_type())) return 0;
+      const Launch l =
+          choose<scalar_t, acc_t>(kernel, "persistent forward", B, H, G, gx.scalar_type());
+      if (l.units == 0) return 0;
       const auto [sorted_len, perm] = at::sort(lengths, /*stable=*/true, 0, /*descending=*/true);
       const Tensor w = w_hh.contiguous(), h0c = h0.contiguous();
       const Tensor c0c = K == Cell::LSTM ? c0.contiguous() : Tensor();
@@ -380,7 +397,7 @@ std::optional<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>> rnn_forward_pe
       Tensor states = at::zeros({T, B, S * H}, opts);
       Tensor h_n = at::empty({B, H}, opts);
       Tensor c_n = K == Cell::LSTM ? at::empty({B, H}, opts) : at::empty({0}, opts);
-      if (B > 0) {
+      {
         FwdParams<scalar_t, acc_t> p{
             sorted_len.const_data_ptr<int64_t>(), perm.const_data_ptr<int64_t>(),
             w.const_data_ptr<scalar_t>(), gx.const_data_ptr<scalar_t>(),
@@ -417,8 +434,9 @@ std::optional<std::tuple<Tensor, Tensor, Tensor, Tensor>> rnn_backward_persisten
     dispatch_cell(cell, [&](auto k) {
       constexpr Cell K = decltype(k)::value;
       auto kernel = persistent_backward_kernel<scalar_t, acc_t, K>;
-      const Launch l = plan_launch<scalar_t, acc_t>(kernel, G, H);
-      if (!take(l, "persistent backward", H, G, dy.scalar_type())) return 0;
+      const Launch l =
+          choose<scalar_t, acc_t>(kernel, "persistent backward", B, H, G, dy.scalar_type());
+      if (l.units == 0) return 0;
       const auto [sorted_len, perm] = at::sort(lengths, /*stable=*/true, 0, /*descending=*/true);
       const Tensor w = w_hh.contiguous(), gs = gates.contiguous(), st = states.contiguous();
       const Tensor ghn = grad_h_n.to(acc_type).contiguous();
@@ -429,7 +447,7 @@ std::optional<std::tuple<Tensor, Tensor, Tensor, Tensor>> rnn_backward_persisten
       Tensor dgh = K == Cell::GRU ? at::zeros({T * B, G * H}, opts) : dgx;
       Tensor grad_h0 = at::empty({B, H}, opts.dtype(acc_type));
       Tensor grad_c0 = K == Cell::LSTM ? at::empty({B, H}, opts.dtype(acc_type)) : Tensor();
-      if (B > 0) {
+      {
         BwdParams<scalar_t, acc_t> p{
             sorted_len.const_data_ptr<int64_t>(), perm.const_data_ptr<int64_t>(),
             w.const_data_ptr<scalar_t>(), gs.const_data_ptr<scalar_t>(),

@@ -15,6 +15,12 @@
 // layout: gates (T, B, GS*H), states (T, B, S*H), zero at padded steps; either
 // path's backward consumes either path's forward.
 //
+// Precision: the persistent kernels keep h (and the backward's carry) in the
+// math type as the operand of the recurrent product and never round W_hh h or
+// dgh W_hh to the storage type; the per-step path's GEMMs do (they run in the
+// storage type). In half and bfloat16 the two paths therefore differ by
+// storage-type rounding; float32 is IEEE fma on CUDA cores, never TF32.
+//
 // Which path runs: VARLEN_KERNELS_RNN_PATH = "auto" (default: persistent when
 // its shared memory and grid fit the device, per-step otherwise), "persistent"
 // (an error when it does not fit; the projection LSTM, which has no persistent

@@ -6,11 +6,13 @@ architecture (no GPU needed) and writes one line per kernel instantiation:
   python benchmarks/ptxas_report.py                         # sm_90a, prints the table
   python benchmarks/ptxas_report.py --out benchmarks/results/ptxas_persistent.txt
 
-A kernel that spills is reported as such and makes the exit status 1.
+A kernel that spills in a dtype the benchmarks run (float32, half, bfloat16)
+makes the exit status 1; float64 (the tests' dtype) is reported but allowed.
 """
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -56,6 +58,8 @@ def run(arch):
 def demangle(names):
     filt = os.path.join(os.path.dirname(nvcc_path()), "cu++filt")
     if not os.path.exists(filt):
+        filt = shutil.which("c++filt")
+    if filt is None:
         return names
     out = subprocess.run([filt], input="\n".join(names), capture_output=True, text=True).stdout
     return out.strip().split("\n")
@@ -114,13 +118,13 @@ def main():
                      f"{r['spill_ld']:12d}")
     spills = [r["name"] for r in rows if r["spill_st"] or r["spill_ld"]]
     lines.append(f"# {len(rows)} kernels, {len(spills)} with spills" +
-                 (": " + ", ".join(spills) if spills else ""))
+                 (": " + ", ".join(s.strip() for s in spills) if spills else ""))
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
-    return 1 if spills else 0
+    return 1 if any("double" not in s for s in spills) else 0
 
 
 if __name__ == "__main__":

@@ -67,13 +67,14 @@ def demangle(names):
 
 def short(name):
     """persistent_forward_kernel<float, float, (varlen::Cell)0> -> forward float LSTM."""
-    m = re.search(r"persistent_(forward|backward)_kernel<([^,]+), [^,]+, \(varlen::Cell\)(\d)>",
-                  name)
+    m = re.search(r"persistent_(forward|backward)(_tc)?_kernel<([^,]+), (?:[^,]+, )?"
+                  r"\(varlen::Cell\)(\d)>", name)
     if not m:
         return name
     cells = ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"]
-    dtype = {"c10::Half": "half", "c10::BFloat16": "bfloat16"}.get(m.group(2), m.group(2))
-    return f"{m.group(1):8s} {dtype:9s} {cells[int(m.group(3))]}"
+    dtype = {"c10::Half": "half", "c10::BFloat16": "bfloat16"}.get(m.group(3), m.group(3))
+    unit = "tensor" if m.group(2) else "fma"
+    return f"{m.group(1):8s} {unit:6s} {dtype:9s} {cells[int(m.group(4))]}"
 
 
 def parse(log):
@@ -112,9 +113,9 @@ def main():
     if not rows:
         sys.exit("no persistent kernel found in ptxas' output")
     lines = [f"# ptxas -v, {args.arch}, nvcc {subprocess.run([nvcc_path(), '--version'], capture_output=True, text=True).stdout.strip().splitlines()[-1]}, torch {torch.__version__}",
-             "# kernel                       registers  stack  spill_stores  spill_loads"]
+             "# kernel                              registers  stack  spill_stores  spill_loads"]
     for r in rows:
-        lines.append(f"{r['name']:30s} {r['registers']:9d} {r['stack']:6d} {r['spill_st']:13d} "
+        lines.append(f"{r['name']:37s} {r['registers']:9d} {r['stack']:6d} {r['spill_st']:13d} "
                      f"{r['spill_ld']:12d}")
     spills = [r["name"] for r in rows if r["spill_st"] or r["spill_ld"]]
     lines.append(f"# {len(rows)} kernels, {len(spills)} with spills" +

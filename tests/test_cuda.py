@@ -57,17 +57,30 @@ def _grads(m, x, lengths, hx, gy):
     return y, grads
 
 
+# (T, B, H, emulated SMs, path): the default shape on the default path, then the
+# tensor-core persistent kernels with several CTAs and row tiles, and the per-step path.
+LOW_PRECISION_CASES = [(12, 6, 16, None, "auto"), (9, 40, 64, 2, "persistent"),
+                       (9, 40, 50, 3, "persistent"), (9, 40, 50, 3, "per_step")]
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_values_and_gradients(cell, dtype, gpu):
+@pytest.mark.parametrize("T,B,H,sm_count,path", LOW_PRECISION_CASES)
+def test_low_precision_values_and_gradients(cell, dtype, T, B, H, sm_count, path, gpu):
     """Output and every gradient, against a float64 oracle, within 2x the error of
     PyTorch's own same-precision path (the masked loop in that dtype, and cuDNN's
     packed path on a GPU), with a floor of a few ulps of the dtype."""
-    ref, x, lengths, hx = sample_inputs(cell, T=12, B=6, I=8, H=16, device=gpu,
+    limits = {} if sm_count is None else {"sm_count": sm_count}
+    with rnn_path(path), device_limits(gpu, **limits):
+        check_low_precision(cell, dtype, T, B, H, gpu)
+
+
+def check_low_precision(cell, dtype, T, B, H, gpu):
+    ref, x, lengths, hx = sample_inputs(cell, T=T, B=B, I=8, H=H, device=gpu,
                                         requires_grad=False, with_zero=True)
     x = torch.nan_to_num(x, nan=0.0)
     g = torch.Generator().manual_seed(1)
-    gy = torch.randn(12, 6, 16, generator=g, dtype=torch.float64).to(gpu)
+    gy = torch.randn(T, B, H, generator=g, dtype=torch.float64).to(gpu)
     m64 = MaskedRNN.from_torch(ref)
     y64, g64 = _grads(m64, x.requires_grad_(), lengths, hx, gy)
     low = lambda t: t.detach().to(dtype)  # noqa: E731

@@ -25,7 +25,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #define VK_SHARED(T, name, n) __shared__ T name[n]
 #define VK_DYNAMIC_SHARED(T, name)                                    \
-  extern __shared__ __align__(16) unsigned char vk_dynamic_smem_[]; \
+  extern __shared__ __align__(128) unsigned char vk_dynamic_smem_[]; \
   T* const name = reinterpret_cast<T*>(vk_dynamic_smem_)
 #define VK_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(varlen_kernels, CUDA, m)
 #define VK_CUDA_LIBRARY "varlen_kernels"

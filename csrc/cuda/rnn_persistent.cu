@@ -1,5 +1,9 @@
 // Persistent CUDA kernels for rnn_forward / rnn_backward: see rnn_persistent.h.
 //
+// Two kernels of each direction: float32 and float64 compute the recurrent
+// product with fma on CUDA cores (below); half and bfloat16 on tensor cores
+// (wmma 16x16x16, float accumulation; further below).
+//
 // Thread layout of a CTA (kThreads threads, `units` = Hs hidden units):
 // thread tid works on unit u = tid % Hs and on row group rg = tid / Hs
 // (RG = kThreads / Hs groups; threads past RG * Hs only help to load). A tile
@@ -14,6 +18,7 @@
 
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 
 #include "../cell_math.h"
 #include "../rnn_args.h"
@@ -23,6 +28,9 @@
 
 #ifndef VK_EMULATE_CUDA
 #include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
 #endif
 
 namespace varlen {
@@ -108,7 +116,7 @@ struct FwdParams {
 // start as h0, so a row that has not started yet reads h0 from either; a row's
 // final h is in buffer L & 1 (forward) or 0 (reverse).
 template <typename scalar_t, typename acc_t, Cell K>
-__global__ void __launch_bounds__(kThreads) persistent_forward_kernel(FwdParams<scalar_t, acc_t> p) {
+__global__ void __launch_bounds__(kThreads, 1) persistent_forward_kernel(FwdParams<scalar_t, acc_t> p) {
   constexpr int G = num_gates(K), GS = num_saved_gates(K), S = num_states(K);
   const int64_t H = p.H, B = p.B, T = p.T;
   const int Hs = p.units, tid = threadIdx.x;
@@ -230,7 +238,7 @@ struct BwdParams {
 // previous step but not at this one has finished: carry + dgh_prev W_hh is
 // its grad_h0. One step past the last handles the rows that finish there.
 template <typename scalar_t, typename acc_t, Cell K>
-__global__ void __launch_bounds__(kThreads) persistent_backward_kernel(BwdParams<scalar_t, acc_t> p) {
+__global__ void __launch_bounds__(kThreads, 1) persistent_backward_kernel(BwdParams<scalar_t, acc_t> p) {
   constexpr int G = num_gates(K), GS = num_saved_gates(K), S = num_states(K);
   const int64_t H = p.H, B = p.B, T = p.T, GH = int64_t(G) * H;
   const int Hs = p.units, tid = threadIdx.x;
@@ -320,7 +328,283 @@ __global__ void __launch_bounds__(kThreads) persistent_backward_kernel(BwdParams
   }
 }
 
+
+// ------------------------------------------------------------------ tensor cores
+// Half and bfloat16: the recurrent product on tensor cores. Per CTA and step
+// it is C = A B with A the running rows of h (forward, rounded to the storage
+// type, as the GEMMs of the per-step path and cuDNN round it) or of the
+// previous step's dgh (backward), and B the CTA's slice of W_hh, kept in
+// shared memory for the whole launch. Per tile of rows, the 8 warps share the
+// 16x16 output tiles (at most 2 each), A is staged kTcChunk columns at a time,
+// C goes through shared memory to the threads that apply the cell, one
+// (row, unit) each. The state, the carry and C stay float.
+#ifdef VK_EMULATE_CUDA
+template <typename T>
+struct TcType {
+  using type = T;  // the emulated wmma takes c10::Half / c10::BFloat16
+};
+#else
+template <typename T>
+struct TcType;
+template <>
+struct TcType<c10::Half> {
+  using type = __half;
+};
+template <>
+struct TcType<c10::BFloat16> {
+  using type = __nv_bfloat16;
+};
+#endif
+
+constexpr int kTcChunk = 64;  // columns of A staged at a time
+constexpr int kWarps = kThreads / 32;
+constexpr int64_t align128(int64_t n) { return (n + 127) / 128 * 128; }
+
+// Tile geometry for a product with n output columns and reduction length k.
+struct TcGeometry {
+  int n, np, nt, mt, rbt;   // columns, padded to 16; column tiles; row tiles per tile; rows
+  int64_t kp, ldw, lda, ldc;  // k padded to 16; leading dimensions of W, A, C in shared memory
+  __host__ __device__ TcGeometry(int n_, int64_t k) : n(n_) {
+    np = (n + 15) / 16 * 16;
+    nt = np / 16;
+    mt = nt >= kWarps ? 1 : kWarps / nt;
+    rbt = 16 * mt;
+    kp = (k + 15) / 16 * 16;
+    ldw = kp + 8;
+    lda = kTcChunk + 8;
+    ldc = np + 4;
+  }
+  // At most two output tiles per warp.
+  __host__ __device__ bool fits_warps() const { return mt * nt <= 2 * kWarps; }
+  __host__ __device__ int64_t w_bytes(int elem) const { return align128(np * ldw * elem); }
+  __host__ __device__ int64_t a_bytes(int elem) const { return align128(rbt * lda * elem); }
+  int64_t smem(int elem) const { return w_bytes(elem) + a_bytes(elem) + int64_t(rbt) * ldc * 4; }
+};
+
+// C (rows x g.np) += A (rows x kp, staged per chunk by `stage`) times the
+// W slice w (col-major, g.ldw): the output tiles of this warp, those with a
+// row below `rows`; then C to shared memory cs. Block-uniform: every thread
+// calls it; `stage(k0, kc)` fills as[r * lda + kk] for r < rbt, kk < kc.
+template <typename scalar_t, typename Stage>
+__device__ __forceinline__ void tc_product(const TcGeometry& g, int rows, const scalar_t* ws,
+                                           scalar_t* as, float* cs, Stage stage) {
+  using namespace nvcuda;
+  using tc_t = typename TcType<scalar_t>::type;
+  const int warp = threadIdx.x / 32;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
+  wmma::fill_fragment(acc[0], 0.f);
+  wmma::fill_fragment(acc[1], 0.f);
+  for (int64_t k0 = 0; k0 < g.kp; k0 += kTcChunk) {
+    const int kc = g.kp - k0 < kTcChunk ? int(g.kp - k0) : kTcChunk;
+    __syncthreads();  // the previous chunk (and tile) is consumed
+    stage(k0, kc);
+    __syncthreads();
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int q = warp + e * kWarps, mtile = q / g.nt, ntile = q % g.nt;
+      if (q >= g.mt * g.nt || mtile * 16 >= rows) continue;  // warp-uniform
+      for (int kk = 0; kk < kc; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, tc_t, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, tc_t, wmma::col_major> b;
+        wmma::load_matrix_sync(a, reinterpret_cast<const tc_t*>(as + mtile * 16 * g.lda + kk),
+                               unsigned(g.lda));
+        wmma::load_matrix_sync(b, reinterpret_cast<const tc_t*>(ws + ntile * 16 * g.ldw + k0 + kk),
+                               unsigned(g.ldw));
+        wmma::mma_sync(acc[e], a, b, acc[e]);
+      }
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const int q = warp + e * kWarps, mtile = q / g.nt, ntile = q % g.nt;
+    if (q >= g.mt * g.nt || mtile * 16 >= rows) continue;
+    wmma::store_matrix_sync(cs + mtile * 16 * g.ldc + ntile * 16, acc[e], unsigned(g.ldc),
+                            wmma::mem_row_major);
+  }
+  __syncthreads();  // C complete for the cell threads
+}
+
+template <typename scalar_t, Cell K>
+__global__ void __launch_bounds__(kThreads, 1)
+    persistent_forward_tc_kernel(FwdParams<scalar_t, float> p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // bfloat16 wmma needs sm_80; the host never launches it below
+#else
+  constexpr int G = num_gates(K), GS = num_saved_gates(K), S = num_states(K);
+  const int64_t H = p.H, B = p.B, T = p.T;
+  const int Hs = p.units, tid = threadIdx.x;
+  const int64_t j0 = int64_t(blockIdx.x) * Hs;
+  const TcGeometry g(G * Hs, H);
+  VK_DYNAMIC_SHARED(unsigned char, smem);
+  // ws[n * ldw + k] = W_hh[gate * H + j0 + u, k] for column n = gate * Hs + u
+  scalar_t* ws = reinterpret_cast<scalar_t*>(smem);
+  scalar_t* as = reinterpret_cast<scalar_t*>(smem + g.w_bytes(sizeof(scalar_t)));
+  float* cs = reinterpret_cast<float*>(smem + g.w_bytes(sizeof(scalar_t)) +
+                                       g.a_bytes(sizeof(scalar_t)));
+  for (int64_t idx = tid; idx < g.np * g.kp; idx += kThreads) {
+    const int64_t n = idx / g.kp, k = idx % g.kp, gate = n / Hs, jj = j0 + n % Hs;
+    ws[n * g.ldw + k] =
+        (n < g.n && jj < H && k < H) ? p.w_hh[(gate * H + jj) * H + k] : scalar_t(0);
+  }
+  for (int64_t idx = tid; idx < B * Hs; idx += kThreads) {
+    const int64_t i = idx / Hs, jj = j0 + idx % Hs;
+    if (jj >= H) continue;
+    const int64_t b = p.perm[i];
+    const float h = float(p.h0[b * H + jj]);
+    p.hbuf[i * H + jj] = h;
+    p.hbuf[(B + i) * H + jj] = h;
+    if constexpr (K == Cell::LSTM) p.cbuf[i * H + jj] = float(p.c0[b * H + jj]);
+  }
+  const int64_t maxlen = longest(p.sorted_len, B, T);
+  cg::this_grid().sync();
+
+  for (int64_t step = 0; step < maxlen; ++step) {
+    const int64_t t = p.reverse ? maxlen - 1 - step : step;
+    const int64_t nrun = count_running(p.sorted_len, B, t);
+    const float* hin = p.hbuf + (p.reverse ? ((t + 1) & 1) : (t & 1)) * B * H;
+    float* hout = p.hbuf + (p.reverse ? (t & 1) : ((t + 1) & 1)) * B * H;
+    for (int64_t row0 = 0; row0 < nrun; row0 += g.rbt) {
+      const int rows = nrun - row0 < g.rbt ? int(nrun - row0) : g.rbt;
+      tc_product(g, rows, ws, as, cs, [&](int64_t k0, int kc) {
+        for (int idx = tid; idx < g.rbt * kc; idx += kThreads) {
+          const int r = idx / kc, kk = idx % kc;
+          const int64_t k = k0 + kk;
+          as[r * g.lda + kk] =
+              (r < rows && k < H) ? scalar_t(hin[(row0 + r) * H + k]) : scalar_t(0);
+        }
+      });
+      for (int idx = tid; idx < rows * Hs; idx += kThreads) {
+        const int r = idx / Hs, u = idx % Hs;
+        const int64_t j = j0 + u, i = row0 + r;
+        if (j >= H) continue;
+        float hid[G];
+#pragma unroll
+        for (int gate = 0; gate < G; ++gate) hid[gate] = cs[r * g.ldc + gate * Hs + u];
+        const int64_t b = p.perm[i], tb = t * B + b;
+        const float h = forward_point<scalar_t, float, K>(
+            p.gx + tb * G * H + j, p.bias, p.b_hn, j, H, hid, hin[i * H + j],
+            K == Cell::LSTM ? p.cbuf + i * H + j : nullptr, p.gates + tb * GS * H + j,
+            p.states + tb * S * H + j);
+        hout[i * H + j] = h;
+        p.y[tb * H + j] = scalar_t(h);
+      }
+    }
+    cg::this_grid().sync();
+  }
+
+  for (int64_t idx = tid; idx < B * Hs; idx += kThreads) {
+    const int64_t i = idx / Hs, jj = j0 + idx % Hs;
+    if (jj >= H) continue;
+    const int64_t b = p.perm[i], L = p.sorted_len[i];
+    const int64_t buf = p.reverse ? 0 : (L & 1);
+    p.h_n[b * H + jj] = scalar_t(p.hbuf[(buf * B + i) * H + jj]);
+    if constexpr (K == Cell::LSTM) p.c_n[b * H + jj] = scalar_t(p.cbuf[i * H + jj]);
+  }
+#endif
+}
+
+template <typename scalar_t, Cell K>
+__global__ void __launch_bounds__(kThreads, 1)
+    persistent_backward_tc_kernel(BwdParams<scalar_t, float> p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();
+#else
+  constexpr int G = num_gates(K), GS = num_saved_gates(K), S = num_states(K);
+  const int64_t H = p.H, B = p.B, T = p.T, GH = int64_t(G) * H;
+  const int Hs = p.units, tid = threadIdx.x;
+  const int64_t j0 = int64_t(blockIdx.x) * Hs;
+  const TcGeometry g(Hs, GH);
+  VK_DYNAMIC_SHARED(unsigned char, smem);
+  // ws[n * ldw + m] = W_hh[m, j0 + n]
+  scalar_t* ws = reinterpret_cast<scalar_t*>(smem);
+  scalar_t* as = reinterpret_cast<scalar_t*>(smem + g.w_bytes(sizeof(scalar_t)));
+  float* cs = reinterpret_cast<float*>(smem + g.w_bytes(sizeof(scalar_t)) +
+                                       g.a_bytes(sizeof(scalar_t)));
+  for (int64_t idx = tid; idx < g.np * g.kp; idx += kThreads) {
+    const int64_t n = idx / g.kp, m = idx % g.kp, jj = j0 + n;
+    ws[n * g.ldw + m] = (n < Hs && jj < H && m < GH) ? p.w_hh[m * H + jj] : scalar_t(0);
+  }
+  for (int64_t idx = tid; idx < B * Hs; idx += kThreads) {
+    const int64_t i = idx / Hs, jj = j0 + idx % Hs;
+    if (jj >= H) continue;
+    const int64_t b = p.perm[i];
+    p.carry[i * H + jj] = p.grad_h_n[b * H + jj];
+    if constexpr (K == Cell::LSTM) p.dcbuf[i * H + jj] = p.grad_c_n[b * H + jj];
+  }
+  __syncthreads();  // other threads of this CTA read these rows in the steps
+  const int64_t maxlen = longest(p.sorted_len, B, T);
+
+  for (int64_t step = 0; step <= maxlen; ++step) {
+    const bool last = step == maxlen;
+    const int64_t t = last ? -1 : (p.reverse ? step : maxlen - 1 - step);
+    const int64_t tp = p.reverse ? step - 1 : maxlen - step;
+    const int64_t nrun = last ? 0 : count_running(p.sorted_len, B, t);
+    const int64_t nprev = step > 0 ? count_running(p.sorted_len, B, tp) : 0;
+    const int64_t n = nrun > nprev ? nrun : nprev;
+    const scalar_t* dg_prev = p.dgh + (step > 0 ? tp : 0) * B * GH;
+    for (int64_t row0 = 0; row0 < n; row0 += g.rbt) {
+      const int rows = n - row0 < g.rbt ? int(n - row0) : g.rbt;
+      const int with_prev = row0 < nprev ? (nprev - row0 < g.rbt ? int(nprev - row0) : g.rbt) : 0;
+      if (with_prev > 0) {  // block-uniform
+        tc_product(g, with_prev, ws, as, cs, [&](int64_t m0, int kc) {
+          for (int idx = tid; idx < g.rbt * kc; idx += kThreads) {
+            const int r = idx / kc, kk = idx % kc;
+            const int64_t m = m0 + kk;
+            as[r * g.lda + kk] =
+                (r < with_prev && m < GH) ? dg_prev[p.perm[row0 + r] * GH + m] : scalar_t(0);
+          }
+        });
+      }
+      for (int idx = tid; idx < rows * Hs; idx += kThreads) {
+        const int r = idx / Hs, u = idx % Hs;
+        const int64_t j = j0 + u, i = row0 + r;
+        if (j >= H) continue;
+        const float prod = r < with_prev ? cs[r * g.ldc + u] : 0.f;
+        float* carry = p.carry + i * H + j;
+        if (i < nrun) {
+          const int64_t tb = t * B + p.perm[i];
+          const float dh = *carry + prod + float(p.dy[tb * H + j]);
+          *carry = backward_point<scalar_t, float, K>(
+              p.gates + tb * GS * H + j, p.states + tb * S * H + j, H, dh,
+              K == Cell::LSTM ? p.dcbuf + i * H + j : nullptr, p.dgx + tb * GH + j,
+              p.dgh + tb * GH + j);
+        } else {
+          *carry += prod;  // finished: this is d h0
+        }
+      }
+    }
+    cg::this_grid().sync();
+  }
+
+  for (int64_t idx = tid; idx < B * Hs; idx += kThreads) {
+    const int64_t i = idx / Hs, jj = j0 + idx % Hs;
+    if (jj >= H) continue;
+    const int64_t b = p.perm[i];
+    p.grad_h0[b * H + jj] = p.carry[i * H + jj];
+    if constexpr (K == Cell::LSTM) p.grad_c0[b * H + jj] = p.dcbuf[i * H + jj];
+  }
+#endif
+}
+
 // ------------------------------------------------------------------ host
+template <typename scalar_t>
+constexpr bool kTensorCores =
+    std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>;
+
+// The kernel of a dtype: tensor cores for half/bfloat16, fma otherwise.
+template <typename scalar_t, Cell K>
+auto pick_forward_kernel() {
+  using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (kTensorCores<scalar_t>) return persistent_forward_tc_kernel<scalar_t, K>;
+  else return persistent_forward_kernel<scalar_t, acc_t, K>;
+}
+template <typename scalar_t, Cell K>
+auto pick_backward_kernel() {
+  using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (kTensorCores<scalar_t>) return persistent_backward_tc_kernel<scalar_t, K>;
+  else return persistent_backward_kernel<scalar_t, acc_t, K>;
+}
+
 struct Launch {
   int units = 0;     // 0: does not fit
   int64_t ctas = 0;
@@ -331,16 +615,19 @@ struct Launch {
 // memory and whose grid can be resident at once.
 // At most one CTA per SM: every CTA reads all running rows of h each step, so
 // more CTAs mean more of that traffic, not more useful parallelism.
-template <typename scalar_t, typename acc_t, typename Kernel>
-Launch plan_launch(Kernel kernel, int G, int64_t H) {
+// smem_for(units): the kernel's shared memory in bytes, or -1 when its tiles
+// cannot have that many units.
+template <typename Kernel, typename SmemFor>
+Launch plan_launch(Kernel kernel, int64_t H, SmemFor smem_for) {
   Launch l;
   const int64_t most =
       std::min(cuda::sm_count(), cuda::cooperative_grid_limit(kernel, kThreads, 0));
   if (most < 1 || H < 1) return l;
   int64_t units = std::max<int64_t>(kMinUnits, (H + most - 1) / most);
   for (; units <= kMaxUnits; ++units) {
-    const size_t smem = smem_bytes<scalar_t, acc_t>(G, int(units), H);
-    if (smem > cuda::max_dynamic_smem()) return l;
+    const int64_t bytes = smem_for(int(units));
+    if (bytes < 0 || size_t(bytes) > cuda::max_dynamic_smem()) return l;
+    const size_t smem = size_t(bytes);
     const int64_t ctas = (H + units - 1) / units;
     if (ctas <= cuda::cooperative_grid_limit(kernel, kThreads, smem)) {
       l.units = int(units);
@@ -354,12 +641,12 @@ Launch plan_launch(Kernel kernel, int G, int64_t H) {
 
 // The launch of the persistent kernel, or units = 0 to take the per-step path;
 // the error (a forced persistent path that does not fit) names the sizes.
-template <typename scalar_t, typename acc_t, typename Kernel>
-Launch choose(Kernel kernel, const char* which, int64_t B, int64_t H, int G,
+template <typename Kernel, typename SmemFor>
+Launch choose(Kernel kernel, SmemFor smem_for, const char* which, int64_t B, int64_t H, int G,
               at::ScalarType dtype) {
   const RnnPath path = rnn_path_setting();
   if (path == RnnPath::PerStep || B * H == 0) return {};  // nothing to step: either path
-  const Launch l = plan_launch<scalar_t, acc_t>(kernel, G, H);
+  const Launch l = plan_launch(kernel, H, smem_for);
   TORCH_CHECK(l.units > 0 || path == RnnPath::Auto, "VARLEN_KERNELS_RNN_PATH=persistent: the ",
               which, " kernel does not fit this device for hidden_size ", H, ", ", G,
               " gate(s), dtype ", dtype, " (W_hh's slices exceed the shared memory of the CTAs ",
@@ -383,9 +670,18 @@ std::optional<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>> rnn_forward_pe
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_cell(cell, [&](auto k) {
       constexpr Cell K = decltype(k)::value;
-      auto kernel = persistent_forward_kernel<scalar_t, acc_t, K>;
+      constexpr bool tc = kTensorCores<scalar_t>;
+      auto kernel = pick_forward_kernel<scalar_t, K>();
+      auto smem_for = [&](int units) -> int64_t {
+        if constexpr (tc) {
+          const TcGeometry geo(G * units, H);
+          return geo.fits_warps() ? geo.smem(sizeof(scalar_t)) : -1;
+        } else {
+          return int64_t(smem_bytes<scalar_t, acc_t>(G, units, H));
+        }
+      };
       const Launch l =
-          choose<scalar_t, acc_t>(kernel, "persistent forward", B, H, G, gx.scalar_type());
+          choose(kernel, smem_for, "persistent forward", B, H, G, gx.scalar_type());
       if (l.units == 0) return 0;
       const auto [sorted_len, perm] = at::sort(lengths, /*stable=*/true, 0, /*descending=*/true);
       const Tensor w = w_hh.contiguous(), h0c = h0.contiguous();
@@ -433,9 +729,18 @@ std::optional<std::tuple<Tensor, Tensor, Tensor, Tensor>> rnn_backward_persisten
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_cell(cell, [&](auto k) {
       constexpr Cell K = decltype(k)::value;
-      auto kernel = persistent_backward_kernel<scalar_t, acc_t, K>;
+      constexpr bool tc = kTensorCores<scalar_t>;
+      auto kernel = pick_backward_kernel<scalar_t, K>();
+      auto smem_for = [&](int units) -> int64_t {
+        if constexpr (tc) {
+          const TcGeometry geo(units, int64_t(G) * H);
+          return geo.fits_warps() ? geo.smem(sizeof(scalar_t)) : -1;
+        } else {
+          return int64_t(smem_bytes<scalar_t, acc_t>(G, units, H));
+        }
+      };
       const Launch l =
-          choose<scalar_t, acc_t>(kernel, "persistent backward", B, H, G, dy.scalar_type());
+          choose(kernel, smem_for, "persistent backward", B, H, G, dy.scalar_type());
       if (l.units == 0) return 0;
       const auto [sorted_len, perm] = at::sort(lengths, /*stable=*/true, 0, /*descending=*/true);
       const Tensor w = w_hh.contiguous(), gs = gates.contiguous(), st = states.contiguous();

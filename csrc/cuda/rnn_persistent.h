@@ -15,11 +15,13 @@
 // layout: gates (T, B, GS*H), states (T, B, S*H), zero at padded steps; either
 // path's backward consumes either path's forward.
 //
-// Precision: the persistent kernels keep h (and the backward's carry) in the
-// math type as the operand of the recurrent product and never round W_hh h or
-// dgh W_hh to the storage type; the per-step path's GEMMs do (they run in the
-// storage type). In half and bfloat16 the two paths therefore differ by
-// storage-type rounding; float32 is IEEE fma on CUDA cores, never TF32.
+// The recurrent product: float32 and float64 with fma on CUDA cores (IEEE,
+// never TF32); half and bfloat16 on tensor cores (wmma, float accumulation),
+// with W_hh and the product's row operand (h, or the backward's dgh) in the
+// storage type, as in the per-step path's GEMMs. The product itself, the
+// state and the backward's carry stay float (the per-step path rounds its
+// GEMMs' outputs to the storage type), so the paths differ in half/bfloat16
+// by that rounding; both are held to the same error bound by the tests.
 //
 // Which path runs: VARLEN_KERNELS_RNN_PATH = "auto" (default: persistent when
 // its shared memory and grid fit the device, per-step otherwise), "persistent"

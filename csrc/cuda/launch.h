@@ -95,6 +95,18 @@ inline int64_t sm_count() {
 #endif
 }
 
+// Major compute capability of the current device (the emulated one is a 9.0).
+inline int compute_major() {
+#ifdef VK_EMULATE_CUDA
+  return 9;
+#else
+  int device = 0, major = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major;
+#endif
+}
+
 // Most blocks of `kernel` (block threads, smem bytes of dynamic shared memory)
 // that can be resident at once on the current device: the grid limit of a
 // cooperative launch. 0 when not even one block fits.

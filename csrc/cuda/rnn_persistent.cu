@@ -381,10 +381,13 @@ struct TcGeometry {
   int64_t smem(int elem) const { return w_bytes(elem) + a_bytes(elem) + int64_t(rbt) * ldc * 4; }
 };
 
+__host__ __device__ constexpr int round16(int n) { return (n + 15) / 16 * 16; }
+
 // C (rows x g.np) += A (rows x kp, staged per chunk by `stage`) times the
 // W slice w (col-major, g.ldw): the output tiles of this warp, those with a
 // row below `rows`; then C to shared memory cs. Block-uniform: every thread
-// calls it; `stage(k0, kc)` fills as[r * lda + kk] for r < rbt, kk < kc.
+// calls it; `stage(k0, kc)` fills as[r * lda + kk] for r < round16(rows),
+// kk < kc (zero past `rows`: only whole 16-row tiles are multiplied).
 template <typename scalar_t, typename Stage>
 __device__ __forceinline__ void tc_product(const TcGeometry& g, int rows, const scalar_t* ws,
                                            scalar_t* as, float* cs, Stage stage) {
@@ -466,7 +469,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int64_t row0 = 0; row0 < nrun; row0 += g.rbt) {
       const int rows = nrun - row0 < g.rbt ? int(nrun - row0) : g.rbt;
       tc_product(g, rows, ws, as, cs, [&](int64_t k0, int kc) {
-        for (int idx = tid; idx < g.rbt * kc; idx += kThreads) {
+        for (int idx = tid; idx < round16(rows) * kc; idx += kThreads) {
           const int r = idx / kc, kk = idx % kc;
           const int64_t k = k0 + kk;
           as[r * g.lda + kk] =
@@ -520,8 +523,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   scalar_t* as = reinterpret_cast<scalar_t*>(smem + g.w_bytes(sizeof(scalar_t)));
   float* cs = reinterpret_cast<float*>(smem + g.w_bytes(sizeof(scalar_t)) +
                                        g.a_bytes(sizeof(scalar_t)));
-  for (int64_t idx = tid; idx < g.np * g.kp; idx += kThreads) {
-    const int64_t n = idx / g.kp, m = idx % g.kp, jj = j0 + n;
+  for (int64_t idx = tid; idx < g.np * g.kp; idx += kThreads) {  // n fastest: coalesced reads
+    const int64_t n = idx % g.np, m = idx / g.np, jj = j0 + n;
     ws[n * g.ldw + m] = (n < Hs && jj < H && m < GH) ? p.w_hh[m * H + jj] : scalar_t(0);
   }
   for (int64_t idx = tid; idx < B * Hs; idx += kThreads) {
@@ -547,7 +550,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int with_prev = row0 < nprev ? (nprev - row0 < g.rbt ? int(nprev - row0) : g.rbt) : 0;
       if (with_prev > 0) {  // block-uniform
         tc_product(g, with_prev, ws, as, cs, [&](int64_t m0, int kc) {
-          for (int idx = tid; idx < g.rbt * kc; idx += kThreads) {
+          for (int idx = tid; idx < round16(with_prev) * kc; idx += kThreads) {
             const int r = idx / kc, kk = idx % kc;
             const int64_t m = m0 + kk;
             as[r * g.lda + kk] =
@@ -591,24 +594,11 @@ template <typename scalar_t>
 constexpr bool kTensorCores =
     std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>;
 
-// The kernel of a dtype: tensor cores for half/bfloat16, fma otherwise.
-template <typename scalar_t, Cell K>
-auto pick_forward_kernel() {
-  using acc_t = at::opmath_type<scalar_t>;
-  if constexpr (kTensorCores<scalar_t>) return persistent_forward_tc_kernel<scalar_t, K>;
-  else return persistent_forward_kernel<scalar_t, acc_t, K>;
-}
-template <typename scalar_t, Cell K>
-auto pick_backward_kernel() {
-  using acc_t = at::opmath_type<scalar_t>;
-  if constexpr (kTensorCores<scalar_t>) return persistent_backward_tc_kernel<scalar_t, K>;
-  else return persistent_backward_kernel<scalar_t, acc_t, K>;
-}
-
 struct Launch {
   int units = 0;     // 0: does not fit
   int64_t ctas = 0;
   size_t smem = 0;
+  bool kernel_tc = false;  // the tensor-core kernel (else the fma one)
 };
 
 // The fewest units per CTA (the most CTAs) whose W_hh slice fits in shared
@@ -639,14 +629,30 @@ Launch plan_launch(Kernel kernel, int64_t H, SmemFor smem_for) {
   return l;
 }
 
-// The launch of the persistent kernel, or units = 0 to take the per-step path;
-// the error (a forced persistent path that does not fit) names the sizes.
-template <typename Kernel, typename SmemFor>
-Launch choose(Kernel kernel, SmemFor smem_for, const char* which, int64_t B, int64_t H, int G,
-              at::ScalarType dtype) {
+// The persistent launch of a direction, or units = 0 to take the per-step
+// path: for half/bfloat16 the tensor-core kernel (sm_80 and later) where it
+// fits, else the fma kernel, for the other dtypes the fma kernel. The error (a
+// forced persistent path that does not fit) names the sizes. `forward` picks
+// the kernels and their shared memory: forward G*units product columns over H,
+// backward units columns over G*H.
+template <typename scalar_t, typename Kernel>
+Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* which, int64_t B,
+              int64_t H, int G, at::ScalarType dtype) {
+  using acc_t = at::opmath_type<scalar_t>;
   const RnnPath path = rnn_path_setting();
   if (path == RnnPath::PerStep || B * H == 0) return {};  // nothing to step: either path
-  const Launch l = plan_launch(kernel, H, smem_for);
+  Launch l;
+  if (kTensorCores<scalar_t> && cuda::compute_major() >= 8) {
+    l = plan_launch(tc_kernel, H, [&](int units) -> int64_t {
+      const TcGeometry geo = forward ? TcGeometry(G * units, H) : TcGeometry(units, int64_t(G) * H);
+      return geo.fits_warps() ? geo.smem(sizeof(scalar_t)) : -1;
+    });
+    l.kernel_tc = l.units > 0;
+  }
+  if (l.units == 0)
+    l = plan_launch(fma_kernel, H, [&](int units) -> int64_t {
+      return int64_t(smem_bytes<scalar_t, acc_t>(G, units, H));
+    });
   TORCH_CHECK(l.units > 0 || path == RnnPath::Auto, "VARLEN_KERNELS_RNN_PATH=persistent: the ",
               which, " kernel does not fit this device for hidden_size ", H, ", ", G,
               " gate(s), dtype ", dtype, " (W_hh's slices exceed the shared memory of the CTAs ",
@@ -670,19 +676,13 @@ std::optional<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>> rnn_forward_pe
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_cell(cell, [&](auto k) {
       constexpr Cell K = decltype(k)::value;
-      constexpr bool tc = kTensorCores<scalar_t>;
-      auto kernel = pick_forward_kernel<scalar_t, K>();
-      auto smem_for = [&](int units) -> int64_t {
-        if constexpr (tc) {
-          const TcGeometry geo(G * units, H);
-          return geo.fits_warps() ? geo.smem(sizeof(scalar_t)) : -1;
-        } else {
-          return int64_t(smem_bytes<scalar_t, acc_t>(G, units, H));
-        }
-      };
-      const Launch l =
-          choose(kernel, smem_for, "persistent forward", B, H, G, gx.scalar_type());
+      auto fma_kernel = persistent_forward_kernel<scalar_t, acc_t, K>;
+      auto tc_kernel = fma_kernel;
+      if constexpr (kTensorCores<scalar_t>) tc_kernel = persistent_forward_tc_kernel<scalar_t, K>;
+      const Launch l = choose<scalar_t>(tc_kernel, fma_kernel, true, "persistent forward", B, H, G,
+                                        gx.scalar_type());
       if (l.units == 0) return 0;
+      const auto kernel = l.kernel_tc ? tc_kernel : fma_kernel;
       const auto [sorted_len, perm] = at::sort(lengths, /*stable=*/true, 0, /*descending=*/true);
       const Tensor w = w_hh.contiguous(), h0c = h0.contiguous();
       const Tensor c0c = K == Cell::LSTM ? c0.contiguous() : Tensor();
@@ -729,19 +729,13 @@ std::optional<std::tuple<Tensor, Tensor, Tensor, Tensor>> rnn_backward_persisten
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_cell(cell, [&](auto k) {
       constexpr Cell K = decltype(k)::value;
-      constexpr bool tc = kTensorCores<scalar_t>;
-      auto kernel = pick_backward_kernel<scalar_t, K>();
-      auto smem_for = [&](int units) -> int64_t {
-        if constexpr (tc) {
-          const TcGeometry geo(units, int64_t(G) * H);
-          return geo.fits_warps() ? geo.smem(sizeof(scalar_t)) : -1;
-        } else {
-          return int64_t(smem_bytes<scalar_t, acc_t>(G, units, H));
-        }
-      };
-      const Launch l =
-          choose(kernel, smem_for, "persistent backward", B, H, G, dy.scalar_type());
+      auto fma_kernel = persistent_backward_kernel<scalar_t, acc_t, K>;
+      auto tc_kernel = fma_kernel;
+      if constexpr (kTensorCores<scalar_t>) tc_kernel = persistent_backward_tc_kernel<scalar_t, K>;
+      const Launch l = choose<scalar_t>(tc_kernel, fma_kernel, false, "persistent backward", B, H,
+                                        G, dy.scalar_type());
       if (l.units == 0) return 0;
+      const auto kernel = l.kernel_tc ? tc_kernel : fma_kernel;
       const auto [sorted_len, perm] = at::sort(lengths, /*stable=*/true, 0, /*descending=*/true);
       const Tensor w = w_hh.contiguous(), gs = gates.contiguous(), st = states.contiguous();
       const Tensor ghn = grad_h_n.to(acc_type).contiguous();

@@ -115,9 +115,67 @@ struct FwdParams {
 // other; reverse direction, step t reads (t + 1) & 1 and writes t & 1. Both
 // start as h0, so a row that has not started yet reads h0 from either; a row's
 // final h is in buffer L & 1 (forward) or 0 (reverse).
+template <typename acc_t>
+struct FwdStep {
+  int64_t t, nrun;    // time step, running rows (a prefix of the length order)
+  const acc_t* hin;   // (B, H) h_{t-1}
+  acc_t* hout;        // (B, H) h_t
+};
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ FwdStep<acc_t> forward_step(const FwdParams<scalar_t, acc_t>& p,
+                                                       int64_t step, int64_t maxlen) {
+  const int64_t t = p.reverse ? maxlen - 1 - step : step, BH = p.B * p.H;
+  return {t, count_running(p.sorted_len, p.B, t),
+          p.hbuf + (p.reverse ? ((t + 1) & 1) : (t & 1)) * BH,
+          p.hbuf + (p.reverse ? (t & 1) : ((t + 1) & 1)) * BH};
+}
+
+// The CTA's units [j0, j0 + Hs) of every row: h0 into both buffers, c0.
+template <typename scalar_t, typename acc_t, Cell K>
+__device__ void load_initial_state(const FwdParams<scalar_t, acc_t>& p, int64_t j0, int Hs) {
+  const int64_t H = p.H, B = p.B;
+  for (int64_t idx = threadIdx.x; idx < B * Hs; idx += kThreads) {
+    const int64_t i = idx / Hs, jj = j0 + idx % Hs;
+    if (jj >= H) continue;
+    const int64_t b = p.perm[i];
+    const acc_t h = acc_t(p.h0[b * H + jj]);
+    p.hbuf[i * H + jj] = h;
+    p.hbuf[(B + i) * H + jj] = h;
+    if constexpr (K == Cell::LSTM) p.cbuf[i * H + jj] = acc_t(p.c0[b * H + jj]);
+  }
+}
+
+// h_n and c_n of the CTA's units, after the last step.
+template <typename scalar_t, typename acc_t, Cell K>
+__device__ void store_final_state(const FwdParams<scalar_t, acc_t>& p, int64_t j0, int Hs) {
+  const int64_t H = p.H, B = p.B;
+  for (int64_t idx = threadIdx.x; idx < B * Hs; idx += kThreads) {
+    const int64_t i = idx / Hs, jj = j0 + idx % Hs;
+    if (jj >= H) continue;
+    const int64_t b = p.perm[i], buf = p.reverse ? 0 : (p.sorted_len[i] & 1);
+    p.h_n[b * H + jj] = scalar_t(p.hbuf[(buf * B + i) * H + jj]);
+    if constexpr (K == Cell::LSTM) p.c_n[b * H + jj] = scalar_t(p.cbuf[i * H + jj]);
+  }
+}
+
+// Row i (length order), unit j of step s, given the hidden side of its gates.
+template <typename scalar_t, typename acc_t, Cell K>
+__device__ __forceinline__ void forward_cell(const FwdParams<scalar_t, acc_t>& p,
+                                             const FwdStep<acc_t>& s, int64_t i, int64_t j,
+                                             const acc_t (&hid)[num_gates(K)]) {
+  constexpr int G = num_gates(K), GS = num_saved_gates(K), S = num_states(K);
+  const int64_t H = p.H, tb = s.t * p.B + p.perm[i];
+  const acc_t h = forward_point<scalar_t, acc_t, K>(
+      p.gx + tb * G * H + j, p.bias, p.b_hn, j, H, hid, s.hin[i * H + j],
+      K == Cell::LSTM ? p.cbuf + i * H + j : nullptr, p.gates + tb * GS * H + j,
+      p.states + tb * S * H + j);
+  s.hout[i * H + j] = h;
+  p.y[tb * H + j] = scalar_t(h);
+}
+
 template <typename scalar_t, typename acc_t, Cell K>
 __global__ void __launch_bounds__(kThreads, 1) persistent_forward_kernel(FwdParams<scalar_t, acc_t> p) {
-  constexpr int G = num_gates(K), GS = num_saved_gates(K), S = num_states(K);
+  constexpr int G = num_gates(K);
   const int64_t H = p.H, B = p.B, T = p.T;
   const int Hs = p.units, tid = threadIdx.x;
   const int u = tid % Hs, rg = tid / Hs, RG = kThreads / Hs, RB = RG * kRows, RBp = RB + 1;
@@ -131,27 +189,16 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_forward_kernel(FwdPara
     const int64_t k = idx % H, gu = idx / H, g = gu / Hs, jj = j0 + gu % Hs;
     w[k * GHs + gu] = jj < H ? p.w_hh[(g * H + jj) * H + k] : scalar_t(0);
   }
-  for (int64_t idx = tid; idx < B * Hs; idx += kThreads) {
-    const int64_t i = idx / Hs, jj = j0 + idx % Hs;
-    if (jj >= H) continue;
-    const int64_t b = p.perm[i];
-    const acc_t h = acc_t(p.h0[b * H + jj]);
-    p.hbuf[i * H + jj] = h;
-    p.hbuf[(B + i) * H + jj] = h;
-    if constexpr (K == Cell::LSTM) p.cbuf[i * H + jj] = acc_t(p.c0[b * H + jj]);
-  }
+  load_initial_state<scalar_t, acc_t, K>(p, j0, Hs);
   const int64_t maxlen = longest(p.sorted_len, B, T);
   cg::this_grid().sync();  // every unit's h0 is in place (and W is, after the tile's barrier)
 
   for (int64_t step = 0; step < maxlen; ++step) {
-    const int64_t t = p.reverse ? maxlen - 1 - step : step;
-    const int64_t nrun = count_running(p.sorted_len, B, t);
-    const acc_t* hin = p.hbuf + (p.reverse ? ((t + 1) & 1) : (t & 1)) * B * H;
-    acc_t* hout = p.hbuf + (p.reverse ? (t & 1) : ((t + 1) & 1)) * B * H;
-    for (int64_t row0 = 0; row0 < nrun; row0 += RB) {
+    const FwdStep<acc_t> s = forward_step(p, step, maxlen);
+    for (int64_t row0 = 0; row0 < s.nrun; row0 += RB) {
       // Rows of this tile that run; a thread whose first row does not skips
       // the product (the rows it would read past `rows` are never staged).
-      const int rows = nrun - row0 < RB ? int(nrun - row0) : RB;
+      const int rows = s.nrun - row0 < RB ? int(s.nrun - row0) : RB;
       const bool active = owns && rg < rows;
       acc_t acc[kRows][G];
 #pragma unroll
@@ -163,7 +210,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_forward_kernel(FwdPara
         for (int idx = tid; idx < rows * kChunk; idx += kThreads) {
           const int r = idx / kChunk, kk = idx % kChunk;
           const int64_t k = k0 + kk;
-          hs[kk * RBp + r] = k < H ? hin[(row0 + r) * H + k] : acc_t(0);
+          hs[kk * RBp + r] = k < H ? s.hin[(row0 + r) * H + k] : acc_t(0);
         }
         __syncthreads();
         if (active) {
@@ -186,27 +233,12 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_forward_kernel(FwdPara
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         const int64_t i = row0 + r * RG + rg;
-        if (i >= nrun) continue;
-        const int64_t b = p.perm[i], tb = t * B + b;
-        const acc_t h = forward_point<scalar_t, acc_t, K>(
-            p.gx + tb * G * H + j, p.bias, p.b_hn, j, H, acc[r], hin[i * H + j],
-            K == Cell::LSTM ? p.cbuf + i * H + j : nullptr, p.gates + tb * GS * H + j,
-            p.states + tb * S * H + j);
-        hout[i * H + j] = h;
-        p.y[tb * H + j] = scalar_t(h);
+        if (i < s.nrun) forward_cell<scalar_t, acc_t, K>(p, s, i, j, acc[r]);
       }
     }
     cg::this_grid().sync();  // h_t complete before any CTA reads it
   }
-
-  for (int64_t idx = tid; idx < B * Hs; idx += kThreads) {
-    const int64_t i = idx / Hs, jj = j0 + idx % Hs;
-    if (jj >= H) continue;
-    const int64_t b = p.perm[i], L = p.sorted_len[i];
-    const int64_t buf = p.reverse ? 0 : (L & 1);
-    p.h_n[b * H + jj] = scalar_t(p.hbuf[(buf * B + i) * H + jj]);
-    if constexpr (K == Cell::LSTM) p.c_n[b * H + jj] = scalar_t(p.cbuf[i * H + jj]);
-  }
+  store_final_state<scalar_t, acc_t, K>(p, j0, Hs);
 }
 
 // ------------------------------------------------------------------ backward
@@ -226,7 +258,7 @@ struct BwdParams {
   scalar_t* dgh;              // (T, B, G*H) zero-initialized; aliases dgx unless GRU
   acc_t* grad_h0;             // (B, H)
   acc_t* grad_c0;             // (B, H) LSTM only
-  int64_t T, B, H;
+  int64_t T, B, H, G;          // G: gate blocks of H
   int units;
   bool reverse;
 };
@@ -237,10 +269,78 @@ struct BwdParams {
 // that starts here: its carry is still grad_h_n). A row that ran at the
 // previous step but not at this one has finished: carry + dgh_prev W_hh is
 // its grad_h0. One step past the last handles the rows that finish there.
+template <typename scalar_t>
+struct BwdStep {
+  int64_t t, tp;        // time step (-1 past the last), the one processed before it
+  int64_t nrun, nprev;  // rows running at t, rows that ran at tp (prefixes of the order)
+  int64_t n;            // rows touched: max(nrun, nprev)
+  const scalar_t* dg_prev;  // (B, G*H) dgh at tp
+};
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ BwdStep<scalar_t> backward_step(const BwdParams<scalar_t, acc_t>& p,
+                                                           int64_t step, int64_t maxlen) {
+  BwdStep<scalar_t> s;
+  const bool last = step == maxlen;  // no step to run, only rows to finish
+  s.t = last ? -1 : (p.reverse ? step : maxlen - 1 - step);
+  s.tp = p.reverse ? step - 1 : maxlen - step;
+  s.nrun = last ? 0 : count_running(p.sorted_len, p.B, s.t);
+  s.nprev = step > 0 ? count_running(p.sorted_len, p.B, s.tp) : 0;
+  s.n = s.nrun > s.nprev ? s.nrun : s.nprev;
+  s.dg_prev = p.dgh + (step > 0 ? s.tp : 0) * p.B * p.G * p.H;
+  return s;
+}
+
+// The CTA's units of every row: the carry starts as grad_h_n, dc as grad_c_n.
+// Ends with a barrier: other threads of the CTA read these rows in the steps.
+template <typename scalar_t, typename acc_t, Cell K>
+__device__ void load_initial_carry(const BwdParams<scalar_t, acc_t>& p, int64_t j0, int Hs) {
+  const int64_t H = p.H;
+  for (int64_t idx = threadIdx.x; idx < p.B * Hs; idx += kThreads) {
+    const int64_t i = idx / Hs, jj = j0 + idx % Hs;
+    if (jj >= H) continue;
+    const int64_t b = p.perm[i];
+    p.carry[i * H + jj] = p.grad_h_n[b * H + jj];
+    if constexpr (K == Cell::LSTM) p.dcbuf[i * H + jj] = p.grad_c_n[b * H + jj];
+  }
+  __syncthreads();
+}
+
+// grad_h0 and grad_c0 of the CTA's units, after the last step.
+template <typename scalar_t, typename acc_t, Cell K>
+__device__ void store_initial_grads(const BwdParams<scalar_t, acc_t>& p, int64_t j0, int Hs) {
+  const int64_t H = p.H;
+  for (int64_t idx = threadIdx.x; idx < p.B * Hs; idx += kThreads) {
+    const int64_t i = idx / Hs, jj = j0 + idx % Hs;
+    if (jj >= H) continue;
+    const int64_t b = p.perm[i];
+    p.grad_h0[b * H + jj] = p.carry[i * H + jj];
+    if constexpr (K == Cell::LSTM) p.grad_c0[b * H + jj] = p.dcbuf[i * H + jj];
+  }
+}
+
+// Row i (< s.n), unit j of step s, given prod = (dgh at tp W_hh)[i, j] (zero
+// for a row that did not run at tp).
+template <typename scalar_t, typename acc_t, Cell K>
+__device__ __forceinline__ void backward_cell(const BwdParams<scalar_t, acc_t>& p,
+                                              const BwdStep<scalar_t>& s, int64_t i, int64_t j,
+                                              acc_t prod) {
+  constexpr int GS = num_saved_gates(K), S = num_states(K);
+  const int64_t H = p.H, GH = p.G * H;
+  acc_t* carry = p.carry + i * H + j;
+  if (i < s.nrun) {
+    const int64_t tb = s.t * p.B + p.perm[i];
+    const acc_t dh = *carry + prod + acc_t(p.dy[tb * H + j]);
+    *carry = backward_point<scalar_t, acc_t, K>(
+        p.gates + tb * GS * H + j, p.states + tb * S * H + j, H, dh,
+        K == Cell::LSTM ? p.dcbuf + i * H + j : nullptr, p.dgx + tb * GH + j, p.dgh + tb * GH + j);
+  } else {
+    *carry += prod;  // finished: this is d h0
+  }
+}
+
 template <typename scalar_t, typename acc_t, Cell K>
 __global__ void __launch_bounds__(kThreads, 1) persistent_backward_kernel(BwdParams<scalar_t, acc_t> p) {
-  constexpr int G = num_gates(K), GS = num_saved_gates(K), S = num_states(K);
-  const int64_t H = p.H, B = p.B, T = p.T, GH = int64_t(G) * H;
+  const int64_t H = p.H, B = p.B, T = p.T, GH = int64_t(p.G) * H;
   const int Hs = p.units, tid = threadIdx.x;
   const int u = tid % Hs, rg = tid / Hs, RG = kThreads / Hs, RB = RG * kRows, RBp = RB + 1;
   const int64_t j0 = int64_t(blockIdx.x) * Hs, j = j0 + u;
@@ -253,38 +353,25 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_backward_kernel(BwdPar
     const int64_t m = idx / Hs, jj = j0 + idx % Hs;
     w[idx] = jj < H ? p.w_hh[m * H + jj] : scalar_t(0);
   }
-  for (int64_t idx = tid; idx < B * Hs; idx += kThreads) {
-    const int64_t i = idx / Hs, jj = j0 + idx % Hs;
-    if (jj >= H) continue;
-    const int64_t b = p.perm[i];
-    p.carry[i * H + jj] = p.grad_h_n[b * H + jj];
-    if constexpr (K == Cell::LSTM) p.dcbuf[i * H + jj] = p.grad_c_n[b * H + jj];
-  }
-  __syncthreads();  // other threads of this CTA read these rows in the steps
+  load_initial_carry<scalar_t, acc_t, K>(p, j0, Hs);
   const int64_t maxlen = longest(p.sorted_len, B, T);
 
   for (int64_t step = 0; step <= maxlen; ++step) {
-    const bool last = step == maxlen;  // no step to run, only rows to finish
-    const int64_t t = last ? -1 : (p.reverse ? step : maxlen - 1 - step);
-    const int64_t tp = p.reverse ? step - 1 : maxlen - step;  // processed before t
-    const int64_t nrun = last ? 0 : count_running(p.sorted_len, B, t);
-    const int64_t nprev = step > 0 ? count_running(p.sorted_len, B, tp) : 0;
-    const int64_t n = nrun > nprev ? nrun : nprev;
-    const scalar_t* dg_prev = p.dgh + (step > 0 ? tp : 0) * B * GH;
-    for (int64_t row0 = 0; row0 < n; row0 += RB) {
+    const BwdStep<scalar_t> s = backward_step(p, step, maxlen);
+    for (int64_t row0 = 0; row0 < s.n; row0 += RB) {
       acc_t acc[kRows];
 #pragma unroll
       for (int r = 0; r < kRows; ++r) acc[r] = acc_t(0);
       // Rows of this tile with a product (those that ran at the previous step);
       // a thread whose first row has none skips it.
-      const int rows = row0 < nprev ? (nprev - row0 < RB ? int(nprev - row0) : RB) : 0;
+      const int rows = row0 < s.nprev ? (s.nprev - row0 < RB ? int(s.nprev - row0) : RB) : 0;
       if (rows > 0) {  // the same for the whole block
         for (int64_t m0 = 0; m0 < GH; m0 += kChunk) {
           __syncthreads();
           for (int idx = tid; idx < rows * kChunk; idx += kThreads) {
             const int r = idx / kChunk, kk = idx % kChunk;
             const int64_t m = m0 + kk;
-            ds[kk * RBp + r] = m < GH ? acc_t(dg_prev[p.perm[row0 + r] * GH + m]) : acc_t(0);
+            ds[kk * RBp + r] = m < GH ? acc_t(s.dg_prev[p.perm[row0 + r] * GH + m]) : acc_t(0);
           }
           __syncthreads();
           if (owns && rg < rows) {
@@ -302,32 +389,13 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_backward_kernel(BwdPar
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         const int64_t i = row0 + r * RG + rg;
-        if (i >= n) continue;
-        acc_t* carry = p.carry + i * H + j;
-        if (i < nrun) {
-          const int64_t tb = t * B + p.perm[i];
-          const acc_t dh = *carry + acc[r] + acc_t(p.dy[tb * H + j]);
-          *carry = backward_point<scalar_t, acc_t, K>(
-              p.gates + tb * GS * H + j, p.states + tb * S * H + j, H, dh,
-              K == Cell::LSTM ? p.dcbuf + i * H + j : nullptr, p.dgx + tb * GH + j,
-              p.dgh + tb * GH + j);
-        } else {
-          *carry += acc[r];  // finished: this is d h0
-        }
+        if (i < s.n) backward_cell<scalar_t, acc_t, K>(p, s, i, j, acc[r]);
       }
     }
     cg::this_grid().sync();  // this step's dgh complete before any CTA reads it
   }
-
-  for (int64_t idx = tid; idx < B * Hs; idx += kThreads) {
-    const int64_t i = idx / Hs, jj = j0 + idx % Hs;
-    if (jj >= H) continue;
-    const int64_t b = p.perm[i];
-    p.grad_h0[b * H + jj] = p.carry[i * H + jj];
-    if constexpr (K == Cell::LSTM) p.grad_c0[b * H + jj] = p.dcbuf[i * H + jj];
-  }
+  store_initial_grads<scalar_t, acc_t, K>(p, j0, Hs);
 }
-
 
 // ------------------------------------------------------------------ tensor cores
 // Half and bfloat16: the recurrent product on tensor cores. Per CTA and step
@@ -431,9 +499,9 @@ template <typename scalar_t, Cell K>
 __global__ void __launch_bounds__(kThreads, 1)
     persistent_forward_tc_kernel(FwdParams<scalar_t, float> p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-  __trap();  // bfloat16 wmma needs sm_80; the host never launches it below
+  __trap();  // bfloat16 wmma needs sm_80; the host launches it on sm_80 and later only
 #else
-  constexpr int G = num_gates(K), GS = num_saved_gates(K), S = num_states(K);
+  constexpr int G = num_gates(K);
   const int64_t H = p.H, B = p.B, T = p.T;
   const int Hs = p.units, tid = threadIdx.x;
   const int64_t j0 = int64_t(blockIdx.x) * Hs;
@@ -449,60 +517,34 @@ __global__ void __launch_bounds__(kThreads, 1)
     ws[n * g.ldw + k] =
         (n < g.n && jj < H && k < H) ? p.w_hh[(gate * H + jj) * H + k] : scalar_t(0);
   }
-  for (int64_t idx = tid; idx < B * Hs; idx += kThreads) {
-    const int64_t i = idx / Hs, jj = j0 + idx % Hs;
-    if (jj >= H) continue;
-    const int64_t b = p.perm[i];
-    const float h = float(p.h0[b * H + jj]);
-    p.hbuf[i * H + jj] = h;
-    p.hbuf[(B + i) * H + jj] = h;
-    if constexpr (K == Cell::LSTM) p.cbuf[i * H + jj] = float(p.c0[b * H + jj]);
-  }
+  load_initial_state<scalar_t, float, K>(p, j0, Hs);
   const int64_t maxlen = longest(p.sorted_len, B, T);
   cg::this_grid().sync();
 
   for (int64_t step = 0; step < maxlen; ++step) {
-    const int64_t t = p.reverse ? maxlen - 1 - step : step;
-    const int64_t nrun = count_running(p.sorted_len, B, t);
-    const float* hin = p.hbuf + (p.reverse ? ((t + 1) & 1) : (t & 1)) * B * H;
-    float* hout = p.hbuf + (p.reverse ? (t & 1) : ((t + 1) & 1)) * B * H;
-    for (int64_t row0 = 0; row0 < nrun; row0 += g.rbt) {
-      const int rows = nrun - row0 < g.rbt ? int(nrun - row0) : g.rbt;
+    const FwdStep<float> s = forward_step(p, step, maxlen);
+    for (int64_t row0 = 0; row0 < s.nrun; row0 += g.rbt) {
+      const int rows = s.nrun - row0 < g.rbt ? int(s.nrun - row0) : g.rbt;
       tc_product(g, rows, ws, as, cs, [&](int64_t k0, int kc) {
         for (int idx = tid; idx < round16(rows) * kc; idx += kThreads) {
           const int r = idx / kc, kk = idx % kc;
           const int64_t k = k0 + kk;
           as[r * g.lda + kk] =
-              (r < rows && k < H) ? scalar_t(hin[(row0 + r) * H + k]) : scalar_t(0);
+              (r < rows && k < H) ? scalar_t(s.hin[(row0 + r) * H + k]) : scalar_t(0);
         }
       });
       for (int idx = tid; idx < rows * Hs; idx += kThreads) {
         const int r = idx / Hs, u = idx % Hs;
-        const int64_t j = j0 + u, i = row0 + r;
-        if (j >= H) continue;
+        if (j0 + u >= H) continue;
         float hid[G];
 #pragma unroll
         for (int gate = 0; gate < G; ++gate) hid[gate] = cs[r * g.ldc + gate * Hs + u];
-        const int64_t b = p.perm[i], tb = t * B + b;
-        const float h = forward_point<scalar_t, float, K>(
-            p.gx + tb * G * H + j, p.bias, p.b_hn, j, H, hid, hin[i * H + j],
-            K == Cell::LSTM ? p.cbuf + i * H + j : nullptr, p.gates + tb * GS * H + j,
-            p.states + tb * S * H + j);
-        hout[i * H + j] = h;
-        p.y[tb * H + j] = scalar_t(h);
+        forward_cell<scalar_t, float, K>(p, s, row0 + r, j0 + u, hid);
       }
     }
     cg::this_grid().sync();
   }
-
-  for (int64_t idx = tid; idx < B * Hs; idx += kThreads) {
-    const int64_t i = idx / Hs, jj = j0 + idx % Hs;
-    if (jj >= H) continue;
-    const int64_t b = p.perm[i], L = p.sorted_len[i];
-    const int64_t buf = p.reverse ? 0 : (L & 1);
-    p.h_n[b * H + jj] = scalar_t(p.hbuf[(buf * B + i) * H + jj]);
-    if constexpr (K == Cell::LSTM) p.c_n[b * H + jj] = scalar_t(p.cbuf[i * H + jj]);
-  }
+  store_final_state<scalar_t, float, K>(p, j0, Hs);
 #endif
 }
 
@@ -512,8 +554,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();
 #else
-  constexpr int G = num_gates(K), GS = num_saved_gates(K), S = num_states(K);
-  const int64_t H = p.H, B = p.B, T = p.T, GH = int64_t(G) * H;
+  const int64_t H = p.H, B = p.B, T = p.T, GH = int64_t(p.G) * H;
   const int Hs = p.units, tid = threadIdx.x;
   const int64_t j0 = int64_t(blockIdx.x) * Hs;
   const TcGeometry g(Hs, GH);
@@ -527,65 +568,35 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t n = idx % g.np, m = idx / g.np, jj = j0 + n;
     ws[n * g.ldw + m] = (n < Hs && jj < H && m < GH) ? p.w_hh[m * H + jj] : scalar_t(0);
   }
-  for (int64_t idx = tid; idx < B * Hs; idx += kThreads) {
-    const int64_t i = idx / Hs, jj = j0 + idx % Hs;
-    if (jj >= H) continue;
-    const int64_t b = p.perm[i];
-    p.carry[i * H + jj] = p.grad_h_n[b * H + jj];
-    if constexpr (K == Cell::LSTM) p.dcbuf[i * H + jj] = p.grad_c_n[b * H + jj];
-  }
-  __syncthreads();  // other threads of this CTA read these rows in the steps
+  load_initial_carry<scalar_t, float, K>(p, j0, Hs);
   const int64_t maxlen = longest(p.sorted_len, B, T);
 
   for (int64_t step = 0; step <= maxlen; ++step) {
-    const bool last = step == maxlen;
-    const int64_t t = last ? -1 : (p.reverse ? step : maxlen - 1 - step);
-    const int64_t tp = p.reverse ? step - 1 : maxlen - step;
-    const int64_t nrun = last ? 0 : count_running(p.sorted_len, B, t);
-    const int64_t nprev = step > 0 ? count_running(p.sorted_len, B, tp) : 0;
-    const int64_t n = nrun > nprev ? nrun : nprev;
-    const scalar_t* dg_prev = p.dgh + (step > 0 ? tp : 0) * B * GH;
-    for (int64_t row0 = 0; row0 < n; row0 += g.rbt) {
-      const int rows = n - row0 < g.rbt ? int(n - row0) : g.rbt;
-      const int with_prev = row0 < nprev ? (nprev - row0 < g.rbt ? int(nprev - row0) : g.rbt) : 0;
+    const BwdStep<scalar_t> s = backward_step(p, step, maxlen);
+    for (int64_t row0 = 0; row0 < s.n; row0 += g.rbt) {
+      const int rows = s.n - row0 < g.rbt ? int(s.n - row0) : g.rbt;
+      const int with_prev =
+          row0 < s.nprev ? (s.nprev - row0 < g.rbt ? int(s.nprev - row0) : g.rbt) : 0;
       if (with_prev > 0) {  // block-uniform
         tc_product(g, with_prev, ws, as, cs, [&](int64_t m0, int kc) {
           for (int idx = tid; idx < round16(with_prev) * kc; idx += kThreads) {
             const int r = idx / kc, kk = idx % kc;
             const int64_t m = m0 + kk;
             as[r * g.lda + kk] =
-                (r < with_prev && m < GH) ? dg_prev[p.perm[row0 + r] * GH + m] : scalar_t(0);
+                (r < with_prev && m < GH) ? s.dg_prev[p.perm[row0 + r] * GH + m] : scalar_t(0);
           }
         });
       }
       for (int idx = tid; idx < rows * Hs; idx += kThreads) {
         const int r = idx / Hs, u = idx % Hs;
-        const int64_t j = j0 + u, i = row0 + r;
-        if (j >= H) continue;
+        if (j0 + u >= H) continue;
         const float prod = r < with_prev ? cs[r * g.ldc + u] : 0.f;
-        float* carry = p.carry + i * H + j;
-        if (i < nrun) {
-          const int64_t tb = t * B + p.perm[i];
-          const float dh = *carry + prod + float(p.dy[tb * H + j]);
-          *carry = backward_point<scalar_t, float, K>(
-              p.gates + tb * GS * H + j, p.states + tb * S * H + j, H, dh,
-              K == Cell::LSTM ? p.dcbuf + i * H + j : nullptr, p.dgx + tb * GH + j,
-              p.dgh + tb * GH + j);
-        } else {
-          *carry += prod;  // finished: this is d h0
-        }
+        backward_cell<scalar_t, float, K>(p, s, row0 + r, j0 + u, prod);
       }
     }
     cg::this_grid().sync();
   }
-
-  for (int64_t idx = tid; idx < B * Hs; idx += kThreads) {
-    const int64_t i = idx / Hs, jj = j0 + idx % Hs;
-    if (jj >= H) continue;
-    const int64_t b = p.perm[i];
-    p.grad_h0[b * H + jj] = p.carry[i * H + jj];
-    if constexpr (K == Cell::LSTM) p.grad_c0[b * H + jj] = p.dcbuf[i * H + jj];
-  }
+  store_initial_grads<scalar_t, float, K>(p, j0, Hs);
 #endif
 }
 
@@ -754,7 +765,8 @@ std::optional<std::tuple<Tensor, Tensor, Tensor, Tensor>> rnn_backward_persisten
             ghn.const_data_ptr<acc_t>(), K == Cell::LSTM ? gcn.const_data_ptr<acc_t>() : nullptr,
             carry.data_ptr<acc_t>(), K == Cell::LSTM ? dcbuf.data_ptr<acc_t>() : nullptr,
             dgx.data_ptr<scalar_t>(), dgh.data_ptr<scalar_t>(), grad_h0.data_ptr<acc_t>(),
-            K == Cell::LSTM ? grad_c0.data_ptr<acc_t>() : nullptr, T, B, H, l.units, reverse};
+            K == Cell::LSTM ? grad_c0.data_ptr<acc_t>() : nullptr, T, B, H, G, l.units,
+            reverse};
         cuda::launch_cooperative(kernel, dim3(unsigned(l.ctas)), dim3(kThreads), l.smem,
                                  cuda::current_stream(), p);
       }

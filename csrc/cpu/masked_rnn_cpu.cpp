@@ -252,14 +252,22 @@ constexpr bool has_mkl_path() {
   return std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
 }
 
-// The MKL path for this storage type, or nullptr (then ATen).
+// The MKL path for this storage type, or nullptr (then ATen): see mkl_gemm.h.
 template <typename scalar_t>
 const MklGemm* mkl_for() {
-  const MklGemm* m = mkl_gemm();
-  if constexpr (std::is_same_v<scalar_t, float>) return m;
-  else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>)
-    return m != nullptr && m->gemm_bf16bf16f32 != nullptr ? m : nullptr;
-  else return nullptr;
+  if constexpr (!has_mkl_path<scalar_t>()) {
+    return nullptr;
+  } else {
+    const GemmChoice choice = gemm_choice();
+    if (choice == GemmChoice::Aten) return nullptr;
+    const MklGemm* m = mkl_gemm();
+    if (m != nullptr && std::is_same_v<scalar_t, c10::BFloat16> && m->gemm_bf16bf16f32 == nullptr)
+      m = nullptr;
+    TORCH_CHECK(m != nullptr || choice != GemmChoice::Mkl,
+                "VARLEN_KERNELS_CPU_GEMM=mkl, but this torch build does not export MKL's ",
+                std::is_same_v<scalar_t, float> ? "packed sgemm" : "cblas_gemm_bf16bf16f32");
+    return m;
+  }
 }
 
 // A block's rows of W_hh (G*H, H): {g*H + j : g < G, j in [j0, j1)}, gate-major,

@@ -2,6 +2,7 @@
 #include "mkl_gemm.h"
 
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 #include <dlfcn.h>
 
 #include <cmath>
@@ -49,7 +50,7 @@ bool self_check(const MklGemm& m) {
     for (int j = 0; j < N; ++j)
       for (int k = 0; k < K; ++k) want[i * N + j] += a[i * K + k] * b[j * K + k];
   const size_t bytes = m.sgemm_pack_get_size(kMklBMatrix, M, N, K);
-  if (bytes == 0 || bytes > (size_t(1) << 20)) return false;
+  if (bytes == 0) return false;
   std::vector<float> packed(bytes / sizeof(float) + 16);
   m.sgemm_pack(kMklRowMajor, kMklBMatrix, kMklTrans, M, N, K, 1.f, b.data(), K, packed.data());
   for (int rows = 1; rows <= M; ++rows) {  // fewer rows than packed for, as the RNN does
@@ -102,9 +103,16 @@ const MklGemm* load() {
 
 const MklGemm* mkl_gemm() {
   static const MklGemm* const found = load();
-  const char* env = std::getenv("VARLEN_KERNELS_CPU_GEMM");
-  if (env != nullptr && std::string(env) == "aten") return nullptr;
   return found;
+}
+
+GemmChoice gemm_choice() {
+  const char* env = std::getenv("VARLEN_KERNELS_CPU_GEMM");
+  const std::string v = env != nullptr ? env : "";
+  if (v.empty() || v == "auto") return GemmChoice::Auto;
+  if (v == "aten") return GemmChoice::Aten;
+  TORCH_CHECK(v == "mkl", "VARLEN_KERNELS_CPU_GEMM must be auto, aten or mkl, got '", v, "'");
+  return GemmChoice::Mkl;
 }
 
 }  // namespace varlen

@@ -8,8 +8,10 @@
 // the CPU RNN runs its ATen path. A tiny product checked against a plain loop
 // at first use guards against an interface that does not match.
 //
-// VARLEN_KERNELS_CPU_GEMM=aten forces the ATen path (read at each call, so tests
-// can compare both paths in one process).
+// VARLEN_KERNELS_CPU_GEMM (read at each call, so tests can compare the paths in
+// one process): "aten" forces the ATen path; "mkl" requires the MKL path for
+// float32 and bfloat16 (an error where it is missing); unset or "auto": MKL
+// where it is found.
 #pragma once
 
 #include <cstddef>
@@ -40,9 +42,13 @@ struct MklGemm {
   int (*set_num_threads_local)(int);
 };
 
-// MKL's entry points, or nullptr where the torch build lacks them, they fail the
-// self-check, or VARLEN_KERNELS_CPU_GEMM=aten.
+// MKL's entry points, or nullptr where the torch build lacks them or they fail
+// the self-check.
 const MklGemm* mkl_gemm();
+
+enum class GemmChoice { Auto, Aten, Mkl };
+// VARLEN_KERNELS_CPU_GEMM, checked.
+GemmChoice gemm_choice();
 
 // Runs MKL single-threaded on this thread for the guard's lifetime (the callers
 // split the work across threads themselves).

@@ -205,13 +205,13 @@ class BlockOperand {
   BlockOperand(const MklGemm* mkl, int64_t max_m) : mkl_(mkl), max_m_(max_m) {}
 
   void add(const scalar_t* src, int64_t ld, bool trans, int64_t k, int64_t n) {
-    Block blk{src, ld, trans, k, n, Tensor()};
+    Block blk{src, ld, trans, k, n, nullptr};
     if constexpr (std::is_same_v<scalar_t, float>) {
       const int M = int(max_m_), N = int(n), Kd = int(k);
       const size_t bytes = mkl_->sgemm_pack_get_size(kMklBMatrix, M, N, Kd);
-      blk.packed = at::empty({int64_t(bytes / sizeof(float)) + 16}, at::kFloat);
+      blk.packed = pack_buffer(blocks_.size(), bytes);
       mkl_->sgemm_pack(kMklRowMajor, kMklBMatrix, trans ? kMklTrans : kMklNoTrans, M, N, Kd, 1.f,
-                       src, int(ld), blk.packed.template data_ptr<float>());
+                       src, int(ld), blk.packed);
     }
     blocks_.push_back(blk);
   }
@@ -222,8 +222,7 @@ class BlockOperand {
     const Block& blk = blocks_[b];
     if constexpr (std::is_same_v<scalar_t, float>) {
       mkl_->sgemm_compute(kMklRowMajor, kMklNoTrans, kMklPacked, int(m), int(blk.n), int(blk.k), A,
-                          int(lda), blk.packed.template const_data_ptr<float>(), int(blk.n), beta, C,
-                          int(ldc));
+                          int(lda), blk.packed, int(blk.n), beta, C, int(ldc));
     } else {
       static_assert(std::is_same_v<scalar_t, c10::BFloat16>);
       mkl_->gemm_bf16bf16f32(kMklRowMajor, kMklNoTrans, blk.trans ? kMklTrans : kMklNoTrans,
@@ -240,8 +239,20 @@ class BlockOperand {
     int64_t ld;
     bool trans;
     int64_t k, n;
-    Tensor packed;  // float: MKL's packed form
+    float* packed;  // float: MKL's packed form, in pack_buffer(b)
   };
+  // The b-th packed buffer of this thread, at least `bytes` long. MKL asks for
+  // several MiB per matrix whatever its size; the buffers are kept per thread
+  // and reused by every call, so that each call does not map (and fault in)
+  // fresh pages. One call at a time per thread uses them.
+  static float* pack_buffer(size_t b, size_t bytes) {
+    thread_local std::vector<Tensor> buffers;
+    if (buffers.size() <= b) buffers.resize(b + 1);
+    const int64_t floats = int64_t(bytes / sizeof(float)) + 16;
+    if (!buffers[b].defined() || buffers[b].numel() < floats)
+      buffers[b] = at::empty({floats}, at::kFloat);
+    return buffers[b].data_ptr<float>();
+  }
   const MklGemm* mkl_;
   int64_t max_m_;
   std::vector<Block> blocks_;

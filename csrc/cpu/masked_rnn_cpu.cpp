@@ -9,11 +9,17 @@
 //     (row off[t] + i is step t of the i-th longest sequence), and compute the
 //     input projection for all of them with one GEMM.
 //  3. Step through time: one GEMM of the active hidden rows with W_hh, then the
-//     fused cell update from cell_math.h. Rows past the active prefix are not
-//     touched, so each one keeps its final state (forward direction) or its
-//     initial state until its own last step comes (reverse direction).
-//     Each valid step is written straight into the padded output; the padded
-//     steps are then set to zero.
+//     fused cell update from cell_math.h. The GEMM's left operand is the states
+//     workspace itself (its h_prev columns, written by the step before), and
+//     the recurrent state kept between steps is in the math type (float for
+//     half / bfloat16). Rows past the active prefix are not touched, so each
+//     one keeps its final state (forward direction) or its initial state until
+//     its own last step comes (reverse direction). Each valid step is written
+//     straight into the padded output; the padded steps are then set to zero.
+//     float32 and bfloat16 run the per-step products through MKL (packed W_hh,
+//     one block of hidden units per thread, the cell update fused after each
+//     block's product: see "the per-step products" below); float64 and half
+//     through ATen.
 // The workspaces hold the packed rows, (N, *).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

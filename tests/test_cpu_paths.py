@@ -1,8 +1,9 @@
 """The CPU kernels' two ways of computing the per-step products with W_hh
 (csrc/cpu/masked_rnn_cpu.cpp): MKL's packed GEMM (float32) and bf16 GEMM
-(bfloat16), fused per block of hidden units with the cell update, and the ATen
-fallback (float64, half, and VARLEN_KERNELS_CPU_GEMM=aten). Each is checked
-against nn.* on packed sequences, and the two against each other."""
+(bfloat16), with the batch rows split between threads that each run their rows
+through every step, and the ATen fallback (float64, half, and
+VARLEN_KERNELS_CPU_GEMM=aten). Each is checked against nn.* on packed
+sequences, and the two against each other."""
 import os
 import subprocess
 import sys
@@ -38,11 +39,10 @@ def threads():
     torch.set_num_threads(old)
 
 
-# H=20: one block of units with a scalar tail (4 units past a 16-float vector).
-# H=72 on 2 threads: blocks of 48 and 24 units, and with B=32 the first steps'
-# products are large enough for a parallel region per step (every cell); the
-# later steps, and the small shape, run all blocks on one thread.
-SHAPES = [dict(T=7, B=5, H=20), dict(T=9, B=32, H=72)]
+# Small: the whole recurrence on one thread (too little work to share), H=20 with
+# a scalar tail past a 16-float vector. Large enough (every cell) for the rows
+# to be split between 2 threads, each running its rows through all steps.
+SHAPES = [dict(T=7, B=5, H=20), dict(T=16, B=32, H=72)]
 
 
 @needs_mkl
@@ -172,3 +172,27 @@ def test_cpu_capability_builds_match(cap, tmp_path):
     env = dict(os.environ, VARLEN_KERNELS_CPU_CAPABILITY=cap)
     r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+@needs_mkl
+@pytest.mark.parametrize("pattern", ["all_T", "all_1", "one_long", "all_0", "B1"])
+def test_mkl_row_split_edge_lengths(pattern, gemm, threads):
+    """Length patterns for the split of the rows between threads (all equal, one
+    long sequence among empty ones, nothing to run, a single sequence): the MKL
+    path, on 2 threads, gives the ATen path's values and gradients."""
+    threads(2)
+    T, B, H = 12, 6, 96
+    lengths = {"all_T": [T] * B, "all_1": [1] * B, "one_long": [0, 0, T, 0, 1, 0],
+               "all_0": [0] * B, "B1": [T]}[pattern]
+    B = len(lengths)
+    results = {}
+    for path in ("mkl", "aten"):
+        gemm(path)
+        torch.manual_seed(0)
+        m = MaskedRNN(H, H, cell="lstm", bidirectional=True)
+        x = torch.randn(T, B, H, requires_grad=True)
+        y, (h, c) = m(x, torch.tensor(lengths))
+        loss = (y * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum() + h.sum() + c.square().sum()
+        results[path] = [y, h, c, *torch.autograd.grad(loss, [x, *m.parameters()])]
+    for a, b in zip(results["mkl"], results["aten"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

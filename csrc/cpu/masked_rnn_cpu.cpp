@@ -16,10 +16,10 @@
 //     one keeps its final state (forward direction) or its initial state until
 //     its own last step comes (reverse direction). Each valid step is written
 //     straight into the padded output; the padded steps are then set to zero.
-//     float32 and bfloat16 run the per-step products through MKL (packed W_hh,
-//     one block of hidden units per thread, the cell update fused after each
-//     block's product: see "the per-step products" below); float64 and half
-//     through ATen.
+//     float32 and bfloat16 run the per-step products through MKL (W_hh packed
+//     once, the batch rows split between the threads, each thread running its
+//     rows through all steps with the cell update right after each product:
+//     see "the per-step products" below); float64 and half through ATen.
 // The workspaces hold the packed rows, (N, *).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -164,104 +164,108 @@ void mm_into(Tensor out, const Tensor& a, const Tensor& b, bool accumulate) {
 //  * ATen (float64, half, torch builds without MKL's packed GEMM, and
 //    VARLEN_KERNELS_CPU_GEMM=aten): one at::mm over the step's active rows,
 //    then the cell update in parallel over rows.
-//  * MKL (float32, bfloat16): the H hidden units are split into blocks, one per
-//    thread. Per call, each block's slice of W_hh is prepared once (float32:
-//    packed by cblas_sgemm_pack; bfloat16: gathered contiguous), and per step a
-//    thread multiplies the step's active rows by its slice (single-threaded
-//    MKL) and runs the cell update on those units right away, while the
-//    product is in cache. One parallel region per step, nothing else shared.
+//  * MKL (float32, bfloat16): the batch rows are split between the threads
+//    (contiguous ranges of the length order, balanced by valid steps), and each
+//    thread runs its rows through every step on its own: per step, one product
+//    of its active rows with W_hh (single-threaded MKL, W_hh packed once per
+//    call by cblas_sgemm_pack for float32, read in place for bfloat16), then the
+//    cell update of those rows while the product is in cache. Sequences do not
+//    depend on each other, so the threads never wait for each other between
+//    steps: one parallel region per call instead of two per step.
 
-// Hidden units [0, H) in `count` blocks of `size` (a multiple of 16 floats, so
-// each block starts on a whole AVX-512 vector), one per thread.
-struct UnitBlocks {
-  int64_t count = 1, size = 0, H = 0;
-  int64_t begin(int64_t b) const { return b * size; }
-  int64_t end(int64_t b) const { return std::min(H, (b + 1) * size); }
-};
-UnitBlocks split_units(int64_t H) {
-  const int64_t threads = at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads());
-  UnitBlocks u;
-  u.H = H;
-  u.size = std::max<int64_t>(16, ceil_div(ceil_div(H, threads), 16) * 16);
-  u.count = ceil_div(H, u.size);
-  return u;
+// Row ranges of the length order, one per thread: contiguous, each with about
+// the same number of valid steps (rows are longest first, so the first range
+// has fewer rows). Only rows with length > 0; at most `threads` ranges.
+std::vector<std::pair<int64_t, int64_t>> split_rows(const Plan& p, int64_t threads) {
+  const int64_t rows = p.T > 0 ? p.bs[0] : 0;  // rows with length > 0
+  std::vector<std::pair<int64_t, int64_t>> out;
+  if (rows == 0) return out;
+  // len of the i-th row of the order = #{t : bs[t] > i}; prefix sums of it.
+  std::vector<int64_t> len(rows, 0);
+  for (int64_t t = 0; t < p.T; ++t)
+    for (int64_t i = 0; i < p.bs[t]; ++i) ++len[i];
+  const int64_t parts = std::max<int64_t>(1, std::min(threads, rows));
+  int64_t begin = 0, done = 0;
+  for (int64_t q = 0; q < parts; ++q) {
+    const int64_t target = (p.N * (q + 1) + parts - 1) / parts;
+    int64_t end = begin;
+    // at least one row each, and leave one for each range still to come
+    while (end < rows - (parts - 1 - q) && (end == begin || done + len[end] <= target)) done += len[end++];
+    if (q == parts - 1) end = rows;
+    out.emplace_back(begin, end);
+    begin = end;
+  }
+  return out;
 }
 
-// Per step, run f(block) over all blocks: in a parallel region when the step's
-// GEMM (`flops`) is worth the fork and join, else on this thread.
+// Runs f(r0, r1) for each range, one per thread (on this thread when there is
+// one range or the whole recurrence is too small to share).
 template <typename F>
-void over_blocks(const UnitBlocks& u, int64_t flops, const MklGemm* mkl, F&& f) {
-  constexpr int64_t kMinParallelFlops = 1 << 18;  // ~ a few microseconds of one core
-  auto body = [&](int64_t b0, int64_t b1) {
-    MklSequential one(mkl);
-    for (int64_t b = b0; b < b1; ++b) f(b);
+void over_row_ranges(const std::vector<std::pair<int64_t, int64_t>>& ranges, const MklGemm* mkl,
+                     F&& f) {
+  auto body = [&](int64_t q0, int64_t q1) {
+    MklSequential one(mkl);  // each thread multiplies its own rows
+    for (int64_t q = q0; q < q1; ++q) f(ranges[q].first, ranges[q].second);
   };
-  if (u.count > 1 && flops >= kMinParallelFlops) at::parallel_for(0, u.count, 1, body);
-  else body(0, u.count);
+  const int64_t n = int64_t(ranges.size());
+  if (n > 1) at::parallel_for(0, n, 1, body);
+  else body(0, n);
 }
 
-// The right operand of C_b (m, n_b) = A (m, k) @ op(B_b) + beta C_b for blocks
-// b of one GEMM whose left operand A changes at every step: op(B_b) is the
-// row-major src_b (n_b, k) transposed (trans) or src_b (k, n_b) as is. float:
-// packed once by MKL for up to max_m rows; bfloat16: src_b is used in place
-// (torch exports no bf16 pack), src_b must outlive this object.
-template <typename scalar_t>
-class BlockOperand {
- public:
-  BlockOperand(const MklGemm* mkl, int64_t max_m) : mkl_(mkl), max_m_(max_m) {}
+// Threads for the recurrence: all of torch's, unless the work (`flops` of
+// recurrent products in all) is too small to be worth a parallel region.
+int64_t recurrence_threads(int64_t flops) {
+  constexpr int64_t kMinFlopsPerThread = int64_t(1) << 20;  // ~ 10 microseconds
+  if (at::in_parallel_region()) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), flops / kMinFlopsPerThread));
+}
 
-  void add(const scalar_t* src, int64_t ld, bool trans, int64_t k, int64_t n) {
-    Block blk{src, ld, trans, k, n, nullptr};
+// The right operand of C (m, n) = A (m, k) @ op(B) + beta C, for a GEMM whose
+// left operand changes at every step: op(B) is the row-major src (n, k)
+// transposed (trans) or src (k, n) as is. float: packed once by MKL for up to
+// max_m rows, then read by every thread; bfloat16: src is used in place (torch
+// exports no bf16 pack) and must outlive this object.
+template <typename scalar_t>
+class PackedOperand {
+ public:
+  PackedOperand(const MklGemm* mkl, int64_t max_m, const scalar_t* src, int64_t ld, bool trans,
+                int64_t k, int64_t n)
+      : mkl_(mkl), src_(src), ld_(ld), trans_(trans), k_(k), n_(n) {
     if constexpr (std::is_same_v<scalar_t, float>) {
-      const int M = int(max_m_), N = int(n), Kd = int(k);
-      const size_t bytes = mkl_->sgemm_pack_get_size(kMklBMatrix, M, N, Kd);
-      blk.packed = pack_buffer(blocks_.size(), bytes);
-      mkl_->sgemm_pack(kMklRowMajor, kMklBMatrix, trans ? kMklTrans : kMklNoTrans, M, N, Kd, 1.f,
-                       src, int(ld), blk.packed);
+      const size_t bytes = mkl_->sgemm_pack_get_size(kMklBMatrix, int(max_m), int(n), int(k));
+      // MKL asks for several MiB whatever the matrix: the buffer is kept per
+      // thread and reused by the next call, rather than mapped (and its pages
+      // faulted in) afresh at every call. One call at a time per thread uses it.
+      thread_local Tensor buffer;
+      const int64_t floats = int64_t(bytes / sizeof(float)) + 16;
+      if (!buffer.defined() || buffer.numel() < floats) buffer = at::empty({floats}, at::kFloat);
+      packed_ = buffer.data_ptr<float>();
+      mkl_->sgemm_pack(kMklRowMajor, kMklBMatrix, trans ? kMklTrans : kMklNoTrans, int(max_m),
+                       int(n), int(k), 1.f, src, int(ld), packed_);
     }
-    blocks_.push_back(blk);
   }
 
-  // C_b (m, n_b), row stride ldc, = A (m, k), row stride lda, @ op(B_b) + beta C_b.
-  void run(int64_t b, int64_t m, const scalar_t* A, int64_t lda, float beta, float* C,
-           int64_t ldc) const {
-    const Block& blk = blocks_[b];
+  // C (m, n), row stride ldc, = A (m, k), row stride lda, @ op(B) + beta C.
+  void run(int64_t m, const scalar_t* A, int64_t lda, float beta, float* C, int64_t ldc) const {
+    if (m <= 0) return;
     if constexpr (std::is_same_v<scalar_t, float>) {
-      mkl_->sgemm_compute(kMklRowMajor, kMklNoTrans, kMklPacked, int(m), int(blk.n), int(blk.k), A,
-                          int(lda), blk.packed, int(blk.n), beta, C, int(ldc));
+      mkl_->sgemm_compute(kMklRowMajor, kMklNoTrans, kMklPacked, int(m), int(n_), int(k_), A,
+                          int(lda), packed_, int(n_), beta, C, int(ldc));
     } else {
       static_assert(std::is_same_v<scalar_t, c10::BFloat16>);
-      mkl_->gemm_bf16bf16f32(kMklRowMajor, kMklNoTrans, blk.trans ? kMklTrans : kMklNoTrans,
-                             int(m), int(blk.n), int(blk.k), 1.f,
-                             reinterpret_cast<const uint16_t*>(A), int(lda),
-                             reinterpret_cast<const uint16_t*>(blk.src), int(blk.ld), beta, C,
-                             int(ldc));
+      mkl_->gemm_bf16bf16f32(kMklRowMajor, kMklNoTrans, trans_ ? kMklTrans : kMklNoTrans, int(m),
+                             int(n_), int(k_), 1.f, reinterpret_cast<const uint16_t*>(A), int(lda),
+                             reinterpret_cast<const uint16_t*>(src_), int(ld_), beta, C, int(ldc));
     }
   }
 
  private:
-  struct Block {
-    const scalar_t* src;
-    int64_t ld;
-    bool trans;
-    int64_t k, n;
-    float* packed;  // float: MKL's packed form, in pack_buffer(b)
-  };
-  // The b-th packed buffer of this thread, at least `bytes` long. MKL asks for
-  // several MiB per matrix whatever its size; the buffers are kept per thread
-  // and reused by every call, so that each call does not map (and fault in)
-  // fresh pages. One call at a time per thread uses them.
-  static float* pack_buffer(size_t b, size_t bytes) {
-    thread_local std::vector<Tensor> buffers;
-    if (buffers.size() <= b) buffers.resize(b + 1);
-    const int64_t floats = int64_t(bytes / sizeof(float)) + 16;
-    if (!buffers[b].defined() || buffers[b].numel() < floats)
-      buffers[b] = at::empty({floats}, at::kFloat);
-    return buffers[b].data_ptr<float>();
-  }
   const MklGemm* mkl_;
-  int64_t max_m_;
-  std::vector<Block> blocks_;
+  const scalar_t* src_;
+  int64_t ld_;
+  bool trans_;
+  int64_t k_, n_;
+  float* packed_ = nullptr;  // float: MKL's packed form
 };
 
 template <typename scalar_t>
@@ -285,14 +289,6 @@ const MklGemm* mkl_for() {
                 std::is_same_v<scalar_t, float> ? "packed sgemm" : "cblas_gemm_bf16bf16f32");
     return m;
   }
-}
-
-// A block's rows of W_hh (G*H, H): {g*H + j : g < G, j in [j0, j1)}, gate-major,
-// (G*(j1-j0), H): the forward's op(B) for that block's outputs.
-Tensor gate_rows(const Tensor& w_hh, int64_t G, int64_t H, int64_t j0, int64_t j1) {
-  std::vector<Tensor> parts;
-  for (int64_t g = 0; g < G; ++g) parts.push_back(w_hh.narrow(0, g * H + j0, j1 - j0));
-  return at::cat(parts).contiguous();
 }
 
 // Before the first step: each row's h_prev at its first step is h0, written to
@@ -366,29 +362,21 @@ std::vector<Tensor> forward_impl(const Plan& p, const RnnSizes& s, const Tensor&
   const MklGemm* mkl = mkl_for<scalar_t>();
   if (mkl != nullptr) {
     if constexpr (has_mkl_path<scalar_t>()) {
-    const UnitBlocks u = split_units(H);
-    std::vector<Tensor> w_blocks;  // bf16 reads them in place: keep them alive
-    BlockOperand<scalar_t> w(mkl, B);
-    for (int64_t b = 0; b < u.count; ++b) {
-      w_blocks.push_back(gate_rows(w_hh, G, H, u.begin(b), u.end(b)));
-      w.add(w_blocks.back().template const_data_ptr<scalar_t>(), H, /*trans=*/true, H,
-            G * (u.end(b) - u.begin(b)));
-    }
-    Tensor gh = at::empty({u.count, B, G * u.size}, acc_opts);  // one block's product each
-    for_each_step(p, reverse, /*backward_pass=*/false, [&](int64_t t, int64_t n) {
-      FwdStep<scalar_t> a = step_at(t, n);
-      over_blocks(u, 2 * n * G * H * H, mkl, [&](int64_t b) {
-        const int64_t j0 = u.begin(b), j1 = u.end(b);
-        FwdStep<scalar_t> ab = a;
-        float* ghb = gh.data_ptr<float>() + b * B * G * u.size;
-        w.run(b, n, ws + p.off[t] * S * H, S * H, 0.f, ghb, G * (j1 - j0));
-        ab.gh = ghb;
-        ab.gh_ld = G * (j1 - j0);
-        ab.gh_gs = j1 - j0;
-        ab.gh_j0 = j0;
-        forward_rows<scalar_t, K>(ab, 0, n, j0, j1);
+      const PackedOperand<scalar_t> w(mkl, B, w_hh.const_data_ptr<scalar_t>(), H, /*trans=*/true,
+                                      H, G * H);
+      Tensor gh = at::empty({B, G * H}, acc_opts);  // row i: the product of row i
+      const auto ranges = split_rows(p, recurrence_threads(2 * N * G * H * H));
+      over_row_ranges(ranges, mkl, [&](int64_t r0, int64_t r1) {
+        for_each_step(p, reverse, /*backward_pass=*/false, [&](int64_t t, int64_t n) {
+          const int64_t m = std::min(n, r1) - r0;  // this range's active rows
+          if (m <= 0) return;
+          w.run(m, ws + (p.off[t] + r0) * S * H, S * H, 0.f, gh.data_ptr<float>() + r0 * G * H,
+                G * H);
+          FwdStep<scalar_t> a = step_at(t, n);
+          a.gh = gh.const_data_ptr<float>();
+          forward_rows<scalar_t, K>(a, r0, r0 + m, 0, H);
+        });
       });
-    });
     }
   } else {
     Tensor gh = at::empty({B, G * H}, acc_opts);
@@ -459,25 +447,18 @@ std::vector<Tensor> backward_impl(const Plan& p, const RnnSizes& s, const Tensor
   const MklGemm* mkl = mkl_for<scalar_t>();
   if (mkl != nullptr) {
     if constexpr (has_mkl_path<scalar_t>()) {
-    const UnitBlocks u = split_units(H);
-    BlockOperand<scalar_t> w(mkl, B);  // block b: W_hh[:, j0:j1], (G*H, j1-j0)
-    for (int64_t b = 0; b < u.count; ++b)
-      w.add(w_hh.const_data_ptr<scalar_t>() + u.begin(b), H, /*trans=*/false, G * H,
-            u.end(b) - u.begin(b));
-    int64_t prev_t = -1, prev_n = 0;  // the step whose dh_prev is still to compute
-    auto run = [&](int64_t t, int64_t n) {
-      BwdStep<scalar_t> a = t >= 0 ? step_at(t) : common;
-      over_blocks(u, 2 * std::max(n, prev_n) * G * H * H, mkl, [&](int64_t b) {
-        const int64_t j0 = u.begin(b), j1 = u.end(b);
-        if (prev_t >= 0)
-          w.run(b, prev_n, dghp + p.off[prev_t] * G * H, G * H, accumulate ? 1.f : 0.f, dhp + j0, H);
-        if (t >= 0) backward_rows<scalar_t, K>(a, 0, n, j0, j1);
+      const PackedOperand<scalar_t> w(mkl, B, w_hh.const_data_ptr<scalar_t>(), H, /*trans=*/false,
+                                      G * H, H);
+      const auto ranges = split_rows(p, recurrence_threads(2 * N * G * H * H));
+      over_row_ranges(ranges, mkl, [&](int64_t r0, int64_t r1) {
+        for_each_step(p, reverse, /*backward_pass=*/true, [&](int64_t t, int64_t n) {
+          const int64_t m = std::min(n, r1) - r0;  // this range's active rows
+          if (m <= 0) return;
+          backward_rows<scalar_t, K>(step_at(t), r0, r0 + m, 0, H);
+          // Gradient reaching the previous hidden state through W_hh.
+          w.run(m, dghp + (p.off[t] + r0) * G * H, G * H, accumulate ? 1.f : 0.f, dhp + r0 * H, H);
+        });
       });
-      prev_t = t;
-      prev_n = n;
-    };
-    for_each_step(p, reverse, /*backward_pass=*/true, run);
-    run(-1, 0);  // the last product: the gradient reaching h0
     }
   } else {
     for_each_step(p, reverse, /*backward_pass=*/true, [&](int64_t t, int64_t n) {

@@ -16,10 +16,11 @@
 //     one keeps its final state (forward direction) or its initial state until
 //     its own last step comes (reverse direction). Each valid step is written
 //     straight into the padded output; the padded steps are then set to zero.
-//     float32 and bfloat16 run the per-step products through MKL (W_hh packed
-//     once, the batch rows split between the threads, each thread running its
-//     rows through all steps with the cell update right after each product:
-//     see "the per-step products" below); float64 and half through ATen.
+//     float32 runs the per-step products through MKL (W_hh packed once, the
+//     batch rows split between the threads, each thread running its rows
+//     through all steps with the cell update right after each product: see
+//     "the per-step products" below), bfloat16 too when asked for; float64,
+//     half and (by default) bfloat16 through ATen.
 // The workspaces hold the packed rows, (N, *).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -161,10 +162,10 @@ void mm_into(Tensor out, const Tensor& a, const Tensor& b, bool accumulate) {
 // ----------------------------------------------------- the per-step products
 // Two ways to compute the recurrent products, h_prev @ W_hh^T (forward) and
 // dgates @ W_hh (backward), per step:
-//  * ATen (float64, half, torch builds without MKL's packed GEMM, and
-//    VARLEN_KERNELS_CPU_GEMM=aten): one at::mm over the step's active rows,
+//  * ATen (float64, half, bfloat16 by default, torch builds without MKL's
+//    packed GEMM, and VARLEN_KERNELS_CPU_GEMM=aten): one at::mm over the step's active rows,
 //    then the cell update in parallel over rows.
-//  * MKL (float32, bfloat16): the batch rows are split between the threads
+//  * MKL (float32; bfloat16 with VARLEN_KERNELS_CPU_GEMM=mkl): the batch rows are split between the threads
 //    (contiguous ranges of the length order, balanced by valid steps), and each
 //    thread runs its rows through every step on its own: per step, one product
 //    of its active rows with W_hh (single-threaded MKL, W_hh packed once per
@@ -281,6 +282,12 @@ const MklGemm* mkl_for() {
   } else {
     const GemmChoice choice = gemm_choice();
     if (choice == GemmChoice::Aten) return nullptr;
+    // bfloat16 runs on ATen unless MKL is asked for: torch sends bfloat16 mm
+    // to oneDNN, which measured faster here than cblas_gemm_bf16bf16f32 (that
+    // torch exports without a packed form): single-threaded, T=100, B=64,
+    // H=256 LSTM, AVX-512 EPYC (a busy machine, best of 4), forward 38 vs 47
+    // ms, backward 49 vs 60 ms.
+    if (std::is_same_v<scalar_t, c10::BFloat16> && choice == GemmChoice::Auto) return nullptr;
     const MklGemm* m = mkl_gemm();
     if (m != nullptr && std::is_same_v<scalar_t, c10::BFloat16> && m->gemm_bf16bf16f32 == nullptr)
       m = nullptr;

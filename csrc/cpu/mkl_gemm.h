@@ -11,7 +11,7 @@
 // VARLEN_KERNELS_CPU_GEMM (read at each call, so tests can compare the paths in
 // one process): "aten" forces the ATen path; "mkl" requires the MKL path for
 // float32 and bfloat16 (an error where it is missing); unset or "auto": MKL
-// where it is found.
+// for float32 where it is found, ATen for bfloat16 (see masked_rnn_cpu.cpp).
 #pragma once
 
 #include <cstddef>

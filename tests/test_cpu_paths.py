@@ -1,9 +1,8 @@
 """The CPU kernels' two ways of computing the per-step products with W_hh
-(csrc/cpu/masked_rnn_cpu.cpp): MKL's packed GEMM (float32) and bf16 GEMM
-(bfloat16), with the batch rows split between threads that each run their rows
-through every step, and the ATen fallback (float64, half, and
-VARLEN_KERNELS_CPU_GEMM=aten). Each is checked against nn.* on packed
-sequences, and the two against each other."""
+(csrc/cpu/masked_rnn_cpu.cpp): MKL's packed GEMM (float32; bfloat16 through
+MKL's bf16 GEMM when asked for), W_hh packed once per call, and the ATen path
+(float64, half, bfloat16 by default, and VARLEN_KERNELS_CPU_GEMM=aten). Each
+is checked against nn.* on packed sequences, and the two against each other."""
 import os
 import subprocess
 import sys
@@ -39,9 +38,8 @@ def threads():
     torch.set_num_threads(old)
 
 
-# Small: the whole recurrence on one thread (too little work to share), H=20 with
-# a scalar tail past a 16-float vector. Large enough (every cell) for the rows
-# to be split between 2 threads, each running its rows through all steps.
+# Small, with a scalar tail (H=20: 4 units past a 16-float vector), and larger
+# (B=32, H=72: per-step products that MKL may share between threads).
 SHAPES = [dict(T=7, B=5, H=20), dict(T=16, B=32, H=72)]
 
 
@@ -176,10 +174,10 @@ def test_cpu_capability_builds_match(cap, tmp_path):
 
 @needs_mkl
 @pytest.mark.parametrize("pattern", ["all_T", "all_1", "one_long", "all_0", "B1"])
-def test_mkl_row_split_edge_lengths(pattern, gemm, threads):
-    """Length patterns for the split of the rows between threads (all equal, one
-    long sequence among empty ones, nothing to run, a single sequence): the MKL
-    path, on 2 threads, gives the ATen path's values and gradients."""
+def test_mkl_path_edge_lengths(pattern, gemm, threads):
+    """Length patterns (all equal, one long sequence among empty ones, nothing to
+    run, a single sequence): the MKL path, on 2 threads, gives the ATen path's
+    values and gradients."""
     threads(2)
     T, B, H = 12, 6, 96
     lengths = {"all_T": [T] * B, "all_1": [1] * B, "one_long": [0, 0, T, 0, 1, 0],

@@ -29,7 +29,8 @@ struct FwdStep {
   const scalar_t* gx;    // (n, G*H) input projection + folded biases
   // W_hh h_prev: the pre-activation of gate g, unit j of row i is at
   // gh[i * gh_ld + g * gh_gs + (j - gh_j0)] (a whole step: gh_ld = G*H,
-  // gh_gs = H, gh_j0 = 0; one block of units: see masked_rnn_cpu.cpp)
+  // gh_gs = H, gh_j0 = 0; a slice of units [gh_j0, ...) laid out gate by gate
+  // also works)
   const acc_t* gh;
   int64_t gh_ld, gh_gs, gh_j0;
   const scalar_t* b_hn;  // (H,) GRU's b_hn, or nullptr

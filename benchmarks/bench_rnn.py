@@ -1,6 +1,10 @@
 """Forward+backward time of MaskedRNN against what a user would run instead.
 
 Baselines, side by side in one run, same weights, lengths uniform in [1, T]:
+  masked    MaskedRNN (on a GPU: its default CUDA path, the persistent kernels
+            where they fit)
+  per_step  MaskedRNN on the per-step CUDA path (VARLEN_KERNELS_RNN_PATH=per_step;
+            GPU only)
   packed    nn.LSTM/GRU on pack_padded_sequence (pack and unpack included)
   padded    nn.LSTM/GRU on the whole padded batch (does all the padded work)
   reference varlen_kernels.masked_rnn_reference, the pure-PyTorch masked loop
@@ -23,6 +27,12 @@ masked_gflop_per_s is the rate of the recurrence's GEMM work on the valid tokens
 repeat); the run's meta holds the machine's large-GEMM rate on the same threads
 (gemm_gflop_per_s, the best of a few n x n float32 torch.mm, n = 2048 on the CPU)
 to compare it with, and the load average before and after the run.
+
+On a GPU, float32 runs in IEEE precision for every method (cuDNN's RNNs and
+matmuls are switched from their TF32 default): the persistent kernels have no
+TF32 mode, so no TF32 comparison is made. Each GPU row also has MaskedRNN's
+forward alone per time step (masked_fwd_us_per_step) and the peak memory of one
+forward+backward per method (name_peak_mib).
 
 Results go to a new run folder, benchmarks/results/runs/<timestamp>_<device>/, as
 rnn_<device>.{json,csv}, rewritten after every case. The committed results in
@@ -60,7 +70,7 @@ import varlen_kernels  # noqa: E402
 from varlen_kernels import MaskedRNN, masked_rnn_reference  # noqa: E402
 from varlen_kernels.reference import _cell_step  # noqa: E402
 
-BASELINES = ("masked", "packed", "padded", "reference", "compiled")
+BASELINES = ("masked", "per_step", "packed", "padded", "reference", "compiled")
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 
 
@@ -291,6 +301,16 @@ def forwards(ref, masked, x, lengths, device, baselines=BASELINES, compile_backe
     def run_masked():
         return masked(x, lengths_dev)[0]
 
+    def run_per_step():
+        old = os.environ.get("VARLEN_KERNELS_RNN_PATH")
+        os.environ["VARLEN_KERNELS_RNN_PATH"] = "per_step"
+        try:
+            return masked(x, lengths_dev)[0]
+        finally:
+            os.environ.pop("VARLEN_KERNELS_RNN_PATH")
+            if old is not None:
+                os.environ["VARLEN_KERNELS_RNN_PATH"] = old
+
     def run_packed():
         packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
         y, _ = ref(packed)
@@ -302,7 +322,7 @@ def forwards(ref, masked, x, lengths, device, baselines=BASELINES, compile_backe
     def run_reference():
         return masked_rnn_reference(masked, x, lengths_dev)[0]
 
-    fns = {"masked": run_masked, "packed": run_packed, "padded": run_padded, "reference": run_reference}
+    fns = {"masked": run_masked, "per_step": run_per_step, "packed": run_packed, "padded": run_padded, "reference": run_reference}
     out = {}
     for name in baselines:
         if name == "compiled":
@@ -343,6 +363,15 @@ def run_case(args, cell, dtype_name, T, B, H, baselines, log=print):
         gemm = getattr(args, "gemm_gflop_per_s", None)
         if gemm:
             row["masked_fraction_of_gemm_rate"] = round(row["masked_gflop_per_s"] / gemm, 3)
+    if args.device.startswith("cuda") and "masked" in times:
+        fwd = forwards(ref, masked, x, lengths, args.device, ["masked"])["masked"]
+        with torch.no_grad():
+            ms, _ = measure({"fwd": fwd}, args.repeats, args.min_run_time, log=log)
+        if ms:
+            row["masked_fwd_us_per_step"] = round(statistics.median(ms["fwd"]) * 1e3 / int(lengths.max()), 2)
+        for name, fn in fns.items():
+            if name in times:
+                row[f"{name}_peak_mib"] = peak_mib(fn, args.device)
     for name, err in errors.items():
         row[f"{name}_error"] = err
     return row
@@ -363,6 +392,16 @@ def summary(row, meta):
         rate += (f" = {row['masked_fraction_of_gemm_rate']} of the large-GEMM rate "
                  f"{meta['gemm_gflop_per_s']}")
     return f"{head}: " + ", ".join(parts) + f"; {rate}; isa={meta['isa']} threads={meta['threads']}"
+
+
+def peak_mib(fn, device):
+    """Peak memory allocated during one call of fn (beyond what was allocated before)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return round((torch.cuda.max_memory_allocated(device) - base) / 2**20, 1)
 
 
 # --------------------------------------------------------------------- main
@@ -401,6 +440,8 @@ def parse_args(argv=None):
         sizes = ([512], [8, 64, 256], [256, 1024]) if gpu else ([100], [64, 8], [256, 128])
         dtypes, min_run_time = ("float32,bfloat16" if gpu else "float32"), (0.5 if gpu else 1.0)
         baselines = [b for b in BASELINES if b != ("reference" if gpu else "compiled")]
+    if not gpu:
+        baselines = [b for b in baselines if b != "per_step"]  # a CUDA path
     args.T, args.B, args.H = args.T or sizes[0], args.B or sizes[1], args.H or sizes[2]
     args.dtypes = (args.dtypes or dtypes).split(",")
     args.min_run_time = args.min_run_time or min_run_time
@@ -423,6 +464,10 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     meta = run_info(args.device)
     args.gemm_gflop_per_s = gemm_rate(args.device, 256 if args.quick else 2048)
+    if args.device.startswith("cuda"):  # equal precision: IEEE float32 everywhere
+        torch.backends.cudnn.rnn.fp32_precision = "ieee"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        meta["float32"] = "ieee for every method"
     meta.update(quick=args.quick, repeats=args.repeats, min_run_time=args.min_run_time,
                 baselines=args.baselines, compile_backend=args.compile_backend,
                 gemm_gflop_per_s=args.gemm_gflop_per_s)

@@ -30,6 +30,9 @@ for tool in memcheck racecheck; do
   grep -q "ERROR SUMMARY: 0 errors\|RACECHECK SUMMARY: 0 hazards" "$RES/sanitizer_$tool.log" || status=1
 done
 
+log "ptxas: registers and spills of the persistent kernels"
+$PY benchmarks/ptxas_report.py --out "$RES/ptxas_persistent.txt" 2>&1 | tail -40 || status=1
+
 log benchmarks
 $PY benchmarks/bench_rnn.py --device cuda --out "$RES" 2>&1 | tee "$RES/bench_rnn_cuda.log" | tail -30 || status=1
 $PY benchmarks/bench_losses.py --device cuda --out "$RES" 2>&1 | tee "$RES/bench_losses_cuda.log" | tail -20 || status=1

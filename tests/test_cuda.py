@@ -2,6 +2,8 @@
 code executed on the CPU (every CI run) and on a GPU where there is one. Values
 and gradients against nn.* + pack_padded_sequence for every configuration run
 in test_rnn.py / test_losses.py on every backend."""
+import contextlib
+import os
 import subprocess
 import sys
 
@@ -9,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import CELLS, requires_cuda, run_packed, sample_inputs
+from conftest import CELLS, check_against_packed, requires_cuda, run_packed, sample_inputs
 from varlen_kernels import (MaskedRNN, masked_bce_with_logits, masked_cross_entropy, masked_mse,
                             masked_rnn_reference, ops)
 from varlen_kernels.testing import emulate_cuda, emulated_device
@@ -55,19 +57,44 @@ def _grads(m, x, lengths, hx, gy):
     return y, grads
 
 
+# (T, B, H, emulated device limits, path, GPU only): the default shape on the
+# default path; the tensor-core persistent kernels with several CTAs, row tiles
+# and staged chunks; the fma persistent kernels in half/bfloat16 (the tensor-core
+# ones do not fit that shared memory; GRU's forward still does); the per-step
+# path; on a GPU (whose limits the test cannot change), more rows than a tile.
+LOW_PRECISION_CASES = [
+    (12, 6, 16, {}, "auto", False),
+    (9, 40, 64, {"sm_count": 2}, "persistent", False),
+    (9, 40, 50, {"sm_count": 3}, "persistent", False),
+    (9, 40, 96, {"sm_count": 3}, "persistent", False),
+    (9, 40, 64, {"sm_count": 2, "max_shared_per_block": 24576}, "persistent", False),
+    (9, 40, 50, {"sm_count": 3}, "per_step", False),
+    (9, 300, 160, {}, "persistent", True),
+]
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_values_and_gradients(cell, dtype, gpu):
+@pytest.mark.parametrize("T,B,H,limits,path,gpu_only", LOW_PRECISION_CASES)
+def test_low_precision_values_and_gradients(cell, dtype, T, B, H, limits, path, gpu_only, gpu):
     """Output and every gradient, against a float64 oracle, within 2x the error of
     PyTorch's own same-precision path (the masked loop in that dtype, and cuDNN's
     packed path on a GPU), with a floor of a few ulps of the dtype."""
-    ref, x, lengths, hx = sample_inputs(cell, T=12, B=6, I=8, H=16, device=gpu,
+    if gpu_only and gpu != "cuda":
+        pytest.skip("a GPU-sized case")
+    with rnn_path(path), device_limits(gpu, **limits):
+        check_low_precision(cell, dtype, T, B, H, gpu)
+
+
+def check_low_precision(cell, dtype, T, B, H, gpu):
+    ref, x, lengths, hx = sample_inputs(cell, T=T, B=B, I=8, H=H, device=gpu,
                                         requires_grad=False, with_zero=True)
     x = torch.nan_to_num(x, nan=0.0)
     g = torch.Generator().manual_seed(1)
-    gy = torch.randn(12, 6, 16, generator=g, dtype=torch.float64).to(gpu)
+    gy = torch.randn(T, B, H, generator=g, dtype=torch.float64).to(gpu)
     m64 = MaskedRNN.from_torch(ref)
-    y64, g64 = _grads(m64, x.requires_grad_(), lengths, hx, gy)
+    with rnn_path("auto"):  # the float64 oracle: whichever path fits
+        y64, g64 = _grads(m64, x.requires_grad_(), lengths, hx, gy)
     low = lambda t: t.detach().to(dtype)  # noqa: E731
     x16 = low(x).requires_grad_()
     hx16 = tuple(map(low, hx)) if cell == "lstm" else low(hx)
@@ -124,6 +151,22 @@ def test_cuda_graph_capture_fwd_bwd():
     g.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(static_x.grad, x2.grad)
+    for a, b in zip(m.parameters(), eager.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
+    # New lengths and inputs in the same buffers: the replay follows them.
+    new_len = torch.tensor([1, 7, 0, 3, 7], device="cuda")
+    with torch.no_grad():
+        static_len.copy_(new_len)
+        static_x.copy_(torch.randn_like(static_x))
+    for p in [static_x, *m.parameters()]:
+        p.grad.zero_()
+    g.replay()
+    torch.cuda.synchronize()
+    eager = MaskedRNN.from_torch(ref)
+    x3 = static_x.detach().clone().requires_grad_()
+    y, (h, c) = eager(x3, new_len)
+    (y.square().sum() + h.sum()).backward()
+    torch.testing.assert_close(static_x.grad, x3.grad)
     for a, b in zip(m.parameters(), eager.parameters()):
         torch.testing.assert_close(a.grad, b.grad)
 
@@ -183,6 +226,102 @@ def test_grid_stride_loops_go_round(cell):
         got = run()
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@contextlib.contextmanager
+def rnn_path(path):
+    """Forces the CUDA RNN path: 'persistent', 'per_step' or 'auto'."""
+    old = os.environ.get("VARLEN_KERNELS_RNN_PATH")
+    os.environ["VARLEN_KERNELS_RNN_PATH"] = path
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["VARLEN_KERNELS_RNN_PATH"]
+        else:
+            os.environ["VARLEN_KERNELS_RNN_PATH"] = old
+
+
+def device_limits(gpu, **limits):
+    """emulated_device(**limits) on the emulated backends; nothing on a GPU."""
+    return contextlib.nullcontext() if gpu == "cuda" else emulated_device(**limits)
+
+
+# Persistent kernels at shapes that make every part of them run: several CTAs
+# (sm_count bounds the grid, so units per CTA = ceil(H / CTAs)), a last CTA
+# with fewer units, threads with no unit, several row tiles of which the later
+# ones finish early (B = 40 with lengths uniform in [1, T]) and H not a multiple
+# of the staged chunk. (H, sm_count) -> units per CTA, CTAs, rows per tile:
+#   (64, 2) -> 32, 2, 16;  (50, 3) -> 17, 3, 30;  (9, 132) -> 2, 5, 256
+PERSISTENT_SHAPES = [(64, 2), (50, 3), (9, 132)]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("path", ["persistent", "per_step"])
+@pytest.mark.parametrize("H,sm_count", PERSISTENT_SHAPES)
+def test_persistent_and_per_step_paths_match_packed(cell, path, H, sm_count, gpu):
+    """Both CUDA paths, forced, against nn.* + packed: values and every gradient,
+    two layers, both directions, float64, NaN in the padding."""
+    if path == "per_step" and H != 50:
+        pytest.skip("the per-step path does not depend on the grid: one shape is enough")
+    with rnn_path(path), device_limits(gpu, sm_count=sm_count):
+        check_against_packed(cell, num_layers=2, bidirectional=True, device=gpu, T=9, B=40, H=H,
+                             seed=H)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_paths_agree_on_workspaces(cell, gpu):
+    """The persistent and per-step forwards give the same outputs and the same
+    workspaces (layout and values, zero at padded steps), and each path's
+    backward takes the other's workspaces."""
+    args = layer_args(cell, gpu, False, T=6, B=7, I=3, H=20, lengths=(6, 0, 2, 1, 6, 3, 5))
+    args[0][4:, 2] = float("nan")  # padding of the sequence of length 2
+    with device_limits(gpu, sm_count=3):
+        outs = {}
+        for path in ("persistent", "per_step"):
+            with rnn_path(path):
+                outs[path] = torch.ops.varlen_kernels.rnn_forward(*args, cell, True)
+        for a, b in zip(outs["persistent"], outs["per_step"]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+        out, h_n, c_n, gates, states = outs["per_step"]
+        pad = torch.arange(6, device=gpu)[:, None] >= args[1][None, :]
+        assert (gates[pad] == 0).all() and (states[pad] == 0).all() and (out[pad] == 0).all()
+        g = torch.Generator().manual_seed(2)
+        grads = [torch.randn(t.shape, generator=g, dtype=t.dtype).to(gpu) for t in (out, h_n, c_n)]
+        x, lengths, _, _, w_ih, w_hh = args[:6]
+        back = {}
+        for fwd_path, bwd_path in [("persistent", "per_step"), ("per_step", "persistent")]:
+            _, _, _, gates, states = outs[fwd_path]
+            with rnn_path(bwd_path):
+                back[bwd_path] = torch.ops.varlen_kernels.rnn_backward(
+                    *grads, x, lengths, w_ih, w_hh, gates, states, cell, True)
+        for a, b in zip(back["persistent"], back["per_step"]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.emulation
+def test_persistent_path_that_does_not_fit_falls_back_or_fails_when_forced():
+    """W_hh's slices beyond the device's shared memory: 'auto' takes the per-step
+    path (same results), 'persistent' is an error that names the sizes."""
+    ref, x, lengths, hx = sample_inputs("gru", T=5, B=6, I=3, H=40)
+    m = MaskedRNN.from_torch(ref)
+    expected = m(x, lengths, hx)[0]
+    with emulate_cuda(), emulated_device(max_shared_per_block=4096):
+        with rnn_path("auto"):
+            torch.testing.assert_close(m(x, lengths, hx)[0], expected, rtol=1e-12, atol=1e-13)
+        with rnn_path("persistent"):
+            with pytest.raises(RuntimeError, match=r"persistent forward kernel does not fit this "
+                                                   r"device for hidden_size 40, 3 gate\(s\)"):
+                m(x, lengths, hx)
+
+
+@pytest.mark.emulation
+def test_rnn_path_setting_is_checked():
+    args = layer_args("gru", "cpu", False)
+    with emulate_cuda(), rnn_path("fastest"):
+        with pytest.raises(RuntimeError, match="VARLEN_KERNELS_RNN_PATH must be 'auto', "
+                                               "'persistent' or 'per_step', got 'fastest'"):
+            torch.ops.varlen_kernels.rnn_forward(*args, "gru", False)
 
 
 def test_zero_length_batches(device):

@@ -8,64 +8,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from conftest import CELLS, make_torch_rnn, run_packed, sample_inputs, states_of
+from conftest import (CELLS, TOL, check_against_packed, make_torch_rnn, run_packed,
+                      sample_inputs, states_of)
 from varlen_kernels import MaskedGRU, MaskedLSTM, MaskedRNN, masked_rnn_reference, ops
 from varlen_kernels.reference import rnn_layer_reference
 
 # Every test runs on each backend (conftest.py: cpu, the CUDA code emulated, cuda).
 pytestmark = pytest.mark.usefixtures("device")
-TOL = {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rtol=2e-5, atol=2e-5)}
-
-
-def check_against_packed(cell, *, num_layers=1, bidirectional=False, batch_first=False,
-                         dtype=torch.float64, seed=0, bias=True, device="cpu", T=7, B=5, H=6):
-    ref, x, lengths, hx = sample_inputs(cell, num_layers=num_layers, bidirectional=bidirectional,
-                                        batch_first=batch_first, dtype=dtype, seed=seed, bias=bias,
-                                        device=device, T=T, B=B, H=H)
-    m = MaskedRNN.from_torch(ref)
-    y, h = m(x, lengths, hx)
-    hs = states_of(cell, h)
-    g = torch.Generator().manual_seed(seed + 1)
-    gy = torch.randn(y.shape, generator=g, dtype=dtype).to(device)
-    ghs = [torch.randn(s.shape, generator=g, dtype=dtype).to(device) for s in hs]
-    h0s = states_of(cell, hx)
-    loss = (y * gy).sum() + sum((s * gs).sum() for s, gs in zip(hs, ghs))
-    grads = torch.autograd.grad(loss, [x, *h0s, *m.parameters()])
-
-    x2 = x.detach().clone().requires_grad_()
-    h0s2 = [s.detach().clone().requires_grad_() for s in h0s]
-    y2, hs2, keep = run_packed(ref, x2, lengths, tuple(h0s2) if cell == "lstm" else h0s2[0],
-                               batch_first)
-    bdim = 0 if batch_first else 1
-    kd = keep.to(device)
-    loss2 = (y2 * gy.index_select(bdim, kd)).sum() + sum(
-        (s * gs.index_select(1, kd)).sum() for s, gs in zip(hs2, ghs))
-    grads2 = torch.autograd.grad(loss2, [x2, *h0s2, *ref.parameters()])
-
-    tol = TOL[dtype]
-    zero = torch.nonzero(lengths == 0).flatten().to(device)
-    torch.testing.assert_close(y.index_select(bdim, kd), y2, **tol)
-    assert (y.index_select(bdim, zero) == 0).all()
-    for s, s2, s0 in zip(hs, hs2, h0s):
-        torch.testing.assert_close(s.index_select(1, kd), s2, **tol)
-        assert torch.equal(s.index_select(1, zero), s0.detach().index_select(1, zero))
-    # Padding: output exactly zero, input gradient exactly zero.
-    T = x.shape[1 if batch_first else 0]
-    pad = (torch.arange(T)[:, None] >= lengths[None, :]).to(device)
-    if batch_first:
-        pad = pad.t()
-    assert (y[pad] == 0).all()
-    assert (grads[0][pad] == 0).all()
-    torch.testing.assert_close(grads[0], grads2[0], **tol)
-    for gs, g0, g0_2 in zip(ghs, grads[1:1 + len(h0s)], grads2[1:1 + len(h0s)]):
-        expected = g0_2.clone()
-        expected[:, zero] = gs[:, zero]  # h_n = h0 for empty sequences
-        torch.testing.assert_close(g0, expected, **tol)
-    for (name, _), gp, gp2 in zip(m.named_parameters(), grads[1 + len(h0s):],
-                                  grads2[1 + len(h0s):]):
-        torch.testing.assert_close(gp, gp2, **tol, msg=lambda s: f"{name}: {s}")
-
-
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("num_layers,bidirectional,batch_first",
                          list(itertools.product([1, 2, 3], [False, True], [False, True])))

@@ -110,12 +110,16 @@ def selftest(x, name: str, blocks: int, threads: int):
 
 
 @contextlib.contextmanager
-def emulated_device(*, sm_count=None, max_grid_blocks=None):
+def emulated_device(*, sm_count=None, max_grid_blocks=None, max_shared_per_block=None):
     """Changes limits of the emulated device for a while: ``sm_count`` bounds
-    cooperative grids; ``max_grid_blocks`` caps grid-stride launches, so that a
-    small test makes their loops go round."""
+    cooperative grids (the persistent RNN kernels spread the hidden units over
+    the SMs: fewer SMs, more units per CTA, fewer rows per tile);
+    ``max_grid_blocks`` caps grid-stride launches, so that a small test makes
+    their loops go round; ``max_shared_per_block`` (bytes) is the most dynamic
+    shared memory a block may have."""
     module = emulation_module()
-    new = {k: v for k, v in (("sm_count", sm_count), ("max_grid_blocks", max_grid_blocks))
+    new = {k: v for k, v in (("sm_count", sm_count), ("max_grid_blocks", max_grid_blocks),
+                             ("max_shared_per_block", max_shared_per_block))
            if v is not None}
     old = {k: module.set_limit(k, int(v)) for k, v in new.items()}
     try:

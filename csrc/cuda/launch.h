@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
 #include <utility>
 
 #ifdef VK_EMULATE_CUDA
@@ -24,7 +25,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #define VK_SHARED(T, name, n) __shared__ T name[n]
 #define VK_DYNAMIC_SHARED(T, name)                                    \
-  extern __shared__ __align__(16) unsigned char vk_dynamic_smem_[]; \
+  extern __shared__ __align__(128) unsigned char vk_dynamic_smem_[]; \
   T* const name = reinterpret_cast<T*>(vk_dynamic_smem_)
 #define VK_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(varlen_kernels, CUDA, m)
 #define VK_CUDA_LIBRARY "varlen_kernels"
@@ -67,6 +68,92 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Strea
 #else
   kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+}
+
+// Largest dynamic shared memory one block may ask for (the opt-in limit).
+inline size_t max_dynamic_smem() {
+#ifdef VK_EMULATE_CUDA
+  return ::vk_emu::device_limits().max_shared_per_block;
+#else
+  int device = 0, bytes = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return size_t(bytes);
+#endif
+}
+
+// Streaming multiprocessors of the current device.
+inline int64_t sm_count() {
+#ifdef VK_EMULATE_CUDA
+  return ::vk_emu::device_limits().sm_count;
+#else
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+#endif
+}
+
+// Major compute capability of the current device (the emulated one is a 9.0).
+inline int compute_major() {
+#ifdef VK_EMULATE_CUDA
+  return 9;
+#else
+  int device = 0, major = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major;
+#endif
+}
+
+// Most blocks of `kernel` (block threads, smem bytes of dynamic shared memory)
+// that can be resident at once on the current device: the grid limit of a
+// cooperative launch. 0 when not even one block fits.
+template <typename... Params>
+int64_t cooperative_grid_limit(void (*kernel)(Params...), int threads, size_t smem) {
+#ifdef VK_EMULATE_CUDA
+  (void)kernel;
+  const auto& d = ::vk_emu::device_limits();
+  if (smem > d.max_shared_per_block || threads > d.max_threads_per_block) return 0;
+  int64_t per_sm = std::min<int64_t>(d.max_blocks_per_sm, d.max_threads_per_sm / threads);
+  if (smem > 0) per_sm = std::min<int64_t>(per_sm, int64_t(d.max_shared_per_sm / smem));
+  return std::min<int64_t>(per_sm * d.sm_count, d.max_cooperative_threads / threads);
+#else
+  const size_t most_smem = max_dynamic_smem();
+  if (smem > most_smem) return 0;
+  int device = 0, cooperative = 0, per_sm = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
+  if (!cooperative) return 0;
+  // The attribute is a cap, not a reservation: set once to the device's limit,
+  // so that concurrent launches of other sizes never see a smaller one.
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      int(most_smem)));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+  return int64_t(per_sm) * sm_count();
+#endif
+}
+
+// A cooperative launch (cooperative_groups::this_grid().sync() allowed): every
+// block is resident at once; a grid beyond cooperative_grid_limit is refused.
+// Call cooperative_grid_limit for the kernel first (it sets the kernel's
+// shared-memory cap).
+template <typename... Params, typename... Args>
+void launch_cooperative(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                        Stream stream, Args&&... args) {
+#ifdef VK_EMULATE_CUDA
+  (void)stream;
+  ::vk_emu::launch(grid, block, smem, /*cooperative=*/true, [&] { kernel(args...); });
+#else
+  std::tuple<Params...> held(std::forward<Args>(args)...);
+  void* ptrs[sizeof...(Params) > 0 ? sizeof...(Params) : 1];
+  std::apply([&](auto&... p) {
+    int i = 0;
+    ((ptrs[i++] = static_cast<void*>(&p)), ...);
+  }, held);
+  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid, block,
+                                             ptrs, smem, stream));
 #endif
 }
 

@@ -24,6 +24,8 @@
 #include "../cell_math.h"
 #include "../rnn_args.h"
 #include "launch.h"
+#include "rnn_point.cuh"
+#include "rnn_persistent.h"
 
 namespace varlen {
 namespace {
@@ -65,37 +67,12 @@ __device__ void forward_step_one(const FwdArgs<scalar_t, acc_t>& a, int64_t idx)
     for (int k = 0; k < S; ++k) st[k * H] = scalar_t(0);
     return;
   }
-  const scalar_t* x = a.gx + b * G * H + j;
-  const scalar_t* hh = a.gh + b * G * H + j;
-  // Pre-activation parts in the math type: input side with its bias, hidden side.
-  auto xin = [&](int k) { return acc_t(x[k * H]) + (a.bias ? a.bias[k * H + j] : acc_t(0)); };
-  auto hid = [&](int k) { return acc_t(hh[k * H]); };
-  const acc_t h_prev = a.h[idx];
-  st[0] = scalar_t(h_prev);
-  acc_t h_new;
-  if constexpr (K == Cell::LSTM) {
-    const acc_t c_prev = a.c[idx];
-    st[H] = scalar_t(c_prev);
-    const auto r = lstm_forward<acc_t>(xin(0) + hid(0), xin(1) + hid(1), xin(2) + hid(2),
-                                       xin(3) + hid(3), c_prev);
-    sg[0] = scalar_t(r.i);
-    sg[H] = scalar_t(r.f);
-    sg[2 * H] = scalar_t(r.g);
-    sg[3 * H] = scalar_t(r.o);
-    a.c[idx] = r.c;
-    h_new = r.h;
-  } else if constexpr (K == Cell::GRU) {
-    const acc_t hn = hid(2) + (a.b_hn ? a.b_hn[j] : acc_t(0));
-    const auto r = gru_forward<acc_t>(xin(0), xin(1), xin(2), hid(0), hid(1), hn, h_prev);
-    sg[0] = scalar_t(r.r);
-    sg[H] = scalar_t(r.z);
-    sg[2 * H] = scalar_t(r.n);
-    sg[3 * H] = scalar_t(hn);
-    h_new = r.h;
-  } else {
-    h_new = rnn_forward<acc_t, K == Cell::RNN_RELU>(xin(0) + hid(0));
-    sg[0] = scalar_t(h_new);
-  }
+  acc_t hid[G];
+#pragma unroll
+  for (int k = 0; k < G; ++k) hid[k] = acc_t(a.gh[b * G * H + k * H + j]);
+  const acc_t h_new = forward_point<scalar_t, acc_t, K>(
+      a.gx + b * G * H + j, a.bias, a.b_hn, j, H, hid, a.h[idx],
+      K == Cell::LSTM ? a.c + idx : nullptr, sg, st);
   a.h[idx] = h_new;
   a.h_out[idx] = scalar_t(h_new);
   a.y[idx] = scalar_t(h_new);
@@ -137,29 +114,10 @@ __device__ void backward_step_one(const BwdArgs<scalar_t, acc_t>& a, int64_t idx
     }
     return;
   }
-  const scalar_t* sg = a.gates + b * GS * H + j;
-  const scalar_t* st = a.states + b * S * H + j;
   const acc_t dht = a.dh[idx] + acc_t(a.dy[idx]);
-  acc_t direct = acc_t(0);
-  if constexpr (K == Cell::LSTM) {
-    const auto r = lstm_backward<acc_t>(acc_t(sg[0]), acc_t(sg[H]), acc_t(sg[2 * H]),
-                                        acc_t(sg[3 * H]), acc_t(st[H]), dht, a.dc[idx]);
-    gx[0] = scalar_t(r.di);
-    gx[H] = scalar_t(r.df);
-    gx[2 * H] = scalar_t(r.dg);
-    gx[3 * H] = scalar_t(r.do_);
-    a.dc[idx] = r.dc_prev;
-  } else if constexpr (K == Cell::GRU) {
-    const auto r = gru_backward<acc_t>(acc_t(sg[0]), acc_t(sg[H]), acc_t(sg[2 * H]),
-                                       acc_t(sg[3 * H]), acc_t(st[0]), dht);
-    gx[0] = gh[0] = scalar_t(r.dr);
-    gx[H] = gh[H] = scalar_t(r.dz);
-    gx[2 * H] = scalar_t(r.dxn);
-    gh[2 * H] = scalar_t(r.dhn);
-    direct = r.dh_prev_direct;
-  } else {
-    gx[0] = scalar_t(rnn_backward<acc_t, K == Cell::RNN_RELU>(acc_t(sg[0]), dht));
-  }
+  const acc_t direct = backward_point<scalar_t, acc_t, K>(
+      a.gates + b * GS * H + j, a.states + b * S * H + j, H, dht,
+      K == Cell::LSTM ? a.dc + idx : nullptr, gx, gh);
   a.dh[idx] = direct;  // the W_hh part is added by the GEMM that follows
 }
 
@@ -316,7 +274,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_cuda(
   const Tensor gx = at::mm(input.reshape({T * B, I}), w_ih.t());
   const auto biases = gate_biases(b_ih, b_hh, s.cell, H, acc_type);
   const Tensor &bias = biases.first, &b_hn = biases.second;
-  // Fresh buffers: the recurrence updates them in place.
+  if (auto r = rnn_forward_persistent(s.cell, gx, len, h0, c0.has_value() ? *c0 : Tensor(), w_hh,
+                                      bias, b_hn, T, B, reverse))
+    return *r;
+  // The per-step path. Fresh buffers: the recurrence updates them in place.
   Tensor h = at::empty({B, H}, opts.dtype(acc_type)).copy_(h0);
   Tensor h_out = at::empty({B, H}, opts).copy_(h0);
   Tensor c = s.cell == Cell::LSTM ? at::empty({B, H}, opts.dtype(acc_type)).copy_(*c0) : Tensor();
@@ -360,40 +321,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_cuda(
   return {output, h_n, c_n, gates, states};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cuda(
-    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
-    const Tensor& input, const Tensor& lengths, const Tensor& w_ih, const Tensor& w_hh,
-    const Tensor& gates, const Tensor& states, c10::string_view cell_name, bool reverse,
-    const c10::optional<Tensor>& w_hr) {
-  if (w_hr.has_value()) {
-    const ProjSizes s = check_proj_backward_args(grad_output, grad_h_n, grad_c_n, input, lengths,
-                                                 w_ih, w_hh, *w_hr, gates, states,
-                                                 std::string(cell_name));
-    const cuda::DeviceGuard guard(input.device());
-    return rnn_backward_proj_cuda(s, grad_output, grad_h_n, grad_c_n, input, lengths, w_ih, w_hh,
-                                  gates, states, *w_hr, reverse);
-  }
-  const RnnSizes s = check_rnn_backward_args(grad_output, grad_h_n, grad_c_n, input, lengths, w_ih,
-                                             w_hh, gates, states, std::string(cell_name));
-  const cuda::DeviceGuard guard(input.device());
+// The per-step backward recurrence: one step kernel and one GEMM per step.
+// Fills dgx, dgh (T*B, G*H) and the math-type gradients of h0 (dh) and c0 (dc).
+void rnn_backward_per_step(const RnnSizes& s, const Tensor& dy, const Tensor& grad_h_n,
+                           const Tensor& grad_c_n, const Tensor& len, const Tensor& w_hh,
+                           const Tensor& gates, const Tensor& states, bool reverse, Tensor& dh,
+                           Tensor& dc, Tensor& dgx, Tensor& dgh) {
   const Cell cell = s.cell;
-  const int64_t T = s.T, B = s.B, I = s.I, H = s.H, G = s.G, GS = s.GS, S = s.S;
-  VK_CHECK_SHAPE(gates, T, B, GS * H);
-  VK_CHECK_SHAPE(states, T, B, S * H);
-  const auto opts = input.options();
-  const auto acc_type = at::toOpMathType(input.scalar_type());
-  const Tensor len = lengths.contiguous();
-  const Tensor dy = grad_output.to(input.scalar_type()).contiguous();
+  const int64_t T = s.T, B = s.B, H = s.H, G = s.G, GS = s.GS, S = s.S;
+  const auto opts = dy.options();
+  const auto acc_type = at::toOpMathType(dy.scalar_type());
   // The carried dh and dc stay in the math type across steps.
-  Tensor dh = at::empty({B, H}, opts.dtype(acc_type)).copy_(grad_h_n);
-  Tensor dc = cell == Cell::LSTM ? at::empty({B, H}, opts.dtype(acc_type)).copy_(grad_c_n) : Tensor();
-  Tensor dgx = at::empty({T * B, G * H}, opts);
-  Tensor dgh = cell == Cell::GRU ? at::empty({T * B, G * H}, opts) : dgx;
+  dh = at::empty({B, H}, opts.dtype(acc_type)).copy_(grad_h_n);
+  dc = cell == Cell::LSTM ? at::empty({B, H}, opts.dtype(acc_type)).copy_(grad_c_n) : Tensor();
+  dgx = at::empty({T * B, G * H}, opts);
+  dgh = cell == Cell::GRU ? at::empty({T * B, G * H}, opts) : dgx;
   const auto stream = cuda::current_stream();
   const unsigned blocks = cuda::grid_for(B * H, kThreads);
-  const bool same_type = acc_type == input.scalar_type();
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
+  const bool same_type = acc_type == dy.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(),
                                   "rnn_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_cell(cell, [&](auto k) {
@@ -419,6 +365,40 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_b
       return 0;
     });
   });
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cuda(
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
+    const Tensor& input, const Tensor& lengths, const Tensor& w_ih, const Tensor& w_hh,
+    const Tensor& gates, const Tensor& states, c10::string_view cell_name, bool reverse,
+    const c10::optional<Tensor>& w_hr) {
+  if (w_hr.has_value()) {
+    const ProjSizes s = check_proj_backward_args(grad_output, grad_h_n, grad_c_n, input, lengths,
+                                                 w_ih, w_hh, *w_hr, gates, states,
+                                                 std::string(cell_name));
+    const cuda::DeviceGuard guard(input.device());
+    return rnn_backward_proj_cuda(s, grad_output, grad_h_n, grad_c_n, input, lengths, w_ih, w_hh,
+                                  gates, states, *w_hr, reverse);
+  }
+  const RnnSizes s = check_rnn_backward_args(grad_output, grad_h_n, grad_c_n, input, lengths, w_ih,
+                                             w_hh, gates, states, std::string(cell_name));
+  const cuda::DeviceGuard guard(input.device());
+  const Cell cell = s.cell;
+  const int64_t T = s.T, B = s.B, I = s.I, H = s.H, G = s.G, GS = s.GS, S = s.S;
+  VK_CHECK_SHAPE(gates, T, B, GS * H);
+  VK_CHECK_SHAPE(states, T, B, S * H);
+  const auto opts = input.options();
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  const Tensor len = lengths.contiguous();
+  const Tensor dy = grad_output.to(input.scalar_type()).contiguous();
+  Tensor dh, dc, dgx, dgh;
+  if (auto r = rnn_backward_persistent(cell, dy, grad_h_n, grad_c_n, len, w_hh, gates, states, T,
+                                       B, reverse)) {
+    std::tie(dgx, dgh, dh, dc) = *r;
+  } else {
+    rnn_backward_per_step(s, dy, grad_h_n, grad_c_n, len, w_hh, gates, states, reverse, dh, dc,
+                          dgx, dgh);
+  }
   // Padded input is replaced by zero before it meets a gradient (0 * NaN is NaN).
   const Tensor valid = (at::arange(T, len.options()).unsqueeze(1) < len.unsqueeze(0)).unsqueeze(2);
   const Tensor x_valid = at::where(valid, input, at::zeros({}, opts)).reshape({T * B, I});

@@ -257,3 +257,104 @@ struct thread_block {
 inline grid_group this_grid() { return {}; }
 inline thread_block this_thread_block() { return {}; }
 }  // namespace cooperative_groups
+
+// ------------------------------------------------------------ wmma (tensor cores)
+// nvcuda::wmma on 16x16x16 tiles. How CUDA spreads a fragment over the lanes
+// of a warp is unspecified, so code may only touch a fragment through these
+// calls and element-wise loops over x[0, num_elements); here every lane holds
+// the whole tile. Every call is warp-collective: it is a __syncwarp first, so
+// a call that not all 32 lanes reach is an error, as on the GPU it is
+// undefined. Pointers must be 32-byte aligned and ldm a multiple of 16 bytes
+// (a kernel error otherwise). A store writes each lane's share only (element
+// i by lane i % 32), so reading a stored tile back before a __syncwarp or a
+// barrier reads what other lanes have not written yet. Products accumulate in
+// float, in k order, as fma.
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+namespace detail {
+template <typename T>
+void check_tile(const T* p, unsigned ldm, vk_site s = vk_site::current()) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0 || ldm % (16 / sizeof(T)) != 0 ||
+      ldm < 16 / sizeof(T))
+    vk_emu::assert_failed("wmma needs a 32-byte aligned pointer and ldm a multiple of 16 bytes",
+                          s.file_name(), int(s.line()));
+}
+inline unsigned lane() {
+  return (threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)) % 32;
+}
+}  // namespace detail
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "the emulation has the 16x16x16 shape only");
+  static_assert(std::is_same_v<Use, accumulator>
+                    ? std::is_void_v<Layout>
+                    : (std::is_same_v<Layout, row_major> || std::is_same_v<Layout, col_major>),
+                "matrix_a / matrix_b fragments need row_major or col_major; accumulators none");
+  static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
+  static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
+  static constexpr int num_elements = rows * cols;
+  T x[num_elements];  // row-major (row, col) of the tile
+};
+
+template <typename Use, int M, int N, int K, typename T, typename L>
+void fill_fragment(fragment<Use, M, N, K, T, L>& f, T v) {
+  __syncwarp();
+  for (int i = 0; i < f.num_elements; ++i) f.x[i] = v;
+}
+
+// Operand tiles: Layout row_major puts element (r, c) at p[r * ldm + c],
+// col_major at p[c * ldm + r].
+template <typename Use, int M, int N, int K, typename T, typename L>
+void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const T* p, unsigned ldm) {
+  static_assert(!std::is_same_v<Use, accumulator>, "an accumulator load takes a layout_t");
+  __syncwarp();
+  detail::check_tile(p, ldm);
+  using F = fragment<Use, M, N, K, T, L>;
+  for (int r = 0; r < F::rows; ++r)
+    for (int c = 0; c < F::cols; ++c)
+      f.x[r * F::cols + c] = std::is_same_v<L, row_major> ? p[r * ldm + c] : p[c * ldm + r];
+}
+template <int M, int N, int K, typename T>
+void load_matrix_sync(fragment<accumulator, M, N, K, T>& f, const T* p, unsigned ldm,
+                      layout_t layout) {
+  __syncwarp();
+  detail::check_tile(p, ldm);
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < N; ++c)
+      f.x[r * N + c] = layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
+}
+template <int M, int N, int K, typename T>
+void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm,
+                       layout_t layout) {
+  __syncwarp();
+  detail::check_tile(p, ldm);
+  const unsigned lane = detail::lane();
+  for (int i = int(lane); i < M * N; i += 32) {
+    const int r = i / N, c = i % N;
+    (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[i];
+  }
+}
+template <int M, int N, int K, typename TA, typename LA, typename TB, typename LB, typename TC>
+void mma_sync(fragment<accumulator, M, N, K, TC>& d, const fragment<matrix_a, M, N, K, TA, LA>& a,
+              const fragment<matrix_b, M, N, K, TB, LB>& b,
+              const fragment<accumulator, M, N, K, TC>& c) {
+  __syncwarp();
+  TC out[M * N];
+  for (int m = 0; m < M; ++m)
+    for (int n = 0; n < N; ++n) {
+      float s = float(c.x[m * N + n]);
+      for (int k = 0; k < K; ++k) s = std::fma(float(a.x[m * K + k]), float(b.x[k * N + n]), s);
+      out[m * N + n] = TC(s);
+    }
+  for (int i = 0; i < M * N; ++i) d.x[i] = out[i];
+}
+}  // namespace wmma
+}  // namespace nvcuda

@@ -72,11 +72,18 @@ struct SharedBuffer {
   std::unique_ptr<unsigned char[]> data;
 };
 
+// Dynamic shared memory is 256-byte aligned, as the nvcc build declares it at
+// least 128-byte aligned and wmma needs 32-byte aligned tiles.
+constexpr std::align_val_t kDynamicAlign{256};
+struct AlignedDelete {
+  void operator()(unsigned char* p) const { ::operator delete[](p, kDynamicAlign); }
+};
+
 struct BlockState {
   uint3 idx{0, 0, 0};
   int first = 0, count = 0;  // fibers [first, first + count)
   std::vector<SharedBuffer> shared;
-  std::unique_ptr<unsigned char[]> dynamic;
+  std::unique_ptr<unsigned char[], AlignedDelete> dynamic;
 };
 
 struct Launch {
@@ -525,7 +532,7 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, bool cooperative,
     B.first = first;
     B.count = threads;
     if (dynamic_smem > 0) {
-      B.dynamic.reset(new unsigned char[dynamic_smem]);
+      B.dynamic.reset(static_cast<unsigned char*>(::operator new[](dynamic_smem, kDynamicAlign)));
       std::memset(B.dynamic.get(), 0xff, dynamic_smem);  // NaN in every float type
     }
     const int bi = int(L.blocks.size() - 1);

@@ -37,7 +37,8 @@ PyObject* set_thread_order(PyObject*, PyObject* args) {
 }
 
 // set_limit(name, value) -> previous value, for name "sm_count" (bounds
-// cooperative grids) or "max_grid_blocks" (bounds grid-stride launches).
+// cooperative grids), "max_grid_blocks" (bounds grid-stride launches) or
+// "max_shared_per_block" (bytes of dynamic shared memory a block may have).
 PyObject* set_limit(PyObject*, PyObject* args) {
   const char* name = nullptr;
   long long value = 0;
@@ -54,8 +55,13 @@ PyObject* set_limit(PyObject*, PyObject* args) {
   } else if (std::string(name) == "max_grid_blocks") {
     old = d.max_grid_blocks;
     d.max_grid_blocks = value;
+  } else if (std::string(name) == "max_shared_per_block") {
+    old = (long long)d.max_shared_per_block;
+    d.max_shared_per_block = size_t(value);
   } else {
-    PyErr_Format(PyExc_ValueError, "limit must be 'sm_count' or 'max_grid_blocks', got '%s'", name);
+    PyErr_Format(PyExc_ValueError,
+                 "limit must be 'sm_count', 'max_grid_blocks' or 'max_shared_per_block', got '%s'",
+                 name);
     return nullptr;
   }
   return PyLong_FromLongLong(old);

@@ -1,0 +1,768 @@
+// Persistent CUDA kernels for rnn_forward / rnn_backward: see rnn_persistent.h.
+//
+// Two kernels of each direction: float32 and float64 compute the recurrent
+// product with fma on CUDA cores (below); half and bfloat16 on tensor cores
+// (wmma 16x16x16, float accumulation; further below).
+//
+// Thread layout of a CTA (kThreads threads, `units` = Hs hidden units):
+// thread tid works on unit u = tid % Hs and on row group rg = tid / Hs
+// (RG = kThreads / Hs groups; threads past RG * Hs only help to load). A tile
+// of RB = RG * kRows rows is processed at a time; thread (u, rg) owns rows
+// rg, rg + RG, ..., rg + (kRows-1) * RG of the tile, for every gate of its
+// unit, so the cell runs on its registers with no exchange between threads.
+// The recurrent product is accumulated in the math type (float for half and
+// bfloat16, IEEE fma on CUDA cores).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include <cstdlib>
+#include <string>
+#include <type_traits>
+
+#include "../cell_math.h"
+#include "../rnn_args.h"
+#include "launch.h"
+#include "rnn_persistent.h"
+#include "rnn_point.cuh"
+
+#ifndef VK_EMULATE_CUDA
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#endif
+
+namespace varlen {
+
+RnnPath rnn_path_setting() {
+  const char* v = std::getenv("VARLEN_KERNELS_RNN_PATH");
+  const std::string s = v ? v : "";
+  if (s.empty() || s == "auto") return RnnPath::Auto;
+  if (s == "persistent") return RnnPath::Persistent;
+  if (s == "per_step") return RnnPath::PerStep;
+  TORCH_CHECK(false, "VARLEN_KERNELS_RNN_PATH must be 'auto', 'persistent' or 'per_step', got '",
+              s, "'");
+}
+
+namespace {
+
+using at::Tensor;
+namespace cg = cooperative_groups;
+
+constexpr int kThreads = 256;
+constexpr int kRows = 2;    // rows per thread in a tile
+constexpr int kChunk = 16;  // reduction columns staged in shared memory at a time
+constexpr int kMinUnits = 2, kMaxUnits = 128;
+
+// Rows of a tile, and the padded row stride of the staged operand.
+constexpr int tile_rows(int units) { return (kThreads / units) * kRows; }
+
+// Number of sequences with length > t; sorted_len is in descending order.
+__device__ __forceinline__ int64_t count_running(const int64_t* sorted_len, int64_t B, int64_t t) {
+  int64_t lo = 0, hi = B;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (sorted_len[mid] > t) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+// The longest length, clamped to [0, T]; asserts that every length is in range.
+__device__ __forceinline__ int64_t longest(const int64_t* sorted_len, int64_t B, int64_t T) {
+  if (B == 0) return 0;
+  const int64_t hi = sorted_len[0], lo = sorted_len[B - 1];
+  if (blockIdx.x == 0 && threadIdx.x == 0)
+    CUDA_KERNEL_ASSERT(hi <= T && lo >= 0 && "lengths must be in [0, T]");
+  return hi < 0 ? 0 : (hi > T ? T : hi);
+}
+
+constexpr size_t align16(size_t n) { return (n + 15) / 16 * 16; }
+
+// Shared memory: the W_hh slice (G * Hs * H storage-type values), then the
+// staged operand tile (kChunk x (RB + 1) math-type values).
+template <typename scalar_t, typename acc_t>
+size_t smem_bytes(int G, int units, int64_t H) {
+  return align16(size_t(G) * units * H * sizeof(scalar_t)) +
+         size_t(kChunk) * (tile_rows(units) + 1) * sizeof(acc_t);
+}
+
+// ------------------------------------------------------------------ forward
+template <typename scalar_t, typename acc_t>
+struct FwdParams {
+  const int64_t* sorted_len;  // (B,) lengths, longest first
+  const int64_t* perm;        // (B,) batch index of each row of that order
+  const scalar_t* w_hh;       // (G*H, H)
+  const scalar_t* gx;         // (T, B, G*H) x W_ih^T, storage type
+  const acc_t* bias;          // (G*H,) folded biases or nullptr
+  const acc_t* b_hn;          // (H,) GRU's b_hn or nullptr
+  const scalar_t* h0;         // (B, H)
+  const scalar_t* c0;         // (B, H) LSTM only
+  acc_t* hbuf;                // (2, B, H) h, length order, two buffers read/written alternately
+  acc_t* cbuf;                // (B, H) LSTM's c, length order
+  scalar_t* y;                // (T, B, H) output, zero-initialized
+  scalar_t* gates;            // (T, B, GS*H) workspace, zero-initialized
+  scalar_t* states;           // (T, B, S*H) workspace, zero-initialized
+  scalar_t* h_n;              // (B, H)
+  scalar_t* c_n;              // (B, H) LSTM only
+  int64_t T, B, H;
+  int units;                  // Hs, hidden units per CTA
+  bool reverse;
+};
+
+// Buffers of hbuf: forward direction, step t reads buffer t & 1 and writes the
+// other; reverse direction, step t reads (t + 1) & 1 and writes t & 1. Both
+// start as h0, so a row that has not started yet reads h0 from either; a row's
+// final h is in buffer L & 1 (forward) or 0 (reverse).
+template <typename scalar_t, typename acc_t, Cell K>
+__global__ void __launch_bounds__(kThreads, 1) persistent_forward_kernel(FwdParams<scalar_t, acc_t> p) {
+  constexpr int G = num_gates(K), GS = num_saved_gates(K), S = num_states(K);
+  const int64_t H = p.H, B = p.B, T = p.T;
+  const int Hs = p.units, tid = threadIdx.x;
+  const int u = tid % Hs, rg = tid / Hs, RG = kThreads / Hs, RB = RG * kRows, RBp = RB + 1;
+  const int64_t j0 = int64_t(blockIdx.x) * Hs, j = j0 + u, GHs = int64_t(G) * Hs;
+  const bool owns = rg < RG && j < H;  // computes (row, unit j) pairs
+  VK_DYNAMIC_SHARED(unsigned char, smem);
+  scalar_t* w = reinterpret_cast<scalar_t*>(smem);  // w[k * GHs + g * Hs + u] = W_hh[g*H + j0+u, k]
+  acc_t* hs = reinterpret_cast<acc_t*>(smem + align16(GHs * H * sizeof(scalar_t)));  // [kk * RBp + r]
+
+  for (int64_t idx = tid; idx < GHs * H; idx += kThreads) {
+    const int64_t k = idx % H, gu = idx / H, g = gu / Hs, jj = j0 + gu % Hs;
+    w[k * GHs + gu] = jj < H ? p.w_hh[(g * H + jj) * H + k] : scalar_t(0);
+  }
+  for (int64_t idx = tid; idx < B * Hs; idx += kThreads) {
+    const int64_t i = idx / Hs, jj = j0 + idx % Hs;
+    if (jj >= H) continue;
+    const int64_t b = p.perm[i];
+    const acc_t h = acc_t(p.h0[b * H + jj]);
+    p.hbuf[i * H + jj] = h;
+    p.hbuf[(B + i) * H + jj] = h;
+    if constexpr (K == Cell::LSTM) p.cbuf[i * H + jj] = acc_t(p.c0[b * H + jj]);
+  }
+  const int64_t maxlen = longest(p.sorted_len, B, T);
+  cg::this_grid().sync();  // every unit's h0 is in place (and W is, after the tile's barrier)
+
+  for (int64_t step = 0; step < maxlen; ++step) {
+    const int64_t t = p.reverse ? maxlen - 1 - step : step;
+    const int64_t nrun = count_running(p.sorted_len, B, t);
+    const acc_t* hin = p.hbuf + (p.reverse ? ((t + 1) & 1) : (t & 1)) * B * H;
+    acc_t* hout = p.hbuf + (p.reverse ? (t & 1) : ((t + 1) & 1)) * B * H;
+    for (int64_t row0 = 0; row0 < nrun; row0 += RB) {
+      // Rows of this tile that run; a thread whose first row does not skips
+      // the product (the rows it would read past `rows` are never staged).
+      const int rows = nrun - row0 < RB ? int(nrun - row0) : RB;
+      const bool active = owns && rg < rows;
+      acc_t acc[kRows][G];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)
+#pragma unroll
+        for (int g = 0; g < G; ++g) acc[r][g] = acc_t(0);
+      for (int64_t k0 = 0; k0 < H; k0 += kChunk) {
+        __syncthreads();  // the previous chunk (and tile) is consumed
+        for (int idx = tid; idx < rows * kChunk; idx += kThreads) {
+          const int r = idx / kChunk, kk = idx % kChunk;
+          const int64_t k = k0 + kk;
+          hs[kk * RBp + r] = k < H ? hin[(row0 + r) * H + k] : acc_t(0);
+        }
+        __syncthreads();
+        if (active) {
+          const int kn = H - k0 < kChunk ? int(H - k0) : kChunk;
+          for (int kk = 0; kk < kn; ++kk) {
+            acc_t wv[G];
+#pragma unroll
+            for (int g = 0; g < G; ++g) wv[g] = acc_t(w[(k0 + kk) * GHs + g * Hs + u]);
+#pragma unroll
+            for (int r = 0; r < kRows; ++r) {
+              if (r * RG + rg >= rows) break;
+              const acc_t hv = hs[kk * RBp + r * RG + rg];
+#pragma unroll
+              for (int g = 0; g < G; ++g) acc[r][g] += wv[g] * hv;
+            }
+          }
+        }
+      }
+      if (!active) continue;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const int64_t i = row0 + r * RG + rg;
+        if (i >= nrun) continue;
+        const int64_t b = p.perm[i], tb = t * B + b;
+        const acc_t h = forward_point<scalar_t, acc_t, K>(
+            p.gx + tb * G * H + j, p.bias, p.b_hn, j, H, acc[r], hin[i * H + j],
+            K == Cell::LSTM ? p.cbuf + i * H + j : nullptr, p.gates + tb * GS * H + j,
+            p.states + tb * S * H + j);
+        hout[i * H + j] = h;
+        p.y[tb * H + j] = scalar_t(h);
+      }
+    }
+    cg::this_grid().sync();  // h_t complete before any CTA reads it
+  }
+
+  for (int64_t idx = tid; idx < B * Hs; idx += kThreads) {
+    const int64_t i = idx / Hs, jj = j0 + idx % Hs;
+    if (jj >= H) continue;
+    const int64_t b = p.perm[i], L = p.sorted_len[i];
+    const int64_t buf = p.reverse ? 0 : (L & 1);
+    p.h_n[b * H + jj] = scalar_t(p.hbuf[(buf * B + i) * H + jj]);
+    if constexpr (K == Cell::LSTM) p.c_n[b * H + jj] = scalar_t(p.cbuf[i * H + jj]);
+  }
+}
+
+// ------------------------------------------------------------------ backward
+template <typename scalar_t, typename acc_t>
+struct BwdParams {
+  const int64_t* sorted_len;  // (B,) lengths, longest first
+  const int64_t* perm;        // (B,) batch index of each row of that order
+  const scalar_t* w_hh;       // (G*H, H)
+  const scalar_t* gates;      // (T, B, GS*H) the forward's workspace
+  const scalar_t* states;     // (T, B, S*H)
+  const scalar_t* dy;         // (T, B, H) gradient of the output
+  const acc_t* grad_h_n;      // (B, H)
+  const acc_t* grad_c_n;      // (B, H) LSTM only
+  acc_t* carry;               // (B, H) length order: d h' not passing through W_hh
+  acc_t* dcbuf;               // (B, H) length order: LSTM's d c'
+  scalar_t* dgx;              // (T, B, G*H) zero-initialized
+  scalar_t* dgh;              // (T, B, G*H) zero-initialized; aliases dgx unless GRU
+  acc_t* grad_h0;             // (B, H)
+  acc_t* grad_c0;             // (B, H) LSTM only
+  int64_t T, B, H;
+  int units;
+  bool reverse;
+};
+
+// Steps run in the reverse of the forward's order. At step t a running row
+// gets d h_t = dy_t + carry + dgh_prev W_hh[:, j], where dgh_prev is its
+// pre-activation gradient at the step processed just before (zero for a row
+// that starts here: its carry is still grad_h_n). A row that ran at the
+// previous step but not at this one has finished: carry + dgh_prev W_hh is
+// its grad_h0. One step past the last handles the rows that finish there.
+template <typename scalar_t, typename acc_t, Cell K>
+__global__ void __launch_bounds__(kThreads, 1) persistent_backward_kernel(BwdParams<scalar_t, acc_t> p) {
+  constexpr int G = num_gates(K), GS = num_saved_gates(K), S = num_states(K);
+  const int64_t H = p.H, B = p.B, T = p.T, GH = int64_t(G) * H;
+  const int Hs = p.units, tid = threadIdx.x;
+  const int u = tid % Hs, rg = tid / Hs, RG = kThreads / Hs, RB = RG * kRows, RBp = RB + 1;
+  const int64_t j0 = int64_t(blockIdx.x) * Hs, j = j0 + u;
+  const bool owns = rg < RG && j < H;
+  VK_DYNAMIC_SHARED(unsigned char, smem);
+  scalar_t* w = reinterpret_cast<scalar_t*>(smem);  // w[m * Hs + u] = W_hh[m, j0+u]
+  acc_t* ds = reinterpret_cast<acc_t*>(smem + align16(GH * Hs * sizeof(scalar_t)));
+
+  for (int64_t idx = tid; idx < GH * Hs; idx += kThreads) {
+    const int64_t m = idx / Hs, jj = j0 + idx % Hs;
+    w[idx] = jj < H ? p.w_hh[m * H + jj] : scalar_t(0);
+  }
+  for (int64_t idx = tid; idx < B * Hs; idx += kThreads) {
+    const int64_t i = idx / Hs, jj = j0 + idx % Hs;
+    if (jj >= H) continue;
+    const int64_t b = p.perm[i];
+    p.carry[i * H + jj] = p.grad_h_n[b * H + jj];
+    if constexpr (K == Cell::LSTM) p.dcbuf[i * H + jj] = p.grad_c_n[b * H + jj];
+  }
+  __syncthreads();  // other threads of this CTA read these rows in the steps
+  const int64_t maxlen = longest(p.sorted_len, B, T);
+
+  for (int64_t step = 0; step <= maxlen; ++step) {
+    const bool last = step == maxlen;  // no step to run, only rows to finish
+    const int64_t t = last ? -1 : (p.reverse ? step : maxlen - 1 - step);
+    const int64_t tp = p.reverse ? step - 1 : maxlen - step;  // processed before t
+    const int64_t nrun = last ? 0 : count_running(p.sorted_len, B, t);
+    const int64_t nprev = step > 0 ? count_running(p.sorted_len, B, tp) : 0;
+    const int64_t n = nrun > nprev ? nrun : nprev;
+    const scalar_t* dg_prev = p.dgh + (step > 0 ? tp : 0) * B * GH;
+    for (int64_t row0 = 0; row0 < n; row0 += RB) {
+      acc_t acc[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) acc[r] = acc_t(0);
+      // Rows of this tile with a product (those that ran at the previous step);
+      // a thread whose first row has none skips it.
+      const int rows = row0 < nprev ? (nprev - row0 < RB ? int(nprev - row0) : RB) : 0;
+      if (rows > 0) {  // the same for the whole block
+        for (int64_t m0 = 0; m0 < GH; m0 += kChunk) {
+          __syncthreads();
+          for (int idx = tid; idx < rows * kChunk; idx += kThreads) {
+            const int r = idx / kChunk, kk = idx % kChunk;
+            const int64_t m = m0 + kk;
+            ds[kk * RBp + r] = m < GH ? acc_t(dg_prev[p.perm[row0 + r] * GH + m]) : acc_t(0);
+          }
+          __syncthreads();
+          if (owns && rg < rows) {
+            const int kn = GH - m0 < kChunk ? int(GH - m0) : kChunk;
+            for (int kk = 0; kk < kn; ++kk) {
+              const acc_t wv = acc_t(w[(m0 + kk) * Hs + u]);
+#pragma unroll
+              for (int r = 0; r < kRows; ++r)
+                if (r * RG + rg < rows) acc[r] += ds[kk * RBp + r * RG + rg] * wv;
+            }
+          }
+        }
+      }
+      if (!owns) continue;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const int64_t i = row0 + r * RG + rg;
+        if (i >= n) continue;
+        acc_t* carry = p.carry + i * H + j;
+        if (i < nrun) {
+          const int64_t tb = t * B + p.perm[i];
+          const acc_t dh = *carry + acc[r] + acc_t(p.dy[tb * H + j]);
+          *carry = backward_point<scalar_t, acc_t, K>(
+              p.gates + tb * GS * H + j, p.states + tb * S * H + j, H, dh,
+              K == Cell::LSTM ? p.dcbuf + i * H + j : nullptr, p.dgx + tb * GH + j,
+              p.dgh + tb * GH + j);
+        } else {
+          *carry += acc[r];  // finished: this is d h0
+        }
+      }
+    }
+    cg::this_grid().sync();  // this step's dgh complete before any CTA reads it
+  }
+
+  for (int64_t idx = tid; idx < B * Hs; idx += kThreads) {
+    const int64_t i = idx / Hs, jj = j0 + idx % Hs;
+    if (jj >= H) continue;
+    const int64_t b = p.perm[i];
+    p.grad_h0[b * H + jj] = p.carry[i * H + jj];
+    if constexpr (K == Cell::LSTM) p.grad_c0[b * H + jj] = p.dcbuf[i * H + jj];
+  }
+}
+
+
+// ------------------------------------------------------------------ tensor cores
+// Half and bfloat16: the recurrent product on tensor cores. Per CTA and step
+// it is C = A B with A the running rows of h (forward, rounded to the storage
+// type, as the GEMMs of the per-step path and cuDNN round it) or of the
+// previous step's dgh (backward), and B the CTA's slice of W_hh, kept in
+// shared memory for the whole launch. Per tile of rows, the 8 warps share the
+// 16x16 output tiles (at most 2 each), A is staged kTcChunk columns at a time,
+// C goes through shared memory to the threads that apply the cell, one
+// (row, unit) each. The state, the carry and C stay float.
+#ifdef VK_EMULATE_CUDA
+template <typename T>
+struct TcType {
+  using type = T;  // the emulated wmma takes c10::Half / c10::BFloat16
+};
+#else
+template <typename T>
+struct TcType;
+template <>
+struct TcType<c10::Half> {
+  using type = __half;
+};
+template <>
+struct TcType<c10::BFloat16> {
+  using type = __nv_bfloat16;
+};
+#endif
+
+constexpr int kTcChunk = 64;  // columns of A staged at a time
+constexpr int kWarps = kThreads / 32;
+constexpr int64_t align128(int64_t n) { return (n + 127) / 128 * 128; }
+
+// Tile geometry for a product with n output columns and reduction length k.
+struct TcGeometry {
+  int n, np, nt, mt, rbt;   // columns, padded to 16; column tiles; row tiles per tile; rows
+  int64_t kp, ldw, lda, ldc;  // k padded to 16; leading dimensions of W, A, C in shared memory
+  __host__ __device__ TcGeometry(int n_, int64_t k) : n(n_) {
+    np = (n + 15) / 16 * 16;
+    nt = np / 16;
+    mt = nt >= kWarps ? 1 : kWarps / nt;
+    rbt = 16 * mt;
+    kp = (k + 15) / 16 * 16;
+    ldw = kp + 8;
+    lda = kTcChunk + 8;
+    ldc = np + 4;
+  }
+  // At most two output tiles per warp.
+  __host__ __device__ bool fits_warps() const { return mt * nt <= 2 * kWarps; }
+  __host__ __device__ int64_t w_bytes(int elem) const { return align128(np * ldw * elem); }
+  __host__ __device__ int64_t a_bytes(int elem) const { return align128(rbt * lda * elem); }
+  int64_t smem(int elem) const { return w_bytes(elem) + a_bytes(elem) + int64_t(rbt) * ldc * 4; }
+};
+
+__host__ __device__ constexpr int round16(int n) { return (n + 15) / 16 * 16; }
+
+// C (rows x g.np) += A (rows x kp, staged per chunk by `stage`) times the
+// W slice w (col-major, g.ldw): the output tiles of this warp, those with a
+// row below `rows`; then C to shared memory cs. Block-uniform: every thread
+// calls it; `stage(k0, kc)` fills as[r * lda + kk] for r < round16(rows),
+// kk < kc (zero past `rows`: only whole 16-row tiles are multiplied).
+template <typename scalar_t, typename Stage>
+__device__ __forceinline__ void tc_product(const TcGeometry& g, int rows, const scalar_t* ws,
+                                           scalar_t* as, float* cs, Stage stage) {
+  using namespace nvcuda;
+  using tc_t = typename TcType<scalar_t>::type;
+  const int warp = threadIdx.x / 32;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
+  wmma::fill_fragment(acc[0], 0.f);
+  wmma::fill_fragment(acc[1], 0.f);
+  for (int64_t k0 = 0; k0 < g.kp; k0 += kTcChunk) {
+    const int kc = g.kp - k0 < kTcChunk ? int(g.kp - k0) : kTcChunk;
+    __syncthreads();  // the previous chunk (and tile) is consumed
+    stage(k0, kc);
+    __syncthreads();
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int q = warp + e * kWarps, mtile = q / g.nt, ntile = q % g.nt;
+      if (q >= g.mt * g.nt || mtile * 16 >= rows) continue;  // warp-uniform
+      for (int kk = 0; kk < kc; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, tc_t, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, tc_t, wmma::col_major> b;
+        wmma::load_matrix_sync(a, reinterpret_cast<const tc_t*>(as + mtile * 16 * g.lda + kk),
+                               unsigned(g.lda));
+        wmma::load_matrix_sync(b, reinterpret_cast<const tc_t*>(ws + ntile * 16 * g.ldw + k0 + kk),
+                               unsigned(g.ldw));
+        wmma::mma_sync(acc[e], a, b, acc[e]);
+      }
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const int q = warp + e * kWarps, mtile = q / g.nt, ntile = q % g.nt;
+    if (q >= g.mt * g.nt || mtile * 16 >= rows) continue;
+    wmma::store_matrix_sync(cs + mtile * 16 * g.ldc + ntile * 16, acc[e], unsigned(g.ldc),
+                            wmma::mem_row_major);
+  }
+  __syncthreads();  // C complete for the cell threads
+}
+
+template <typename scalar_t, Cell K>
+__global__ void __launch_bounds__(kThreads, 1)
+    persistent_forward_tc_kernel(FwdParams<scalar_t, float> p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // bfloat16 wmma needs sm_80; the host never launches it below
+#else
+  constexpr int G = num_gates(K), GS = num_saved_gates(K), S = num_states(K);
+  const int64_t H = p.H, B = p.B, T = p.T;
+  const int Hs = p.units, tid = threadIdx.x;
+  const int64_t j0 = int64_t(blockIdx.x) * Hs;
+  const TcGeometry g(G * Hs, H);
+  VK_DYNAMIC_SHARED(unsigned char, smem);
+  // ws[n * ldw + k] = W_hh[gate * H + j0 + u, k] for column n = gate * Hs + u
+  scalar_t* ws = reinterpret_cast<scalar_t*>(smem);
+  scalar_t* as = reinterpret_cast<scalar_t*>(smem + g.w_bytes(sizeof(scalar_t)));
+  float* cs = reinterpret_cast<float*>(smem + g.w_bytes(sizeof(scalar_t)) +
+                                       g.a_bytes(sizeof(scalar_t)));
+  for (int64_t idx = tid; idx < g.np * g.kp; idx += kThreads) {
+    const int64_t n = idx / g.kp, k = idx % g.kp, gate = n / Hs, jj = j0 + n % Hs;
+    ws[n * g.ldw + k] =
+        (n < g.n && jj < H && k < H) ? p.w_hh[(gate * H + jj) * H + k] : scalar_t(0);
+  }
+  for (int64_t idx = tid; idx < B * Hs; idx += kThreads) {
+    const int64_t i = idx / Hs, jj = j0 + idx % Hs;
+    if (jj >= H) continue;
+    const int64_t b = p.perm[i];
+    const float h = float(p.h0[b * H + jj]);
+    p.hbuf[i * H + jj] = h;
+    p.hbuf[(B + i) * H + jj] = h;
+    if constexpr (K == Cell::LSTM) p.cbuf[i * H + jj] = float(p.c0[b * H + jj]);
+  }
+  const int64_t maxlen = longest(p.sorted_len, B, T);
+  cg::this_grid().sync();
+
+  for (int64_t step = 0; step < maxlen; ++step) {
+    const int64_t t = p.reverse ? maxlen - 1 - step : step;
+    const int64_t nrun = count_running(p.sorted_len, B, t);
+    const float* hin = p.hbuf + (p.reverse ? ((t + 1) & 1) : (t & 1)) * B * H;
+    float* hout = p.hbuf + (p.reverse ? (t & 1) : ((t + 1) & 1)) * B * H;
+    for (int64_t row0 = 0; row0 < nrun; row0 += g.rbt) {
+      const int rows = nrun - row0 < g.rbt ? int(nrun - row0) : g.rbt;
+      tc_product(g, rows, ws, as, cs, [&](int64_t k0, int kc) {
+        for (int idx = tid; idx < round16(rows) * kc; idx += kThreads) {
+          const int r = idx / kc, kk = idx % kc;
+          const int64_t k = k0 + kk;
+          as[r * g.lda + kk] =
+              (r < rows && k < H) ? scalar_t(hin[(row0 + r) * H + k]) : scalar_t(0);
+        }
+      });
+      for (int idx = tid; idx < rows * Hs; idx += kThreads) {
+        const int r = idx / Hs, u = idx % Hs;
+        const int64_t j = j0 + u, i = row0 + r;
+        if (j >= H) continue;
+        float hid[G];
+#pragma unroll
+        for (int gate = 0; gate < G; ++gate) hid[gate] = cs[r * g.ldc + gate * Hs + u];
+        const int64_t b = p.perm[i], tb = t * B + b;
+        const float h = forward_point<scalar_t, float, K>(
+            p.gx + tb * G * H + j, p.bias, p.b_hn, j, H, hid, hin[i * H + j],
+            K == Cell::LSTM ? p.cbuf + i * H + j : nullptr, p.gates + tb * GS * H + j,
+            p.states + tb * S * H + j);
+        hout[i * H + j] = h;
+        p.y[tb * H + j] = scalar_t(h);
+      }
+    }
+    cg::this_grid().sync();
+  }
+
+  for (int64_t idx = tid; idx < B * Hs; idx += kThreads) {
+    const int64_t i = idx / Hs, jj = j0 + idx % Hs;
+    if (jj >= H) continue;
+    const int64_t b = p.perm[i], L = p.sorted_len[i];
+    const int64_t buf = p.reverse ? 0 : (L & 1);
+    p.h_n[b * H + jj] = scalar_t(p.hbuf[(buf * B + i) * H + jj]);
+    if constexpr (K == Cell::LSTM) p.c_n[b * H + jj] = scalar_t(p.cbuf[i * H + jj]);
+  }
+#endif
+}
+
+template <typename scalar_t, Cell K>
+__global__ void __launch_bounds__(kThreads, 1)
+    persistent_backward_tc_kernel(BwdParams<scalar_t, float> p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();
+#else
+  constexpr int G = num_gates(K), GS = num_saved_gates(K), S = num_states(K);
+  const int64_t H = p.H, B = p.B, T = p.T, GH = int64_t(G) * H;
+  const int Hs = p.units, tid = threadIdx.x;
+  const int64_t j0 = int64_t(blockIdx.x) * Hs;
+  const TcGeometry g(Hs, GH);
+  VK_DYNAMIC_SHARED(unsigned char, smem);
+  // ws[n * ldw + m] = W_hh[m, j0 + n]
+  scalar_t* ws = reinterpret_cast<scalar_t*>(smem);
+  scalar_t* as = reinterpret_cast<scalar_t*>(smem + g.w_bytes(sizeof(scalar_t)));
+  float* cs = reinterpret_cast<float*>(smem + g.w_bytes(sizeof(scalar_t)) +
+                                       g.a_bytes(sizeof(scalar_t)));
+  for (int64_t idx = tid; idx < g.np * g.kp; idx += kThreads) {  // n fastest: coalesced reads
+    const int64_t n = idx % g.np, m = idx / g.np, jj = j0 + n;
+    ws[n * g.ldw + m] = (n < Hs && jj < H && m < GH) ? p.w_hh[m * H + jj] : scalar_t(0);
+  }
+  for (int64_t idx = tid; idx < B * Hs; idx += kThreads) {
+    const int64_t i = idx / Hs, jj = j0 + idx % Hs;
+    if (jj >= H) continue;
+    const int64_t b = p.perm[i];
+    p.carry[i * H + jj] = p.grad_h_n[b * H + jj];
+    if constexpr (K == Cell::LSTM) p.dcbuf[i * H + jj] = p.grad_c_n[b * H + jj];
+  }
+  __syncthreads();  // other threads of this CTA read these rows in the steps
+  const int64_t maxlen = longest(p.sorted_len, B, T);
+
+  for (int64_t step = 0; step <= maxlen; ++step) {
+    const bool last = step == maxlen;
+    const int64_t t = last ? -1 : (p.reverse ? step : maxlen - 1 - step);
+    const int64_t tp = p.reverse ? step - 1 : maxlen - step;
+    const int64_t nrun = last ? 0 : count_running(p.sorted_len, B, t);
+    const int64_t nprev = step > 0 ? count_running(p.sorted_len, B, tp) : 0;
+    const int64_t n = nrun > nprev ? nrun : nprev;
+    const scalar_t* dg_prev = p.dgh + (step > 0 ? tp : 0) * B * GH;
+    for (int64_t row0 = 0; row0 < n; row0 += g.rbt) {
+      const int rows = n - row0 < g.rbt ? int(n - row0) : g.rbt;
+      const int with_prev = row0 < nprev ? (nprev - row0 < g.rbt ? int(nprev - row0) : g.rbt) : 0;
+      if (with_prev > 0) {  // block-uniform
+        tc_product(g, with_prev, ws, as, cs, [&](int64_t m0, int kc) {
+          for (int idx = tid; idx < round16(with_prev) * kc; idx += kThreads) {
+            const int r = idx / kc, kk = idx % kc;
+            const int64_t m = m0 + kk;
+            as[r * g.lda + kk] =
+                (r < with_prev && m < GH) ? dg_prev[p.perm[row0 + r] * GH + m] : scalar_t(0);
+          }
+        });
+      }
+      for (int idx = tid; idx < rows * Hs; idx += kThreads) {
+        const int r = idx / Hs, u = idx % Hs;
+        const int64_t j = j0 + u, i = row0 + r;
+        if (j >= H) continue;
+        const float prod = r < with_prev ? cs[r * g.ldc + u] : 0.f;
+        float* carry = p.carry + i * H + j;
+        if (i < nrun) {
+          const int64_t tb = t * B + p.perm[i];
+          const float dh = *carry + prod + float(p.dy[tb * H + j]);
+          *carry = backward_point<scalar_t, float, K>(
+              p.gates + tb * GS * H + j, p.states + tb * S * H + j, H, dh,
+              K == Cell::LSTM ? p.dcbuf + i * H + j : nullptr, p.dgx + tb * GH + j,
+              p.dgh + tb * GH + j);
+        } else {
+          *carry += prod;  // finished: this is d h0
+        }
+      }
+    }
+    cg::this_grid().sync();
+  }
+
+  for (int64_t idx = tid; idx < B * Hs; idx += kThreads) {
+    const int64_t i = idx / Hs, jj = j0 + idx % Hs;
+    if (jj >= H) continue;
+    const int64_t b = p.perm[i];
+    p.grad_h0[b * H + jj] = p.carry[i * H + jj];
+    if constexpr (K == Cell::LSTM) p.grad_c0[b * H + jj] = p.dcbuf[i * H + jj];
+  }
+#endif
+}
+
+// ------------------------------------------------------------------ host
+template <typename scalar_t>
+constexpr bool kTensorCores =
+    std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>;
+
+struct Launch {
+  int units = 0;     // 0: does not fit
+  int64_t ctas = 0;
+  size_t smem = 0;
+  bool kernel_tc = false;  // the tensor-core kernel (else the fma one)
+};
+
+// The fewest units per CTA (the most CTAs) whose W_hh slice fits in shared
+// memory and whose grid can be resident at once.
+// At most one CTA per SM: every CTA reads all running rows of h each step, so
+// more CTAs mean more of that traffic, not more useful parallelism.
+// smem_for(units): the kernel's shared memory in bytes, or -1 when its tiles
+// cannot have that many units.
+template <typename Kernel, typename SmemFor>
+Launch plan_launch(Kernel kernel, int64_t H, SmemFor smem_for) {
+  Launch l;
+  const int64_t most =
+      std::min(cuda::sm_count(), cuda::cooperative_grid_limit(kernel, kThreads, 0));
+  if (most < 1 || H < 1) return l;
+  int64_t units = std::max<int64_t>(kMinUnits, (H + most - 1) / most);
+  for (; units <= kMaxUnits; ++units) {
+    const int64_t bytes = smem_for(int(units));
+    if (bytes < 0 || size_t(bytes) > cuda::max_dynamic_smem()) return l;
+    const size_t smem = size_t(bytes);
+    const int64_t ctas = (H + units - 1) / units;
+    if (ctas <= cuda::cooperative_grid_limit(kernel, kThreads, smem)) {
+      l.units = int(units);
+      l.ctas = ctas;
+      l.smem = smem;
+      return l;
+    }
+  }
+  return l;
+}
+
+// The persistent launch of a direction, or units = 0 to take the per-step
+// path: for half/bfloat16 the tensor-core kernel (sm_80 and later) where it
+// fits, else the fma kernel, for the other dtypes the fma kernel. The error (a
+// forced persistent path that does not fit) names the sizes. `forward` picks
+// the kernels and their shared memory: forward G*units product columns over H,
+// backward units columns over G*H.
+template <typename scalar_t, typename Kernel>
+Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* which, int64_t B,
+              int64_t H, int G, at::ScalarType dtype) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const RnnPath path = rnn_path_setting();
+  if (path == RnnPath::PerStep || B * H == 0) return {};  // nothing to step: either path
+  Launch l;
+  if (kTensorCores<scalar_t> && cuda::compute_major() >= 8) {
+    l = plan_launch(tc_kernel, H, [&](int units) -> int64_t {
+      const TcGeometry geo = forward ? TcGeometry(G * units, H) : TcGeometry(units, int64_t(G) * H);
+      return geo.fits_warps() ? geo.smem(sizeof(scalar_t)) : -1;
+    });
+    l.kernel_tc = l.units > 0;
+  }
+  if (l.units == 0)
+    l = plan_launch(fma_kernel, H, [&](int units) -> int64_t {
+      return int64_t(smem_bytes<scalar_t, acc_t>(G, units, H));
+    });
+  TORCH_CHECK(l.units > 0 || path == RnnPath::Auto, "VARLEN_KERNELS_RNN_PATH=persistent: the ",
+              which, " kernel does not fit this device for hidden_size ", H, ", ", G,
+              " gate(s), dtype ", dtype, " (W_hh's slices exceed the shared memory of the CTAs ",
+              "that can be resident at once); use 'auto' to fall back to the per-step path");
+  return l;
+}
+
+}  // namespace
+
+std::optional<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>> rnn_forward_persistent(
+    Cell cell, const Tensor& gx, const Tensor& lengths, const Tensor& h0, const Tensor& c0,
+    const Tensor& w_hh, const Tensor& bias, const Tensor& b_hn, int64_t T, int64_t B,
+    bool reverse) {
+  const int64_t H = w_hh.size(1);
+  const int G = num_gates(cell), GS = num_saved_gates(cell), S = num_states(cell);
+  const auto opts = gx.options();
+  const auto acc_type = at::toOpMathType(gx.scalar_type());
+  std::optional<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>> result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gx.scalar_type(),
+                                  "rnn_forward_persistent", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dispatch_cell(cell, [&](auto k) {
+      constexpr Cell K = decltype(k)::value;
+      auto fma_kernel = persistent_forward_kernel<scalar_t, acc_t, K>;
+      auto tc_kernel = fma_kernel;
+      if constexpr (kTensorCores<scalar_t>) tc_kernel = persistent_forward_tc_kernel<scalar_t, K>;
+      const Launch l = choose<scalar_t>(tc_kernel, fma_kernel, true, "persistent forward", B, H, G,
+                                        gx.scalar_type());
+      if (l.units == 0) return 0;
+      const auto kernel = l.kernel_tc ? tc_kernel : fma_kernel;
+      const auto [sorted_len, perm] = at::sort(lengths, /*stable=*/true, 0, /*descending=*/true);
+      const Tensor w = w_hh.contiguous(), h0c = h0.contiguous();
+      const Tensor c0c = K == Cell::LSTM ? c0.contiguous() : Tensor();
+      Tensor hbuf = at::empty({2, B, H}, opts.dtype(acc_type));
+      Tensor cbuf = K == Cell::LSTM ? at::empty({B, H}, opts.dtype(acc_type)) : Tensor();
+      Tensor output = at::zeros({T, B, H}, opts);
+      Tensor gates = at::zeros({T, B, GS * H}, opts);
+      Tensor states = at::zeros({T, B, S * H}, opts);
+      Tensor h_n = at::empty({B, H}, opts);
+      Tensor c_n = K == Cell::LSTM ? at::empty({B, H}, opts) : at::empty({0}, opts);
+      {
+        FwdParams<scalar_t, acc_t> p{
+            sorted_len.const_data_ptr<int64_t>(), perm.const_data_ptr<int64_t>(),
+            w.const_data_ptr<scalar_t>(), gx.const_data_ptr<scalar_t>(),
+            bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr,
+            b_hn.defined() ? b_hn.const_data_ptr<acc_t>() : nullptr,
+            h0c.const_data_ptr<scalar_t>(),
+            K == Cell::LSTM ? c0c.const_data_ptr<scalar_t>() : nullptr,
+            hbuf.data_ptr<acc_t>(), K == Cell::LSTM ? cbuf.data_ptr<acc_t>() : nullptr,
+            output.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), states.data_ptr<scalar_t>(),
+            h_n.data_ptr<scalar_t>(), K == Cell::LSTM ? c_n.data_ptr<scalar_t>() : nullptr,
+            T, B, H, l.units, reverse};
+        cuda::launch_cooperative(kernel, dim3(unsigned(l.ctas)), dim3(kThreads), l.smem,
+                                 cuda::current_stream(), p);
+      }
+      result.emplace(output, h_n, c_n, gates, states);
+      return 0;
+    });
+  });
+  return result;
+}
+
+std::optional<std::tuple<Tensor, Tensor, Tensor, Tensor>> rnn_backward_persistent(
+    Cell cell, const Tensor& dy, const Tensor& grad_h_n, const Tensor& grad_c_n,
+    const Tensor& lengths, const Tensor& w_hh, const Tensor& gates, const Tensor& states,
+    int64_t T, int64_t B, bool reverse) {
+  const int64_t H = w_hh.size(1);
+  const int G = num_gates(cell);
+  const auto opts = dy.options();
+  const auto acc_type = at::toOpMathType(dy.scalar_type());
+  std::optional<std::tuple<Tensor, Tensor, Tensor, Tensor>> result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(),
+                                  "rnn_backward_persistent", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dispatch_cell(cell, [&](auto k) {
+      constexpr Cell K = decltype(k)::value;
+      auto fma_kernel = persistent_backward_kernel<scalar_t, acc_t, K>;
+      auto tc_kernel = fma_kernel;
+      if constexpr (kTensorCores<scalar_t>) tc_kernel = persistent_backward_tc_kernel<scalar_t, K>;
+      const Launch l = choose<scalar_t>(tc_kernel, fma_kernel, false, "persistent backward", B, H,
+                                        G, dy.scalar_type());
+      if (l.units == 0) return 0;
+      const auto kernel = l.kernel_tc ? tc_kernel : fma_kernel;
+      const auto [sorted_len, perm] = at::sort(lengths, /*stable=*/true, 0, /*descending=*/true);
+      const Tensor w = w_hh.contiguous(), gs = gates.contiguous(), st = states.contiguous();
+      const Tensor ghn = grad_h_n.to(acc_type).contiguous();
+      const Tensor gcn = K == Cell::LSTM ? grad_c_n.to(acc_type).contiguous() : Tensor();
+      Tensor carry = at::empty({B, H}, opts.dtype(acc_type));
+      Tensor dcbuf = K == Cell::LSTM ? at::empty({B, H}, opts.dtype(acc_type)) : Tensor();
+      Tensor dgx = at::zeros({T * B, G * H}, opts);
+      Tensor dgh = K == Cell::GRU ? at::zeros({T * B, G * H}, opts) : dgx;
+      Tensor grad_h0 = at::empty({B, H}, opts.dtype(acc_type));
+      Tensor grad_c0 = K == Cell::LSTM ? at::empty({B, H}, opts.dtype(acc_type)) : Tensor();
+      {
+        BwdParams<scalar_t, acc_t> p{
+            sorted_len.const_data_ptr<int64_t>(), perm.const_data_ptr<int64_t>(),
+            w.const_data_ptr<scalar_t>(), gs.const_data_ptr<scalar_t>(),
+            st.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
+            ghn.const_data_ptr<acc_t>(), K == Cell::LSTM ? gcn.const_data_ptr<acc_t>() : nullptr,
+            carry.data_ptr<acc_t>(), K == Cell::LSTM ? dcbuf.data_ptr<acc_t>() : nullptr,
+            dgx.data_ptr<scalar_t>(), dgh.data_ptr<scalar_t>(), grad_h0.data_ptr<acc_t>(),
+            K == Cell::LSTM ? grad_c0.data_ptr<acc_t>() : nullptr, T, B, H, l.units, reverse};
+        cuda::launch_cooperative(kernel, dim3(unsigned(l.ctas)), dim3(kThreads), l.smem,
+                                 cuda::current_stream(), p);
+      }
+      result.emplace(dgx, dgh, grad_h0, grad_c0);
+      return 0;
+    });
+  });
+  return result;
+}
+
+}  // namespace varlen

@@ -10,8 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import CELLS, run_packed, sample_inputs, states_of
-from test_rnn import check_against_packed
+from conftest import CELLS, check_against_packed, run_packed, sample_inputs, states_of
 from varlen_kernels import MaskedRNN
 
 pytestmark = pytest.mark.cpu_only

@@ -16,9 +16,17 @@ The methods are interleaved: each repeat times every method once (the median of
 a blocked_autorange), round-robin, so a slow phase of a noisy machine hits all of
 them. Per method a row gives the median over the repeats (name_ms), the fastest
 repeat (name_min_ms) and the spread (slowest / fastest repeat, name_spread); the
-speedups are ratios of the medians. A method or a case that fails is reported as
+speedups are ratios of the medians (speedup_vs_name), of the fastest repeats
+(speedup_vs_name_of_min), and the lowest and highest ratio of one repeat's two
+timings (speedup_vs_name_lo / _hi). A method or a case that fails is reported as
 `name: failed (Type: message)`, recorded in the row (name_error / error), and the
 run goes on.
+
+masked_gflop_per_s is the rate of the recurrence's GEMM work on the valid tokens
+(forward + backward, recurrence_flops) at the median time (_max: at the fastest
+repeat); the run's meta holds the machine's large-GEMM rate on the same threads
+(gemm_gflop_per_s, the best of a few n x n float32 torch.mm, n = 2048 on the CPU)
+to compare it with, and the load average before and after the run.
 
 On a GPU, float32 runs in IEEE precision for every method (cuDNN's RNNs and
 matmuls are switched from their TF32 default): the persistent kernels have no
@@ -31,7 +39,8 @@ rnn_<device>.{json,csv}, rewritten after every case. The committed results in
 benchmarks/results/ are refreshed only on purpose, with `--out benchmarks/results`.
 
   python benchmarks/bench_rnn.py --quick       # seconds: tiny sizes, every baseline
-  python benchmarks/bench_rnn.py               # the CPU figures (minutes)
+  python benchmarks/bench_rnn.py               # the CPU figures (minutes): T=100,
+                                               # B in {64, 8}, H in {256, 128}
   python benchmarks/bench_rnn.py --device cuda --out benchmarks/results
 """
 import argparse
@@ -99,10 +108,36 @@ def cpu_isa():
 
 
 def run_info(device):
-    """What a figure depends on: device, ISA PyTorch dispatches to, threads, versions."""
+    """What a figure depends on: device, ISA PyTorch dispatches to, threads, versions, load."""
     return {"device": device_name(device), "isa": cpu_isa(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "commit": commit(), "varlen_kernels": varlen_kernels.__version__,
-            "python": sys.version.split()[0]}
+            "python": sys.version.split()[0], "load_before": load_average()}
+
+
+def load_average():
+    """1-minute load average of the machine (None where the OS does not say)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
+def gemm_rate(device, n, repeats=5):
+    """The machine's large-GEMM rate in GFLOP/s: best of `repeats` n x n x n float32
+    torch.mm (MKL on the CPU), on the current threads."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(2):
+        a @ b
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return float(f"{2 * n ** 3 / best / 1e9:.4g}")
 
 
 def device_tag(device):
@@ -201,6 +236,19 @@ def add_times(row, times):
         row[f"{name}_ms"] = round(statistics.median(ms), 3)
         row[f"{name}_min_ms"] = round(min(ms), 3)
         row[f"{name}_spread"] = round(max(ms) / min(ms), 3)
+
+
+def add_speedups(row, times, ours="masked"):
+    """speedup_vs_name: ratio of the medians; _of_min: of the fastest repeats; _lo / _hi:
+    the lowest / highest ratio within one repeat (the two were timed back to back)."""
+    for name, ms in times.items():
+        if name == ours:
+            continue
+        row[f"speedup_vs_{name}"] = round(row[f"{name}_ms"] / row[f"{ours}_ms"], 2)
+        row[f"speedup_vs_{name}_of_min"] = round(row[f"{name}_min_ms"] / row[f"{ours}_min_ms"], 2)
+        per_repeat = [theirs / mine for theirs, mine in zip(ms, times[ours])]
+        row[f"speedup_vs_{name}_lo"] = round(min(per_repeat), 2)
+        row[f"speedup_vs_{name}_hi"] = round(max(per_repeat), 2)
 
 
 # -------------------------------------------------------------------- cases
@@ -308,11 +356,13 @@ def run_case(args, cell, dtype_name, T, B, H, baselines, log=print):
     for name in times:
         row[f"{name}_tok_per_s"] = round(valid / (row[f"{name}_ms"] * 1e-3))
     if "masked" in times:
-        for name in times:
-            if name != "masked":
-                row[f"speedup_vs_{name}"] = round(row[f"{name}_ms"] / row["masked_ms"], 2)
-        gflop_per_s = recurrence_flops(cell, valid, H, H) / (row["masked_ms"] * 1e6)
-        row["masked_gflop_per_s"] = float(f"{gflop_per_s:.3g}")
+        add_speedups(row, times)
+        flops = recurrence_flops(cell, valid, H, H)
+        row["masked_gflop_per_s"] = float(f"{flops / (row['masked_ms'] * 1e6):.3g}")
+        row["masked_gflop_per_s_max"] = float(f"{flops / (row['masked_min_ms'] * 1e6):.3g}")
+        gemm = getattr(args, "gemm_gflop_per_s", None)
+        if gemm:
+            row["masked_fraction_of_gemm_rate"] = round(row["masked_gflop_per_s"] / gemm, 3)
     if args.device.startswith("cuda") and "masked" in times:
         fwd = forwards(ref, masked, x, lengths, args.device, ["masked"])["masked"]
         with torch.no_grad():
@@ -325,6 +375,23 @@ def run_case(args, cell, dtype_name, T, B, H, baselines, log=print):
     for name, err in errors.items():
         row[f"{name}_error"] = err
     return row
+
+
+def summary(row, meta):
+    """One readable line per case: our time, the ratios (median [lo-hi]), the rate."""
+    head = f"== {row['cell']} {row['dtype']} T={row['T']} B={row['B']} H={row['H']}"
+    if "masked_ms" not in row:
+        return f"{head}: masked not timed"
+    parts = [f"masked {row['masked_ms']} ms (min {row['masked_min_ms']}, spread {row['masked_spread']})"]
+    for name in BASELINES:
+        if f"speedup_vs_{name}" in row:
+            parts.append(f"x{row[f'speedup_vs_{name}']} vs {name} "
+                         f"[{row[f'speedup_vs_{name}_lo']}-{row[f'speedup_vs_{name}_hi']}]")
+    rate = f"{row['masked_gflop_per_s']} GFLOP/s (max {row['masked_gflop_per_s_max']})"
+    if "masked_fraction_of_gemm_rate" in row:
+        rate += (f" = {row['masked_fraction_of_gemm_rate']} of the large-GEMM rate "
+                 f"{meta['gemm_gflop_per_s']}")
+    return f"{head}: " + ", ".join(parts) + f"; {rate}; isa={meta['isa']} threads={meta['threads']}"
 
 
 def peak_mib(fn, device):
@@ -370,7 +437,7 @@ def parse_args(argv=None):
         sizes, dtypes, min_run_time = ([8], [4], [16]), "float32", 0.01
         baselines = list(BASELINES)
     else:
-        sizes = ([512], [8, 64, 256], [256, 1024]) if gpu else ([100], [64], [256])
+        sizes = ([512], [8, 64, 256], [256, 1024]) if gpu else ([100], [64, 8], [256, 128])
         dtypes, min_run_time = ("float32,bfloat16" if gpu else "float32"), (0.5 if gpu else 1.0)
         baselines = [b for b in BASELINES if b != ("reference" if gpu else "compiled")]
     if not gpu:
@@ -396,12 +463,14 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     meta = run_info(args.device)
+    args.gemm_gflop_per_s = gemm_rate(args.device, 256 if args.quick else 2048)
     if args.device.startswith("cuda"):  # equal precision: IEEE float32 everywhere
         torch.backends.cudnn.rnn.fp32_precision = "ieee"
         torch.backends.cuda.matmul.fp32_precision = "ieee"
         meta["float32"] = "ieee for every method"
     meta.update(quick=args.quick, repeats=args.repeats, min_run_time=args.min_run_time,
-                baselines=args.baselines, compile_backend=args.compile_backend)
+                baselines=args.baselines, compile_backend=args.compile_backend,
+                gemm_gflop_per_s=args.gemm_gflop_per_s)
     print(" ".join(f"{k}={v}" for k, v in meta.items()), flush=True)
     results = Results(args.out or default_out(args.device), f"rnn_{device_tag(args.device)}", meta)
     failures = 0
@@ -421,6 +490,11 @@ def main(argv=None):
                         failures += sum(k == "error" or k.endswith("_error") for k in row)
                         results.add(row)
                         print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+                        print(summary(row, meta), flush=True)
+    meta["load_after"] = load_average()
+    meta["gemm_gflop_per_s_after"] = gemm_rate(args.device, 256 if args.quick else 2048)
+    results.write()
+    print(f"load_after={meta['load_after']} gemm_gflop_per_s_after={meta['gemm_gflop_per_s_after']}")
     print(f"wrote {results.stem}.json and {results.stem}.csv"
           + (f" ({failures} failures recorded)" if failures else ""))
     return results

@@ -1,4 +1,8 @@
-// Which build of the CPU row kernels to run (kernels_avx2.cpp or kernels_base.cpp).
+// Which build of the CPU row kernels to run: kernels_avx512.cpp (RNN cells only),
+// kernels_avx2.cpp or kernels_base.cpp, chosen once at run time.
+//
+// VARLEN_KERNELS_CPU_CAPABILITY caps the choice: "default" runs the portable
+// build everywhere, "avx2" stops at AVX2 (for tests and comparisons).
 #pragma once
 
 #include <cstdlib>
@@ -6,20 +10,30 @@
 
 namespace varlen {
 
-// The AVX2 build where the CPU has AVX2, FMA and F16C and
-// VARLEN_KERNELS_CPU_CAPABILITY is not "default"; otherwise the portable one.
-inline bool use_avx2() {
-  static const bool avx2 = [] {
+enum class CpuIsa { Base, Avx2, Avx512 };
+
+inline CpuIsa cpu_isa() {
+  static const CpuIsa isa = [] {
     const char* env = std::getenv("VARLEN_KERNELS_CPU_CAPABILITY");
-    if (env != nullptr && std::string(env) == "default") return false;
+    const std::string cap = env != nullptr ? env : "";
+    if (cap == "default") return CpuIsa::Base;
 #if defined(__x86_64__) || defined(_M_X64)
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                      __builtin_cpu_supports("f16c");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                        __builtin_cpu_supports("avx512dq");
+    if (avx512 && cap != "avx2") return CpuIsa::Avx512;
+    return avx2 ? CpuIsa::Avx2 : CpuIsa::Base;
 #else
-    return false;
+    return CpuIsa::Base;
 #endif
   }();
-  return avx2;
+  return isa;
 }
+
+// The AVX2 build (or better) where the CPU has AVX2, FMA and F16C and
+// VARLEN_KERNELS_CPU_CAPABILITY is not "default"; otherwise the portable one.
+inline bool use_avx2() { return cpu_isa() != CpuIsa::Base; }
 
 }  // namespace varlen

@@ -1,0 +1,195 @@
+"""The CPU kernels' two ways of computing the per-step products with W_hh
+(csrc/cpu/masked_rnn_cpu.cpp): MKL's packed GEMM (float32; bfloat16 through
+MKL's bf16 GEMM when asked for), W_hh packed once per call, and the ATen path
+(float64, half, bfloat16 by default, and VARLEN_KERNELS_CPU_GEMM=aten). Each
+is checked against nn.* on packed sequences, and the two against each other."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import CELLS, check_against_packed, run_packed, sample_inputs, states_of
+from varlen_kernels import MaskedRNN
+
+pytestmark = pytest.mark.cpu_only
+needs_mkl = pytest.mark.skipif(not torch.backends.mkl.is_available(),
+                               reason="torch is built without MKL")
+
+
+@pytest.fixture
+def gemm(monkeypatch):
+    """Sets VARLEN_KERNELS_CPU_GEMM for the test (read by the kernels at each call)."""
+    def set_path(name):
+        monkeypatch.setenv("VARLEN_KERNELS_CPU_GEMM", name)
+    return set_path
+
+
+@pytest.fixture
+def threads():
+    """Sets torch's thread count for the test, restored afterwards."""
+    old = torch.get_num_threads()
+
+    def set_threads(n):
+        torch.set_num_threads(n)
+    yield set_threads
+    torch.set_num_threads(old)
+
+
+# Small, with a scalar tail (H=20: 4 units past a 16-float vector), and larger
+# (B=32, H=72: per-step products that MKL may share between threads).
+SHAPES = [dict(T=7, B=5, H=20), dict(T=16, B=32, H=72)]
+
+
+@needs_mkl
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{T}B{B}H{H}".format(**s))
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_mkl_path_matches_packed(cell, shape, nthreads, gemm, threads):
+    """float32 through MKL's packed GEMM (required, so a silent fallback fails):
+    values and gradients as nn.* on packed sequences, lengths 0, 1 and T, NaN in
+    the padding, both directions."""
+    gemm("mkl")
+    threads(nthreads)
+    check_against_packed(cell, bidirectional=True, num_layers=2, dtype=torch.float32, **shape)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_aten_path_matches_packed(cell, gemm):
+    gemm("aten")
+    check_against_packed(cell, bidirectional=True, num_layers=2, dtype=torch.float32,
+                         **SHAPES[1])
+
+
+def _run(cell, dtype, shape, seed=0):
+    """Output, states and gradients of one bidirectional 2-layer MaskedRNN."""
+    ref, x, lengths, hx = sample_inputs(cell, num_layers=2, bidirectional=True, dtype=dtype,
+                                        seed=seed, **shape)
+    m = MaskedRNN.from_torch(ref)
+    y, h = m(x, lengths, hx)
+    hs = states_of(cell, h)
+    loss = (y.nan_to_num() * torch.linspace(-1, 1, y.numel(), dtype=dtype).view(y.shape)).sum()
+    loss = loss + sum(s.square().sum() for s in hs)
+    grads = torch.autograd.grad(loss, [x, *states_of(cell, hx), *m.parameters()])
+    return [y, *hs, *grads]
+
+
+@needs_mkl
+@pytest.mark.parametrize("cell", CELLS)
+def test_mkl_and_aten_paths_agree(cell, gemm, threads):
+    """The same float32 problem through both paths: equal to float32 rounding."""
+    threads(2)
+    results = {}
+    for path in ("mkl", "aten"):
+        gemm(path)
+        results[path] = _run(cell, torch.float32, SHAPES[1])
+    for a, b in zip(results["mkl"], results["aten"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_gemm_choice_is_checked(gemm):
+    gemm("blas")
+    ref, x, lengths, hx = sample_inputs("gru", dtype=torch.float32, requires_grad=False)
+    with pytest.raises(RuntimeError, match="VARLEN_KERNELS_CPU_GEMM must be auto, aten or mkl"):
+        MaskedRNN.from_torch(ref)(x, lengths, hx)
+
+
+def test_float64_ignores_mkl_choice(gemm):
+    """float64 has no MKL path (torch exports no packed dgemm): it runs ATen's,
+    exact as ever, whatever the choice."""
+    gemm("mkl")
+    check_against_packed("lstm", bidirectional=True, dtype=torch.float64, T=6, B=5, H=20)
+
+
+def _bf16_errors(cell, T, B, H, seed=0):
+    """Max abs error vs float64 of (output, grad of the weights) for MaskedRNN in
+    bfloat16 and for nn.* in bfloat16 on packed sequences (PyTorch's own)."""
+    ref, x, lengths, hx = sample_inputs(cell, T=T, B=B, I=H, H=H, seed=seed, with_zero=True)
+    gy = torch.randn(T, B, H, generator=torch.Generator().manual_seed(seed + 7), dtype=torch.float64)
+    keep = torch.nonzero(lengths > 0).flatten()
+
+    def grads_of(y, params, kd=None):
+        g = gy if kd is None else gy.index_select(1, kd)
+        return torch.autograd.grad((y.double() * g).sum(), params)
+
+    m64 = MaskedRNN.from_torch(ref)
+    y64, _ = m64(x, lengths, hx)
+    g64 = grads_of(y64, list(m64.parameters()))
+
+    def cast(t):
+        return t.detach().to(torch.bfloat16).requires_grad_()
+
+    m16 = MaskedRNN.from_torch(ref).to(torch.bfloat16)
+    x16 = cast(x)
+    hx16 = tuple(cast(h) for h in hx) if cell == "lstm" else cast(hx)
+    y16, _ = m16(x16, lengths, hx16)
+    g16 = grads_of(y16, list(m16.parameters()))
+
+    ref16 = MaskedRNN.from_torch(ref).to_torch().to(torch.bfloat16)
+    yt, _, kd = run_packed(ref16, cast(x), lengths, tuple(cast(h) for h in hx) if cell == "lstm"
+                           else cast(hx), False)
+    gt = grads_of(yt, list(ref16.parameters()), kd)
+
+    def err(y, g, kd=None):
+        yy = y64 if kd is None else y64.index_select(1, kd)
+        return ((y.double() - yy).abs().max().item(),
+                max((a.double() - b).abs().max().item() for a, b in zip(g, g64)))
+    return err(y16, g16), err(yt, gt, kd)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("path", ["mkl", "aten"])
+def test_bfloat16_float_state_error_close_to_torch(cell, path, gemm):
+    """bfloat16 with float32 recurrent state, over enough steps for rounding to
+    pile up: output and weight-gradient errors vs float64 within 2x those of
+    nn.* run in bfloat16 on packed sequences (plus a small floor for ties)."""
+    if path == "mkl" and not torch.backends.mkl.is_available():
+        pytest.skip("torch is built without MKL")
+    gemm(path)
+    (e_y, e_g), (t_y, t_g) = _bf16_errors(cell, T=40, B=6, H=32)
+    assert e_y <= 2 * t_y + 1e-3, (e_y, t_y)
+    assert e_g <= 2 * t_g + 1e-2, (e_g, t_g)
+
+
+@pytest.mark.parametrize("cap", ["avx2", "default"])
+def test_cpu_capability_builds_match(cap, tmp_path):
+    """The AVX2 and portable builds of the cell kernels (the AVX-512 one is the
+    default where the CPU has it) on both GEMM paths."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import os, sys, torch\n"
+        f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+        "from test_rnn import check_against_packed\n"
+        "for gemm in ('auto', 'aten'):\n"
+        "    os.environ['VARLEN_KERNELS_CPU_GEMM'] = gemm\n"
+        "    for cell in ['lstm', 'gru', 'rnn_tanh', 'rnn_relu']:\n"
+        "        check_against_packed(cell, bidirectional=True, dtype=torch.float32, H=20)\n"
+        "print('ok')\n")
+    env = dict(os.environ, VARLEN_KERNELS_CPU_CAPABILITY=cap)
+    r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+@needs_mkl
+@pytest.mark.parametrize("pattern", ["all_T", "all_1", "one_long", "all_0", "B1"])
+def test_mkl_path_edge_lengths(pattern, gemm, threads):
+    """Length patterns (all equal, one long sequence among empty ones, nothing to
+    run, a single sequence): the MKL path, on 2 threads, gives the ATen path's
+    values and gradients."""
+    threads(2)
+    T, B, H = 12, 6, 96
+    lengths = {"all_T": [T] * B, "all_1": [1] * B, "one_long": [0, 0, T, 0, 1, 0],
+               "all_0": [0] * B, "B1": [T]}[pattern]
+    B = len(lengths)
+    results = {}
+    for path in ("mkl", "aten"):
+        gemm(path)
+        torch.manual_seed(0)
+        m = MaskedRNN(H, H, cell="lstm", bidirectional=True)
+        x = torch.randn(T, B, H, requires_grad=True)
+        y, (h, c) = m(x, torch.tensor(lengths))
+        loss = (y * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum() + h.sum() + c.square().sum()
+        results[path] = [y, h, c, *torch.autograd.grad(loss, [x, *m.parameters()])]
+    for a, b in zip(results["mkl"], results["aten"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

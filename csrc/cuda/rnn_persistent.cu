@@ -55,7 +55,7 @@ constexpr int kRows = 2;    // rows per thread in a tile
 constexpr int kChunk = 16;  // reduction columns staged in shared memory at a time
 constexpr int kMinUnits = 2, kMaxUnits = 128;
 
-// Rows of a tile, and the padded row stride of the staged operand.
+// Rows of a tile of the fma kernels: kRows per row group of Hs threads.
 constexpr int tile_rows(int units) { return (kThreads / units) * kRows; }
 
 // Number of sequences with length > t; sorted_len is in descending order.
@@ -704,21 +704,19 @@ std::optional<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>> rnn_forward_pe
       Tensor states = at::zeros({T, B, S * H}, opts);
       Tensor h_n = at::empty({B, H}, opts);
       Tensor c_n = K == Cell::LSTM ? at::empty({B, H}, opts) : at::empty({0}, opts);
-      {
-        FwdParams<scalar_t, acc_t> p{
-            sorted_len.const_data_ptr<int64_t>(), perm.const_data_ptr<int64_t>(),
-            w.const_data_ptr<scalar_t>(), gx.const_data_ptr<scalar_t>(),
-            bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr,
-            b_hn.defined() ? b_hn.const_data_ptr<acc_t>() : nullptr,
-            h0c.const_data_ptr<scalar_t>(),
-            K == Cell::LSTM ? c0c.const_data_ptr<scalar_t>() : nullptr,
-            hbuf.data_ptr<acc_t>(), K == Cell::LSTM ? cbuf.data_ptr<acc_t>() : nullptr,
-            output.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), states.data_ptr<scalar_t>(),
-            h_n.data_ptr<scalar_t>(), K == Cell::LSTM ? c_n.data_ptr<scalar_t>() : nullptr,
-            T, B, H, l.units, reverse};
-        cuda::launch_cooperative(kernel, dim3(unsigned(l.ctas)), dim3(kThreads), l.smem,
-                                 cuda::current_stream(), p);
-      }
+      FwdParams<scalar_t, acc_t> p{
+          sorted_len.const_data_ptr<int64_t>(), perm.const_data_ptr<int64_t>(),
+          w.const_data_ptr<scalar_t>(), gx.const_data_ptr<scalar_t>(),
+          bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr,
+          b_hn.defined() ? b_hn.const_data_ptr<acc_t>() : nullptr,
+          h0c.const_data_ptr<scalar_t>(),
+          K == Cell::LSTM ? c0c.const_data_ptr<scalar_t>() : nullptr,
+          hbuf.data_ptr<acc_t>(), K == Cell::LSTM ? cbuf.data_ptr<acc_t>() : nullptr,
+          output.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), states.data_ptr<scalar_t>(),
+          h_n.data_ptr<scalar_t>(), K == Cell::LSTM ? c_n.data_ptr<scalar_t>() : nullptr,
+          T, B, H, l.units, reverse};
+      cuda::launch_cooperative(kernel, dim3(unsigned(l.ctas)), dim3(kThreads), l.smem,
+                               cuda::current_stream(), p);
       result.emplace(output, h_n, c_n, gates, states);
       return 0;
     });
@@ -757,19 +755,17 @@ std::optional<std::tuple<Tensor, Tensor, Tensor, Tensor>> rnn_backward_persisten
       Tensor dgh = K == Cell::GRU ? at::zeros({T * B, G * H}, opts) : dgx;
       Tensor grad_h0 = at::empty({B, H}, opts.dtype(acc_type));
       Tensor grad_c0 = K == Cell::LSTM ? at::empty({B, H}, opts.dtype(acc_type)) : Tensor();
-      {
-        BwdParams<scalar_t, acc_t> p{
-            sorted_len.const_data_ptr<int64_t>(), perm.const_data_ptr<int64_t>(),
-            w.const_data_ptr<scalar_t>(), gs.const_data_ptr<scalar_t>(),
-            st.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
-            ghn.const_data_ptr<acc_t>(), K == Cell::LSTM ? gcn.const_data_ptr<acc_t>() : nullptr,
-            carry.data_ptr<acc_t>(), K == Cell::LSTM ? dcbuf.data_ptr<acc_t>() : nullptr,
-            dgx.data_ptr<scalar_t>(), dgh.data_ptr<scalar_t>(), grad_h0.data_ptr<acc_t>(),
-            K == Cell::LSTM ? grad_c0.data_ptr<acc_t>() : nullptr, T, B, H, G, l.units,
-            reverse};
-        cuda::launch_cooperative(kernel, dim3(unsigned(l.ctas)), dim3(kThreads), l.smem,
-                                 cuda::current_stream(), p);
-      }
+      BwdParams<scalar_t, acc_t> p{
+          sorted_len.const_data_ptr<int64_t>(), perm.const_data_ptr<int64_t>(),
+          w.const_data_ptr<scalar_t>(), gs.const_data_ptr<scalar_t>(),
+          st.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
+          ghn.const_data_ptr<acc_t>(), K == Cell::LSTM ? gcn.const_data_ptr<acc_t>() : nullptr,
+          carry.data_ptr<acc_t>(), K == Cell::LSTM ? dcbuf.data_ptr<acc_t>() : nullptr,
+          dgx.data_ptr<scalar_t>(), dgh.data_ptr<scalar_t>(), grad_h0.data_ptr<acc_t>(),
+          K == Cell::LSTM ? grad_c0.data_ptr<acc_t>() : nullptr, T, B, H, G, l.units,
+          reverse};
+      cuda::launch_cooperative(kernel, dim3(unsigned(l.ctas)), dim3(kThreads), l.smem,
+                               cuda::current_stream(), p);
       result.emplace(dgx, dgh, grad_h0, grad_c0);
       return 0;
     });

@@ -10,7 +10,11 @@ Baselines, side by side in one run, same weights, lengths uniform in [1, T]:
   reference varlen_kernels.masked_rnn_reference, the pure-PyTorch masked loop
             (default on the CPU)
   compiled  the same masked loop with its per-step body torch.compile'd
-            (default on the GPU; on the CPU with --quick or --baselines)
+            (default on the GPU; on the CPU with --quick or --baselines;
+            one direction only)
+  split     with --bidirectional: MaskedRNN with each direction of a layer as
+            an op of its own (rnn_forward), one after the other, where masked
+            runs both in one op (rnn_bidirectional_forward)
 
 The methods are interleaved: each repeat times every method once (the median of
 a blocked_autorange), round-robin, so a slow phase of a noisy machine hits all of
@@ -70,7 +74,7 @@ import varlen_kernels  # noqa: E402
 from varlen_kernels import MaskedRNN, masked_rnn_reference  # noqa: E402
 from varlen_kernels.reference import _cell_step  # noqa: E402
 
-BASELINES = ("masked", "per_step", "packed", "padded", "reference", "compiled")
+BASELINES = ("masked", "per_step", "split", "packed", "padded", "reference", "compiled")
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 
 
@@ -252,10 +256,10 @@ def add_speedups(row, times, ours="masked"):
 
 
 # -------------------------------------------------------------------- cases
-def make_case(cell, T, B, H, dtype, device, seed=0):
+def make_case(cell, T, B, H, dtype, device, seed=0, bidirectional=False):
     torch.manual_seed(seed)
     nn_cls = torch.nn.LSTM if cell == "lstm" else torch.nn.GRU
-    ref = nn_cls(H, H, device=device, dtype=dtype)
+    ref = nn_cls(H, H, device=device, dtype=dtype, bidirectional=bidirectional)
     masked = MaskedRNN.from_torch(ref)
     x = torch.randn(T, B, H, device=device, dtype=dtype, requires_grad=True)
     lengths = torch.randint(1, T + 1, (B,))
@@ -322,7 +326,11 @@ def forwards(ref, masked, x, lengths, device, baselines=BASELINES, compile_backe
     def run_reference():
         return masked_rnn_reference(masked, x, lengths_dev)[0]
 
-    fns = {"masked": run_masked, "per_step": run_per_step, "packed": run_packed, "padded": run_padded, "reference": run_reference}
+    def run_split():  # each direction its own rnn_forward op
+        return masked._forward(x, lengths_dev, None, layer=varlen_kernels.ops.rnn_layer)[0]
+
+    fns = {"masked": run_masked, "per_step": run_per_step, "split": run_split,
+           "packed": run_packed, "padded": run_padded, "reference": run_reference}
     out = {}
     for name in baselines:
         if name == "compiled":
@@ -347,7 +355,9 @@ def recurrence_flops(cell, valid_tokens, I, H):
 
 
 def run_case(args, cell, dtype_name, T, B, H, baselines, log=print):
-    ref, masked, x, lengths = make_case(cell, T, B, H, getattr(torch, dtype_name), args.device)
+    bidirectional = getattr(args, "bidirectional", False)
+    ref, masked, x, lengths = make_case(cell, T, B, H, getattr(torch, dtype_name), args.device,
+                                        bidirectional=bidirectional)
     valid = int(lengths.sum())
     row = {"valid_fraction": round(valid / (T * B), 3)}
     fns = runners(ref, masked, x, lengths, args.device, baselines, args.compile_backend)
@@ -357,7 +367,7 @@ def run_case(args, cell, dtype_name, T, B, H, baselines, log=print):
         row[f"{name}_tok_per_s"] = round(valid / (row[f"{name}_ms"] * 1e-3))
     if "masked" in times:
         add_speedups(row, times)
-        flops = recurrence_flops(cell, valid, H, H)
+        flops = recurrence_flops(cell, valid, H, H) * (2 if bidirectional else 1)
         row["masked_gflop_per_s"] = float(f"{flops / (row['masked_ms'] * 1e6):.3g}")
         row["masked_gflop_per_s_max"] = float(f"{flops / (row['masked_min_ms'] * 1e6):.3g}")
         gemm = getattr(args, "gemm_gflop_per_s", None)
@@ -379,7 +389,8 @@ def run_case(args, cell, dtype_name, T, B, H, baselines, log=print):
 
 def summary(row, meta):
     """One readable line per case: our time, the ratios (median [lo-hi]), the rate."""
-    head = f"== {row['cell']} {row['dtype']} T={row['T']} B={row['B']} H={row['H']}"
+    head = (f"== {row['cell']}{' bidirectional' if row.get('bidirectional') else ''} "
+            f"{row['dtype']} T={row['T']} B={row['B']} H={row['H']}")
     if "masked_ms" not in row:
         return f"{head}: masked not timed"
     parts = [f"masked {row['masked_ms']} ms (min {row['masked_min_ms']}, spread {row['masked_spread']})"]
@@ -412,6 +423,8 @@ def parse_args(argv=None):
                     help="tiny sizes (T=8, B=4, H=16), short timings, every baseline (compiled with "
                          "aot_eager): checks that the harness works, in seconds")
     ap.add_argument("--cells", default="lstm,gru")
+    ap.add_argument("--bidirectional", action="store_true",
+                    help="bidirectional layers (adds the split baseline, drops compiled)")
     ap.add_argument("--T", type=int, nargs="*")
     ap.add_argument("--B", type=int, nargs="*")
     ap.add_argument("--H", type=int, nargs="*")
@@ -442,6 +455,8 @@ def parse_args(argv=None):
         baselines = [b for b in BASELINES if b != ("reference" if gpu else "compiled")]
     if not gpu:
         baselines = [b for b in baselines if b != "per_step"]  # a CUDA path
+    # split is for two directions; compiled_loop runs one
+    baselines = [b for b in baselines if b != ("compiled" if args.bidirectional else "split")]
     args.T, args.B, args.H = args.T or sizes[0], args.B or sizes[1], args.H or sizes[2]
     args.dtypes = (args.dtypes or dtypes).split(",")
     args.min_run_time = args.min_run_time or min_run_time
@@ -479,7 +494,8 @@ def main(argv=None):
             for T in args.T:
                 for B in args.B:
                     for H in args.H:
-                        row = dict(cell=cell, dtype=dtype_name, T=T, B=B, H=H)
+                        row = dict(cell=cell, dtype=dtype_name, T=T, B=B, H=H,
+                                   bidirectional=args.bidirectional)
                         try:
                             row.update(run_case(args, cell, dtype_name, T, B, H, args.baselines))
                         except Exception as e:

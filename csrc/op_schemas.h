@@ -42,6 +42,32 @@ inline void define_ops(torch::Library& m) {
       "Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_w_hr)");
 
+  // Both directions of one bidirectional layer in one call: what two
+  // rnn_forward calls (reverse false, then true) return, with the outputs
+  // side by side. Where the backend can, the directions run concurrently
+  // (CPU: one thread each; CUDA: one persistent launch, a group of CTAs each).
+  //   h0      (2, B, P);  c0 (2, B, H) for cell == "lstm", else None
+  //   weights both directions' parameters, forward direction first, each in
+  //           nn.*'s order: w_ih, w_hh, then b_ih, b_hh if has_biases, then
+  //           w_hr if the LSTM has a projection (P = w_hr.size(0); else P = H)
+  // Returns
+  //   output  (T, B, 2P): [forward | reverse], exactly 0 past each length
+  //   h_n     (2, B, P);  c_n (2, B, H) for lstm, (0,) otherwise
+  //   gates, states: rnn_forward's workspaces of the two directions, stacked
+  //           (2, ...), for rnn_bidirectional_backward
+  m.def(
+      "rnn_bidirectional_forward(Tensor input, Tensor lengths, Tensor h0, Tensor? c0, "
+      "Tensor[] weights, bool has_biases, str cell) -> (Tensor output, Tensor h_n, "
+      "Tensor c_n, Tensor gates, Tensor states)");
+  // Gradients of rnn_bidirectional_forward: grad_output (T, B, 2P), grad_h_n
+  // (2, B, P), grad_c_n (2, B, H) for lstm, else (0,). grad_weights matches
+  // weights, tensor for tensor.
+  m.def(
+      "rnn_bidirectional_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, "
+      "Tensor input, Tensor lengths, Tensor[] weights, bool has_biases, Tensor gates, "
+      "Tensor states, str cell) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, "
+      "Tensor[] grad_weights)");
+
   // Masked cross entropy over tokens (rows).
   //   logits (R, C); target (R,) int64; mask (R,) bool: which rows count;
   //   weight (C,) class weights of the logits' dtype, or None (all 1).

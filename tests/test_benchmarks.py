@@ -119,6 +119,31 @@ def test_compiled_baseline_compiles_the_step_and_matches(bench):
             fn()  # forward and backward
 
 
+def test_bench_rnn_quick_bidirectional(tmp_path):
+    """Two threads: the CPU runs the two directions concurrently."""
+    r = run_script(["benchmarks/bench_rnn.py", "--quick", "--bidirectional", "--threads", "2",
+                    "--cells", "lstm", "--out", str(tmp_path)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = read(tmp_path, "rnn_cpu")["rows"]
+    assert [(r["cell"], r["bidirectional"]) for r in rows] == [("lstm", True)]
+    names = ["masked", "split", "packed", "padded", "reference"]
+    check_timed(rows[0], names)
+    assert "compiled_ms" not in rows[0] and rows[0]["speedup_vs_split"] > 0
+
+
+def test_bidirectional_baselines_compute_the_same(bench):
+    rnn = bench("bench_rnn")
+    ref, masked, x, lengths = rnn.make_case("gru", T=6, B=3, H=5, dtype=torch.float64,
+                                            device="cpu", bidirectional=True)
+    fns = rnn.forwards(ref, masked, x, lengths, "cpu", ["masked", "split", "packed", "reference"])
+    valid = (torch.arange(6)[:, None] < lengths[None, :])[..., None]
+    expected = fns["masked"]()
+    assert expected.shape == (6, 3, 10)
+    for name, fn in fns.items():
+        torch.testing.assert_close(torch.where(valid, fn(), 0), torch.where(valid, expected, 0),
+                                   msg=name)
+
+
 def test_quick_selects_compiled_and_backend_on_cpu(bench):
     rnn = bench("bench_rnn")
     args = rnn.parse_args(["--quick", "--device", "cpu"])

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import CELLS, check_against_packed, requires_cuda, run_packed, sample_inputs
 from varlen_kernels import (MaskedRNN, masked_bce_with_logits, masked_cross_entropy, masked_mse,
                             masked_rnn_reference, ops)
-from varlen_kernels.testing import emulate_cuda, emulated_device
+from varlen_kernels.testing import emulate_cuda, emulated_device, emulation_module
 
 
 def layer_args(cell, device, requires_grad, T=4, B=3, I=2, H=3, lengths=(4, 0, 2), seed=0):
@@ -62,9 +62,11 @@ def _grads(m, x, lengths, hx, gy):
 # and staged chunks; the fma persistent kernels in half/bfloat16 (the tensor-core
 # ones do not fit that shared memory; GRU's forward still does); the per-step
 # path; on a GPU (whose limits the test cannot change), more rows than a tile.
+# bidirectional=True (the last field) runs both directions in one launch.
 LOW_PRECISION_CASES = [
     (12, 6, 16, {}, "auto", False),
     (9, 40, 64, {"sm_count": 2}, "persistent", False),
+    (9, 40, 64, {"sm_count": 4}, "persistent", False, True),
     (9, 40, 50, {"sm_count": 3}, "persistent", False),
     (9, 40, 96, {"sm_count": 3}, "persistent", False),
     (9, 40, 64, {"sm_count": 2, "max_shared_per_block": 24576}, "persistent", False),
@@ -75,23 +77,27 @@ LOW_PRECISION_CASES = [
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("T,B,H,limits,path,gpu_only", LOW_PRECISION_CASES)
-def test_low_precision_values_and_gradients(cell, dtype, T, B, H, limits, path, gpu_only, gpu):
+@pytest.mark.parametrize("T,B,H,limits,path,gpu_only,bidirectional",
+                         [case + (False,) * (7 - len(case)) for case in LOW_PRECISION_CASES])
+def test_low_precision_values_and_gradients(cell, dtype, T, B, H, limits, path, gpu_only,
+                                            bidirectional, gpu):
     """Output and every gradient, against a float64 oracle, within 2x the error of
     PyTorch's own same-precision path (the masked loop in that dtype, and cuDNN's
     packed path on a GPU), with a floor of a few ulps of the dtype."""
     if gpu_only and gpu != "cuda":
         pytest.skip("a GPU-sized case")
     with rnn_path(path), device_limits(gpu, **limits):
-        check_low_precision(cell, dtype, T, B, H, gpu)
+        check_low_precision(cell, dtype, T, B, H, gpu, bidirectional)
 
 
-def check_low_precision(cell, dtype, T, B, H, gpu):
+def check_low_precision(cell, dtype, T, B, H, gpu, bidirectional=False):
     ref, x, lengths, hx = sample_inputs(cell, T=T, B=B, I=8, H=H, device=gpu,
-                                        requires_grad=False, with_zero=True)
+                                        requires_grad=False, with_zero=True,
+                                        bidirectional=bidirectional)
     x = torch.nan_to_num(x, nan=0.0)
     g = torch.Generator().manual_seed(1)
-    gy = torch.randn(T, B, H, generator=g, dtype=torch.float64).to(gpu)
+    gy = torch.randn(T, B, (2 if bidirectional else 1) * H, generator=g,
+                     dtype=torch.float64).to(gpu)
     m64 = MaskedRNN.from_torch(ref)
     with rnn_path("auto"):  # the float64 oracle: whichever path fits
         y64, g64 = _grads(m64, x.requires_grad_(), lengths, hx, gy)
@@ -259,14 +265,35 @@ PERSISTENT_SHAPES = [(64, 2), (50, 3), (9, 132)]
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("path", ["persistent", "per_step"])
 @pytest.mark.parametrize("H,sm_count", PERSISTENT_SHAPES)
-def test_persistent_and_per_step_paths_match_packed(cell, path, H, sm_count, gpu):
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_persistent_and_per_step_paths_match_packed(cell, path, H, sm_count, bidirectional, gpu):
     """Both CUDA paths, forced, against nn.* + packed: values and every gradient,
-    two layers, both directions, float64, NaN in the padding."""
+    two layers, float64, NaN in the padding. Bidirectional layers run both
+    directions in one launch, each direction on as many CTAs as a
+    unidirectional layer gets with half the SMs."""
     if path == "per_step" and H != 50:
         pytest.skip("the per-step path does not depend on the grid: one shape is enough")
-    with rnn_path(path), device_limits(gpu, sm_count=sm_count):
-        check_against_packed(cell, num_layers=2, bidirectional=True, device=gpu, T=9, B=40, H=H,
-                             seed=H)
+    sms = sm_count * (2 if bidirectional else 1)
+    with rnn_path(path), device_limits(gpu, sm_count=sms):
+        check_against_packed(cell, num_layers=2, bidirectional=bidirectional, device=gpu, T=9,
+                             B=40, H=H, seed=H)
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("sm_count,launches", [(4, 1), (1, 2)])
+def test_bidirectional_layer_launches(cell, sm_count, launches, monkeypatch):
+    """Both directions in one persistent launch where both fit (4 SMs: 2 CTAs a
+    direction), one launch each where they do not (1 SM); the same values and
+    gradients either way, and as nn.* + packed."""
+    counts = emulation_module().launch_counts
+    with rnn_path("persistent"), emulate_cuda(), emulated_device(sm_count=sm_count):
+        before = counts()[1]
+        check_against_packed(cell, num_layers=1, bidirectional=True, device="cpu", T=6, B=9,
+                             H=20, seed=3)
+        # the forward's and the backward's launches; the last one's grid
+        assert counts()[1] - before == 2 * launches
+        assert counts()[2] == (2 * 2 if launches == 1 else 1)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])

@@ -2,7 +2,7 @@
 
 Schemas live in csrc/op_schemas.h; kernels in csrc/cpu and csrc/cuda.
 """
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -58,19 +58,57 @@ def rnn_layer(
     return out, h_n, (c_n if cell == "lstm" else None)
 
 
-@torch.library.register_fake("varlen_kernels::rnn_forward")
-def _rnn_forward_fake(input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, cell, reverse, w_hr=None):
-    torch._check(cell in CELLS, lambda: f"cell must be one of {CELLS}, got {cell!r}")
+def rnn_bidirectional_layer(
+    input: Tensor,
+    lengths: Tensor,
+    h0: Tensor,
+    c0: Optional[Tensor],
+    weights: List[Tensor],
+    has_biases: bool,
+    cell: str,
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Both directions of one masked bidirectional layer (differentiable): what
+    :func:`rnn_layer` returns for each, with the outputs side by side, in one op
+    (the directions run concurrently where the backend can).
+
+    input: (T, B, I); lengths as for :func:`rnn_layer`; h0: (2, B, H), c0:
+    (2, B, H) (only for "lstm"); weights: the forward direction's w_ih, w_hh,
+    then b_ih, b_hh if has_biases, then w_hr for an LSTM with a projection;
+    then the same for the reverse direction (nn.*'s parameter order).
+
+    Returns output (T, B, 2H), zero past each length; h_n (2, B, H) and c_n
+    (2, B, H) (None unless "lstm"). With w_hr (P, H), h0, h_n and each half
+    of the output have P features.
+    """
+    device = input.device.type
+    weights = list(weights)
+    if device in ("cuda", "cpu") and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        input, h0, c0 = (None if t is None else t.to(dtype) for t in (input, h0, c0))
+        weights = [w.to(dtype) for w in weights]
+    out, h_n, c_n, _, _ = torch.ops.varlen_kernels.rnn_bidirectional_forward.default(
+        input, lengths, h0, c0, weights, has_biases, cell)
+    return out, h_n, (c_n if cell == "lstm" else None)
+
+
+def _workspace_rows(input: Tensor) -> Tuple:
+    """Leading dims of a direction's rnn_forward workspaces."""
     T, B, _ = input.shape
-    H = w_hh.shape[1]
     if input.device.type == "cpu" and not emulation_active():
         # The CPU kernel keeps one workspace row per valid token: N = sum(lengths).
         # The CUDA kernels (also when emulated on CPU tensors) keep (T, B) rows.
         n = torch.library.get_ctx().new_dynamic_size()
         torch._check(n <= T * B)
-        rows = (n,)
-    else:
-        rows = (T, B)
+        return (n,)
+    return (T, B)
+
+
+@torch.library.register_fake("varlen_kernels::rnn_forward")
+def _rnn_forward_fake(input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, cell, reverse, w_hr=None):
+    torch._check(cell in CELLS, lambda: f"cell must be one of {CELLS}, got {cell!r}")
+    T, B, _ = input.shape
+    H = w_hh.shape[1]
+    rows = _workspace_rows(input)
     if w_hr is not None:  # LSTM with a projection: h has P = w_hr.shape[0] features
         P, Hc = w_hr.shape
         return (input.new_empty(T, B, P), input.new_empty(B, P), input.new_empty(B, Hc),
@@ -139,6 +177,69 @@ def _rnn_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_state
 
 torch.library.register_autograd(
     "varlen_kernels::rnn_forward", _rnn_backward, setup_context=_rnn_setup_context
+)
+
+
+def _bidirectional_sizes(weights, has_biases):
+    """(H, P, proj) of rnn_bidirectional_forward's weights: cell features, state
+    features, whether each direction ends with a projection w_hr."""
+    per = len(weights) // 2
+    proj = per == (4 if has_biases else 2) + 1
+    if proj:
+        P, H = weights[per - 1].shape
+        return H, P, True
+    H = weights[1].shape[1]
+    return H, H, False
+
+
+@torch.library.register_fake("varlen_kernels::rnn_bidirectional_forward")
+def _rnn_bidirectional_forward_fake(input, lengths, h0, c0, weights, has_biases, cell):
+    torch._check(cell in CELLS, lambda: f"cell must be one of {CELLS}, got {cell!r}")
+    T, B, _ = input.shape
+    H, P, proj = _bidirectional_sizes(weights, has_biases)
+    rows = _workspace_rows(input)
+    gates = 4 * H if proj else _SAVED_GATES[cell] * H
+    states = 2 * H + P if proj else _STATES[cell] * H
+    return (input.new_empty(T, B, 2 * P), input.new_empty(2, B, P),
+            input.new_empty(2, B, H) if cell == "lstm" else input.new_empty(0),
+            input.new_empty(2, *rows, gates), input.new_empty(2, *rows, states))
+
+
+@torch.library.register_fake("varlen_kernels::rnn_bidirectional_backward")
+def _rnn_bidirectional_backward_fake(grad_output, grad_h_n, grad_c_n, input, lengths, weights,
+                                     has_biases, gates, states, cell):
+    return (input.new_empty(input.shape), input.new_empty(grad_h_n.shape),
+            input.new_empty(grad_c_n.shape), [w.new_empty(w.shape) for w in weights])
+
+
+def _rnn_bidirectional_setup_context(ctx, inputs, output):
+    input, lengths, h0, c0, weights, has_biases, cell = inputs
+    _, _, _, gates, states = output
+    ctx.save_for_backward(input, lengths, gates, states, *weights)
+    ctx.cell, ctx.has_biases = cell, has_biases
+    ctx.mark_non_differentiable(gates, states)
+
+
+def _rnn_bidirectional_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_states):
+    input, lengths, gates, states, *weights = ctx.saved_tensors
+    T, B, _ = input.shape
+    H, P, _ = _bidirectional_sizes(weights, ctx.has_biases)
+    lstm = ctx.cell == "lstm"
+    if grad_output is None:
+        grad_output = input.new_zeros(T, B, 2 * P)
+    if grad_h_n is None:
+        grad_h_n = input.new_zeros(2, B, P)
+    if grad_c_n is None or not lstm:
+        grad_c_n = input.new_zeros(2, B, H) if lstm else input.new_zeros(0)
+    gi, gh0, gc0, gw = torch.ops.varlen_kernels.rnn_bidirectional_backward.default(
+        grad_output, grad_h_n, grad_c_n, input, lengths, weights, ctx.has_biases, gates, states,
+        ctx.cell)
+    return gi, None, gh0, (gc0 if lstm else None), list(gw), None, None
+
+
+torch.library.register_autograd(
+    "varlen_kernels::rnn_bidirectional_forward", _rnn_bidirectional_backward,
+    setup_context=_rnn_bidirectional_setup_context
 )
 
 
@@ -281,7 +382,7 @@ def _refuse_double_backward(name):
     return backward
 
 
-for _name in ("rnn_backward", "cross_entropy_backward", "elementwise_loss_backward",
+for _name in ("rnn_backward", "rnn_bidirectional_backward", "cross_entropy_backward", "elementwise_loss_backward",
               "linear_cross_entropy_backward"):
     torch.library.register_autograd(f"varlen_kernels::{_name}", _refuse_double_backward(_name))
 

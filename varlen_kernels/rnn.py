@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from ._checks import check_lengths, layout_hint
-from .ops import CELLS, NUM_GATES, rnn_layer
+from .ops import CELLS, NUM_GATES, rnn_bidirectional_layer, rnn_layer
 
 _TORCH_MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
 
@@ -271,12 +271,12 @@ class MaskedRNN(nn.Module):
         """``(output, h_n)``, or ``(output, (h_n, c_n))`` for an LSTM; ``hx`` is ``h_0`` or
         ``(h_0, c_0)``, each ``(num_layers * D, B, H)``. ``m(x, lengths)``, ``m(x, lengths, hx)``,
         ``m(x, hx)`` and ``m(packed, hx)`` all work; see the class docstring."""
-        return self._forward(input, lengths, hx, layer=rnn_layer)
+        return self._forward(input, lengths, hx, layer=rnn_layer, both=rnn_bidirectional_layer)
 
-    def _forward(self, input, lengths, hx, layer):
+    def _forward(self, input, lengths, hx, layer, both=None):
         lengths, hx = _lengths_and_hx(input, lengths, hx)
         if isinstance(input, PackedSequence):
-            return self._forward_packed(input, hx, layer)
+            return self._forward_packed(input, hx, layer, both)
         if not isinstance(input, Tensor):
             raise TypeError(f"input must be a Tensor or a PackedSequence, got {type(input).__name__}")
         if input.dim() not in (2, 3):
@@ -290,7 +290,7 @@ class MaskedRNN(nn.Module):
         else:
             x = input.transpose(0, 1) if self.batch_first else input
         layout = "" if unbatched else layout_hint("input", input.shape, self.batch_first, "I")
-        output, h_n, c_n = self._run(x, lengths, hx, layer, unbatched, layout)
+        output, h_n, c_n = self._run(x, lengths, hx, layer, unbatched, layout, both)
         if unbatched:
             output, h_n = output.squeeze(1), h_n.squeeze(1)
             c_n = c_n.squeeze(1) if c_n is not None else None
@@ -298,9 +298,9 @@ class MaskedRNN(nn.Module):
             output = output.transpose(0, 1)
         return output, ((h_n, c_n) if self.cell == "lstm" else h_n)
 
-    def _forward_packed(self, packed: PackedSequence, hx, layer):
+    def _forward_packed(self, packed: PackedSequence, hx, layer, both=None):
         padded, lens = pad_packed_sequence(packed)  # (T, B, I), original batch order
-        output, h_n, c_n = self._run(padded, lens, hx, layer, unbatched=False)
+        output, h_n, c_n = self._run(padded, lens, hx, layer, unbatched=False, both=both)
         order = packed.sorted_indices
         if order is not None:
             output, lens = output.index_select(1, order), lens.index_select(0, order.cpu())
@@ -308,8 +308,10 @@ class MaskedRNN(nn.Module):
         out = PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
         return out, ((h_n, c_n) if self.cell == "lstm" else h_n)
 
-    def _run(self, x: Tensor, lengths, hx, layer, unbatched: bool, layout: str = ""):
-        """x: (T, B, I). Returns output (T, B, D*H), h_n, c_n (L*D, B, H)."""
+    def _run(self, x: Tensor, lengths, hx, layer, unbatched: bool, layout: str = "", both=None):
+        """x: (T, B, I). Returns output (T, B, D*H), h_n, c_n (L*D, B, H).
+        layer runs one direction of a layer (ops.rnn_layer's contract); both, if
+        given, both directions of a bidirectional layer (ops.rnn_bidirectional_layer's)."""
         T, B, I = x.shape
         if I != self.input_size:
             raise ValueError(f"input.size(-1) must be equal to input_size={self.input_size}, got {I}")
@@ -326,6 +328,16 @@ class MaskedRNN(nn.Module):
         names = self._flat_weights_names
         h_n, c_n = [], []
         for lay in range(self.num_layers):
+            if D == 2 and both is not None:
+                k = 2 * lay
+                w = [getattr(self, n) for n in names[k * per:(k + 2) * per]]
+                x, h, c = both(x, lengths, h0[k:k + 2], c0[k:k + 2] if c0 is not None else None,
+                               w, self.bias, self.cell)
+                h_n.extend(h.unbind(0))
+                c_n.extend(c.unbind(0) if c is not None else (None, None))
+                if self.dropout > 0 and self.training and lay < self.num_layers - 1:
+                    x = F.dropout(x, self.dropout, training=True)
+                continue
             outs = []
             for d in range(D):
                 k = lay * D + d
@@ -420,7 +432,7 @@ class MaskedLSTM(MaskedRNN):
         """``(output, (h_n, c_n))``; ``hx`` is ``(h_0, c_0)``, each ``(num_layers * D, B, H)``.
         ``lstm(x, lengths)``, ``lstm(x, lengths, (h0, c0))``, ``lstm(x, (h0, c0))`` and
         ``lstm(packed, (h0, c0))`` all work; see the class docstring."""
-        return self._forward(input, lengths, hx, layer=rnn_layer)
+        return self._forward(input, lengths, hx, layer=rnn_layer, both=rnn_bidirectional_layer)
 
 
 class MaskedGRU(MaskedRNN):
@@ -461,4 +473,4 @@ class MaskedGRU(MaskedRNN):
         """``(output, h_n)``; ``hx`` is ``h_0``, ``(num_layers * D, B, H)``. ``gru(x, lengths)``,
         ``gru(x, lengths, h0)``, ``gru(x, h0)`` and ``gru(packed, h0)`` all work; see the
         class docstring."""
-        return self._forward(input, lengths, hx, layer=rnn_layer)
+        return self._forward(input, lengths, hx, layer=rnn_layer, both=rnn_bidirectional_layer)

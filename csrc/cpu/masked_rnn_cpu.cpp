@@ -27,11 +27,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <string>
 #include <type_traits>
 #include <vector>
 
 #include "../cell_math.h"
 #include "../rnn_args.h"
+#include "../rnn_bidirectional.h"
 #include "cpu_capability.h"
 #include "mkl_gemm.h"
 #include "rnn_pointwise.h"
@@ -564,80 +567,184 @@ std::vector<Tensor> backward_proj(const Plan& p, const ProjSizes& s, const Tenso
           grad_w_hh, grad_b, grad_b.clone(), grad_w_hr};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_cpu(
-    const Tensor& input, const Tensor& lengths, const Tensor& h0,
-    const c10::optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
-    const c10::optional<Tensor>& b_ih, const c10::optional<Tensor>& b_hh,
-    c10::string_view cell, bool reverse, const c10::optional<Tensor>& w_hr) {
-  if (w_hr.has_value()) {
-    const ProjSizes s = check_proj_forward_args(input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                                *w_hr, std::string(cell));
-    const Plan p = make_plan(lengths, s.T);
-    const Tensor x = input.stride(2) == 1 ? input : input.contiguous();
-    std::vector<Tensor> out;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "rnn_forward",
-                                    [&] {
-      out = forward_proj<scalar_t>(p, s, x, h0, *c0, w_ih.contiguous(), w_hh.contiguous(), b_ih,
-                                   b_hh, w_hr->contiguous(), reverse);
-    });
-    return {out[0], out[1], out[2], out[3], out[4]};
-  }
-  const RnnSizes s = check_rnn_forward_args(input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                            std::string(cell));
-  const Plan p = make_plan(lengths, s.T);
+// One direction's checked sizes: with a projection (proj) or without.
+struct Checked {
+  bool proj = false;
+  RnnSizes s{};
+  ProjSizes ps{};
+  int64_t T() const { return proj ? ps.T : s.T; }
+};
+
+Checked check_forward(const Tensor& input, const Tensor& lengths, const Tensor& h0,
+                      const c10::optional<Tensor>& c0, const DirectionWeights& w,
+                      const std::string& cell) {
+  Checked c;
+  c.proj = w.w_hr.has_value();
+  if (c.proj)
+    c.ps = check_proj_forward_args(input, lengths, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh,
+                                   *w.w_hr, cell);
+  else
+    c.s = check_rnn_forward_args(input, lengths, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, cell);
+  return c;
+}
+
+// One direction of a checked call, on the plan of its lengths.
+RnnForwardResult run_forward(const Checked& c, const Plan& p, const Tensor& input,
+                             const Tensor& h0, const c10::optional<Tensor>& c0,
+                             const DirectionWeights& w, bool reverse) {
   const Tensor x = input.stride(2) == 1 ? input : input.contiguous();
   std::vector<Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "rnn_forward",
                                   [&] {
-    out = dispatch_cell(s.cell, [&](auto k) {
-      return forward_impl<scalar_t, decltype(k)::value>(p, s, x, h0, c0, w_ih.contiguous(),
-                                                        w_hh.contiguous(), b_ih, b_hh, reverse);
-    });
+    if (c.proj) {
+      out = forward_proj<scalar_t>(p, c.ps, x, h0, *c0, w.w_ih.contiguous(), w.w_hh.contiguous(),
+                                   w.b_ih, w.b_hh, w.w_hr->contiguous(), reverse);
+    } else {
+      out = dispatch_cell(c.s.cell, [&](auto k) {
+        return forward_impl<scalar_t, decltype(k)::value>(p, c.s, x, h0, c0, w.w_ih.contiguous(),
+                                                          w.w_hh.contiguous(), w.b_ih, w.b_hh,
+                                                          reverse);
+      });
+    }
   });
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cpu(
-    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
-    const Tensor& input, const Tensor& lengths, const Tensor& w_ih, const Tensor& w_hh,
-    const Tensor& gates, const Tensor& states, c10::string_view cell_name, bool reverse,
-    const c10::optional<Tensor>& w_hr) {
-  if (w_hr.has_value()) {
-    const ProjSizes s = check_proj_backward_args(grad_output, grad_h_n, grad_c_n, input, lengths,
-                                                 w_ih, w_hh, *w_hr, gates, states,
-                                                 std::string(cell_name));
-    const Plan p = make_plan(lengths, s.T);
-    const Tensor x = input.stride(2) == 1 ? input : input.contiguous();
-    std::vector<Tensor> out;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "rnn_backward",
-                                    [&] {
-      const auto dt = input.scalar_type();
-      out = backward_proj<scalar_t>(p, s, grad_output.to(dt).contiguous(), grad_h_n.to(dt),
-                                    grad_c_n.to(dt), x, w_ih.contiguous(), w_hh.contiguous(),
-                                    w_hr->contiguous(), gates.contiguous(), states.contiguous(),
-                                    reverse);
-    });
-    return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7]};
-  }
-  const RnnSizes s = check_rnn_backward_args(grad_output, grad_h_n, grad_c_n, input, lengths, w_ih,
-                                             w_hh, gates, states, std::string(cell_name));
-  const int64_t T = s.T;
-  const Plan p = make_plan(lengths, T);
-  VK_CHECK_SHAPE(gates, p.N, s.GS * s.H);  // N: the valid tokens
-  VK_CHECK_SHAPE(states, p.N, s.S * s.H);
-  const Tensor go = grad_output.stride(2) == 1 ? grad_output : grad_output.contiguous();
+Checked check_backward(const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
+                       const Tensor& input, const Tensor& lengths, const DirectionWeights& w,
+                       const Tensor& gates, const Tensor& states, const std::string& cell) {
+  Checked c;
+  c.proj = w.w_hr.has_value();
+  if (c.proj)
+    c.ps = check_proj_backward_args(grad_output, grad_h_n, grad_c_n, input, lengths, w.w_ih,
+                                    w.w_hh, *w.w_hr, gates, states, cell);
+  else
+    c.s = check_rnn_backward_args(grad_output, grad_h_n, grad_c_n, input, lengths, w.w_ih, w.w_hh,
+                                  gates, states, cell);
+  return c;
+}
+
+// The workspaces' rows: one per valid token.
+void check_workspace_rows(const Checked& c, const Plan& p, const Tensor& gates,
+                          const Tensor& states) {
+  if (c.proj) return;  // backward_proj checks its own
+  VK_CHECK_SHAPE(gates, p.N, c.s.GS * c.s.H);  // N: the valid tokens
+  VK_CHECK_SHAPE(states, p.N, c.s.S * c.s.H);
+}
+
+RnnBackwardResult run_backward(const Checked& c, const Plan& p, const Tensor& grad_output,
+                               const Tensor& grad_h_n, const Tensor& grad_c_n,
+                               const Tensor& input, const DirectionWeights& w,
+                               const Tensor& gates, const Tensor& states, bool reverse) {
   const Tensor x = input.stride(2) == 1 ? input : input.contiguous();
+  const auto dt = input.scalar_type();
   std::vector<Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "rnn_backward",
-                                  [&] {
-    out = dispatch_cell(s.cell, [&](auto k) {
-      return backward_impl<scalar_t, decltype(k)::value>(
-          p, s, go.to(input.scalar_type()), grad_h_n.to(input.scalar_type()),
-          grad_c_n.to(input.scalar_type()), x, w_ih.contiguous(), w_hh.contiguous(), gates,
-          states, reverse);
-    });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "rnn_backward", [&] {
+    if (c.proj) {
+      out = backward_proj<scalar_t>(p, c.ps, grad_output.to(dt).contiguous(), grad_h_n.to(dt),
+                                    grad_c_n.to(dt), x, w.w_ih.contiguous(), w.w_hh.contiguous(),
+                                    w.w_hr->contiguous(), gates.contiguous(), states.contiguous(),
+                                    reverse);
+    } else {
+      const Tensor go = grad_output.stride(2) == 1 ? grad_output : grad_output.contiguous();
+      out = dispatch_cell(c.s.cell, [&](auto k) {
+        return backward_impl<scalar_t, decltype(k)::value>(
+            p, c.s, go.to(dt), grad_h_n.to(dt), grad_c_n.to(dt), x, w.w_ih.contiguous(),
+            w.w_hh.contiguous(), gates, states, reverse);
+      });
+      out.push_back(at::empty({0}, input.options()));
+    }
   });
-  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], at::empty({0}, input.options())};
+  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7]};
+}
+
+RnnForwardResult rnn_forward_cpu(const Tensor& input, const Tensor& lengths, const Tensor& h0,
+                                 const c10::optional<Tensor>& c0, const Tensor& w_ih,
+                                 const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
+                                 const c10::optional<Tensor>& b_hh, c10::string_view cell,
+                                 bool reverse, const c10::optional<Tensor>& w_hr) {
+  const DirectionWeights w{w_ih, w_hh, b_ih, b_hh, w_hr};
+  const Checked c = check_forward(input, lengths, h0, c0, w, std::string(cell));
+  return run_forward(c, make_plan(lengths, c.T()), input, h0, c0, w, reverse);
+}
+
+RnnBackwardResult rnn_backward_cpu(const Tensor& grad_output, const Tensor& grad_h_n,
+                                   const Tensor& grad_c_n, const Tensor& input,
+                                   const Tensor& lengths, const Tensor& w_ih, const Tensor& w_hh,
+                                   const Tensor& gates, const Tensor& states,
+                                   c10::string_view cell, bool reverse,
+                                   const c10::optional<Tensor>& w_hr) {
+  const DirectionWeights w{w_ih, w_hh, c10::nullopt, c10::nullopt, w_hr};
+  const Checked c = check_backward(grad_output, grad_h_n, grad_c_n, input, lengths, w, gates,
+                                   states, std::string(cell));
+  const Plan p = make_plan(lengths, c.T());
+  check_workspace_rows(c, p, gates, states);
+  return run_backward(c, p, grad_output, grad_h_n, grad_c_n, input, w, gates, states, reverse);
+}
+
+// ------------------------------------------------------- both directions
+// f(0) and f(1). With two or three threads, each direction runs on a thread
+// of its own (its products and cell updates single-threaded), concurrently:
+// the per-step products have few rows and gain little from a second thread,
+// so one thread per direction does more work per second. With one thread, or
+// four and more, the directions run one after the other on all threads (the
+// one-thread-each split was measured on 2-thread machines only).
+template <typename F>
+void for_both_directions(F&& f) {
+  const int threads = at::get_num_threads();
+  if (threads >= 2 && threads < 4 && !at::in_parallel_region()) {
+    at::parallel_for(0, 2, 1, [&](int64_t d0, int64_t d1) {
+      for (int64_t d = d0; d < d1; ++d) f(d);
+    });
+  } else {
+    f(0);
+    f(1);
+  }
+}
+
+RnnForwardResult rnn_bidirectional_forward_cpu(const Tensor& input, const Tensor& lengths,
+                                               const Tensor& h0, const c10::optional<Tensor>& c0,
+                                               at::TensorList weights, bool has_biases,
+                                               c10::string_view cell_name) {
+  const std::string cell(cell_name);
+  const auto w = split_directions(weights, has_biases, cell);
+  std::array<Checked, 2> c;
+  for (int64_t d = 0; d < 2; ++d)
+    c[d] = check_forward(input, lengths, direction_of(h0, d, "h0"), direction_of(c0, d, "c0"),
+                         w[d], cell);
+  const Plan p = make_plan(lengths, c[0].T());
+  std::array<RnnForwardResult, 2> r;
+  for_both_directions([&](int64_t d) {
+    r[d] = run_forward(c[d], p, input, h0.select(0, d), direction_of(c0, d, "c0"), w[d], d == 1);
+  });
+  return join_forward(r[0], r[1], cell == "lstm");
+}
+
+BidirectionalBackwardResult rnn_bidirectional_backward_cpu(
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
+    const Tensor& input, const Tensor& lengths, at::TensorList weights, bool has_biases,
+    const Tensor& gates, const Tensor& states, c10::string_view cell_name) {
+  const std::string cell(cell_name);
+  const bool lstm = cell == "lstm";
+  const auto w = split_directions(weights, has_biases, cell);
+  std::array<Checked, 2> c;
+  std::array<Tensor, 2> go, ghn, gcn, gs, st;
+  for (int64_t d = 0; d < 2; ++d) {
+    const int64_t P = w[d].w_hr ? w[d].w_hr->size(0) : w[d].w_hh.size(1);
+    go[d] = direction_grad_output(grad_output, d, P);
+    ghn[d] = direction_of(grad_h_n, d, "grad_h_n");
+    gcn[d] = lstm ? direction_of(grad_c_n, d, "grad_c_n") : grad_c_n;
+    gs[d] = workspace_of(gates, d, "gates");
+    st[d] = workspace_of(states, d, "states");
+    c[d] = check_backward(go[d], ghn[d], gcn[d], input, lengths, w[d], gs[d], st[d], cell);
+  }
+  const Plan p = make_plan(lengths, c[0].T());
+  for (int64_t d = 0; d < 2; ++d) check_workspace_rows(c[d], p, gs[d], st[d]);
+  std::array<RnnBackwardResult, 2> r;
+  for_both_directions([&](int64_t d) {
+    r[d] = run_backward(c[d], p, go[d], ghn[d], gcn[d], input, w[d], gs[d], st[d], d == 1);
+  });
+  return join_backward(r[0], r[1], lstm, has_biases, c[0].proj);
 }
 
 }  // namespace
@@ -646,4 +753,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_b
 TORCH_LIBRARY_IMPL(varlen_kernels, CPU, m) {
   m.impl("rnn_forward", &varlen::rnn_forward_cpu);
   m.impl("rnn_backward", &varlen::rnn_backward_cpu);
+  m.impl("rnn_bidirectional_forward", &varlen::rnn_bidirectional_forward_cpu);
+  m.impl("rnn_bidirectional_backward", &varlen::rnn_bidirectional_backward_cpu);
 }

@@ -21,8 +21,12 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
+#include <array>
+#include <string>
+
 #include "../cell_math.h"
 #include "../rnn_args.h"
+#include "../rnn_bidirectional.h"
 #include "launch.h"
 #include "rnn_point.cuh"
 #include "rnn_persistent.h"
@@ -251,33 +255,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_b
           grad_w_hh, grad_b, grad_b.clone(), grad_w_hr};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_cuda(
-    const Tensor& input, const Tensor& lengths, const Tensor& h0,
-    const c10::optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
-    const c10::optional<Tensor>& b_ih, const c10::optional<Tensor>& b_hh,
-    c10::string_view cell_name, bool reverse, const c10::optional<Tensor>& w_hr) {
-  if (w_hr.has_value()) {
-    const ProjSizes s = check_proj_forward_args(input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                                *w_hr, std::string(cell_name));
-    const cuda::DeviceGuard guard(input.device());
-    return rnn_forward_proj_cuda(s, input, lengths, h0, *c0, w_ih, w_hh, b_ih, b_hh, *w_hr,
-                                 reverse);
-  }
-  const RnnSizes s = check_rnn_forward_args(input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                            std::string(cell_name));
-  const cuda::DeviceGuard guard(input.device());
-  const int64_t T = s.T, B = s.B, I = s.I, H = s.H, G = s.G;
-  const auto opts = input.options();
-  const auto acc_type = at::toOpMathType(input.scalar_type());
-  const Tensor len = lengths.contiguous();
+// A checked forward direction without projection, with its input projection.
+struct Prepared {
+  RnnSizes s;
+  Tensor len, gx, bias, b_hn;  // gx (T*B, G*H); bias, b_hn: gate_biases()
+};
 
-  const Tensor gx = at::mm(input.reshape({T * B, I}), w_ih.t());
-  const auto biases = gate_biases(b_ih, b_hh, s.cell, H, acc_type);
-  const Tensor &bias = biases.first, &b_hn = biases.second;
-  if (auto r = rnn_forward_persistent(s.cell, gx, len, h0, c0.has_value() ? *c0 : Tensor(), w_hh,
-                                      bias, b_hn, T, B, reverse))
-    return *r;
-  // The per-step path. Fresh buffers: the recurrence updates them in place.
+Prepared prepare_forward(const Tensor& input, const Tensor& lengths, const Tensor& h0,
+                         const c10::optional<Tensor>& c0, const DirectionWeights& w,
+                         const std::string& cell) {
+  Prepared f;
+  f.s = check_rnn_forward_args(input, lengths, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, cell);
+  const cuda::DeviceGuard guard(input.device());
+  f.len = lengths.contiguous();
+  f.gx = at::mm(input.reshape({f.s.T * f.s.B, f.s.I}), w.w_ih.t());
+  std::tie(f.bias, f.b_hn) =
+      gate_biases(w.b_ih, w.b_hh, f.s.cell, f.s.H, at::toOpMathType(input.scalar_type()));
+  return f;
+}
+
+// The per-step forward recurrence: one GEMM and one step kernel per step.
+RnnForwardResult forward_per_step(const Prepared& f, const Tensor& h0,
+                                  const c10::optional<Tensor>& c0, const Tensor& w_hh,
+                                  bool reverse) {
+  const RnnSizes& s = f.s;
+  const Tensor &len = f.len, &gx = f.gx, &bias = f.bias, &b_hn = f.b_hn;
+  const int64_t T = s.T, B = s.B, H = s.H, G = s.G;
+  const auto opts = gx.options();
+  const auto acc_type = at::toOpMathType(gx.scalar_type());
+  // Fresh buffers: the recurrence updates them in place.
   Tensor h = at::empty({B, H}, opts.dtype(acc_type)).copy_(h0);
   Tensor h_out = at::empty({B, H}, opts).copy_(h0);
   Tensor c = s.cell == Cell::LSTM ? at::empty({B, H}, opts.dtype(acc_type)).copy_(*c0) : Tensor();
@@ -289,7 +295,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_cuda(
   const auto stream = cuda::current_stream();
   const unsigned blocks = cuda::grid_for(B * H, kThreads);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "rnn_forward_cuda",
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gx.scalar_type(), "rnn_forward_cuda",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_cell(s.cell, [&](auto k) {
@@ -316,9 +322,43 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_cuda(
       return 0;
     });
   });
-  Tensor h_n = h.to(input.scalar_type());
-  Tensor c_n = s.cell == Cell::LSTM ? c.to(input.scalar_type()) : at::empty({0}, opts);
+  Tensor h_n = h.to(gx.scalar_type());
+  Tensor c_n = s.cell == Cell::LSTM ? c.to(gx.scalar_type()) : at::empty({0}, opts);
   return {output, h_n, c_n, gates, states};
+}
+
+PersistentForward persistent_operands(const Prepared& f, const Tensor& h0,
+                                      const c10::optional<Tensor>& c0, const Tensor& w_hh,
+                                      bool reverse) {
+  return {f.gx, h0, c0.has_value() ? *c0 : Tensor(), w_hh, f.bias, f.b_hn, reverse};
+}
+
+// One direction: persistent where it fits, else per step.
+RnnForwardResult forward_direction(const Prepared& f, const Tensor& h0,
+                                   const c10::optional<Tensor>& c0, const Tensor& w_hh,
+                                   bool reverse) {
+  if (auto r = rnn_forward_persistent(f.s.cell, {persistent_operands(f, h0, c0, w_hh, reverse)},
+                                      f.len, f.s.T, f.s.B))
+    return r->front();
+  return forward_per_step(f, h0, c0, w_hh, reverse);
+}
+
+RnnForwardResult rnn_forward_cuda(const Tensor& input, const Tensor& lengths, const Tensor& h0,
+                                  const c10::optional<Tensor>& c0, const Tensor& w_ih,
+                                  const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
+                                  const c10::optional<Tensor>& b_hh, c10::string_view cell_name,
+                                  bool reverse, const c10::optional<Tensor>& w_hr) {
+  if (w_hr.has_value()) {
+    const ProjSizes s = check_proj_forward_args(input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                                *w_hr, std::string(cell_name));
+    const cuda::DeviceGuard guard(input.device());
+    return rnn_forward_proj_cuda(s, input, lengths, h0, *c0, w_ih, w_hh, b_ih, b_hh, *w_hr,
+                                 reverse);
+  }
+  const Prepared f = prepare_forward(input, lengths, h0, c0, {w_ih, w_hh, b_ih, b_hh, w_hr},
+                                     std::string(cell_name));
+  const cuda::DeviceGuard guard(input.device());
+  return forward_direction(f, h0, c0, w_hh, reverse);
 }
 
 // The per-step backward recurrence: one step kernel and one GEMM per step.
@@ -367,38 +407,15 @@ void rnn_backward_per_step(const RnnSizes& s, const Tensor& dy, const Tensor& gr
   });
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_cuda(
-    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
-    const Tensor& input, const Tensor& lengths, const Tensor& w_ih, const Tensor& w_hh,
-    const Tensor& gates, const Tensor& states, c10::string_view cell_name, bool reverse,
-    const c10::optional<Tensor>& w_hr) {
-  if (w_hr.has_value()) {
-    const ProjSizes s = check_proj_backward_args(grad_output, grad_h_n, grad_c_n, input, lengths,
-                                                 w_ih, w_hh, *w_hr, gates, states,
-                                                 std::string(cell_name));
-    const cuda::DeviceGuard guard(input.device());
-    return rnn_backward_proj_cuda(s, grad_output, grad_h_n, grad_c_n, input, lengths, w_ih, w_hh,
-                                  gates, states, *w_hr, reverse);
-  }
-  const RnnSizes s = check_rnn_backward_args(grad_output, grad_h_n, grad_c_n, input, lengths, w_ih,
-                                             w_hh, gates, states, std::string(cell_name));
-  const cuda::DeviceGuard guard(input.device());
+// The gradients that follow from the recurrence's: the weights', biases' and
+// input's (GEMMs over all T*B rows; the padded rows of dgx / dgh are zero),
+// and h0's / c0's in the storage type.
+RnnBackwardResult backward_gemms(const RnnSizes& s, const Tensor& input, const Tensor& len,
+                                 const Tensor& w_ih, const Tensor& states, const Tensor& dgx,
+                                 const Tensor& dgh, const Tensor& dh, const Tensor& dc) {
   const Cell cell = s.cell;
-  const int64_t T = s.T, B = s.B, I = s.I, H = s.H, G = s.G, GS = s.GS, S = s.S;
-  VK_CHECK_SHAPE(gates, T, B, GS * H);
-  VK_CHECK_SHAPE(states, T, B, S * H);
+  const int64_t T = s.T, B = s.B, I = s.I, H = s.H, S = s.S;
   const auto opts = input.options();
-  const auto acc_type = at::toOpMathType(input.scalar_type());
-  const Tensor len = lengths.contiguous();
-  const Tensor dy = grad_output.to(input.scalar_type()).contiguous();
-  Tensor dh, dc, dgx, dgh;
-  if (auto r = rnn_backward_persistent(cell, dy, grad_h_n, grad_c_n, len, w_hh, gates, states, T,
-                                       B, reverse)) {
-    std::tie(dgx, dgh, dh, dc) = *r;
-  } else {
-    rnn_backward_per_step(s, dy, grad_h_n, grad_c_n, len, w_hh, gates, states, reverse, dh, dc,
-                          dgx, dgh);
-  }
   // Padded input is replaced by zero before it meets a gradient (0 * NaN is NaN).
   const Tensor valid = (at::arange(T, len.options()).unsqueeze(1) < len.unsqueeze(0)).unsqueeze(2);
   const Tensor x_valid = at::where(valid, input, at::zeros({}, opts)).reshape({T * B, I});
@@ -413,10 +430,155 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_b
           grad_b_hh, at::empty({0}, opts)};
 }
 
+// A checked backward direction without projection: its sizes, and dy in the
+// storage type, contiguous.
+struct PreparedBackward {
+  RnnSizes s;
+  Tensor len, dy;
+};
+
+PreparedBackward prepare_backward(const Tensor& grad_output, const Tensor& grad_h_n,
+                                  const Tensor& grad_c_n, const Tensor& input,
+                                  const Tensor& lengths, const Tensor& w_ih, const Tensor& w_hh,
+                                  const Tensor& gates, const Tensor& states,
+                                  const std::string& cell) {
+  PreparedBackward b;
+  b.s = check_rnn_backward_args(grad_output, grad_h_n, grad_c_n, input, lengths, w_ih, w_hh,
+                                gates, states, cell);
+  VK_CHECK_SHAPE(gates, b.s.T, b.s.B, b.s.GS * b.s.H);
+  VK_CHECK_SHAPE(states, b.s.T, b.s.B, b.s.S * b.s.H);
+  const cuda::DeviceGuard guard(input.device());
+  b.len = lengths.contiguous();
+  b.dy = grad_output.to(input.scalar_type()).contiguous();
+  return b;
+}
+
+// One direction's recurrence: persistent where it fits, else per step.
+// Returns (dgx, dgh, grad_h0, grad_c0) as rnn_backward_persistent.
+PersistentBackwardResult backward_direction(const PreparedBackward& b, const Tensor& grad_h_n,
+                                            const Tensor& grad_c_n, const Tensor& w_hh,
+                                            const Tensor& gates, const Tensor& states,
+                                            bool reverse) {
+  if (auto r = rnn_backward_persistent(b.s.cell,
+                                       {{b.dy, grad_h_n, grad_c_n, w_hh, gates, states, reverse}},
+                                       b.len, b.s.T, b.s.B))
+    return r->front();
+  Tensor dh, dc, dgx, dgh;
+  rnn_backward_per_step(b.s, b.dy, grad_h_n, grad_c_n, b.len, w_hh, gates, states, reverse, dh, dc,
+                        dgx, dgh);
+  return {dgx, dgh, dh, dc};
+}
+
+RnnBackwardResult rnn_backward_cuda(const Tensor& grad_output, const Tensor& grad_h_n,
+                                    const Tensor& grad_c_n, const Tensor& input,
+                                    const Tensor& lengths, const Tensor& w_ih, const Tensor& w_hh,
+                                    const Tensor& gates, const Tensor& states,
+                                    c10::string_view cell_name, bool reverse,
+                                    const c10::optional<Tensor>& w_hr) {
+  if (w_hr.has_value()) {
+    const ProjSizes s = check_proj_backward_args(grad_output, grad_h_n, grad_c_n, input, lengths,
+                                                 w_ih, w_hh, *w_hr, gates, states,
+                                                 std::string(cell_name));
+    const cuda::DeviceGuard guard(input.device());
+    return rnn_backward_proj_cuda(s, grad_output, grad_h_n, grad_c_n, input, lengths, w_ih, w_hh,
+                                  gates, states, *w_hr, reverse);
+  }
+  const PreparedBackward b = prepare_backward(grad_output, grad_h_n, grad_c_n, input, lengths,
+                                              w_ih, w_hh, gates, states, std::string(cell_name));
+  const cuda::DeviceGuard guard(input.device());
+  const auto [dgx, dgh, dh, dc] =
+      backward_direction(b, grad_h_n, grad_c_n, w_hh, gates, states, reverse);
+  return backward_gemms(b.s, input, b.len, w_ih, states, dgx, dgh, dh, dc);
+}
+
+// ------------------------------------------------------- both directions
+// Without projection, both directions' recurrences in one persistent launch
+// where they fit together; otherwise each direction as rnn_forward /
+// rnn_backward runs it, one after the other.
+RnnForwardResult rnn_bidirectional_forward_cuda(const Tensor& input, const Tensor& lengths,
+                                                const Tensor& h0,
+                                                const c10::optional<Tensor>& c0,
+                                                at::TensorList weights, bool has_biases,
+                                                c10::string_view cell_name) {
+  const std::string cell(cell_name);
+  const bool lstm = cell == "lstm";
+  const auto w = split_directions(weights, has_biases, cell);
+  const std::array<Tensor, 2> h0d{direction_of(h0, 0, "h0"), direction_of(h0, 1, "h0")};
+  const std::array<c10::optional<Tensor>, 2> c0d{direction_of(c0, 0, "c0"),
+                                                 direction_of(c0, 1, "c0")};
+  std::array<RnnForwardResult, 2> r;
+  if (w[0].w_hr.has_value()) {
+    for (int d = 0; d < 2; ++d)
+      r[d] = rnn_forward_cuda(input, lengths, h0d[d], c0d[d], w[d].w_ih, w[d].w_hh, w[d].b_ih,
+                              w[d].b_hh, cell, d == 1, w[d].w_hr);
+    return join_forward(r[0], r[1], lstm);
+  }
+  const std::array<Prepared, 2> f{prepare_forward(input, lengths, h0d[0], c0d[0], w[0], cell),
+                                  prepare_forward(input, lengths, h0d[1], c0d[1], w[1], cell)};
+  const cuda::DeviceGuard guard(input.device());
+  if (auto both = rnn_forward_persistent(
+          f[0].s.cell,
+          {persistent_operands(f[0], h0d[0], c0d[0], w[0].w_hh, false),
+           persistent_operands(f[1], h0d[1], c0d[1], w[1].w_hh, true)},
+          f[0].len, f[0].s.T, f[0].s.B))
+    return join_forward((*both)[0], (*both)[1], lstm);
+  for (int d = 0; d < 2; ++d) r[d] = forward_direction(f[d], h0d[d], c0d[d], w[d].w_hh, d == 1);
+  return join_forward(r[0], r[1], lstm);
+}
+
+BidirectionalBackwardResult rnn_bidirectional_backward_cuda(
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
+    const Tensor& input, const Tensor& lengths, at::TensorList weights, bool has_biases,
+    const Tensor& gates, const Tensor& states, c10::string_view cell_name) {
+  const std::string cell(cell_name);
+  const bool lstm = cell == "lstm";
+  const auto w = split_directions(weights, has_biases, cell);
+  const bool proj = w[0].w_hr.has_value();
+  std::array<Tensor, 2> go, ghn, gcn, gs, st;
+  for (int d = 0; d < 2; ++d) {
+    const int64_t P = proj ? w[d].w_hr->size(0) : w[d].w_hh.size(1);
+    go[d] = direction_grad_output(grad_output, d, P);
+    ghn[d] = direction_of(grad_h_n, d, "grad_h_n");
+    gcn[d] = lstm ? direction_of(grad_c_n, d, "grad_c_n") : grad_c_n;
+    gs[d] = workspace_of(gates, d, "gates");
+    st[d] = workspace_of(states, d, "states");
+  }
+  std::array<RnnBackwardResult, 2> r;
+  if (proj) {
+    for (int d = 0; d < 2; ++d)
+      r[d] = rnn_backward_cuda(go[d], ghn[d], gcn[d], input, lengths, w[d].w_ih, w[d].w_hh, gs[d],
+                               st[d], cell, d == 1, w[d].w_hr);
+    return join_backward(r[0], r[1], lstm, has_biases, true);
+  }
+  std::array<PreparedBackward, 2> b;
+  for (int d = 0; d < 2; ++d)
+    b[d] = prepare_backward(go[d], ghn[d], gcn[d], input, lengths, w[d].w_ih, w[d].w_hh, gs[d],
+                            st[d], cell);
+  const cuda::DeviceGuard guard(input.device());
+  std::array<PersistentBackwardResult, 2> rec;
+  if (auto both = rnn_backward_persistent(
+          b[0].s.cell,
+          {{b[0].dy, ghn[0], gcn[0], w[0].w_hh, gs[0], st[0], false},
+           {b[1].dy, ghn[1], gcn[1], w[1].w_hh, gs[1], st[1], true}},
+          b[0].len, b[0].s.T, b[0].s.B)) {
+    rec = {(*both)[0], (*both)[1]};
+  } else {
+    for (int d = 0; d < 2; ++d)
+      rec[d] = backward_direction(b[d], ghn[d], gcn[d], w[d].w_hh, gs[d], st[d], d == 1);
+  }
+  for (int d = 0; d < 2; ++d) {
+    const auto& [dgx, dgh, dh, dc] = rec[d];
+    r[d] = backward_gemms(b[d].s, input, b[d].len, w[d].w_ih, st[d], dgx, dgh, dh, dc);
+  }
+  return join_backward(r[0], r[1], lstm, has_biases, false);
+}
+
 }  // namespace
 }  // namespace varlen
 
 VK_CUDA_LIBRARY_IMPL(m) {
   m.impl("rnn_forward", &varlen::rnn_forward_cuda);
   m.impl("rnn_backward", &varlen::rnn_backward_cuda);
+  m.impl("rnn_bidirectional_forward", &varlen::rnn_bidirectional_forward_cuda);
+  m.impl("rnn_bidirectional_backward", &varlen::rnn_bidirectional_backward_cuda);
 }

@@ -80,6 +80,25 @@ __device__ __forceinline__ int64_t longest(const int64_t* sorted_len, int64_t B,
 
 constexpr size_t align16(size_t n) { return (n + 15) / 16 * 16; }
 
+// The kernels' argument: the parameters of one or two directions (of the
+// same layer, sharing lengths), each run by its own group of `ctas` CTAs.
+// Both groups step through the same steps (the longest length), so they
+// meet at every grid-wide barrier.
+template <typename Params>
+struct Directions {
+  Params d[2];
+  int64_t ctas;  // CTAs per direction
+};
+
+// This CTA's direction, and the first hidden unit of its slice.
+template <typename Params>
+__device__ __forceinline__ Params direction_of_cta(const Directions<Params>& L, int64_t& j0) {
+  const bool second = int64_t(blockIdx.x) >= L.ctas;
+  const Params p = second ? L.d[1] : L.d[0];
+  j0 = (int64_t(blockIdx.x) - (second ? L.ctas : 0)) * p.units;
+  return p;
+}
+
 // Shared memory: the W_hh slice (G * Hs * H storage-type values), then the
 // staged operand tile (kChunk x (RB + 1) math-type values).
 template <typename scalar_t, typename acc_t>
@@ -174,12 +193,14 @@ __device__ __forceinline__ void forward_cell(const FwdParams<scalar_t, acc_t>& p
 }
 
 template <typename scalar_t, typename acc_t, Cell K>
-__global__ void __launch_bounds__(kThreads, 1) persistent_forward_kernel(FwdParams<scalar_t, acc_t> p) {
+__global__ void __launch_bounds__(kThreads, 1) persistent_forward_kernel(Directions<FwdParams<scalar_t, acc_t>> L) {
   constexpr int G = num_gates(K);
+  int64_t j0;
+  const FwdParams<scalar_t, acc_t> p = direction_of_cta(L, j0);
   const int64_t H = p.H, B = p.B, T = p.T;
   const int Hs = p.units, tid = threadIdx.x;
   const int u = tid % Hs, rg = tid / Hs, RG = kThreads / Hs, RB = RG * kRows, RBp = RB + 1;
-  const int64_t j0 = int64_t(blockIdx.x) * Hs, j = j0 + u, GHs = int64_t(G) * Hs;
+  const int64_t j = j0 + u, GHs = int64_t(G) * Hs;
   const bool owns = rg < RG && j < H;  // computes (row, unit j) pairs
   VK_DYNAMIC_SHARED(unsigned char, smem);
   scalar_t* w = reinterpret_cast<scalar_t*>(smem);  // w[k * GHs + g * Hs + u] = W_hh[g*H + j0+u, k]
@@ -339,11 +360,13 @@ __device__ __forceinline__ void backward_cell(const BwdParams<scalar_t, acc_t>& 
 }
 
 template <typename scalar_t, typename acc_t, Cell K>
-__global__ void __launch_bounds__(kThreads, 1) persistent_backward_kernel(BwdParams<scalar_t, acc_t> p) {
+__global__ void __launch_bounds__(kThreads, 1) persistent_backward_kernel(Directions<BwdParams<scalar_t, acc_t>> L) {
+  int64_t j0;
+  const BwdParams<scalar_t, acc_t> p = direction_of_cta(L, j0);
   const int64_t H = p.H, B = p.B, T = p.T, GH = int64_t(p.G) * H;
   const int Hs = p.units, tid = threadIdx.x;
   const int u = tid % Hs, rg = tid / Hs, RG = kThreads / Hs, RB = RG * kRows, RBp = RB + 1;
-  const int64_t j0 = int64_t(blockIdx.x) * Hs, j = j0 + u;
+  const int64_t j = j0 + u;
   const bool owns = rg < RG && j < H;
   VK_DYNAMIC_SHARED(unsigned char, smem);
   scalar_t* w = reinterpret_cast<scalar_t*>(smem);  // w[m * Hs + u] = W_hh[m, j0+u]
@@ -497,14 +520,15 @@ __device__ __forceinline__ void tc_product(const TcGeometry& g, int rows, const 
 
 template <typename scalar_t, Cell K>
 __global__ void __launch_bounds__(kThreads, 1)
-    persistent_forward_tc_kernel(FwdParams<scalar_t, float> p) {
+    persistent_forward_tc_kernel(Directions<FwdParams<scalar_t, float>> L) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // bfloat16 wmma needs sm_80; the host launches it on sm_80 and later only
 #else
   constexpr int G = num_gates(K);
+  int64_t j0;
+  const FwdParams<scalar_t, float> p = direction_of_cta(L, j0);
   const int64_t H = p.H, B = p.B, T = p.T;
   const int Hs = p.units, tid = threadIdx.x;
-  const int64_t j0 = int64_t(blockIdx.x) * Hs;
   const TcGeometry g(G * Hs, H);
   VK_DYNAMIC_SHARED(unsigned char, smem);
   // ws[n * ldw + k] = W_hh[gate * H + j0 + u, k] for column n = gate * Hs + u
@@ -550,13 +574,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 template <typename scalar_t, Cell K>
 __global__ void __launch_bounds__(kThreads, 1)
-    persistent_backward_tc_kernel(BwdParams<scalar_t, float> p) {
+    persistent_backward_tc_kernel(Directions<BwdParams<scalar_t, float>> L) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();
 #else
+  int64_t j0;
+  const BwdParams<scalar_t, float> p = direction_of_cta(L, j0);
   const int64_t H = p.H, B = p.B, T = p.T, GH = int64_t(p.G) * H;
   const int Hs = p.units, tid = threadIdx.x;
-  const int64_t j0 = int64_t(blockIdx.x) * Hs;
   const TcGeometry g(Hs, GH);
   VK_DYNAMIC_SHARED(unsigned char, smem);
   // ws[n * ldw + m] = W_hh[m, j0 + n]
@@ -613,16 +638,16 @@ struct Launch {
 };
 
 // The fewest units per CTA (the most CTAs) whose W_hh slice fits in shared
-// memory and whose grid can be resident at once.
+// memory and whose grid, `dirs` groups of CTAs, can be resident at once.
 // At most one CTA per SM: every CTA reads all running rows of h each step, so
 // more CTAs mean more of that traffic, not more useful parallelism.
 // smem_for(units): the kernel's shared memory in bytes, or -1 when its tiles
 // cannot have that many units.
 template <typename Kernel, typename SmemFor>
-Launch plan_launch(Kernel kernel, int64_t H, SmemFor smem_for) {
+Launch plan_launch(Kernel kernel, int64_t H, int dirs, SmemFor smem_for) {
   Launch l;
   const int64_t most =
-      std::min(cuda::sm_count(), cuda::cooperative_grid_limit(kernel, kThreads, 0));
+      std::min(cuda::sm_count(), cuda::cooperative_grid_limit(kernel, kThreads, 0)) / dirs;
   if (most < 1 || H < 1) return l;
   int64_t units = std::max<int64_t>(kMinUnits, (H + most - 1) / most);
   for (; units <= kMaxUnits; ++units) {
@@ -630,7 +655,7 @@ Launch plan_launch(Kernel kernel, int64_t H, SmemFor smem_for) {
     if (bytes < 0 || size_t(bytes) > cuda::max_dynamic_smem()) return l;
     const size_t smem = size_t(bytes);
     const int64_t ctas = (H + units - 1) / units;
-    if (ctas <= cuda::cooperative_grid_limit(kernel, kThreads, smem)) {
+    if (ctas * dirs <= cuda::cooperative_grid_limit(kernel, kThreads, smem)) {
       l.units = int(units);
       l.ctas = ctas;
       l.smem = smem;
@@ -640,133 +665,160 @@ Launch plan_launch(Kernel kernel, int64_t H, SmemFor smem_for) {
   return l;
 }
 
-// The persistent launch of a direction, or units = 0 to take the per-step
+// The persistent launch of `dirs` directions, or units = 0 to take another
 // path: for half/bfloat16 the tensor-core kernel (sm_80 and later) where it
 // fits, else the fma kernel, for the other dtypes the fma kernel. The error (a
-// forced persistent path that does not fit) names the sizes. `forward` picks
-// the kernels and their shared memory: forward G*units product columns over H,
-// backward units columns over G*H.
+// forced persistent path that does not fit one direction) names the sizes;
+// two directions that do not fit one launch are not an error (each runs in a
+// launch of its own). `forward` picks the kernels' shared memory: forward
+// G*units product columns over H, backward units columns over G*H.
 template <typename scalar_t, typename Kernel>
-Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* which, int64_t B,
-              int64_t H, int G, at::ScalarType dtype) {
+Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* which, int dirs,
+              int64_t B, int64_t H, int G, at::ScalarType dtype) {
   using acc_t = at::opmath_type<scalar_t>;
   const RnnPath path = rnn_path_setting();
   if (path == RnnPath::PerStep || B * H == 0) return {};  // nothing to step: either path
   Launch l;
   if (kTensorCores<scalar_t> && cuda::compute_major() >= 8) {
-    l = plan_launch(tc_kernel, H, [&](int units) -> int64_t {
+    l = plan_launch(tc_kernel, H, dirs, [&](int units) -> int64_t {
       const TcGeometry geo = forward ? TcGeometry(G * units, H) : TcGeometry(units, int64_t(G) * H);
       return geo.fits_warps() ? geo.smem(sizeof(scalar_t)) : -1;
     });
     l.kernel_tc = l.units > 0;
   }
   if (l.units == 0)
-    l = plan_launch(fma_kernel, H, [&](int units) -> int64_t {
+    l = plan_launch(fma_kernel, H, dirs, [&](int units) -> int64_t {
       return int64_t(smem_bytes<scalar_t, acc_t>(G, units, H));
     });
-  TORCH_CHECK(l.units > 0 || path == RnnPath::Auto, "VARLEN_KERNELS_RNN_PATH=persistent: the ",
-              which, " kernel does not fit this device for hidden_size ", H, ", ", G,
-              " gate(s), dtype ", dtype, " (W_hh's slices exceed the shared memory of the CTAs ",
-              "that can be resident at once); use 'auto' to fall back to the per-step path");
+  TORCH_CHECK(l.units > 0 || path == RnnPath::Auto || dirs > 1,
+              "VARLEN_KERNELS_RNN_PATH=persistent: the ", which,
+              " kernel does not fit this device for hidden_size ", H, ", ", G, " gate(s), dtype ",
+              dtype, " (W_hh's slices exceed the shared memory of the CTAs that can be resident ",
+              "at once); use 'auto' to fall back to the per-step path");
   return l;
 }
 
+template <typename scalar_t, typename acc_t>
+using FwdKernel = void (*)(Directions<FwdParams<scalar_t, acc_t>>);
+template <typename scalar_t, typename acc_t>
+using BwdKernel = void (*)(Directions<BwdParams<scalar_t, acc_t>>);
+
 }  // namespace
 
-std::optional<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>> rnn_forward_persistent(
-    Cell cell, const Tensor& gx, const Tensor& lengths, const Tensor& h0, const Tensor& c0,
-    const Tensor& w_hh, const Tensor& bias, const Tensor& b_hn, int64_t T, int64_t B,
-    bool reverse) {
-  const int64_t H = w_hh.size(1);
+std::optional<std::vector<RnnForwardResult>> rnn_forward_persistent(
+    Cell cell, const std::vector<PersistentForward>& dirs, const Tensor& lengths, int64_t T,
+    int64_t B) {
+  TORCH_INTERNAL_ASSERT(dirs.size() == 1 || dirs.size() == 2);
+  const Tensor& gx0 = dirs[0].gx;
+  const int64_t H = dirs[0].w_hh.size(1);
   const int G = num_gates(cell), GS = num_saved_gates(cell), S = num_states(cell);
-  const auto opts = gx.options();
-  const auto acc_type = at::toOpMathType(gx.scalar_type());
-  std::optional<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>> result;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gx.scalar_type(),
+  const auto opts = gx0.options();
+  const auto acc_type = at::toOpMathType(gx0.scalar_type());
+  std::optional<std::vector<RnnForwardResult>> result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gx0.scalar_type(),
                                   "rnn_forward_persistent", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_cell(cell, [&](auto k) {
       constexpr Cell K = decltype(k)::value;
-      auto fma_kernel = persistent_forward_kernel<scalar_t, acc_t, K>;
-      auto tc_kernel = fma_kernel;
+      FwdKernel<scalar_t, acc_t> fma_kernel = persistent_forward_kernel<scalar_t, acc_t, K>;
+      FwdKernel<scalar_t, acc_t> tc_kernel = fma_kernel;
       if constexpr (kTensorCores<scalar_t>) tc_kernel = persistent_forward_tc_kernel<scalar_t, K>;
-      const Launch l = choose<scalar_t>(tc_kernel, fma_kernel, true, "persistent forward", B, H, G,
-                                        gx.scalar_type());
+      const Launch l = choose<scalar_t>(tc_kernel, fma_kernel, true, "persistent forward",
+                                        int(dirs.size()), B, H, G, gx0.scalar_type());
       if (l.units == 0) return 0;
       const auto kernel = l.kernel_tc ? tc_kernel : fma_kernel;
       const auto [sorted_len, perm] = at::sort(lengths, /*stable=*/true, 0, /*descending=*/true);
-      const Tensor w = w_hh.contiguous(), h0c = h0.contiguous();
-      const Tensor c0c = K == Cell::LSTM ? c0.contiguous() : Tensor();
-      Tensor hbuf = at::empty({2, B, H}, opts.dtype(acc_type));
-      Tensor cbuf = K == Cell::LSTM ? at::empty({B, H}, opts.dtype(acc_type)) : Tensor();
-      Tensor output = at::zeros({T, B, H}, opts);
-      Tensor gates = at::zeros({T, B, GS * H}, opts);
-      Tensor states = at::zeros({T, B, S * H}, opts);
-      Tensor h_n = at::empty({B, H}, opts);
-      Tensor c_n = K == Cell::LSTM ? at::empty({B, H}, opts) : at::empty({0}, opts);
-      FwdParams<scalar_t, acc_t> p{
-          sorted_len.const_data_ptr<int64_t>(), perm.const_data_ptr<int64_t>(),
-          w.const_data_ptr<scalar_t>(), gx.const_data_ptr<scalar_t>(),
-          bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr,
-          b_hn.defined() ? b_hn.const_data_ptr<acc_t>() : nullptr,
-          h0c.const_data_ptr<scalar_t>(),
-          K == Cell::LSTM ? c0c.const_data_ptr<scalar_t>() : nullptr,
-          hbuf.data_ptr<acc_t>(), K == Cell::LSTM ? cbuf.data_ptr<acc_t>() : nullptr,
-          output.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), states.data_ptr<scalar_t>(),
-          h_n.data_ptr<scalar_t>(), K == Cell::LSTM ? c_n.data_ptr<scalar_t>() : nullptr,
-          T, B, H, l.units, reverse};
-      cuda::launch_cooperative(kernel, dim3(unsigned(l.ctas)), dim3(kThreads), l.smem,
-                               cuda::current_stream(), p);
-      result.emplace(output, h_n, c_n, gates, states);
+      Directions<FwdParams<scalar_t, acc_t>> args{};
+      std::vector<Tensor> keep;  // contiguous operands, alive until the launch is queued
+      result.emplace();
+      for (size_t d = 0; d < dirs.size(); ++d) {
+        const PersistentForward& in = dirs[d];
+        const Tensor w = in.w_hh.contiguous(), h0c = in.h0.contiguous();
+        const Tensor c0c = K == Cell::LSTM ? in.c0.contiguous() : Tensor();
+        keep.insert(keep.end(), {w, h0c, c0c});
+        Tensor hbuf = at::empty({2, B, H}, opts.dtype(acc_type));
+        Tensor cbuf = K == Cell::LSTM ? at::empty({B, H}, opts.dtype(acc_type)) : Tensor();
+        keep.insert(keep.end(), {hbuf, cbuf});
+        Tensor output = at::zeros({T, B, H}, opts);
+        Tensor gates = at::zeros({T, B, GS * H}, opts);
+        Tensor states = at::zeros({T, B, S * H}, opts);
+        Tensor h_n = at::empty({B, H}, opts);
+        Tensor c_n = K == Cell::LSTM ? at::empty({B, H}, opts) : at::empty({0}, opts);
+        args.d[d] = FwdParams<scalar_t, acc_t>{
+            sorted_len.const_data_ptr<int64_t>(), perm.const_data_ptr<int64_t>(),
+            w.const_data_ptr<scalar_t>(), in.gx.const_data_ptr<scalar_t>(),
+            in.bias.defined() ? in.bias.const_data_ptr<acc_t>() : nullptr,
+            in.b_hn.defined() ? in.b_hn.const_data_ptr<acc_t>() : nullptr,
+            h0c.const_data_ptr<scalar_t>(),
+            K == Cell::LSTM ? c0c.const_data_ptr<scalar_t>() : nullptr,
+            hbuf.data_ptr<acc_t>(), K == Cell::LSTM ? cbuf.data_ptr<acc_t>() : nullptr,
+            output.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), states.data_ptr<scalar_t>(),
+            h_n.data_ptr<scalar_t>(), K == Cell::LSTM ? c_n.data_ptr<scalar_t>() : nullptr,
+            T, B, H, l.units, in.reverse};
+        result->emplace_back(output, h_n, c_n, gates, states);
+      }
+      args.ctas = l.ctas;
+      cuda::launch_cooperative(kernel, dim3(unsigned(l.ctas * int64_t(dirs.size()))),
+                               dim3(kThreads), l.smem, cuda::current_stream(), args);
       return 0;
     });
   });
   return result;
 }
 
-std::optional<std::tuple<Tensor, Tensor, Tensor, Tensor>> rnn_backward_persistent(
-    Cell cell, const Tensor& dy, const Tensor& grad_h_n, const Tensor& grad_c_n,
-    const Tensor& lengths, const Tensor& w_hh, const Tensor& gates, const Tensor& states,
-    int64_t T, int64_t B, bool reverse) {
-  const int64_t H = w_hh.size(1);
+std::optional<std::vector<PersistentBackwardResult>> rnn_backward_persistent(
+    Cell cell, const std::vector<PersistentBackward>& dirs, const Tensor& lengths, int64_t T,
+    int64_t B) {
+  TORCH_INTERNAL_ASSERT(dirs.size() == 1 || dirs.size() == 2);
+  const Tensor& dy0 = dirs[0].dy;
+  const int64_t H = dirs[0].w_hh.size(1);
   const int G = num_gates(cell);
-  const auto opts = dy.options();
-  const auto acc_type = at::toOpMathType(dy.scalar_type());
-  std::optional<std::tuple<Tensor, Tensor, Tensor, Tensor>> result;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(),
+  const auto opts = dy0.options();
+  const auto acc_type = at::toOpMathType(dy0.scalar_type());
+  std::optional<std::vector<PersistentBackwardResult>> result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy0.scalar_type(),
                                   "rnn_backward_persistent", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_cell(cell, [&](auto k) {
       constexpr Cell K = decltype(k)::value;
-      auto fma_kernel = persistent_backward_kernel<scalar_t, acc_t, K>;
-      auto tc_kernel = fma_kernel;
+      BwdKernel<scalar_t, acc_t> fma_kernel = persistent_backward_kernel<scalar_t, acc_t, K>;
+      BwdKernel<scalar_t, acc_t> tc_kernel = fma_kernel;
       if constexpr (kTensorCores<scalar_t>) tc_kernel = persistent_backward_tc_kernel<scalar_t, K>;
-      const Launch l = choose<scalar_t>(tc_kernel, fma_kernel, false, "persistent backward", B, H,
-                                        G, dy.scalar_type());
+      const Launch l = choose<scalar_t>(tc_kernel, fma_kernel, false, "persistent backward",
+                                        int(dirs.size()), B, H, G, dy0.scalar_type());
       if (l.units == 0) return 0;
       const auto kernel = l.kernel_tc ? tc_kernel : fma_kernel;
       const auto [sorted_len, perm] = at::sort(lengths, /*stable=*/true, 0, /*descending=*/true);
-      const Tensor w = w_hh.contiguous(), gs = gates.contiguous(), st = states.contiguous();
-      const Tensor ghn = grad_h_n.to(acc_type).contiguous();
-      const Tensor gcn = K == Cell::LSTM ? grad_c_n.to(acc_type).contiguous() : Tensor();
-      Tensor carry = at::empty({B, H}, opts.dtype(acc_type));
-      Tensor dcbuf = K == Cell::LSTM ? at::empty({B, H}, opts.dtype(acc_type)) : Tensor();
-      Tensor dgx = at::zeros({T * B, G * H}, opts);
-      Tensor dgh = K == Cell::GRU ? at::zeros({T * B, G * H}, opts) : dgx;
-      Tensor grad_h0 = at::empty({B, H}, opts.dtype(acc_type));
-      Tensor grad_c0 = K == Cell::LSTM ? at::empty({B, H}, opts.dtype(acc_type)) : Tensor();
-      BwdParams<scalar_t, acc_t> p{
-          sorted_len.const_data_ptr<int64_t>(), perm.const_data_ptr<int64_t>(),
-          w.const_data_ptr<scalar_t>(), gs.const_data_ptr<scalar_t>(),
-          st.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
-          ghn.const_data_ptr<acc_t>(), K == Cell::LSTM ? gcn.const_data_ptr<acc_t>() : nullptr,
-          carry.data_ptr<acc_t>(), K == Cell::LSTM ? dcbuf.data_ptr<acc_t>() : nullptr,
-          dgx.data_ptr<scalar_t>(), dgh.data_ptr<scalar_t>(), grad_h0.data_ptr<acc_t>(),
-          K == Cell::LSTM ? grad_c0.data_ptr<acc_t>() : nullptr, T, B, H, G, l.units,
-          reverse};
-      cuda::launch_cooperative(kernel, dim3(unsigned(l.ctas)), dim3(kThreads), l.smem,
-                               cuda::current_stream(), p);
-      result.emplace(dgx, dgh, grad_h0, grad_c0);
+      Directions<BwdParams<scalar_t, acc_t>> args{};
+      std::vector<Tensor> keep;  // operands and scratch, alive until the launch is queued
+      result.emplace();
+      for (size_t d = 0; d < dirs.size(); ++d) {
+        const PersistentBackward& in = dirs[d];
+        const Tensor w = in.w_hh.contiguous(), gs = in.gates.contiguous();
+        const Tensor st = in.states.contiguous(), dy = in.dy.contiguous();
+        const Tensor ghn = in.grad_h_n.to(acc_type).contiguous();
+        const Tensor gcn = K == Cell::LSTM ? in.grad_c_n.to(acc_type).contiguous() : Tensor();
+        Tensor carry = at::empty({B, H}, opts.dtype(acc_type));
+        Tensor dcbuf = K == Cell::LSTM ? at::empty({B, H}, opts.dtype(acc_type)) : Tensor();
+        keep.insert(keep.end(), {w, gs, st, dy, ghn, gcn, carry, dcbuf});
+        Tensor dgx = at::zeros({T * B, G * H}, opts);
+        Tensor dgh = K == Cell::GRU ? at::zeros({T * B, G * H}, opts) : dgx;
+        Tensor grad_h0 = at::empty({B, H}, opts.dtype(acc_type));
+        Tensor grad_c0 = K == Cell::LSTM ? at::empty({B, H}, opts.dtype(acc_type)) : Tensor();
+        args.d[d] = BwdParams<scalar_t, acc_t>{
+            sorted_len.const_data_ptr<int64_t>(), perm.const_data_ptr<int64_t>(),
+            w.const_data_ptr<scalar_t>(), gs.const_data_ptr<scalar_t>(),
+            st.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
+            ghn.const_data_ptr<acc_t>(), K == Cell::LSTM ? gcn.const_data_ptr<acc_t>() : nullptr,
+            carry.data_ptr<acc_t>(), K == Cell::LSTM ? dcbuf.data_ptr<acc_t>() : nullptr,
+            dgx.data_ptr<scalar_t>(), dgh.data_ptr<scalar_t>(), grad_h0.data_ptr<acc_t>(),
+            K == Cell::LSTM ? grad_c0.data_ptr<acc_t>() : nullptr, T, B, H, G, l.units,
+            in.reverse};
+        result->emplace_back(dgx, dgh, grad_h0, grad_c0);
+      }
+      args.ctas = l.ctas;
+      cuda::launch_cooperative(kernel, dim3(unsigned(l.ctas * int64_t(dirs.size()))),
+                               dim3(kThreads), l.smem, cuda::current_stream(), args);
       return 0;
     });
   });

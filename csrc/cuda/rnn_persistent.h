@@ -1,5 +1,6 @@
-// The persistent CUDA kernels of rnn_forward / rnn_backward (rnn_persistent.cu):
-// one cooperative launch per layer direction runs all its time steps.
+// The persistent CUDA kernels of rnn_forward / rnn_backward and their
+// bidirectional forms (rnn_persistent.cu): one cooperative launch runs all
+// time steps of a layer direction, or of both directions of a layer.
 //
 // Each CTA owns a slice of `units` hidden units and keeps the matching slice of
 // W_hh in shared memory for the whole sequence (forward: the rows of its units
@@ -23,6 +24,10 @@
 // GEMMs' outputs to the storage type), so the paths differ in half/bfloat16
 // by that rounding; both are held to the same error bound by the tests.
 //
+// Both directions of a bidirectional layer run in one launch when they fit
+// together (each direction its own group of CTAs, one grid barrier per step
+// for both), else one launch each.
+//
 // Which path runs: VARLEN_KERNELS_RNN_PATH = "auto" (default: persistent when
 // its shared memory and grid fit the device, per-step otherwise), "persistent"
 // (an error when it does not fit; the projection LSTM, which has no persistent
@@ -33,32 +38,48 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "../cell_math.h"
+#include "../rnn_bidirectional.h"
 
 namespace varlen {
 
 enum class RnnPath { Auto, Persistent, PerStep };
 RnnPath rnn_path_setting();  // reads VARLEN_KERNELS_RNN_PATH, checks its value
 
-// Forward of one layer direction, or nullopt when the persistent path is not
-// taken (setting, or it does not fit). gx: (T*B, G*H) input projection in the
-// storage type; bias / b_hn: gate_biases() (undefined when there are none).
-// Returns (output, h_n, c_n, gates, states) as rnn_forward does.
-std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>>
-rnn_forward_persistent(Cell cell, const at::Tensor& gx, const at::Tensor& lengths,
-                       const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
-                       const at::Tensor& bias, const at::Tensor& b_hn, int64_t T, int64_t B,
-                       bool reverse);
+// One direction's operands of the persistent forward. gx: (T*B, G*H) input
+// projection in the storage type; h0, c0: (B, H) (c0 for LSTM only); bias /
+// b_hn: gate_biases() (undefined when there are none).
+struct PersistentForward {
+  at::Tensor gx, h0, c0, w_hh, bias, b_hn;
+  bool reverse;
+};
 
-// Backward recurrence of one layer direction, or nullopt as above. dy: (T, B,
-// H) contiguous, storage type; grad_h_n / grad_c_n: (B, H) (grad_c_n unused
-// unless LSTM). Returns (dgx, dgh, grad_h0, grad_c0): the pre-activation
-// gradients (T*B, G*H), input and hidden side (the same tensor unless GRU),
-// zero at padded steps, and the gradients of h0 and c0 in the math type.
-std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>> rnn_backward_persistent(
-    Cell cell, const at::Tensor& dy, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
-    const at::Tensor& lengths, const at::Tensor& w_hh, const at::Tensor& gates,
-    const at::Tensor& states, int64_t T, int64_t B, bool reverse);
+// Forward of one direction, or of both directions of a layer in one launch
+// (a group of CTAs each), or nullopt when the persistent path is not taken
+// (setting; it does not fit; two directions that do not fit one launch).
+// Returns, per direction, (output, h_n, c_n, gates, states) as rnn_forward
+// does.
+std::optional<std::vector<RnnForwardResult>> rnn_forward_persistent(
+    Cell cell, const std::vector<PersistentForward>& dirs, const at::Tensor& lengths, int64_t T,
+    int64_t B);
+
+// One direction's operands of the persistent backward. dy: (T, B, H),
+// storage type; grad_h_n / grad_c_n: (B, H) (grad_c_n unused unless LSTM).
+struct PersistentBackward {
+  at::Tensor dy, grad_h_n, grad_c_n, w_hh, gates, states;
+  bool reverse;
+};
+
+// (dgx, dgh, grad_h0, grad_c0): the pre-activation gradients (T*B, G*H),
+// input and hidden side (the same tensor unless GRU), zero at padded steps,
+// and the gradients of h0 and c0 in the math type.
+using PersistentBackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Backward recurrence of one or two directions, or nullopt, as above.
+std::optional<std::vector<PersistentBackwardResult>> rnn_backward_persistent(
+    Cell cell, const std::vector<PersistentBackward>& dirs, const at::Tensor& lengths, int64_t T,
+    int64_t B);
 
 }  // namespace varlen

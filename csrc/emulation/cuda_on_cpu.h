@@ -96,6 +96,14 @@ struct DeviceLimits {
 };
 DeviceLimits& device_limits();
 
+// Launches run so far, for tests that check how work was launched.
+struct LaunchCounts {
+  uint64_t launches = 0;     // every launch, cooperative ones included
+  uint64_t cooperative = 0;  // cooperative launches
+  uint64_t last_cooperative_blocks = 0;  // grid size of the latest cooperative launch
+};
+LaunchCounts& launch_counts();
+
 // Runs `body` as the kernel of a <<<grid, block, smem>>> launch. Throws
 // std::runtime_error on a bad configuration or a kernel error. Cooperative
 // launches run all blocks at once (grid.sync() allowed) and are refused, as

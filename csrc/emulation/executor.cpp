@@ -505,11 +505,21 @@ void set_thread_order(Order order, uint64_t seed) {
 }
 Order thread_order() { return ts.order; }
 DeviceLimits& device_limits() { return g_limits; }
+LaunchCounts& launch_counts() {
+  static LaunchCounts counts;
+  return counts;
+}
 
 void launch(dim3 grid, dim3 block, size_t dynamic_smem, bool cooperative,
             const std::function<void()>& body) {
   if (ts.launch != nullptr) throw std::runtime_error("emulated launch from inside a kernel");
   check_config(grid, block, dynamic_smem, cooperative);
+  LaunchCounts& counts = launch_counts();
+  ++counts.launches;
+  if (cooperative) {
+    ++counts.cooperative;
+    counts.last_cooperative_blocks = uint64_t(grid.x) * grid.y * grid.z;
+  }
   Launch L;
   L.grid = grid;
   L.block = block;

@@ -67,9 +67,20 @@ PyObject* set_limit(PyObject*, PyObject* args) {
   return PyLong_FromLongLong(old);
 }
 
+// launch_counts() -> (launches, cooperative launches, blocks of the latest
+// cooperative launch), since the module was loaded.
+PyObject* launch_counts(PyObject*, PyObject*) {
+  const vk_emu::LaunchCounts& c = vk_emu::launch_counts();
+  return Py_BuildValue("(KKK)", (unsigned long long)c.launches,
+                       (unsigned long long)c.cooperative,
+                       (unsigned long long)c.last_cooperative_blocks);
+}
+
 PyMethodDef methods[] = {
     {"set_thread_order", set_thread_order, METH_VARARGS, "Thread order of the emulated kernels."},
     {"set_limit", set_limit, METH_VARARGS, "Sets a limit of the emulated device; returns the old one."},
+    {"launch_counts", launch_counts, METH_NOARGS,
+     "(launches, cooperative launches, blocks of the latest cooperative one) so far."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -80,7 +80,9 @@ if not os.path.exists(_info_path) or open(_info_path).read() != _info:
     with open(_info_path, "w") as f:
         f.write(_info)
 defines = ["-DVK_WITH_CUDA"] if with_cuda else []
-cxx_flags = ["-O3", "-std=c++20", "-fno-math-errno"] + defines
+# -fopenmp: at::parallel_for in the CPU kernels runs on torch's OpenMP threads
+# (without it, ATen's header falls back to running the loop on the caller).
+cxx_flags = ["-O3", "-std=c++20", "-fno-math-errno", "-fopenmp"] + defines
 nvcc_flags = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"] + defines
 
 if with_cuda:
@@ -89,6 +91,7 @@ if with_cuda:
         cpp_sources + cuda_sources,
         include_dirs=[os.path.join(ROOT, "csrc"), GENERATED] + cuda_wheel_includes(),
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=["-fopenmp"],
         py_limited_api=False,
     )
 else:
@@ -97,6 +100,7 @@ else:
         cpp_sources,
         include_dirs=[os.path.join(ROOT, "csrc"), GENERATED],
         extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
     )
 
 extensions = [ext]

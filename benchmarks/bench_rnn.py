@@ -32,9 +32,11 @@ repeat); the run's meta holds the machine's large-GEMM rate on the same threads
 (gemm_gflop_per_s, the best of a few n x n float32 torch.mm, n = 2048 on the CPU)
 to compare it with, and the load average before and after the run.
 
-On a GPU, float32 runs in IEEE precision for every method (cuDNN's RNNs and
-matmuls are switched from their TF32 default): the persistent kernels have no
-TF32 mode, so no TF32 comparison is made. Each GPU row also has MaskedRNN's
+On a GPU, fp32 is compared at equal precision, twice: dtype "float32" runs IEEE
+float32 for every method (cuDNN's RNNs and CUDA matmuls switched from their
+TF32 default), dtype "tf32" float32 tensors with TF32 allowed for every method
+(cuDNN's RNNs and CUDA matmuls, hence MaskedRNN's tensor-core kernels too).
+Each GPU row also has MaskedRNN's
 forward alone per time step (masked_fwd_us_per_step) and the peak memory of one
 forward+backward per method (name_peak_mib).
 
@@ -356,7 +358,8 @@ def recurrence_flops(cell, valid_tokens, I, H):
 
 def run_case(args, cell, dtype_name, T, B, H, baselines, log=print):
     bidirectional = getattr(args, "bidirectional", False)
-    ref, masked, x, lengths = make_case(cell, T, B, H, getattr(torch, dtype_name), args.device,
+    dtype = torch.float32 if dtype_name == "tf32" else getattr(torch, dtype_name)
+    ref, masked, x, lengths = make_case(cell, T, B, H, dtype, args.device,
                                         bidirectional=bidirectional)
     valid = int(lengths.sum())
     row = {"valid_fraction": round(valid / (T * B), 3)}
@@ -405,6 +408,26 @@ def summary(row, meta):
     return f"{head}: " + ", ".join(parts) + f"; {rate}; isa={meta['isa']} threads={meta['threads']}"
 
 
+class float32_precision:
+    """On a GPU, fp32 precision for every method: TF32 for dtype "tf32", else IEEE."""
+
+    def __init__(self, device, dtype_name):
+        self.on = device.startswith("cuda")
+        self.precision = "tf32" if dtype_name == "tf32" else "ieee"
+
+    def __enter__(self):
+        if self.on:
+            self.old = (torch.backends.cudnn.rnn.fp32_precision,
+                        torch.backends.cuda.matmul.fp32_precision)
+            torch.backends.cudnn.rnn.fp32_precision = self.precision
+            torch.backends.cuda.matmul.fp32_precision = self.precision
+
+    def __exit__(self, *exc):
+        if self.on:
+            (torch.backends.cudnn.rnn.fp32_precision,
+             torch.backends.cuda.matmul.fp32_precision) = self.old
+
+
 def peak_mib(fn, device):
     """Peak memory allocated during one call of fn (beyond what was allocated before)."""
     torch.cuda.synchronize(device)
@@ -451,7 +474,7 @@ def parse_args(argv=None):
         baselines = list(BASELINES)
     else:
         sizes = ([512], [8, 64, 256], [256, 1024]) if gpu else ([100], [64, 8], [256, 128])
-        dtypes, min_run_time = ("float32,bfloat16" if gpu else "float32"), (0.5 if gpu else 1.0)
+        dtypes, min_run_time = ("float32,tf32,bfloat16" if gpu else "float32"), (0.5 if gpu else 1.0)
         baselines = [b for b in BASELINES if b != ("reference" if gpu else "compiled")]
     if not gpu:
         baselines = [b for b in baselines if b != "per_step"]  # a CUDA path
@@ -459,6 +482,8 @@ def parse_args(argv=None):
     baselines = [b for b in baselines if b != ("compiled" if args.bidirectional else "split")]
     args.T, args.B, args.H = args.T or sizes[0], args.B or sizes[1], args.H or sizes[2]
     args.dtypes = (args.dtypes or dtypes).split(",")
+    if "tf32" in args.dtypes and not gpu:
+        ap.error("dtype tf32 (float32 with TF32 matmuls) is for CUDA devices")
     args.min_run_time = args.min_run_time or min_run_time
     args.compile_backend = args.compile_backend or ("aot_eager" if args.quick else "inductor")
     if args.baselines:
@@ -479,10 +504,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     meta = run_info(args.device)
     args.gemm_gflop_per_s = gemm_rate(args.device, 256 if args.quick else 2048)
-    if args.device.startswith("cuda"):  # equal precision: IEEE float32 everywhere
-        torch.backends.cudnn.rnn.fp32_precision = "ieee"
-        torch.backends.cuda.matmul.fp32_precision = "ieee"
-        meta["float32"] = "ieee for every method"
+    if args.device.startswith("cuda"):  # equal precision, per case (float32_precision)
+        meta["float32"] = "float32: ieee for every method; tf32: tf32 for every method"
     meta.update(quick=args.quick, repeats=args.repeats, min_run_time=args.min_run_time,
                 baselines=args.baselines, compile_backend=args.compile_backend,
                 gemm_gflop_per_s=args.gemm_gflop_per_s)
@@ -497,7 +520,9 @@ def main(argv=None):
                         row = dict(cell=cell, dtype=dtype_name, T=T, B=B, H=H,
                                    bidirectional=args.bidirectional)
                         try:
-                            row.update(run_case(args, cell, dtype_name, T, B, H, args.baselines))
+                            with float32_precision(args.device, dtype_name):
+                                row.update(run_case(args, cell, dtype_name, T, B, H,
+                                                    args.baselines))
                         except Exception as e:
                             row["error"] = describe(e)
                             print(f"  case failed ({row['error']})", flush=True)

@@ -153,6 +153,13 @@ def test_quick_selects_compiled_and_backend_on_cpu(bench):
     assert "compiled" not in rnn.parse_args(["--device", "cpu"]).baselines
 
 
+def test_gpu_compares_float32_at_equal_precision_twice(bench):
+    rnn = bench("bench_rnn")
+    assert rnn.parse_args(["--device", "cuda"]).dtypes == ["float32", "tf32", "bfloat16"]
+    with pytest.raises(SystemExit):
+        rnn.parse_args(["--device", "cpu", "--dtypes", "tf32"])
+
+
 def test_measure_is_round_robin(bench):
     rnn = bench("bench_rnn")
     calls = []

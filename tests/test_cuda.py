@@ -248,6 +248,63 @@ def rnn_path(path):
             os.environ["VARLEN_KERNELS_RNN_PATH"] = old
 
 
+@contextlib.contextmanager
+def matmul_precision(precision):
+    """torch's float32 precision for CUDA matmuls: 'ieee' or 'tf32'."""
+    old = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = precision
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = old
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_float32_follows_torchs_tf32_setting(cell, bidirectional, gpu):
+    """The float32 persistent kernels run IEEE fma unless torch allows TF32 for
+    CUDA matmuls, then tensor cores in TF32. IEEE: output and every gradient
+    within float32 tolerance of float64. TF32: within 2x the error of PyTorch's
+    masked loop in half precision (TF32 keeps half's 10 mantissa bits, and only
+    the recurrent product's operands are rounded), and far from IEEE's (TF32 did run)."""
+    T, B, H = 9, 40, 64
+    ref, x, lengths, hx = sample_inputs(cell, T=T, B=B, I=8, H=H, device=gpu,
+                                        requires_grad=False, bidirectional=bidirectional)
+    x = torch.nan_to_num(x, nan=0.0)
+    g = torch.Generator().manual_seed(1)
+    gy = torch.randn(T, B, (2 if bidirectional else 1) * H, generator=g,
+                     dtype=torch.float64).to(gpu)
+    y64, g64 = _grads(MaskedRNN.from_torch(ref), x.clone().requires_grad_(), lengths, hx, gy)
+
+    def run(dtype, runner=_grads):
+        m = MaskedRNN.from_torch(ref).to(dtype)
+        hxd = tuple(t.to(dtype) for t in hx) if cell == "lstm" else hx.to(dtype)
+        xd = x.to(dtype).requires_grad_()
+        if runner is _grads:
+            return runner(m, xd, lengths, hxd, gy)
+        y, _ = runner(m, xd, lengths, hxd)
+        return y, torch.autograd.grad((y * gy.to(dtype)).sum(), [xd, *m.parameters()])
+
+    def errors(result):
+        y, grads = result
+        return [((a.double() - b).abs().max() / b.abs().max().clamp_min(1.0)).item()
+                for a, b in zip([y, *grads], [y64, *g64])]
+
+    sms = 4 if bidirectional else 2
+    with rnn_path("persistent"), device_limits(gpu, sm_count=sms):
+        with matmul_precision("ieee"):
+            ieee = errors(run(torch.float32))
+        with matmul_precision("tf32"):
+            tf32 = errors(run(torch.float32))
+    half = errors(run(torch.float16, masked_rnn_reference))
+    floor = torch.finfo(torch.float16).eps * 4
+    names = ["output", "input"] + [n for n, _ in ref.named_parameters()]
+    for name, e_ieee, e_tf32, e_half in zip(names, ieee, tf32, half):
+        assert e_ieee <= 1e-5, f"{name}: IEEE float32 error {e_ieee:.3g}"
+        assert e_tf32 <= 2 * max(e_half, floor), f"{name}: TF32 {e_tf32:.3g}, half {e_half:.3g}"
+    assert max(tf32) > 30 * max(ieee), (tf32, ieee)
+
+
 def device_limits(gpu, **limits):
     """emulated_device(**limits) on the emulated backends; nothing on a GPU."""
     return contextlib.nullcontext() if gpu == "cuda" else emulated_device(**limits)

@@ -24,6 +24,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -689,11 +690,16 @@ RnnBackwardResult rnn_backward_cpu(const Tensor& grad_output, const Tensor& grad
 // so one thread per direction does more work per second. With one thread, or
 // four and more, the directions run one after the other on all threads (the
 // one-thread-each split was measured on 2-thread machines only).
+// The worker thread gets the caller's thread-local state (grad mode, the
+// dispatch keys excluded below autograd, ...): at::parallel_for does not
+// carry it, and the directions call ATen ops.
 template <typename F>
 void for_both_directions(F&& f) {
   const int threads = at::get_num_threads();
   if (threads >= 2 && threads < 4 && !at::in_parallel_region()) {
+    const at::ThreadLocalState state;
     at::parallel_for(0, 2, 1, [&](int64_t d0, int64_t d1) {
+      const at::ThreadLocalStateGuard guard(state);
       for (int64_t d = d0; d < d1; ++d) f(d);
     });
   } else {

@@ -1,8 +1,9 @@
 // Persistent CUDA kernels for rnn_forward / rnn_backward: see rnn_persistent.h.
 //
-// Two kernels of each direction: float32 and float64 compute the recurrent
-// product with fma on CUDA cores (below); half and bfloat16 on tensor cores
-// (wmma 16x16x16, float accumulation; further below).
+// Two kernels of each direction: the recurrent product with fma on CUDA cores
+// (below: float64, float32 in IEEE precision, and the fallback of the others)
+// and on tensor cores (further below: half and bfloat16 with wmma 16x16x16,
+// float32 in TF32 with 16x16x8 where torch allows TF32; float accumulation).
 //
 // Thread layout of a CTA (kThreads threads, `units` = Hs hidden units):
 // thread tid works on unit u = tid % Hs and on row group rg = tid / Hs
@@ -13,6 +14,7 @@
 // The recurrent product is accumulated in the math type (float for half and
 // bfloat16, IEEE fma on CUDA cores).
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
@@ -421,31 +423,62 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_backward_kernel(Direct
 }
 
 // ------------------------------------------------------------------ tensor cores
-// Half and bfloat16: the recurrent product on tensor cores. Per CTA and step
-// it is C = A B with A the running rows of h (forward, rounded to the storage
-// type, as the GEMMs of the per-step path and cuDNN round it) or of the
-// previous step's dgh (backward), and B the CTA's slice of W_hh, kept in
-// shared memory for the whole launch. Per tile of rows, the 8 warps share the
-// 16x16 output tiles (at most 2 each), A is staged kTcChunk columns at a time,
-// C goes through shared memory to the threads that apply the cell, one
+// Half and bfloat16, and float32 where torch allows TF32 for CUDA matmuls:
+// the recurrent product on tensor cores. Per CTA and step it is C = A B with A
+// the running rows of h (forward, rounded to the storage type, as the GEMMs of
+// the per-step path and cuDNN round it) or of the previous step's dgh
+// (backward), and B the CTA's slice of W_hh, kept in shared memory for the
+// whole launch. float32 keeps A and B in float, rounded to TF32 (10 mantissa
+// bits, to nearest) as they are written to shared memory, as cuBLAS's TF32
+// GEMMs round their operands. Per tile of rows, the 8 warps share the 16x16
+// output tiles (at most 2 each), A is staged kTcChunk columns at a time, C
+// goes through shared memory to the threads that apply the cell, one
 // (row, unit) each. The state, the carry and C stay float.
-#ifdef VK_EMULATE_CUDA
+//
+// Tc<scalar_t>: the wmma element type, the type in shared memory, and the
+// shape's reduction length (16x16x16 tiles; 16x16x8 for TF32).
 template <typename T>
-struct TcType {
-  using type = T;  // the emulated wmma takes c10::Half / c10::BFloat16
+struct Tc;
+#ifdef VK_EMULATE_CUDA
+template <>
+struct Tc<c10::Half> {  // the emulated wmma takes c10::Half / c10::BFloat16
+  using type = c10::Half;
+  using mem = c10::Half;
+  static constexpr int k = 16;
+};
+template <>
+struct Tc<c10::BFloat16> {
+  using type = c10::BFloat16;
+  using mem = c10::BFloat16;
+  static constexpr int k = 16;
 };
 #else
-template <typename T>
-struct TcType;
 template <>
-struct TcType<c10::Half> {
+struct Tc<c10::Half> {
   using type = __half;
+  using mem = __half;
+  static constexpr int k = 16;
 };
 template <>
-struct TcType<c10::BFloat16> {
+struct Tc<c10::BFloat16> {
   using type = __nv_bfloat16;
+  using mem = __nv_bfloat16;
+  static constexpr int k = 16;
 };
 #endif
+template <>
+struct Tc<float> {
+  using type = nvcuda::wmma::precision::tf32;
+  using mem = float;
+  static constexpr int k = 8;
+};
+
+// A value of the storage type as a tensor-core operand in shared memory.
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t tc_operand(scalar_t v) {
+  if constexpr (std::is_same_v<scalar_t, float>) return nvcuda::wmma::__float_to_tf32(v);
+  else return v;
+}
 
 constexpr int kTcChunk = 64;  // columns of A staged at a time
 constexpr int kWarps = kThreads / 32;
@@ -483,9 +516,11 @@ template <typename scalar_t, typename Stage>
 __device__ __forceinline__ void tc_product(const TcGeometry& g, int rows, const scalar_t* ws,
                                            scalar_t* as, float* cs, Stage stage) {
   using namespace nvcuda;
-  using tc_t = typename TcType<scalar_t>::type;
+  using tc_t = typename Tc<scalar_t>::type;
+  using mem_t = typename Tc<scalar_t>::mem;
+  constexpr int KK = Tc<scalar_t>::k;
   const int warp = threadIdx.x / 32;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
+  wmma::fragment<wmma::accumulator, 16, 16, KK, float> acc[2];
   wmma::fill_fragment(acc[0], 0.f);
   wmma::fill_fragment(acc[1], 0.f);
   for (int64_t k0 = 0; k0 < g.kp; k0 += kTcChunk) {
@@ -497,12 +532,12 @@ __device__ __forceinline__ void tc_product(const TcGeometry& g, int rows, const 
     for (int e = 0; e < 2; ++e) {
       const int q = warp + e * kWarps, mtile = q / g.nt, ntile = q % g.nt;
       if (q >= g.mt * g.nt || mtile * 16 >= rows) continue;  // warp-uniform
-      for (int kk = 0; kk < kc; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, tc_t, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, tc_t, wmma::col_major> b;
-        wmma::load_matrix_sync(a, reinterpret_cast<const tc_t*>(as + mtile * 16 * g.lda + kk),
+      for (int kk = 0; kk < kc; kk += KK) {
+        wmma::fragment<wmma::matrix_a, 16, 16, KK, tc_t, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, KK, tc_t, wmma::col_major> b;
+        wmma::load_matrix_sync(a, reinterpret_cast<const mem_t*>(as + mtile * 16 * g.lda + kk),
                                unsigned(g.lda));
-        wmma::load_matrix_sync(b, reinterpret_cast<const tc_t*>(ws + ntile * 16 * g.ldw + k0 + kk),
+        wmma::load_matrix_sync(b, reinterpret_cast<const mem_t*>(ws + ntile * 16 * g.ldw + k0 + kk),
                                unsigned(g.ldw));
         wmma::mma_sync(acc[e], a, b, acc[e]);
       }
@@ -539,7 +574,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int64_t idx = tid; idx < g.np * g.kp; idx += kThreads) {
     const int64_t n = idx / g.kp, k = idx % g.kp, gate = n / Hs, jj = j0 + n % Hs;
     ws[n * g.ldw + k] =
-        (n < g.n && jj < H && k < H) ? p.w_hh[(gate * H + jj) * H + k] : scalar_t(0);
+        (n < g.n && jj < H && k < H) ? tc_operand(p.w_hh[(gate * H + jj) * H + k]) : scalar_t(0);
   }
   load_initial_state<scalar_t, float, K>(p, j0, Hs);
   const int64_t maxlen = longest(p.sorted_len, B, T);
@@ -554,7 +589,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           const int r = idx / kc, kk = idx % kc;
           const int64_t k = k0 + kk;
           as[r * g.lda + kk] =
-              (r < rows && k < H) ? scalar_t(s.hin[(row0 + r) * H + k]) : scalar_t(0);
+              (r < rows && k < H) ? tc_operand(scalar_t(s.hin[(row0 + r) * H + k])) : scalar_t(0);
         }
       });
       for (int idx = tid; idx < rows * Hs; idx += kThreads) {
@@ -591,7 +626,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                                        g.a_bytes(sizeof(scalar_t)));
   for (int64_t idx = tid; idx < g.np * g.kp; idx += kThreads) {  // n fastest: coalesced reads
     const int64_t n = idx % g.np, m = idx / g.np, jj = j0 + n;
-    ws[n * g.ldw + m] = (n < Hs && jj < H && m < GH) ? p.w_hh[m * H + jj] : scalar_t(0);
+    ws[n * g.ldw + m] = (n < Hs && jj < H && m < GH) ? tc_operand(p.w_hh[m * H + jj]) : scalar_t(0);
   }
   load_initial_carry<scalar_t, float, K>(p, j0, Hs);
   const int64_t maxlen = longest(p.sorted_len, B, T);
@@ -607,8 +642,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int idx = tid; idx < round16(with_prev) * kc; idx += kThreads) {
             const int r = idx / kc, kk = idx % kc;
             const int64_t m = m0 + kk;
-            as[r * g.lda + kk] =
-                (r < with_prev && m < GH) ? s.dg_prev[p.perm[row0 + r] * GH + m] : scalar_t(0);
+            as[r * g.lda + kk] = (r < with_prev && m < GH)
+                                     ? tc_operand(s.dg_prev[p.perm[row0 + r] * GH + m])
+                                     : scalar_t(0);
           }
         });
       }
@@ -626,9 +662,23 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // ------------------------------------------------------------------ host
+// Types with a tensor-core kernel: half, bfloat16, and float32 (TF32).
 template <typename scalar_t>
-constexpr bool kTensorCores =
-    std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>;
+constexpr bool kTensorCores = std::is_same_v<scalar_t, c10::Half> ||
+                              std::is_same_v<scalar_t, c10::BFloat16> ||
+                              std::is_same_v<scalar_t, float>;
+
+// Whether this call may use the tensor cores: sm_80 and later; float32 only
+// where torch allows TF32 for CUDA matmuls (torch.backends.cuda.matmul's
+// fp32_precision "tf32", or allow_tf32), by the test cuBLAS's handle set-up makes.
+template <typename scalar_t>
+bool tensor_cores_allowed() {
+  if (!kTensorCores<scalar_t> || cuda::compute_major() < 8) return false;
+  return !std::is_same_v<scalar_t, float> ||
+         (!at::NoTF32Guard::should_disable_tf32() &&
+          at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+              at::Float32Precision::TF32);
+}
 
 struct Launch {
   int units = 0;     // 0: does not fit
@@ -666,8 +716,8 @@ Launch plan_launch(Kernel kernel, int64_t H, int dirs, SmemFor smem_for) {
 }
 
 // The persistent launch of `dirs` directions, or units = 0 to take another
-// path: for half/bfloat16 the tensor-core kernel (sm_80 and later) where it
-// fits, else the fma kernel, for the other dtypes the fma kernel. The error (a
+// path: the tensor-core kernel where tensor_cores_allowed() and it fits, else
+// the fma kernel. The error (a
 // forced persistent path that does not fit one direction) names the sizes;
 // two directions that do not fit one launch are not an error (each runs in a
 // launch of its own). `forward` picks the kernels' shared memory: forward
@@ -679,12 +729,16 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
   const RnnPath path = rnn_path_setting();
   if (path == RnnPath::PerStep || B * H == 0) return {};  // nothing to step: either path
   Launch l;
-  if (kTensorCores<scalar_t> && cuda::compute_major() >= 8) {
-    l = plan_launch(tc_kernel, H, dirs, [&](int units) -> int64_t {
+  if (tensor_cores_allowed<scalar_t>()) {
+    auto tc_smem = [&](int units) -> int64_t {
       const TcGeometry geo = forward ? TcGeometry(G * units, H) : TcGeometry(units, int64_t(G) * H);
       return geo.fits_warps() ? geo.smem(sizeof(scalar_t)) : -1;
-    });
+    };
+    l = plan_launch(tc_kernel, H, dirs, tc_smem);
     l.kernel_tc = l.units > 0;
+    // Two directions that fit one launch only on CUDA cores: one tensor-core
+    // launch each instead, where one direction fits.
+    if (l.units == 0 && dirs > 1 && plan_launch(tc_kernel, H, 1, tc_smem).units > 0) return {};
   }
   if (l.units == 0)
     l = plan_launch(fma_kernel, H, dirs, [&](int units) -> int64_t {

@@ -16,10 +16,12 @@
 // layout: gates (T, B, GS*H), states (T, B, S*H), zero at padded steps; either
 // path's backward consumes either path's forward.
 //
-// The recurrent product: float32 and float64 with fma on CUDA cores (IEEE,
-// never TF32); half and bfloat16 on tensor cores (wmma, float accumulation),
-// with W_hh and the product's row operand (h, or the backward's dgh) in the
-// storage type, as in the per-step path's GEMMs. The product itself, the
+// The recurrent product: float64 with fma on CUDA cores; float32 likewise in
+// IEEE precision, or on tensor cores in TF32 where torch allows TF32 for CUDA
+// matmuls (as the per-step path's at::mm does); half and bfloat16 on tensor
+// cores (wmma, float accumulation), with W_hh and the product's row operand
+// (h, or the backward's dgh) in the storage type (TF32-rounded for float32),
+// as in the per-step path's GEMMs. The product itself, the
 // state and the backward's carry stay float (the per-step path rounds its
 // GEMMs' outputs to the storage type), so the paths differ in half/bfloat16
 // by that rounding; both are held to the same error bound by the tests.

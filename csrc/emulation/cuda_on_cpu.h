@@ -267,7 +267,8 @@ inline thread_block this_thread_block() { return {}; }
 }  // namespace cooperative_groups
 
 // ------------------------------------------------------------ wmma (tensor cores)
-// nvcuda::wmma on 16x16x16 tiles. How CUDA spreads a fragment over the lanes
+// nvcuda::wmma on 16x16x16 tiles of half / bfloat16, and 16x16x8 tiles of
+// precision::tf32 (float in memory and in the fragment). How CUDA spreads a fragment over the lanes
 // of a warp is unspecified, so code may only touch a fragment through these
 // calls and element-wise loops over x[0, num_elements); here every lane holds
 // the whole tile. Every call is warp-collective: it is a __syncwarp first, so
@@ -276,7 +277,10 @@ inline thread_block this_thread_block() { return {}; }
 // (a kernel error otherwise). A store writes each lane's share only (element
 // i by lane i % 32), so reading a stored tile back before a __syncwarp or a
 // barrier reads what other lanes have not written yet. Products accumulate in
-// float, in k order, as fma.
+// float, in k order, as fma. A tf32 operand is used with its low 13 mantissa
+// bits dropped (what the tensor cores read of a float that was not rounded by
+// __float_to_tf32, which rounds to nearest, ties away from zero, as
+// cvt.rna.tf32.f32 does).
 namespace nvcuda {
 namespace wmma {
 struct matrix_a {};
@@ -285,6 +289,37 @@ struct accumulator {};
 struct row_major {};
 struct col_major {};
 enum layout_t { mem_row_major, mem_col_major };
+namespace precision {
+struct tf32 {};
+}
+
+namespace detail {
+// What a fragment of element type T holds and loads: float for tf32.
+template <typename T>
+using storage_t = std::conditional_t<std::is_same_v<T, precision::tf32>, float, T>;
+inline uint32_t bits_of(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  return u;
+}
+inline float float_of(uint32_t u) {
+  float v;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
+// The value the tensor cores multiply: tf32 keeps 10 mantissa bits.
+template <typename T>
+inline float operand(T v) {
+  if constexpr (std::is_same_v<T, float>) return float_of(bits_of(v) & 0xffffe000u);
+  else return float(v);
+}
+}  // namespace detail
+
+inline float __float_to_tf32(float v) {
+  if (!std::isfinite(v)) return v;
+  // to nearest, ties away from zero: add half of the dropped part's range, truncate
+  return detail::float_of((detail::bits_of(v) + 0x1000u) & 0xffffe000u);
+}
 
 namespace detail {
 template <typename T>
@@ -301,7 +336,14 @@ inline unsigned lane() {
 
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment {
-  static_assert(M == 16 && N == 16 && K == 16, "the emulation has the 16x16x16 shape only");
+  static_assert(M == 16 && N == 16 &&
+                    (K == 16 || (K == 8 && (std::is_same_v<T, precision::tf32> ||
+                                            std::is_same_v<Use, accumulator>))),
+                "the emulation has the 16x16x16 shape, and 16x16x8 for tf32");
+  static_assert(!std::is_same_v<T, precision::tf32> || !std::is_same_v<Use, accumulator>,
+                "a tf32 product accumulates in float");
+  static_assert(std::is_same_v<T, precision::tf32> == (K == 8) || std::is_same_v<Use, accumulator>,
+                "tf32 operands take the 16x16x8 shape");
   static_assert(std::is_same_v<Use, accumulator>
                     ? std::is_void_v<Layout>
                     : (std::is_same_v<Layout, row_major> || std::is_same_v<Layout, col_major>),
@@ -309,11 +351,11 @@ struct fragment {
   static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
   static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
   static constexpr int num_elements = rows * cols;
-  T x[num_elements];  // row-major (row, col) of the tile
+  detail::storage_t<T> x[num_elements];  // row-major (row, col) of the tile
 };
 
 template <typename Use, int M, int N, int K, typename T, typename L>
-void fill_fragment(fragment<Use, M, N, K, T, L>& f, T v) {
+void fill_fragment(fragment<Use, M, N, K, T, L>& f, detail::storage_t<T> v) {
   __syncwarp();
   for (int i = 0; i < f.num_elements; ++i) f.x[i] = v;
 }
@@ -321,7 +363,8 @@ void fill_fragment(fragment<Use, M, N, K, T, L>& f, T v) {
 // Operand tiles: Layout row_major puts element (r, c) at p[r * ldm + c],
 // col_major at p[c * ldm + r].
 template <typename Use, int M, int N, int K, typename T, typename L>
-void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const T* p, unsigned ldm) {
+void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const detail::storage_t<T>* p,
+                      unsigned ldm) {
   static_assert(!std::is_same_v<Use, accumulator>, "an accumulator load takes a layout_t");
   __syncwarp();
   detail::check_tile(p, ldm);
@@ -359,7 +402,8 @@ void mma_sync(fragment<accumulator, M, N, K, TC>& d, const fragment<matrix_a, M,
   for (int m = 0; m < M; ++m)
     for (int n = 0; n < N; ++n) {
       float s = float(c.x[m * N + n]);
-      for (int k = 0; k < K; ++k) s = std::fma(float(a.x[m * K + k]), float(b.x[k * N + n]), s);
+      for (int k = 0; k < K; ++k)
+        s = std::fma(detail::operand(a.x[m * K + k]), detail::operand(b.x[k * N + n]), s);
       out[m * N + n] = TC(s);
     }
   for (int i = 0; i < M * N; ++i) d.x[i] = out[i];

@@ -1,8 +1,10 @@
 """The CPU kernels' two ways of computing the per-step products with W_hh
 (csrc/cpu/masked_rnn_cpu.cpp): MKL's packed GEMM (float32; bfloat16 through
 MKL's bf16 GEMM when asked for), W_hh packed once per call, and the ATen path
-(float64, half, bfloat16 by default, and VARLEN_KERNELS_CPU_GEMM=aten). Each
-is checked against nn.* on packed sequences, and the two against each other."""
+(float64, half, bfloat16 by default, and VARLEN_KERNELS_CPU_GEMM=aten); and the
+MKL path's two ways of sharing threads (VARLEN_KERNELS_CPU_SPLIT: the batch
+rows split between threads, or each step shared). Each is checked against nn.*
+on packed sequences, and the paths against each other."""
 import os
 import subprocess
 import sys
@@ -42,17 +44,37 @@ def threads():
 SHAPES = [dict(T=7, B=5, H=20), dict(T=16, B=32, H=72)]
 
 
+@pytest.fixture
+def split(monkeypatch):
+    """Sets VARLEN_KERNELS_CPU_SPLIT for the test."""
+    def set_split(name):
+        monkeypatch.setenv("VARLEN_KERNELS_CPU_SPLIT", name)
+    return set_split
+
+
 @needs_mkl
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{T}B{B}H{H}".format(**s))
-@pytest.mark.parametrize("nthreads", [1, 2])
-def test_mkl_path_matches_packed(cell, shape, nthreads, gemm, threads):
+@pytest.mark.parametrize("nthreads,how", [(1, "auto"), (2, "rows"), (2, "steps")])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_mkl_path_matches_packed(cell, shape, nthreads, how, bidirectional, gemm, threads, split):
     """float32 through MKL's packed GEMM (required, so a silent fallback fails):
     values and gradients as nn.* on packed sequences, lengths 0, 1 and T, NaN in
-    the padding, both directions."""
+    the padding; on one thread, and on two with the rows split between them or
+    each step shared (bidirectional layers run a direction on each thread)."""
     gemm("mkl")
     threads(nthreads)
-    check_against_packed(cell, bidirectional=True, num_layers=2, dtype=torch.float32, **shape)
+    split(how)
+    check_against_packed(cell, bidirectional=bidirectional, num_layers=2, dtype=torch.float32,
+                         **shape)
+
+
+def test_split_setting_is_checked(split):
+    split("columns")
+    ref, x, lengths, hx = sample_inputs("lstm", dtype=torch.float32, requires_grad=False)
+    with pytest.raises(RuntimeError, match="VARLEN_KERNELS_CPU_SPLIT must be 'auto', 'rows' or "
+                                           "'steps', got 'columns'"):
+        MaskedRNN.from_torch(ref)(x, lengths, hx)
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -173,10 +195,11 @@ def test_cpu_capability_builds_match(cap, tmp_path):
 
 @needs_mkl
 @pytest.mark.parametrize("pattern", ["all_T", "all_1", "one_long", "all_0", "B1"])
-def test_mkl_path_edge_lengths(pattern, gemm, threads):
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_mkl_path_edge_lengths(pattern, bidirectional, gemm, threads):
     """Length patterns (all equal, one long sequence among empty ones, nothing to
-    run, a single sequence): the MKL path, on 2 threads, gives the ATen path's
-    values and gradients."""
+    run, a single sequence) for the split of the rows between threads: the MKL
+    path, on 2 threads, gives the ATen path's values and gradients."""
     threads(2)
     T, B, H = 12, 6, 96
     lengths = {"all_T": [T] * B, "all_1": [1] * B, "one_long": [0, 0, T, 0, 1, 0],
@@ -186,7 +209,7 @@ def test_mkl_path_edge_lengths(pattern, gemm, threads):
     for path in ("mkl", "aten"):
         gemm(path)
         torch.manual_seed(0)
-        m = MaskedRNN(H, H, cell="lstm", bidirectional=True)
+        m = MaskedRNN(H, H, cell="lstm", bidirectional=bidirectional)
         x = torch.randn(T, B, H, requires_grad=True)
         y, (h, c) = m(x, torch.tensor(lengths))
         loss = (y * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum() + h.sum() + c.square().sum()

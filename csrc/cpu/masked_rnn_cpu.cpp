@@ -29,8 +29,10 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../cell_math.h"
@@ -130,6 +132,58 @@ void for_each_step(const Plan& p, bool reverse, bool backward_pass, F&& f) {
 
 int64_t grain_rows(int64_t H) { return std::max<int64_t>(1, 2048 / std::max<int64_t>(H, 1)); }
 
+// Row ranges of the length order, one per thread: contiguous, each with about
+// the same number of valid steps (rows are longest first, so the first range
+// has fewer rows). Only rows with length > 0; at most `threads` ranges.
+std::vector<std::pair<int64_t, int64_t>> split_rows(const Plan& p, int64_t threads) {
+  const int64_t rows = p.T > 0 ? p.bs[0] : 0;  // rows with length > 0
+  std::vector<std::pair<int64_t, int64_t>> out;
+  if (rows == 0) return out;
+  // len of the i-th row of the order = #{t : bs[t] > i}
+  std::vector<int64_t> len(rows, 0);
+  for (int64_t t = 0; t < p.T; ++t)
+    for (int64_t i = 0; i < p.bs[t]; ++i) ++len[i];
+  const int64_t parts = std::max<int64_t>(1, std::min(threads, rows));
+  int64_t begin = 0, done = 0;
+  for (int64_t q = 0; q < parts; ++q) {
+    const int64_t target = (p.N * (q + 1) + parts - 1) / parts;
+    int64_t end = begin;
+    // at least one row each, and one left for each range still to come
+    while (end < rows - (parts - 1 - q) && (end == begin || done + len[end] <= target))
+      done += len[end++];
+    if (q == parts - 1) end = rows;
+    out.emplace_back(begin, end);
+    begin = end;
+  }
+  return out;
+}
+
+// Whether the recurrence splits the batch rows between threads (each thread
+// runs its rows through every step, single-threaded products, no
+// synchronisation between steps) rather than sharing each step's product
+// (MKL's threads) and cell update (rows in parallel): VARLEN_KERNELS_CPU_SPLIT
+// = "rows" or "steps"; "auto" (default): rows.
+bool split_by_rows(int64_t threads) {
+  const char* v = std::getenv("VARLEN_KERNELS_CPU_SPLIT");
+  const std::string s = v ? v : "";
+  TORCH_CHECK(s.empty() || s == "auto" || s == "rows" || s == "steps",
+              "VARLEN_KERNELS_CPU_SPLIT must be 'auto', 'rows' or 'steps', got '", s, "'");
+  if (threads < 2 || at::in_parallel_region()) return false;
+  return s != "steps";
+}
+
+// f(r0, r1) for each range, one per thread, each with single-threaded MKL.
+template <typename F>
+void over_row_ranges(const std::vector<std::pair<int64_t, int64_t>>& ranges, const MklGemm* mkl,
+                     F&& f) {
+  const at::ThreadLocalState state;
+  at::parallel_for(0, int64_t(ranges.size()), 1, [&](int64_t q0, int64_t q1) {
+    const at::ThreadLocalStateGuard guard(state);
+    MklSequential one(mkl);
+    for (int64_t q = q0; q < q1; ++q) f(ranges[q].first, ranges[q].second);
+  });
+}
+
 template <typename S, Cell K>
 void forward_rows(const FwdStep<S>& a, int64_t r0, int64_t r1, int64_t j0, int64_t j1) {
   switch (cpu_isa()) {
@@ -167,21 +221,20 @@ void mm_into(Tensor out, const Tensor& a, const Tensor& b, bool accumulate) {
 //    packed GEMM, and VARLEN_KERNELS_CPU_GEMM=aten): one at::mm over the
 //    step's active rows, then the cell update in parallel over rows.
 //  * MKL (float32; bfloat16 with VARLEN_KERNELS_CPU_GEMM=mkl): W_hh is packed
-//    once per call by cblas_sgemm_pack (bfloat16: read in place), and every
-//    step multiplies its active rows by the packed W_hh with MKL's own threads
-//    (cblas_sgemm_compute), then runs the cell update in parallel over rows
-//    while the product (at most B x G*H floats) is still in cache.
-//    Two other ways of sharing the work between threads were tried and
-//    measured (2 threads, AVX-512 EPYC, T=100, B=64 H=256 and B=8 H=128, min
-//    of 10-12 interleaved runs against ATen's path): (a) one block of hidden
-//    units per thread, each thread packing its slice of W_hh and running the
-//    cell update of its units right after its product, one parallel region per
-//    step (LSTM): forward 3% slower at B=64 and 10% faster at B=8, backward 14%
-//    slower at B=64; (b) the batch rows split between the threads, each running
-//    its rows through every step with no synchronisation (LSTM, GRU): 19-33%
-//    slower than this path in every case (half the rows per product, and all
-//    of W_hh in each core's cache, are the likely reasons). This path: forward
-//    0-14% faster than ATen's, backward 0-3%.
+//    once per call by cblas_sgemm_pack (bfloat16: read in place). With two or
+//    more threads (VARLEN_KERNELS_CPU_SPLIT=rows, the default) the batch rows
+//    are split between the threads (contiguous ranges of the length order,
+//    balanced by valid steps), and each thread runs its rows through every
+//    step on its own: per step, the product of its active rows with the packed
+//    W_hh (single-threaded MKL), then their cell update while the product is
+//    in cache; sequences do not depend on each other, so the threads never
+//    wait for each other. Otherwise (one thread, inside a parallel region such
+//    as a direction of a bidirectional layer, or VARLEN_KERNELS_CPU_SPLIT=
+//    steps) every step multiplies all its active rows with MKL's threads
+//    (cblas_sgemm_compute), then runs the cell update in parallel over rows.
+//    Measured at 2 threads (AVX-512 EPYC, T=100, float32, fwd+bwd, median of
+//    5 interleaved repeats): the row split 1.05-1.11x faster than the shared
+//    steps at B=64 (H=128, 256; LSTM and GRU) and 1.15-1.26x at B=8.
 
 // The right operand of C (m, n) = A (m, k) @ op(B) + beta C, for a GEMM whose
 // left operand changes at every step: op(B) is the row-major src (n, k)
@@ -335,14 +388,28 @@ std::vector<Tensor> forward_impl(const Plan& p, const RnnSizes& s, const Tensor&
       const PackedOperand<scalar_t> w(mkl, B, w_hh.const_data_ptr<scalar_t>(), H, /*trans=*/true,
                                       H, G * H);
       Tensor gh = at::empty({B, G * H}, acc_opts);  // this step's h_prev @ W_hh^T
-      for_each_step(p, reverse, /*backward_pass=*/false, [&](int64_t t, int64_t n) {
-        w.run(n, ws + p.off[t] * S * H, S * H, 0.f, gh.data_ptr<float>(), G * H);
-        FwdStep<scalar_t> a = step_at(t, n);
-        a.gh = gh.const_data_ptr<float>();
-        at::parallel_for(0, n, grain_rows(H), [&](int64_t r0, int64_t r1) {
-          forward_rows<scalar_t, K>(a, r0, r1, 0, H);
+      if (split_by_rows(at::get_num_threads())) {
+        over_row_ranges(split_rows(p, at::get_num_threads()), mkl, [&](int64_t r0, int64_t r1) {
+          for_each_step(p, reverse, /*backward_pass=*/false, [&](int64_t t, int64_t n) {
+            const int64_t m = std::min(n, r1) - r0;  // this range's active rows
+            if (m <= 0) return;
+            w.run(m, ws + (p.off[t] + r0) * S * H, S * H, 0.f,
+                  gh.data_ptr<float>() + r0 * G * H, G * H);
+            FwdStep<scalar_t> a = step_at(t, n);
+            a.gh = gh.const_data_ptr<float>();
+            forward_rows<scalar_t, K>(a, r0, r0 + m, 0, H);
+          });
         });
-      });
+      } else {
+        for_each_step(p, reverse, /*backward_pass=*/false, [&](int64_t t, int64_t n) {
+          w.run(n, ws + p.off[t] * S * H, S * H, 0.f, gh.data_ptr<float>(), G * H);
+          FwdStep<scalar_t> a = step_at(t, n);
+          a.gh = gh.const_data_ptr<float>();
+          at::parallel_for(0, n, grain_rows(H), [&](int64_t r0, int64_t r1) {
+            forward_rows<scalar_t, K>(a, r0, r1, 0, H);
+          });
+        });
+      }
     }
   } else {
     Tensor gh = at::empty({B, G * H}, acc_opts);
@@ -415,14 +482,27 @@ std::vector<Tensor> backward_impl(const Plan& p, const RnnSizes& s, const Tensor
     if constexpr (has_mkl_path<scalar_t>()) {
       const PackedOperand<scalar_t> w(mkl, B, w_hh.const_data_ptr<scalar_t>(), H, /*trans=*/false,
                                       G * H, H);
-      for_each_step(p, reverse, /*backward_pass=*/true, [&](int64_t t, int64_t n) {
-        const BwdStep<scalar_t> a = step_at(t);
-        at::parallel_for(0, n, grain_rows(H), [&](int64_t r0, int64_t r1) {
-          backward_rows<scalar_t, K>(a, r0, r1, 0, H);
+      if (split_by_rows(at::get_num_threads())) {
+        over_row_ranges(split_rows(p, at::get_num_threads()), mkl, [&](int64_t r0, int64_t r1) {
+          for_each_step(p, reverse, /*backward_pass=*/true, [&](int64_t t, int64_t n) {
+            const int64_t m = std::min(n, r1) - r0;  // this range's active rows
+            if (m <= 0) return;
+            backward_rows<scalar_t, K>(step_at(t), r0, r0 + m, 0, H);
+            // Gradient reaching the previous hidden state through W_hh.
+            w.run(m, dghp + (p.off[t] + r0) * G * H, G * H, accumulate ? 1.f : 0.f,
+                  dhp + r0 * H, H);
+          });
         });
-        // Gradient reaching the previous hidden state through W_hh.
-        w.run(n, dghp + p.off[t] * G * H, G * H, accumulate ? 1.f : 0.f, dhp, H);
-      });
+      } else {
+        for_each_step(p, reverse, /*backward_pass=*/true, [&](int64_t t, int64_t n) {
+          const BwdStep<scalar_t> a = step_at(t);
+          at::parallel_for(0, n, grain_rows(H), [&](int64_t r0, int64_t r1) {
+            backward_rows<scalar_t, K>(a, r0, r1, 0, H);
+          });
+          // Gradient reaching the previous hidden state through W_hh.
+          w.run(n, dghp + p.off[t] * G * H, G * H, accumulate ? 1.f : 0.f, dhp, H);
+        });
+      }
     }
   } else {
     for_each_step(p, reverse, /*backward_pass=*/true, [&](int64_t t, int64_t n) {
@@ -686,10 +766,10 @@ RnnBackwardResult rnn_backward_cpu(const Tensor& grad_output, const Tensor& grad
 // ------------------------------------------------------- both directions
 // f(0) and f(1). With two or three threads, each direction runs on a thread
 // of its own (its products and cell updates single-threaded), concurrently:
-// the per-step products have few rows and gain little from a second thread,
-// so one thread per direction does more work per second. With one thread, or
-// four and more, the directions run one after the other on all threads (the
-// one-thread-each split was measured on 2-thread machines only).
+// no synchronisation between the threads, and every product has all the
+// step's rows. With one thread, or four and more, the directions run one
+// after the other on all threads (the one-thread-each split was measured on
+// 2-thread machines only).
 // The worker thread gets the caller's thread-local state (grad mode, the
 // dispatch keys excluded below autograd, ...): at::parallel_for does not
 // carry it, and the directions call ATen ops.

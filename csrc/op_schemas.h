@@ -53,19 +53,21 @@ inline void define_ops(torch::Library& m) {
   // Returns
   //   output  (T, B, 2P): [forward | reverse], exactly 0 past each length
   //   h_n     (2, B, P);  c_n (2, B, H) for lstm, (0,) otherwise
-  //   gates, states: rnn_forward's workspaces of the two directions, stacked
-  //           (2, ...), for rnn_bidirectional_backward
+  //   gates, states of the forward direction, then of the reverse one:
+  //           rnn_forward's workspaces, for rnn_bidirectional_backward
+  //           (separate tensors, not a list: AOTInductor takes no list outputs)
   m.def(
       "rnn_bidirectional_forward(Tensor input, Tensor lengths, Tensor h0, Tensor? c0, "
       "Tensor[] weights, bool has_biases, str cell) -> (Tensor output, Tensor h_n, "
-      "Tensor c_n, Tensor gates, Tensor states)");
+      "Tensor c_n, Tensor gates, Tensor states, Tensor gates_reverse, Tensor states_reverse)");
   // Gradients of rnn_bidirectional_forward: grad_output (T, B, 2P), grad_h_n
-  // (2, B, P), grad_c_n (2, B, H) for lstm, else (0,). grad_weights matches
-  // weights, tensor for tensor.
+  // (2, B, P), grad_c_n (2, B, H) for lstm, else (0,); workspaces: the
+  // forward's [gates, states, gates_reverse, states_reverse]. grad_weights
+  // matches weights, tensor for tensor.
   m.def(
       "rnn_bidirectional_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, "
-      "Tensor input, Tensor lengths, Tensor[] weights, bool has_biases, Tensor gates, "
-      "Tensor states, str cell) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, "
+      "Tensor input, Tensor lengths, Tensor[] weights, bool has_biases, Tensor[] workspaces, "
+      "str cell) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, "
       "Tensor[] grad_weights)");
 
   // Masked cross entropy over tokens (rows).

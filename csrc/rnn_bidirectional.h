@@ -10,6 +10,7 @@
 #include <array>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "rnn_args.h"
@@ -56,12 +57,12 @@ inline at::Tensor direction_of(const at::Tensor& x, int64_t d, const char* name)
   return x.select(0, d);
 }
 
-// Direction d's workspace of a (2, ...) workspace of rnn_bidirectional_forward.
-inline at::Tensor workspace_of(const at::Tensor& x, int64_t d, const char* name) {
-  TORCH_CHECK(x.dim() >= 2 && x.size(0) == 2, name,
-              " must be the unchanged workspace from rnn_bidirectional_forward, one per "
-              "direction (2, ...), got shape ", x.sizes());
-  return x.select(0, d);
+// Direction d's (gates, states) of rnn_bidirectional_forward's workspaces.
+inline std::pair<at::Tensor, at::Tensor> workspaces_of(at::TensorList workspaces, int64_t d) {
+  TORCH_CHECK(workspaces.size() == 4,
+              "workspaces must be the unchanged [gates, states] of both directions from "
+              "rnn_bidirectional_forward (4 tensors), got ", workspaces.size());
+  return {workspaces[2 * d], workspaces[2 * d + 1]};
 }
 
 inline c10::optional<at::Tensor> direction_of(const c10::optional<at::Tensor>& x, int64_t d,
@@ -71,18 +72,24 @@ inline c10::optional<at::Tensor> direction_of(const c10::optional<at::Tensor>& x
 }
 
 using RnnForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using BidirectionalForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                              at::Tensor, at::Tensor, at::Tensor>;
 using RnnBackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                      at::Tensor, at::Tensor, at::Tensor>;
 using BidirectionalBackwardResult =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>;
 
-// (output, h_n, c_n, gates, states) of the two directions -> the op's result.
-inline RnnForwardResult join_forward(const RnnForwardResult& f, const RnnForwardResult& r,
-                                     bool lstm) {
+// (output, h_n, c_n, gates, states) of the two directions -> the op's result
+// (the workspaces as they are, not copied).
+inline BidirectionalForwardResult join_forward(const RnnForwardResult& f,
+                                               const RnnForwardResult& r, bool lstm) {
   return {at::cat({std::get<0>(f), std::get<0>(r)}, 2),
           at::stack({std::get<1>(f), std::get<1>(r)}),
           lstm ? at::stack({std::get<2>(f), std::get<2>(r)}) : std::get<2>(f),
-          at::stack({std::get<3>(f), std::get<3>(r)}), at::stack({std::get<4>(f), std::get<4>(r)})};
+          std::get<3>(f),
+          std::get<4>(f),
+          std::get<3>(r),
+          std::get<4>(r)};
 }
 
 // grad_output (T, B, 2P) of the op -> direction d's (T, B, P), a view.

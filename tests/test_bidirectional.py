@@ -106,11 +106,11 @@ def test_opcheck(cell, has_biases, proj, requires_grad, device):
     args = [x, lengths, h0, c0, weights, has_biases, cell]
     torch.library.opcheck(torch.ops.varlen_kernels.rnn_bidirectional_forward.default, args)
     if not requires_grad:
-        out, h_n, c_n, gates, states = torch.ops.varlen_kernels.rnn_bidirectional_forward(*args)
+        out, h_n, c_n, *workspaces = torch.ops.varlen_kernels.rnn_bidirectional_forward(*args)
         torch.library.opcheck(
             torch.ops.varlen_kernels.rnn_bidirectional_backward.default,
             [torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(c_n), x, lengths,
-             weights, has_biases, gates, states, cell])
+             weights, has_biases, workspaces, cell])
 
 
 def test_bad_input(device):
@@ -133,14 +133,18 @@ def test_bad_input(device):
         op(x, lengths, h0, c0, weights[:5] + [weights[5][:, :3]] + weights[6:], True, "lstm")
     with pytest.raises(RuntimeError, match=r"lengths must be 1-D with one entry per sequence"):
         op(x, lengths[:3], h0, c0, weights, True, "lstm")
-    out, h_n, c_n, gates, states = op(x, lengths, h0, c0, weights, True, "lstm")
+    out, h_n, c_n, *workspaces = op(x, lengths, h0, c0, weights, True, "lstm")
     back = torch.ops.varlen_kernels.rnn_bidirectional_backward
     with pytest.raises(RuntimeError, match=r"grad_output must be \(T, B, 2P\) with P = 4, "
                                            r"got shape \[5, 4, 4\]"):
-        back(out[..., :4], h_n, c_n, x, lengths, weights, True, gates, states, "lstm")
-    with pytest.raises(RuntimeError, match=r"gates must be the unchanged workspace from "
-                                           r"rnn_bidirectional_forward, one per direction"):
-        back(out, h_n, c_n, x, lengths, weights, True, gates[:1], states, "lstm")
+        back(out[..., :4], h_n, c_n, x, lengths, weights, True, workspaces, "lstm")
+    with pytest.raises(RuntimeError, match=r"workspaces must be the unchanged \[gates, states\] "
+                                           r"of both directions from rnn_bidirectional_forward "
+                                           r"\(4 tensors\), got 2"):
+        back(out, h_n, c_n, x, lengths, weights, True, workspaces[:2], "lstm")
+    with pytest.raises(RuntimeError, match=r"states must have shape"):
+        back(out, h_n, c_n, x, lengths, weights, True, workspaces[2:] + workspaces[:1]
+             + [workspaces[1][:1]], "lstm")
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])

@@ -86,7 +86,7 @@ def rnn_bidirectional_layer(
         dtype = torch.get_autocast_dtype(device)
         input, h0, c0 = (None if t is None else t.to(dtype) for t in (input, h0, c0))
         weights = [w.to(dtype) for w in weights]
-    out, h_n, c_n, _, _ = torch.ops.varlen_kernels.rnn_bidirectional_forward.default(
+    out, h_n, c_n, *_ = torch.ops.varlen_kernels.rnn_bidirectional_forward.default(
         input, lengths, h0, c0, weights, has_biases, cell)
     return out, h_n, (c_n if cell == "lstm" else None)
 
@@ -202,26 +202,27 @@ def _rnn_bidirectional_forward_fake(input, lengths, h0, c0, weights, has_biases,
     states = 2 * H + P if proj else _STATES[cell] * H
     return (input.new_empty(T, B, 2 * P), input.new_empty(2, B, P),
             input.new_empty(2, B, H) if cell == "lstm" else input.new_empty(0),
-            input.new_empty(2, *rows, gates), input.new_empty(2, *rows, states))
+            *(input.new_empty(*rows, width) for _ in range(2) for width in (gates, states)))
 
 
 @torch.library.register_fake("varlen_kernels::rnn_bidirectional_backward")
 def _rnn_bidirectional_backward_fake(grad_output, grad_h_n, grad_c_n, input, lengths, weights,
-                                     has_biases, gates, states, cell):
+                                     has_biases, workspaces, cell):
     return (input.new_empty(input.shape), input.new_empty(grad_h_n.shape),
             input.new_empty(grad_c_n.shape), [w.new_empty(w.shape) for w in weights])
 
 
 def _rnn_bidirectional_setup_context(ctx, inputs, output):
     input, lengths, h0, c0, weights, has_biases, cell = inputs
-    _, _, _, gates, states = output
-    ctx.save_for_backward(input, lengths, gates, states, *weights)
+    workspaces = output[3:]
+    ctx.save_for_backward(input, lengths, *workspaces, *weights)
     ctx.cell, ctx.has_biases = cell, has_biases
-    ctx.mark_non_differentiable(gates, states)
+    ctx.mark_non_differentiable(*workspaces)
 
 
-def _rnn_bidirectional_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_states):
-    input, lengths, gates, states, *weights = ctx.saved_tensors
+def _rnn_bidirectional_backward(ctx, grad_output, grad_h_n, grad_c_n, *_grad_workspaces):
+    input, lengths, *saved = ctx.saved_tensors
+    workspaces, weights = saved[:4], saved[4:]
     T, B, _ = input.shape
     H, P, _ = _bidirectional_sizes(weights, ctx.has_biases)
     lstm = ctx.cell == "lstm"
@@ -232,7 +233,7 @@ def _rnn_bidirectional_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gate
     if grad_c_n is None or not lstm:
         grad_c_n = input.new_zeros(2, B, H) if lstm else input.new_zeros(0)
     gi, gh0, gc0, gw = torch.ops.varlen_kernels.rnn_bidirectional_backward.default(
-        grad_output, grad_h_n, grad_c_n, input, lengths, weights, ctx.has_biases, gates, states,
+        grad_output, grad_h_n, grad_c_n, input, lengths, weights, ctx.has_biases, list(workspaces),
         ctx.cell)
     return gi, None, gh0, (gc0 if lstm else None), list(gw), None, None
 

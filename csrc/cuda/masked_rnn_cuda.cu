@@ -495,7 +495,7 @@ RnnBackwardResult rnn_backward_cuda(const Tensor& grad_output, const Tensor& gra
 // Without projection, both directions' recurrences in one persistent launch
 // where they fit together; otherwise each direction as rnn_forward /
 // rnn_backward runs it, one after the other.
-RnnForwardResult rnn_bidirectional_forward_cuda(const Tensor& input, const Tensor& lengths,
+BidirectionalForwardResult rnn_bidirectional_forward_cuda(const Tensor& input, const Tensor& lengths,
                                                 const Tensor& h0,
                                                 const c10::optional<Tensor>& c0,
                                                 at::TensorList weights, bool has_biases,
@@ -529,7 +529,7 @@ RnnForwardResult rnn_bidirectional_forward_cuda(const Tensor& input, const Tenso
 BidirectionalBackwardResult rnn_bidirectional_backward_cuda(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n,
     const Tensor& input, const Tensor& lengths, at::TensorList weights, bool has_biases,
-    const Tensor& gates, const Tensor& states, c10::string_view cell_name) {
+    at::TensorList workspaces, c10::string_view cell_name) {
   const std::string cell(cell_name);
   const bool lstm = cell == "lstm";
   const auto w = split_directions(weights, has_biases, cell);
@@ -540,8 +540,7 @@ BidirectionalBackwardResult rnn_bidirectional_backward_cuda(
     go[d] = direction_grad_output(grad_output, d, P);
     ghn[d] = direction_of(grad_h_n, d, "grad_h_n");
     gcn[d] = lstm ? direction_of(grad_c_n, d, "grad_c_n") : grad_c_n;
-    gs[d] = workspace_of(gates, d, "gates");
-    st[d] = workspace_of(states, d, "states");
+    std::tie(gs[d], st[d]) = workspaces_of(workspaces, d);
   }
   std::array<RnnBackwardResult, 2> r;
   if (proj) {

@@ -92,11 +92,29 @@ inline BidirectionalForwardResult join_forward(const RnnForwardResult& f,
           std::get<4>(r)};
 }
 
-// grad_output (T, B, 2P) of the op -> direction d's (T, B, P), a view.
-inline at::Tensor direction_grad_output(const at::Tensor& grad_output, int64_t d, int64_t P) {
-  TORCH_CHECK(grad_output.dim() == 3 && grad_output.size(2) == 2 * P,
-              "grad_output must be (T, B, 2P) with P = ", P, ", got shape ", grad_output.sizes());
-  return grad_output.narrow(2, d * P, P);
+// One direction's arguments of rnn_backward, views of the bidirectional op's.
+struct DirectionGrads {
+  at::Tensor grad_output, grad_h_n, grad_c_n, gates, states;
+};
+
+// grad_output (T, B, 2P), grad_h_n (2, B, P), grad_c_n (2, B, H) for lstm
+// (else (0,), shared) and the workspaces of rnn_bidirectional_backward, per
+// direction.
+inline std::array<DirectionGrads, 2> split_backward_args(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    at::TensorList workspaces, const std::array<DirectionWeights, 2>& w, bool lstm) {
+  std::array<DirectionGrads, 2> g;
+  for (int64_t d = 0; d < 2; ++d) {
+    const int64_t P = w[d].w_hr ? w[d].w_hr->size(0) : w[d].w_hh.size(1);
+    TORCH_CHECK(grad_output.dim() == 3 && grad_output.size(2) == 2 * P,
+                "grad_output must be (T, B, 2P) with P = ", P, ", got shape ",
+                grad_output.sizes());
+    g[d].grad_output = grad_output.narrow(2, d * P, P);
+    g[d].grad_h_n = direction_of(grad_h_n, d, "grad_h_n");
+    g[d].grad_c_n = lstm ? direction_of(grad_c_n, d, "grad_c_n") : grad_c_n;
+    std::tie(g[d].gates, g[d].states) = workspaces_of(workspaces, d);
+  }
+  return g;
 }
 
 // rnn_backward's results of the two directions -> the op's: the input

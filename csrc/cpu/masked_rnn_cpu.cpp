@@ -823,21 +823,17 @@ BidirectionalBackwardResult rnn_bidirectional_backward_cpu(
   const std::string cell(cell_name);
   const bool lstm = cell == "lstm";
   const auto w = split_directions(weights, has_biases, cell);
+  const auto g = split_backward_args(grad_output, grad_h_n, grad_c_n, workspaces, w, lstm);
   std::array<Checked, 2> c;
-  std::array<Tensor, 2> go, ghn, gcn, gs, st;
-  for (int64_t d = 0; d < 2; ++d) {
-    const int64_t P = w[d].w_hr ? w[d].w_hr->size(0) : w[d].w_hh.size(1);
-    go[d] = direction_grad_output(grad_output, d, P);
-    ghn[d] = direction_of(grad_h_n, d, "grad_h_n");
-    gcn[d] = lstm ? direction_of(grad_c_n, d, "grad_c_n") : grad_c_n;
-    std::tie(gs[d], st[d]) = workspaces_of(workspaces, d);
-    c[d] = check_backward(go[d], ghn[d], gcn[d], input, lengths, w[d], gs[d], st[d], cell);
-  }
+  for (int64_t d = 0; d < 2; ++d)
+    c[d] = check_backward(g[d].grad_output, g[d].grad_h_n, g[d].grad_c_n, input, lengths, w[d],
+                          g[d].gates, g[d].states, cell);
   const Plan p = make_plan(lengths, c[0].T());
-  for (int64_t d = 0; d < 2; ++d) check_workspace_rows(c[d], p, gs[d], st[d]);
+  for (int64_t d = 0; d < 2; ++d) check_workspace_rows(c[d], p, g[d].gates, g[d].states);
   std::array<RnnBackwardResult, 2> r;
   for_both_directions(directions_concurrently(p.B, w[0].w_hh.size(0)), [&](int64_t d) {
-    r[d] = run_backward(c[d], p, go[d], ghn[d], gcn[d], input, w[d], gs[d], st[d], d == 1);
+    r[d] = run_backward(c[d], p, g[d].grad_output, g[d].grad_h_n, g[d].grad_c_n, input, w[d],
+                        g[d].gates, g[d].states, d == 1);
   });
   return join_backward(r[0], r[1], lstm, has_biases, c[0].proj);
 }

@@ -534,40 +534,35 @@ BidirectionalBackwardResult rnn_bidirectional_backward_cuda(
   const bool lstm = cell == "lstm";
   const auto w = split_directions(weights, has_biases, cell);
   const bool proj = w[0].w_hr.has_value();
-  std::array<Tensor, 2> go, ghn, gcn, gs, st;
-  for (int d = 0; d < 2; ++d) {
-    const int64_t P = proj ? w[d].w_hr->size(0) : w[d].w_hh.size(1);
-    go[d] = direction_grad_output(grad_output, d, P);
-    ghn[d] = direction_of(grad_h_n, d, "grad_h_n");
-    gcn[d] = lstm ? direction_of(grad_c_n, d, "grad_c_n") : grad_c_n;
-    std::tie(gs[d], st[d]) = workspaces_of(workspaces, d);
-  }
+  const auto g = split_backward_args(grad_output, grad_h_n, grad_c_n, workspaces, w, lstm);
   std::array<RnnBackwardResult, 2> r;
   if (proj) {
     for (int d = 0; d < 2; ++d)
-      r[d] = rnn_backward_cuda(go[d], ghn[d], gcn[d], input, lengths, w[d].w_ih, w[d].w_hh, gs[d],
-                               st[d], cell, d == 1, w[d].w_hr);
+      r[d] = rnn_backward_cuda(g[d].grad_output, g[d].grad_h_n, g[d].grad_c_n, input, lengths,
+                               w[d].w_ih, w[d].w_hh, g[d].gates, g[d].states, cell, d == 1,
+                               w[d].w_hr);
     return join_backward(r[0], r[1], lstm, has_biases, true);
   }
   std::array<PreparedBackward, 2> b;
   for (int d = 0; d < 2; ++d)
-    b[d] = prepare_backward(go[d], ghn[d], gcn[d], input, lengths, w[d].w_ih, w[d].w_hh, gs[d],
-                            st[d], cell);
+    b[d] = prepare_backward(g[d].grad_output, g[d].grad_h_n, g[d].grad_c_n, input, lengths,
+                            w[d].w_ih, w[d].w_hh, g[d].gates, g[d].states, cell);
   const cuda::DeviceGuard guard(input.device());
   std::array<PersistentBackwardResult, 2> rec;
   if (auto both = rnn_backward_persistent(
           b[0].s.cell,
-          {{b[0].dy, ghn[0], gcn[0], w[0].w_hh, gs[0], st[0], false},
-           {b[1].dy, ghn[1], gcn[1], w[1].w_hh, gs[1], st[1], true}},
+          {{b[0].dy, g[0].grad_h_n, g[0].grad_c_n, w[0].w_hh, g[0].gates, g[0].states, false},
+           {b[1].dy, g[1].grad_h_n, g[1].grad_c_n, w[1].w_hh, g[1].gates, g[1].states, true}},
           b[0].len, b[0].s.T, b[0].s.B)) {
     rec = {(*both)[0], (*both)[1]};
   } else {
     for (int d = 0; d < 2; ++d)
-      rec[d] = backward_direction(b[d], ghn[d], gcn[d], w[d].w_hh, gs[d], st[d], d == 1);
+      rec[d] = backward_direction(b[d], g[d].grad_h_n, g[d].grad_c_n, w[d].w_hh, g[d].gates,
+                                  g[d].states, d == 1);
   }
   for (int d = 0; d < 2; ++d) {
     const auto& [dgx, dgh, dh, dc] = rec[d];
-    r[d] = backward_gemms(b[d].s, input, b[d].len, w[d].w_ih, st[d], dgx, dgh, dh, dc);
+    r[d] = backward_gemms(b[d].s, input, b[d].len, w[d].w_ih, g[d].states, dgx, dgh, dh, dc);
   }
   return join_backward(r[0], r[1], lstm, has_biases, false);
 }

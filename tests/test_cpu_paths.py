@@ -1,8 +1,9 @@
-"""The CPU kernels' two ways of computing the per-step products with W_hh
-(csrc/cpu/masked_rnn_cpu.cpp): MKL's packed GEMM (float32; bfloat16 through
-MKL's bf16 GEMM when asked for), W_hh packed once per call, and the ATen path
+"""The CPU kernels' ways of computing the per-step products with W_hh
+(csrc/cpu/masked_rnn_cpu.cpp): W_hh packed once per call for the panel kernel
+(csrc/cpu/panel_gemm.h, float32, the default) or for MKL's packed GEMM
+(float32; bfloat16 through MKL's bf16 GEMM when asked for), and the ATen path
 (float64, half, bfloat16 by default, and VARLEN_KERNELS_CPU_GEMM=aten); and the
-MKL path's two ways of sharing threads (VARLEN_KERNELS_CPU_SPLIT: the batch
+packed path's two ways of sharing threads (VARLEN_KERNELS_CPU_SPLIT: the batch
 rows split between threads, or each step shared). Each is checked against nn.*
 on packed sequences, and the paths against each other."""
 import os
@@ -16,8 +17,6 @@ from conftest import CELLS, check_against_packed, run_packed, sample_inputs, sta
 from varlen_kernels import MaskedRNN
 
 pytestmark = pytest.mark.cpu_only
-needs_mkl = pytest.mark.skipif(not torch.backends.mkl.is_available(),
-                               reason="torch is built without MKL")
 
 
 @pytest.fixture
@@ -52,17 +51,27 @@ def split(monkeypatch):
     return set_split
 
 
-@needs_mkl
+def _skip_without_mkl(path):
+    if path == "mkl" and not torch.backends.mkl.is_available():
+        pytest.skip("torch is built without MKL")
+
+
+@pytest.mark.parametrize("path", ["panel", "mkl"])
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{T}B{B}H{H}".format(**s))
 @pytest.mark.parametrize("nthreads,how", [(1, "auto"), (2, "rows"), (2, "steps")])
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_mkl_path_matches_packed(cell, shape, nthreads, how, bidirectional, gemm, threads, split):
-    """float32 through MKL's packed GEMM (required, so a silent fallback fails):
-    values and gradients as nn.* on packed sequences, lengths 0, 1 and T, NaN in
-    the padding; on one thread, and on two with the rows split between them or
-    each step shared (bidirectional layers run a direction on each thread)."""
-    gemm("mkl")
+def test_packed_paths_match_packed(path, cell, shape, nthreads, how, bidirectional, gemm, threads,
+                                   split):
+    """float32 through the panel kernel, or MKL's packed GEMM (required, so a
+    silent fallback fails): values and gradients as nn.* on packed sequences,
+    lengths 0, 1 and T, NaN in the padding; on one thread, and on two with the
+    rows split between them or each step shared (bidirectional layers run a
+    direction on each thread). The shapes give products with a column tail
+    (G*H and H not multiples of the 32-column panel) and, at B=32, more rows
+    than one register block of the panel kernel holds."""
+    _skip_without_mkl(path)
+    gemm(path)
     threads(nthreads)
     split(how)
     check_against_packed(cell, bidirectional=bidirectional, num_layers=2, dtype=torch.float32,
@@ -97,23 +106,26 @@ def _run(cell, dtype, shape, seed=0):
     return [y, *hs, *grads]
 
 
-@needs_mkl
+@pytest.mark.parametrize("path", ["panel", "mkl"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_mkl_and_aten_paths_agree(cell, gemm, threads):
-    """The same float32 problem through both paths: equal to float32 rounding."""
+def test_packed_and_aten_paths_agree(path, cell, gemm, threads):
+    """The same float32 problem through a packed path and ATen's: equal to
+    float32 rounding."""
+    _skip_without_mkl(path)
     threads(2)
     results = {}
-    for path in ("mkl", "aten"):
-        gemm(path)
-        results[path] = _run(cell, torch.float32, SHAPES[1])
-    for a, b in zip(results["mkl"], results["aten"]):
+    for p in (path, "aten"):
+        gemm(p)
+        results[p] = _run(cell, torch.float32, SHAPES[1])
+    for a, b in zip(results[path], results["aten"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_gemm_choice_is_checked(gemm):
     gemm("blas")
     ref, x, lengths, hx = sample_inputs("gru", dtype=torch.float32, requires_grad=False)
-    with pytest.raises(RuntimeError, match="VARLEN_KERNELS_CPU_GEMM must be auto, aten or mkl"):
+    with pytest.raises(RuntimeError, match="VARLEN_KERNELS_CPU_GEMM must be auto, aten, mkl or panel, "
+                                           "got 'blas'"):
         MaskedRNN.from_torch(ref)(x, lengths, hx)
 
 
@@ -176,43 +188,47 @@ def test_bfloat16_float_state_error_close_to_torch(cell, path, gemm):
 
 @pytest.mark.parametrize("cap", ["avx2", "default"])
 def test_cpu_capability_builds_match(cap, tmp_path):
-    """The AVX2 and portable builds of the cell kernels (the AVX-512 one is the
-    default where the CPU has it) on both GEMM paths."""
+    """The AVX2 and portable builds of the cell kernels and of the panel kernel
+    (the AVX-512 ones are the default where the CPU has them) on the panel and
+    ATen paths; B=19 gives the panel kernel several row blocks and a remainder."""
     script = tmp_path / "run.py"
     script.write_text(
         "import os, sys, torch\n"
         f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
         "from test_rnn import check_against_packed\n"
-        "for gemm in ('auto', 'aten'):\n"
+        "for gemm in ('panel', 'aten'):\n"
         "    os.environ['VARLEN_KERNELS_CPU_GEMM'] = gemm\n"
         "    for cell in ['lstm', 'gru', 'rnn_tanh', 'rnn_relu']:\n"
         "        check_against_packed(cell, bidirectional=True, dtype=torch.float32, H=20)\n"
+        "        check_against_packed(cell, dtype=torch.float32, T=9, B=19, H=36)\n"
         "print('ok')\n")
     env = dict(os.environ, VARLEN_KERNELS_CPU_CAPABILITY=cap)
     r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
 
-@needs_mkl
+@pytest.mark.parametrize("path", ["panel", "mkl"])
 @pytest.mark.parametrize("pattern", ["all_T", "all_1", "one_long", "all_0", "B1"])
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_mkl_path_edge_lengths(pattern, bidirectional, gemm, threads):
+def test_packed_path_edge_lengths(path, pattern, bidirectional, gemm, threads):
     """Length patterns (all equal, one long sequence among empty ones, nothing to
-    run, a single sequence) for the split of the rows between threads: the MKL
-    path, on 2 threads, gives the ATen path's values and gradients."""
+    run, a single sequence) for the split of the rows between threads: the
+    panel and MKL paths, on 2 threads, give the ATen path's values and
+    gradients."""
+    _skip_without_mkl(path)
     threads(2)
     T, B, H = 12, 6, 96
     lengths = {"all_T": [T] * B, "all_1": [1] * B, "one_long": [0, 0, T, 0, 1, 0],
                "all_0": [0] * B, "B1": [T]}[pattern]
     B = len(lengths)
     results = {}
-    for path in ("mkl", "aten"):
-        gemm(path)
+    for p in (path, "aten"):
+        gemm(p)
         torch.manual_seed(0)
         m = MaskedRNN(H, H, cell="lstm", bidirectional=bidirectional)
         x = torch.randn(T, B, H, requires_grad=True)
         y, (h, c) = m(x, torch.tensor(lengths))
         loss = (y * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum() + h.sum() + c.square().sum()
-        results[path] = [y, h, c, *torch.autograd.grad(loss, [x, *m.parameters()])]
-    for a, b in zip(results["mkl"], results["aten"]):
+        results[p] = [y, h, c, *torch.autograd.grad(loss, [x, *m.parameters()])]
+    for a, b in zip(results[path], results["aten"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

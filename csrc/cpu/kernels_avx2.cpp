@@ -20,11 +20,13 @@
 #define CPU_CAPABILITY_AVX2
 #define VK_CPU_NS avx2
 #include "rnn_pointwise.h"
+#include "panel_gemm.h"
 #include "loss_rows.h"
 #else
 // Not x86: the dispatcher never picks this build; give it the portable code.
 #define CPU_CAPABILITY DEFAULT
 #define VK_CPU_NS avx2
 #include "rnn_pointwise.h"
+#include "panel_gemm.h"
 #include "loss_rows.h"
 #endif

@@ -34,9 +34,11 @@
 #define CPU_CAPABILITY_AVX512
 #define VK_CPU_NS avx512
 #include "rnn_pointwise.h"
+#include "panel_gemm.h"
 #else
 // Not x86: the dispatcher never picks this build; give it the portable code.
 #define CPU_CAPABILITY DEFAULT
 #define VK_CPU_NS avx512
 #include "rnn_pointwise.h"
+#include "panel_gemm.h"
 #endif

@@ -2,4 +2,5 @@
 #define CPU_CAPABILITY DEFAULT
 #define VK_CPU_NS base
 #include "rnn_pointwise.h"
+#include "panel_gemm.h"
 #include "loss_rows.h"

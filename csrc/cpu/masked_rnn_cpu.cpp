@@ -40,6 +40,7 @@
 #include "../rnn_bidirectional.h"
 #include "cpu_capability.h"
 #include "mkl_gemm.h"
+#include "panel_gemm.h"
 #include "rnn_pointwise.h"
 
 namespace varlen {
@@ -172,6 +173,9 @@ bool split_by_rows(int64_t threads) {
   return s != "steps";
 }
 
+// Whether a step's products, run from here, are shared between threads.
+bool shared_steps() { return at::get_num_threads() > 1 && !at::in_parallel_region(); }
+
 // f(r0, r1) for each range, one per thread, each with single-threaded MKL.
 template <typename F>
 void over_row_ranges(const std::vector<std::pair<int64_t, int64_t>>& ranges, const MklGemm* mkl,
@@ -217,37 +221,62 @@ void mm_into(Tensor out, const Tensor& a, const Tensor& b, bool accumulate) {
 // ----------------------------------------------------- the per-step products
 // Two ways to compute the recurrent products, h_prev @ W_hh^T (forward) and
 // dgates @ W_hh (backward), per step:
-//  * ATen (float64, half, bfloat16 by default, torch builds without MKL's
-//    packed GEMM, and VARLEN_KERNELS_CPU_GEMM=aten): one at::mm over the
-//    step's active rows, then the cell update in parallel over rows.
-//  * MKL (float32; bfloat16 with VARLEN_KERNELS_CPU_GEMM=mkl): W_hh is packed
-//    once per call by cblas_sgemm_pack (bfloat16: read in place). With two or
-//    more threads (VARLEN_KERNELS_CPU_SPLIT=rows, the default) the batch rows
-//    are split between the threads (contiguous ranges of the length order,
-//    balanced by valid steps), and each thread runs its rows through every
-//    step on its own: per step, the product of its active rows with the packed
-//    W_hh (single-threaded MKL), then their cell update while the product is
-//    in cache; sequences do not depend on each other, so the threads never
-//    wait for each other. Otherwise (one thread, inside a parallel region such
-//    as a direction of a bidirectional layer, or VARLEN_KERNELS_CPU_SPLIT=
-//    steps) every step multiplies all its active rows with MKL's threads
-//    (cblas_sgemm_compute), then runs the cell update in parallel over rows.
+//  * ATen (float64, half, bfloat16 by default, and VARLEN_KERNELS_CPU_GEMM=
+//    aten): one at::mm over the step's active rows, then the cell update in
+//    parallel over rows.
+//  * Packed (float32; bfloat16 with VARLEN_KERNELS_CPU_GEMM=mkl): W_hh is
+//    packed once per call (PackedOperand). With two or more threads
+//    (VARLEN_KERNELS_CPU_SPLIT=rows, the default) the batch rows are split
+//    between the threads (contiguous ranges of the length order, balanced by
+//    valid steps), and each thread runs its rows through every step on its
+//    own: per step, the product of its active rows with the packed W_hh on
+//    panel_gemm.h's kernel, then their cell update while the product is in
+//    cache; sequences do not depend on each other, so the threads never wait
+//    for each other. Otherwise (one thread, inside a parallel region such as a
+//    direction of a bidirectional layer, or VARLEN_KERNELS_CPU_SPLIT=steps)
+//    every step multiplies all its active rows at once (panel kernel on one
+//    thread; MKL's cblas_sgemm_compute on MKL's threads where the step is
+//    shared between threads), then runs the cell update in parallel over rows.
 //    Measured at 2 threads (AVX-512 EPYC, T=100, float32, fwd+bwd, median of
 //    5 interleaved repeats): the row split 1.05-1.11x faster than the shared
-//    steps at B=64 (H=128, 256; LSTM and GRU) and 1.15-1.26x at B=8.
+//    steps at B=64 (H=128, 256; LSTM and GRU) and 1.15-1.26x at B=8 (both
+//    with MKL products). Panel kernel vs MKL's packed GEMM, both on the row
+//    split (same machine, fwd+bwd, 2 threads, lengths uniform in [1, T]):
+//    LSTM 1.14x faster at B=64 H=256, 1.45x at B=8 H=128, 1.25-1.65x at
+//    H=512-1024; forward alone, one thread, 8 rows: 74-82 vs 61-62 GFLOP/s.
+
+// panel_gemm.h's kernel, in the build for this CPU.
+void panel_gemm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* b,
+                float beta, float* C, int64_t ldc) {
+  switch (cpu_isa()) {
+    case CpuIsa::Avx512: avx512::panel_gemm(m, n, k, A, lda, b, beta, C, ldc); break;
+    case CpuIsa::Avx2: avx2::panel_gemm(m, n, k, A, lda, b, beta, C, ldc); break;
+    default: base::panel_gemm(m, n, k, A, lda, b, beta, C, ldc);
+  }
+}
 
 // The right operand of C (m, n) = A (m, k) @ op(B) + beta C, for a GEMM whose
 // left operand changes at every step: op(B) is the row-major src (n, k)
-// transposed (trans) or src (k, n) as is. float: packed once by MKL for up to
-// max_m rows (on the same threads as the products); bfloat16: src is used in
-// place (torch exports no bf16 pack) and must outlive this object.
+// transposed (trans) or src (k, n) as is. float: packed once per call, for
+// the panel kernel (panel_gemm.h, one thread per product) or, for products
+// shared between threads (`shared`: VARLEN_KERNELS_CPU_SPLIT=steps) or with
+// VARLEN_KERNELS_CPU_GEMM=mkl, by MKL for up to max_m rows (on the same
+// threads as the products); bfloat16: src is used in place (torch exports no
+// bf16 pack) and must outlive this object.
 template <typename scalar_t>
 class PackedOperand {
  public:
-  PackedOperand(const MklGemm* mkl, int64_t max_m, const scalar_t* src, int64_t ld, bool trans,
-                int64_t k, int64_t n)
+  PackedOperand(const MklGemm* mkl, bool shared, int64_t max_m, const scalar_t* src, int64_t ld,
+                bool trans, int64_t k, int64_t n)
       : mkl_(mkl), src_(src), ld_(ld), trans_(trans), k_(k), n_(n) {
     if constexpr (std::is_same_v<scalar_t, float>) {
+      const GemmChoice choice = gemm_choice();
+      if (mkl_ == nullptr || choice == GemmChoice::Panel ||
+          (choice == GemmChoice::Auto && !shared)) {
+        panels_ = at::empty({panel_floats(k, n)}, at::kFloat);
+        pack_panels(src, ld, trans, k, n, panels_.data_ptr<float>());
+        return;
+      }
       const size_t bytes = mkl_->sgemm_pack_get_size(kMklBMatrix, int(max_m), int(n), int(k));
       // MKL asks for several MiB whatever the matrix: the buffer is kept per
       // thread and reused by the next call, rather than mapped (and its pages
@@ -261,13 +290,17 @@ class PackedOperand {
     }
   }
 
-  // C (m, n), row stride ldc, = A (m, k), row stride lda, @ op(B) + beta C,
-  // on MKL's threads.
+  // C (m, n), row stride ldc, = A (m, k), row stride lda, @ op(B) + beta C:
+  // the panel kernel on this thread, or MKL on its threads.
   void run(int64_t m, const scalar_t* A, int64_t lda, float beta, float* C, int64_t ldc) const {
     if (m <= 0) return;
     if constexpr (std::is_same_v<scalar_t, float>) {
-      mkl_->sgemm_compute(kMklRowMajor, kMklNoTrans, kMklPacked, int(m), int(n_), int(k_), A,
-                          int(lda), packed_, int(n_), beta, C, int(ldc));
+      if (packed_ == nullptr) {
+        panel_gemm(m, n_, k_, A, lda, panels_.const_data_ptr<float>(), beta, C, ldc);
+      } else {
+        mkl_->sgemm_compute(kMklRowMajor, kMklNoTrans, kMklPacked, int(m), int(n_), int(k_), A,
+                            int(lda), packed_, int(n_), beta, C, int(ldc));
+      }
     } else {
       static_assert(std::is_same_v<scalar_t, c10::BFloat16>);
       mkl_->gemm_bf16bf16f32(kMklRowMajor, kMklNoTrans, trans_ ? kMklTrans : kMklNoTrans, int(m),
@@ -282,7 +315,8 @@ class PackedOperand {
   int64_t ld_;
   bool trans_;
   int64_t k_, n_;
-  float* packed_ = nullptr;  // float: MKL's packed form
+  Tensor panels_;             // float: the panel kernel's packed form
+  float* packed_ = nullptr;   // float: MKL's packed form, if MKL runs the large products
 };
 
 template <typename scalar_t>
@@ -312,6 +346,14 @@ const MklGemm* mkl_for() {
                 std::is_same_v<scalar_t, float> ? "packed sgemm" : "cblas_gemm_bf16bf16f32");
     return m;
   }
+}
+
+// Whether the per-step products run through PackedOperand (float32 unless
+// VARLEN_KERNELS_CPU_GEMM=aten; bfloat16 where MKL was asked for) or ATen.
+template <typename scalar_t>
+bool packed_path(const MklGemm* mkl) {
+  if constexpr (std::is_same_v<scalar_t, float>) return gemm_choice() != GemmChoice::Aten;
+  return mkl != nullptr;
 }
 
 // Before the first step: each row's h_prev at its first step is h0, written to
@@ -383,12 +425,14 @@ std::vector<Tensor> forward_impl(const Plan& p, const RnnSizes& s, const Tensor&
   };
 
   const MklGemm* mkl = mkl_for<scalar_t>();
-  if (mkl != nullptr) {
+  if (packed_path<scalar_t>(mkl)) {
     if constexpr (has_mkl_path<scalar_t>()) {
-      const PackedOperand<scalar_t> w(mkl, B, w_hh.const_data_ptr<scalar_t>(), H, /*trans=*/true,
+      const bool rows = split_by_rows(at::get_num_threads());
+      const PackedOperand<scalar_t> w(mkl, /*shared=*/!rows && shared_steps(), B,
+                                      w_hh.const_data_ptr<scalar_t>(), H, /*trans=*/true,
                                       H, G * H);
       Tensor gh = at::empty({B, G * H}, acc_opts);  // this step's h_prev @ W_hh^T
-      if (split_by_rows(at::get_num_threads())) {
+      if (rows) {
         over_row_ranges(split_rows(p, at::get_num_threads()), mkl, [&](int64_t r0, int64_t r1) {
           for_each_step(p, reverse, /*backward_pass=*/false, [&](int64_t t, int64_t n) {
             const int64_t m = std::min(n, r1) - r0;  // this range's active rows
@@ -478,11 +522,13 @@ std::vector<Tensor> backward_impl(const Plan& p, const RnnSizes& s, const Tensor
   const bool accumulate = K == Cell::GRU;
 
   const MklGemm* mkl = mkl_for<scalar_t>();
-  if (mkl != nullptr) {
+  if (packed_path<scalar_t>(mkl)) {
     if constexpr (has_mkl_path<scalar_t>()) {
-      const PackedOperand<scalar_t> w(mkl, B, w_hh.const_data_ptr<scalar_t>(), H, /*trans=*/false,
+      const bool rows = split_by_rows(at::get_num_threads());
+      const PackedOperand<scalar_t> w(mkl, /*shared=*/!rows && shared_steps(), B,
+                                      w_hh.const_data_ptr<scalar_t>(), H, /*trans=*/false,
                                       G * H, H);
-      if (split_by_rows(at::get_num_threads())) {
+      if (rows) {
         over_row_ranges(split_rows(p, at::get_num_threads()), mkl, [&](int64_t r0, int64_t r1) {
           for_each_step(p, reverse, /*backward_pass=*/true, [&](int64_t t, int64_t n) {
             const int64_t m = std::min(n, r1) - r0;  // this range's active rows

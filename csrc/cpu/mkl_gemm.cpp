@@ -111,7 +111,9 @@ GemmChoice gemm_choice() {
   const std::string v = env != nullptr ? env : "";
   if (v.empty() || v == "auto") return GemmChoice::Auto;
   if (v == "aten") return GemmChoice::Aten;
-  TORCH_CHECK(v == "mkl", "VARLEN_KERNELS_CPU_GEMM must be auto, aten or mkl, got '", v, "'");
+  if (v == "panel") return GemmChoice::Panel;
+  TORCH_CHECK(v == "mkl", "VARLEN_KERNELS_CPU_GEMM must be auto, aten, mkl or panel, got '", v,
+              "'");
   return GemmChoice::Mkl;
 }
 

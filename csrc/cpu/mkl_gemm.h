@@ -10,8 +10,10 @@
 //
 // VARLEN_KERNELS_CPU_GEMM (read at each call, so tests can compare the paths in
 // one process): "aten" forces the ATen path; "mkl" requires the MKL path for
-// float32 and bfloat16 (an error where it is missing); unset or "auto": MKL
-// for float32 where it is found, ATen for bfloat16 (see masked_rnn_cpu.cpp).
+// float32 and bfloat16 (an error where it is missing); "panel" runs every
+// float32 product on panel_gemm.h's kernel; unset or "auto": float32 on the
+// panel kernel for few rows and on MKL (where it is found) for more, bfloat16
+// on ATen (see masked_rnn_cpu.cpp).
 #pragma once
 
 #include <cstddef>
@@ -46,7 +48,7 @@ struct MklGemm {
 // the self-check.
 const MklGemm* mkl_gemm();
 
-enum class GemmChoice { Auto, Aten, Mkl };
+enum class GemmChoice { Auto, Aten, Mkl, Panel };
 // VARLEN_KERNELS_CPU_GEMM, checked.
 GemmChoice gemm_choice();
 

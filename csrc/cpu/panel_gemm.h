@@ -1,0 +1,149 @@
+// The per-step recurrent product of the CPU path for few rows:
+// C (m, n) = A (m, k) @ B (k, n) + beta C, float32, with B packed once per call
+// into column panels and reused at every step.
+//
+// Why a hand-written kernel: the recurrence multiplies a handful of rows (the
+// rows of one thread that are still running, often 1-8) by the same W_hh at
+// every step. MKL's packed GEMM (cblas_sgemm_compute) reaches about 40-60
+// GFLOP/s on one AVX-512 core there, oneDNN's padded LSTM about 80-90 (both
+// measured here, see masked_rnn_cpu.cpp). The panel kernel keeps an
+// (MR rows x one panel) block of C in registers for the whole k loop and
+// streams each panel of B once per block of MR rows.
+//
+// Layout of a packed B: ceil(n / kPanel) panels, panel p holding columns
+// [p * kPanel, p * kPanel + kPanel) of B for every k, row by row (k rows of
+// kPanel floats; columns past n are zero). One layout for every ISA: the AVX2
+// and portable builds cover a panel in two passes.
+//
+// Like rnn_pointwise.h, the kernel is compiled per ISA (kernels_avx512.cpp,
+// kernels_avx2.cpp, kernels_base.cpp) inside namespace varlen::VK_CPU_NS, with
+// ATen's Vectorized<float>; panel_gemm() picks the build at run time.
+#pragma once
+
+#include <cstdint>
+
+namespace varlen {
+
+constexpr int64_t kPanel = 32;
+
+// Floats of a packed (k, n) right operand.
+inline int64_t panel_floats(int64_t k, int64_t n) {
+  return (n + kPanel - 1) / kPanel * kPanel * k;
+}
+
+// dst <- op(B) packed (panel_floats(k, n) floats): op(B) (k, n) is src (n, k)
+// transposed (trans, row stride ld) or src (k, n) as is.
+inline void pack_panels(const float* src, int64_t ld, bool trans, int64_t k, int64_t n,
+                        float* dst) {
+  for (int64_t p = 0; p * kPanel < n; ++p)
+    for (int64_t kk = 0; kk < k; ++kk)
+      for (int64_t c = 0; c < kPanel; ++c) {
+        const int64_t col = p * kPanel + c;
+        *dst++ = col >= n ? 0.f : trans ? src[col * ld + kk] : src[kk * ld + col];
+      }
+}
+
+#define VK_DECLARE_PANEL_GEMM(NS)                                                      \
+  namespace NS {                                                                       \
+  void panel_gemm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda,       \
+                  const float* packed_b, float beta, float* C, int64_t ldc);           \
+  }
+VK_DECLARE_PANEL_GEMM(avx512)
+VK_DECLARE_PANEL_GEMM(avx2)
+VK_DECLARE_PANEL_GEMM(base)
+#undef VK_DECLARE_PANEL_GEMM
+
+}  // namespace varlen
+
+// ------------------------------------------------------------------------
+// Definitions: only in the capability translation units.
+#ifdef VK_CPU_NS
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+
+namespace varlen {
+namespace VK_CPU_NS {
+namespace panel_detail {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int kV = Vec::size();
+// Vectors per pass over a panel, and the most rows per block: the block's
+// accumulators (MR x NV vectors), NV vectors of B and a broadcast fit the
+// register file (AVX-512: 16 + 2 + 1 of 32; AVX2: 12 + 2 + 1 of 16).
+constexpr int kNV = 2;
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kMaxRows = 8;
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr int kMaxRows = 6;
+#else
+constexpr int kMaxRows = 4;
+#endif
+constexpr int kPassCols = kNV * kV;
+static_assert(kPanel % kPassCols == 0, "a panel is a whole number of passes");
+
+// C (MR, cols) = A (MR, k) @ B (k, cols) + beta C, cols <= kPassCols; B: the
+// pass's first column within a panel (row stride kPanel). beta == 0 never
+// reads C (it may hold anything, NaN included).
+template <int MR>
+inline void block(const float* A, int64_t lda, const float* B, int64_t k, float beta, float* C,
+                  int64_t ldc, int64_t cols) {
+  Vec acc[MR][kNV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < kNV; ++v) acc[r][v] = Vec(0.f);
+  for (int64_t kk = 0; kk < k; ++kk) {
+    Vec b[kNV];
+#pragma GCC unroll 4
+    for (int v = 0; v < kNV; ++v) b[v] = Vec::loadu(B + kk * kPanel + v * kV);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const Vec a(A[r * lda + kk]);
+#pragma GCC unroll 4
+      for (int v = 0; v < kNV; ++v) acc[r][v] = at::vec::fmadd(a, b[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < kNV; ++v) {
+      const int64_t c0 = int64_t(v) * kV;
+      if (c0 >= cols) break;
+      float* c = C + r * ldc + c0;
+      const int count = int(std::min<int64_t>(kV, cols - c0));
+      Vec out = acc[r][v];
+      if (beta != 0.f) out = at::vec::fmadd(Vec(beta), Vec::loadu(c, count), out);
+      if (count == kV) out.store(c);
+      else out.store(c, count);
+    }
+}
+
+template <int MR = kMaxRows>
+inline void block_rows(int64_t rows, const float* A, int64_t lda, const float* B, int64_t k,
+                       float beta, float* C, int64_t ldc, int64_t cols) {
+  if constexpr (MR > 1) {
+    if (rows < MR) return block_rows<MR - 1>(rows, A, lda, B, k, beta, C, ldc, cols);
+  }
+  block<MR>(A, lda, B, k, beta, C, ldc, cols);
+}
+
+}  // namespace panel_detail
+
+void panel_gemm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda,
+                const float* packed_b, float beta, float* C, int64_t ldc) {
+  using namespace panel_detail;
+  for (int64_t p = 0; p * kPanel < n; ++p) {
+    const float* panel = packed_b + p * kPanel * k;
+    for (int64_t c0 = 0; c0 < kPanel && p * kPanel + c0 < n; c0 += kPassCols) {
+      const int64_t col = p * kPanel + c0, cols = std::min<int64_t>(kPassCols, n - col);
+      for (int64_t r = 0; r < m; r += kMaxRows)
+        block_rows(std::min<int64_t>(kMaxRows, m - r), A + r * lda, lda, panel + c0, k, beta,
+                   C + r * ldc + col, ldc, cols);
+    }
+  }
+}
+
+}  // namespace VK_CPU_NS
+}  // namespace varlen
+#endif  // VK_CPU_NS

@@ -113,9 +113,30 @@ def cpu_isa():
         return "unknown"
 
 
+# Settings that cap the instruction set of PyTorch's kernels, oneDNN, MKL and
+# varlen_kernels' CPU kernels (an AVX-512 machine run as an AVX2 one).
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
+            "MKL_ENABLE_INSTRUCTIONS", "VARLEN_KERNELS_CPU_CAPABILITY")
+
+
+def cpu_has(flag):
+    """Whether /proc/cpuinfo lists the flag (None where there is no such file)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return flag in line.split()
+    except OSError:
+        pass
+    return None
+
+
 def run_info(device):
-    """What a figure depends on: device, ISA PyTorch dispatches to, threads, versions, load."""
+    """What a figure depends on: device, ISA PyTorch dispatches to (and any cap
+    set on it), threads, versions, load."""
     return {"device": device_name(device), "isa": cpu_isa(), "threads": torch.get_num_threads(),
+            "isa_caps": {k: os.environ[k] for k in ISA_CAPS if os.environ.get(k)},
+            "cpu_has_avx512f": cpu_has("avx512f"),
             "torch": torch.__version__, "commit": commit(), "varlen_kernels": varlen_kernels.__version__,
             "python": sys.version.split()[0], "load_before": load_average()}
 

@@ -32,6 +32,22 @@ inline CpuIsa cpu_isa() {
   return isa;
 }
 
+// Calls NS::<the call> in the build for this CPU, NS in avx512 / avx2 / base (each
+// compiled for its ISA: kernels_avx512.cpp, kernels_avx2.cpp, kernels_base.cpp).
+#define VK_CALL_FOR_CPU(...)                    \
+  do {                                          \
+    switch (::varlen::cpu_isa()) {              \
+      case ::varlen::CpuIsa::Avx512:            \
+        ::varlen::avx512::__VA_ARGS__;          \
+        break;                                  \
+      case ::varlen::CpuIsa::Avx2:              \
+        ::varlen::avx2::__VA_ARGS__;            \
+        break;                                  \
+      default:                                  \
+        ::varlen::base::__VA_ARGS__;            \
+    }                                           \
+  } while (0)
+
 // The AVX2 build (or better) where the CPU has AVX2, FMA and F16C and
 // VARLEN_KERNELS_CPU_CAPABILITY is not "default"; otherwise the portable one.
 inline bool use_avx2() { return cpu_isa() != CpuIsa::Base; }

@@ -188,21 +188,18 @@ void over_row_ranges(const std::vector<std::pair<int64_t, int64_t>>& ranges, con
   });
 }
 
+// The cell kernels and the panel GEMM in the build for this CPU.
 template <typename S, Cell K>
 void forward_rows(const FwdStep<S>& a, int64_t r0, int64_t r1, int64_t j0, int64_t j1) {
-  switch (cpu_isa()) {
-    case CpuIsa::Avx512: avx512::forward_rows<S, K>(a, r0, r1, j0, j1); break;
-    case CpuIsa::Avx2: avx2::forward_rows<S, K>(a, r0, r1, j0, j1); break;
-    default: base::forward_rows<S, K>(a, r0, r1, j0, j1);
-  }
+  VK_CALL_FOR_CPU(forward_rows<S, K>(a, r0, r1, j0, j1));
 }
 template <typename S, Cell K>
 void backward_rows(const BwdStep<S>& a, int64_t r0, int64_t r1, int64_t j0, int64_t j1) {
-  switch (cpu_isa()) {
-    case CpuIsa::Avx512: avx512::backward_rows<S, K>(a, r0, r1, j0, j1); break;
-    case CpuIsa::Avx2: avx2::backward_rows<S, K>(a, r0, r1, j0, j1); break;
-    default: base::backward_rows<S, K>(a, r0, r1, j0, j1);
-  }
+  VK_CALL_FOR_CPU(backward_rows<S, K>(a, r0, r1, j0, j1));
+}
+void panel_gemm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* b,
+                float beta, float* C, int64_t ldc) {
+  VK_CALL_FOR_CPU(panel_gemm(m, n, k, A, lda, b, beta, C, ldc));
 }
 
 // out (m, n) in the math type = a @ b, a and b in the storage type: at::mm_out,
@@ -244,16 +241,6 @@ void mm_into(Tensor out, const Tensor& a, const Tensor& b, bool accumulate) {
 //    split (same machine, fwd+bwd, 2 threads, lengths uniform in [1, T]):
 //    LSTM 1.14x faster at B=64 H=256, 1.45x at B=8 H=128, 1.25-1.65x at
 //    H=512-1024; forward alone, one thread, 8 rows: 74-82 vs 61-62 GFLOP/s.
-
-// panel_gemm.h's kernel, in the build for this CPU.
-void panel_gemm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* b,
-                float beta, float* C, int64_t ldc) {
-  switch (cpu_isa()) {
-    case CpuIsa::Avx512: avx512::panel_gemm(m, n, k, A, lda, b, beta, C, ldc); break;
-    case CpuIsa::Avx2: avx2::panel_gemm(m, n, k, A, lda, b, beta, C, ldc); break;
-    default: base::panel_gemm(m, n, k, A, lda, b, beta, C, ldc);
-  }
-}
 
 // The right operand of C (m, n) = A (m, k) @ op(B) + beta C, for a GEMM whose
 // left operand changes at every step: op(B) is the row-major src (n, k)

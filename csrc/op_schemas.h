@@ -20,10 +20,11 @@ inline void define_ops(torch::Library& m) {
   //   output  (T, B, H): h at every valid step, exactly 0 past each length
   //   h_n     (B, H):    state after each sequence's own last valid step
   //   c_n     (B, H) for lstm, (0,) otherwise
-  //   gates   (*, GS*H), states (*, S*H): opaque workspaces for rnn_backward,
-  //           to be passed to it unchanged (GS = 4 for lstm and gru, 1 for rnn;
-  //           S = 2 for lstm, 1 otherwise). CPU: one row per valid token,
-  //           (N, ...) with N = sum(lengths); CUDA: (T, B, ...), padded.
+  //   gates   (T*B, GS*H), states (T*B, S*H): opaque workspaces for
+  //           rnn_backward, to be passed to it unchanged (GS = 4 for lstm and
+  //           gru, 1 for rnn; S = 2 for lstm, 1 otherwise). The same shapes on
+  //           every device; the rows' contents differ (rnn_args.h,
+  //           check_workspace_shapes).
   //   w_hr    (P, H) LSTM projection (nn.LSTM's proj_size = P), or None.
   //           Then h = w_hr (o * tanh(c)) has P features: h0, h_n and output
   //           have P columns, w_hh is (4H, P), states rows are 2H + P wide.

@@ -109,6 +109,17 @@ inline RnnSizes check_rnn_forward_args(const at::Tensor& input, const at::Tensor
   return s;
 }
 
+// The workspaces of rnn_forward (gates, states) have these shapes on every
+// backend, (T*B, gate_cols) and (T*B, state_cols), so shape inference needs no
+// device. What their rows hold differs: the CPU kernels keep the valid tokens
+// packed in the first sum(lengths) rows, in the length order (the rest is never
+// touched); the CUDA kernels keep row t*B + b for step t of sequence b.
+inline void check_workspace_shapes(const at::Tensor& gates, const at::Tensor& states, int64_t T,
+                                   int64_t B, int64_t gate_cols, int64_t state_cols) {
+  VK_CHECK_SHAPE(gates, T * B, gate_cols);
+  VK_CHECK_SHAPE(states, T * B, state_cols);
+}
+
 // Checks the backward's arguments against the forward's workspaces and returns
 // the problem sizes.
 inline RnnSizes check_rnn_backward_args(const at::Tensor& grad_output, const at::Tensor& grad_h_n,

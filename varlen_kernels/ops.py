@@ -7,7 +7,6 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .testing import emulation_active
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 # Gate blocks (of H columns) in the weights, per cell.
@@ -92,15 +91,10 @@ def rnn_bidirectional_layer(
 
 
 def _workspace_rows(input: Tensor) -> Tuple:
-    """Leading dims of a direction's rnn_forward workspaces."""
+    """Leading dims of a direction's rnn_forward workspaces: (T*B,) on every
+    backend (csrc/rnn_args.h, check_workspace_shapes)."""
     T, B, _ = input.shape
-    if input.device.type == "cpu" and not emulation_active():
-        # The CPU kernel keeps one workspace row per valid token: N = sum(lengths).
-        # The CUDA kernels (also when emulated on CPU tensors) keep (T, B) rows.
-        n = torch.library.get_ctx().new_dynamic_size()
-        torch._check(n <= T * B)
-        return (n,)
-    return (T, B)
+    return (T * B,)
 
 
 @torch.library.register_fake("varlen_kernels::rnn_forward")

@@ -1,4 +1,4 @@
-// Which build of the CPU row kernels to run: kernels_avx512.cpp (RNN cells only),
+// Which build of the CPU row kernels to run: kernels_avx512.cpp (RNN cells and panel GEMM),
 // kernels_avx2.cpp or kernels_base.cpp, chosen once at run time.
 //
 // VARLEN_KERNELS_CPU_CAPABILITY caps the choice: "default" runs the portable

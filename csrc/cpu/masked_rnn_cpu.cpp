@@ -387,9 +387,13 @@ std::vector<Tensor> forward_impl(const Plan& p, const RnnSizes& s, const Tensor&
   Tensor c = K == Cell::LSTM ? to_sorted(p, *c0).to(acc_opts.dtype()).contiguous() : Tensor();
   // The pointwise kernel writes each valid step straight into the padded output.
   Tensor output = at::empty({T, B, H}, opts);
-  // Workspaces hold the valid tokens only, packed: (N, GS*H) and (N, S*H).
-  Tensor gates = at::empty({N, GS * H}, opts);
-  Tensor states = at::empty({N, S * H}, opts);
+  // Workspaces (T*B, GS*H) and (T*B, S*H), the shapes of every backend's
+  // (rnn_args.h): here the valid tokens are their first N rows, packed; the
+  // rows past N are zero (outputs are deterministic) and never read.
+  Tensor gates = at::empty({T * B, GS * H}, opts);
+  Tensor states = at::empty({T * B, S * H}, opts);
+  gates.narrow(0, N, T * B - N).zero_();
+  states.narrow(0, N, T * B - N).zero_();
   scalar_t* ws = states.data_ptr<scalar_t>();
   place_h0<scalar_t>(p, reverse, h0s, ws, S * H);
 
@@ -550,7 +554,7 @@ std::vector<Tensor> backward_impl(const Plan& p, const RnnSizes& s, const Tensor
 
   Tensor xp = at::empty({N, I}, opts);
   gather_packed<scalar_t>(p, input, xp.data_ptr<scalar_t>());
-  const Tensor h_prev = states.narrow(1, 0, H);
+  const Tensor h_prev = states.narrow(0, 0, N).narrow(1, 0, H);
   Tensor grad_w_ih = at::mm(dgx.t(), xp);
   Tensor grad_w_hh = at::mm(dgh.t(), h_prev);
   Tensor grad_b_ih = dgx.sum(0);
@@ -593,8 +597,10 @@ std::vector<Tensor> forward_proj(const Plan& p, const ProjSizes& s, const Tensor
   Tensor y_scratch = at::empty({B, H}, opts);  // the kernel's padded write, unused
   Tensor st_scratch = at::empty({B, 2 * H}, opts);
   Tensor output = at::zeros({T, B, P}, opts);
-  Tensor gates = at::empty({N, 4 * H}, opts);
-  Tensor states = at::empty({N, 2 * H + P}, opts);
+  Tensor gates = at::empty({T * B, 4 * H}, opts);  // first N rows used, as above
+  Tensor states = at::empty({T * B, 2 * H + P}, opts);
+  gates.narrow(0, N, T * B - N).zero_();
+  states.narrow(0, N, T * B - N).zero_();
   const Tensor w_hh_t = w_hh.t(), w_hr_t = w_hr.t();
   scalar_t* out = output.data_ptr<scalar_t>();
 
@@ -634,8 +640,7 @@ std::vector<Tensor> backward_proj(const Plan& p, const ProjSizes& s, const Tenso
   const int64_t T = s.T, B = s.B, I = s.I, H = s.H, P = s.P, N = p.N;
   const auto opts = input.options();
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-  VK_CHECK_SHAPE(gates, N, 4 * H);  // N: the valid tokens
-  VK_CHECK_SHAPE(states, N, 2 * H + P);
+  check_workspace_shapes(gates, states, T, B, 4 * H, 2 * H + P);
   Tensor dh = to_sorted(p, grad_h_n).contiguous();  // (B, P): d h' from later steps
   Tensor dc = to_sorted(p, grad_c_n).to(acc).contiguous();
   Tensor dh_all = at::empty({N, P}, opts);          // d h' in total, per valid token
@@ -671,8 +676,9 @@ std::vector<Tensor> backward_proj(const Plan& p, const ProjSizes& s, const Tenso
   Tensor xp = at::empty({N, I}, opts);
   gather_packed<scalar_t>(p, input, xp.data_ptr<scalar_t>());
   Tensor grad_w_ih = at::mm(dgx.t(), xp);
-  Tensor grad_w_hh = at::mm(dgx.t(), states.narrow(1, 2 * H, P));
-  Tensor grad_w_hr = at::mm(dh_all.t(), states.narrow(1, 0, H));
+  const Tensor valid = states.narrow(0, 0, N);
+  Tensor grad_w_hh = at::mm(dgx.t(), valid.narrow(1, 2 * H, P));
+  Tensor grad_w_hr = at::mm(dh_all.t(), valid.narrow(1, 0, H));
   Tensor grad_b = dgx.sum(0);
   Tensor grad_input = at::empty({T, B, I}, opts);
   Tensor dxp = at::mm(dgx, w_ih);
@@ -738,12 +744,9 @@ Checked check_backward(const Tensor& grad_output, const Tensor& grad_h_n, const 
   return c;
 }
 
-// The workspaces' rows: one per valid token.
-void check_workspace_rows(const Checked& c, const Plan& p, const Tensor& gates,
-                          const Tensor& states) {
+void check_workspace_rows(const Checked& c, const Tensor& gates, const Tensor& states) {
   if (c.proj) return;  // backward_proj checks its own
-  VK_CHECK_SHAPE(gates, p.N, c.s.GS * c.s.H);  // N: the valid tokens
-  VK_CHECK_SHAPE(states, p.N, c.s.S * c.s.H);
+  check_workspace_shapes(gates, states, c.s.T, c.s.B, c.s.GS * c.s.H, c.s.S * c.s.H);
 }
 
 RnnBackwardResult run_backward(const Checked& c, const Plan& p, const Tensor& grad_output,
@@ -792,7 +795,7 @@ RnnBackwardResult rnn_backward_cpu(const Tensor& grad_output, const Tensor& grad
   const Checked c = check_backward(grad_output, grad_h_n, grad_c_n, input, lengths, w, gates,
                                    states, std::string(cell));
   const Plan p = make_plan(lengths, c.T());
-  check_workspace_rows(c, p, gates, states);
+  check_workspace_rows(c, gates, states);
   return run_backward(c, p, grad_output, grad_h_n, grad_c_n, input, w, gates, states, reverse);
 }
 
@@ -862,7 +865,7 @@ BidirectionalBackwardResult rnn_bidirectional_backward_cpu(
     c[d] = check_backward(g[d].grad_output, g[d].grad_h_n, g[d].grad_c_n, input, lengths, w[d],
                           g[d].gates, g[d].states, cell);
   const Plan p = make_plan(lengths, c[0].T());
-  for (int64_t d = 0; d < 2; ++d) check_workspace_rows(c[d], p, g[d].gates, g[d].states);
+  for (int64_t d = 0; d < 2; ++d) check_workspace_rows(c[d], g[d].gates, g[d].states);
   std::array<RnnBackwardResult, 2> r;
   for_both_directions(directions_concurrently(p.B, w[0].w_hh.size(0)), [&](int64_t d) {
     r[d] = run_backward(c[d], p, g[d].grad_output, g[d].grad_h_n, g[d].grad_c_n, input, w[d],

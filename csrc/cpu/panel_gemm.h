@@ -12,8 +12,8 @@
 //
 // Layout of a packed B: ceil(n / kPanel) panels, panel p holding columns
 // [p * kPanel, p * kPanel + kPanel) of B for every k, row by row (k rows of
-// kPanel floats; columns past n are zero). One layout for every ISA: the AVX2
-// and portable builds cover a panel in two passes.
+// kPanel floats; columns past n are zero). One layout for every ISA: a build
+// covers a panel in kPanel / (2 vectors) passes (one on AVX-512, two on AVX2).
 //
 // Like rnn_pointwise.h, the kernel is compiled per ISA (kernels_avx512.cpp,
 // kernels_avx2.cpp, kernels_base.cpp) inside namespace varlen::VK_CPU_NS, with
@@ -26,6 +26,7 @@ namespace varlen {
 
 constexpr int64_t kPanel = 32;
 
+#ifndef VK_CPU_NS  // packing: in masked_rnn_cpu.cpp only (built for the baseline ISA)
 // Floats of a packed (k, n) right operand.
 inline int64_t panel_floats(int64_t k, int64_t n) {
   return (n + kPanel - 1) / kPanel * kPanel * k;
@@ -42,6 +43,7 @@ inline void pack_panels(const float* src, int64_t ld, bool trans, int64_t k, int
         *dst++ = col >= n ? 0.f : trans ? src[col * ld + kk] : src[kk * ld + col];
       }
 }
+#endif
 
 #define VK_DECLARE_PANEL_GEMM(NS)                                                      \
   namespace NS {                                                                       \
@@ -70,14 +72,15 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int kV = Vec::size();
 // Vectors per pass over a panel, and the most rows per block: the block's
 // accumulators (MR x NV vectors), NV vectors of B and a broadcast fit the
-// register file (AVX-512: 16 + 2 + 1 of 32; AVX2: 12 + 2 + 1 of 16).
+// register file (AVX-512: 16 + 2 + 1 of 32; AVX2: 12 + 2 + 1 of 16; the
+// portable build's 8-float vectors are two SSE registers each: 8 + 4 + 1 of 16).
 constexpr int kNV = 2;
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int kMaxRows = 8;
 #elif defined(CPU_CAPABILITY_AVX2)
 constexpr int kMaxRows = 6;
 #else
-constexpr int kMaxRows = 4;
+constexpr int kMaxRows = 2;
 #endif
 constexpr int kPassCols = kNV * kV;
 static_assert(kPanel % kPassCols == 0, "a panel is a whole number of passes");

@@ -160,8 +160,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_proj_cuda(
   Tensor st_scratch = at::empty({B, 2 * H}, opts);
   Tensor gh = at::empty({B, 4 * H}, opts);
   Tensor output = at::empty({T, B, P}, opts);
-  Tensor gates = at::empty({T, B, 4 * H}, opts);
-  Tensor states = at::empty({T, B, 2 * H + P}, opts);
+  Tensor gates = at::empty({T * B, 4 * H}, opts);  // row t * B + b: step t of sequence b
+  Tensor states = at::empty({T * B, 2 * H + P}, opts);
   const Tensor w_hh_t = w_hh.t(), w_hr_t = w_hr.t(), zero = at::zeros({}, opts);
   const auto stream = cuda::current_stream();
   const unsigned blocks = cuda::grid_for(B * H, kThreads);
@@ -171,7 +171,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_proj_cuda(
     for (int64_t step = 0; step < T; ++step) {
       const int64_t t = step_order(step, T, reverse);
       const Tensor active = (len > t).unsqueeze(1);  // (B, 1), on the device
-      Tensor st = states[t];
+      Tensor st = states.narrow(0, t * B, B);
       st.narrow(1, 2 * H, P).copy_(at::where(active, h_out, zero));
       at::mm_out(gh, h_out, w_hh_t);
       FwdArgs<scalar_t, acc_t> a{len.const_data_ptr<int64_t>(),
@@ -203,8 +203,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_b
     const Tensor& w_hh, const Tensor& gates, const Tensor& states, const Tensor& w_hr,
     bool reverse) {
   const int64_t T = s.T, B = s.B, I = s.I, H = s.H, P = s.P;
-  VK_CHECK_SHAPE(gates, T, B, 4 * H);
-  VK_CHECK_SHAPE(states, T, B, 2 * H + P);
+  check_workspace_shapes(gates, states, T, B, 4 * H, 2 * H + P);
   const auto opts = input.options();
   const auto acc_type = at::toOpMathType(input.scalar_type());
   const Tensor len = lengths.contiguous();
@@ -228,7 +227,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_b
       const Tensor dht = at::where(active, dh + dy[t].to(acc_type), zero);
       dh_all[t].copy_(dht);
       dr.copy_(at::mm(dh_all[t], w_hr));
-      st_scratch.copy_(states[t].narrow(1, 0, 2 * H));
+      st_scratch.copy_(states.narrow(0, t * B, B).narrow(1, 0, 2 * H));
       BwdArgs<scalar_t, acc_t> a{len.const_data_ptr<int64_t>(),
                                  gates.const_data_ptr<scalar_t>() + t * B * 4 * H,
                                  st_scratch.const_data_ptr<scalar_t>(),
@@ -289,8 +288,8 @@ RnnForwardResult forward_per_step(const Prepared& f, const Tensor& h0,
   Tensor c = s.cell == Cell::LSTM ? at::empty({B, H}, opts.dtype(acc_type)).copy_(*c0) : Tensor();
   Tensor gh = at::empty({B, G * H}, opts);
   Tensor output = at::empty({T, B, H}, opts);
-  Tensor gates = at::empty({T, B, s.GS * H}, opts);
-  Tensor states = at::empty({T, B, s.S * H}, opts);
+  Tensor gates = at::empty({T * B, s.GS * H}, opts);  // row t * B + b: step t of sequence b
+  Tensor states = at::empty({T * B, s.S * H}, opts);
   const Tensor w_hh_t = w_hh.t();
   const auto stream = cuda::current_stream();
   const unsigned blocks = cuda::grid_for(B * H, kThreads);
@@ -419,7 +418,7 @@ RnnBackwardResult backward_gemms(const RnnSizes& s, const Tensor& input, const T
   // Padded input is replaced by zero before it meets a gradient (0 * NaN is NaN).
   const Tensor valid = (at::arange(T, len.options()).unsqueeze(1) < len.unsqueeze(0)).unsqueeze(2);
   const Tensor x_valid = at::where(valid, input, at::zeros({}, opts)).reshape({T * B, I});
-  const Tensor h_prev = states.view({T * B, S * H}).narrow(1, 0, H);
+  const Tensor h_prev = states.narrow(1, 0, H);
   Tensor grad_w_ih = at::mm(dgx.t(), x_valid);
   Tensor grad_w_hh = at::mm(dgh.t(), h_prev);
   Tensor grad_b_ih = dgx.sum(0);
@@ -445,8 +444,7 @@ PreparedBackward prepare_backward(const Tensor& grad_output, const Tensor& grad_
   PreparedBackward b;
   b.s = check_rnn_backward_args(grad_output, grad_h_n, grad_c_n, input, lengths, w_ih, w_hh,
                                 gates, states, cell);
-  VK_CHECK_SHAPE(gates, b.s.T, b.s.B, b.s.GS * b.s.H);
-  VK_CHECK_SHAPE(states, b.s.T, b.s.B, b.s.S * b.s.H);
+  check_workspace_shapes(gates, states, b.s.T, b.s.B, b.s.GS * b.s.H, b.s.S * b.s.H);
   const cuda::DeviceGuard guard(input.device());
   b.len = lengths.contiguous();
   b.dy = grad_output.to(input.scalar_type()).contiguous();

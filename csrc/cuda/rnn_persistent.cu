@@ -794,8 +794,8 @@ std::optional<std::vector<RnnForwardResult>> rnn_forward_persistent(
         Tensor cbuf = K == Cell::LSTM ? at::empty({B, H}, opts.dtype(acc_type)) : Tensor();
         keep.insert(keep.end(), {hbuf, cbuf});
         Tensor output = at::zeros({T, B, H}, opts);
-        Tensor gates = at::zeros({T, B, GS * H}, opts);
-        Tensor states = at::zeros({T, B, S * H}, opts);
+        Tensor gates = at::zeros({T * B, GS * H}, opts);
+        Tensor states = at::zeros({T * B, S * H}, opts);
         Tensor h_n = at::empty({B, H}, opts);
         Tensor c_n = K == Cell::LSTM ? at::empty({B, H}, opts) : at::empty({0}, opts);
         args.d[d] = FwdParams<scalar_t, acc_t>{

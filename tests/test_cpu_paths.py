@@ -78,9 +78,15 @@ def test_packed_paths_match_packed(path, cell, shape, nthreads, how, bidirection
                          **shape)
 
 
-def test_split_setting_is_checked(split):
+LOW_AND_FULL = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", LOW_AND_FULL, ids=str)
+def test_split_setting_is_checked(dtype, split):
+    """A bad value is an error whatever the dtype (not only where it is used)."""
     split("columns")
-    ref, x, lengths, hx = sample_inputs("lstm", dtype=torch.float32, requires_grad=False)
+    ref, x, lengths, hx = sample_inputs("lstm", dtype=torch.float64, requires_grad=False)
+    ref, x, hx = ref.to(dtype), x.to(dtype), tuple(h.to(dtype) for h in hx)
     with pytest.raises(RuntimeError, match="VARLEN_KERNELS_CPU_SPLIT must be 'auto', 'rows' or "
                                            "'steps', got 'columns'"):
         MaskedRNN.from_torch(ref)(x, lengths, hx)
@@ -121,9 +127,11 @@ def test_packed_and_aten_paths_agree(path, cell, gemm, threads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_gemm_choice_is_checked(gemm):
+@pytest.mark.parametrize("dtype", LOW_AND_FULL, ids=str)
+def test_gemm_choice_is_checked(dtype, gemm):
     gemm("blas")
-    ref, x, lengths, hx = sample_inputs("gru", dtype=torch.float32, requires_grad=False)
+    ref, x, lengths, hx = sample_inputs("gru", dtype=torch.float64, requires_grad=False)
+    ref, x, hx = ref.to(dtype), x.to(dtype), hx.to(dtype)
     with pytest.raises(RuntimeError, match="VARLEN_KERNELS_CPU_GEMM must be auto, aten, mkl or panel, "
                                            "got 'blas'"):
         MaskedRNN.from_torch(ref)(x, lengths, hx)
@@ -136,9 +144,9 @@ def test_float64_ignores_mkl_choice(gemm):
     check_against_packed("lstm", bidirectional=True, dtype=torch.float64, T=6, B=5, H=20)
 
 
-def _bf16_errors(cell, T, B, H, seed=0):
+def _low_precision_errors(cell, dtype, T, B, H, seed=0):
     """Max abs error vs float64 of (output, grad of the weights) for MaskedRNN in
-    bfloat16 and for nn.* in bfloat16 on packed sequences (PyTorch's own)."""
+    dtype (bfloat16, half) and for nn.* in dtype on packed sequences (PyTorch's own)."""
     ref, x, lengths, hx = sample_inputs(cell, T=T, B=B, I=H, H=H, seed=seed, with_zero=True)
     gy = torch.randn(T, B, H, generator=torch.Generator().manual_seed(seed + 7), dtype=torch.float64)
     keep = torch.nonzero(lengths > 0).flatten()
@@ -152,15 +160,15 @@ def _bf16_errors(cell, T, B, H, seed=0):
     g64 = grads_of(y64, list(m64.parameters()))
 
     def cast(t):
-        return t.detach().to(torch.bfloat16).requires_grad_()
+        return t.detach().to(dtype).requires_grad_()
 
-    m16 = MaskedRNN.from_torch(ref).to(torch.bfloat16)
+    m16 = MaskedRNN.from_torch(ref).to(dtype)
     x16 = cast(x)
     hx16 = tuple(cast(h) for h in hx) if cell == "lstm" else cast(hx)
     y16, _ = m16(x16, lengths, hx16)
     g16 = grads_of(y16, list(m16.parameters()))
 
-    ref16 = MaskedRNN.from_torch(ref).to_torch().to(torch.bfloat16)
+    ref16 = MaskedRNN.from_torch(ref).to_torch().to(dtype)
     yt, _, kd = run_packed(ref16, cast(x), lengths, tuple(cast(h) for h in hx) if cell == "lstm"
                            else cast(hx), False)
     gt = grads_of(yt, list(ref16.parameters()), kd)
@@ -173,20 +181,28 @@ def _bf16_errors(cell, T, B, H, seed=0):
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-@pytest.mark.parametrize("path", ["mkl", "aten"])
-def test_bfloat16_float_state_error_close_to_torch(cell, path, gemm):
-    """bfloat16 with float32 recurrent state, over enough steps for rounding to
-    pile up: output and weight-gradient errors vs float64 within 2x those of
-    nn.* run in bfloat16 on packed sequences (plus a small floor for ties)."""
-    if path == "mkl" and not torch.backends.mkl.is_available():
-        pytest.skip("torch is built without MKL")
+@pytest.mark.parametrize("dtype,path", [(torch.bfloat16, "panel"), (torch.bfloat16, "mkl"),
+                                        (torch.bfloat16, "aten"), (torch.float16, "panel"),
+                                        (torch.float16, "aten")])
+@pytest.mark.parametrize("nthreads,how", [(2, "rows"), (2, "steps")])
+def test_low_precision_float_state_error_close_to_torch(cell, dtype, path, nthreads, how, gemm,
+                                                       threads, split):
+    """bfloat16 and half with float32 recurrent state, over enough steps for
+    rounding to pile up: output and weight-gradient errors vs float64 within 2x
+    those of nn.* run in the same dtype on packed sequences (plus a small floor
+    for ties); the rows split between threads and each step shared (half and
+    bfloat16 products shared between threads go to ATen, unless MKL is asked
+    for)."""
+    _skip_without_mkl(path)
     gemm(path)
-    (e_y, e_g), (t_y, t_g) = _bf16_errors(cell, T=40, B=6, H=32)
+    threads(nthreads)
+    split(how)
+    (e_y, e_g), (t_y, t_g) = _low_precision_errors(cell, dtype, T=40, B=6, H=32)
     assert e_y <= 2 * t_y + 1e-3, (e_y, t_y)
     assert e_g <= 2 * t_g + 1e-2, (e_g, t_g)
 
 
-@pytest.mark.parametrize("cap", ["avx2", "default"])
+@pytest.mark.parametrize("cap", ["avx2", "default", "AVX2"])
 def test_cpu_capability_builds_match(cap, tmp_path):
     """The AVX2 and portable builds of the cell kernels and of the panel kernel
     (the AVX-512 ones are the default where the CPU has them) on the panel and
@@ -232,3 +248,21 @@ def test_packed_path_edge_lengths(path, pattern, bidirectional, gemm, threads):
         results[p] = [y, h, c, *torch.autograd.grad(loss, [x, *m.parameters()])]
     for a, b in zip(results[path], results["aten"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_capability_setting_is_checked(tmp_path):
+    """A value of VARLEN_KERNELS_CPU_CAPABILITY other than avx512, avx2 or
+    default (any case) is an error naming the variable, not ignored."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import torch\n"
+        "from varlen_kernels import MaskedLSTM\n"
+        "try:\n"
+        "    MaskedLSTM(4, 5)(torch.randn(3, 2, 4), torch.tensor([3, 1]))\n"
+        "except RuntimeError as e:\n"
+        "    print(str(e).splitlines()[0])\n")
+    env = dict(os.environ, VARLEN_KERNELS_CPU_CAPABILITY="sse9")
+    r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ("VARLEN_KERNELS_CPU_CAPABILITY must be avx512, avx2 or default, got 'sse9'"
+            in r.stdout), r.stdout

@@ -369,6 +369,8 @@ def test_paths_agree_on_workspaces(cell, gpu):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
         out, h_n, c_n, gates, states = outs["per_step"]
         pad = torch.arange(6, device=gpu)[:, None] >= args[1][None, :]
+        assert gates.shape == (6 * 7, 4 * 20) and states.shape[0] == 6 * 7  # (T*B, *)
+        gates, states = gates.view(6, 7, -1), states.view(6, 7, -1)  # row t*B + b: (t, b)
         assert (gates[pad] == 0).all() and (states[pad] == 0).all() and (out[pad] == 0).all()
         g = torch.Generator().manual_seed(2)
         grads = [torch.randn(t.shape, generator=g, dtype=t.dtype).to(gpu) for t in (out, h_n, c_n)]

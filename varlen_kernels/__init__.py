@@ -15,6 +15,7 @@ from .reference import masked_rnn_reference, rnn_layer_reference  # noqa: E402
 from .rnn import MaskedGRU, MaskedLSTM, MaskedRNN  # noqa: E402
 from .tbptt import Chunk, detach_state, tbptt_chunks  # noqa: E402
 from . import distributed  # noqa: E402
+from . import testing  # noqa: E402  (varlen_kernels.testing.emulate_cuda, ...)
 
 __version__ = "0.1.0"
 __all__ = [

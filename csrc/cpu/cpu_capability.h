@@ -2,9 +2,14 @@
 // kernels_avx2.cpp or kernels_base.cpp, chosen once at run time.
 //
 // VARLEN_KERNELS_CPU_CAPABILITY caps the choice: "default" runs the portable
-// build everywhere, "avx2" stops at AVX2 (for tests and comparisons).
+// build everywhere, "avx2" stops at AVX2, "avx512" (or unset) takes the best
+// the CPU has (for tests and comparisons; any case; anything else is an error).
 #pragma once
 
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cctype>
 #include <cstdlib>
 #include <string>
 
@@ -15,7 +20,12 @@ enum class CpuIsa { Base, Avx2, Avx512 };
 inline CpuIsa cpu_isa() {
   static const CpuIsa isa = [] {
     const char* env = std::getenv("VARLEN_KERNELS_CPU_CAPABILITY");
-    const std::string cap = env != nullptr ? env : "";
+    std::string cap = env != nullptr ? env : "";
+    std::transform(cap.begin(), cap.end(), cap.begin(),
+                   [](unsigned char ch) { return char(std::tolower(ch)); });
+    TORCH_CHECK(cap.empty() || cap == "avx512" || cap == "avx2" || cap == "default",
+                "VARLEN_KERNELS_CPU_CAPABILITY must be avx512, avx2 or default, got '",
+                env != nullptr ? env : "", "'");
     if (cap == "default") return CpuIsa::Base;
 #if defined(__x86_64__) || defined(_M_X64)
     const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&

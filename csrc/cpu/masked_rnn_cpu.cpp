@@ -16,9 +16,11 @@
 //     one keeps its final state (forward direction) or its initial state until
 //     its own last step comes (reverse direction). Each valid step is written
 //     straight into the padded output; the padded steps are then set to zero.
-//     float32 runs the per-step products through MKL with W_hh packed once per
-//     call (see "the per-step products" below), bfloat16 too when asked for;
-//     float64, half and (by default) bfloat16 through ATen.
+//     float32, bfloat16 and half run the per-step products on a kernel of our
+//     own with W_hh packed once per call (see "the per-step products" below);
+//     float64 through ATen.
+// The workspaces are (T*B, *), the shapes of every backend's; the valid
+// tokens are their first N rows, packed.
 // The workspaces hold the packed rows, (N, *).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -197,9 +199,10 @@ template <typename S, Cell K>
 void backward_rows(const BwdStep<S>& a, int64_t r0, int64_t r1, int64_t j0, int64_t j1) {
   VK_CALL_FOR_CPU(backward_rows<S, K>(a, r0, r1, j0, j1));
 }
-void panel_gemm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* b,
+template <typename A_t>
+void panel_gemm(int64_t m, int64_t n, int64_t k, const A_t* A, int64_t lda, const float* b,
                 float beta, float* C, int64_t ldc) {
-  VK_CALL_FOR_CPU(panel_gemm(m, n, k, A, lda, b, beta, C, ldc));
+  VK_CALL_FOR_CPU(panel_gemm<A_t>(m, n, k, A, lda, b, beta, C, ldc));
 }
 
 // out (m, n) in the math type = a @ b, a and b in the storage type: at::mm_out,
@@ -218,11 +221,12 @@ void mm_into(Tensor out, const Tensor& a, const Tensor& b, bool accumulate) {
 // ----------------------------------------------------- the per-step products
 // Two ways to compute the recurrent products, h_prev @ W_hh^T (forward) and
 // dgates @ W_hh (backward), per step:
-//  * ATen (float64, half, bfloat16 by default, and VARLEN_KERNELS_CPU_GEMM=
-//    aten): one at::mm over the step's active rows, then the cell update in
-//    parallel over rows.
-//  * Packed (float32; bfloat16 with VARLEN_KERNELS_CPU_GEMM=mkl): W_hh is
-//    packed once per call (PackedOperand). With two or more threads
+//  * ATen (float64; half and bfloat16 where a step is shared between threads;
+//    VARLEN_KERNELS_CPU_GEMM=aten): one at::mm over the step's active rows,
+//    then the cell update in parallel over rows.
+//  * Packed (float32, bfloat16, half): W_hh is packed once per call
+//    (PackedOperand), into float32 panels for our kernel (half and bfloat16
+//    products are then computed and kept in float32), or for MKL. With two or more threads
 //    (VARLEN_KERNELS_CPU_SPLIT=rows, the default) the batch rows are split
 //    between the threads (contiguous ranges of the length order, balanced by
 //    valid steps), and each thread runs its rows through every step on its
@@ -244,26 +248,28 @@ void mm_into(Tensor out, const Tensor& a, const Tensor& b, bool accumulate) {
 
 // The right operand of C (m, n) = A (m, k) @ op(B) + beta C, for a GEMM whose
 // left operand changes at every step: op(B) is the row-major src (n, k)
-// transposed (trans) or src (k, n) as is. float: packed once per call, for
-// the panel kernel (panel_gemm.h, one thread per product) or, for products
-// shared between threads (`shared`: VARLEN_KERNELS_CPU_SPLIT=steps) or with
-// VARLEN_KERNELS_CPU_GEMM=mkl, by MKL for up to max_m rows (on the same
-// threads as the products); bfloat16: src is used in place (torch exports no
-// bf16 pack) and must outlive this object.
+// transposed (trans) or src (k, n) as is. Packed once per call into float
+// panels for the panel kernel (panel_gemm.h, one thread per product; float32,
+// bfloat16, half). With MKL (`mkl` not null: float32 products shared between
+// threads, `shared`: VARLEN_KERNELS_CPU_SPLIT=steps; float32 and bfloat16
+// with VARLEN_KERNELS_CPU_GEMM=mkl), float32 is packed by MKL for up to max_m
+// rows (on the same threads as the products) and bfloat16 is used in place
+// (torch exports no bf16 pack): src must then outlive this object.
 template <typename scalar_t>
 class PackedOperand {
  public:
   PackedOperand(const MklGemm* mkl, bool shared, int64_t max_m, const scalar_t* src, int64_t ld,
                 bool trans, int64_t k, int64_t n)
       : mkl_(mkl), src_(src), ld_(ld), trans_(trans), k_(k), n_(n) {
+    const GemmChoice choice = gemm_choice();
+    const bool use_mkl = mkl_ != nullptr && (choice == GemmChoice::Mkl ||
+                                             (choice == GemmChoice::Auto && shared));
+    if (!use_mkl) {
+      panels_ = at::empty({panel_floats(k, n)}, at::kFloat);
+      pack_panels(src, ld, trans, k, n, panels_.data_ptr<float>());
+      return;
+    }
     if constexpr (std::is_same_v<scalar_t, float>) {
-      const GemmChoice choice = gemm_choice();
-      if (mkl_ == nullptr || choice == GemmChoice::Panel ||
-          (choice == GemmChoice::Auto && !shared)) {
-        panels_ = at::empty({panel_floats(k, n)}, at::kFloat);
-        pack_panels(src, ld, trans, k, n, panels_.data_ptr<float>());
-        return;
-      }
       const size_t bytes = mkl_->sgemm_pack_get_size(kMklBMatrix, int(max_m), int(n), int(k));
       // MKL asks for several MiB whatever the matrix: the buffer is kept per
       // thread and reused by the next call, rather than mapped (and its pages
@@ -281,18 +287,17 @@ class PackedOperand {
   // the panel kernel on this thread, or MKL on its threads.
   void run(int64_t m, const scalar_t* A, int64_t lda, float beta, float* C, int64_t ldc) const {
     if (m <= 0) return;
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      if (packed_ == nullptr) {
-        panel_gemm(m, n_, k_, A, lda, panels_.const_data_ptr<float>(), beta, C, ldc);
-      } else {
-        mkl_->sgemm_compute(kMklRowMajor, kMklNoTrans, kMklPacked, int(m), int(n_), int(k_), A,
-                            int(lda), packed_, int(n_), beta, C, int(ldc));
-      }
-    } else {
-      static_assert(std::is_same_v<scalar_t, c10::BFloat16>);
+    if (panels_.defined()) {
+      panel_gemm<scalar_t>(m, n_, k_, A, lda, panels_.const_data_ptr<float>(), beta, C, ldc);
+    } else if constexpr (std::is_same_v<scalar_t, float>) {
+      mkl_->sgemm_compute(kMklRowMajor, kMklNoTrans, kMklPacked, int(m), int(n_), int(k_), A,
+                          int(lda), packed_, int(n_), beta, C, int(ldc));
+    } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       mkl_->gemm_bf16bf16f32(kMklRowMajor, kMklNoTrans, trans_ ? kMklTrans : kMklNoTrans, int(m),
                              int(n_), int(k_), 1.f, reinterpret_cast<const uint16_t*>(A), int(lda),
                              reinterpret_cast<const uint16_t*>(src_), int(ld_), beta, C, int(ldc));
+    } else {
+      TORCH_INTERNAL_ASSERT(false, "half products run on the panel kernel only");
     }
   }
 
@@ -302,28 +307,33 @@ class PackedOperand {
   int64_t ld_;
   bool trans_;
   int64_t k_, n_;
-  Tensor panels_;             // float: the panel kernel's packed form
-  float* packed_ = nullptr;   // float: MKL's packed form, if MKL runs the large products
+  Tensor panels_;             // the panel kernel's packed form, unless MKL runs the products
+  float* packed_ = nullptr;   // float: MKL's packed form
 };
 
 template <typename scalar_t>
 constexpr bool has_mkl_path() {
   return std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
 }
+// The storage types PackedOperand takes (float64 runs on ATen: exact tests).
+template <typename scalar_t>
+constexpr bool has_packed_path() {
+  return has_mkl_path<scalar_t>() || std::is_same_v<scalar_t, c10::Half>;
+}
 
 // The MKL path for this storage type, or nullptr (then ATen): see mkl_gemm.h.
 template <typename scalar_t>
 const MklGemm* mkl_for() {
+  const GemmChoice choice = gemm_choice();  // checked for every dtype
   if constexpr (!has_mkl_path<scalar_t>()) {
     return nullptr;
   } else {
-    const GemmChoice choice = gemm_choice();
-    if (choice == GemmChoice::Aten) return nullptr;
-    // bfloat16 runs on ATen unless MKL is asked for: torch sends bfloat16 mm
-    // to oneDNN, which measured faster here than cblas_gemm_bf16bf16f32 (that
-    // torch exports without a packed form): single-threaded, T=100, B=64,
-    // H=256 LSTM, AVX-512 EPYC (a busy machine, best of 4), forward 38 vs 47
-    // ms, backward 49 vs 60 ms.
+    if (choice == GemmChoice::Aten || choice == GemmChoice::Panel) return nullptr;
+    // bfloat16 runs on the panel kernel (or ATen) unless MKL is asked for:
+    // cblas_gemm_bf16bf16f32 (torch exports no packed form of it) measured
+    // slower here than torch's bfloat16 mm: single-threaded, T=100, B=64,
+    // H=256 LSTM, AVX-512 EPYC (a busy machine, best of 4), forward 47 vs 38
+    // ms, backward 60 vs 49 ms.
     if (std::is_same_v<scalar_t, c10::BFloat16> && choice == GemmChoice::Auto) return nullptr;
     const MklGemm* m = mkl_gemm();
     if (m != nullptr && std::is_same_v<scalar_t, c10::BFloat16> && m->gemm_bf16bf16f32 == nullptr)
@@ -335,12 +345,15 @@ const MklGemm* mkl_for() {
   }
 }
 
-// Whether the per-step products run through PackedOperand (float32 unless
-// VARLEN_KERNELS_CPU_GEMM=aten; bfloat16 where MKL was asked for) or ATen.
+// Whether the per-step products run through PackedOperand or ATen: float32,
+// bfloat16 and half unless VARLEN_KERNELS_CPU_GEMM=aten; but bfloat16 and half
+// products shared between threads (`shared`) go to ATen's threads unless MKL
+// was asked for (the panel kernel runs each product on one thread).
 template <typename scalar_t>
-bool packed_path(const MklGemm* mkl) {
-  if constexpr (std::is_same_v<scalar_t, float>) return gemm_choice() != GemmChoice::Aten;
-  return mkl != nullptr;
+bool packed_path(const MklGemm* mkl, bool shared) {
+  if constexpr (!has_packed_path<scalar_t>()) return false;
+  if (gemm_choice() == GemmChoice::Aten) return false;
+  return std::is_same_v<scalar_t, float> || mkl != nullptr || !shared;
 }
 
 // Before the first step: each row's h_prev at its first step is h0, written to
@@ -416,12 +429,12 @@ std::vector<Tensor> forward_impl(const Plan& p, const RnnSizes& s, const Tensor&
   };
 
   const MklGemm* mkl = mkl_for<scalar_t>();
-  if (packed_path<scalar_t>(mkl)) {
-    if constexpr (has_mkl_path<scalar_t>()) {
-      const bool rows = split_by_rows(at::get_num_threads());
-      const PackedOperand<scalar_t> w(mkl, /*shared=*/!rows && shared_steps(), B,
-                                      w_hh.const_data_ptr<scalar_t>(), H, /*trans=*/true,
-                                      H, G * H);
+  const bool rows = split_by_rows(at::get_num_threads());
+  const bool shared = !rows && shared_steps();  // each step's products on several threads
+  if (packed_path<scalar_t>(mkl, shared)) {
+    if constexpr (has_packed_path<scalar_t>()) {
+      const PackedOperand<scalar_t> w(mkl, shared, B, w_hh.const_data_ptr<scalar_t>(), H,
+                                      /*trans=*/true, H, G * H);
       Tensor gh = at::empty({B, G * H}, acc_opts);  // this step's h_prev @ W_hh^T
       if (rows) {
         over_row_ranges(split_rows(p, at::get_num_threads()), mkl, [&](int64_t r0, int64_t r1) {
@@ -513,12 +526,12 @@ std::vector<Tensor> backward_impl(const Plan& p, const RnnSizes& s, const Tensor
   const bool accumulate = K == Cell::GRU;
 
   const MklGemm* mkl = mkl_for<scalar_t>();
-  if (packed_path<scalar_t>(mkl)) {
-    if constexpr (has_mkl_path<scalar_t>()) {
-      const bool rows = split_by_rows(at::get_num_threads());
-      const PackedOperand<scalar_t> w(mkl, /*shared=*/!rows && shared_steps(), B,
-                                      w_hh.const_data_ptr<scalar_t>(), H, /*trans=*/false,
-                                      G * H, H);
+  const bool rows = split_by_rows(at::get_num_threads());
+  const bool shared = !rows && shared_steps();  // each step's products on several threads
+  if (packed_path<scalar_t>(mkl, shared)) {
+    if constexpr (has_packed_path<scalar_t>()) {
+      const PackedOperand<scalar_t> w(mkl, shared, B, w_hh.const_data_ptr<scalar_t>(), H,
+                                      /*trans=*/false, G * H, H);
       if (rows) {
         over_row_ranges(split_rows(p, at::get_num_threads()), mkl, [&](int64_t r0, int64_t r1) {
           for_each_step(p, reverse, /*backward_pass=*/true, [&](int64_t t, int64_t n) {

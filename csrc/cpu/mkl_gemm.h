@@ -11,9 +11,10 @@
 // VARLEN_KERNELS_CPU_GEMM (read at each call, so tests can compare the paths in
 // one process): "aten" forces the ATen path; "mkl" requires the MKL path for
 // float32 and bfloat16 (an error where it is missing); "panel" runs every
-// float32 product on panel_gemm.h's kernel; unset or "auto": float32 on the
-// panel kernel for few rows and on MKL (where it is found) for more, bfloat16
-// on ATen (see masked_rnn_cpu.cpp).
+// float32, bfloat16 and half product on panel_gemm.h's kernel; unset or
+// "auto": the panel kernel for products on one thread, MKL (float32, where
+// it is found) or ATen (half, bfloat16) for products shared between threads
+// (see masked_rnn_cpu.cpp).
 #pragma once
 
 #include <cstddef>

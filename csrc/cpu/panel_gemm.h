@@ -1,6 +1,8 @@
 // The per-step recurrent product of the CPU path for few rows:
-// C (m, n) = A (m, k) @ B (k, n) + beta C, float32, with B packed once per call
-// into column panels and reused at every step.
+// C (m, n) = A (m, k) @ B (k, n) + beta C, with B packed once per call into
+// float32 column panels and reused at every step. A is float32, bfloat16 or
+// half (widened to float as it is read); C and the arithmetic are float32, so
+// half / bfloat16 products are not rounded to the storage type.
 //
 // Why a hand-written kernel: the recurrence multiplies a handful of rows (the
 // rows of one thread that are still running, often 1-8) by the same W_hh at
@@ -20,6 +22,9 @@
 // ATen's Vectorized<float>; panel_gemm() picks the build at run time.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cstdint>
 
 namespace varlen {
@@ -34,20 +39,23 @@ inline int64_t panel_floats(int64_t k, int64_t n) {
 
 // dst <- op(B) packed (panel_floats(k, n) floats): op(B) (k, n) is src (n, k)
 // transposed (trans, row stride ld) or src (k, n) as is.
-inline void pack_panels(const float* src, int64_t ld, bool trans, int64_t k, int64_t n,
+template <typename src_t>
+inline void pack_panels(const src_t* src, int64_t ld, bool trans, int64_t k, int64_t n,
                         float* dst) {
   for (int64_t p = 0; p * kPanel < n; ++p)
     for (int64_t kk = 0; kk < k; ++kk)
       for (int64_t c = 0; c < kPanel; ++c) {
         const int64_t col = p * kPanel + c;
-        *dst++ = col >= n ? 0.f : trans ? src[col * ld + kk] : src[kk * ld + col];
+        *dst++ = col >= n ? 0.f : float(trans ? src[col * ld + kk] : src[kk * ld + col]);
       }
 }
 #endif
 
+// A_t: float, c10::BFloat16 or c10::Half.
 #define VK_DECLARE_PANEL_GEMM(NS)                                                      \
   namespace NS {                                                                       \
-  void panel_gemm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda,       \
+  template <typename A_t>                                                              \
+  void panel_gemm(int64_t m, int64_t n, int64_t k, const A_t* A, int64_t lda,         \
                   const float* packed_b, float beta, float* C, int64_t ldc);           \
   }
 VK_DECLARE_PANEL_GEMM(avx512)
@@ -88,8 +96,8 @@ static_assert(kPanel % kPassCols == 0, "a panel is a whole number of passes");
 // C (MR, cols) = A (MR, k) @ B (k, cols) + beta C, cols <= kPassCols; B: the
 // pass's first column within a panel (row stride kPanel). beta == 0 never
 // reads C (it may hold anything, NaN included).
-template <int MR>
-inline void block(const float* A, int64_t lda, const float* B, int64_t k, float beta, float* C,
+template <int MR, typename A_t>
+inline void block(const A_t* A, int64_t lda, const float* B, int64_t k, float beta, float* C,
                   int64_t ldc, int64_t cols) {
   Vec acc[MR][kNV];
 #pragma GCC unroll 16
@@ -102,7 +110,7 @@ inline void block(const float* A, int64_t lda, const float* B, int64_t k, float 
     for (int v = 0; v < kNV; ++v) b[v] = Vec::loadu(B + kk * kPanel + v * kV);
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
-      const Vec a(A[r * lda + kk]);
+      const Vec a(static_cast<float>(A[r * lda + kk]));
 #pragma GCC unroll 4
       for (int v = 0; v < kNV; ++v) acc[r][v] = at::vec::fmadd(a, b[v], acc[r][v]);
     }
@@ -122,8 +130,8 @@ inline void block(const float* A, int64_t lda, const float* B, int64_t k, float 
     }
 }
 
-template <int MR = kMaxRows>
-inline void block_rows(int64_t rows, const float* A, int64_t lda, const float* B, int64_t k,
+template <int MR = kMaxRows, typename A_t>
+inline void block_rows(int64_t rows, const A_t* A, int64_t lda, const float* B, int64_t k,
                        float beta, float* C, int64_t ldc, int64_t cols) {
   if constexpr (MR > 1) {
     if (rows < MR) return block_rows<MR - 1>(rows, A, lda, B, k, beta, C, ldc, cols);
@@ -133,7 +141,8 @@ inline void block_rows(int64_t rows, const float* A, int64_t lda, const float* B
 
 }  // namespace panel_detail
 
-void panel_gemm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda,
+template <typename A_t>
+void panel_gemm(int64_t m, int64_t n, int64_t k, const A_t* A, int64_t lda,
                 const float* packed_b, float beta, float* C, int64_t ldc) {
   using namespace panel_detail;
   for (int64_t p = 0; p * kPanel < n; ++p) {
@@ -146,6 +155,14 @@ void panel_gemm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda,
     }
   }
 }
+
+#define VK_INSTANTIATE_PANEL_GEMM(A_t)                                                      \
+  template void panel_gemm<A_t>(int64_t, int64_t, int64_t, const A_t*, int64_t, const float*, \
+                                float, float*, int64_t);
+VK_INSTANTIATE_PANEL_GEMM(float)
+VK_INSTANTIATE_PANEL_GEMM(c10::BFloat16)
+VK_INSTANTIATE_PANEL_GEMM(c10::Half)
+#undef VK_INSTANTIATE_PANEL_GEMM
 
 }  // namespace VK_CPU_NS
 }  // namespace varlen

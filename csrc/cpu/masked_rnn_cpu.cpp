@@ -20,8 +20,7 @@
 //     own with W_hh packed once per call (see "the per-step products" below);
 //     float64 through ATen.
 // The workspaces are (T*B, *), the shapes of every backend's; the valid
-// tokens are their first N rows, packed.
-// The workspaces hold the packed rows, (N, *).
+// tokens are their first N rows, packed (make_workspace).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -110,6 +109,15 @@ void scatter_padded(const Plan& p, const scalar_t* src, Tensor& dst) {
         std::fill_n(base + (t * B + p.perm[i]) * D, D, scalar_t(0));
     }
   });
+}
+
+// A (T*B, cols) workspace, the shape of every backend's (rnn_args.h): the
+// valid tokens are its first N rows, packed; the rows past N are zero (so
+// the op's outputs are deterministic) and never read.
+Tensor make_workspace(const Plan& p, int64_t cols, const at::TensorOptions& opts) {
+  Tensor w = at::empty({p.T * p.B, cols}, opts);
+  w.narrow(0, p.N, p.T * p.B - p.N).zero_();
+  return w;
 }
 
 // Rows of a (B, D) state tensor into / out of length order.
@@ -226,14 +234,14 @@ void mm_into(Tensor out, const Tensor& a, const Tensor& b, bool accumulate) {
 //    then the cell update in parallel over rows.
 //  * Packed (float32, bfloat16, half): W_hh is packed once per call
 //    (PackedOperand), into float32 panels for our kernel (half and bfloat16
-//    products are then computed and kept in float32), or for MKL. With two or more threads
-//    (VARLEN_KERNELS_CPU_SPLIT=rows, the default) the batch rows are split
-//    between the threads (contiguous ranges of the length order, balanced by
-//    valid steps), and each thread runs its rows through every step on its
-//    own: per step, the product of its active rows with the packed W_hh on
-//    panel_gemm.h's kernel, then their cell update while the product is in
-//    cache; sequences do not depend on each other, so the threads never wait
-//    for each other. Otherwise (one thread, inside a parallel region such as a
+//    products are then computed and kept in float32), or for MKL. With two or
+//    more threads (VARLEN_KERNELS_CPU_SPLIT=rows, the default) the batch rows
+//    are split between the threads (contiguous ranges of the length order,
+//    balanced by valid steps), and each thread runs its rows through every
+//    step on its own: per step, the product of its active rows with the
+//    packed W_hh on panel_gemm.h's kernel, then their cell update while the
+//    product is in cache; sequences do not depend on each other, so the
+//    threads never wait for each other. Otherwise (one thread, inside a parallel region such as a
 //    direction of a bidirectional layer, or VARLEN_KERNELS_CPU_SPLIT=steps)
 //    every step multiplies all its active rows at once (panel kernel on one
 //    thread; MKL's cblas_sgemm_compute on MKL's threads where the step is
@@ -400,13 +408,8 @@ std::vector<Tensor> forward_impl(const Plan& p, const RnnSizes& s, const Tensor&
   Tensor c = K == Cell::LSTM ? to_sorted(p, *c0).to(acc_opts.dtype()).contiguous() : Tensor();
   // The pointwise kernel writes each valid step straight into the padded output.
   Tensor output = at::empty({T, B, H}, opts);
-  // Workspaces (T*B, GS*H) and (T*B, S*H), the shapes of every backend's
-  // (rnn_args.h): here the valid tokens are their first N rows, packed; the
-  // rows past N are zero (outputs are deterministic) and never read.
-  Tensor gates = at::empty({T * B, GS * H}, opts);
-  Tensor states = at::empty({T * B, S * H}, opts);
-  gates.narrow(0, N, T * B - N).zero_();
-  states.narrow(0, N, T * B - N).zero_();
+  Tensor gates = make_workspace(p, GS * H, opts);
+  Tensor states = make_workspace(p, S * H, opts);
   scalar_t* ws = states.data_ptr<scalar_t>();
   place_h0<scalar_t>(p, reverse, h0s, ws, S * H);
 
@@ -610,10 +613,8 @@ std::vector<Tensor> forward_proj(const Plan& p, const ProjSizes& s, const Tensor
   Tensor y_scratch = at::empty({B, H}, opts);  // the kernel's padded write, unused
   Tensor st_scratch = at::empty({B, 2 * H}, opts);
   Tensor output = at::zeros({T, B, P}, opts);
-  Tensor gates = at::empty({T * B, 4 * H}, opts);  // first N rows used, as above
-  Tensor states = at::empty({T * B, 2 * H + P}, opts);
-  gates.narrow(0, N, T * B - N).zero_();
-  states.narrow(0, N, T * B - N).zero_();
+  Tensor gates = make_workspace(p, 4 * H, opts);
+  Tensor states = make_workspace(p, 2 * H + P, opts);
   const Tensor w_hh_t = w_hh.t(), w_hr_t = w_hr.t();
   scalar_t* out = output.data_ptr<scalar_t>();
 

@@ -244,10 +244,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_b
   });
   const Tensor valid = (at::arange(T, len.options()).unsqueeze(1) < len.unsqueeze(0)).unsqueeze(2);
   const Tensor x_valid = at::where(valid, input, at::zeros({}, opts)).reshape({T * B, I});
-  const Tensor flat = states.view({T * B, 2 * H + P});
   Tensor grad_w_ih = at::mm(dgx.t(), x_valid);
-  Tensor grad_w_hh = at::mm(dgx.t(), flat.narrow(1, 2 * H, P));
-  Tensor grad_w_hr = at::mm(dh_all.view({T * B, P}).t(), flat.narrow(1, 0, H));
+  Tensor grad_w_hh = at::mm(dgx.t(), states.narrow(1, 2 * H, P));
+  Tensor grad_w_hr = at::mm(dh_all.view({T * B, P}).t(), states.narrow(1, 0, H));
   Tensor grad_b = dgx.sum(0);
   Tensor grad_input = at::mm(dgx, w_ih).view({T, B, I});
   return {grad_input, dh.to(input.scalar_type()), dc.to(input.scalar_type()), grad_w_ih,

@@ -17,6 +17,7 @@ import os
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -192,3 +193,24 @@ def check_against_packed(cell, *, num_layers=1, bidirectional=False, batch_first
     for (name, _), gp, gp2 in zip(m.named_parameters(), grads[1 + len(h0s):],
                                   grads2[1 + len(h0s):]):
         torch.testing.assert_close(gp, gp2, **tol, msg=lambda s: f"{name}: {s}")
+
+
+class ShapesCreated(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records (op, shape) of every tensor the ops run under it return: the
+    backward of an op must not be handed materialized zero gradients for its
+    non-differentiable outputs (autograd does that unless told not to)."""
+
+    def __init__(self):
+        super().__init__()
+        self.created = set()
+
+    @property
+    def shapes(self):
+        return {shape for _, shape in self.created}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.created.add((str(func), tuple(t.shape)))
+        return out

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import ShapesCreated
 from varlen_kernels import MaskedLinearCrossEntropy, masked_cross_entropy, masked_linear_cross_entropy
 
 pytestmark = pytest.mark.usefixtures("device")
@@ -122,6 +123,18 @@ def test_no_grad_and_none_reduction_backward_recomputes(device):
     g2 = torch.autograd.grad(per.sum(), params(hidden, weight, b))
     for x, y in zip(g1, g2):
         torch.testing.assert_close(torch.nan_to_num(x), torch.nan_to_num(y), **F64)
+
+
+def test_backward_builds_no_zero_gradients(device):
+    """The gradients computed with the forward (gh, gw, gb) are outputs nothing
+    differentiates: autograd must not fill zero tensors of their sizes (gw is
+    as large as the weight) for the backward."""
+    hidden, weight, b, target, lengths, _ = make(V=1000, device=device)
+    out = masked_linear_cross_entropy(hidden, weight, target, lengths, bias=b)
+    with ShapesCreated() as created:
+        torch.autograd.grad(out, params(hidden, weight, b))
+    zeros = {shape for op, shape in created.created if "zeros" in op or "fill" in op}
+    assert not zeros & {tuple(hidden.shape), tuple(weight.shape), tuple(b.shape)}, zeros
 
 
 def test_gradcheck_and_opcheck(device):

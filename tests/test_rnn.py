@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from conftest import (CELLS, TOL, check_against_packed, make_torch_rnn, run_packed,
-                      sample_inputs, states_of)
+from conftest import (CELLS, TOL, ShapesCreated, check_against_packed, make_torch_rnn,
+                      run_packed, sample_inputs, states_of)
 from varlen_kernels import MaskedGRU, MaskedLSTM, MaskedRNN, masked_rnn_reference, ops
 from varlen_kernels.reference import rnn_layer_reference
 
@@ -116,6 +116,28 @@ def test_gradcheck_op(cell):
             out, h, c = ops.rnn_layer(x, lengths, h0, c0, *w, cell, reverse)
             return (out, h) if c is None else (out, h, c)
         assert torch.autograd.gradcheck(f, (x, h0, c0, *w))
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_backward_gets_no_zero_gradients_for_workspaces(bidirectional, device):
+    """The (T*B, *) workspaces are outputs of the forward op that nothing
+    differentiates: autograd must not build zero gradients of their size for
+    the backward (a fill of the largest tensors of the call), and the
+    gradients are right without them."""
+    T, B, H = 7, 5, 6
+    ref, x, lengths, hx = sample_inputs("lstm", T=T, B=B, H=H, bidirectional=bidirectional,
+                                        device=device, with_zero=False)
+    m = MaskedRNN.from_torch(ref)
+    y, _ = m(x, lengths.to(device), hx)
+    with ShapesCreated() as created:
+        g = torch.autograd.grad(y.sum(), [x, *hx, *m.parameters()])
+    for width in (4 * H, 2 * H):  # gates, states
+        assert (T * B, width) not in created.shapes
+    ref_out, _, _ = run_packed(ref, x, lengths, hx, False)  # no length 0: every row kept
+    want = torch.autograd.grad(ref_out.sum(), [x, *hx, *ref.parameters()])
+    for a, b in zip(g, want):
+        torch.testing.assert_close(torch.nan_to_num(a), torch.nan_to_num(b), rtol=1e-9,
+                                   atol=1e-11)
 
 
 def _op_samples(cell, requires_grad):

@@ -145,6 +145,7 @@ def _rnn_setup_context(ctx, inputs, output):
     ctx.cell, ctx.reverse, ctx.has_bias = cell, reverse, b_ih is not None
     ctx.n_inputs = len(inputs)
     ctx.mark_non_differentiable(gates, states)
+    ctx.set_materialize_grads(False)  # no zero gradients for the workspaces (T*B rows)
 
 
 def _rnn_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_states):
@@ -212,6 +213,7 @@ def _rnn_bidirectional_setup_context(ctx, inputs, output):
     ctx.save_for_backward(input, lengths, *workspaces, *weights)
     ctx.cell, ctx.has_biases = cell, has_biases
     ctx.mark_non_differentiable(*workspaces)
+    ctx.set_materialize_grads(False)  # no zero gradients for the workspaces
 
 
 def _rnn_bidirectional_backward(ctx, grad_output, grad_h_n, grad_c_n, *_grad_workspaces):
@@ -257,6 +259,7 @@ def _ce_setup_context(ctx, inputs, output):
     ctx.save_for_backward(logits, target, mask, output[1], weight)
     ctx.label_smoothing = label_smoothing
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _ce_backward(ctx, grad_loss, _grad_lse):
@@ -336,6 +339,7 @@ def _lce_setup_context(ctx, inputs, output):
     ctx.label_smoothing, ctx.reduction, ctx.compute_grad, ctx.chunk = (
         label_smoothing, reduction, compute_grad, chunk)
     ctx.mark_non_differentiable(lse, gh, gw, gb)
+    ctx.set_materialize_grads(False)  # no zero (V, H) gradient for gw
 
 
 def _lce_backward(ctx, grad_loss, _lse, _gh, _gw, _gb):

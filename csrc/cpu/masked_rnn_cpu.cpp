@@ -227,52 +227,95 @@ void mm_into(Tensor out, const Tensor& a, const Tensor& b, bool accumulate) {
 }
 
 // ----------------------------------------------------- the per-step products
-// Two ways to compute the recurrent products, h_prev @ W_hh^T (forward) and
-// dgates @ W_hh (backward), per step:
-//  * ATen (float64; half and bfloat16 where a step is shared between threads;
-//    VARLEN_KERNELS_CPU_GEMM=aten): one at::mm over the step's active rows,
-//    then the cell update in parallel over rows.
-//  * Packed (float32, bfloat16, half): W_hh is packed once per call
-//    (PackedOperand), into float32 panels for our kernel (half and bfloat16
-//    products are then computed and kept in float32), or for MKL. With two or
-//    more threads (VARLEN_KERNELS_CPU_SPLIT=rows, the default) the batch rows
-//    are split between the threads (contiguous ranges of the length order,
-//    balanced by valid steps), and each thread runs its rows through every
-//    step on its own: per step, the product of its active rows with the
-//    packed W_hh on panel_gemm.h's kernel, then their cell update while the
-//    product is in cache; sequences do not depend on each other, so the
-//    threads never wait for each other. Otherwise (one thread, inside a parallel region such as a
-//    direction of a bidirectional layer, or VARLEN_KERNELS_CPU_SPLIT=steps)
-//    every step multiplies all its active rows at once (panel kernel on one
-//    thread; MKL's cblas_sgemm_compute on MKL's threads where the step is
-//    shared between threads), then runs the cell update in parallel over rows.
-//    Measured at 2 threads (AVX-512 EPYC, T=100, float32, fwd+bwd, median of
-//    5 interleaved repeats): the row split 1.05-1.11x faster than the shared
-//    steps at B=64 (H=128, 256; LSTM and GRU) and 1.15-1.26x at B=8 (both
-//    with MKL products). Panel kernel vs MKL's packed GEMM, both on the row
-//    split (same machine, fwd+bwd, 2 threads, lengths uniform in [1, T]):
-//    LSTM 1.14x faster at B=64 H=256, 1.45x at B=8 H=128, 1.25-1.65x at
-//    H=512-1024; forward alone, one thread, 8 rows: 74-82 vs 61-62 GFLOP/s.
+// The recurrent products, h_prev @ W_hh^T (forward) and dgates @ W_hh
+// (backward), run per step in one of two arrangements (StepPlan::rows):
+//  * Rows split (two or more threads, VARLEN_KERNELS_CPU_SPLIT=rows, the
+//    default): the batch rows are split between the threads (contiguous
+//    ranges of the length order, balanced by valid steps), and each thread
+//    runs its rows through every step on its own: per step, the product of its
+//    active rows, then their cell update while the product is in cache.
+//    Sequences do not depend on each other, so the threads never wait for
+//    each other.
+//  * Shared steps (one thread, inside a parallel region such as a direction
+//    of a bidirectional layer, or VARLEN_KERNELS_CPU_SPLIT=steps): every step
+//    multiplies all its active rows at once, then runs the cell update in
+//    parallel over rows.
+// Measured at 2 threads (AVX-512 EPYC, T=100, float32, fwd+bwd, median of 5
+// interleaved repeats): the row split 1.05-1.11x faster than the shared steps
+// at B=64 (H=128, 256; LSTM and GRU) and 1.15-1.26x at B=8 (both with MKL
+// products).
+//
+// The products themselves (StepPlan::products), chosen once per call from
+// VARLEN_KERNELS_CPU_GEMM (mkl_gemm.h), the storage type and the arrangement:
+//  * Panel: W_hh packed once per call into float32 panels (PackedOperand) for
+//    panel_gemm.h's kernel, one thread per product; half and bfloat16 products
+//    are computed and kept in float32. float32, bfloat16 and half, except
+//    bfloat16 / half products shared between threads (unless
+//    VARLEN_KERNELS_CPU_GEMM=panel). Against MKL's packed
+//    GEMM, both on the row split (same machine, fwd+bwd, 2 threads, lengths
+//    uniform in [1, T]): LSTM 1.14x faster at B=64 H=256, 1.45x at B=8
+//    H=128, 1.25-1.65x at H=512-1024; forward alone, one thread, 8 rows: 74-82
+//    vs 61-62 GFLOP/s.
+//  * Mkl: MKL's cblas_sgemm_compute on a W_hh packed once per call (float32
+//    products shared between threads, on MKL's threads), or
+//    cblas_gemm_bf16bf16f32; both where VARLEN_KERNELS_CPU_GEMM=mkl. bfloat16
+//    goes to MKL only when asked for: cblas_gemm_bf16bf16f32 (torch exports no
+//    packed form of it) measured slower here than torch's bfloat16 mm
+//    (single-threaded, T=100, B=64, H=256 LSTM, AVX-512 EPYC, best of 4:
+//    forward 47 vs 38 ms, backward 60 vs 49 ms).
+//  * Aten: one at::mm per step (float64, VARLEN_KERNELS_CPU_GEMM=aten, and
+//    by default bfloat16 / half products shared between threads, on ATen's
+//    threads).
+enum class Products { Aten, Panel, Mkl };
+struct StepPlan {
+  bool rows = false;
+  Products products = Products::Aten;
+  const MklGemm* mkl = nullptr;  // set for Products::Mkl
+};
+
+template <typename scalar_t>
+StepPlan choose_step_plan() {
+  constexpr bool is_float = std::is_same_v<scalar_t, float>;
+  constexpr bool is_bf16 = std::is_same_v<scalar_t, c10::BFloat16>;
+  constexpr bool is_half = std::is_same_v<scalar_t, c10::Half>;
+  const GemmChoice choice = gemm_choice();  // both settings checked for every dtype
+  StepPlan plan;
+  plan.rows = split_by_rows(at::get_num_threads());
+  const bool shared = !plan.rows && shared_steps();
+  if (!(is_float || is_bf16 || is_half) || choice == GemmChoice::Aten) return plan;
+  if ((is_float || is_bf16) &&
+      (choice == GemmChoice::Mkl || (choice == GemmChoice::Auto && shared && is_float))) {
+    const MklGemm* m = mkl_gemm();
+    if (m != nullptr && is_bf16 && m->gemm_bf16bf16f32 == nullptr) m = nullptr;
+    TORCH_CHECK(m != nullptr || choice != GemmChoice::Mkl,
+                "VARLEN_KERNELS_CPU_GEMM=mkl, but this torch build does not export MKL's ",
+                is_float ? "packed sgemm" : "cblas_gemm_bf16bf16f32");
+    if (m != nullptr) {
+      plan.products = Products::Mkl;
+      plan.mkl = m;
+      return plan;
+    }
+  }
+  if (is_float || !shared || choice == GemmChoice::Panel) plan.products = Products::Panel;
+  return plan;
+}
 
 // The right operand of C (m, n) = A (m, k) @ op(B) + beta C, for a GEMM whose
 // left operand changes at every step: op(B) is the row-major src (n, k)
-// transposed (trans) or src (k, n) as is. Packed once per call into float
-// panels for the panel kernel (panel_gemm.h, one thread per product; float32,
-// bfloat16, half). With MKL (`mkl` not null: float32 products shared between
-// threads, `shared`: VARLEN_KERNELS_CPU_SPLIT=steps; float32 and bfloat16
-// with VARLEN_KERNELS_CPU_GEMM=mkl), float32 is packed by MKL for up to max_m
-// rows (on the same threads as the products) and bfloat16 is used in place
-// (torch exports no bf16 pack): src must then outlive this object.
+// transposed (trans) or src (k, n) as is, for plan.products Panel or Mkl.
+// Panel: packed once per call into float panels (panel_gemm.h). Mkl: float32
+// is packed by MKL for up to max_m rows (on the same threads as the
+// products); bfloat16 is used in place (torch exports no bf16 pack), so src
+// must then outlive this object.
 template <typename scalar_t>
 class PackedOperand {
  public:
-  PackedOperand(const MklGemm* mkl, bool shared, int64_t max_m, const scalar_t* src, int64_t ld,
-                bool trans, int64_t k, int64_t n)
-      : mkl_(mkl), src_(src), ld_(ld), trans_(trans), k_(k), n_(n) {
-    const GemmChoice choice = gemm_choice();
-    const bool use_mkl = mkl_ != nullptr && (choice == GemmChoice::Mkl ||
-                                             (choice == GemmChoice::Auto && shared));
-    if (!use_mkl) {
+  PackedOperand(const StepPlan& plan, int64_t max_m, const scalar_t* src, int64_t ld, bool trans,
+                int64_t k, int64_t n)
+      : mkl_(plan.mkl), src_(src), ld_(ld), trans_(trans), k_(k), n_(n) {
+    TORCH_INTERNAL_ASSERT(plan.products != Products::Aten);
+    if (plan.products == Products::Panel) {
+      mkl_ = nullptr;
       panels_ = at::empty({panel_floats(k, n)}, at::kFloat);
       pack_panels(src, ld, trans, k, n, panels_.data_ptr<float>());
       return;
@@ -310,58 +353,20 @@ class PackedOperand {
   }
 
  private:
-  const MklGemm* mkl_;
+  const MklGemm* mkl_;        // MKL runs the products, or null (the panel kernel)
   const scalar_t* src_;
   int64_t ld_;
   bool trans_;
   int64_t k_, n_;
-  Tensor panels_;             // the panel kernel's packed form, unless MKL runs the products
+  Tensor panels_;             // the panel kernel's packed form
   float* packed_ = nullptr;   // float: MKL's packed form
 };
 
-template <typename scalar_t>
-constexpr bool has_mkl_path() {
-  return std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
-}
 // The storage types PackedOperand takes (float64 runs on ATen: exact tests).
 template <typename scalar_t>
 constexpr bool has_packed_path() {
-  return has_mkl_path<scalar_t>() || std::is_same_v<scalar_t, c10::Half>;
-}
-
-// The MKL path for this storage type, or nullptr (then ATen): see mkl_gemm.h.
-template <typename scalar_t>
-const MklGemm* mkl_for() {
-  const GemmChoice choice = gemm_choice();  // checked for every dtype
-  if constexpr (!has_mkl_path<scalar_t>()) {
-    return nullptr;
-  } else {
-    if (choice == GemmChoice::Aten || choice == GemmChoice::Panel) return nullptr;
-    // bfloat16 runs on the panel kernel (or ATen) unless MKL is asked for:
-    // cblas_gemm_bf16bf16f32 (torch exports no packed form of it) measured
-    // slower here than torch's bfloat16 mm: single-threaded, T=100, B=64,
-    // H=256 LSTM, AVX-512 EPYC (a busy machine, best of 4), forward 47 vs 38
-    // ms, backward 60 vs 49 ms.
-    if (std::is_same_v<scalar_t, c10::BFloat16> && choice == GemmChoice::Auto) return nullptr;
-    const MklGemm* m = mkl_gemm();
-    if (m != nullptr && std::is_same_v<scalar_t, c10::BFloat16> && m->gemm_bf16bf16f32 == nullptr)
-      m = nullptr;
-    TORCH_CHECK(m != nullptr || choice != GemmChoice::Mkl,
-                "VARLEN_KERNELS_CPU_GEMM=mkl, but this torch build does not export MKL's ",
-                std::is_same_v<scalar_t, float> ? "packed sgemm" : "cblas_gemm_bf16bf16f32");
-    return m;
-  }
-}
-
-// Whether the per-step products run through PackedOperand or ATen: float32,
-// bfloat16 and half unless VARLEN_KERNELS_CPU_GEMM=aten; but bfloat16 and half
-// products shared between threads (`shared`) go to ATen's threads unless MKL
-// was asked for (the panel kernel runs each product on one thread).
-template <typename scalar_t>
-bool packed_path(const MklGemm* mkl, bool shared) {
-  if constexpr (!has_packed_path<scalar_t>()) return false;
-  if (gemm_choice() == GemmChoice::Aten) return false;
-  return std::is_same_v<scalar_t, float> || mkl != nullptr || !shared;
+  return std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16> ||
+         std::is_same_v<scalar_t, c10::Half>;
 }
 
 // Before the first step: each row's h_prev at its first step is h0, written to
@@ -431,16 +436,14 @@ std::vector<Tensor> forward_impl(const Plan& p, const RnnSizes& s, const Tensor&
     return a;
   };
 
-  const MklGemm* mkl = mkl_for<scalar_t>();
-  const bool rows = split_by_rows(at::get_num_threads());
-  const bool shared = !rows && shared_steps();  // each step's products on several threads
-  if (packed_path<scalar_t>(mkl, shared)) {
+  const StepPlan plan = choose_step_plan<scalar_t>();
+  if (plan.products != Products::Aten) {
     if constexpr (has_packed_path<scalar_t>()) {
-      const PackedOperand<scalar_t> w(mkl, shared, B, w_hh.const_data_ptr<scalar_t>(), H,
+      const PackedOperand<scalar_t> w(plan, B, w_hh.const_data_ptr<scalar_t>(), H,
                                       /*trans=*/true, H, G * H);
       Tensor gh = at::empty({B, G * H}, acc_opts);  // this step's h_prev @ W_hh^T
-      if (rows) {
-        over_row_ranges(split_rows(p, at::get_num_threads()), mkl, [&](int64_t r0, int64_t r1) {
+      if (plan.rows) {
+        over_row_ranges(split_rows(p, at::get_num_threads()), plan.mkl, [&](int64_t r0, int64_t r1) {
           for_each_step(p, reverse, /*backward_pass=*/false, [&](int64_t t, int64_t n) {
             const int64_t m = std::min(n, r1) - r0;  // this range's active rows
             if (m <= 0) return;
@@ -485,9 +488,7 @@ std::vector<Tensor> forward_impl(const Plan& p, const RnnSizes& s, const Tensor&
 // Per step t, in the opposite order to the forward, with n active rows: the
 // cell's backward turns dh (gradient w.r.t. h', math type) and dc into the
 // pre-activation gradients dgx / dgh (storage type, rows of step t), then
-// dh_prev = dgh @ W_hh (+ GRU's direct part) for the n rows. The MKL path
-// fuses, per block of units, the product of the step before with the cell's
-// backward of this step.
+// dh_prev = dgh @ W_hh (+ GRU's direct part) for the n rows.
 template <typename scalar_t, Cell K>
 std::vector<Tensor> backward_impl(const Plan& p, const RnnSizes& s, const Tensor& grad_output,
                                   const Tensor& grad_h_n, const Tensor& grad_c_n,
@@ -528,15 +529,13 @@ std::vector<Tensor> backward_impl(const Plan& p, const RnnSizes& s, const Tensor
   // product adds to it; otherwise the product overwrites dh.
   const bool accumulate = K == Cell::GRU;
 
-  const MklGemm* mkl = mkl_for<scalar_t>();
-  const bool rows = split_by_rows(at::get_num_threads());
-  const bool shared = !rows && shared_steps();  // each step's products on several threads
-  if (packed_path<scalar_t>(mkl, shared)) {
+  const StepPlan plan = choose_step_plan<scalar_t>();
+  if (plan.products != Products::Aten) {
     if constexpr (has_packed_path<scalar_t>()) {
-      const PackedOperand<scalar_t> w(mkl, shared, B, w_hh.const_data_ptr<scalar_t>(), H,
+      const PackedOperand<scalar_t> w(plan, B, w_hh.const_data_ptr<scalar_t>(), H,
                                       /*trans=*/false, G * H, H);
-      if (rows) {
-        over_row_ranges(split_rows(p, at::get_num_threads()), mkl, [&](int64_t r0, int64_t r1) {
+      if (plan.rows) {
+        over_row_ranges(split_rows(p, at::get_num_threads()), plan.mkl, [&](int64_t r0, int64_t r1) {
           for_each_step(p, reverse, /*backward_pass=*/true, [&](int64_t t, int64_t n) {
             const int64_t m = std::min(n, r1) - r0;  // this range's active rows
             if (m <= 0) return;

@@ -234,6 +234,10 @@ void mm_into(Tensor out, const Tensor& a, const Tensor& b, bool accumulate) {
 //    ranges of the length order, balanced by valid steps), and each thread
 //    runs its rows through every step on its own: per step, the product of its
 //    active rows, then their cell update while the product is in cache.
+//    (Fusing the cell update into the panel kernel's output tiles instead,
+//    the product for 32 units of every gate then their update while in L1,
+//    was measured no faster: forward alone, 2 threads, float32, LSTM 0.996x
+//    at B=64 H=256 and 1.003x at B=8 H=128, GRU 0.89x and 0.94x.)
 //    Sequences do not depend on each other, so the threads never wait for
 //    each other.
 //  * Shared steps (one thread, inside a parallel region such as a direction

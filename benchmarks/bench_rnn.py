@@ -30,7 +30,10 @@ masked_gflop_per_s is the rate of the recurrence's GEMM work on the valid tokens
 (forward + backward, recurrence_flops) at the median time (_max: at the fastest
 repeat); the run's meta holds the machine's large-GEMM rate on the same threads
 (gemm_gflop_per_s, the best of a few n x n float32 torch.mm, n = 2048 on the CPU)
-to compare it with, and the load average before and after the run.
+to compare it with, and the load average before and after the run. ceiling_vs_name
+is the baseline's median time over the time of that GEMM work at that rate: the
+largest speedup over the baseline that any method doing the valid tokens' GEMMs
+(forward and backward) could reach on the machine.
 
 On a GPU, fp32 is compared at equal precision, twice: dtype "float32" runs IEEE
 float32 for every method (cuDNN's RNNs and CUDA matmuls switched from their
@@ -397,6 +400,12 @@ def run_case(args, cell, dtype_name, T, B, H, baselines, log=print):
         gemm = getattr(args, "gemm_gflop_per_s", None)
         if gemm:
             row["masked_fraction_of_gemm_rate"] = round(row["masked_gflop_per_s"] / gemm, 3)
+            # The most any method doing the valid tokens' GEMM work at the
+            # large-GEMM rate could be faster than each baseline.
+            floor_ms = flops / (gemm * 1e6)
+            for name in times:
+                if name != "masked":
+                    row[f"ceiling_vs_{name}"] = round(row[f"{name}_ms"] / floor_ms, 2)
     if args.device.startswith("cuda") and "masked" in times:
         fwd = forwards(ref, masked, x, lengths, args.device, ["masked"])["masked"]
         with torch.no_grad():
@@ -420,8 +429,11 @@ def summary(row, meta):
     parts = [f"masked {row['masked_ms']} ms (min {row['masked_min_ms']}, spread {row['masked_spread']})"]
     for name in BASELINES:
         if f"speedup_vs_{name}" in row:
-            parts.append(f"x{row[f'speedup_vs_{name}']} vs {name} "
-                         f"[{row[f'speedup_vs_{name}_lo']}-{row[f'speedup_vs_{name}_hi']}]")
+            part = (f"x{row[f'speedup_vs_{name}']} vs {name} "
+                    f"[{row[f'speedup_vs_{name}_lo']}-{row[f'speedup_vs_{name}_hi']}]")
+            if f"ceiling_vs_{name}" in row:
+                part += f" (ceiling x{row[f'ceiling_vs_{name}']})"
+            parts.append(part)
     rate = f"{row['masked_gflop_per_s']} GFLOP/s (max {row['masked_gflop_per_s_max']})"
     if "masked_fraction_of_gemm_rate" in row:
         rate += (f" = {row['masked_fraction_of_gemm_rate']} of the large-GEMM rate "

@@ -466,9 +466,20 @@ struct Tc<c10::BFloat16> {
   static constexpr int k = 16;
 };
 #endif
+// TF32 fragments and __float_to_tf32 exist only when compiling for sm_80 or
+// newer (and on the host); an older target's kernels trap before any product.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define VK_HAS_TF32 1
+#else
+#define VK_HAS_TF32 0
+#endif
 template <>
 struct Tc<float> {
+#if VK_HAS_TF32
   using type = nvcuda::wmma::precision::tf32;
+#else
+  using type = float;  // never multiplied: the kernels trap below sm_80
+#endif
   using mem = float;
   static constexpr int k = 8;
 };
@@ -476,33 +487,42 @@ struct Tc<float> {
 // A value of the storage type as a tensor-core operand in shared memory.
 template <typename scalar_t>
 __device__ __forceinline__ scalar_t tc_operand(scalar_t v) {
+#if VK_HAS_TF32
   if constexpr (std::is_same_v<scalar_t, float>) return nvcuda::wmma::__float_to_tf32(v);
-  else return v;
+#endif
+  return v;
 }
 
 constexpr int kTcChunk = 64;  // columns of A staged at a time
 constexpr int kWarps = kThreads / 32;
 constexpr int64_t align128(int64_t n) { return (n + 127) / 128 * 128; }
 
-// Tile geometry for a product with n output columns and reduction length k.
+// Tile geometry for a product with n output columns and reduction length k,
+// operands of elem bytes. Each shared-memory row is padded by 16 bytes: a
+// fragment load reads 8 rows (16-bit types) or 8 rows of 4 (TF32) at once, and
+// a row stride of 4 banks (mod 32) spreads them over all banks, where 32 bytes
+// (8 banks) would put rows 0 and 4 of a TF32 fragment on the same banks. The
+// strides stay multiples of 16 bytes and the tiles 32-byte aligned, as wmma
+// requires.
 struct TcGeometry {
   int n, np, nt, mt, rbt;   // columns, padded to 16; column tiles; row tiles per tile; rows
   int64_t kp, ldw, lda, ldc;  // k padded to 16; leading dimensions of W, A, C in shared memory
-  __host__ __device__ TcGeometry(int n_, int64_t k) : n(n_) {
+  int elem;                 // bytes of an operand element
+  __host__ __device__ TcGeometry(int n_, int64_t k, int elem_) : n(n_), elem(elem_) {
     np = (n + 15) / 16 * 16;
     nt = np / 16;
     mt = nt >= kWarps ? 1 : kWarps / nt;
     rbt = 16 * mt;
     kp = (k + 15) / 16 * 16;
-    ldw = kp + 8;
-    lda = kTcChunk + 8;
+    ldw = kp + 16 / elem;
+    lda = kTcChunk + 16 / elem;
     ldc = np + 4;
   }
   // At most two output tiles per warp.
   __host__ __device__ bool fits_warps() const { return mt * nt <= 2 * kWarps; }
-  __host__ __device__ int64_t w_bytes(int elem) const { return align128(np * ldw * elem); }
-  __host__ __device__ int64_t a_bytes(int elem) const { return align128(rbt * lda * elem); }
-  int64_t smem(int elem) const { return w_bytes(elem) + a_bytes(elem) + int64_t(rbt) * ldc * 4; }
+  __host__ __device__ int64_t w_bytes() const { return align128(np * ldw * elem); }
+  __host__ __device__ int64_t a_bytes() const { return align128(rbt * lda * elem); }
+  int64_t smem() const { return w_bytes() + a_bytes() + int64_t(rbt) * ldc * 4; }
 };
 
 __host__ __device__ constexpr int round16(int n) { return (n + 15) / 16 * 16; }
@@ -564,13 +584,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   const FwdParams<scalar_t, float> p = direction_of_cta(L, j0);
   const int64_t H = p.H, B = p.B, T = p.T;
   const int Hs = p.units, tid = threadIdx.x;
-  const TcGeometry g(G * Hs, H);
+  const TcGeometry g(G * Hs, H, sizeof(scalar_t));
   VK_DYNAMIC_SHARED(unsigned char, smem);
   // ws[n * ldw + k] = W_hh[gate * H + j0 + u, k] for column n = gate * Hs + u
   scalar_t* ws = reinterpret_cast<scalar_t*>(smem);
-  scalar_t* as = reinterpret_cast<scalar_t*>(smem + g.w_bytes(sizeof(scalar_t)));
-  float* cs = reinterpret_cast<float*>(smem + g.w_bytes(sizeof(scalar_t)) +
-                                       g.a_bytes(sizeof(scalar_t)));
+  scalar_t* as = reinterpret_cast<scalar_t*>(smem + g.w_bytes());
+  float* cs = reinterpret_cast<float*>(smem + g.w_bytes() +
+                                       g.a_bytes());
   for (int64_t idx = tid; idx < g.np * g.kp; idx += kThreads) {
     const int64_t n = idx / g.kp, k = idx % g.kp, gate = n / Hs, jj = j0 + n % Hs;
     ws[n * g.ldw + k] =
@@ -617,13 +637,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   const BwdParams<scalar_t, float> p = direction_of_cta(L, j0);
   const int64_t H = p.H, B = p.B, T = p.T, GH = int64_t(p.G) * H;
   const int Hs = p.units, tid = threadIdx.x;
-  const TcGeometry g(Hs, GH);
+  const TcGeometry g(Hs, GH, sizeof(scalar_t));
   VK_DYNAMIC_SHARED(unsigned char, smem);
   // ws[n * ldw + m] = W_hh[m, j0 + n]
   scalar_t* ws = reinterpret_cast<scalar_t*>(smem);
-  scalar_t* as = reinterpret_cast<scalar_t*>(smem + g.w_bytes(sizeof(scalar_t)));
-  float* cs = reinterpret_cast<float*>(smem + g.w_bytes(sizeof(scalar_t)) +
-                                       g.a_bytes(sizeof(scalar_t)));
+  scalar_t* as = reinterpret_cast<scalar_t*>(smem + g.w_bytes());
+  float* cs = reinterpret_cast<float*>(smem + g.w_bytes() +
+                                       g.a_bytes());
   for (int64_t idx = tid; idx < g.np * g.kp; idx += kThreads) {  // n fastest: coalesced reads
     const int64_t n = idx % g.np, m = idx / g.np, jj = j0 + n;
     ws[n * g.ldw + m] = (n < Hs && jj < H && m < GH) ? tc_operand(p.w_hh[m * H + jj]) : scalar_t(0);
@@ -731,8 +751,10 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
   Launch l;
   if (tensor_cores_allowed<scalar_t>()) {
     auto tc_smem = [&](int units) -> int64_t {
-      const TcGeometry geo = forward ? TcGeometry(G * units, H) : TcGeometry(units, int64_t(G) * H);
-      return geo.fits_warps() ? geo.smem(sizeof(scalar_t)) : -1;
+      const int elem = sizeof(scalar_t);
+      const TcGeometry geo = forward ? TcGeometry(G * units, H, elem)
+                                     : TcGeometry(units, int64_t(G) * H, elem);
+      return geo.fits_warps() ? geo.smem() : -1;
     };
     l = plan_launch(tc_kernel, H, dirs, tc_smem);
     l.kernel_tc = l.units > 0;

@@ -29,8 +29,9 @@ run goes on.
 masked_gflop_per_s is the rate of the recurrence's GEMM work on the valid tokens
 (forward + backward, recurrence_flops) at the median time (_max: at the fastest
 repeat); the run's meta holds the machine's large-GEMM rate on the same threads
-(gemm_gflop_per_s, the best of a few n x n float32 torch.mm, n = 2048 on the CPU)
-to compare it with, and the load average before and after the run. ceiling_vs_name
+(gemm_gflop_per_s, the best of a few n x n float32 torch.mm, n = 2048 on the CPU;
+gemm_gflop_per_s_by_dtype the same in each dtype of the run, and each row's
+gemm_gflop_per_s the one of its dtype) to compare it with, and the load average before and after the run. ceiling_vs_name
 is the baseline's median time over the time of that GEMM work at that rate: the
 largest speedup over the baseline that any method doing the valid tokens' GEMMs
 (forward and backward) could reach on the machine.
@@ -152,11 +153,15 @@ def load_average():
         return None
 
 
-def gemm_rate(device, n, repeats=5):
-    """The machine's large-GEMM rate in GFLOP/s: best of `repeats` n x n x n float32
-    torch.mm (MKL on the CPU), on the current threads."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+def torch_dtype(dtype_name):
+    return torch.float32 if dtype_name == "tf32" else getattr(torch, dtype_name)
+
+
+def gemm_rate(device, n, dtype=torch.float32, repeats=5):
+    """The machine's large-GEMM rate in GFLOP/s: best of `repeats` n x n x n
+    torch.mm in dtype (MKL or oneDNN on the CPU), on the current threads."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for _ in range(2):
         a @ b
@@ -382,7 +387,7 @@ def recurrence_flops(cell, valid_tokens, I, H):
 
 def run_case(args, cell, dtype_name, T, B, H, baselines, log=print):
     bidirectional = getattr(args, "bidirectional", False)
-    dtype = torch.float32 if dtype_name == "tf32" else getattr(torch, dtype_name)
+    dtype = torch_dtype(dtype_name)
     ref, masked, x, lengths = make_case(cell, T, B, H, dtype, args.device,
                                         bidirectional=bidirectional)
     valid = int(lengths.sum())
@@ -397,8 +402,10 @@ def run_case(args, cell, dtype_name, T, B, H, baselines, log=print):
         flops = recurrence_flops(cell, valid, H, H) * (2 if bidirectional else 1)
         row["masked_gflop_per_s"] = float(f"{flops / (row['masked_ms'] * 1e6):.3g}")
         row["masked_gflop_per_s_max"] = float(f"{flops / (row['masked_min_ms'] * 1e6):.3g}")
-        gemm = getattr(args, "gemm_gflop_per_s", None)
+        # the large-GEMM rate in the case's dtype (float32 where not measured)
+        gemm = getattr(args, "gemm_rates", {}).get(dtype_name) or getattr(args, "gemm_gflop_per_s", None)
         if gemm:
+            row["gemm_gflop_per_s"] = gemm
             row["masked_fraction_of_gemm_rate"] = round(row["masked_gflop_per_s"] / gemm, 3)
             # The most any method doing the valid tokens' GEMM work at the
             # large-GEMM rate could be faster than each baseline.
@@ -437,7 +444,7 @@ def summary(row, meta):
     rate = f"{row['masked_gflop_per_s']} GFLOP/s (max {row['masked_gflop_per_s_max']})"
     if "masked_fraction_of_gemm_rate" in row:
         rate += (f" = {row['masked_fraction_of_gemm_rate']} of the large-GEMM rate "
-                 f"{meta['gemm_gflop_per_s']}")
+                 f"{row['gemm_gflop_per_s']} ({row['dtype']})")
     return f"{head}: " + ", ".join(parts) + f"; {rate}; isa={meta['isa']} threads={meta['threads']}"
 
 
@@ -536,12 +543,17 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     meta = run_info(args.device)
-    args.gemm_gflop_per_s = gemm_rate(args.device, 256 if args.quick else 2048)
+    gemm_n = 256 if args.quick else 2048
+    args.gemm_gflop_per_s = gemm_rate(args.device, gemm_n)
+    args.gemm_rates = {}
+    for dtype_name in args.dtypes:  # each case is compared with its dtype's rate
+        with float32_precision(args.device, dtype_name):
+            args.gemm_rates[dtype_name] = gemm_rate(args.device, gemm_n, torch_dtype(dtype_name))
     if args.device.startswith("cuda"):  # equal precision, per case (float32_precision)
         meta["float32"] = "float32: ieee for every method; tf32: tf32 for every method"
     meta.update(quick=args.quick, repeats=args.repeats, min_run_time=args.min_run_time,
                 baselines=args.baselines, compile_backend=args.compile_backend,
-                gemm_gflop_per_s=args.gemm_gflop_per_s)
+                gemm_gflop_per_s=args.gemm_gflop_per_s, gemm_gflop_per_s_by_dtype=args.gemm_rates)
     print(" ".join(f"{k}={v}" for k, v in meta.items()), flush=True)
     results = Results(args.out or default_out(args.device), f"rnn_{device_tag(args.device)}", meta)
     failures = 0

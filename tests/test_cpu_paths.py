@@ -197,9 +197,41 @@ def test_low_precision_float_state_error_close_to_torch(cell, dtype, path, nthre
     gemm(path)
     threads(nthreads)
     split(how)
-    (e_y, e_g), (t_y, t_g) = _low_precision_errors(cell, dtype, T=40, B=6, H=32)
-    assert e_y <= 2 * t_y + 1e-3, (e_y, t_y)
-    assert e_g <= 2 * t_g + 1e-2, (e_g, t_g)
+    for H in (32, 21):  # 21: odd reduction lengths and column tails in both products
+        (e_y, e_g), (t_y, t_g) = _low_precision_errors(cell, dtype, T=40, B=6, H=H)
+        assert e_y <= 2 * t_y + 1e-3, (H, e_y, t_y)
+        assert e_g <= 2 * t_g + 1e-2, (H, e_g, t_g)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("H", [21, 40])
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_bfloat16_products_exact_before_rounding(cell, H, nthreads, threads):
+    """bfloat16 per-step products (on AVX512-BF16's dot products where the CPU
+    has them, else widened to float32) are the exact products summed in
+    float32: one step from h0 with W_ih and the biases zero (so the input
+    projection adds nothing) gives the float64 result of the same bfloat16
+    operands rounded once to bfloat16, within half a unit in the last place
+    (plus float32's own error). H=21: an odd reduction length and a column
+    tail; B=11: a row block of 8 and a remainder."""
+    threads(nthreads)
+    torch.manual_seed(0)
+    B = 11
+    m = MaskedRNN(H, H, cell=cell).to(torch.bfloat16)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "weight_ih" in name or "bias" in name:
+                p.zero_()
+    x = torch.randn(1, B, H).bfloat16()
+    h0 = torch.randn(1, B, H).bfloat16()
+    hx = (h0, torch.randn(1, B, H).bfloat16()) if cell == "lstm" else h0
+    lengths = torch.ones(B, dtype=torch.long)
+    y, _ = m(x, lengths, hx)
+    m64 = MaskedRNN(H, H, cell=cell, dtype=torch.float64)
+    m64.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
+    y64, _ = m64(x.double(), lengths, tuple(h.double() for h in hx) if cell == "lstm" else hx.double())
+    ulp = 2.0 ** torch.floor(torch.log2(y64.abs().clamp_min(2.0 ** -120))) * 2.0 ** -7
+    assert ((y.double() - y64).abs() <= 0.5 * ulp * (1 + 1e-3) + 1e-30).all()
 
 
 @pytest.mark.parametrize("cap", ["avx2", "default", "AVX2"])

@@ -3,7 +3,8 @@
 //
 // VARLEN_KERNELS_CPU_CAPABILITY caps the choice: "default" runs the portable
 // build everywhere, "avx2" stops at AVX2, "avx512" (or unset) takes the best
-// the CPU has (for tests and comparisons; any case; anything else is an error).
+// the CPU has, AVX512-BF16's bfloat16 kernel (kernels_avx512_bf16.cpp)
+// included (for tests and comparisons; any case; anything else is an error).
 #pragma once
 
 #include <c10/util/Exception.h>
@@ -57,6 +58,17 @@ inline CpuIsa cpu_isa() {
         ::varlen::base::__VA_ARGS__;            \
     }                                           \
   } while (0)
+
+// Whether bfloat16 products may run on AVX512-BF16's dot products
+// (kernels_avx512_bf16.cpp): the AVX-512 build is chosen and the CPU has them.
+inline bool cpu_has_avx512_bf16() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool has = cpu_isa() == CpuIsa::Avx512 && __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
+}
 
 // The AVX2 build (or better) where the CPU has AVX2, FMA and F16C and
 // VARLEN_KERNELS_CPU_CAPABILITY is not "default"; otherwise the portable one.

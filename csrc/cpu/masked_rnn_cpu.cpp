@@ -307,7 +307,9 @@ StepPlan choose_step_plan() {
 // The right operand of C (m, n) = A (m, k) @ op(B) + beta C, for a GEMM whose
 // left operand changes at every step: op(B) is the row-major src (n, k)
 // transposed (trans) or src (k, n) as is, for plan.products Panel or Mkl.
-// Panel: packed once per call into float panels (panel_gemm.h). Mkl: float32
+// Panel: packed once per call into float panels (panel_gemm.h), or for
+// bfloat16 on a CPU with AVX512-BF16 into bfloat16 pairs for its dot-product
+// kernel (kernels_avx512_bf16.cpp). Mkl: float32
 // is packed by MKL for up to max_m rows (on the same threads as the
 // products); bfloat16 is used in place (torch exports no bf16 pack), so src
 // must then outlive this object.
@@ -320,6 +322,13 @@ class PackedOperand {
     TORCH_INTERNAL_ASSERT(plan.products != Products::Aten);
     if (plan.products == Products::Panel) {
       mkl_ = nullptr;
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        if (cpu_has_avx512_bf16()) {
+          pairs_ = at::empty({panel_pair_elems(k, n)}, at::kBFloat16);
+          pack_panels_pairs(src, ld, trans, k, n, pairs_.data_ptr<c10::BFloat16>());
+          return;
+        }
+      }
       panels_ = at::empty({panel_floats(k, n)}, at::kFloat);
       pack_panels(src, ld, trans, k, n, panels_.data_ptr<float>());
       return;
@@ -342,6 +351,11 @@ class PackedOperand {
   // the panel kernel on this thread, or MKL on its threads.
   void run(int64_t m, const scalar_t* A, int64_t lda, float beta, float* C, int64_t ldc) const {
     if (m <= 0) return;
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (pairs_.defined())
+        return avx512_bf16::panel_gemm(m, n_, k_, A, lda, pairs_.const_data_ptr<c10::BFloat16>(),
+                                       beta, C, ldc);
+    }
     if (panels_.defined()) {
       panel_gemm<scalar_t>(m, n_, k_, A, lda, panels_.const_data_ptr<float>(), beta, C, ldc);
     } else if constexpr (std::is_same_v<scalar_t, float>) {
@@ -363,6 +377,7 @@ class PackedOperand {
   bool trans_;
   int64_t k_, n_;
   Tensor panels_;             // the panel kernel's packed form
+  Tensor pairs_;              // bfloat16 on AVX512-BF16: the dot-product kernel's packed form
   float* packed_ = nullptr;   // float: MKL's packed form
 };
 

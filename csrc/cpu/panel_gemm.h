@@ -2,7 +2,11 @@
 // C (m, n) = A (m, k) @ B (k, n) + beta C, with B packed once per call into
 // float32 column panels and reused at every step. A is float32, bfloat16 or
 // half (widened to float as it is read); C and the arithmetic are float32, so
-// half / bfloat16 products are not rounded to the storage type.
+// half / bfloat16 products are not rounded to the storage type. On CPUs with
+// AVX512-BF16, bfloat16 runs on a kernel of the same shape over AVX512-BF16's
+// dot products instead (kernels_avx512_bf16.cpp; B packed in bfloat16 pairs by
+// pack_panels_pairs): the same exact products summed in float32, twice as
+// many per instruction.
 //
 // Why a hand-written kernel: the recurrence multiplies a handful of rows (the
 // rows of one thread that are still running, often 1-8) by the same W_hh at
@@ -31,6 +35,14 @@ namespace varlen {
 
 constexpr int64_t kPanel = 32;
 
+// bfloat16 elements of a (k, n) right operand packed in pairs of k for the
+// AVX512-BF16 kernel (kernels_avx512_bf16.cpp): ceil(n / kPanel) panels, panel
+// p holding ceil(k / 2) rows of kPanel pairs (B[2q][col], B[2q + 1][col]),
+// zero past k and past n.
+inline int64_t panel_pair_elems(int64_t k, int64_t n) {
+  return (n + kPanel - 1) / kPanel * kPanel * ((k + 1) / 2 * 2);
+}
+
 #ifndef VK_CPU_NS  // packing: in masked_rnn_cpu.cpp only (built for the baseline ISA)
 // Floats of a packed (k, n) right operand.
 inline int64_t panel_floats(int64_t k, int64_t n) {
@@ -49,6 +61,20 @@ inline void pack_panels(const src_t* src, int64_t ld, bool trans, int64_t k, int
         *dst++ = col >= n ? 0.f : float(trans ? src[col * ld + kk] : src[kk * ld + col]);
       }
 }
+
+// dst <- op(B) in bfloat16 pairs (panel_pair_elems(k, n) elements), op(B) as
+// for pack_panels.
+inline void pack_panels_pairs(const c10::BFloat16* src, int64_t ld, bool trans, int64_t k,
+                              int64_t n, c10::BFloat16* dst) {
+  for (int64_t p = 0; p * kPanel < n; ++p)
+    for (int64_t q = 0; 2 * q < k; ++q)
+      for (int64_t c = 0; c < kPanel; ++c)
+        for (int64_t e = 0; e < 2; ++e) {
+          const int64_t col = p * kPanel + c, kk = 2 * q + e;
+          *dst++ = col >= n || kk >= k ? c10::BFloat16(0.f)
+                                       : (trans ? src[col * ld + kk] : src[kk * ld + col]);
+        }
+}
 #endif
 
 // A_t: float, c10::BFloat16 or c10::Half.
@@ -62,6 +88,13 @@ VK_DECLARE_PANEL_GEMM(avx512)
 VK_DECLARE_PANEL_GEMM(avx2)
 VK_DECLARE_PANEL_GEMM(base)
 #undef VK_DECLARE_PANEL_GEMM
+
+// bfloat16 A and B (packed by pack_panels_pairs) on AVX512-BF16's dot
+// products, float32 C; where cpu_has_avx512_bf16() (cpu_capability.h).
+namespace avx512_bf16 {
+void panel_gemm(int64_t m, int64_t n, int64_t k, const c10::BFloat16* A, int64_t lda,
+                const c10::BFloat16* packed_b, float beta, float* C, int64_t ldc);
+}
 
 }  // namespace varlen
 

@@ -238,7 +238,9 @@ def test_bfloat16_products_exact_before_rounding(cell, H, nthreads, threads):
 def test_cpu_capability_builds_match(cap, tmp_path):
     """The AVX2 and portable builds of the cell kernels and of the panel kernel
     (the AVX-512 ones are the default where the CPU has them) on the panel and
-    ATen paths; B=19 gives the panel kernel several row blocks and a remainder."""
+    ATen paths; B=19 gives the panel kernel several row blocks and a remainder.
+    bfloat16 products there run on the widened panel kernel, never on
+    AVX512-BF16's dot products."""
     script = tmp_path / "run.py"
     script.write_text(
         "import os, sys, torch\n"
@@ -249,6 +251,13 @@ def test_cpu_capability_builds_match(cap, tmp_path):
         "    for cell in ['lstm', 'gru', 'rnn_tanh', 'rnn_relu']:\n"
         "        check_against_packed(cell, bidirectional=True, dtype=torch.float32, H=20)\n"
         "        check_against_packed(cell, dtype=torch.float32, T=9, B=19, H=36)\n"
+        # bfloat16 on the widened panel kernel (an AVX512-BF16 CPU's default is the other)
+        "import test_cpu_paths as t\n"
+        "os.environ['VARLEN_KERNELS_CPU_GEMM'] = 'panel'\n"
+        "for cell in ['lstm', 'gru']:\n"
+        "    t.test_bfloat16_products_exact_before_rounding(cell, 21, 2, torch.set_num_threads)\n"
+        "    (e_y, e_g), (t_y, t_g) = t._low_precision_errors(cell, torch.bfloat16, T=40, B=6, H=21)\n"
+        "    assert e_y <= 2 * t_y + 1e-3 and e_g <= 2 * t_g + 1e-2, (e_y, t_y, e_g, t_g)\n"
         "print('ok')\n")
     env = dict(os.environ, VARLEN_KERNELS_CPU_CAPABILITY=cap)
     r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)

@@ -15,6 +15,8 @@ Baselines, side by side in one run, same weights, lengths uniform in [1, T]:
   split     with --bidirectional: MaskedRNN with each direction of a layer as
             an op of its own (rnn_forward), one after the other, where masked
             runs both in one op (rnn_bidirectional_forward)
+With --proj-size P the cells are LSTMs with nn.LSTM's proj_size = P, for every
+method (compiled dropped: its loop has no projection).
 
 The methods are interleaved: each repeat times every method once (the median of
 a blocked_autorange), round-robin, so a slow phase of a noisy machine hits all of
@@ -287,10 +289,11 @@ def add_speedups(row, times, ours="masked"):
 
 
 # -------------------------------------------------------------------- cases
-def make_case(cell, T, B, H, dtype, device, seed=0, bidirectional=False):
+def make_case(cell, T, B, H, dtype, device, seed=0, bidirectional=False, proj_size=0):
     torch.manual_seed(seed)
+    kw = dict(proj_size=proj_size) if proj_size else {}  # LSTM only
     nn_cls = torch.nn.LSTM if cell == "lstm" else torch.nn.GRU
-    ref = nn_cls(H, H, device=device, dtype=dtype, bidirectional=bidirectional)
+    ref = nn_cls(H, H, device=device, dtype=dtype, bidirectional=bidirectional, **kw)
     masked = MaskedRNN.from_torch(ref)
     x = torch.randn(T, B, H, device=device, dtype=dtype, requires_grad=True)
     lengths = torch.randint(1, T + 1, (B,))
@@ -380,16 +383,20 @@ def runners(ref, masked, x, lengths, device, baselines=BASELINES, compile_backen
             forwards(ref, masked, x, lengths, device, baselines, compile_backend).items()}
 
 
-def recurrence_flops(cell, valid_tokens, I, H):
-    """Forward + backward (~3x the forward) GEMM flops of the recurrence over the valid tokens."""
+def recurrence_flops(cell, valid_tokens, I, H, P=0):
+    """Forward + backward (~3x the forward) GEMM flops of the recurrence over the
+    valid tokens; P > 0: an LSTM with a projection (state of P features, W_hr)."""
+    if P:
+        return 3 * 2 * valid_tokens * (GATES[cell] * H * (I + P) + H * P)
     return 3 * 2 * valid_tokens * GATES[cell] * H * (I + H)
 
 
 def run_case(args, cell, dtype_name, T, B, H, baselines, log=print):
     bidirectional = getattr(args, "bidirectional", False)
+    proj = getattr(args, "proj_size", 0)
     dtype = torch_dtype(dtype_name)
     ref, masked, x, lengths = make_case(cell, T, B, H, dtype, args.device,
-                                        bidirectional=bidirectional)
+                                        bidirectional=bidirectional, proj_size=proj)
     valid = int(lengths.sum())
     row = {"valid_fraction": round(valid / (T * B), 3)}
     fns = runners(ref, masked, x, lengths, args.device, baselines, args.compile_backend)
@@ -399,7 +406,7 @@ def run_case(args, cell, dtype_name, T, B, H, baselines, log=print):
         row[f"{name}_tok_per_s"] = round(valid / (row[f"{name}_ms"] * 1e-3))
     if "masked" in times:
         add_speedups(row, times)
-        flops = recurrence_flops(cell, valid, H, H) * (2 if bidirectional else 1)
+        flops = recurrence_flops(cell, valid, H, H, proj) * (2 if bidirectional else 1)
         row["masked_gflop_per_s"] = float(f"{flops / (row['masked_ms'] * 1e6):.3g}")
         row["masked_gflop_per_s_max"] = float(f"{flops / (row['masked_min_ms'] * 1e6):.3g}")
         # the large-GEMM rate in the case's dtype (float32 where not measured)
@@ -429,7 +436,8 @@ def run_case(args, cell, dtype_name, T, B, H, baselines, log=print):
 
 def summary(row, meta):
     """One readable line per case: our time, the ratios (median [lo-hi]), the rate."""
-    head = (f"== {row['cell']}{' bidirectional' if row.get('bidirectional') else ''} "
+    head = (f"== {row['cell']}{' bidirectional' if row.get('bidirectional') else ''}"
+            f"{' proj_size=' + str(row['proj_size']) if row.get('proj_size') else ''} "
             f"{row['dtype']} T={row['T']} B={row['B']} H={row['H']}")
     if "masked_ms" not in row:
         return f"{head}: masked not timed"
@@ -486,6 +494,8 @@ def parse_args(argv=None):
                     help="tiny sizes (T=8, B=4, H=16), short timings, every baseline (compiled with "
                          "aot_eager): checks that the harness works, in seconds")
     ap.add_argument("--cells", default="lstm,gru")
+    ap.add_argument("--proj-size", type=int, default=0,
+                    help="LSTM with a projection of this size (nn.LSTM's proj_size; drops compiled)")
     ap.add_argument("--bidirectional", action="store_true",
                     help="bidirectional layers (adds the split baseline, drops compiled)")
     ap.add_argument("--T", type=int, nargs="*")
@@ -520,6 +530,11 @@ def parse_args(argv=None):
         baselines = [b for b in baselines if b != "per_step"]  # a CUDA path
     # split is for two directions; compiled_loop runs one
     baselines = [b for b in baselines if b != ("compiled" if args.bidirectional else "split")]
+    if args.proj_size:
+        if args.proj_size < 0 or set(args.cells.split(",")) != {"lstm"}:
+            ap.error(f"--proj-size must be positive and with --cells lstm, got "
+                     f"{args.proj_size} and --cells {args.cells}")
+        baselines = [b for b in baselines if b != "compiled"]  # its loop has no projection
     args.T, args.B, args.H = args.T or sizes[0], args.B or sizes[1], args.H or sizes[2]
     args.dtypes = (args.dtypes or dtypes).split(",")
     if "tf32" in args.dtypes and not gpu:
@@ -563,7 +578,7 @@ def main(argv=None):
                 for B in args.B:
                     for H in args.H:
                         row = dict(cell=cell, dtype=dtype_name, T=T, B=B, H=H,
-                                   bidirectional=args.bidirectional)
+                                   bidirectional=args.bidirectional, proj_size=args.proj_size)
                         try:
                             with float32_precision(args.device, dtype_name):
                                 row.update(run_case(args, cell, dtype_name, T, B, H,

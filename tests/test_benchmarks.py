@@ -131,6 +131,33 @@ def test_bench_rnn_quick_bidirectional(tmp_path):
     assert "compiled_ms" not in rows[0] and rows[0]["speedup_vs_split"] > 0
 
 
+def test_bench_rnn_quick_proj_size(tmp_path):
+    """LSTMs with a projection for every method but compiled (its loop has none);
+    a cell other than an LSTM is refused."""
+    r = run_script(["benchmarks/bench_rnn.py", "--quick", "--proj-size", "8", "--cells", "lstm",
+                    "--out", str(tmp_path)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = read(tmp_path, "rnn_cpu")["rows"]
+    assert [(r["cell"], r["proj_size"]) for r in rows] == [("lstm", 8)]
+    check_timed(rows[0], ["masked", "packed", "padded", "reference"])
+    assert "compiled_ms" not in rows[0]
+    bad = run_script(["benchmarks/bench_rnn.py", "--quick", "--proj-size", "8", "--out", str(tmp_path)])
+    assert bad.returncode != 0 and "--proj-size" in bad.stderr
+
+
+def test_proj_size_baselines_compute_the_same(bench):
+    rnn = bench("bench_rnn")
+    ref, masked, x, lengths = rnn.make_case("lstm", T=6, B=3, H=5, dtype=torch.float64,
+                                            device="cpu", proj_size=3)
+    fns = rnn.forwards(ref, masked, x, lengths, "cpu", ["masked", "packed", "padded", "reference"])
+    valid = (torch.arange(6)[:, None] < lengths[None, :])[..., None]
+    expected = fns["masked"]()
+    assert expected.shape == (6, 3, 3)
+    for name, fn in fns.items():  # one direction: padded agrees within each length too
+        torch.testing.assert_close(torch.where(valid, fn(), 0), torch.where(valid, expected, 0),
+                                   msg=name)
+
+
 def test_bidirectional_baselines_compute_the_same(bench):
     rnn = bench("bench_rnn")
     ref, masked, x, lengths = rnn.make_case("gru", T=6, B=3, H=5, dtype=torch.float64,

@@ -14,6 +14,8 @@
 #include <cstdlib>
 #include <string>
 
+#include "panel_gemm.h"  // VK_AVX512_BF16_KERNEL
+
 namespace varlen {
 
 enum class CpuIsa { Base, Avx2, Avx512 };
@@ -62,7 +64,7 @@ inline CpuIsa cpu_isa() {
 // Whether bfloat16 products may run on AVX512-BF16's dot products
 // (kernels_avx512_bf16.cpp): the AVX-512 build is chosen and the CPU has them.
 inline bool cpu_has_avx512_bf16() {
-#if defined(__x86_64__) || defined(_M_X64)
+#if VK_AVX512_BF16_KERNEL  // panel_gemm.h: the kernel is in this build
   static const bool has = cpu_isa() == CpuIsa::Avx512 && __builtin_cpu_supports("avx512bf16");
   return has;
 #else

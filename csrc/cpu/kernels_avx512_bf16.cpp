@@ -11,13 +11,14 @@
 // the sums.
 #include "panel_gemm.h"
 
-#include <algorithm>
 #include <cstring>
 
-#if defined(__x86_64__) || defined(_M_X64)
+#if VK_AVX512_BF16_KERNEL
 #include <immintrin.h>
-// Only what follows is compiled for AVX512-BF16 (the headers above, with their
-// inline functions, stay at the baseline ISA like the rest of the extension).
+// Only the kernel below is compiled for AVX512-BF16 (the headers above, with
+// their inline functions, stay at the baseline ISA like the rest of the
+// extension; the kernel instantiates no template from them).
+#pragma GCC push_options
 #pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
 
 namespace varlen {
@@ -60,7 +61,7 @@ void block(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t k, float b
     for (int v = 0; v < 2; ++v) {
       const int64_t c0 = int64_t(v) * 16;
       if (c0 >= cols) break;
-      const int count = int(std::min<int64_t>(16, cols - c0));
+      const int count = cols - c0 < 16 ? int(cols - c0) : 16;
       const __mmask16 mask = count == 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
       float* c = C + r * ldc + c0;
       __m512 out = acc[r][v];
@@ -87,23 +88,24 @@ void panel_gemm(int64_t m, int64_t n, int64_t k, const c10::BFloat16* A, int64_t
   const auto* b = reinterpret_cast<const uint16_t*>(packed_b);
   const int64_t panel_elems = panel_pair_elems(k, kPanel);  // one panel
   for (int64_t p = 0; p * kPanel < n; ++p) {
-    const int64_t col = p * kPanel, cols = std::min<int64_t>(kPanel, n - col);
+    const int64_t col = p * kPanel, cols = n - col < kPanel ? n - col : kPanel;
     for (int64_t r = 0; r < m; r += kMaxRows)
-      block_rows(std::min<int64_t>(kMaxRows, m - r), a + r * lda, lda, b + p * panel_elems, k,
+      block_rows(m - r < kMaxRows ? m - r : kMaxRows, a + r * lda, lda, b + p * panel_elems, k,
                  beta, C + r * ldc + col, ldc, cols);
   }
 }
 
 }  // namespace avx512_bf16
 }  // namespace varlen
+#pragma GCC pop_options
 
-#else  // not x86: never chosen (cpu_has_avx512_bf16() is false)
+#else  // not built (see VK_AVX512_BF16_KERNEL): never chosen, cpu_has_avx512_bf16() is false
 #include <c10/util/Exception.h>
 namespace varlen {
 namespace avx512_bf16 {
 void panel_gemm(int64_t, int64_t, int64_t, const c10::BFloat16*, int64_t, const c10::BFloat16*,
                 float, float*, int64_t) {
-  TORCH_INTERNAL_ASSERT(false, "the AVX512-BF16 kernel is x86 only");
+  TORCH_INTERNAL_ASSERT(false, "the AVX512-BF16 kernel is not in this build");
 }
 }  // namespace avx512_bf16
 }  // namespace varlen

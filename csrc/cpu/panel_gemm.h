@@ -90,7 +90,15 @@ VK_DECLARE_PANEL_GEMM(base)
 #undef VK_DECLARE_PANEL_GEMM
 
 // bfloat16 A and B (packed by pack_panels_pairs) on AVX512-BF16's dot
-// products, float32 C; where cpu_has_avx512_bf16() (cpu_capability.h).
+// products, float32 C; where cpu_has_avx512_bf16() (cpu_capability.h). Built
+// on x86-64 with GCC 10 or newer (its target pragma and AVX512-BF16
+// intrinsics); elsewhere a stub that is never chosen.
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(__clang__) && \
+    __GNUC__ >= 10
+#define VK_AVX512_BF16_KERNEL 1
+#else
+#define VK_AVX512_BF16_KERNEL 0
+#endif
 namespace avx512_bf16 {
 void panel_gemm(int64_t m, int64_t n, int64_t k, const c10::BFloat16* A, int64_t lda,
                 const c10::BFloat16* packed_b, float beta, float* C, int64_t ldc);

@@ -90,19 +90,21 @@ def sample_lengths(T, B, generator=None, with_zero=True):
 
 def sample_inputs(cell, *, T=7, B=5, I=4, H=6, num_layers=1, bidirectional=False,
                   batch_first=False, bias=True, device="cpu", dtype=torch.float64,
-                  with_zero=True, seed=0, requires_grad=True):
-    """(torch module, x, lengths, hx): x is padded with NaN past each length."""
+                  with_zero=True, seed=0, requires_grad=True, proj_size=0):
+    """(torch module, x, lengths, hx): x is padded with NaN past each length.
+    proj_size: an LSTM with nn.LSTM's projection (h0 then has proj_size features)."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
+    kw = dict(proj_size=proj_size) if proj_size else {}
     ref = make_torch_rnn(cell, I, H, num_layers=num_layers, bidirectional=bidirectional,
-                         batch_first=batch_first, bias=bias, dtype=dtype, device=device)
+                         batch_first=batch_first, bias=bias, dtype=dtype, device=device, **kw)
     lengths = sample_lengths(T, B, g, with_zero)
     x = torch.randn(T, B, I, generator=g, dtype=dtype)
     x[torch.arange(T)[:, None] >= lengths[None, :]] = float("nan")
     if batch_first:
         x = x.transpose(0, 1).contiguous()
     LD = num_layers * (2 if bidirectional else 1)
-    h0 = torch.randn(LD, B, H, generator=g, dtype=dtype)
+    h0 = torch.randn(LD, B, proj_size or H, generator=g, dtype=dtype)
     hx = (h0, torch.randn(LD, B, H, generator=g, dtype=dtype)) if cell == "lstm" else h0
     to = dict(device=device)
     x = x.to(**to).requires_grad_(requires_grad)
@@ -147,10 +149,11 @@ TOL = {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rtol=2e-5
 
 
 def check_against_packed(cell, *, num_layers=1, bidirectional=False, batch_first=False,
-                         dtype=torch.float64, seed=0, bias=True, device="cpu", T=7, B=5, H=6):
+                         dtype=torch.float64, seed=0, bias=True, device="cpu", T=7, B=5, H=6,
+                         proj_size=0):
     ref, x, lengths, hx = sample_inputs(cell, num_layers=num_layers, bidirectional=bidirectional,
                                         batch_first=batch_first, dtype=dtype, seed=seed, bias=bias,
-                                        device=device, T=T, B=B, H=H)
+                                        device=device, T=T, B=B, H=H, proj_size=proj_size)
     m = MaskedRNN.from_torch(ref)
     y, h = m(x, lengths, hx)
     hs = states_of(cell, h)

@@ -81,6 +81,38 @@ def test_packed_paths_match_packed(path, cell, shape, nthreads, how, bidirection
 LOW_AND_FULL = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
+@pytest.mark.parametrize("dtype,path", [(torch.bfloat16, "panel"), (torch.bfloat16, "aten"),
+                                        (torch.float16, "panel")])
+@pytest.mark.parametrize("how", ["rows", "steps"])
+def test_proj_lstm_low_precision_error_close_to_torch(dtype, path, how, gemm, threads, split):
+    """LSTMs with a projection in bfloat16 / half (float32 state, both products
+    on the panel kernel or ATen): errors vs float64 within 2x of nn.LSTM's own
+    in the same dtype, as without a projection."""
+    gemm(path)
+    threads(2)
+    split(how)
+    (e_y, e_g), (t_y, t_g) = _low_precision_errors("lstm", dtype, T=40, B=6, H=21, proj_size=11)
+    assert e_y <= 2 * t_y + 1e-3, (e_y, t_y)
+    assert e_g <= 2 * t_g + 1e-2, (e_g, t_g)
+
+
+@pytest.mark.parametrize("path", ["panel", "mkl", "aten"])
+@pytest.mark.parametrize("nthreads,how", [(1, "auto"), (2, "rows"), (2, "steps")])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_proj_lstm_paths_match_packed(path, nthreads, how, bidirectional, gemm, threads, split):
+    """LSTMs with a projection, float32, on each way of running the per-step
+    products (W_hh and W_hr through the panel kernel, MKL or ATen; the rows
+    split between threads or each step shared): values and gradients as
+    nn.LSTM(proj_size) on packed sequences. H=20, P=13: column tails and odd
+    reduction lengths in all four products; B=19: several row blocks."""
+    _skip_without_mkl(path)
+    gemm(path)
+    threads(nthreads)
+    split(how)
+    check_against_packed("lstm", bidirectional=bidirectional, num_layers=2, dtype=torch.float32,
+                         T=9, B=19, H=20, proj_size=13)
+
+
 @pytest.mark.parametrize("dtype", LOW_AND_FULL, ids=str)
 def test_split_setting_is_checked(dtype, split):
     """A bad value is an error whatever the dtype (not only where it is used)."""
@@ -144,11 +176,13 @@ def test_float64_ignores_mkl_choice(gemm):
     check_against_packed("lstm", bidirectional=True, dtype=torch.float64, T=6, B=5, H=20)
 
 
-def _low_precision_errors(cell, dtype, T, B, H, seed=0):
+def _low_precision_errors(cell, dtype, T, B, H, seed=0, proj_size=0):
     """Max abs error vs float64 of (output, grad of the weights) for MaskedRNN in
     dtype (bfloat16, half) and for nn.* in dtype on packed sequences (PyTorch's own)."""
-    ref, x, lengths, hx = sample_inputs(cell, T=T, B=B, I=H, H=H, seed=seed, with_zero=True)
-    gy = torch.randn(T, B, H, generator=torch.Generator().manual_seed(seed + 7), dtype=torch.float64)
+    ref, x, lengths, hx = sample_inputs(cell, T=T, B=B, I=H, H=H, seed=seed, with_zero=True,
+                                        proj_size=proj_size)
+    gy = torch.randn(T, B, proj_size or H, generator=torch.Generator().manual_seed(seed + 7),
+                     dtype=torch.float64)
     keep = torch.nonzero(lengths > 0).flatten()
 
     def grads_of(y, params, kd=None):

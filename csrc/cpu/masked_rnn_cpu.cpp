@@ -30,6 +30,7 @@
 
 #include <algorithm>
 #include <array>
+#include <optional>
 #include <cstdlib>
 #include <string>
 #include <type_traits>
@@ -335,17 +336,30 @@ class PackedOperand {
     }
     if constexpr (std::is_same_v<scalar_t, float>) {
       const size_t bytes = mkl_->sgemm_pack_get_size(kMklBMatrix, int(max_m), int(n), int(k));
-      // MKL asks for several MiB whatever the matrix: the buffer is kept per
+      // MKL asks for several MiB whatever the matrix: one buffer is kept per
       // thread and reused by the next call, rather than mapped (and its pages
-      // faulted in) afresh at every call. One call at a time per thread uses it.
-      thread_local Tensor buffer;
+      // faulted in) afresh at every call. An operand packed while the
+      // thread's buffer is held by another (the projection LSTM packs W_hh
+      // and W_hr) gets a buffer of its own.
+      ThreadBuffer& tb = thread_buffer();
       const int64_t floats = int64_t(bytes / sizeof(float)) + 16;
-      if (!buffer.defined() || buffer.numel() < floats) buffer = at::empty({floats}, at::kFloat);
-      packed_ = buffer.data_ptr<float>();
+      Tensor* buffer = &own_;
+      if (!tb.held) {
+        tb.held = holds_thread_buffer_ = true;
+        buffer = &tb.buffer;
+      }
+      if (!buffer->defined() || buffer->numel() < floats) *buffer = at::empty({floats}, at::kFloat);
+      packed_ = buffer->data_ptr<float>();
       mkl_->sgemm_pack(kMklRowMajor, kMklBMatrix, trans ? kMklTrans : kMklNoTrans, int(max_m),
                        int(n), int(k), 1.f, src, int(ld), packed_);
     }
   }
+
+  ~PackedOperand() {
+    if (holds_thread_buffer_) thread_buffer().held = false;
+  }
+  PackedOperand(const PackedOperand&) = delete;
+  PackedOperand& operator=(const PackedOperand&) = delete;
 
   // C (m, n), row stride ldc, = A (m, k), row stride lda, @ op(B) + beta C:
   // the panel kernel on this thread, or MKL on its threads.
@@ -378,7 +392,18 @@ class PackedOperand {
   int64_t k_, n_;
   Tensor panels_;             // the panel kernel's packed form
   Tensor pairs_;              // bfloat16 on AVX512-BF16: the dot-product kernel's packed form
-  float* packed_ = nullptr;   // float: MKL's packed form
+  float* packed_ = nullptr;   // float: MKL's packed form, in the thread's buffer or own_
+  Tensor own_;
+  bool holds_thread_buffer_ = false;
+
+  struct ThreadBuffer {
+    Tensor buffer;
+    bool held = false;
+  };
+  static ThreadBuffer& thread_buffer() {
+    thread_local ThreadBuffer tb;
+    return tb;
+  }
 };
 
 // The storage types PackedOperand takes (float64 runs on ATen: exact tests).
@@ -605,9 +630,52 @@ std::vector<Tensor> backward_impl(const Plan& p, const RnnSizes& s, const Tensor
 // ------------------------------------------------- LSTM with a projection
 // nn.LSTM's proj_size: the cell computes r = o * tanh(c) (H features) and the
 // state is h = w_hr r (P features), so W_hh is (4H, P). Same plan as above;
-// per step the pointwise kernel writes r into a scratch block, one GEMM
-// projects it into h, and h goes to the padded output. Workspace rows:
-// gates (4H) as without projection; states [r (H) | c_prev (H) | h_prev (P)].
+// per step and row: the product h_prev @ W_hh^T, the cell update, which writes
+// r (storage type) into a scratch block, the product r @ W_hr^T, then h to the
+// padded output. Workspace rows: gates (4H) as without projection; states
+// [r (H) | c_prev (H) | h_prev (P)]. Both products of a step run as the plain
+// LSTM's (StepPlan): with the rows split between the threads, or each step's
+// rows at once; through PackedOperand (W_hh and W_hr packed once per call) or
+// ATen.
+
+// Runs body(t, n, r0, r1, parallel_cells) for every step: over the rows
+// [r0, min(n, r1)) of each thread's range where the rows are split, else over
+// the step's n rows at once (the cell updates then in parallel over rows).
+template <typename F>
+void over_steps_and_rows(const Plan& p, const StepPlan& plan, bool reverse, bool backward_pass,
+                         F&& body) {
+  if (plan.rows && plan.products != Products::Aten) {
+    over_row_ranges(split_rows(p, at::get_num_threads()), plan.mkl, [&](int64_t r0, int64_t r1) {
+      for_each_step(p, reverse, backward_pass, [&](int64_t t, int64_t n) {
+        if (std::min(n, r1) > r0) body(t, n, r0, r1, false);
+      });
+    });
+  } else {
+    for_each_step(p, reverse, backward_pass,
+                  [&](int64_t t, int64_t n) { body(t, n, int64_t(0), n, true); });
+  }
+}
+
+// The cell update of rows [r0, r1): on this thread, or in parallel over rows.
+template <typename F>
+void cell_rows(bool parallel, int64_t r0, int64_t r1, int64_t H, F&& f) {
+  if (!parallel) return f(r0, r1);
+  at::parallel_for(r0, r1, grain_rows(H), f);
+}
+
+// C (m, n) = A @ op(B) through `op` where it is packed (returns true), else
+// false: the caller runs ATen's product.
+template <typename scalar_t, typename acc_t>
+bool packed_product(const std::optional<PackedOperand<scalar_t>>& op, int64_t m,
+                    const scalar_t* A, int64_t lda, acc_t* C, int64_t ldc) {
+  if constexpr (has_packed_path<scalar_t>()) {
+    if (op) {
+      op->run(m, A, lda, 0.f, C, ldc);
+      return true;
+    }
+  }
+  return false;
+}
 
 template <typename scalar_t>
 std::vector<Tensor> forward_proj(const Plan& p, const ProjSizes& s, const Tensor& input,
@@ -626,8 +694,10 @@ std::vector<Tensor> forward_proj(const Plan& p, const ProjSizes& s, const Tensor
 
   Tensor h = to_sorted(p, h0).contiguous();             // (B, P), storage type
   Tensor c = to_sorted(p, c0).to(acc).contiguous();     // (B, H), math type
-  Tensor gh = at::empty({B, 4 * H}, opts.dtype(acc));
-  Tensor r = at::empty({B, H}, opts.dtype(acc));        // o * tanh(c) of this step's rows
+  Tensor gh = at::empty({B, 4 * H}, opts.dtype(acc));   // h_prev @ W_hh^T
+  Tensor r = at::empty({B, H}, opts.dtype(acc));        // the cell's r, math type
+  Tensor r_st = at::empty({B, H}, opts);                // r, storage type: W_hr's operand
+  Tensor hp = at::empty({B, P}, opts.dtype(acc));       // r @ W_hr^T
   Tensor y_scratch = at::empty({B, H}, opts);  // the kernel's padded write, unused
   Tensor st_scratch = at::empty({B, 2 * H}, opts);
   Tensor output = at::zeros({T, B, P}, opts);
@@ -635,28 +705,50 @@ std::vector<Tensor> forward_proj(const Plan& p, const ProjSizes& s, const Tensor
   Tensor states = make_workspace(p, 2 * H + P, opts);
   const Tensor w_hh_t = w_hh.t(), w_hr_t = w_hr.t();
   scalar_t* out = output.data_ptr<scalar_t>();
+  scalar_t* hs = h.data_ptr<scalar_t>();
+  scalar_t* ws = states.data_ptr<scalar_t>();
+  const scalar_t* rs = r_st.const_data_ptr<scalar_t>();
+  const scalar_t* sts = st_scratch.const_data_ptr<scalar_t>();
+  const acc_t* hpp = hp.const_data_ptr<acc_t>();
+  const int64_t SW = 2 * H + P;  // a states row
 
-  for_each_step(p, reverse, /*backward_pass=*/false, [&](int64_t t, int64_t n) {
-    const int64_t o = p.off[t];
-    Tensor h_n = h.narrow(0, 0, n), r_n = r.narrow(0, 0, n);
-    mm_into(gh.narrow(0, 0, n), h_n, w_hh_t, false);
-    Tensor st = states.narrow(0, o, n);
-    st.narrow(1, 2 * H, P).copy_(h_n);
+  const StepPlan plan = choose_step_plan<scalar_t>();
+  std::optional<PackedOperand<scalar_t>> w, wr;
+  if constexpr (has_packed_path<scalar_t>()) {
+    if (plan.products != Products::Aten) {
+      w.emplace(plan, B, w_hh.const_data_ptr<scalar_t>(), P, /*trans=*/true, P, 4 * H);
+      wr.emplace(plan, B, w_hr.const_data_ptr<scalar_t>(), H, /*trans=*/true, H, P);
+    }
+  }
+  over_steps_and_rows(p, plan, reverse, /*backward_pass=*/false,
+                      [&](int64_t t, int64_t n, int64_t r0, int64_t r1, bool parallel) {
+    const int64_t o = p.off[t], m = std::min(n, r1) - r0;
+    // h_prev saved, then gh = h_prev @ W_hh^T
+    for (int64_t i = r0; i < r0 + m; ++i) std::copy_n(hs + i * P, P, ws + (o + i) * SW + 2 * H);
+    if (!packed_product(w, m, hs + r0 * P, P, gh.data_ptr<acc_t>() + r0 * 4 * H, 4 * H))
+      mm_into(gh.narrow(0, r0, m), h.narrow(0, r0, m), w_hh_t, false);
     const FwdStep<scalar_t> step{gx.const_data_ptr<scalar_t>() + o * 4 * H,
                                  gh.const_data_ptr<acc_t>(), 4 * H, H, 0, nullptr,
-                                 r.data_ptr<acc_t>(), c.data_ptr<acc_t>(), nullptr, 0, 0,
+                                 r.data_ptr<acc_t>(), c.data_ptr<acc_t>(),
+                                 r_st.data_ptr<scalar_t>(), n, H,
                                  y_scratch.data_ptr<scalar_t>(), p.perm.data(), H,
                                  gates.data_ptr<scalar_t>() + o * 4 * H,
                                  st_scratch.data_ptr<scalar_t>(), H};
-    at::parallel_for(0, n, grain_rows(H), [&](int64_t r0, int64_t r1) {
-      forward_rows<scalar_t, K>(step, r0, r1, 0, H);
+    cell_rows(parallel, r0, r0 + m, H, [&](int64_t a, int64_t b) {
+      forward_rows<scalar_t, K>(step, a, b, 0, H);
     });
-    st.narrow(1, 0, H).copy_(r_n);
-    st.narrow(1, H, H).copy_(st_scratch.narrow(0, 0, n).narrow(1, H, H));
-    at::mm_out(h_n, r_n.to(opts.dtype()), w_hr_t);
-    const scalar_t* hp = h.const_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < n; ++i)
-      std::copy_n(hp + i * P, P, out + (t * B + p.perm[i]) * P);
+    // states [r | c_prev], then h = r @ W_hr^T to the state and the output
+    for (int64_t i = r0; i < r0 + m; ++i) {
+      std::copy_n(rs + i * H, H, ws + (o + i) * SW);
+      std::copy_n(sts + i * 2 * H + H, H, ws + (o + i) * SW + H);
+    }
+    if (!packed_product(wr, m, rs + r0 * H, H, hp.data_ptr<acc_t>() + r0 * P, P))
+      mm_into(hp.narrow(0, r0, m), r_st.narrow(0, r0, m), w_hr_t, false);
+    for (int64_t i = r0; i < r0 + m; ++i) {
+      scalar_t* hi = hs + i * P;
+      for (int64_t j = 0; j < P; ++j) hi[j] = scalar_t(hpp[i * P + j]);
+      std::copy_n(hi, P, out + (t * B + p.perm[i]) * P);
+    }
   });
   return {output, from_sorted(p, h), from_sorted(p, c.to(opts.dtype())), gates, states};
 }
@@ -673,7 +765,7 @@ std::vector<Tensor> backward_proj(const Plan& p, const ProjSizes& s, const Tenso
   const auto opts = input.options();
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
   check_workspace_shapes(gates, states, T, B, 4 * H, 2 * H + P);
-  Tensor dh = to_sorted(p, grad_h_n).contiguous();  // (B, P): d h' from later steps
+  Tensor dh = to_sorted(p, grad_h_n).to(acc).contiguous();  // (B, P): d h' from later steps
   Tensor dc = to_sorted(p, grad_c_n).to(acc).contiguous();
   Tensor dh_all = at::empty({N, P}, opts);          // d h' in total, per valid token
   Tensor dr = at::empty({B, H}, opts.dtype(acc));
@@ -682,27 +774,44 @@ std::vector<Tensor> backward_proj(const Plan& p, const ProjSizes& s, const Tenso
   Tensor dgx = at::empty({N, 4 * H}, opts);
   const scalar_t* dy = grad_output.const_data_ptr<scalar_t>();
   const int64_t dy_s0 = grad_output.stride(0), dy_s1 = grad_output.stride(1);
+  const scalar_t* ws = states.const_data_ptr<scalar_t>();
+  scalar_t* sts = st_scratch.data_ptr<scalar_t>();
+  scalar_t* dha = dh_all.data_ptr<scalar_t>();
+  acc_t* dhp = dh.data_ptr<acc_t>();
+  const int64_t SW = 2 * H + P;
 
-  for_each_step(p, reverse, /*backward_pass=*/true, [&](int64_t t, int64_t n) {
-    const int64_t o = p.off[t];
-    scalar_t* dht = dh_all.data_ptr<scalar_t>() + o * P;
-    const scalar_t* dhp = dh.const_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < n; ++i) {
-      const scalar_t* g = dy + t * dy_s0 + p.perm[i] * dy_s1;
-      for (int64_t j = 0; j < P; ++j) dht[i * P + j] = dhp[i * P + j] + g[j];
+  const StepPlan plan = choose_step_plan<scalar_t>();
+  std::optional<PackedOperand<scalar_t>> w, wr;
+  if constexpr (has_packed_path<scalar_t>()) {
+    if (plan.products != Products::Aten) {
+      w.emplace(plan, B, w_hh.const_data_ptr<scalar_t>(), P, /*trans=*/false, 4 * H, P);
+      wr.emplace(plan, B, w_hr.const_data_ptr<scalar_t>(), H, /*trans=*/false, P, H);
     }
-    mm_into(dr.narrow(0, 0, n), dh_all.narrow(0, o, n), w_hr, false);
-    st_scratch.narrow(0, 0, n).copy_(states.narrow(0, o, n).narrow(1, 0, 2 * H));
+  }
+  over_steps_and_rows(p, plan, reverse, /*backward_pass=*/true,
+                      [&](int64_t t, int64_t n, int64_t r0, int64_t r1, bool parallel) {
+    const int64_t o = p.off[t], m = std::min(n, r1) - r0;
+    // d h' in total (from later steps and from this step's output), then
+    // dr = dh' @ W_hr, then the cell's backward with dr as the gradient of r
+    for (int64_t i = r0; i < r0 + m; ++i) {
+      const scalar_t* g = dy + t * dy_s0 + p.perm[i] * dy_s1;
+      for (int64_t j = 0; j < P; ++j) dha[(o + i) * P + j] = scalar_t(dhp[i * P + j] + acc_t(g[j]));
+      std::copy_n(ws + (o + i) * SW, 2 * H, sts + i * 2 * H);
+    }
+    if (!packed_product(wr, m, dha + (o + r0) * P, P, dr.data_ptr<acc_t>() + r0 * H, H))
+      mm_into(dr.narrow(0, r0, m), dh_all.narrow(0, o + r0, m), w_hr, false);
     const BwdStep<scalar_t> step{gates.const_data_ptr<scalar_t>() + o * 4 * H,
                                  st_scratch.const_data_ptr<scalar_t>(),
                                  zeros.const_data_ptr<scalar_t>(), p.perm.data(), H,
                                  dr.data_ptr<acc_t>(), dc.data_ptr<acc_t>(),
                                  dgx.data_ptr<scalar_t>() + o * 4 * H, nullptr, H};
-    at::parallel_for(0, n, grain_rows(H), [&](int64_t r0, int64_t r1) {
-      backward_rows<scalar_t, K>(step, r0, r1, 0, H);
+    cell_rows(parallel, r0, r0 + m, H, [&](int64_t a, int64_t b) {
+      backward_rows<scalar_t, K>(step, a, b, 0, H);
     });
-    Tensor dh_n = dh.narrow(0, 0, n);
-    at::mm_out(dh_n, dgx.narrow(0, o, n), w_hh);
+    // d h_prev = dgates @ W_hh
+    if (!packed_product(w, m, dgx.const_data_ptr<scalar_t>() + (o + r0) * 4 * H, 4 * H,
+                        dh.data_ptr<acc_t>() + r0 * P, P))
+      mm_into(dh.narrow(0, r0, m), dgx.narrow(0, o + r0, m), w_hh, false);
   });
 
   Tensor xp = at::empty({N, I}, opts);
@@ -715,8 +824,8 @@ std::vector<Tensor> backward_proj(const Plan& p, const ProjSizes& s, const Tenso
   Tensor grad_input = at::empty({T, B, I}, opts);
   Tensor dxp = at::mm(dgx, w_ih);
   scatter_padded<scalar_t>(p, dxp.const_data_ptr<scalar_t>(), grad_input);
-  return {grad_input, from_sorted(p, dh), from_sorted(p, dc.to(opts.dtype())), grad_w_ih,
-          grad_w_hh, grad_b, grad_b.clone(), grad_w_hr};
+  return {grad_input, from_sorted(p, dh.to(opts.dtype())), from_sorted(p, dc.to(opts.dtype())),
+          grad_w_ih, grad_w_hh, grad_b, grad_b.clone(), grad_w_hr};
 }
 
 // One direction's checked sizes: with a projection (proj) or without.

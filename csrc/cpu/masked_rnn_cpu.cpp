@@ -413,6 +413,59 @@ constexpr bool has_packed_path() {
          std::is_same_v<scalar_t, c10::Half>;
 }
 
+// Runs body(t, n, r0, r1, parallel_cells) for every step: over the rows
+// [r0, min(n, r1)) of each thread's range where the rows are split, else over
+// the step's n rows at once (the cell updates then in parallel over rows).
+template <typename F>
+void over_steps_and_rows(const Plan& p, const StepPlan& plan, bool reverse, bool backward_pass,
+                         F&& body) {
+  if (plan.rows && plan.products != Products::Aten) {
+    over_row_ranges(split_rows(p, at::get_num_threads()), plan.mkl, [&](int64_t r0, int64_t r1) {
+      for_each_step(p, reverse, backward_pass, [&](int64_t t, int64_t n) {
+        if (std::min(n, r1) > r0) body(t, n, r0, r1, false);
+      });
+    });
+  } else {
+    for_each_step(p, reverse, backward_pass,
+                  [&](int64_t t, int64_t n) { body(t, n, int64_t(0), n, true); });
+  }
+}
+
+// The cell update of rows [r0, r1): on this thread, or in parallel over rows.
+template <typename F>
+void cell_rows(bool parallel, int64_t r0, int64_t r1, int64_t H, F&& f) {
+  if (!parallel) return f(r0, r1);
+  at::parallel_for(r0, r1, grain_rows(H), f);
+}
+
+// A right operand packed for plan.products, or none where ATen runs the
+// products (always for float64).
+template <typename scalar_t>
+std::optional<PackedOperand<scalar_t>> pack_for(const StepPlan& plan, int64_t max_m,
+                                                const scalar_t* src, int64_t ld, bool trans,
+                                                int64_t k, int64_t n) {
+  if constexpr (has_packed_path<scalar_t>()) {
+    if (plan.products != Products::Aten)
+      return std::optional<PackedOperand<scalar_t>>(std::in_place, plan, max_m, src, ld, trans,
+                                                    k, n);
+  }
+  return std::nullopt;
+}
+
+// C (m, n) = A @ op(B) + beta C through `op` where it is packed (returns
+// true), else false: the caller runs ATen's product.
+template <typename scalar_t, typename acc_t>
+bool packed_product(const std::optional<PackedOperand<scalar_t>>& op, int64_t m,
+                    const scalar_t* A, int64_t lda, float beta, acc_t* C, int64_t ldc) {
+  if constexpr (has_packed_path<scalar_t>()) {
+    if (op) {
+      op->run(m, A, lda, beta, C, ldc);
+      return true;
+    }
+  }
+  return false;
+}
+
 // Before the first step: each row's h_prev at its first step is h0, written to
 // that step's rows of `states` (every later step gets it from the step before).
 // Forward, every sequence starts at t = 0; reverse, at its own last step.
@@ -481,46 +534,22 @@ std::vector<Tensor> forward_impl(const Plan& p, const RnnSizes& s, const Tensor&
   };
 
   const StepPlan plan = choose_step_plan<scalar_t>();
-  if (plan.products != Products::Aten) {
-    if constexpr (has_packed_path<scalar_t>()) {
-      const PackedOperand<scalar_t> w(plan, B, w_hh.const_data_ptr<scalar_t>(), H,
-                                      /*trans=*/true, H, G * H);
-      Tensor gh = at::empty({B, G * H}, acc_opts);  // this step's h_prev @ W_hh^T
-      if (plan.rows) {
-        over_row_ranges(split_rows(p, at::get_num_threads()), plan.mkl, [&](int64_t r0, int64_t r1) {
-          for_each_step(p, reverse, /*backward_pass=*/false, [&](int64_t t, int64_t n) {
-            const int64_t m = std::min(n, r1) - r0;  // this range's active rows
-            if (m <= 0) return;
-            w.run(m, ws + (p.off[t] + r0) * S * H, S * H, 0.f,
-                  gh.data_ptr<float>() + r0 * G * H, G * H);
-            FwdStep<scalar_t> a = step_at(t, n);
-            a.gh = gh.const_data_ptr<float>();
-            forward_rows<scalar_t, K>(a, r0, r0 + m, 0, H);
-          });
-        });
-      } else {
-        for_each_step(p, reverse, /*backward_pass=*/false, [&](int64_t t, int64_t n) {
-          w.run(n, ws + p.off[t] * S * H, S * H, 0.f, gh.data_ptr<float>(), G * H);
-          FwdStep<scalar_t> a = step_at(t, n);
-          a.gh = gh.const_data_ptr<float>();
-          at::parallel_for(0, n, grain_rows(H), [&](int64_t r0, int64_t r1) {
-            forward_rows<scalar_t, K>(a, r0, r1, 0, H);
-          });
-        });
-      }
-    }
-  } else {
-    Tensor gh = at::empty({B, G * H}, acc_opts);
-    const Tensor w_hh_t = w_hh.t();
-    for_each_step(p, reverse, /*backward_pass=*/false, [&](int64_t t, int64_t n) {
-      mm_into(gh.narrow(0, 0, n), states.narrow(0, p.off[t], n).narrow(1, 0, H), w_hh_t, false);
-      FwdStep<scalar_t> a = step_at(t, n);
-      a.gh = gh.const_data_ptr<acc_t>();
-      at::parallel_for(0, n, grain_rows(H), [&](int64_t r0, int64_t r1) {
-        forward_rows<scalar_t, K>(a, r0, r1, 0, H);
-      });
+  const auto w = pack_for<scalar_t>(plan, B, w_hh.const_data_ptr<scalar_t>(), H, /*trans=*/true,
+                                    H, G * H);
+  const Tensor w_hh_t = w_hh.t();
+  Tensor gh = at::empty({B, G * H}, acc_opts);  // this step's h_prev @ W_hh^T
+  over_steps_and_rows(p, plan, reverse, /*backward_pass=*/false,
+                      [&](int64_t t, int64_t n, int64_t r0, int64_t r1, bool parallel) {
+    const int64_t o = p.off[t], m = std::min(n, r1) - r0;  // rows [r0, r0 + m) of step t
+    if (!packed_product(w, m, ws + (o + r0) * S * H, S * H, 0.f,
+                        gh.data_ptr<acc_t>() + r0 * G * H, G * H))
+      mm_into(gh.narrow(0, r0, m), states.narrow(0, o + r0, m).narrow(1, 0, H), w_hh_t, false);
+    FwdStep<scalar_t> a = step_at(t, n);
+    a.gh = gh.const_data_ptr<acc_t>();
+    cell_rows(parallel, r0, r0 + m, H, [&](int64_t i0, int64_t i1) {
+      forward_rows<scalar_t, K>(a, i0, i1, 0, H);
     });
-  }
+  });
 
   scatter_padded<scalar_t>(p, static_cast<const scalar_t*>(nullptr), output);
   Tensor h_n = from_sorted(p, h.to(opts.dtype()));
@@ -574,42 +603,20 @@ std::vector<Tensor> backward_impl(const Plan& p, const RnnSizes& s, const Tensor
   const bool accumulate = K == Cell::GRU;
 
   const StepPlan plan = choose_step_plan<scalar_t>();
-  if (plan.products != Products::Aten) {
-    if constexpr (has_packed_path<scalar_t>()) {
-      const PackedOperand<scalar_t> w(plan, B, w_hh.const_data_ptr<scalar_t>(), H,
-                                      /*trans=*/false, G * H, H);
-      if (plan.rows) {
-        over_row_ranges(split_rows(p, at::get_num_threads()), plan.mkl, [&](int64_t r0, int64_t r1) {
-          for_each_step(p, reverse, /*backward_pass=*/true, [&](int64_t t, int64_t n) {
-            const int64_t m = std::min(n, r1) - r0;  // this range's active rows
-            if (m <= 0) return;
-            backward_rows<scalar_t, K>(step_at(t), r0, r0 + m, 0, H);
-            // Gradient reaching the previous hidden state through W_hh.
-            w.run(m, dghp + (p.off[t] + r0) * G * H, G * H, accumulate ? 1.f : 0.f,
-                  dhp + r0 * H, H);
-          });
-        });
-      } else {
-        for_each_step(p, reverse, /*backward_pass=*/true, [&](int64_t t, int64_t n) {
-          const BwdStep<scalar_t> a = step_at(t);
-          at::parallel_for(0, n, grain_rows(H), [&](int64_t r0, int64_t r1) {
-            backward_rows<scalar_t, K>(a, r0, r1, 0, H);
-          });
-          // Gradient reaching the previous hidden state through W_hh.
-          w.run(n, dghp + p.off[t] * G * H, G * H, accumulate ? 1.f : 0.f, dhp, H);
-        });
-      }
-    }
-  } else {
-    for_each_step(p, reverse, /*backward_pass=*/true, [&](int64_t t, int64_t n) {
-      const BwdStep<scalar_t> a = step_at(t);
-      at::parallel_for(0, n, grain_rows(H), [&](int64_t r0, int64_t r1) {
-        backward_rows<scalar_t, K>(a, r0, r1, 0, H);
-      });
-      // Gradient reaching the previous hidden state through W_hh.
-      mm_into(dh.narrow(0, 0, n), dgh.narrow(0, p.off[t], n), w_hh, accumulate);
+  const auto w = pack_for<scalar_t>(plan, B, w_hh.const_data_ptr<scalar_t>(), H, /*trans=*/false,
+                                    G * H, H);
+  over_steps_and_rows(p, plan, reverse, /*backward_pass=*/true,
+                      [&](int64_t t, int64_t n, int64_t r0, int64_t r1, bool parallel) {
+    const int64_t o = p.off[t], m = std::min(n, r1) - r0;  // rows [r0, r0 + m) of step t
+    const BwdStep<scalar_t> a = step_at(t);
+    cell_rows(parallel, r0, r0 + m, H, [&](int64_t i0, int64_t i1) {
+      backward_rows<scalar_t, K>(a, i0, i1, 0, H);
     });
-  }
+    // Gradient reaching the previous hidden state through W_hh.
+    if (!packed_product(w, m, dghp + (o + r0) * G * H, G * H, accumulate ? 1.f : 0.f,
+                        dhp + r0 * H, H))
+      mm_into(dh.narrow(0, r0, m), dgh.narrow(0, o + r0, m), w_hh, accumulate);
+  });
 
   Tensor xp = at::empty({N, I}, opts);
   gather_packed<scalar_t>(p, input, xp.data_ptr<scalar_t>());
@@ -637,45 +644,6 @@ std::vector<Tensor> backward_impl(const Plan& p, const RnnSizes& s, const Tensor
 // LSTM's (StepPlan): with the rows split between the threads, or each step's
 // rows at once; through PackedOperand (W_hh and W_hr packed once per call) or
 // ATen.
-
-// Runs body(t, n, r0, r1, parallel_cells) for every step: over the rows
-// [r0, min(n, r1)) of each thread's range where the rows are split, else over
-// the step's n rows at once (the cell updates then in parallel over rows).
-template <typename F>
-void over_steps_and_rows(const Plan& p, const StepPlan& plan, bool reverse, bool backward_pass,
-                         F&& body) {
-  if (plan.rows && plan.products != Products::Aten) {
-    over_row_ranges(split_rows(p, at::get_num_threads()), plan.mkl, [&](int64_t r0, int64_t r1) {
-      for_each_step(p, reverse, backward_pass, [&](int64_t t, int64_t n) {
-        if (std::min(n, r1) > r0) body(t, n, r0, r1, false);
-      });
-    });
-  } else {
-    for_each_step(p, reverse, backward_pass,
-                  [&](int64_t t, int64_t n) { body(t, n, int64_t(0), n, true); });
-  }
-}
-
-// The cell update of rows [r0, r1): on this thread, or in parallel over rows.
-template <typename F>
-void cell_rows(bool parallel, int64_t r0, int64_t r1, int64_t H, F&& f) {
-  if (!parallel) return f(r0, r1);
-  at::parallel_for(r0, r1, grain_rows(H), f);
-}
-
-// C (m, n) = A @ op(B) through `op` where it is packed (returns true), else
-// false: the caller runs ATen's product.
-template <typename scalar_t, typename acc_t>
-bool packed_product(const std::optional<PackedOperand<scalar_t>>& op, int64_t m,
-                    const scalar_t* A, int64_t lda, acc_t* C, int64_t ldc) {
-  if constexpr (has_packed_path<scalar_t>()) {
-    if (op) {
-      op->run(m, A, lda, 0.f, C, ldc);
-      return true;
-    }
-  }
-  return false;
-}
 
 template <typename scalar_t>
 std::vector<Tensor> forward_proj(const Plan& p, const ProjSizes& s, const Tensor& input,
@@ -713,19 +681,16 @@ std::vector<Tensor> forward_proj(const Plan& p, const ProjSizes& s, const Tensor
   const int64_t SW = 2 * H + P;  // a states row
 
   const StepPlan plan = choose_step_plan<scalar_t>();
-  std::optional<PackedOperand<scalar_t>> w, wr;
-  if constexpr (has_packed_path<scalar_t>()) {
-    if (plan.products != Products::Aten) {
-      w.emplace(plan, B, w_hh.const_data_ptr<scalar_t>(), P, /*trans=*/true, P, 4 * H);
-      wr.emplace(plan, B, w_hr.const_data_ptr<scalar_t>(), H, /*trans=*/true, H, P);
-    }
-  }
+  const auto w = pack_for<scalar_t>(plan, B, w_hh.const_data_ptr<scalar_t>(), P, /*trans=*/true,
+                                    P, 4 * H);
+  const auto wr = pack_for<scalar_t>(plan, B, w_hr.const_data_ptr<scalar_t>(), H,
+                                     /*trans=*/true, H, P);
   over_steps_and_rows(p, plan, reverse, /*backward_pass=*/false,
                       [&](int64_t t, int64_t n, int64_t r0, int64_t r1, bool parallel) {
     const int64_t o = p.off[t], m = std::min(n, r1) - r0;
     // h_prev saved, then gh = h_prev @ W_hh^T
     for (int64_t i = r0; i < r0 + m; ++i) std::copy_n(hs + i * P, P, ws + (o + i) * SW + 2 * H);
-    if (!packed_product(w, m, hs + r0 * P, P, gh.data_ptr<acc_t>() + r0 * 4 * H, 4 * H))
+    if (!packed_product(w, m, hs + r0 * P, P, 0.f, gh.data_ptr<acc_t>() + r0 * 4 * H, 4 * H))
       mm_into(gh.narrow(0, r0, m), h.narrow(0, r0, m), w_hh_t, false);
     const FwdStep<scalar_t> step{gx.const_data_ptr<scalar_t>() + o * 4 * H,
                                  gh.const_data_ptr<acc_t>(), 4 * H, H, 0, nullptr,
@@ -742,7 +707,7 @@ std::vector<Tensor> forward_proj(const Plan& p, const ProjSizes& s, const Tensor
       std::copy_n(rs + i * H, H, ws + (o + i) * SW);
       std::copy_n(sts + i * 2 * H + H, H, ws + (o + i) * SW + H);
     }
-    if (!packed_product(wr, m, rs + r0 * H, H, hp.data_ptr<acc_t>() + r0 * P, P))
+    if (!packed_product(wr, m, rs + r0 * H, H, 0.f, hp.data_ptr<acc_t>() + r0 * P, P))
       mm_into(hp.narrow(0, r0, m), r_st.narrow(0, r0, m), w_hr_t, false);
     for (int64_t i = r0; i < r0 + m; ++i) {
       scalar_t* hi = hs + i * P;
@@ -781,13 +746,10 @@ std::vector<Tensor> backward_proj(const Plan& p, const ProjSizes& s, const Tenso
   const int64_t SW = 2 * H + P;
 
   const StepPlan plan = choose_step_plan<scalar_t>();
-  std::optional<PackedOperand<scalar_t>> w, wr;
-  if constexpr (has_packed_path<scalar_t>()) {
-    if (plan.products != Products::Aten) {
-      w.emplace(plan, B, w_hh.const_data_ptr<scalar_t>(), P, /*trans=*/false, 4 * H, P);
-      wr.emplace(plan, B, w_hr.const_data_ptr<scalar_t>(), H, /*trans=*/false, P, H);
-    }
-  }
+  const auto w = pack_for<scalar_t>(plan, B, w_hh.const_data_ptr<scalar_t>(), P,
+                                    /*trans=*/false, 4 * H, P);
+  const auto wr = pack_for<scalar_t>(plan, B, w_hr.const_data_ptr<scalar_t>(), H,
+                                     /*trans=*/false, P, H);
   over_steps_and_rows(p, plan, reverse, /*backward_pass=*/true,
                       [&](int64_t t, int64_t n, int64_t r0, int64_t r1, bool parallel) {
     const int64_t o = p.off[t], m = std::min(n, r1) - r0;
@@ -798,7 +760,7 @@ std::vector<Tensor> backward_proj(const Plan& p, const ProjSizes& s, const Tenso
       for (int64_t j = 0; j < P; ++j) dha[(o + i) * P + j] = scalar_t(dhp[i * P + j] + acc_t(g[j]));
       std::copy_n(ws + (o + i) * SW, 2 * H, sts + i * 2 * H);
     }
-    if (!packed_product(wr, m, dha + (o + r0) * P, P, dr.data_ptr<acc_t>() + r0 * H, H))
+    if (!packed_product(wr, m, dha + (o + r0) * P, P, 0.f, dr.data_ptr<acc_t>() + r0 * H, H))
       mm_into(dr.narrow(0, r0, m), dh_all.narrow(0, o + r0, m), w_hr, false);
     const BwdStep<scalar_t> step{gates.const_data_ptr<scalar_t>() + o * 4 * H,
                                  st_scratch.const_data_ptr<scalar_t>(),
@@ -809,7 +771,7 @@ std::vector<Tensor> backward_proj(const Plan& p, const ProjSizes& s, const Tenso
       backward_rows<scalar_t, K>(step, a, b, 0, H);
     });
     // d h_prev = dgates @ W_hh
-    if (!packed_product(w, m, dgx.const_data_ptr<scalar_t>() + (o + r0) * 4 * H, 4 * H,
+    if (!packed_product(w, m, dgx.const_data_ptr<scalar_t>() + (o + r0) * 4 * H, 4 * H, 0.f,
                         dh.data_ptr<acc_t>() + r0 * P, P))
       mm_into(dh.narrow(0, r0, m), dgx.narrow(0, o + r0, m), w_hh, false);
   });

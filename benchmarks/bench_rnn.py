@@ -33,8 +33,9 @@ masked_gflop_per_s is the rate of the recurrence's GEMM work on the valid tokens
 repeat); the run's meta holds the machine's large-GEMM rate on the same threads
 (gemm_gflop_per_s, the best of a few n x n float32 torch.mm, n = 2048 on the CPU;
 gemm_gflop_per_s_by_dtype the same in each dtype of the run, and each row's
-gemm_gflop_per_s the one of its dtype) to compare it with, and the load average before and after the run. ceiling_vs_name
-is the baseline's median time over the time of that GEMM work at that rate: the
+gemm_gflop_per_s the one of its dtype) to compare it with, and the load average
+before and after the run. ceiling_vs_name is the baseline's median time over
+the time of that GEMM work at that rate: the
 largest speedup over the baseline that any method doing the valid tokens' GEMMs
 (forward and backward) could reach on the machine.
 
@@ -559,11 +560,11 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     meta = run_info(args.device)
     gemm_n = 256 if args.quick else 2048
-    args.gemm_gflop_per_s = gemm_rate(args.device, gemm_n)
     args.gemm_rates = {}
     for dtype_name in args.dtypes:  # each case is compared with its dtype's rate
         with float32_precision(args.device, dtype_name):
             args.gemm_rates[dtype_name] = gemm_rate(args.device, gemm_n, torch_dtype(dtype_name))
+    args.gemm_gflop_per_s = args.gemm_rates.get("float32") or gemm_rate(args.device, gemm_n)
     if args.device.startswith("cuda"):  # equal precision, per case (float32_precision)
         meta["float32"] = "float32: ieee for every method; tf32: tf32 for every method"
     meta.update(quick=args.quick, repeats=args.repeats, min_run_time=args.min_run_time,

@@ -5,6 +5,10 @@ Baselines, side by side in one run, same weights, lengths uniform in [1, T]:
             where they fit)
   per_step  MaskedRNN on the per-step CUDA path (VARLEN_KERNELS_RNN_PATH=per_step;
             GPU only)
+  all_rows  MaskedRNN with its GEMMs over tokens on all T*B rows
+            (VARLEN_KERNELS_TOKEN_GEMM=all_rows; GPU only): what the grouped
+            GEMMs over the valid tokens save (bfloat16 on sm_90 / sm_100; the
+            same path elsewhere)
   packed    nn.LSTM/GRU on pack_padded_sequence (pack and unpack included)
   padded    nn.LSTM/GRU on the whole padded batch (does all the padded work)
   reference varlen_kernels.masked_rnn_reference, the pure-PyTorch masked loop
@@ -57,6 +61,7 @@ benchmarks/results/ are refreshed only on purpose, with `--out benchmarks/result
   python benchmarks/bench_rnn.py --device cuda --out benchmarks/results
 """
 import argparse
+import contextlib
 import csv
 import importlib.util
 import io
@@ -83,7 +88,12 @@ import varlen_kernels  # noqa: E402
 from varlen_kernels import MaskedRNN, masked_rnn_reference  # noqa: E402
 from varlen_kernels.reference import _cell_step  # noqa: E402
 
-BASELINES = ("masked", "per_step", "split", "packed", "padded", "reference", "compiled")
+BASELINES = ("masked", "per_step", "all_rows", "split", "packed", "padded", "reference",
+             "compiled")
+# Baselines that are MaskedRNN under a setting (CUDA paths): (variable, value),
+# set around the forward and the backward.
+SETTINGS = {"per_step": ("VARLEN_KERNELS_RNN_PATH", "per_step"),
+            "all_rows": ("VARLEN_KERNELS_TOKEN_GEMM", "all_rows")}
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 
 
@@ -340,16 +350,6 @@ def forwards(ref, masked, x, lengths, device, baselines=BASELINES, compile_backe
     def run_masked():
         return masked(x, lengths_dev)[0]
 
-    def run_per_step():
-        old = os.environ.get("VARLEN_KERNELS_RNN_PATH")
-        os.environ["VARLEN_KERNELS_RNN_PATH"] = "per_step"
-        try:
-            return masked(x, lengths_dev)[0]
-        finally:
-            os.environ.pop("VARLEN_KERNELS_RNN_PATH")
-            if old is not None:
-                os.environ["VARLEN_KERNELS_RNN_PATH"] = old
-
     def run_packed():
         packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
         y, _ = ref(packed)
@@ -364,8 +364,10 @@ def forwards(ref, masked, x, lengths, device, baselines=BASELINES, compile_backe
     def run_split():  # each direction its own rnn_forward op
         return masked._forward(x, lengths_dev, None, layer=varlen_kernels.ops.rnn_layer)[0]
 
-    fns = {"masked": run_masked, "per_step": run_per_step, "split": run_split,
-           "packed": run_packed, "padded": run_padded, "reference": run_reference}
+    fns = {"masked": run_masked, "split": run_split, "packed": run_packed, "padded": run_padded,
+           "reference": run_reference}
+    for name in SETTINGS:
+        fns[name] = with_setting(name, run_masked)
     out = {}
     for name in baselines:
         if name == "compiled":
@@ -375,12 +377,37 @@ def forwards(ref, masked, x, lengths, device, baselines=BASELINES, compile_backe
     return out
 
 
-def runners(ref, masked, x, lengths, device, baselines=BASELINES, compile_backend="inductor"):
-    """{name: fn()} running forward and backward of each baseline."""
-    def fwd_bwd(forward):
-        return lambda: forward().sum().backward()
+@contextlib.contextmanager
+def setting(name):
+    """The environment of a SETTINGS baseline (nothing for the others)."""
+    if name not in SETTINGS:
+        yield
+        return
+    var, value = SETTINGS[name]
+    old = os.environ.get(var)
+    os.environ[var] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(var)
+        if old is not None:
+            os.environ[var] = old
 
-    return {name: fwd_bwd(f) for name, f in
+
+def with_setting(name, fn):
+    def run():
+        with setting(name):
+            return fn()
+    return run
+
+
+def runners(ref, masked, x, lengths, device, baselines=BASELINES, compile_backend="inductor"):
+    """{name: fn()} running forward and backward of each baseline (a SETTINGS
+    baseline's backward under its setting too)."""
+    def fwd_bwd(name, forward):
+        return with_setting(name, lambda: forward().sum().backward())
+
+    return {name: fwd_bwd(name, f) for name, f in
             forwards(ref, masked, x, lengths, device, baselines, compile_backend).items()}
 
 
@@ -528,7 +555,7 @@ def parse_args(argv=None):
         dtypes, min_run_time = ("float32,tf32,bfloat16" if gpu else "float32"), (0.5 if gpu else 1.0)
         baselines = [b for b in BASELINES if b != ("reference" if gpu else "compiled")]
     if not gpu:
-        baselines = [b for b in baselines if b != "per_step"]  # a CUDA path
+        baselines = [b for b in baselines if b not in SETTINGS]  # CUDA paths
     # split is for two directions; compiled_loop runs one
     baselines = [b for b in baselines if b != ("compiled" if args.bidirectional else "split")]
     if args.proj_size:

@@ -111,9 +111,10 @@ inline RnnSizes check_rnn_forward_args(const at::Tensor& input, const at::Tensor
 
 // The workspaces of rnn_forward (gates, states) have these shapes on every
 // backend, (T*B, gate_cols) and (T*B, state_cols), so shape inference needs no
-// device. What their rows hold differs: the CPU kernels keep the valid tokens
-// packed in the first sum(lengths) rows, in the length order (the rest is never
-// touched); the CUDA kernels keep row t*B + b for step t of sequence b.
+// device. Their rows are in one layout on every backend, the packed one of
+// csrc/cuda/token_plan.h: the valid tokens in the first sum(lengths) rows,
+// step by step, each step's sequences longest first (row off[t] + i is step t
+// of the i-th longest sequence). The rest is zero.
 inline void check_workspace_shapes(const at::Tensor& gates, const at::Tensor& states, int64_t T,
                                    int64_t B, int64_t gate_cols, int64_t state_cols) {
   VK_CHECK_SHAPE(gates, T * B, gate_cols);

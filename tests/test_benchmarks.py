@@ -171,6 +171,34 @@ def test_bidirectional_baselines_compute_the_same(bench):
                                    msg=name)
 
 
+def test_setting_baselines_run_forward_and_backward_under_their_setting(bench, monkeypatch):
+    """per_step and all_rows are MaskedRNN under an environment setting: it holds
+    for the backward too (run after the forward returns), and is restored."""
+    rnn = bench("bench_rnn")
+    ref, masked, x, lengths = rnn.make_case("gru", T=4, B=3, H=5, dtype=torch.float64,
+                                            device="cpu")
+    seen = []
+
+    class Record(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, y):
+            seen.append(("forward", os.environ.get(var)))
+            return y.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(("backward", os.environ.get(var)))
+            return g
+
+    monkeypatch.setattr(masked, "forward", lambda x, lengths: (Record.apply(x * 2),))
+    for name, (var, value) in rnn.SETTINGS.items():
+        monkeypatch.delenv(var, raising=False)
+        seen.clear()
+        rnn.runners(ref, masked, x.requires_grad_(), lengths, "cpu", [name])[name]()
+        assert seen == [("forward", value), ("backward", value)], name
+        assert var not in os.environ
+
+
 def test_quick_selects_compiled_and_backend_on_cpu(bench):
     rnn = bench("bench_rnn")
     args = rnn.parse_args(["--quick", "--device", "cpu"])

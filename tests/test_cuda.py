@@ -353,36 +353,156 @@ def test_bidirectional_layer_launches(cell, sm_count, launches, monkeypatch):
         assert counts()[2] == (2 * 2 if launches == 1 else 1)
 
 
+def packed_rows(lengths, T):
+    """Row of each valid token (t, b) in the packed layout (csrc/cuda/token_plan.h),
+    computed here from its definition: steps in order, each step's running
+    sequences longest first (ties in batch order)."""
+    order = sorted(range(len(lengths)), key=lambda b: (-int(lengths[b]), b))
+    rows, r = {}, 0
+    for t in range(T):
+        for b in order:
+            if lengths[b] > t:
+                rows[t, b] = r
+                r += 1
+    return rows
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_paths_agree_on_workspaces(cell, gpu):
+@pytest.mark.parametrize("reverse", [False, True])
+def test_paths_agree_on_workspaces(cell, reverse, gpu):
     """The persistent and per-step forwards give the same outputs and the same
-    workspaces (layout and values, zero at padded steps), and each path's
-    backward takes the other's workspaces."""
-    args = layer_args(cell, gpu, False, T=6, B=7, I=3, H=20, lengths=(6, 0, 2, 1, 6, 3, 5))
+    workspaces: the packed token layout (row of token (t, b) as packed_rows says;
+    each row is that token's gates, as a lone step of the cell gives them),
+    zero past the valid tokens; and each path's backward takes the other's
+    workspaces."""
+    T, B, H = 6, 7, 20
+    lengths = (6, 0, 2, 1, 6, 3, 5)
+    args = layer_args(cell, gpu, False, T=T, B=B, I=3, H=H, lengths=lengths)
     args[0][4:, 2] = float("nan")  # padding of the sequence of length 2
     with device_limits(gpu, sm_count=3):
         outs = {}
         for path in ("persistent", "per_step"):
             with rnn_path(path):
-                outs[path] = torch.ops.varlen_kernels.rnn_forward(*args, cell, True)
+                outs[path] = torch.ops.varlen_kernels.rnn_forward(*args, cell, reverse)
         for a, b in zip(outs["persistent"], outs["per_step"]):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
         out, h_n, c_n, gates, states = outs["per_step"]
-        pad = torch.arange(6, device=gpu)[:, None] >= args[1][None, :]
-        assert gates.shape == (6 * 7, 4 * 20) and states.shape[0] == 6 * 7  # (T*B, *)
-        gates, states = gates.view(6, 7, -1), states.view(6, 7, -1)  # row t*B + b: (t, b)
-        assert (gates[pad] == 0).all() and (states[pad] == 0).all() and (out[pad] == 0).all()
-        g = torch.Generator().manual_seed(2)
-        grads = [torch.randn(t.shape, generator=g, dtype=t.dtype).to(gpu) for t in (out, h_n, c_n)]
-        x, lengths, _, _, w_ih, w_hh = args[:6]
+        assert gates.shape[0] == T * B and states.shape[0] == T * B
+        rows = packed_rows(lengths, T)
+        n = sum(lengths)
+        assert len(rows) == n and (gates[n:] == 0).all() and (states[n:] == 0).all()
+        pad = torch.arange(T, device=gpu)[:, None] >= args[1][None, :]
+        assert (out[pad] == 0).all()
+        # Token (t, b)'s row holds that step's h_prev in its first H state
+        # columns: h0 at the sequence's first step, else the output of the step before.
+        x, _, h0, _, w_ih, w_hh = args[:6]
+        for (t, b), r in rows.items():
+            first = t == (lengths[b] - 1 if reverse else 0)
+            h_prev = h0[b] if first else out[t + 1 if reverse else t - 1, b]
+            torch.testing.assert_close(states[r, :H], h_prev, rtol=1e-12, atol=1e-13)
+        grads = [torch.randn(t.shape, generator=torch.Generator().manual_seed(2),
+                             dtype=t.dtype).to(gpu) for t in (out, h_n, c_n)]
         back = {}
         for fwd_path, bwd_path in [("persistent", "per_step"), ("per_step", "persistent")]:
             _, _, _, gates, states = outs[fwd_path]
             with rnn_path(bwd_path):
                 back[bwd_path] = torch.ops.varlen_kernels.rnn_backward(
-                    *grads, x, lengths, w_ih, w_hh, gates, states, cell, True)
+                    *grads, x, args[1], w_ih, w_hh, gates, states, cell, reverse)
         for a, b in zip(back["persistent"], back["per_step"]):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("path", ["persistent", "per_step"])
+def test_workspaces_are_the_cpu_kernels_layout(cell, path):
+    """One workspace layout on every backend: the CUDA kernels' workspaces equal
+    the CPU kernels' in their valid rows, both directions, and the backward of
+    either takes the other's."""
+    T, B, H = 5, 6, 12
+    lengths = (5, 0, 2, 5, 1, 3)
+    args = layer_args(cell, "cpu", False, T=T, B=B, I=4, H=H, lengths=lengths, seed=4)
+    n = sum(lengths)
+    g = torch.Generator().manual_seed(5)
+    for reverse in (False, True):
+        cpu = torch.ops.varlen_kernels.rnn_forward(*args, cell, reverse)
+        grads = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in cpu[:3]]
+        x, lens, _, _, w_ih, w_hh = args[:6]
+        cpu_back = torch.ops.varlen_kernels.rnn_backward(*grads, x, lens, w_ih, w_hh, *cpu[3:],
+                                                         cell, reverse)
+        with rnn_path(path), emulate_cuda(), emulated_device(sm_count=2):
+            emu = torch.ops.varlen_kernels.rnn_forward(*args, cell, reverse)
+            emu_back = torch.ops.varlen_kernels.rnn_backward(*grads, x, lens, w_ih, w_hh,
+                                                             *cpu[3:], cell, reverse)
+        for a, b in zip(cpu[:3], emu[:3]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+        for a, b in zip(cpu[3:], emu[3:]):
+            torch.testing.assert_close(a[:n], b[:n], rtol=1e-12, atol=1e-13)
+        cpu_from_emu = torch.ops.varlen_kernels.rnn_backward(*grads, x, lens, w_ih, w_hh,
+                                                             *emu[3:], cell, reverse)
+        for a, b, c in zip(cpu_back, emu_back, cpu_from_emu):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+            torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-13)
+
+
+@contextlib.contextmanager
+def token_gemm(setting):
+    """Forces VARLEN_KERNELS_TOKEN_GEMM: 'auto' or 'all_rows'."""
+    old = os.environ.get("VARLEN_KERNELS_TOKEN_GEMM")
+    os.environ["VARLEN_KERNELS_TOKEN_GEMM"] = setting
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["VARLEN_KERNELS_TOKEN_GEMM"]
+        else:
+            os.environ["VARLEN_KERNELS_TOKEN_GEMM"] = old
+
+
+def grouped_gemms(fn):
+    """How many aten::_grouped_mm calls fn() makes (the profiler sees the ATen
+    calls made inside the ops)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::_grouped_mm")
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("setting,grouped", [("auto", True), ("all_rows", False)])
+def test_bfloat16_token_gemms_over_valid_tokens(cell, bidirectional, setting, grouped):
+    """bfloat16 with 16-byte aligned rows on sm_90 (the emulated device's): the
+    input projection, the input gradient and both weight gradients are grouped
+    GEMMs whose row count (the valid tokens) is read on the device, four per
+    direction; 'all_rows' runs at::mm over every row instead. Both are within
+    2x PyTorch's own bfloat16 error, values and every gradient, with zero-length
+    sequences and padding."""
+    T, B, H = 7, 11, 16
+    with token_gemm(setting), emulate_cuda(), emulated_device(sm_count=4):
+        calls = grouped_gemms(lambda: check_low_precision(cell, torch.bfloat16, T, B, H, "cpu",
+                                                          bidirectional))
+    # check_low_precision runs our op in bfloat16 once, forward and backward
+    assert calls == (4 * (2 if bidirectional else 1) if grouped else 0)
+
+
+@pytest.mark.emulation
+def test_token_gemms_need_bfloat16_and_aligned_rows():
+    """float32, and bfloat16 rows that are not 16-byte multiples (H = 12), take
+    at::mm over all rows: _grouped_mm's fast path is bfloat16-only and anything
+    else would read the token count on the host."""
+    for dtype, H in ((torch.float32, 16), (torch.bfloat16, 12)):
+        with emulate_cuda(), emulated_device(sm_count=4):
+            assert grouped_gemms(lambda: check_low_precision("gru", dtype, 5, 6, H, "cpu")) == 0
+
+
+@pytest.mark.emulation
+def test_token_gemm_setting_is_checked():
+    x, lengths, h0, c0, *w = layer_args("gru", "cpu", False)
+    with token_gemm("valid"), emulate_cuda():
+        with pytest.raises(RuntimeError, match="VARLEN_KERNELS_TOKEN_GEMM must be 'auto' or "
+                                               "'all_rows', got 'valid'"):
+            torch.ops.varlen_kernels.rnn_forward(x, lengths, h0, c0, *w, "gru", False)
 
 
 @pytest.mark.emulation
@@ -419,6 +539,24 @@ def test_zero_length_batches(device):
         assert y.shape == (T, B, 8) and (y == 0).all() and (h == 0).all() and (c == 0).all()
         gx, = torch.autograd.grad(y.sum() + h.sum() + c.sum(), [x])
         assert gx.shape == x.shape and (gx == 0).all()
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_bfloat16_no_valid_token_gives_zero_gradients(cell, gpu):
+    """bfloat16 with 16-byte aligned rows, where the GEMMs over tokens take the
+    valid tokens only: with none (every length 0) the weight and input
+    gradients are exactly zero (an empty grouped reduction is selected away)."""
+    m = MaskedRNN(16, 16, cell=cell).to(torch.bfloat16).to(gpu)
+    x = torch.randn(5, 3, 16, dtype=torch.bfloat16, device=gpu, requires_grad=True)
+    h0 = torch.randn(1, 3, 16, dtype=torch.bfloat16, device=gpu, requires_grad=True)
+    hx = (h0, torch.zeros_like(h0)) if cell == "lstm" else h0
+    y, h = m(x, torch.zeros(3, dtype=torch.long, device=gpu), hx)
+    h_n = h[0] if cell == "lstm" else h
+    grads = torch.autograd.grad(y.float().sum() + h_n.float().sum(),
+                                [x, h0, *m.parameters()])
+    assert (grads[0] == 0).all() and (grads[1] == 1).all()  # h_n = h0
+    for name, g in zip([n for n, _ in m.named_parameters()], grads[2:]):
+        assert (g == 0).all(), name
 
 
 # --------------------------------------------------------------------- losses

@@ -1,22 +1,24 @@
 // CUDA kernels for rnn_forward / rnn_backward.
 //
 // Lengths stay on the GPU: nothing here reads them on the host, so forward and
-// backward never synchronize and can be captured in a CUDA graph. Layout is the
-// padded, time-major one:
-//  - the input projection of all T*B tokens is one cuBLAS GEMM (padded rows are
-//    computed but never consumed);
-//  - each step is one GEMM of the B hidden rows with W_hh plus one fused kernel
-//    that applies the cell (cell_math.h) to the rows with t < lengths[b] and
-//    leaves the others untouched (frozen state, zero output);
-//  - the backward mirrors this; the weight gradients are one GEMM each over all
-//    tokens, with the padded rows of the pre-activation gradients exactly zero
-//    and the padded input replaced by zero first (so NaN there cannot leak).
+// backward never synchronize and can be captured in a CUDA graph. The tokens
+// are in the packed layout of token_plan.h (the CPU kernels' layout):
+//  - the valid input tokens are gathered (padding never read, so NaN there
+//    cannot leak) and projected by one GEMM over tokens (tokens_times);
+//  - the recurrence is one persistent kernel (rnn_persistent.cu) where it
+//    fits, else per step one GEMM of the B hidden rows with W_hh plus one fused
+//    kernel that applies the cell (cell_math.h) to the rows with t < lengths[b]
+//    and leaves the others untouched (frozen state, zero output);
+//  - the backward mirrors this; the weight and input gradients are one GEMM
+//    each over the tokens (tokens_outer, tokens_times), the input's scattered
+//    back to the padded layout with exact zeros at padded steps.
 // Recurrent state, the backward's dh/dc carry, the biases and the gate math
 // are in the math type (float for half and bfloat16); GEMMs accumulate in
 // float. The biases are added in the step kernel, in the math type, not
 // folded into the storage-type projection.
-// Workspaces: gates (T, B, GS*H) and states (T, B, S*H) in the padded layout,
-// zero at padded steps.
+// Workspaces: gates (T*B, GS*H) and states (T*B, S*H), packed, rows past the
+// valid tokens zero. The projection LSTM runs in the padded layout inside and
+// packs its workspaces on the way out.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -30,6 +32,7 @@
 #include "launch.h"
 #include "rnn_point.cuh"
 #include "rnn_persistent.h"
+#include "token_plan.h"
 
 namespace varlen {
 namespace {
@@ -38,10 +41,14 @@ using at::Tensor;
 
 constexpr int kThreads = 256;
 
+// Token rows: sequence b's token of this step is row *row0 + rank[b] of gx,
+// gates, states (and of the backward's dgx, dgh).
 template <typename scalar_t, typename acc_t>
 struct FwdArgs {
   const int64_t* lengths;  // (B,)
-  const scalar_t* gx;      // (B, G*H) this step's input projection x W_ih^T
+  const int64_t* rank;     // (B,) position of sequence b in the length order
+  const int64_t* row0;     // this step's first token row, on the device
+  const scalar_t* gx;      // token rows of the input projection x W_ih^T
   const scalar_t* gh;      // (B, G*H) W_hh h_prev
   const acc_t* bias;       // (G*H,) b_ih + b_hh (GRU's n gate: b_in only) or nullptr
   const acc_t* b_hn;       // (H,) GRU's b_hn or nullptr
@@ -49,8 +56,8 @@ struct FwdArgs {
   acc_t* c;                // (B, H) LSTM cell state, math type
   scalar_t* h_out;         // (B, H) h in storage type, the next GEMM's operand
   scalar_t* y;             // (B, H) this step's output rows
-  scalar_t* gates;         // (B, GS*H) this step's workspace rows
-  scalar_t* states;        // (B, S*H)
+  scalar_t* gates;         // token rows of the workspaces
+  scalar_t* states;
   int64_t t, T, B, H;
 };
 
@@ -61,22 +68,18 @@ __device__ void forward_step_one(const FwdArgs<scalar_t, acc_t>& a, int64_t idx)
   const int64_t b = idx / H, j = idx % H;
   const int64_t len = a.lengths[b];
   CUDA_KERNEL_ASSERT(len >= 0 && len <= a.T && "lengths must be in [0, T]");
-  scalar_t* sg = a.gates + b * GS * H + j;
-  scalar_t* st = a.states + b * S * H + j;
-  if (a.t >= len) {  // padded step: never read, zero output and workspace
+  if (a.t >= len) {  // padded step: zero output; it has no token row
     a.y[idx] = scalar_t(0);
-#pragma unroll
-    for (int k = 0; k < GS; ++k) sg[k * H] = scalar_t(0);
-#pragma unroll
-    for (int k = 0; k < S; ++k) st[k * H] = scalar_t(0);
     return;
   }
+  const int64_t row = *a.row0 + a.rank[b];
   acc_t hid[G];
 #pragma unroll
   for (int k = 0; k < G; ++k) hid[k] = acc_t(a.gh[b * G * H + k * H + j]);
   const acc_t h_new = forward_point<scalar_t, acc_t, K>(
-      a.gx + b * G * H + j, a.bias, a.b_hn, j, H, hid, a.h[idx],
-      K == Cell::LSTM ? a.c + idx : nullptr, sg, st);
+      a.gx + row * G * H + j, a.bias, a.b_hn, j, H, hid, a.h[idx],
+      K == Cell::LSTM ? a.c + idx : nullptr, a.gates + row * GS * H + j,
+      a.states + row * S * H + j);
   a.h[idx] = h_new;
   a.h_out[idx] = scalar_t(h_new);
   a.y[idx] = scalar_t(h_new);
@@ -92,13 +95,17 @@ __global__ void forward_step_kernel(FwdArgs<scalar_t, acc_t> a) {
 template <typename scalar_t, typename acc_t>
 struct BwdArgs {
   const int64_t* lengths;   // (B,)
-  const scalar_t* gates;    // (B, GS*H) this step's workspace rows
-  const scalar_t* states;   // (B, S*H)
+  const int64_t* rank;      // (B,) as FwdArgs
+  const int64_t* row0;
+  const scalar_t* gates;    // token rows of the forward's workspaces
+  const scalar_t* states;
   const scalar_t* dy;       // (B, H) gradient w.r.t. this step's output
   acc_t* dh;                // (B, H) in: d h' from later steps; out: direct part of d h_prev
   acc_t* dc;                // (B, H) LSTM: d c' in, d c_prev out
-  scalar_t* dgx;            // (B, G*H) d pre-activations, input side
-  scalar_t* dgh;            // (B, G*H) hidden side (GRU; aliases dgx otherwise)
+  scalar_t* dgx;            // token rows of d pre-activations, input side (zero-initialized)
+  scalar_t* dgh;            // hidden side (GRU; aliases dgx otherwise)
+  scalar_t* dg_step;        // (B, G*H) this step's hidden side in batch order, zero for the
+                            // rows not running (the operand of the W_hh GEMM), or nullptr
   int64_t t, T, B, H;
 };
 
@@ -107,22 +114,25 @@ __device__ void backward_step_one(const BwdArgs<scalar_t, acc_t>& a, int64_t idx
   constexpr int64_t G = num_gates(K), GS = num_saved_gates(K), S = num_states(K);
   const int64_t H = a.H;
   const int64_t b = idx / H, j = idx % H;
-  scalar_t* gx = a.dgx + b * G * H + j;
-  scalar_t* gh = a.dgh + b * G * H + j;
-  if (a.t >= a.lengths[b]) {  // padded step: zero gradients, carried dh unchanged
+  scalar_t* step = a.dg_step ? a.dg_step + b * G * H + j : nullptr;
+  if (a.t >= a.lengths[b]) {  // padded step: no gradient, carried dh unchanged
+    if (step) {
 #pragma unroll
-    for (int k = 0; k < G; ++k) gx[k * H] = scalar_t(0);
-    if constexpr (K == Cell::GRU) {
-#pragma unroll
-      for (int k = 0; k < G; ++k) gh[k * H] = scalar_t(0);
+      for (int k = 0; k < G; ++k) step[k * H] = scalar_t(0);
     }
     return;
   }
+  const int64_t row = *a.row0 + a.rank[b];
+  scalar_t* gh = a.dgh + row * G * H + j;
   const acc_t dht = a.dh[idx] + acc_t(a.dy[idx]);
   const acc_t direct = backward_point<scalar_t, acc_t, K>(
-      a.gates + b * GS * H + j, a.states + b * S * H + j, H, dht,
-      K == Cell::LSTM ? a.dc + idx : nullptr, gx, gh);
+      a.gates + row * GS * H + j, a.states + row * S * H + j, H, dht,
+      K == Cell::LSTM ? a.dc + idx : nullptr, a.dgx + row * G * H + j, gh);
   a.dh[idx] = direct;  // the W_hh part is added by the GEMM that follows
+  if (step) {
+#pragma unroll
+    for (int k = 0; k < G; ++k) step[k * H] = gh[k * H];
+  }
 }
 
 template <typename scalar_t, typename acc_t, Cell K>
@@ -138,8 +148,9 @@ int64_t step_order(int64_t k, int64_t T, bool descending) { return descending ? 
 // r = o * tanh(c) for the running rows into a scratch block, one GEMM projects
 // all B rows, h = W_hr r, and the running rows commit it (state, output);
 // the others keep their state and get a zero output. Workspaces: gates
-// (T, B, 4H); states (T, B, 2H + P) = [r | c_prev | h_prev], zero where padded.
-// Arguments checked by check_proj_forward_args.
+// (T*B, 4H); states (T*B, 2H + P) = [r | c_prev | h_prev], built in the padded
+// layout (row t*B + b; the step kernel gets the identity plan) and packed at
+// the end. Arguments checked by check_proj_forward_args.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_proj_cuda(
     const ProjSizes& s, const Tensor& input, const Tensor& lengths, const Tensor& h0,
     const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
@@ -149,6 +160,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_proj_cuda(
   const auto acc_type = at::toOpMathType(input.scalar_type());
   const Tensor len = lengths.contiguous();
   const Tensor gx = at::mm(input.reshape({T * B, I}), w_ih.t());
+  const Tensor ident = at::arange(B, len.options()), no_row = at::zeros({1}, len.options());
   const auto biases = gate_biases(b_ih, b_hh, Cell::LSTM, H, acc_type);
   const Tensor& bias = biases.first;
   Tensor h = at::empty({B, P}, opts.dtype(acc_type)).copy_(h0);
@@ -174,7 +186,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_proj_cuda(
       Tensor st = states.narrow(0, t * B, B);
       st.narrow(1, 2 * H, P).copy_(at::where(active, h_out, zero));
       at::mm_out(gh, h_out, w_hh_t);
-      FwdArgs<scalar_t, acc_t> a{len.const_data_ptr<int64_t>(),
+      FwdArgs<scalar_t, acc_t> a{len.const_data_ptr<int64_t>(), ident.const_data_ptr<int64_t>(),
+                                 no_row.const_data_ptr<int64_t>(),
                                  gx.const_data_ptr<scalar_t>() + t * B * 4 * H,
                                  gh.const_data_ptr<scalar_t>(),
                                  bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr,
@@ -193,20 +206,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_proj_cuda(
       output[t].copy_(at::where(active, hp, zero));
     }
   });
-  return {output, h.to(input.scalar_type()), c.to(input.scalar_type()), gates, states};
+  const TokenPlan plan = make_token_plan(lengths, T);
+  return {output, h.to(input.scalar_type()), c.to(input.scalar_type()),
+          pack_tokens(gates.view({T, B, 4 * H}), plan),
+          pack_tokens(states.view({T, B, 2 * H + P}), plan)};
 }
 
 // Arguments checked by check_proj_backward_args, but for the workspaces' rows.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_proj_cuda(
     const ProjSizes& s, const Tensor& grad_output, const Tensor& grad_h_n,
     const Tensor& grad_c_n, const Tensor& input, const Tensor& lengths, const Tensor& w_ih,
-    const Tensor& w_hh, const Tensor& gates, const Tensor& states, const Tensor& w_hr,
-    bool reverse) {
+    const Tensor& w_hh, const Tensor& gates_packed, const Tensor& states_packed,
+    const Tensor& w_hr, bool reverse) {
   const int64_t T = s.T, B = s.B, I = s.I, H = s.H, P = s.P;
-  check_workspace_shapes(gates, states, T, B, 4 * H, 2 * H + P);
+  check_workspace_shapes(gates_packed, states_packed, T, B, 4 * H, 2 * H + P);
+  const TokenPlan plan = make_token_plan(lengths, T);
+  const Tensor gates = unpack_tokens(gates_packed, plan).view({T * B, 4 * H});
+  const Tensor states = unpack_tokens(states_packed, plan).view({T * B, 2 * H + P});
   const auto opts = input.options();
   const auto acc_type = at::toOpMathType(input.scalar_type());
-  const Tensor len = lengths.contiguous();
+  const Tensor len = plan.lengths;
+  const Tensor ident = at::arange(B, len.options()), no_row = at::zeros({1}, len.options());
   const Tensor dy = grad_output.to(input.scalar_type()).contiguous();
   Tensor dh = at::empty({B, P}, opts.dtype(acc_type)).copy_(grad_h_n);
   Tensor dc = at::empty({B, H}, opts.dtype(acc_type)).copy_(grad_c_n);
@@ -214,7 +234,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_b
   Tensor no_dy = at::zeros({B, H}, opts);  // grad_output is folded into dh_all
   Tensor st_scratch = at::empty({B, 2 * H}, opts);
   Tensor dh_all = at::empty({T, B, P}, opts);  // d h' in total, zero where padded
-  Tensor dgx = at::empty({T * B, 4 * H}, opts);
+  Tensor dgx = at::zeros({T * B, 4 * H}, opts);  // padded layout, zero at padded steps
   const Tensor zero = at::zeros({}, opts.dtype(acc_type));
   const auto stream = cuda::current_stream();
   const unsigned blocks = cuda::grid_for(B * H, kThreads);
@@ -228,12 +248,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_b
       dh_all[t].copy_(dht);
       dr.copy_(at::mm(dh_all[t], w_hr));
       st_scratch.copy_(states.narrow(0, t * B, B).narrow(1, 0, 2 * H));
-      BwdArgs<scalar_t, acc_t> a{len.const_data_ptr<int64_t>(),
+      BwdArgs<scalar_t, acc_t> a{len.const_data_ptr<int64_t>(), ident.const_data_ptr<int64_t>(),
+                                 no_row.const_data_ptr<int64_t>(),
                                  gates.const_data_ptr<scalar_t>() + t * B * 4 * H,
                                  st_scratch.const_data_ptr<scalar_t>(),
                                  no_dy.const_data_ptr<scalar_t>(), dr.data_ptr<acc_t>(),
                                  dc.data_ptr<acc_t>(), dgx.data_ptr<scalar_t>() + t * B * 4 * H,
-                                 dgx.data_ptr<scalar_t>() + t * B * 4 * H, t, T, B, H};
+                                 dgx.data_ptr<scalar_t>() + t * B * 4 * H, nullptr, t, T, B, H};
       if (B * H > 0)
         cuda::launch(backward_step_kernel<scalar_t, acc_t, Cell::LSTM>, blocks, kThreads, 0,
                      stream, a);
@@ -253,31 +274,41 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_b
           grad_w_hh, grad_b, grad_b.clone(), grad_w_hr};
 }
 
+// The length plan of a call and its input in the packed layout (rows past
+// the valid tokens zero): shared by both directions of a layer.
+struct Tokens {
+  TokenPlan plan;
+  Tensor x;  // (T*B, I)
+};
+
+Tokens tokens_of(const Tensor& input, const Tensor& lengths, int64_t T) {
+  Tokens k;
+  k.plan = make_token_plan(lengths, T);
+  k.x = pack_tokens(input, k.plan);
+  return k;
+}
+
 // A checked forward direction without projection, with its input projection.
 struct Prepared {
   RnnSizes s;
-  Tensor len, gx, bias, b_hn;  // gx (T*B, G*H); bias, b_hn: gate_biases()
+  Tensor gx, bias, b_hn;  // gx (T*B, G*H) packed; bias, b_hn: gate_biases()
 };
 
-Prepared prepare_forward(const Tensor& input, const Tensor& lengths, const Tensor& h0,
-                         const c10::optional<Tensor>& c0, const DirectionWeights& w,
-                         const std::string& cell) {
+Prepared prepare_forward(const RnnSizes& s, const Tokens& tok, const DirectionWeights& w) {
   Prepared f;
-  f.s = check_rnn_forward_args(input, lengths, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, cell);
-  const cuda::DeviceGuard guard(input.device());
-  f.len = lengths.contiguous();
-  f.gx = at::mm(input.reshape({f.s.T * f.s.B, f.s.I}), w.w_ih.t());
+  f.s = s;
+  f.gx = tokens_times(tok.x, w.w_ih.t(), tok.plan);
   std::tie(f.bias, f.b_hn) =
-      gate_biases(w.b_ih, w.b_hh, f.s.cell, f.s.H, at::toOpMathType(input.scalar_type()));
+      gate_biases(w.b_ih, w.b_hh, s.cell, s.H, at::toOpMathType(tok.x.scalar_type()));
   return f;
 }
 
 // The per-step forward recurrence: one GEMM and one step kernel per step.
-RnnForwardResult forward_per_step(const Prepared& f, const Tensor& h0,
+RnnForwardResult forward_per_step(const Prepared& f, const TokenPlan& plan, const Tensor& h0,
                                   const c10::optional<Tensor>& c0, const Tensor& w_hh,
                                   bool reverse) {
   const RnnSizes& s = f.s;
-  const Tensor &len = f.len, &gx = f.gx, &bias = f.bias, &b_hn = f.b_hn;
+  const Tensor &gx = f.gx, &bias = f.bias, &b_hn = f.b_hn;
   const int64_t T = s.T, B = s.B, H = s.H, G = s.G;
   const auto opts = gx.options();
   const auto acc_type = at::toOpMathType(gx.scalar_type());
@@ -287,9 +318,10 @@ RnnForwardResult forward_per_step(const Prepared& f, const Tensor& h0,
   Tensor c = s.cell == Cell::LSTM ? at::empty({B, H}, opts.dtype(acc_type)).copy_(*c0) : Tensor();
   Tensor gh = at::empty({B, G * H}, opts);
   Tensor output = at::empty({T, B, H}, opts);
-  Tensor gates = at::empty({T * B, s.GS * H}, opts);  // row t * B + b: step t of sequence b
-  Tensor states = at::empty({T * B, s.S * H}, opts);
-  const Tensor w_hh_t = w_hh.t();
+  Tensor gates = at::zeros({T * B, s.GS * H}, opts);  // packed
+  Tensor states = at::zeros({T * B, s.S * H}, opts);
+  const Tensor w_hh_t = w_hh.t(), gxc = gx.contiguous();
+  const int64_t* off = plan.off.const_data_ptr<int64_t>();
   const auto stream = cuda::current_stream();
   const unsigned blocks = cuda::grid_for(B * H, kThreads);
 
@@ -298,12 +330,12 @@ RnnForwardResult forward_per_step(const Prepared& f, const Tensor& h0,
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_cell(s.cell, [&](auto k) {
       constexpr Cell K = decltype(k)::value;
-      constexpr int64_t GS = num_saved_gates(K), S = num_states(K);
       for (int64_t step = 0; step < T; ++step) {
         const int64_t t = step_order(step, T, reverse);
         at::mm_out(gh, h_out, w_hh_t);
-        FwdArgs<scalar_t, acc_t> a{len.const_data_ptr<int64_t>(),
-                                   gx.const_data_ptr<scalar_t>() + t * B * G * H,
+        FwdArgs<scalar_t, acc_t> a{plan.lengths.const_data_ptr<int64_t>(),
+                                   plan.rank.const_data_ptr<int64_t>(), off + t,
+                                   gxc.const_data_ptr<scalar_t>(),
                                    gh.const_data_ptr<scalar_t>(),
                                    bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr,
                                    b_hn.defined() ? b_hn.const_data_ptr<acc_t>() : nullptr,
@@ -311,8 +343,7 @@ RnnForwardResult forward_per_step(const Prepared& f, const Tensor& h0,
                                    K == Cell::LSTM ? c.data_ptr<acc_t>() : nullptr,
                                    h_out.data_ptr<scalar_t>(),
                                    output.data_ptr<scalar_t>() + t * B * H,
-                                   gates.data_ptr<scalar_t>() + t * B * GS * H,
-                                   states.data_ptr<scalar_t>() + t * B * S * H,
+                                   gates.data_ptr<scalar_t>(), states.data_ptr<scalar_t>(),
                                    t, T, B, H};
         if (B * H > 0)
           cuda::launch(forward_step_kernel<scalar_t, acc_t, K>, blocks, kThreads, 0, stream, a);
@@ -332,13 +363,13 @@ PersistentForward persistent_operands(const Prepared& f, const Tensor& h0,
 }
 
 // One direction: persistent where it fits, else per step.
-RnnForwardResult forward_direction(const Prepared& f, const Tensor& h0,
+RnnForwardResult forward_direction(const Prepared& f, const TokenPlan& plan, const Tensor& h0,
                                    const c10::optional<Tensor>& c0, const Tensor& w_hh,
                                    bool reverse) {
   if (auto r = rnn_forward_persistent(f.s.cell, {persistent_operands(f, h0, c0, w_hh, reverse)},
-                                      f.len, f.s.T, f.s.B))
+                                      plan))
     return r->front();
-  return forward_per_step(f, h0, c0, w_hh, reverse);
+  return forward_per_step(f, plan, h0, c0, w_hh, reverse);
 }
 
 RnnForwardResult rnn_forward_cuda(const Tensor& input, const Tensor& lengths, const Tensor& h0,
@@ -353,27 +384,33 @@ RnnForwardResult rnn_forward_cuda(const Tensor& input, const Tensor& lengths, co
     return rnn_forward_proj_cuda(s, input, lengths, h0, *c0, w_ih, w_hh, b_ih, b_hh, *w_hr,
                                  reverse);
   }
-  const Prepared f = prepare_forward(input, lengths, h0, c0, {w_ih, w_hh, b_ih, b_hh, w_hr},
-                                     std::string(cell_name));
+  const RnnSizes s = check_rnn_forward_args(input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                            std::string(cell_name));
   const cuda::DeviceGuard guard(input.device());
-  return forward_direction(f, h0, c0, w_hh, reverse);
+  const Tokens tok = tokens_of(input, lengths, s.T);
+  const Prepared f = prepare_forward(s, tok, {w_ih, w_hh, b_ih, b_hh, w_hr});
+  return forward_direction(f, tok.plan, h0, c0, w_hh, reverse);
 }
 
 // The per-step backward recurrence: one step kernel and one GEMM per step.
-// Fills dgx, dgh (T*B, G*H) and the math-type gradients of h0 (dh) and c0 (dc).
-void rnn_backward_per_step(const RnnSizes& s, const Tensor& dy, const Tensor& grad_h_n,
-                           const Tensor& grad_c_n, const Tensor& len, const Tensor& w_hh,
+// Fills dgx, dgh (T*B, G*H, packed) and the math-type gradients of h0 (dh)
+// and c0 (dc).
+void rnn_backward_per_step(const RnnSizes& s, const TokenPlan& plan, const Tensor& dy,
+                           const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& w_hh,
                            const Tensor& gates, const Tensor& states, bool reverse, Tensor& dh,
                            Tensor& dc, Tensor& dgx, Tensor& dgh) {
   const Cell cell = s.cell;
-  const int64_t T = s.T, B = s.B, H = s.H, G = s.G, GS = s.GS, S = s.S;
+  const int64_t T = s.T, B = s.B, H = s.H, G = s.G;
   const auto opts = dy.options();
   const auto acc_type = at::toOpMathType(dy.scalar_type());
   // The carried dh and dc stay in the math type across steps.
   dh = at::empty({B, H}, opts.dtype(acc_type)).copy_(grad_h_n);
   dc = cell == Cell::LSTM ? at::empty({B, H}, opts.dtype(acc_type)).copy_(grad_c_n) : Tensor();
-  dgx = at::empty({T * B, G * H}, opts);
-  dgh = cell == Cell::GRU ? at::empty({T * B, G * H}, opts) : dgx;
+  dgx = at::zeros({T * B, G * H}, opts);
+  dgh = cell == Cell::GRU ? at::zeros({T * B, G * H}, opts) : dgx;
+  Tensor dg_step = at::empty({B, G * H}, opts);
+  const Tensor gs = gates.contiguous(), st = states.contiguous();
+  const int64_t* off = plan.off.const_data_ptr<int64_t>();
   const auto stream = cuda::current_stream();
   const unsigned blocks = cuda::grid_for(B * H, kThreads);
   const bool same_type = acc_type == dy.scalar_type();
@@ -384,21 +421,20 @@ void rnn_backward_per_step(const RnnSizes& s, const Tensor& dy, const Tensor& gr
       constexpr Cell K = decltype(k)::value;
       for (int64_t step = 0; step < T; ++step) {
         const int64_t t = step_order(step, T, !reverse);
-        BwdArgs<scalar_t, acc_t> a{len.const_data_ptr<int64_t>(),
-                                   gates.const_data_ptr<scalar_t>() + t * B * GS * H,
-                                   states.const_data_ptr<scalar_t>() + t * B * S * H,
+        BwdArgs<scalar_t, acc_t> a{plan.lengths.const_data_ptr<int64_t>(),
+                                   plan.rank.const_data_ptr<int64_t>(), off + t,
+                                   gs.const_data_ptr<scalar_t>(), st.const_data_ptr<scalar_t>(),
                                    dy.const_data_ptr<scalar_t>() + t * B * H,
                                    dh.data_ptr<acc_t>(),
                                    K == Cell::LSTM ? dc.data_ptr<acc_t>() : nullptr,
-                                   dgx.data_ptr<scalar_t>() + t * B * G * H,
-                                   dgh.data_ptr<scalar_t>() + t * B * G * H,
-                                   t, T, B, H};
+                                   dgx.data_ptr<scalar_t>(), dgh.data_ptr<scalar_t>(),
+                                   dg_step.data_ptr<scalar_t>(), t, T, B, H};
         if (B * H > 0)
           cuda::launch(backward_step_kernel<scalar_t, acc_t, K>, blocks, kThreads, 0, stream, a);
-        // Rows past their length have zero dgh, so their carried dh is unchanged.
+        // Rows past their length have zero dg_step, so their carried dh is unchanged.
         // In half/bfloat16 the GEMM's result is added to the float carry.
-        if (same_type) dh.addmm_(dgh.narrow(0, t * B, B), w_hh);
-        else dh.add_(at::mm(dgh.narrow(0, t * B, B), w_hh));
+        if (same_type) dh.addmm_(dg_step, w_hh);
+        else dh.add_(at::mm(dg_step, w_hh));
       }
       return 0;
     });
@@ -406,25 +442,23 @@ void rnn_backward_per_step(const RnnSizes& s, const Tensor& dy, const Tensor& gr
 }
 
 // The gradients that follow from the recurrence's: the weights', biases' and
-// input's (GEMMs over all T*B rows; the padded rows of dgx / dgh are zero),
-// and h0's / c0's in the storage type.
-RnnBackwardResult backward_gemms(const RnnSizes& s, const Tensor& input, const Tensor& len,
-                                 const Tensor& w_ih, const Tensor& states, const Tensor& dgx,
-                                 const Tensor& dgh, const Tensor& dh, const Tensor& dc) {
+// input's (GEMMs over the tokens; rows of dgx / dgh, of the packed input and
+// of the states past the valid tokens are zero), and h0's / c0's in the
+// storage type.
+RnnBackwardResult backward_gemms(const RnnSizes& s, const Tokens& tok, const Tensor& w_ih,
+                                 const Tensor& states, const Tensor& dgx, const Tensor& dgh,
+                                 const Tensor& dh, const Tensor& dc) {
   const Cell cell = s.cell;
-  const int64_t T = s.T, B = s.B, I = s.I, H = s.H, S = s.S;
-  const auto opts = input.options();
-  // Padded input is replaced by zero before it meets a gradient (0 * NaN is NaN).
-  const Tensor valid = (at::arange(T, len.options()).unsqueeze(1) < len.unsqueeze(0)).unsqueeze(2);
-  const Tensor x_valid = at::where(valid, input, at::zeros({}, opts)).reshape({T * B, I});
-  const Tensor h_prev = states.narrow(1, 0, H);
-  Tensor grad_w_ih = at::mm(dgx.t(), x_valid);
-  Tensor grad_w_hh = at::mm(dgh.t(), h_prev);
+  const int64_t H = s.H;
+  const auto opts = tok.x.options();
+  const Tensor h_prev = states.contiguous().narrow(1, 0, H);
+  Tensor grad_w_ih = tokens_outer(dgx, tok.x, tok.plan);
+  Tensor grad_w_hh = tokens_outer(dgh, h_prev, tok.plan);
   Tensor grad_b_ih = dgx.sum(0);
   Tensor grad_b_hh = cell == Cell::GRU ? dgh.sum(0) : grad_b_ih.clone();
-  Tensor grad_input = at::mm(dgx, w_ih).view({T, B, I});
-  Tensor grad_c0 = cell == Cell::LSTM ? dc.to(input.scalar_type()) : at::empty({0}, opts);
-  return {grad_input, dh.to(input.scalar_type()), grad_c0, grad_w_ih, grad_w_hh, grad_b_ih,
+  Tensor grad_input = unpack_tokens(tokens_times(dgx, w_ih, tok.plan), tok.plan);
+  Tensor grad_c0 = cell == Cell::LSTM ? dc.to(opts.dtype()) : at::empty({0}, opts);
+  return {grad_input, dh.to(opts.dtype()), grad_c0, grad_w_ih, grad_w_hh, grad_b_ih,
           grad_b_hh, at::empty({0}, opts)};
 }
 
@@ -432,7 +466,7 @@ RnnBackwardResult backward_gemms(const RnnSizes& s, const Tensor& input, const T
 // storage type, contiguous.
 struct PreparedBackward {
   RnnSizes s;
-  Tensor len, dy;
+  Tensor dy;
 };
 
 PreparedBackward prepare_backward(const Tensor& grad_output, const Tensor& grad_h_n,
@@ -445,23 +479,22 @@ PreparedBackward prepare_backward(const Tensor& grad_output, const Tensor& grad_
                                 gates, states, cell);
   check_workspace_shapes(gates, states, b.s.T, b.s.B, b.s.GS * b.s.H, b.s.S * b.s.H);
   const cuda::DeviceGuard guard(input.device());
-  b.len = lengths.contiguous();
   b.dy = grad_output.to(input.scalar_type()).contiguous();
   return b;
 }
 
 // One direction's recurrence: persistent where it fits, else per step.
 // Returns (dgx, dgh, grad_h0, grad_c0) as rnn_backward_persistent.
-PersistentBackwardResult backward_direction(const PreparedBackward& b, const Tensor& grad_h_n,
-                                            const Tensor& grad_c_n, const Tensor& w_hh,
-                                            const Tensor& gates, const Tensor& states,
-                                            bool reverse) {
+PersistentBackwardResult backward_direction(const PreparedBackward& b, const TokenPlan& plan,
+                                            const Tensor& grad_h_n, const Tensor& grad_c_n,
+                                            const Tensor& w_hh, const Tensor& gates,
+                                            const Tensor& states, bool reverse) {
   if (auto r = rnn_backward_persistent(b.s.cell,
                                        {{b.dy, grad_h_n, grad_c_n, w_hh, gates, states, reverse}},
-                                       b.len, b.s.T, b.s.B))
+                                       plan))
     return r->front();
   Tensor dh, dc, dgx, dgh;
-  rnn_backward_per_step(b.s, b.dy, grad_h_n, grad_c_n, b.len, w_hh, gates, states, reverse, dh, dc,
+  rnn_backward_per_step(b.s, plan, b.dy, grad_h_n, grad_c_n, w_hh, gates, states, reverse, dh, dc,
                         dgx, dgh);
   return {dgx, dgh, dh, dc};
 }
@@ -483,15 +516,17 @@ RnnBackwardResult rnn_backward_cuda(const Tensor& grad_output, const Tensor& gra
   const PreparedBackward b = prepare_backward(grad_output, grad_h_n, grad_c_n, input, lengths,
                                               w_ih, w_hh, gates, states, std::string(cell_name));
   const cuda::DeviceGuard guard(input.device());
+  const Tokens tok = tokens_of(input, lengths, b.s.T);
   const auto [dgx, dgh, dh, dc] =
-      backward_direction(b, grad_h_n, grad_c_n, w_hh, gates, states, reverse);
-  return backward_gemms(b.s, input, b.len, w_ih, states, dgx, dgh, dh, dc);
+      backward_direction(b, tok.plan, grad_h_n, grad_c_n, w_hh, gates, states, reverse);
+  return backward_gemms(b.s, tok, w_ih, states, dgx, dgh, dh, dc);
 }
 
 // ------------------------------------------------------- both directions
 // Without projection, both directions' recurrences in one persistent launch
-// where they fit together; otherwise each direction as rnn_forward /
-// rnn_backward runs it, one after the other.
+// where they fit together, else each direction as rnn_forward / rnn_backward
+// runs it, one after the other; one length plan and one packed input for
+// both.
 BidirectionalForwardResult rnn_bidirectional_forward_cuda(const Tensor& input, const Tensor& lengths,
                                                 const Tensor& h0,
                                                 const c10::optional<Tensor>& c0,
@@ -510,16 +545,22 @@ BidirectionalForwardResult rnn_bidirectional_forward_cuda(const Tensor& input, c
                               w[d].b_hh, cell, d == 1, w[d].w_hr);
     return join_forward(r[0], r[1], lstm);
   }
-  const std::array<Prepared, 2> f{prepare_forward(input, lengths, h0d[0], c0d[0], w[0], cell),
-                                  prepare_forward(input, lengths, h0d[1], c0d[1], w[1], cell)};
+  std::array<RnnSizes, 2> s;
+  for (int d = 0; d < 2; ++d)
+    s[d] = check_rnn_forward_args(input, lengths, h0d[d], c0d[d], w[d].w_ih, w[d].w_hh, w[d].b_ih,
+                                  w[d].b_hh, cell);
   const cuda::DeviceGuard guard(input.device());
+  const Tokens tok = tokens_of(input, lengths, s[0].T);
+  const std::array<Prepared, 2> f{prepare_forward(s[0], tok, w[0]),
+                                  prepare_forward(s[1], tok, w[1])};
   if (auto both = rnn_forward_persistent(
           f[0].s.cell,
           {persistent_operands(f[0], h0d[0], c0d[0], w[0].w_hh, false),
            persistent_operands(f[1], h0d[1], c0d[1], w[1].w_hh, true)},
-          f[0].len, f[0].s.T, f[0].s.B))
+          tok.plan))
     return join_forward((*both)[0], (*both)[1], lstm);
-  for (int d = 0; d < 2; ++d) r[d] = forward_direction(f[d], h0d[d], c0d[d], w[d].w_hh, d == 1);
+  for (int d = 0; d < 2; ++d)
+    r[d] = forward_direction(f[d], tok.plan, h0d[d], c0d[d], w[d].w_hh, d == 1);
   return join_forward(r[0], r[1], lstm);
 }
 
@@ -545,21 +586,22 @@ BidirectionalBackwardResult rnn_bidirectional_backward_cuda(
     b[d] = prepare_backward(g[d].grad_output, g[d].grad_h_n, g[d].grad_c_n, input, lengths,
                             w[d].w_ih, w[d].w_hh, g[d].gates, g[d].states, cell);
   const cuda::DeviceGuard guard(input.device());
+  const Tokens tok = tokens_of(input, lengths, b[0].s.T);
   std::array<PersistentBackwardResult, 2> rec;
   if (auto both = rnn_backward_persistent(
           b[0].s.cell,
           {{b[0].dy, g[0].grad_h_n, g[0].grad_c_n, w[0].w_hh, g[0].gates, g[0].states, false},
            {b[1].dy, g[1].grad_h_n, g[1].grad_c_n, w[1].w_hh, g[1].gates, g[1].states, true}},
-          b[0].len, b[0].s.T, b[0].s.B)) {
+          tok.plan)) {
     rec = {(*both)[0], (*both)[1]};
   } else {
     for (int d = 0; d < 2; ++d)
-      rec[d] = backward_direction(b[d], g[d].grad_h_n, g[d].grad_c_n, w[d].w_hh, g[d].gates,
-                                  g[d].states, d == 1);
+      rec[d] = backward_direction(b[d], tok.plan, g[d].grad_h_n, g[d].grad_c_n, w[d].w_hh,
+                                  g[d].gates, g[d].states, d == 1);
   }
   for (int d = 0; d < 2; ++d) {
     const auto& [dgx, dgh, dh, dc] = rec[d];
-    r[d] = backward_gemms(b[d].s, input, b[d].len, w[d].w_ih, g[d].states, dgx, dgh, dh, dc);
+    r[d] = backward_gemms(b[d].s, tok, w[d].w_ih, g[d].states, dgx, dgh, dh, dc);
   }
   return join_backward(r[0], r[1], lstm, has_biases, false);
 }

@@ -114,8 +114,9 @@ template <typename scalar_t, typename acc_t>
 struct FwdParams {
   const int64_t* sorted_len;  // (B,) lengths, longest first
   const int64_t* perm;        // (B,) batch index of each row of that order
+  const int64_t* off;         // (T+1,) first token row of each step (token_plan.h)
   const scalar_t* w_hh;       // (G*H, H)
-  const scalar_t* gx;         // (T, B, G*H) x W_ih^T, storage type
+  const scalar_t* gx;         // (T*B, G*H) x W_ih^T, storage type, packed
   const acc_t* bias;          // (G*H,) folded biases or nullptr
   const acc_t* b_hn;          // (H,) GRU's b_hn or nullptr
   const scalar_t* h0;         // (B, H)
@@ -123,8 +124,8 @@ struct FwdParams {
   acc_t* hbuf;                // (2, B, H) h, length order, two buffers read/written alternately
   acc_t* cbuf;                // (B, H) LSTM's c, length order
   scalar_t* y;                // (T, B, H) output, zero-initialized
-  scalar_t* gates;            // (T, B, GS*H) workspace, zero-initialized
-  scalar_t* states;           // (T, B, S*H) workspace, zero-initialized
+  scalar_t* gates;            // (T*B, GS*H) workspace, packed, zero-initialized
+  scalar_t* states;           // (T*B, S*H) workspace, packed, zero-initialized
   scalar_t* h_n;              // (B, H)
   scalar_t* c_n;              // (B, H) LSTM only
   int64_t T, B, H;
@@ -139,6 +140,7 @@ struct FwdParams {
 template <typename acc_t>
 struct FwdStep {
   int64_t t, nrun;    // time step, running rows (a prefix of the length order)
+  int64_t row0;       // token row of the first of them
   const acc_t* hin;   // (B, H) h_{t-1}
   acc_t* hout;        // (B, H) h_t
 };
@@ -146,7 +148,7 @@ template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ FwdStep<acc_t> forward_step(const FwdParams<scalar_t, acc_t>& p,
                                                        int64_t step, int64_t maxlen) {
   const int64_t t = p.reverse ? maxlen - 1 - step : step, BH = p.B * p.H;
-  return {t, count_running(p.sorted_len, p.B, t),
+  return {t, count_running(p.sorted_len, p.B, t), p.off[t],
           p.hbuf + (p.reverse ? ((t + 1) & 1) : (t & 1)) * BH,
           p.hbuf + (p.reverse ? (t & 1) : ((t + 1) & 1)) * BH};
 }
@@ -185,13 +187,13 @@ __device__ __forceinline__ void forward_cell(const FwdParams<scalar_t, acc_t>& p
                                              const FwdStep<acc_t>& s, int64_t i, int64_t j,
                                              const acc_t (&hid)[num_gates(K)]) {
   constexpr int G = num_gates(K), GS = num_saved_gates(K), S = num_states(K);
-  const int64_t H = p.H, tb = s.t * p.B + p.perm[i];
+  const int64_t H = p.H, row = s.row0 + i;
   const acc_t h = forward_point<scalar_t, acc_t, K>(
-      p.gx + tb * G * H + j, p.bias, p.b_hn, j, H, hid, s.hin[i * H + j],
-      K == Cell::LSTM ? p.cbuf + i * H + j : nullptr, p.gates + tb * GS * H + j,
-      p.states + tb * S * H + j);
+      p.gx + row * G * H + j, p.bias, p.b_hn, j, H, hid, s.hin[i * H + j],
+      K == Cell::LSTM ? p.cbuf + i * H + j : nullptr, p.gates + row * GS * H + j,
+      p.states + row * S * H + j);
   s.hout[i * H + j] = h;
-  p.y[tb * H + j] = scalar_t(h);
+  p.y[(s.t * p.B + p.perm[i]) * H + j] = scalar_t(h);
 }
 
 template <typename scalar_t, typename acc_t, Cell K>
@@ -269,16 +271,17 @@ template <typename scalar_t, typename acc_t>
 struct BwdParams {
   const int64_t* sorted_len;  // (B,) lengths, longest first
   const int64_t* perm;        // (B,) batch index of each row of that order
+  const int64_t* off;         // (T+1,) first token row of each step (token_plan.h)
   const scalar_t* w_hh;       // (G*H, H)
-  const scalar_t* gates;      // (T, B, GS*H) the forward's workspace
-  const scalar_t* states;     // (T, B, S*H)
-  const scalar_t* dy;         // (T, B, H) gradient of the output
+  const scalar_t* gates;      // (T*B, GS*H) the forward's workspace, packed
+  const scalar_t* states;     // (T*B, S*H)
+  const scalar_t* dy;         // (T, B, H) gradient of the output, padded
   const acc_t* grad_h_n;      // (B, H)
   const acc_t* grad_c_n;      // (B, H) LSTM only
   acc_t* carry;               // (B, H) length order: d h' not passing through W_hh
   acc_t* dcbuf;               // (B, H) length order: LSTM's d c'
-  scalar_t* dgx;              // (T, B, G*H) zero-initialized
-  scalar_t* dgh;              // (T, B, G*H) zero-initialized; aliases dgx unless GRU
+  scalar_t* dgx;              // (T*B, G*H) packed, zero-initialized
+  scalar_t* dgh;              // (T*B, G*H) likewise; aliases dgx unless GRU
   acc_t* grad_h0;             // (B, H)
   acc_t* grad_c0;             // (B, H) LSTM only
   int64_t T, B, H, G;          // G: gate blocks of H
@@ -297,7 +300,8 @@ struct BwdStep {
   int64_t t, tp;        // time step (-1 past the last), the one processed before it
   int64_t nrun, nprev;  // rows running at t, rows that ran at tp (prefixes of the order)
   int64_t n;            // rows touched: max(nrun, nprev)
-  const scalar_t* dg_prev;  // (B, G*H) dgh at tp
+  int64_t row0;         // token row of the first running row at t
+  const scalar_t* dg_prev;  // (nprev, G*H) dgh at tp, in the length order
 };
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ BwdStep<scalar_t> backward_step(const BwdParams<scalar_t, acc_t>& p,
@@ -309,7 +313,8 @@ __device__ __forceinline__ BwdStep<scalar_t> backward_step(const BwdParams<scala
   s.nrun = last ? 0 : count_running(p.sorted_len, p.B, s.t);
   s.nprev = step > 0 ? count_running(p.sorted_len, p.B, s.tp) : 0;
   s.n = s.nrun > s.nprev ? s.nrun : s.nprev;
-  s.dg_prev = p.dgh + (step > 0 ? s.tp : 0) * p.B * p.G * p.H;
+  s.row0 = last ? 0 : p.off[s.t];
+  s.dg_prev = p.dgh + (step > 0 ? p.off[s.tp] : 0) * p.G * p.H;
   return s;
 }
 
@@ -351,11 +356,11 @@ __device__ __forceinline__ void backward_cell(const BwdParams<scalar_t, acc_t>& 
   const int64_t H = p.H, GH = p.G * H;
   acc_t* carry = p.carry + i * H + j;
   if (i < s.nrun) {
-    const int64_t tb = s.t * p.B + p.perm[i];
-    const acc_t dh = *carry + prod + acc_t(p.dy[tb * H + j]);
+    const int64_t row = s.row0 + i;
+    const acc_t dh = *carry + prod + acc_t(p.dy[(s.t * p.B + p.perm[i]) * H + j]);
     *carry = backward_point<scalar_t, acc_t, K>(
-        p.gates + tb * GS * H + j, p.states + tb * S * H + j, H, dh,
-        K == Cell::LSTM ? p.dcbuf + i * H + j : nullptr, p.dgx + tb * GH + j, p.dgh + tb * GH + j);
+        p.gates + row * GS * H + j, p.states + row * S * H + j, H, dh,
+        K == Cell::LSTM ? p.dcbuf + i * H + j : nullptr, p.dgx + row * GH + j, p.dgh + row * GH + j);
   } else {
     *carry += prod;  // finished: this is d h0
   }
@@ -396,7 +401,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_backward_kernel(Direct
           for (int idx = tid; idx < rows * kChunk; idx += kThreads) {
             const int r = idx / kChunk, kk = idx % kChunk;
             const int64_t m = m0 + kk;
-            ds[kk * RBp + r] = m < GH ? acc_t(s.dg_prev[p.perm[row0 + r] * GH + m]) : acc_t(0);
+            ds[kk * RBp + r] = m < GH ? acc_t(s.dg_prev[(row0 + r) * GH + m]) : acc_t(0);
           }
           __syncthreads();
           if (owns && rg < rows) {
@@ -663,7 +668,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             const int r = idx / kc, kk = idx % kc;
             const int64_t m = m0 + kk;
             as[r * g.lda + kk] = (r < with_prev && m < GH)
-                                     ? tc_operand(s.dg_prev[p.perm[row0 + r] * GH + m])
+                                     ? tc_operand(s.dg_prev[(row0 + r) * GH + m])
                                      : scalar_t(0);
           }
         });
@@ -782,8 +787,8 @@ using BwdKernel = void (*)(Directions<BwdParams<scalar_t, acc_t>>);
 }  // namespace
 
 std::optional<std::vector<RnnForwardResult>> rnn_forward_persistent(
-    Cell cell, const std::vector<PersistentForward>& dirs, const Tensor& lengths, int64_t T,
-    int64_t B) {
+    Cell cell, const std::vector<PersistentForward>& dirs, const TokenPlan& plan) {
+  const int64_t T = plan.T, B = plan.B;
   TORCH_INTERNAL_ASSERT(dirs.size() == 1 || dirs.size() == 2);
   const Tensor& gx0 = dirs[0].gx;
   const int64_t H = dirs[0].w_hh.size(1);
@@ -803,15 +808,15 @@ std::optional<std::vector<RnnForwardResult>> rnn_forward_persistent(
                                         int(dirs.size()), B, H, G, gx0.scalar_type());
       if (l.units == 0) return 0;
       const auto kernel = l.kernel_tc ? tc_kernel : fma_kernel;
-      const auto [sorted_len, perm] = at::sort(lengths, /*stable=*/true, 0, /*descending=*/true);
+      const Tensor &sorted_len = plan.sorted_len, &perm = plan.perm, &off = plan.off;
       Directions<FwdParams<scalar_t, acc_t>> args{};
       std::vector<Tensor> keep;  // contiguous operands, alive until the launch is queued
       result.emplace();
       for (size_t d = 0; d < dirs.size(); ++d) {
         const PersistentForward& in = dirs[d];
-        const Tensor w = in.w_hh.contiguous(), h0c = in.h0.contiguous();
+        const Tensor w = in.w_hh.contiguous(), h0c = in.h0.contiguous(), gx = in.gx.contiguous();
         const Tensor c0c = K == Cell::LSTM ? in.c0.contiguous() : Tensor();
-        keep.insert(keep.end(), {w, h0c, c0c});
+        keep.insert(keep.end(), {w, h0c, gx, c0c});
         Tensor hbuf = at::empty({2, B, H}, opts.dtype(acc_type));
         Tensor cbuf = K == Cell::LSTM ? at::empty({B, H}, opts.dtype(acc_type)) : Tensor();
         keep.insert(keep.end(), {hbuf, cbuf});
@@ -822,7 +827,8 @@ std::optional<std::vector<RnnForwardResult>> rnn_forward_persistent(
         Tensor c_n = K == Cell::LSTM ? at::empty({B, H}, opts) : at::empty({0}, opts);
         args.d[d] = FwdParams<scalar_t, acc_t>{
             sorted_len.const_data_ptr<int64_t>(), perm.const_data_ptr<int64_t>(),
-            w.const_data_ptr<scalar_t>(), in.gx.const_data_ptr<scalar_t>(),
+            off.const_data_ptr<int64_t>(), w.const_data_ptr<scalar_t>(),
+            gx.const_data_ptr<scalar_t>(),
             in.bias.defined() ? in.bias.const_data_ptr<acc_t>() : nullptr,
             in.b_hn.defined() ? in.b_hn.const_data_ptr<acc_t>() : nullptr,
             h0c.const_data_ptr<scalar_t>(),
@@ -843,8 +849,8 @@ std::optional<std::vector<RnnForwardResult>> rnn_forward_persistent(
 }
 
 std::optional<std::vector<PersistentBackwardResult>> rnn_backward_persistent(
-    Cell cell, const std::vector<PersistentBackward>& dirs, const Tensor& lengths, int64_t T,
-    int64_t B) {
+    Cell cell, const std::vector<PersistentBackward>& dirs, const TokenPlan& plan) {
+  const int64_t T = plan.T, B = plan.B;
   TORCH_INTERNAL_ASSERT(dirs.size() == 1 || dirs.size() == 2);
   const Tensor& dy0 = dirs[0].dy;
   const int64_t H = dirs[0].w_hh.size(1);
@@ -864,7 +870,7 @@ std::optional<std::vector<PersistentBackwardResult>> rnn_backward_persistent(
                                         int(dirs.size()), B, H, G, dy0.scalar_type());
       if (l.units == 0) return 0;
       const auto kernel = l.kernel_tc ? tc_kernel : fma_kernel;
-      const auto [sorted_len, perm] = at::sort(lengths, /*stable=*/true, 0, /*descending=*/true);
+      const Tensor &sorted_len = plan.sorted_len, &perm = plan.perm, &off = plan.off;
       Directions<BwdParams<scalar_t, acc_t>> args{};
       std::vector<Tensor> keep;  // operands and scratch, alive until the launch is queued
       result.emplace();
@@ -883,7 +889,8 @@ std::optional<std::vector<PersistentBackwardResult>> rnn_backward_persistent(
         Tensor grad_c0 = K == Cell::LSTM ? at::empty({B, H}, opts.dtype(acc_type)) : Tensor();
         args.d[d] = BwdParams<scalar_t, acc_t>{
             sorted_len.const_data_ptr<int64_t>(), perm.const_data_ptr<int64_t>(),
-            w.const_data_ptr<scalar_t>(), gs.const_data_ptr<scalar_t>(),
+            off.const_data_ptr<int64_t>(), w.const_data_ptr<scalar_t>(),
+            gs.const_data_ptr<scalar_t>(),
             st.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
             ghn.const_data_ptr<acc_t>(), K == Cell::LSTM ? gcn.const_data_ptr<acc_t>() : nullptr,
             carry.data_ptr<acc_t>(), K == Cell::LSTM ? dcbuf.data_ptr<acc_t>() : nullptr,

@@ -13,8 +13,9 @@
 // Lengths are never read on the host.
 //
 // The workspaces and results are the per-step path's, element for element in
-// layout: gates (T, B, GS*H), states (T, B, S*H), zero at padded steps; either
-// path's backward consumes either path's forward.
+// layout: gates (T*B, GS*H) and states (T*B, S*H) in the packed token layout of
+// token_plan.h (the CPU kernels' layout), rows past the valid tokens zero;
+// either path's backward consumes either path's forward.
 //
 // The recurrent product: float64 with fma on CUDA cores; float32 likewise in
 // IEEE precision, or on tensor cores in TF32 where torch allows TF32 for CUDA
@@ -44,6 +45,7 @@
 
 #include "../cell_math.h"
 #include "../rnn_bidirectional.h"
+#include "token_plan.h"
 
 namespace varlen {
 
@@ -51,8 +53,8 @@ enum class RnnPath { Auto, Persistent, PerStep };
 RnnPath rnn_path_setting();  // reads VARLEN_KERNELS_RNN_PATH, checks its value
 
 // One direction's operands of the persistent forward. gx: (T*B, G*H) input
-// projection in the storage type; h0, c0: (B, H) (c0 for LSTM only); bias /
-// b_hn: gate_biases() (undefined when there are none).
+// projection in the storage type, packed (token_plan.h); h0, c0: (B, H) (c0
+// for LSTM only); bias / b_hn: gate_biases() (undefined when there are none).
 struct PersistentForward {
   at::Tensor gx, h0, c0, w_hh, bias, b_hn;
   bool reverse;
@@ -64,8 +66,7 @@ struct PersistentForward {
 // Returns, per direction, (output, h_n, c_n, gates, states) as rnn_forward
 // does.
 std::optional<std::vector<RnnForwardResult>> rnn_forward_persistent(
-    Cell cell, const std::vector<PersistentForward>& dirs, const at::Tensor& lengths, int64_t T,
-    int64_t B);
+    Cell cell, const std::vector<PersistentForward>& dirs, const TokenPlan& plan);
 
 // One direction's operands of the persistent backward. dy: (T, B, H),
 // storage type; grad_h_n / grad_c_n: (B, H) (grad_c_n unused unless LSTM).
@@ -75,13 +76,13 @@ struct PersistentBackward {
 };
 
 // (dgx, dgh, grad_h0, grad_c0): the pre-activation gradients (T*B, G*H),
-// input and hidden side (the same tensor unless GRU), zero at padded steps,
+// input and hidden side (the same tensor unless GRU), packed, rows past the
+// valid tokens zero,
 // and the gradients of h0 and c0 in the math type.
 using PersistentBackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // Backward recurrence of one or two directions, or nullopt, as above.
 std::optional<std::vector<PersistentBackwardResult>> rnn_backward_persistent(
-    Cell cell, const std::vector<PersistentBackward>& dirs, const at::Tensor& lengths, int64_t T,
-    int64_t B);
+    Cell cell, const std::vector<PersistentBackward>& dirs, const TokenPlan& plan);
 
 }  // namespace varlen

@@ -1,0 +1,162 @@
+// The length plan, the packed token layout and the GEMMs over tokens: see
+// token_plan.h.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <string>
+
+#include "launch.h"
+#include "token_plan.h"
+
+namespace varlen {
+
+namespace {
+
+using at::Tensor;
+
+constexpr int kThreads = 256;
+
+// One element of the (T, B, C) grid each: slot (t, i) of the length order is
+// token row off[t] + i while i < bs[t]; the padded slots, in order, fill the
+// rows past N (so every row of the result is written once, those with zeros).
+template <typename scalar_t>
+__global__ void pack_kernel(const scalar_t* x, const int64_t* perm, const int64_t* off,
+                            scalar_t* out, int64_t T, int64_t B, int64_t C) {
+  const int64_t n = T * B * C;
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t c = idx % C, slot = idx / C, t = slot / B, i = slot % B;
+    const int64_t begin = off[t], end = off[t + 1];
+    if (i < end - begin)
+      out[(begin + i) * C + c] = x[(t * B + perm[i]) * C + c];
+    else
+      out[(off[T] + t * B + i - end) * C + c] = scalar_t(0);
+  }
+}
+
+// One element of the (T, B, C) result each: token (t, b) from row
+// off[t] + rank[b] while sequence b runs at t, zero otherwise.
+template <typename scalar_t>
+__global__ void unpack_kernel(const scalar_t* packed, int64_t ld, const int64_t* rank,
+                              const int64_t* off, scalar_t* out, int64_t T, int64_t B,
+                              int64_t C) {
+  const int64_t n = T * B * C;
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t c = idx % C, slot = idx / C, t = slot / B, b = slot % B;
+    const int64_t i = rank[b], begin = off[t];
+    out[idx] = i < off[t + 1] - begin ? packed[(begin + i) * ld + c] : scalar_t(0);
+  }
+}
+
+enum class TokenGemm { Auto, AllRows };
+
+TokenGemm token_gemm_setting() {
+  const char* v = std::getenv("VARLEN_KERNELS_TOKEN_GEMM");
+  const std::string s = v ? v : "";
+  if (s.empty() || s == "auto") return TokenGemm::Auto;
+  if (s == "all_rows") return TokenGemm::AllRows;
+  TORCH_CHECK(false, "VARLEN_KERNELS_TOKEN_GEMM must be 'auto' or 'all_rows', got '", s, "'");
+}
+
+}  // namespace
+
+TokenPlan make_token_plan(const Tensor& lengths, int64_t T) {
+  TokenPlan p;
+  p.T = T;
+  p.B = lengths.size(0);
+  const Tensor len = p.lengths = lengths.contiguous();
+  std::tie(p.sorted_len, p.perm) = at::sort(len, /*stable=*/true, 0, /*descending=*/true);
+  p.rank = at::empty_like(p.perm).scatter_(0, p.perm, at::arange(p.B, p.perm.options()));
+  // bs[t] = #{b : lengths[b] > t}, a (T, B) comparison: small next to the work
+  // per token, and no sort or scan of the host.
+  const Tensor bs = (len.unsqueeze(0) > at::arange(T, len.options()).unsqueeze(1)).sum(1);
+  p.off = at::zeros({T + 1}, len.options());
+  if (T > 0) p.off.narrow(0, 1, T).copy_(at::cumsum(bs, 0));
+  p.count = p.off.narrow(0, T, 1).to(at::kInt);
+  return p;
+}
+
+Tensor pack_tokens(const Tensor& x, const TokenPlan& p) {
+  TORCH_INTERNAL_ASSERT(x.dim() == 3 && x.size(0) == p.T && x.size(1) == p.B);
+  const int64_t T = p.T, B = p.B, C = x.size(2);
+  const Tensor xc = x.contiguous();
+  Tensor out = at::empty({T * B, C}, x.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "pack_tokens", [&] {
+    cuda::launch(pack_kernel<scalar_t>, cuda::grid_for(T * B * C, kThreads), kThreads, 0,
+                 cuda::current_stream(), xc.const_data_ptr<scalar_t>(),
+                 p.perm.const_data_ptr<int64_t>(), p.off.const_data_ptr<int64_t>(),
+                 out.data_ptr<scalar_t>(), T, B, C);
+  });
+  return out;
+}
+
+Tensor unpack_tokens(const Tensor& packed_in, const TokenPlan& p) {
+  TORCH_INTERNAL_ASSERT(packed_in.dim() == 2 && packed_in.size(0) == p.T * p.B);
+  const Tensor packed = packed_in.stride(1) == 1 ? packed_in : packed_in.contiguous();
+  const int64_t T = p.T, B = p.B, C = packed.size(1);
+  Tensor out = at::empty({T, B, C}, packed.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, packed.scalar_type(),
+                                  "unpack_tokens", [&] {
+    cuda::launch(unpack_kernel<scalar_t>, cuda::grid_for(T * B * C, kThreads), kThreads, 0,
+                 cuda::current_stream(), packed.const_data_ptr<scalar_t>(), packed.stride(0),
+                 p.rank.const_data_ptr<int64_t>(), p.off.const_data_ptr<int64_t>(),
+                 out.data_ptr<scalar_t>(), T, B, C);
+  });
+  return out;
+}
+
+// The grouped GEMM's fast path (a CUTLASS kernel reading its problem sizes
+// from the device) is PyTorch's for bfloat16 on sm_90 and sm_100 in its CUDA
+// builds (not ROCm, not Windows); other types and devices go through a
+// fallback that reads the offsets on the host, which would break the no-sync
+// design, so they take at::mm. Its operands need 16-byte aligned pointers and
+// leading dimensions, and a unit stride in one dimension; its problem sizes
+// are int32.
+bool token_gemm_valid_only(std::initializer_list<const Tensor*> operands) {
+#if defined(USE_ROCM) || defined(_WIN32)
+  return false;
+#endif
+  if (token_gemm_setting() == TokenGemm::AllRows) return false;
+  const int major = cuda::compute_major();
+  if (major != 9 && major != 10) return false;
+  for (const Tensor* t : operands) {
+    if (t->size(0) > std::numeric_limits<int32_t>::max() ||
+        t->size(1) > std::numeric_limits<int32_t>::max())
+      return false;
+    if (t->scalar_type() != at::kBFloat16 || t->dim() != 2) return false;
+    if (reinterpret_cast<uintptr_t>(t->const_data_ptr()) % 16 != 0) return false;
+    const int64_t s0 = t->stride(0), s1 = t->stride(1);
+    if (!((s1 == 1 && s0 % 8 == 0 && s0 >= t->size(1)) ||
+          (s0 == 1 && s1 % 8 == 0 && s1 >= t->size(0))))
+      return false;
+    if (t->size(0) == 0 || t->size(1) == 0) return false;
+  }
+  return true;
+}
+
+Tensor tokens_times(const Tensor& a, const Tensor& w, const TokenPlan& p) {
+  if (token_gemm_valid_only({&a, &w}) && w.size(1) % 8 == 0)
+    return at::_grouped_mm(a, w.unsqueeze(0), p.count);
+  return at::mm(a, w);
+}
+
+Tensor tokens_outer(const Tensor& d, const Tensor& x, const TokenPlan& p) {
+  // Row-major d and x only: PyTorch's set-up of the grouped problem accepts an
+  // empty group (no valid token) for d^T column-major and x row-major alone.
+  if (token_gemm_valid_only({&d, &x}) && d.stride(1) == 1 && x.stride(1) == 1 &&
+      x.size(1) % 8 == 0) {
+    // With no valid token the reduction is empty: the kernel's output is then
+    // not defined to be zero, so it is selected away (never multiplied).
+    const Tensor g = at::_grouped_mm(d.t(), x, p.count).select(0, 0);
+    return at::where(p.count > 0, g, at::zeros({}, g.options()));
+  }
+  return at::mm(d.t(), x);
+}
+
+}  // namespace varlen

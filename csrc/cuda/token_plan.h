@@ -1,0 +1,54 @@
+// The length plan of a CUDA recurrence and the packed token layout it defines,
+// the CPU kernels' layout too (csrc/cpu/masked_rnn_cpu.cpp): the batch ordered
+// by length, longest first (stable in the batch index), so the sequences still
+// running at step t are the prefix [0, bs[t]) of that order; token (t, i) of
+// the i-th longest sequence is row off[t] + i of a (T*B, C) matrix, and the
+// N = off[T] valid tokens are its first N rows. Everything stays on the
+// device: the plan is a few small ATen ops, never read on the host.
+//
+// The GEMMs over tokens (the input projection and the weight and input
+// gradients) take their row count from the device where they can: bfloat16 on
+// sm_90 / sm_100, through at::_grouped_mm with one group whose end is N (a
+// CUTLASS kernel that sizes its tiles from device memory, no host sync), so
+// only the valid tokens are computed. Elsewhere at::mm runs over all T*B rows;
+// rows past N are then zero in every operand, so they add nothing. Setting:
+// VARLEN_KERNELS_TOKEN_GEMM = "auto" (default) or "all_rows" (at::mm always).
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace varlen {
+
+struct TokenPlan {
+  at::Tensor lengths;     // (B,) int64, contiguous
+  at::Tensor sorted_len;  // (B,) int64: lengths, longest first
+  at::Tensor perm;        // (B,) int64: batch index of the i-th longest sequence
+  at::Tensor rank;        // (B,) int64: position of sequence b in that order
+  at::Tensor off;         // (T+1,) int64: off[t] = tokens of the steps before t; off[T] = N
+  at::Tensor count;       // (1,) int32: N, as _grouped_mm's group offsets
+  int64_t T = 0, B = 0;
+};
+
+// lengths: (B,) int64 on the device of the call, values in [0, T] (the
+// kernels assert it; out-of-range values never make these ops read or write
+// out of bounds).
+TokenPlan make_token_plan(const at::Tensor& lengths, int64_t T);
+
+// x (T, B, C) -> (T*B, C) in the packed layout; rows past N are zero.
+at::Tensor pack_tokens(const at::Tensor& x, const TokenPlan& p);
+
+// packed (T*B, C) -> (T, B, C): the valid tokens, exact zeros at padded steps.
+at::Tensor unpack_tokens(const at::Tensor& packed, const TokenPlan& p);
+
+// a (T*B, K) packed times w (K, M): (T*B, M), rows past N unspecified.
+at::Tensor tokens_times(const at::Tensor& a, const at::Tensor& w, const TokenPlan& p);
+
+// d (T*B, M) and x (T*B, K), both packed with rows past N zero: d^T x over
+// the valid tokens, (M, K).
+at::Tensor tokens_outer(const at::Tensor& d, const at::Tensor& x, const TokenPlan& p);
+
+// Whether tokens_times / tokens_outer of these operands take only the valid
+// tokens (one grouped GEMM) rather than all rows.
+bool token_gemm_valid_only(std::initializer_list<const at::Tensor*> operands);
+
+}  // namespace varlen

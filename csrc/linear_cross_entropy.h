@@ -12,17 +12,23 @@
 // computed once); for reduction "none" the backward recomputes each chunk's
 // logits (as in Cut Cross-Entropy).
 //
-// Rows: on the CPU (compact = true) the valid tokens are gathered first, so
-// work is done for them alone; on the GPU (compact = false) every row goes
-// through the GEMMs (finding the valid ones would need a host sync), with the
-// hidden rows of invalid tokens replaced by zeros so that NaN there cannot
-// reach the weight gradient (0 * NaN is NaN).
+// Rows (RowMode):
+//  - Valid (CPU): the valid tokens are gathered first, so work is done for
+//    them alone (finding them is a host sync, free on the CPU);
+//  - Ordered (GPU, where the backend's GEMMs can take a device-side row count:
+//    bfloat16 on sm_90 / sm_100, csrc/cuda/token_plan.h): the rows in an order
+//    with the valid ones first (a stable sort of the mask on the device), and
+//    each chunk's GEMMs cover its rows before the valid count only;
+//  - All (the GPU otherwise): every row goes through the GEMMs.
+// On the GPU the hidden rows of invalid tokens are replaced by zeros, so that
+// NaN there cannot reach the weight gradient (0 * NaN is NaN).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <initializer_list>
 #include <string>
 #include <tuple>
 
@@ -93,6 +99,28 @@ struct CeOps {
   }
 };
 
+// A backend's GEMMs that take a device-side row count: count (1,) int32, rows
+// past it unspecified in `times`' result and zero in `outer`'s operands (see
+// csrc/cuda/token_plan.h).
+struct RowCountGemms {
+  bool (*usable)(std::initializer_list<const at::Tensor*> operands);
+  at::Tensor (*times)(const at::Tensor& a, const at::Tensor& w, const at::Tensor& count);
+  at::Tensor (*outer)(const at::Tensor& d, const at::Tensor& x, const at::Tensor& count);
+};
+
+enum class RowMode { Valid, Ordered, All };
+
+// The rows of a call (checked arguments): Valid where the backend gathers the
+// valid tokens (compact), Ordered where its row-count GEMMs take the weight
+// (and hidden's and weight's rows are 16-byte multiples), else All.
+inline RowMode row_mode(bool compact, const RowCountGemms* gemms, const at::Tensor& weight) {
+  if (compact) return RowMode::Valid;
+  if (gemms != nullptr && weight.size(0) % 8 == 0 && weight.size(1) % 8 == 0 &&
+      gemms->usable({&weight}))
+    return RowMode::Ordered;
+  return RowMode::All;
+}
+
 // Tokens per chunk: about 64 MiB of logits, at least 1.
 inline int64_t linear_ce_chunk(int64_t chunk, int64_t V, const at::Tensor& hidden) {
   if (chunk > 0) return chunk;
@@ -100,14 +128,26 @@ inline int64_t linear_ce_chunk(int64_t chunk, int64_t V, const at::Tensor& hidde
 }
 
 struct LinearCeRows {
+  RowMode mode;
   at::Tensor index;                  // (M,) rows of the full batch, or undefined: all rows
   at::Tensor hidden, target, mask;   // (M, H), (M,), (M,)
+  at::Tensor count;                  // Ordered: (1,) int64, the valid rows (the first ones)
 };
 
 inline LinearCeRows linear_ce_rows(const at::Tensor& hidden, const at::Tensor& target,
-                                   const at::Tensor& mask, bool compact) {
+                                   const at::Tensor& mask, RowMode mode) {
   LinearCeRows r;
-  if (compact) {
+  r.mode = mode;
+  if (mode == RowMode::Ordered) {
+    // Valid rows first, each group in its order: a permutation of all N rows.
+    r.index = std::get<1>(
+        at::sort(mask.logical_not().to(at::kByte), /*stable=*/true, 0, /*descending=*/false));
+    r.mask = mask.index_select(0, r.index);
+    r.hidden = at::where(r.mask.unsqueeze(1), hidden.index_select(0, r.index),
+                         at::zeros({}, hidden.options()));
+    r.target = target.index_select(0, r.index);
+    r.count = mask.sum().reshape({1});
+  } else if (mode == RowMode::Valid) {
     r.index = mask.nonzero().squeeze(1);
     r.hidden = hidden.index_select(0, r.index);
     r.target = target.index_select(0, r.index);
@@ -122,14 +162,21 @@ inline LinearCeRows linear_ce_rows(const at::Tensor& hidden, const at::Tensor& t
 
 inline at::Tensor scatter_rows(const LinearCeRows& rows, const at::Tensor& values, int64_t N) {
   if (!rows.index.defined()) return values;
+  if (rows.mode == RowMode::Ordered) {  // a permutation; rows of invalid tokens zero
+    const at::Tensor m = values.dim() == 2 ? rows.mask.unsqueeze(1) : rows.mask;
+    const at::Tensor v = at::where(m, values, at::zeros({}, values.options()));
+    return at::empty_like(v).index_copy_(0, rows.index, v);
+  }
   std::vector<int64_t> shape = values.sizes().vec();
   shape[0] = N;
   return at::zeros(shape, values.options()).index_copy_(0, rows.index, values);
 }
 
 // Runs the chunks. grad_rows: (M,) d loss / d per-token loss, or undefined for
-// no gradients. Fills loss/lse (M,) if defined, and the gradients.
-inline void linear_ce_chunks(const CeOps& ops, const LinearCeRows& rows, const at::Tensor& weight,
+// no gradients. Fills loss/lse (M,) if defined, and the gradients. gemms: the
+// backend's row-count GEMMs (Ordered rows only).
+inline void linear_ce_chunks(const CeOps& ops, const LinearCeRows& rows,
+                             const RowCountGemms* gemms, const at::Tensor& weight,
                              const c10::optional<at::Tensor>& bias, double eps, int64_t chunk,
                              at::Tensor loss, at::Tensor lse, const at::Tensor& lse_in,
                              const at::Tensor& grad_rows, at::Tensor& grad_hidden,
@@ -147,7 +194,15 @@ inline void linear_ce_chunks(const CeOps& ops, const LinearCeRows& rows, const a
     const int64_t n = std::min(chunk, M - c0);
     const at::Tensor h = rows.hidden.narrow(0, c0, n);
     const at::Tensor t = rows.target.narrow(0, c0, n), m = rows.mask.narrow(0, c0, n);
-    const at::Tensor logits = bias.has_value() ? at::addmm(*bias, h, wt) : at::mm(h, wt);
+    // Ordered rows: the chunk's valid ones are its first `end` (on the device).
+    // With a bias the logits stay one addmm over the chunk (the grouped GEMM
+    // has no bias; a separate pass over the logits would cost what it saves).
+    const at::Tensor end = rows.mode == RowMode::Ordered
+                               ? (rows.count - c0).clamp(0, n).to(at::kInt)
+                               : at::Tensor();
+    const at::Tensor logits = bias.has_value() ? at::addmm(*bias, h, wt)
+                              : end.defined()  ? gemms->times(h, wt, end)
+                                               : at::mm(h, wt);
     at::Tensor chunk_lse;
     if (loss.defined()) {
       auto [l, s] = ops.forward(logits, t, m, eps);
@@ -160,15 +215,21 @@ inline void linear_ce_chunks(const CeOps& ops, const LinearCeRows& rows, const a
     if (!grads) continue;
     const at::Tensor g = ops.backward(grad_rows.narrow(0, c0, n), logits, t, m, chunk_lse, eps);
     at::Tensor gh = grad_hidden.narrow(0, c0, n);
-    at::mm_out(gh, g, weight);
-    if (grad_weight.scalar_type() == g.scalar_type()) grad_weight.addmm_(g.t(), h);
-    else grad_weight.add_(at::mm(g.t(), h));  // half/bfloat16 GEMM, float accumulator
+    if (end.defined()) {  // g is zero at the rows of invalid tokens, as h is
+      gh.copy_(gemms->times(g, weight, end));
+      grad_weight.add_(gemms->outer(g, h, end));  // bfloat16 GEMM, float accumulator
+    } else {
+      at::mm_out(gh, g, weight);
+      if (grad_weight.scalar_type() == g.scalar_type()) grad_weight.addmm_(g.t(), h);
+      else grad_weight.add_(at::mm(g.t(), h));  // half/bfloat16 GEMM, float accumulator
+    }
     grad_bias.add_(g.sum(at::IntArrayRef{0}, /*keepdim=*/false, acc));
   }
 }
 
 // linear_cross_entropy_forward: see csrc/op_schemas.h.
 inline LinearCeResult linear_ce_forward(const std::string& ns, bool compact,
+                                        const RowCountGemms* gemms,
                                         const at::Tensor& hidden, const at::Tensor& weight,
                                         const c10::optional<at::Tensor>& bias,
                                         const at::Tensor& target, const at::Tensor& mask,
@@ -182,7 +243,8 @@ inline LinearCeResult linear_ce_forward(const std::string& ns, bool compact,
   const CeOps ops(ns);
   const int64_t N = hidden.size(0), V = weight.size(0);
   const auto acc = at::toOpMathType(hidden.scalar_type());
-  const LinearCeRows rows = linear_ce_rows(hidden, target, mask, compact);
+  const LinearCeRows rows =
+      linear_ce_rows(hidden, target, mask, row_mode(compact, gemms, weight));
   const int64_t M = rows.hidden.size(0);
   at::Tensor loss_rows = at::empty({M}, hidden.options().dtype(acc));
   at::Tensor lse_rows = at::empty({M}, hidden.options().dtype(acc));
@@ -194,7 +256,7 @@ inline LinearCeResult linear_ce_forward(const std::string& ns, bool compact,
     if (reduction == "mean") grad_rows = grad_rows / count;
   }
   at::Tensor gh, gw, gb;
-  linear_ce_chunks(ops, rows, weight, bias, label_smoothing, linear_ce_chunk(chunk, V, hidden),
+  linear_ce_chunks(ops, rows, gemms, weight, bias, label_smoothing, linear_ce_chunk(chunk, V, hidden),
                    loss_rows, lse_rows, at::Tensor(), grad_rows, gh, gw, gb);
   const at::Tensor per_token = scatter_rows(rows, loss_rows, N);
   at::Tensor loss = reduction == "none"  ? per_token
@@ -209,6 +271,7 @@ inline LinearCeResult linear_ce_forward(const std::string& ns, bool compact,
 
 // linear_cross_entropy_backward: see csrc/op_schemas.h.
 inline LinearCeGrads linear_ce_backward(const std::string& ns, bool compact,
+                                        const RowCountGemms* gemms,
                                         const at::Tensor& grad_loss, const at::Tensor& hidden,
                                         const at::Tensor& weight,
                                         const c10::optional<at::Tensor>& bias,
@@ -223,13 +286,14 @@ inline LinearCeGrads linear_ce_backward(const std::string& ns, bool compact,
   check_same_device(hidden, grad_loss, "grad_loss");
   check_same_device(hidden, lse, "lse");
   const CeOps ops(ns);
-  const LinearCeRows rows = linear_ce_rows(hidden, target, mask, compact);
+  const LinearCeRows rows =
+      linear_ce_rows(hidden, target, mask, row_mode(compact, gemms, weight));
   auto pick = [&](const at::Tensor& t) {
     const at::Tensor v = t.to(acc);
     return rows.index.defined() ? v.index_select(0, rows.index) : v.contiguous();
   };
   at::Tensor gh, gw, gb;
-  linear_ce_chunks(ops, rows, weight, bias, label_smoothing, linear_ce_chunk(chunk, V, hidden),
+  linear_ce_chunks(ops, rows, gemms, weight, bias, label_smoothing, linear_ce_chunk(chunk, V, hidden),
                    at::Tensor(), at::Tensor(), pick(lse), pick(grad_loss), gh, gw, gb);
   return {scatter_rows(rows, gh, N), gw.to(weight.scalar_type()),
           bias.has_value() ? gb.to(weight.scalar_type()) : at::empty({0}, hidden.options())};
@@ -237,7 +301,8 @@ inline LinearCeGrads linear_ce_backward(const std::string& ns, bool compact,
 
 // The ops as registered by a backend: B::kLibrary names the library of its
 // cross-entropy ops, B::kCompact whether the valid rows are gathered first,
-// B::Guard the device guard.
+// B::row_count_gemms() its GEMMs that take a device-side row count (or
+// nullptr), B::Guard the device guard.
 template <typename B>
 LinearCeResult linear_ce_forward_op(const at::Tensor& hidden, const at::Tensor& weight,
                                     const c10::optional<at::Tensor>& bias,
@@ -245,8 +310,9 @@ LinearCeResult linear_ce_forward_op(const at::Tensor& hidden, const at::Tensor& 
                                     double label_smoothing, c10::string_view reduction,
                                     bool compute_grad, int64_t chunk) {
   const typename B::Guard guard(hidden.device());
-  return linear_ce_forward(B::kLibrary, B::kCompact, hidden, weight, bias, target, mask,
-                           label_smoothing, std::string(reduction), compute_grad, chunk);
+  return linear_ce_forward(B::kLibrary, B::kCompact, B::row_count_gemms(), hidden, weight, bias,
+                           target, mask, label_smoothing, std::string(reduction), compute_grad,
+                           chunk);
 }
 
 template <typename B>
@@ -257,8 +323,8 @@ LinearCeGrads linear_ce_backward_op(const at::Tensor& grad_loss, const at::Tenso
                                     const at::Tensor& lse, double label_smoothing,
                                     int64_t chunk) {
   const typename B::Guard guard(hidden.device());
-  return linear_ce_backward(B::kLibrary, B::kCompact, grad_loss, hidden, weight, bias, target,
-                            mask, lse, label_smoothing, chunk);
+  return linear_ce_backward(B::kLibrary, B::kCompact, B::row_count_gemms(), grad_loss, hidden,
+                            weight, bias, target, mask, lse, label_smoothing, chunk);
 }
 
 }  // namespace varlen

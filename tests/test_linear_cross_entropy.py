@@ -248,3 +248,50 @@ def test_bad_input(device):
     bad[0, 0] = 11
     with pytest.raises(RuntimeError, match=r"outside the class range|target out of class range"):
         masked_linear_cross_entropy(hidden, weight, bad, lengths)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("setting", ["auto", "all_rows"])
+def test_bfloat16_gemms_over_valid_rows(bias, reduction, setting, device, monkeypatch):
+    """bfloat16 with 16-byte aligned rows (H = 32, V = 304): on the GPU (and the
+    emulated sm_90) the valid tokens are ordered first on the device and the
+    GEMMs of each chunk take its valid rows alone (grouped GEMMs with a
+    device-side count; chunks of 7 rows, so some are partly and some wholly
+    past the count). Loss and every gradient within 2x the error of F.linear +
+    F.cross_entropy in bfloat16, zero gradient at padding (which holds NaN);
+    VARLEN_KERNELS_TOKEN_GEMM=all_rows gives the same within that bound."""
+    from varlen_kernels.testing import emulation_active
+    monkeypatch.setenv("VARLEN_KERNELS_TOKEN_GEMM", setting)
+    hidden, weight, b, target, lengths, valid = make(T=6, B=5, H=32, V=304, bias=bias,
+                                                     device=device)
+    x64 = hidden.detach()[valid].requires_grad_()
+    exact_per = F.cross_entropy(F.linear(x64, weight, b), target[valid], reduction="none")
+    w = torch.rand(exact_per.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    w = w.to(device)
+    exact = exact_per.mean() if reduction == "mean" else (exact_per * w).sum()
+    g_exact = torch.autograd.grad(exact, [x64, *params(None, weight, b)])
+    low = [None if t is None else t.detach().to(torch.bfloat16).requires_grad_()
+           for t in (hidden, weight, b)]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = masked_linear_cross_entropy(low[0], low[1], target, lengths, bias=low[2],
+                                          reduction=reduction, chunk_size=7)
+        ours = out if reduction == "mean" else (out[valid].double() * w).sum()
+        g_ours = torch.autograd.grad(ours, params(*low))
+    calls = sum(e.count for e in prof.key_averages() if e.key == "aten::_grouped_mm")
+    if emulation_active():
+        assert (calls > 0) == (setting == "auto"), calls
+    assert (g_ours[0][~valid] == 0).all()
+    xl = low[0].detach()[valid].requires_grad_()
+    wl = [t.detach().requires_grad_() for t in low[1:] if t is not None]
+    theirs_per = F.cross_entropy(F.linear(xl, *wl).float(), target[valid], reduction="none")
+    theirs = theirs_per.mean() if reduction == "mean" else (theirs_per.double() * w).sum()
+    g_theirs = torch.autograd.grad(theirs, [xl, *wl])
+    floor = 4 * torch.finfo(torch.bfloat16).eps
+    pairs = [(ours, theirs, exact), (g_ours[0][valid], g_theirs[0], g_exact[0]),
+             *zip(g_ours[1:], g_theirs[1:], g_exact[1:])]
+    for o, t, e in pairs:
+        scale = e.abs().max().clamp_min(1.0)
+        err = ((o.double() - e).abs().max() / scale).item()
+        err_ref = ((t.double() - e).abs().max() / scale).item()
+        assert err <= 2 * max(err_ref, floor), (err, err_ref)

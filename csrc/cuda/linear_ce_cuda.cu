@@ -1,8 +1,12 @@
-// Fused linear + masked cross entropy on the GPU: every row goes through the
-// GEMMs (selecting the valid ones would need a host sync); the cross-entropy
-// kernels of masked_losses_cuda.cu skip the rest (csrc/linear_cross_entropy.h).
+// Fused linear + masked cross entropy on the GPU (csrc/linear_cross_entropy.h):
+// where the GEMMs over tokens can take a device-side row count (bfloat16 on
+// sm_90 / sm_100, token_plan.h), the valid tokens are ordered first on the
+// device and the GEMMs cover them alone; otherwise every row goes through the
+// GEMMs (selecting the valid ones would need a host sync). The cross-entropy
+// kernels of masked_losses_cuda.cu skip the invalid rows either way.
 #include "../linear_cross_entropy.h"
 #include "launch.h"
+#include "token_plan.h"
 
 namespace varlen {
 namespace {
@@ -10,6 +14,10 @@ namespace {
 struct CudaBackend {
   static constexpr const char* kLibrary = VK_CUDA_LIBRARY;
   static constexpr bool kCompact = false;
+  static const RowCountGemms* row_count_gemms() {
+    static const RowCountGemms gemms{token_gemm_valid_only, tokens_times, tokens_outer};
+    return &gemms;
+  }
   using Guard = cuda::DeviceGuard;
 };
 

@@ -297,7 +297,7 @@ struct Prepared {
 Prepared prepare_forward(const RnnSizes& s, const Tokens& tok, const DirectionWeights& w) {
   Prepared f;
   f.s = s;
-  f.gx = tokens_times(tok.x, w.w_ih.t(), tok.plan);
+  f.gx = tokens_times(tok.x, w.w_ih.t(), tok.plan.count);
   std::tie(f.bias, f.b_hn) =
       gate_biases(w.b_ih, w.b_hh, s.cell, s.H, at::toOpMathType(tok.x.scalar_type()));
   return f;
@@ -452,11 +452,11 @@ RnnBackwardResult backward_gemms(const RnnSizes& s, const Tokens& tok, const Ten
   const int64_t H = s.H;
   const auto opts = tok.x.options();
   const Tensor h_prev = states.contiguous().narrow(1, 0, H);
-  Tensor grad_w_ih = tokens_outer(dgx, tok.x, tok.plan);
-  Tensor grad_w_hh = tokens_outer(dgh, h_prev, tok.plan);
+  Tensor grad_w_ih = tokens_outer(dgx, tok.x, tok.plan.count);
+  Tensor grad_w_hh = tokens_outer(dgh, h_prev, tok.plan.count);
   Tensor grad_b_ih = dgx.sum(0);
   Tensor grad_b_hh = cell == Cell::GRU ? dgh.sum(0) : grad_b_ih.clone();
-  Tensor grad_input = unpack_tokens(tokens_times(dgx, w_ih, tok.plan), tok.plan);
+  Tensor grad_input = unpack_tokens(tokens_times(dgx, w_ih, tok.plan.count), tok.plan);
   Tensor grad_c0 = cell == Cell::LSTM ? dc.to(opts.dtype()) : at::empty({0}, opts);
   return {grad_input, dh.to(opts.dtype()), grad_c0, grad_w_ih, grad_w_hh, grad_b_ih,
           grad_b_hh, at::empty({0}, opts)};

@@ -140,21 +140,21 @@ bool token_gemm_valid_only(std::initializer_list<const Tensor*> operands) {
   return true;
 }
 
-Tensor tokens_times(const Tensor& a, const Tensor& w, const TokenPlan& p) {
+Tensor tokens_times(const Tensor& a, const Tensor& w, const Tensor& count) {
   if (token_gemm_valid_only({&a, &w}) && w.size(1) % 8 == 0)
-    return at::_grouped_mm(a, w.unsqueeze(0), p.count);
+    return at::_grouped_mm(a, w.unsqueeze(0), count);
   return at::mm(a, w);
 }
 
-Tensor tokens_outer(const Tensor& d, const Tensor& x, const TokenPlan& p) {
+Tensor tokens_outer(const Tensor& d, const Tensor& x, const Tensor& count) {
   // Row-major d and x only: PyTorch's set-up of the grouped problem accepts an
   // empty group (no valid token) for d^T column-major and x row-major alone.
   if (token_gemm_valid_only({&d, &x}) && d.stride(1) == 1 && x.stride(1) == 1 &&
       x.size(1) % 8 == 0) {
     // With no valid token the reduction is empty: the kernel's output is then
     // not defined to be zero, so it is selected away (never multiplied).
-    const Tensor g = at::_grouped_mm(d.t(), x, p.count).select(0, 0);
-    return at::where(p.count > 0, g, at::zeros({}, g.options()));
+    const Tensor g = at::_grouped_mm(d.t(), x, count).select(0, 0);
+    return at::where(count > 0, g, at::zeros({}, g.options()));
   }
   return at::mm(d.t(), x);
 }

@@ -7,11 +7,12 @@
 // device: the plan is a few small ATen ops, never read on the host.
 //
 // The GEMMs over tokens (the input projection and the weight and input
-// gradients) take their row count from the device where they can: bfloat16 on
-// sm_90 / sm_100, through at::_grouped_mm with one group whose end is N (a
-// CUTLASS kernel that sizes its tiles from device memory, no host sync), so
-// only the valid tokens are computed. Elsewhere at::mm runs over all T*B rows;
-// rows past N are then zero in every operand, so they add nothing. Setting:
+// gradients; the fused linear cross entropy's too) take their row count from
+// the device where they can: bfloat16 on sm_90 / sm_100, through
+// at::_grouped_mm with one group whose end is the count (a CUTLASS kernel that
+// sizes its tiles from device memory, no host sync), so only the valid rows
+// are computed. Elsewhere at::mm runs over all rows; rows past the count are
+// then zero in every operand, so they add nothing. Setting:
 // VARLEN_KERNELS_TOKEN_GEMM = "auto" (default) or "all_rows" (at::mm always).
 #pragma once
 
@@ -40,12 +41,14 @@ at::Tensor pack_tokens(const at::Tensor& x, const TokenPlan& p);
 // packed (T*B, C) -> (T, B, C): the valid tokens, exact zeros at padded steps.
 at::Tensor unpack_tokens(const at::Tensor& packed, const TokenPlan& p);
 
-// a (T*B, K) packed times w (K, M): (T*B, M), rows past N unspecified.
-at::Tensor tokens_times(const at::Tensor& a, const at::Tensor& w, const TokenPlan& p);
+// count: (1,) int32 on the device, the number of leading rows that count
+// (TokenPlan::count for the packed tokens).
+// a (R, K) times w (K, M): (R, M), rows past the count unspecified.
+at::Tensor tokens_times(const at::Tensor& a, const at::Tensor& w, const at::Tensor& count);
 
-// d (T*B, M) and x (T*B, K), both packed with rows past N zero: d^T x over
-// the valid tokens, (M, K).
-at::Tensor tokens_outer(const at::Tensor& d, const at::Tensor& x, const TokenPlan& p);
+// d (R, M) and x (R, K), rows past the count zero in both: d^T x over the
+// rows before the count, (M, K).
+at::Tensor tokens_outer(const at::Tensor& d, const at::Tensor& x, const at::Tensor& count);
 
 // Whether tokens_times / tokens_outer of these operands take only the valid
 // tokens (one grouped GEMM) rather than all rows.

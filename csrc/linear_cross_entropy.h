@@ -112,7 +112,8 @@ enum class RowMode { Valid, Ordered, All };
 
 // The rows of a call (checked arguments): Valid where the backend gathers the
 // valid tokens (compact), Ordered where its row-count GEMMs take the weight
-// (and hidden's and weight's rows are 16-byte multiples), else All.
+// and the GEMMs' leading dimensions (H, and V for the logits and their
+// gradient) are multiples of 8 elements, else All.
 inline RowMode row_mode(bool compact, const RowCountGemms* gemms, const at::Tensor& weight) {
   if (compact) return RowMode::Valid;
   if (gemms != nullptr && weight.size(0) % 8 == 0 && weight.size(1) % 8 == 0 &&
@@ -195,8 +196,8 @@ inline void linear_ce_chunks(const CeOps& ops, const LinearCeRows& rows,
     const at::Tensor h = rows.hidden.narrow(0, c0, n);
     const at::Tensor t = rows.target.narrow(0, c0, n), m = rows.mask.narrow(0, c0, n);
     // Ordered rows: the chunk's valid ones are its first `end` (on the device).
-    // With a bias the logits stay one addmm over the chunk (the grouped GEMM
-    // has no bias; a separate pass over the logits would cost what it saves).
+    // With a bias the logits stay one addmm over the chunk: the grouped GEMM
+    // takes no bias, and adding it would be a separate pass over the logits.
     const at::Tensor end = rows.mode == RowMode::Ordered
                                ? (rows.count - c0).clamp(0, n).to(at::kInt)
                                : at::Tensor();

@@ -14,6 +14,7 @@ without the plain CPU backend: for checks of the CUDA kernels only.
 """
 import contextlib
 import os
+import warnings
 
 import pytest
 import torch
@@ -196,6 +197,41 @@ def check_against_packed(cell, *, num_layers=1, bidirectional=False, batch_first
     for (name, _), gp, gp2 in zip(m.named_parameters(), grads[1 + len(h0s):],
                                   grads2[1 + len(h0s):]):
         torch.testing.assert_close(gp, gp2, **tol, msg=lambda s: f"{name}: {s}")
+
+
+@contextlib.contextmanager
+def grouped_mm_as_on_gpu(backend_device="cpu"):
+    """aten::_grouped_mm on CPU tensors as loose as the GPU kernel (a CUTLASS
+    grouped GEMM that sizes its tiles from the offsets on the device): the rows
+    of a 2-D x 3-D product past the group's end are left unwritten, and a 2-D x
+    2-D product over an empty group is not defined; here both are NaN, so a
+    caller that reads them fails its checks. One group, as our ops use it.
+    Counts its calls in .calls. Does nothing on a real GPU (backend "cuda")."""
+    state = type("GroupedMM", (), {"calls": 0})()
+    if backend_device != "cpu":
+        yield state
+        return
+
+    def grouped_mm(a, b, offs=None, bias=None, out_dtype=None):
+        assert offs is not None and offs.numel() == 1 and bias is None
+        state.calls += 1
+        end = int(offs[0])
+        if b.dim() == 3:  # (R, K) x (1, K, M): rows [0, end) of the result
+            out = torch.full((a.shape[0], b.shape[2]), float("nan"), dtype=a.dtype)
+            out[:end] = (a[:end].double() @ b[0].double()).to(a.dtype)
+            return out
+        if end == 0:  # (M, R) x (R, K) over no row
+            return torch.full((1, a.shape[0], b.shape[1]), float("nan"), dtype=a.dtype)
+        return (a[:, :end].double() @ b[:end].double()).to(a.dtype).unsqueeze(0)
+
+    lib = torch.library.Library("aten", "IMPL")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
+        lib.impl("_grouped_mm", grouped_mm, "CPU")
+    try:
+        yield state
+    finally:
+        lib._destroy()
 
 
 class ShapesCreated(torch.utils._python_dispatch.TorchDispatchMode):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ShapesCreated
+from conftest import ShapesCreated, grouped_mm_as_on_gpu
 from varlen_kernels import MaskedLinearCrossEntropy, masked_cross_entropy, masked_linear_cross_entropy
 
 pytestmark = pytest.mark.usefixtures("device")
@@ -258,33 +258,36 @@ def test_bfloat16_gemms_over_valid_rows(bias, reduction, setting, device, monkey
     emulated sm_90) the valid tokens are ordered first on the device and the
     GEMMs of each chunk take its valid rows alone (grouped GEMMs with a
     device-side count; chunks of 7 rows, so some are partly and some wholly
-    past the count). Loss and every gradient within 2x the error of F.linear +
-    F.cross_entropy in bfloat16, zero gradient at padding (which holds NaN);
-    VARLEN_KERNELS_TOKEN_GEMM=all_rows gives the same within that bound."""
+    past the count; the grouped GEMM's rows past the count NaN, as unwritten
+    on a GPU). Loss and every gradient within 2x the error of F.linear +
+    F.cross_entropy in bfloat16, label smoothing 0.1, zero gradient at padding
+    (which holds NaN); VARLEN_KERNELS_TOKEN_GEMM=all_rows gives the same within
+    that bound."""
     from varlen_kernels.testing import emulation_active
     monkeypatch.setenv("VARLEN_KERNELS_TOKEN_GEMM", setting)
     hidden, weight, b, target, lengths, valid = make(T=6, B=5, H=32, V=304, bias=bias,
                                                      device=device)
     x64 = hidden.detach()[valid].requires_grad_()
-    exact_per = F.cross_entropy(F.linear(x64, weight, b), target[valid], reduction="none")
+    exact_per = F.cross_entropy(F.linear(x64, weight, b), target[valid], reduction="none",
+                                label_smoothing=0.1)
     w = torch.rand(exact_per.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     w = w.to(device)
     exact = exact_per.mean() if reduction == "mean" else (exact_per * w).sum()
     g_exact = torch.autograd.grad(exact, [x64, *params(None, weight, b)])
     low = [None if t is None else t.detach().to(torch.bfloat16).requires_grad_()
            for t in (hidden, weight, b)]
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with grouped_mm_as_on_gpu(device) as grouped:
         out = masked_linear_cross_entropy(low[0], low[1], target, lengths, bias=low[2],
-                                          reduction=reduction, chunk_size=7)
+                                          reduction=reduction, chunk_size=7, label_smoothing=0.1)
         ours = out if reduction == "mean" else (out[valid].double() * w).sum()
         g_ours = torch.autograd.grad(ours, params(*low))
-    calls = sum(e.count for e in prof.key_averages() if e.key == "aten::_grouped_mm")
     if emulation_active():
-        assert (calls > 0) == (setting == "auto"), calls
+        assert (grouped.calls > 0) == (setting == "auto"), grouped.calls
     assert (g_ours[0][~valid] == 0).all()
     xl = low[0].detach()[valid].requires_grad_()
     wl = [t.detach().requires_grad_() for t in low[1:] if t is not None]
-    theirs_per = F.cross_entropy(F.linear(xl, *wl).float(), target[valid], reduction="none")
+    theirs_per = F.cross_entropy(F.linear(xl, *wl).float(), target[valid], reduction="none",
+                                 label_smoothing=0.1)
     theirs = theirs_per.mean() if reduction == "mean" else (theirs_per.double() * w).sum()
     g_theirs = torch.autograd.grad(theirs, [xl, *wl])
     floor = 4 * torch.finfo(torch.bfloat16).eps
@@ -295,3 +298,19 @@ def test_bfloat16_gemms_over_valid_rows(bias, reduction, setting, device, monkey
         err = ((o.double() - e).abs().max() / scale).item()
         err_ref = ((t.double() - e).abs().max() / scale).item()
         assert err <= 2 * max(err_ref, floor), (err, err_ref)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_bfloat16_all_padding_with_gemms_over_valid_rows(reduction, device):
+    """No valid token, bfloat16, 16-byte aligned rows (grouped GEMMs over no
+    row where they run): zero loss and exactly zero gradients."""
+    hidden, weight, _, target, _, _ = make(T=6, B=5, H=32, V=304, bias=False, device=device)
+    low = [t.detach().to(torch.bfloat16).requires_grad_() for t in (hidden, weight)]
+    lengths = torch.zeros(5, dtype=torch.long, device=device)
+    with grouped_mm_as_on_gpu(device):
+        out = masked_linear_cross_entropy(low[0], low[1], target, lengths, reduction=reduction,
+                                          chunk_size=7)
+        grads = torch.autograd.grad(out.sum(), low)
+    assert (out == 0).all()
+    for g in grads:
+        assert (g == 0).all()

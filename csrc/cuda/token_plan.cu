@@ -147,14 +147,12 @@ Tensor tokens_times(const Tensor& a, const Tensor& w, const Tensor& count) {
 }
 
 Tensor tokens_outer(const Tensor& d, const Tensor& x, const Tensor& count) {
-  // Row-major d and x only: PyTorch's set-up of the grouped problem accepts an
-  // empty group (no valid token) for d^T column-major and x row-major alone.
   if (token_gemm_valid_only({&d, &x}) && d.stride(1) == 1 && x.stride(1) == 1 &&
       x.size(1) % 8 == 0) {
-    // With no valid token the reduction is empty: the kernel's output is then
-    // not defined to be zero, so it is selected away (never multiplied).
-    const Tensor g = at::_grouped_mm(d.t(), x, count).select(0, 0);
-    return at::where(count > 0, g, at::zeros({}, g.options()));
+    // A reduction over no row is not defined to give zero in the grouped
+    // kernel; the rows past the count are zero in both operands, so a count
+    // of at least one row gives the same sum and is always defined.
+    return at::_grouped_mm(d.t(), x, count.clamp_min(1)).select(0, 0);
   }
   return at::mm(d.t(), x);
 }

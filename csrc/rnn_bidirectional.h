@@ -120,7 +120,9 @@ inline std::array<DirectionGrads, 2> split_backward_args(
 // rnn_backward's results of the two directions -> the op's: the input
 // gradients summed, the state gradients stacked, the weight gradients in
 // the order of `weights`.
-inline BidirectionalBackwardResult join_backward(const RnnBackwardResult& f,
+// grad_input: the layer's, both directions' together.
+inline BidirectionalBackwardResult join_backward(const at::Tensor& grad_input,
+                                                 const RnnBackwardResult& f,
                                                  const RnnBackwardResult& r, bool lstm,
                                                  bool has_biases, bool proj) {
   std::vector<at::Tensor> grads;
@@ -133,8 +135,14 @@ inline BidirectionalBackwardResult join_backward(const RnnBackwardResult& f,
     }
     if (proj) grads.push_back(std::get<7>(*g));
   }
-  return {std::get<0>(f) + std::get<0>(r), at::stack({std::get<1>(f), std::get<1>(r)}),
+  return {grad_input, at::stack({std::get<1>(f), std::get<1>(r)}),
           lstm ? at::stack({std::get<2>(f), std::get<2>(r)}) : std::get<2>(f), std::move(grads)};
+}
+
+inline BidirectionalBackwardResult join_backward(const RnnBackwardResult& f,
+                                                 const RnnBackwardResult& r, bool lstm,
+                                                 bool has_biases, bool proj) {
+  return join_backward(std::get<0>(f) + std::get<0>(r), f, r, lstm, has_biases, proj);
 }
 
 }  // namespace varlen

@@ -368,6 +368,31 @@ def packed_rows(lengths, T):
     return rows
 
 
+def mm_calls(fn):
+    """The aten::mm calls fn() makes (the profiler sees those made inside the ops)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::mm")
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_bidirectional_layer_gemms_over_tokens(cell):
+    """A bidirectional layer on the persistent path runs one GEMM for both
+    directions' input projection, and in the backward one for the input
+    gradient of both plus the two weight gradients of each; the same values as
+    nn.* + packed."""
+    ref, x, lengths, hx = sample_inputs(cell, T=6, B=9, I=5, H=12, bidirectional=True)
+    m = MaskedRNN.from_torch(ref)
+    x = x.requires_grad_()
+    with rnn_path("persistent"), emulate_cuda(), emulated_device(sm_count=4):
+        out = {}
+        assert mm_calls(lambda: out.setdefault("y", m(x, lengths, hx)[0])) == 1
+        assert mm_calls(lambda: out["y"].nan_to_num().sum().backward()) == 5
+        check_against_packed(cell, num_layers=1, bidirectional=True, device="cpu", T=6, B=9,
+                             H=12, seed=4)
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_paths_agree_on_workspaces(cell, reverse, gpu):
@@ -475,16 +500,18 @@ def grouped_gemms(fn):
 def test_bfloat16_token_gemms_over_valid_tokens(cell, bidirectional, setting, grouped):
     """bfloat16 with 16-byte aligned rows on sm_90 (the emulated device's): the
     input projection, the input gradient and both weight gradients are grouped
-    GEMMs whose row count (the valid tokens) is read on the device, four per
-    direction; 'all_rows' runs at::mm over every row instead. Both are within
+    GEMMs whose row count (the valid tokens) is read on the device (four per
+    layer, six for both directions of a bidirectional one); 'all_rows' runs at::mm over every row instead. Both are within
     2x PyTorch's own bfloat16 error, values and every gradient, with zero-length
     sequences and padding, with the grouped GEMM's rows past the count NaN."""
     T, B, H = 7, 11, 16
     with token_gemm(setting), emulate_cuda(), emulated_device(sm_count=4):
         calls = grouped_gemms(lambda: check_low_precision(cell, torch.bfloat16, T, B, H, "cpu",
                                                           bidirectional))
-    # check_low_precision runs our op in bfloat16 once, forward and backward
-    assert calls == (4 * (2 if bidirectional else 1) if grouped else 0)
+    # check_low_precision runs our op in bfloat16 once, forward and backward; a
+    # bidirectional layer projects its input for both directions at once and
+    # takes the input gradient of both at once
+    assert calls == ((6 if bidirectional else 4) if grouped else 0)
 
 
 @pytest.mark.emulation

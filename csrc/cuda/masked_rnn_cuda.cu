@@ -59,6 +59,7 @@ struct FwdArgs {
   scalar_t* gates;         // token rows of the workspaces
   scalar_t* states;
   int64_t t, T, B, H;
+  int64_t gx_ld;           // gx's row stride
 };
 
 template <typename scalar_t, typename acc_t, Cell K>
@@ -77,7 +78,7 @@ __device__ void forward_step_one(const FwdArgs<scalar_t, acc_t>& a, int64_t idx)
 #pragma unroll
   for (int k = 0; k < G; ++k) hid[k] = acc_t(a.gh[b * G * H + k * H + j]);
   const acc_t h_new = forward_point<scalar_t, acc_t, K>(
-      a.gx + row * G * H + j, a.bias, a.b_hn, j, H, hid, a.h[idx],
+      a.gx + row * a.gx_ld + j, a.bias, a.b_hn, j, H, hid, a.h[idx],
       K == Cell::LSTM ? a.c + idx : nullptr, a.gates + row * GS * H + j,
       a.states + row * S * H + j);
   a.h[idx] = h_new;
@@ -107,6 +108,7 @@ struct BwdArgs {
   scalar_t* dg_step;        // (B, G*H) this step's hidden side in batch order, zero for the
                             // rows not running (the operand of the W_hh GEMM), or nullptr
   int64_t t, T, B, H;
+  int64_t dgx_ld, dgh_ld;   // row strides of dgx and dgh
 };
 
 template <typename scalar_t, typename acc_t, Cell K>
@@ -123,11 +125,11 @@ __device__ void backward_step_one(const BwdArgs<scalar_t, acc_t>& a, int64_t idx
     return;
   }
   const int64_t row = *a.row0 + a.rank[b];
-  scalar_t* gh = a.dgh + row * G * H + j;
+  scalar_t* gh = a.dgh + row * a.dgh_ld + j;
   const acc_t dht = a.dh[idx] + acc_t(a.dy[idx]);
   const acc_t direct = backward_point<scalar_t, acc_t, K>(
       a.gates + row * GS * H + j, a.states + row * S * H + j, H, dht,
-      K == Cell::LSTM ? a.dc + idx : nullptr, a.dgx + row * G * H + j, gh);
+      K == Cell::LSTM ? a.dc + idx : nullptr, a.dgx + row * a.dgx_ld + j, gh);
   a.dh[idx] = direct;  // the W_hh part is added by the GEMM that follows
   if (step) {
 #pragma unroll
@@ -194,7 +196,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_proj_cuda(
                                  nullptr, r_acc.data_ptr<acc_t>(), c.data_ptr<acc_t>(),
                                  r.data_ptr<scalar_t>(), y_scratch.data_ptr<scalar_t>(),
                                  gates.data_ptr<scalar_t>() + t * B * 4 * H,
-                                 st_scratch.data_ptr<scalar_t>(), t, T, B, H};
+                                 st_scratch.data_ptr<scalar_t>(), t, T, B, H, 4 * H};
       if (B * H > 0)
         cuda::launch(forward_step_kernel<scalar_t, acc_t, Cell::LSTM>, blocks, kThreads, 0,
                      stream, a);
@@ -254,7 +256,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_b
                                  st_scratch.const_data_ptr<scalar_t>(),
                                  no_dy.const_data_ptr<scalar_t>(), dr.data_ptr<acc_t>(),
                                  dc.data_ptr<acc_t>(), dgx.data_ptr<scalar_t>() + t * B * 4 * H,
-                                 dgx.data_ptr<scalar_t>() + t * B * 4 * H, nullptr, t, T, B, H};
+                                 dgx.data_ptr<scalar_t>() + t * B * 4 * H, nullptr, t, T, B, H,
+                                 4 * H, 4 * H};
       if (B * H > 0)
         cuda::launch(backward_step_kernel<scalar_t, acc_t, Cell::LSTM>, blocks, kThreads, 0,
                      stream, a);
@@ -291,13 +294,15 @@ Tokens tokens_of(const Tensor& input, const Tensor& lengths, int64_t T) {
 // A checked forward direction without projection, with its input projection.
 struct Prepared {
   RnnSizes s;
-  Tensor gx, bias, b_hn;  // gx (T*B, G*H) packed; bias, b_hn: gate_biases()
+  Tensor gx, bias, b_hn;  // gx (T*B, G*H) packed, rows of any stride; bias, b_hn: gate_biases()
 };
 
-Prepared prepare_forward(const RnnSizes& s, const Tokens& tok, const DirectionWeights& w) {
+// gx: the direction's input projection, or undefined to compute it here.
+Prepared prepare_forward(const RnnSizes& s, const Tokens& tok, const DirectionWeights& w,
+                         const Tensor& gx = {}) {
   Prepared f;
   f.s = s;
-  f.gx = tokens_times(tok.x, w.w_ih.t(), tok.plan.count);
+  f.gx = gx.defined() ? gx : tokens_times(tok.x, w.w_ih.t(), tok.plan.count);
   std::tie(f.bias, f.b_hn) =
       gate_biases(w.b_ih, w.b_hh, s.cell, s.H, at::toOpMathType(tok.x.scalar_type()));
   return f;
@@ -320,7 +325,7 @@ RnnForwardResult forward_per_step(const Prepared& f, const TokenPlan& plan, cons
   Tensor output = at::empty({T, B, H}, opts);
   Tensor gates = at::zeros({T * B, s.GS * H}, opts);  // packed
   Tensor states = at::zeros({T * B, s.S * H}, opts);
-  const Tensor w_hh_t = w_hh.t(), gxc = gx.contiguous();
+  const Tensor w_hh_t = w_hh.t(), gxc = gx.stride(1) == 1 ? gx : gx.contiguous();
   const int64_t* off = plan.off.const_data_ptr<int64_t>();
   const auto stream = cuda::current_stream();
   const unsigned blocks = cuda::grid_for(B * H, kThreads);
@@ -344,7 +349,7 @@ RnnForwardResult forward_per_step(const Prepared& f, const TokenPlan& plan, cons
                                    h_out.data_ptr<scalar_t>(),
                                    output.data_ptr<scalar_t>() + t * B * H,
                                    gates.data_ptr<scalar_t>(), states.data_ptr<scalar_t>(),
-                                   t, T, B, H};
+                                   t, T, B, H, gxc.stride(0)};
         if (B * H > 0)
           cuda::launch(forward_step_kernel<scalar_t, acc_t, K>, blocks, kThreads, 0, stream, a);
       }
@@ -393,12 +398,14 @@ RnnForwardResult rnn_forward_cuda(const Tensor& input, const Tensor& lengths, co
 }
 
 // The per-step backward recurrence: one step kernel and one GEMM per step.
-// Fills dgx, dgh (T*B, G*H, packed) and the math-type gradients of h0 (dh)
+// Fills dgx, dgh (T*B, G*H, packed; dgx is dgx_into where that is defined, a
+// zero block with rows of any stride) and the math-type gradients of h0 (dh)
 // and c0 (dc).
 void rnn_backward_per_step(const RnnSizes& s, const TokenPlan& plan, const Tensor& dy,
                            const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& w_hh,
-                           const Tensor& gates, const Tensor& states, bool reverse, Tensor& dh,
-                           Tensor& dc, Tensor& dgx, Tensor& dgh) {
+                           const Tensor& gates, const Tensor& states, bool reverse,
+                           const Tensor& dgx_into, Tensor& dh, Tensor& dc, Tensor& dgx,
+                           Tensor& dgh) {
   const Cell cell = s.cell;
   const int64_t T = s.T, B = s.B, H = s.H, G = s.G;
   const auto opts = dy.options();
@@ -406,8 +413,9 @@ void rnn_backward_per_step(const RnnSizes& s, const TokenPlan& plan, const Tenso
   // The carried dh and dc stay in the math type across steps.
   dh = at::empty({B, H}, opts.dtype(acc_type)).copy_(grad_h_n);
   dc = cell == Cell::LSTM ? at::empty({B, H}, opts.dtype(acc_type)).copy_(grad_c_n) : Tensor();
-  dgx = at::zeros({T * B, G * H}, opts);
+  dgx = dgx_into.defined() ? dgx_into : at::zeros({T * B, G * H}, opts);
   dgh = cell == Cell::GRU ? at::zeros({T * B, G * H}, opts) : dgx;
+  TORCH_INTERNAL_ASSERT(dgx.stride(1) == 1);
   Tensor dg_step = at::empty({B, G * H}, opts);
   const Tensor gs = gates.contiguous(), st = states.contiguous();
   const int64_t* off = plan.off.const_data_ptr<int64_t>();
@@ -428,7 +436,8 @@ void rnn_backward_per_step(const RnnSizes& s, const TokenPlan& plan, const Tenso
                                    dh.data_ptr<acc_t>(),
                                    K == Cell::LSTM ? dc.data_ptr<acc_t>() : nullptr,
                                    dgx.data_ptr<scalar_t>(), dgh.data_ptr<scalar_t>(),
-                                   dg_step.data_ptr<scalar_t>(), t, T, B, H};
+                                   dg_step.data_ptr<scalar_t>(), t, T, B, H, dgx.stride(0),
+                                   dgh.stride(0)};
         if (B * H > 0)
           cuda::launch(backward_step_kernel<scalar_t, acc_t, K>, blocks, kThreads, 0, stream, a);
         // Rows past their length have zero dg_step, so their carried dh is unchanged.
@@ -442,12 +451,12 @@ void rnn_backward_per_step(const RnnSizes& s, const TokenPlan& plan, const Tenso
 }
 
 // The gradients that follow from the recurrence's: the weights', biases' and
-// input's (GEMMs over the tokens; rows of dgx / dgh, of the packed input and
-// of the states past the valid tokens are zero), and h0's / c0's in the
-// storage type.
+// (with_input) the input's (GEMMs over the tokens; rows of dgx / dgh, of the
+// packed input and of the states past the valid tokens are zero), and h0's /
+// c0's in the storage type.
 RnnBackwardResult backward_gemms(const RnnSizes& s, const Tokens& tok, const Tensor& w_ih,
                                  const Tensor& states, const Tensor& dgx, const Tensor& dgh,
-                                 const Tensor& dh, const Tensor& dc) {
+                                 const Tensor& dh, const Tensor& dc, bool with_input = true) {
   const Cell cell = s.cell;
   const int64_t H = s.H;
   const auto opts = tok.x.options();
@@ -456,7 +465,9 @@ RnnBackwardResult backward_gemms(const RnnSizes& s, const Tokens& tok, const Ten
   Tensor grad_w_hh = tokens_outer(dgh, h_prev, tok.plan.count);
   Tensor grad_b_ih = dgx.sum(0);
   Tensor grad_b_hh = cell == Cell::GRU ? dgh.sum(0) : grad_b_ih.clone();
-  Tensor grad_input = unpack_tokens(tokens_times(dgx, w_ih, tok.plan.count), tok.plan);
+  Tensor grad_input = with_input
+                          ? unpack_tokens(tokens_times(dgx, w_ih, tok.plan.count), tok.plan)
+                          : Tensor();
   Tensor grad_c0 = cell == Cell::LSTM ? dc.to(opts.dtype()) : at::empty({0}, opts);
   return {grad_input, dh.to(opts.dtype()), grad_c0, grad_w_ih, grad_w_hh, grad_b_ih,
           grad_b_hh, at::empty({0}, opts)};
@@ -485,17 +496,18 @@ PreparedBackward prepare_backward(const Tensor& grad_output, const Tensor& grad_
 
 // One direction's recurrence: persistent where it fits, else per step.
 // Returns (dgx, dgh, grad_h0, grad_c0) as rnn_backward_persistent.
+// dgx_into: as rnn_backward_per_step's.
 PersistentBackwardResult backward_direction(const PreparedBackward& b, const TokenPlan& plan,
                                             const Tensor& grad_h_n, const Tensor& grad_c_n,
                                             const Tensor& w_hh, const Tensor& gates,
-                                            const Tensor& states, bool reverse) {
-  if (auto r = rnn_backward_persistent(b.s.cell,
-                                       {{b.dy, grad_h_n, grad_c_n, w_hh, gates, states, reverse}},
-                                       plan))
+                                            const Tensor& states, bool reverse,
+                                            const Tensor& dgx_into = {}) {
+  if (auto r = rnn_backward_persistent(
+          b.s.cell, {{b.dy, grad_h_n, grad_c_n, w_hh, gates, states, reverse, dgx_into}}, plan))
     return r->front();
   Tensor dh, dc, dgx, dgh;
-  rnn_backward_per_step(b.s, plan, b.dy, grad_h_n, grad_c_n, w_hh, gates, states, reverse, dh, dc,
-                        dgx, dgh);
+  rnn_backward_per_step(b.s, plan, b.dy, grad_h_n, grad_c_n, w_hh, gates, states, reverse,
+                        dgx_into, dh, dc, dgx, dgh);
   return {dgx, dgh, dh, dc};
 }
 
@@ -523,10 +535,12 @@ RnnBackwardResult rnn_backward_cuda(const Tensor& grad_output, const Tensor& gra
 }
 
 // ------------------------------------------------------- both directions
-// Without projection, both directions' recurrences in one persistent launch
-// where they fit together, else each direction as rnn_forward / rnn_backward
-// runs it, one after the other; one length plan and one packed input for
-// both.
+// Without projection: one length plan and one packed input for both
+// directions, one input projection GEMM for both (the directions' gx are
+// column blocks of it) and one input-gradient GEMM (their dgx are column
+// blocks of one matrix); both recurrences in one persistent launch where they
+// fit together, else each direction as rnn_forward / rnn_backward runs it,
+// one after the other.
 BidirectionalForwardResult rnn_bidirectional_forward_cuda(const Tensor& input, const Tensor& lengths,
                                                 const Tensor& h0,
                                                 const c10::optional<Tensor>& c0,
@@ -551,8 +565,10 @@ BidirectionalForwardResult rnn_bidirectional_forward_cuda(const Tensor& input, c
                                   w[d].b_hh, cell);
   const cuda::DeviceGuard guard(input.device());
   const Tokens tok = tokens_of(input, lengths, s[0].T);
-  const std::array<Prepared, 2> f{prepare_forward(s[0], tok, w[0]),
-                                  prepare_forward(s[1], tok, w[1])};
+  const int64_t GH = s[0].G * s[0].H;
+  const Tensor gx = tokens_times(tok.x, at::cat({w[0].w_ih, w[1].w_ih}).t(), tok.plan.count);
+  const std::array<Prepared, 2> f{prepare_forward(s[0], tok, w[0], gx.narrow(1, 0, GH)),
+                                  prepare_forward(s[1], tok, w[1], gx.narrow(1, GH, GH))};
   if (auto both = rnn_forward_persistent(
           f[0].s.cell,
           {persistent_operands(f[0], h0d[0], c0d[0], w[0].w_hh, false),
@@ -587,23 +603,31 @@ BidirectionalBackwardResult rnn_bidirectional_backward_cuda(
                             w[d].w_ih, w[d].w_hh, g[d].gates, g[d].states, cell);
   const cuda::DeviceGuard guard(input.device());
   const Tokens tok = tokens_of(input, lengths, b[0].s.T);
+  const int64_t GH = b[0].s.G * b[0].s.H;
+  const Tensor dgx = at::zeros({b[0].s.T * b[0].s.B, 2 * GH}, b[0].dy.options());
+  const std::array<Tensor, 2> dgxd{dgx.narrow(1, 0, GH), dgx.narrow(1, GH, GH)};
   std::array<PersistentBackwardResult, 2> rec;
   if (auto both = rnn_backward_persistent(
           b[0].s.cell,
-          {{b[0].dy, g[0].grad_h_n, g[0].grad_c_n, w[0].w_hh, g[0].gates, g[0].states, false},
-           {b[1].dy, g[1].grad_h_n, g[1].grad_c_n, w[1].w_hh, g[1].gates, g[1].states, true}},
+          {{b[0].dy, g[0].grad_h_n, g[0].grad_c_n, w[0].w_hh, g[0].gates, g[0].states, false,
+            dgxd[0]},
+           {b[1].dy, g[1].grad_h_n, g[1].grad_c_n, w[1].w_hh, g[1].gates, g[1].states, true,
+            dgxd[1]}},
           tok.plan)) {
     rec = {(*both)[0], (*both)[1]};
   } else {
     for (int d = 0; d < 2; ++d)
       rec[d] = backward_direction(b[d], tok.plan, g[d].grad_h_n, g[d].grad_c_n, w[d].w_hh,
-                                  g[d].gates, g[d].states, d == 1);
+                                  g[d].gates, g[d].states, d == 1, dgxd[d]);
   }
   for (int d = 0; d < 2; ++d) {
-    const auto& [dgx, dgh, dh, dc] = rec[d];
-    r[d] = backward_gemms(b[d].s, tok, w[d].w_ih, g[d].states, dgx, dgh, dh, dc);
+    const auto& [dgx_d, dgh_d, dh, dc] = rec[d];
+    r[d] = backward_gemms(b[d].s, tok, w[d].w_ih, g[d].states, dgx_d, dgh_d, dh, dc,
+                          /*with_input=*/false);
   }
-  return join_backward(r[0], r[1], lstm, has_biases, false);
+  const Tensor grad_input = unpack_tokens(
+      tokens_times(dgx, at::cat({w[0].w_ih, w[1].w_ih}), tok.plan.count), tok.plan);
+  return join_backward(grad_input, r[0], r[1], lstm, has_biases, false);
 }
 
 }  // namespace

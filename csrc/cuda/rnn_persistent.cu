@@ -116,7 +116,7 @@ struct FwdParams {
   const int64_t* perm;        // (B,) batch index of each row of that order
   const int64_t* off;         // (T+1,) first token row of each step (token_plan.h)
   const scalar_t* w_hh;       // (G*H, H)
-  const scalar_t* gx;         // (T*B, G*H) x W_ih^T, storage type, packed
+  const scalar_t* gx;         // (T*B, G*H) x W_ih^T, storage type, packed, row stride gx_ld
   const acc_t* bias;          // (G*H,) folded biases or nullptr
   const acc_t* b_hn;          // (H,) GRU's b_hn or nullptr
   const scalar_t* h0;         // (B, H)
@@ -128,7 +128,7 @@ struct FwdParams {
   scalar_t* states;           // (T*B, S*H) workspace, packed, zero-initialized
   scalar_t* h_n;              // (B, H)
   scalar_t* c_n;              // (B, H) LSTM only
-  int64_t T, B, H;
+  int64_t T, B, H, gx_ld;
   int units;                  // Hs, hidden units per CTA
   bool reverse;
 };
@@ -189,7 +189,7 @@ __device__ __forceinline__ void forward_cell(const FwdParams<scalar_t, acc_t>& p
   constexpr int G = num_gates(K), GS = num_saved_gates(K), S = num_states(K);
   const int64_t H = p.H, row = s.row0 + i;
   const acc_t h = forward_point<scalar_t, acc_t, K>(
-      p.gx + row * G * H + j, p.bias, p.b_hn, j, H, hid, s.hin[i * H + j],
+      p.gx + row * p.gx_ld + j, p.bias, p.b_hn, j, H, hid, s.hin[i * H + j],
       K == Cell::LSTM ? p.cbuf + i * H + j : nullptr, p.gates + row * GS * H + j,
       p.states + row * S * H + j);
   s.hout[i * H + j] = h;
@@ -280,11 +280,12 @@ struct BwdParams {
   const acc_t* grad_c_n;      // (B, H) LSTM only
   acc_t* carry;               // (B, H) length order: d h' not passing through W_hh
   acc_t* dcbuf;               // (B, H) length order: LSTM's d c'
-  scalar_t* dgx;              // (T*B, G*H) packed, zero-initialized
-  scalar_t* dgh;              // (T*B, G*H) likewise; aliases dgx unless GRU
+  scalar_t* dgx;              // (T*B, G*H) packed, zero-initialized, row stride dgx_ld
+  scalar_t* dgh;              // likewise (row stride dgh_ld); aliases dgx unless GRU
   acc_t* grad_h0;             // (B, H)
   acc_t* grad_c0;             // (B, H) LSTM only
   int64_t T, B, H, G;          // G: gate blocks of H
+  int64_t dgx_ld, dgh_ld;
   int units;
   bool reverse;
 };
@@ -314,7 +315,7 @@ __device__ __forceinline__ BwdStep<scalar_t> backward_step(const BwdParams<scala
   s.nprev = step > 0 ? count_running(p.sorted_len, p.B, s.tp) : 0;
   s.n = s.nrun > s.nprev ? s.nrun : s.nprev;
   s.row0 = last ? 0 : p.off[s.t];
-  s.dg_prev = p.dgh + (step > 0 ? p.off[s.tp] : 0) * p.G * p.H;
+  s.dg_prev = p.dgh + (step > 0 ? p.off[s.tp] : 0) * p.dgh_ld;
   return s;
 }
 
@@ -353,14 +354,15 @@ __device__ __forceinline__ void backward_cell(const BwdParams<scalar_t, acc_t>& 
                                               const BwdStep<scalar_t>& s, int64_t i, int64_t j,
                                               acc_t prod) {
   constexpr int GS = num_saved_gates(K), S = num_states(K);
-  const int64_t H = p.H, GH = p.G * H;
+  const int64_t H = p.H;
   acc_t* carry = p.carry + i * H + j;
   if (i < s.nrun) {
     const int64_t row = s.row0 + i;
     const acc_t dh = *carry + prod + acc_t(p.dy[(s.t * p.B + p.perm[i]) * H + j]);
     *carry = backward_point<scalar_t, acc_t, K>(
         p.gates + row * GS * H + j, p.states + row * S * H + j, H, dh,
-        K == Cell::LSTM ? p.dcbuf + i * H + j : nullptr, p.dgx + row * GH + j, p.dgh + row * GH + j);
+        K == Cell::LSTM ? p.dcbuf + i * H + j : nullptr, p.dgx + row * p.dgx_ld + j,
+        p.dgh + row * p.dgh_ld + j);
   } else {
     *carry += prod;  // finished: this is d h0
   }
@@ -401,7 +403,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_backward_kernel(Direct
           for (int idx = tid; idx < rows * kChunk; idx += kThreads) {
             const int r = idx / kChunk, kk = idx % kChunk;
             const int64_t m = m0 + kk;
-            ds[kk * RBp + r] = m < GH ? acc_t(s.dg_prev[(row0 + r) * GH + m]) : acc_t(0);
+            ds[kk * RBp + r] = m < GH ? acc_t(s.dg_prev[(row0 + r) * p.dgh_ld + m]) : acc_t(0);
           }
           __syncthreads();
           if (owns && rg < rows) {
@@ -668,7 +670,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             const int r = idx / kc, kk = idx % kc;
             const int64_t m = m0 + kk;
             as[r * g.lda + kk] = (r < with_prev && m < GH)
-                                     ? tc_operand(s.dg_prev[(row0 + r) * GH + m])
+                                     ? tc_operand(s.dg_prev[(row0 + r) * p.dgh_ld + m])
                                      : scalar_t(0);
           }
         });
@@ -814,7 +816,8 @@ std::optional<std::vector<RnnForwardResult>> rnn_forward_persistent(
       result.emplace();
       for (size_t d = 0; d < dirs.size(); ++d) {
         const PersistentForward& in = dirs[d];
-        const Tensor w = in.w_hh.contiguous(), h0c = in.h0.contiguous(), gx = in.gx.contiguous();
+        const Tensor w = in.w_hh.contiguous(), h0c = in.h0.contiguous();
+        const Tensor gx = in.gx.stride(1) == 1 ? in.gx : in.gx.contiguous();
         const Tensor c0c = K == Cell::LSTM ? in.c0.contiguous() : Tensor();
         keep.insert(keep.end(), {w, h0c, gx, c0c});
         Tensor hbuf = at::empty({2, B, H}, opts.dtype(acc_type));
@@ -836,7 +839,7 @@ std::optional<std::vector<RnnForwardResult>> rnn_forward_persistent(
             hbuf.data_ptr<acc_t>(), K == Cell::LSTM ? cbuf.data_ptr<acc_t>() : nullptr,
             output.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), states.data_ptr<scalar_t>(),
             h_n.data_ptr<scalar_t>(), K == Cell::LSTM ? c_n.data_ptr<scalar_t>() : nullptr,
-            T, B, H, l.units, in.reverse};
+            T, B, H, gx.stride(0), l.units, in.reverse};
         result->emplace_back(output, h_n, c_n, gates, states);
       }
       args.ctas = l.ctas;
@@ -883,8 +886,9 @@ std::optional<std::vector<PersistentBackwardResult>> rnn_backward_persistent(
         Tensor carry = at::empty({B, H}, opts.dtype(acc_type));
         Tensor dcbuf = K == Cell::LSTM ? at::empty({B, H}, opts.dtype(acc_type)) : Tensor();
         keep.insert(keep.end(), {w, gs, st, dy, ghn, gcn, carry, dcbuf});
-        Tensor dgx = at::zeros({T * B, G * H}, opts);
+        Tensor dgx = in.dgx.defined() ? in.dgx : at::zeros({T * B, G * H}, opts);
         Tensor dgh = K == Cell::GRU ? at::zeros({T * B, G * H}, opts) : dgx;
+        TORCH_INTERNAL_ASSERT(dgx.stride(1) == 1 && dgx.size(0) == T * B && dgx.size(1) == G * H);
         Tensor grad_h0 = at::empty({B, H}, opts.dtype(acc_type));
         Tensor grad_c0 = K == Cell::LSTM ? at::empty({B, H}, opts.dtype(acc_type)) : Tensor();
         args.d[d] = BwdParams<scalar_t, acc_t>{
@@ -895,8 +899,8 @@ std::optional<std::vector<PersistentBackwardResult>> rnn_backward_persistent(
             ghn.const_data_ptr<acc_t>(), K == Cell::LSTM ? gcn.const_data_ptr<acc_t>() : nullptr,
             carry.data_ptr<acc_t>(), K == Cell::LSTM ? dcbuf.data_ptr<acc_t>() : nullptr,
             dgx.data_ptr<scalar_t>(), dgh.data_ptr<scalar_t>(), grad_h0.data_ptr<acc_t>(),
-            K == Cell::LSTM ? grad_c0.data_ptr<acc_t>() : nullptr, T, B, H, G, l.units,
-            in.reverse};
+            K == Cell::LSTM ? grad_c0.data_ptr<acc_t>() : nullptr, T, B, H, G, dgx.stride(0),
+            dgh.stride(0), l.units, in.reverse};
         result->emplace_back(dgx, dgh, grad_h0, grad_c0);
       }
       args.ctas = l.ctas;

@@ -53,7 +53,8 @@ enum class RnnPath { Auto, Persistent, PerStep };
 RnnPath rnn_path_setting();  // reads VARLEN_KERNELS_RNN_PATH, checks its value
 
 // One direction's operands of the persistent forward. gx: (T*B, G*H) input
-// projection in the storage type, packed (token_plan.h); h0, c0: (B, H) (c0
+// projection in the storage type, packed (token_plan.h), rows of any stride
+// (a bidirectional layer's directions are column blocks of one); h0, c0: (B, H) (c0
 // for LSTM only); bias / b_hn: gate_biases() (undefined when there are none).
 struct PersistentForward {
   at::Tensor gx, h0, c0, w_hh, bias, b_hn;
@@ -69,10 +70,14 @@ std::optional<std::vector<RnnForwardResult>> rnn_forward_persistent(
     Cell cell, const std::vector<PersistentForward>& dirs, const TokenPlan& plan);
 
 // One direction's operands of the persistent backward. dy: (T, B, H),
-// storage type; grad_h_n / grad_c_n: (B, H) (grad_c_n unused unless LSTM).
+// storage type; grad_h_n / grad_c_n: (B, H) (grad_c_n unused unless LSTM);
+// dgx: where the input side's pre-activation gradients go, a zero (T*B, G*H)
+// block with rows of any stride (a column block of both directions' one), or
+// undefined for a fresh one.
 struct PersistentBackward {
   at::Tensor dy, grad_h_n, grad_c_n, w_hh, gates, states;
   bool reverse;
+  at::Tensor dgx = {};
 };
 
 // (dgx, dgh, grad_h0, grad_c0): the pre-activation gradients (T*B, G*H),

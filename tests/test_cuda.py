@@ -236,17 +236,22 @@ def test_grid_stride_loops_go_round(cell):
 
 
 @contextlib.contextmanager
-def rnn_path(path):
-    """Forces the CUDA RNN path: 'persistent', 'per_step' or 'auto'."""
-    old = os.environ.get("VARLEN_KERNELS_RNN_PATH")
-    os.environ["VARLEN_KERNELS_RNN_PATH"] = path
+def env_setting(name, value):
+    """Sets the environment variable `name` to `value` for the block."""
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if old is None:
-            del os.environ["VARLEN_KERNELS_RNN_PATH"]
+            del os.environ[name]
         else:
-            os.environ["VARLEN_KERNELS_RNN_PATH"] = old
+            os.environ[name] = old
+
+
+def rnn_path(path):
+    """Forces the CUDA RNN path: 'persistent', 'per_step' or 'auto'."""
+    return env_setting("VARLEN_KERNELS_RNN_PATH", path)
 
 
 @contextlib.contextmanager
@@ -471,18 +476,9 @@ def test_workspaces_are_the_cpu_kernels_layout(cell, path):
             torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-13)
 
 
-@contextlib.contextmanager
 def token_gemm(setting):
     """Forces VARLEN_KERNELS_TOKEN_GEMM: 'auto' or 'all_rows'."""
-    old = os.environ.get("VARLEN_KERNELS_TOKEN_GEMM")
-    os.environ["VARLEN_KERNELS_TOKEN_GEMM"] = setting
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["VARLEN_KERNELS_TOKEN_GEMM"]
-        else:
-            os.environ["VARLEN_KERNELS_TOKEN_GEMM"] = old
+    return env_setting("VARLEN_KERNELS_TOKEN_GEMM", setting)
 
 
 def grouped_gemms(fn):

@@ -444,33 +444,41 @@ def test_paths_agree_on_workspaces(cell, reverse, gpu):
 
 
 @pytest.mark.emulation
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", CELLS + ["lstm_proj"])
 @pytest.mark.parametrize("path", ["persistent", "per_step"])
 def test_workspaces_are_the_cpu_kernels_layout(cell, path):
     """One workspace layout on every backend: the CUDA kernels' workspaces equal
     the CPU kernels' in their valid rows, both directions, and the backward of
-    either takes the other's."""
-    T, B, H = 5, 6, 12
+    either takes the other's (lstm_proj: an LSTM with proj_size 5, per step on
+    CUDA whatever the path setting)."""
+    T, B, H, P = 5, 6, 12, 5
     lengths = (5, 0, 2, 5, 1, 3)
+    proj = cell == "lstm_proj"
+    cell = "lstm" if proj else cell
     args = layer_args(cell, "cpu", False, T=T, B=B, I=4, H=H, lengths=lengths, seed=4)
+    w_hr = []
+    if proj:  # h0 and W_hh over P features, and W_hr
+        args[2], args[5] = args[2][:, :P].clone(), args[5][:, :P].clone()
+        w_hr = [torch.randn(P, H, dtype=torch.float64)]
     n = sum(lengths)
     g = torch.Generator().manual_seed(5)
     for reverse in (False, True):
-        cpu = torch.ops.varlen_kernels.rnn_forward(*args, cell, reverse)
+        cpu = torch.ops.varlen_kernels.rnn_forward(*args, cell, reverse, *w_hr)
         grads = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in cpu[:3]]
         x, lens, _, _, w_ih, w_hh = args[:6]
         cpu_back = torch.ops.varlen_kernels.rnn_backward(*grads, x, lens, w_ih, w_hh, *cpu[3:],
-                                                         cell, reverse)
+                                                         cell, reverse, *w_hr)
         with rnn_path(path), emulate_cuda(), emulated_device(sm_count=2):
-            emu = torch.ops.varlen_kernels.rnn_forward(*args, cell, reverse)
+            emu = torch.ops.varlen_kernels.rnn_forward(*args, cell, reverse, *w_hr)
             emu_back = torch.ops.varlen_kernels.rnn_backward(*grads, x, lens, w_ih, w_hh,
-                                                             *cpu[3:], cell, reverse)
+                                                             *cpu[3:], cell, reverse, *w_hr)
         for a, b in zip(cpu[:3], emu[:3]):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
         for a, b in zip(cpu[3:], emu[3:]):
+            assert (b[n:] == 0).all()
             torch.testing.assert_close(a[:n], b[:n], rtol=1e-12, atol=1e-13)
         cpu_from_emu = torch.ops.varlen_kernels.rnn_backward(*grads, x, lens, w_ih, w_hh,
-                                                             *emu[3:], cell, reverse)
+                                                             *emu[3:], cell, reverse, *w_hr)
         for a, b, c in zip(cpu_back, emu_back, cpu_from_emu):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
             torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-13)

@@ -17,8 +17,7 @@
 // float. The biases are added in the step kernel, in the math type, not
 // folded into the storage-type projection.
 // Workspaces: gates (T*B, GS*H) and states (T*B, S*H), packed, rows past the
-// valid tokens zero. The projection LSTM runs in the padded layout inside and
-// packs its workspaces on the way out.
+// valid tokens zero (the projection LSTM's too).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -146,137 +145,6 @@ __global__ void backward_step_kernel(BwdArgs<scalar_t, acc_t> a) {
 
 int64_t step_order(int64_t k, int64_t T, bool descending) { return descending ? T - 1 - k : k; }
 
-// LSTM with a projection (nn.LSTM's proj_size): the step kernel computes
-// r = o * tanh(c) for the running rows into a scratch block, one GEMM projects
-// all B rows, h = W_hr r, and the running rows commit it (state, output);
-// the others keep their state and get a zero output. Workspaces: gates
-// (T*B, 4H); states (T*B, 2H + P) = [r | c_prev | h_prev], built in the padded
-// layout (row t*B + b; the step kernel gets the identity plan) and packed at
-// the end. Arguments checked by check_proj_forward_args.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_proj_cuda(
-    const ProjSizes& s, const Tensor& input, const Tensor& lengths, const Tensor& h0,
-    const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
-    const c10::optional<Tensor>& b_hh, const Tensor& w_hr, bool reverse) {
-  const int64_t T = s.T, B = s.B, I = s.I, H = s.H, P = s.P;
-  const auto opts = input.options();
-  const auto acc_type = at::toOpMathType(input.scalar_type());
-  const Tensor len = lengths.contiguous();
-  const Tensor gx = at::mm(input.reshape({T * B, I}), w_ih.t());
-  const Tensor ident = at::arange(B, len.options()), no_row = at::zeros({1}, len.options());
-  const auto biases = gate_biases(b_ih, b_hh, Cell::LSTM, H, acc_type);
-  const Tensor& bias = biases.first;
-  Tensor h = at::empty({B, P}, opts.dtype(acc_type)).copy_(h0);
-  Tensor h_out = at::empty({B, P}, opts).copy_(h0);
-  Tensor c = at::empty({B, H}, opts.dtype(acc_type)).copy_(c0);
-  Tensor r_acc = at::zeros({B, H}, opts.dtype(acc_type));  // the kernel's state slot (unused)
-  Tensor r = at::zeros({B, H}, opts);                       // o * tanh(c), storage type
-  Tensor y_scratch = at::empty({B, H}, opts);
-  Tensor st_scratch = at::empty({B, 2 * H}, opts);
-  Tensor gh = at::empty({B, 4 * H}, opts);
-  Tensor output = at::empty({T, B, P}, opts);
-  Tensor gates = at::empty({T * B, 4 * H}, opts);  // row t * B + b: step t of sequence b
-  Tensor states = at::empty({T * B, 2 * H + P}, opts);
-  const Tensor w_hh_t = w_hh.t(), w_hr_t = w_hr.t(), zero = at::zeros({}, opts);
-  const auto stream = cuda::current_stream();
-  const unsigned blocks = cuda::grid_for(B * H, kThreads);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
-                                  "rnn_forward_proj_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    for (int64_t step = 0; step < T; ++step) {
-      const int64_t t = step_order(step, T, reverse);
-      const Tensor active = (len > t).unsqueeze(1);  // (B, 1), on the device
-      Tensor st = states.narrow(0, t * B, B);
-      st.narrow(1, 2 * H, P).copy_(at::where(active, h_out, zero));
-      at::mm_out(gh, h_out, w_hh_t);
-      FwdArgs<scalar_t, acc_t> a{len.const_data_ptr<int64_t>(), ident.const_data_ptr<int64_t>(),
-                                 no_row.const_data_ptr<int64_t>(),
-                                 gx.const_data_ptr<scalar_t>() + t * B * 4 * H,
-                                 gh.const_data_ptr<scalar_t>(),
-                                 bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr,
-                                 nullptr, r_acc.data_ptr<acc_t>(), c.data_ptr<acc_t>(),
-                                 r.data_ptr<scalar_t>(), y_scratch.data_ptr<scalar_t>(),
-                                 gates.data_ptr<scalar_t>() + t * B * 4 * H,
-                                 st_scratch.data_ptr<scalar_t>(), t, T, B, H, 4 * H};
-      if (B * H > 0)
-        cuda::launch(forward_step_kernel<scalar_t, acc_t, Cell::LSTM>, blocks, kThreads, 0,
-                     stream, a);
-      st.narrow(1, 0, H).copy_(at::where(active, r, zero));
-      st.narrow(1, H, H).copy_(st_scratch.narrow(1, H, H));
-      const Tensor hp = at::mm(r, w_hr_t);  // (B, P); committed by the running rows only
-      h.copy_(at::where(active, hp.to(acc_type), h));
-      h_out.copy_(at::where(active, hp, h_out));
-      output[t].copy_(at::where(active, hp, zero));
-    }
-  });
-  const TokenPlan plan = make_token_plan(lengths, T);
-  return {output, h.to(input.scalar_type()), c.to(input.scalar_type()),
-          pack_tokens(gates.view({T, B, 4 * H}), plan),
-          pack_tokens(states.view({T, B, 2 * H + P}), plan)};
-}
-
-// Arguments checked by check_proj_backward_args, but for the workspaces' rows.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_proj_cuda(
-    const ProjSizes& s, const Tensor& grad_output, const Tensor& grad_h_n,
-    const Tensor& grad_c_n, const Tensor& input, const Tensor& lengths, const Tensor& w_ih,
-    const Tensor& w_hh, const Tensor& gates_packed, const Tensor& states_packed,
-    const Tensor& w_hr, bool reverse) {
-  const int64_t T = s.T, B = s.B, I = s.I, H = s.H, P = s.P;
-  check_workspace_shapes(gates_packed, states_packed, T, B, 4 * H, 2 * H + P);
-  const TokenPlan plan = make_token_plan(lengths, T);
-  const Tensor gates = unpack_tokens(gates_packed, plan).view({T * B, 4 * H});
-  const Tensor states = unpack_tokens(states_packed, plan).view({T * B, 2 * H + P});
-  const auto opts = input.options();
-  const auto acc_type = at::toOpMathType(input.scalar_type());
-  const Tensor len = plan.lengths;
-  const Tensor ident = at::arange(B, len.options()), no_row = at::zeros({1}, len.options());
-  const Tensor dy = grad_output.to(input.scalar_type()).contiguous();
-  Tensor dh = at::empty({B, P}, opts.dtype(acc_type)).copy_(grad_h_n);
-  Tensor dc = at::empty({B, H}, opts.dtype(acc_type)).copy_(grad_c_n);
-  Tensor dr = at::empty({B, H}, opts.dtype(acc_type));
-  Tensor no_dy = at::zeros({B, H}, opts);  // grad_output is folded into dh_all
-  Tensor st_scratch = at::empty({B, 2 * H}, opts);
-  Tensor dh_all = at::empty({T, B, P}, opts);  // d h' in total, zero where padded
-  Tensor dgx = at::zeros({T * B, 4 * H}, opts);  // padded layout, zero at padded steps
-  const Tensor zero = at::zeros({}, opts.dtype(acc_type));
-  const auto stream = cuda::current_stream();
-  const unsigned blocks = cuda::grid_for(B * H, kThreads);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
-                                  "rnn_backward_proj_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    for (int64_t step = 0; step < T; ++step) {
-      const int64_t t = step_order(step, T, !reverse);
-      const Tensor active = (len > t).unsqueeze(1);
-      const Tensor dht = at::where(active, dh + dy[t].to(acc_type), zero);
-      dh_all[t].copy_(dht);
-      dr.copy_(at::mm(dh_all[t], w_hr));
-      st_scratch.copy_(states.narrow(0, t * B, B).narrow(1, 0, 2 * H));
-      BwdArgs<scalar_t, acc_t> a{len.const_data_ptr<int64_t>(), ident.const_data_ptr<int64_t>(),
-                                 no_row.const_data_ptr<int64_t>(),
-                                 gates.const_data_ptr<scalar_t>() + t * B * 4 * H,
-                                 st_scratch.const_data_ptr<scalar_t>(),
-                                 no_dy.const_data_ptr<scalar_t>(), dr.data_ptr<acc_t>(),
-                                 dc.data_ptr<acc_t>(), dgx.data_ptr<scalar_t>() + t * B * 4 * H,
-                                 dgx.data_ptr<scalar_t>() + t * B * 4 * H, nullptr, t, T, B, H,
-                                 4 * H, 4 * H};
-      if (B * H > 0)
-        cuda::launch(backward_step_kernel<scalar_t, acc_t, Cell::LSTM>, blocks, kThreads, 0,
-                     stream, a);
-      // Running rows: d h_prev = dg W_hh; the others carry dh unchanged (their dg is 0).
-      dh.copy_(at::where(active, zero, dh));
-      dh.add_(at::mm(dgx.narrow(0, t * B, B), w_hh));
-    }
-  });
-  const Tensor valid = (at::arange(T, len.options()).unsqueeze(1) < len.unsqueeze(0)).unsqueeze(2);
-  const Tensor x_valid = at::where(valid, input, at::zeros({}, opts)).reshape({T * B, I});
-  Tensor grad_w_ih = at::mm(dgx.t(), x_valid);
-  Tensor grad_w_hh = at::mm(dgx.t(), states.narrow(1, 2 * H, P));
-  Tensor grad_w_hr = at::mm(dh_all.view({T * B, P}).t(), states.narrow(1, 0, H));
-  Tensor grad_b = dgx.sum(0);
-  Tensor grad_input = at::mm(dgx, w_ih).view({T, B, I});
-  return {grad_input, dh.to(input.scalar_type()), dc.to(input.scalar_type()), grad_w_ih,
-          grad_w_hh, grad_b, grad_b.clone(), grad_w_hr};
-}
-
 // The length plan of a call and its input in the packed layout (rows past
 // the valid tokens zero): shared by both directions of a layer.
 struct Tokens {
@@ -289,6 +157,233 @@ Tokens tokens_of(const Tensor& input, const Tensor& lengths, int64_t T) {
   k.plan = make_token_plan(lengths, T);
   k.x = pack_tokens(input, k.plan);
   return k;
+}
+
+// ------------------------------------------------- LSTM with a projection
+// nn.LSTM's proj_size: per step one GEMM h_prev W_hh^T, a step kernel that
+// runs the cell on the running rows (r = o * tanh(c)), one GEMM r W_hr^T and
+// a kernel that commits it (state, output) for the running rows. Workspaces,
+// packed: gates (T*B, 4H); states (T*B, 2H + P) = [r | c_prev | h_prev].
+template <typename scalar_t, typename acc_t>
+struct ProjFwdArgs {
+  const int64_t* lengths;  // (B,)
+  const int64_t* rank;     // (B,) as FwdArgs
+  const int64_t* row0;
+  const scalar_t* gx;      // token rows (4H) of x W_ih^T
+  const scalar_t* gh;      // (B, 4H) h_prev W_hh^T
+  const acc_t* bias;       // (4H,) folded biases or nullptr
+  const scalar_t* h_out;   // (B, P) h_prev in the storage type
+  acc_t* c;                // (B, H) cell state
+  scalar_t* r;             // (B, H) o * tanh(c): the projection's operand, zero where not running
+  scalar_t* gates;         // token rows of the workspaces
+  scalar_t* states;
+  int64_t t, T, B, H, P;
+};
+
+template <typename scalar_t, typename acc_t>
+__global__ void proj_forward_step_kernel(ProjFwdArgs<scalar_t, acc_t> a) {
+  const int64_t H = a.H, P = a.P, SW = 2 * H + P;
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < a.B * H;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = idx / H, j = idx % H, len = a.lengths[b];
+    CUDA_KERNEL_ASSERT(len >= 0 && len <= a.T && "lengths must be in [0, T]");
+    if (a.t >= len) {
+      a.r[idx] = scalar_t(0);
+      continue;
+    }
+    const int64_t row = *a.row0 + a.rank[b];
+    acc_t hid[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) hid[k] = acc_t(a.gh[b * 4 * H + k * H + j]);
+    scalar_t* st = a.states + row * SW + j;
+    // forward_point writes [h_prev, c_prev] of a plain LSTM; here the first
+    // block is r and h_prev (P wide) comes last.
+    const acc_t r = forward_point<scalar_t, acc_t, Cell::LSTM>(
+        a.gx + row * 4 * H + j, a.bias, nullptr, j, H, hid, acc_t(0), a.c + idx,
+        a.gates + row * 4 * H + j, st);
+    st[0] = scalar_t(r);
+    a.r[idx] = scalar_t(r);
+    if (j < P) a.states[row * SW + 2 * H + j] = a.h_out[b * P + j];  // P < H (nn.LSTM)
+  }
+}
+
+// h = r W_hr^T (hp) for the running rows: state and output; zero output else.
+template <typename scalar_t, typename acc_t>
+__global__ void proj_commit_kernel(const int64_t* lengths, const scalar_t* hp, acc_t* h,
+                                   scalar_t* h_out, scalar_t* y, int64_t t, int64_t B,
+                                   int64_t P) {
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < B * P;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    if (t < lengths[idx / P]) {
+      h[idx] = acc_t(hp[idx]);
+      h_out[idx] = hp[idx];
+      y[idx] = hp[idx];
+    } else {
+      y[idx] = scalar_t(0);
+    }
+  }
+}
+
+// Arguments checked by check_proj_forward_args.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_proj_cuda(
+    const ProjSizes& s, const Tensor& input, const Tensor& lengths, const Tensor& h0,
+    const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
+    const c10::optional<Tensor>& b_hh, const Tensor& w_hr, bool reverse) {
+  const int64_t T = s.T, B = s.B, H = s.H, P = s.P;
+  const auto opts = input.options();
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  const Tokens tok = tokens_of(input, lengths, T);
+  const TokenPlan& plan = tok.plan;
+  const Tensor gx = tokens_times(tok.x, w_ih.t(), plan.count);  // (T*B, 4H), contiguous
+  const Tensor bias = gate_biases(b_ih, b_hh, Cell::LSTM, H, acc_type).first;
+  Tensor h = at::empty({B, P}, opts.dtype(acc_type)).copy_(h0);
+  Tensor h_out = at::empty({B, P}, opts).copy_(h0);
+  Tensor c = at::empty({B, H}, opts.dtype(acc_type)).copy_(c0);
+  Tensor r = at::empty({B, H}, opts), gh = at::empty({B, 4 * H}, opts);
+  Tensor hp = at::empty({B, P}, opts);
+  Tensor output = at::empty({T, B, P}, opts);
+  Tensor gates = at::zeros({T * B, 4 * H}, opts);
+  Tensor states = at::zeros({T * B, 2 * H + P}, opts);
+  const Tensor w_hh_t = w_hh.t(), w_hr_t = w_hr.t();
+  const int64_t* off = plan.off.const_data_ptr<int64_t>();
+  const auto stream = cuda::current_stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
+                                  "rnn_forward_proj_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    for (int64_t step = 0; step < T && B > 0; ++step) {
+      const int64_t t = step_order(step, T, reverse);
+      at::mm_out(gh, h_out, w_hh_t);
+      ProjFwdArgs<scalar_t, acc_t> a{plan.lengths.const_data_ptr<int64_t>(),
+                                     plan.rank.const_data_ptr<int64_t>(), off + t,
+                                     gx.const_data_ptr<scalar_t>(), gh.const_data_ptr<scalar_t>(),
+                                     bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr,
+                                     h_out.const_data_ptr<scalar_t>(), c.data_ptr<acc_t>(),
+                                     r.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
+                                     states.data_ptr<scalar_t>(), t, T, B, H, P};
+      cuda::launch(proj_forward_step_kernel<scalar_t, acc_t>, cuda::grid_for(B * H, kThreads),
+                   kThreads, 0, stream, a);
+      at::mm_out(hp, r, w_hr_t);
+      cuda::launch(proj_commit_kernel<scalar_t, acc_t>, cuda::grid_for(B * P, kThreads),
+                   kThreads, 0, stream, plan.lengths.const_data_ptr<int64_t>(),
+                   hp.const_data_ptr<scalar_t>(), h.data_ptr<acc_t>(), h_out.data_ptr<scalar_t>(),
+                   output.data_ptr<scalar_t>() + t * B * P, t, B, P);
+    }
+  });
+  return {output, h.to(input.scalar_type()), c.to(input.scalar_type()), gates, states};
+}
+
+// d h' of step t for the running rows: the carry plus the output's gradient,
+// to the GEMM operand (batch order, zero where not running) and the token's
+// row of dh_tok; the carry restarts at zero for them (it has been used).
+template <typename scalar_t, typename acc_t>
+__global__ void proj_backward_in_kernel(const int64_t* lengths, const int64_t* rank,
+                                        const int64_t* row0, const scalar_t* dy, acc_t* dh,
+                                        scalar_t* dh_step, scalar_t* dh_tok, int64_t t, int64_t B,
+                                        int64_t P) {
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < B * P;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = idx / P, p = idx % P;
+    if (t < lengths[b]) {
+      const scalar_t v = scalar_t(dh[idx] + acc_t(dy[idx]));
+      dh[idx] = acc_t(0);
+      dh_step[idx] = v;
+      dh_tok[(*row0 + rank[b]) * P + p] = v;
+    } else {
+      dh_step[idx] = scalar_t(0);
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+struct ProjBwdArgs {
+  const int64_t* lengths;  // (B,)
+  const int64_t* rank;     // (B,) as FwdArgs
+  const int64_t* row0;
+  const scalar_t* gates;   // token rows of the forward's workspaces
+  const scalar_t* states;
+  const scalar_t* dr;      // (B, H) d r = d h' W_hr
+  acc_t* dc;               // (B, H) d c' in, d c_prev out
+  scalar_t* dgx;           // token rows (4H) of the pre-activation gradients, zero-initialized
+  scalar_t* dg_step;       // (B, 4H) the same in batch order, zero where not running
+  int64_t t, T, B, H, P;
+};
+
+template <typename scalar_t, typename acc_t>
+__global__ void proj_backward_step_kernel(ProjBwdArgs<scalar_t, acc_t> a) {
+  const int64_t H = a.H, SW = 2 * H + a.P;
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < a.B * H;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = idx / H, j = idx % H;
+    scalar_t* step = a.dg_step + b * 4 * H + j;
+    if (a.t >= a.lengths[b]) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) step[k * H] = scalar_t(0);
+      continue;
+    }
+    const int64_t row = *a.row0 + a.rank[b];
+    scalar_t* g = a.dgx + row * 4 * H + j;
+    backward_point<scalar_t, acc_t, Cell::LSTM>(a.gates + row * 4 * H + j, a.states + row * SW + j,
+                                                H, acc_t(a.dr[idx]), a.dc + idx, g, g);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) step[k * H] = g[k * H];
+  }
+}
+
+// Arguments checked by check_proj_backward_args, but for the workspaces' rows.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_proj_cuda(
+    const ProjSizes& s, const Tensor& grad_output, const Tensor& grad_h_n,
+    const Tensor& grad_c_n, const Tensor& input, const Tensor& lengths, const Tensor& w_ih,
+    const Tensor& w_hh, const Tensor& gates_in, const Tensor& states_in, const Tensor& w_hr,
+    bool reverse) {
+  const int64_t T = s.T, B = s.B, H = s.H, P = s.P;
+  check_workspace_shapes(gates_in, states_in, T, B, 4 * H, 2 * H + P);
+  const auto opts = input.options();
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  const Tokens tok = tokens_of(input, lengths, T);
+  const TokenPlan& plan = tok.plan;
+  const Tensor gates = gates_in.contiguous(), states = states_in.contiguous();
+  const Tensor dy = grad_output.to(input.scalar_type()).contiguous();
+  Tensor dh = at::empty({B, P}, opts.dtype(acc_type)).copy_(grad_h_n);
+  Tensor dc = at::empty({B, H}, opts.dtype(acc_type)).copy_(grad_c_n);
+  Tensor dh_step = at::empty({B, P}, opts), dr = at::empty({B, H}, opts);
+  Tensor dg_step = at::empty({B, 4 * H}, opts);
+  Tensor dh_tok = at::zeros({T * B, P}, opts);  // d h' per token, packed
+  Tensor dgx = at::zeros({T * B, 4 * H}, opts);
+  const bool same_type = acc_type == input.scalar_type();
+  const int64_t* off = plan.off.const_data_ptr<int64_t>();
+  const auto stream = cuda::current_stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
+                                  "rnn_backward_proj_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    for (int64_t step = 0; step < T && B > 0; ++step) {
+      const int64_t t = step_order(step, T, !reverse);
+      cuda::launch(proj_backward_in_kernel<scalar_t, acc_t>, cuda::grid_for(B * P, kThreads),
+                   kThreads, 0, stream, plan.lengths.const_data_ptr<int64_t>(),
+                   plan.rank.const_data_ptr<int64_t>(), off + t,
+                   dy.const_data_ptr<scalar_t>() + t * B * P, dh.data_ptr<acc_t>(),
+                   dh_step.data_ptr<scalar_t>(), dh_tok.data_ptr<scalar_t>(), t, B, P);
+      at::mm_out(dr, dh_step, w_hr);
+      ProjBwdArgs<scalar_t, acc_t> a{plan.lengths.const_data_ptr<int64_t>(),
+                                     plan.rank.const_data_ptr<int64_t>(), off + t,
+                                     gates.const_data_ptr<scalar_t>(),
+                                     states.const_data_ptr<scalar_t>(), dr.const_data_ptr<scalar_t>(),
+                                     dc.data_ptr<acc_t>(), dgx.data_ptr<scalar_t>(),
+                                     dg_step.data_ptr<scalar_t>(), t, T, B, H, P};
+      cuda::launch(proj_backward_step_kernel<scalar_t, acc_t>, cuda::grid_for(B * H, kThreads),
+                   kThreads, 0, stream, a);
+      // Running rows restart from zero; the others carry dh (their dg_step is 0).
+      if (same_type) dh.addmm_(dg_step, w_hh);
+      else dh.add_(at::mm(dg_step, w_hh));
+    }
+  });
+  const Tensor& count = plan.count;
+  Tensor grad_w_ih = tokens_outer(dgx, tok.x, count);
+  Tensor grad_w_hh = tokens_outer(dgx, states.narrow(1, 2 * H, P), count);
+  Tensor grad_w_hr = tokens_outer(dh_tok, states.narrow(1, 0, H), count);
+  Tensor grad_b = dgx.sum(0);
+  Tensor grad_input = unpack_tokens(tokens_times(dgx, w_ih, count), plan);
+  return {grad_input, dh.to(input.scalar_type()), dc.to(input.scalar_type()), grad_w_ih,
+          grad_w_hh, grad_b, grad_b.clone(), grad_w_hr};
 }
 
 // A checked forward direction without projection, with its input projection.

@@ -40,13 +40,24 @@ using at::Tensor;
 
 constexpr int kThreads = 256;
 
-// Token rows: sequence b's token of this step is row *row0 + rank[b] of gx,
-// gates, states (and of the backward's dgx, dgh).
-template <typename scalar_t, typename acc_t>
-struct FwdArgs {
+// Where the step kernels find a sequence's token of the step: sequence b runs
+// while t < lengths[b], and its token is row row(b) of the token matrices (gx,
+// gates, states; the backward's dgx, dgh).
+struct StepRows {
   const int64_t* lengths;  // (B,)
   const int64_t* rank;     // (B,) position of sequence b in the length order
   const int64_t* row0;     // this step's first token row, on the device
+  __device__ __forceinline__ int64_t row(int64_t b) const { return *row0 + rank[b]; }
+};
+
+StepRows step_rows(const TokenPlan& plan, int64_t t) {
+  return {plan.lengths.const_data_ptr<int64_t>(), plan.rank.const_data_ptr<int64_t>(),
+          plan.off.const_data_ptr<int64_t>() + t};
+}
+
+template <typename scalar_t, typename acc_t>
+struct FwdArgs {
+  StepRows rows;
   const scalar_t* gx;      // token rows of the input projection x W_ih^T
   const scalar_t* gh;      // (B, G*H) W_hh h_prev
   const acc_t* bias;       // (G*H,) b_ih + b_hh (GRU's n gate: b_in only) or nullptr
@@ -66,13 +77,13 @@ __device__ void forward_step_one(const FwdArgs<scalar_t, acc_t>& a, int64_t idx)
   constexpr int64_t G = num_gates(K), GS = num_saved_gates(K), S = num_states(K);
   const int64_t H = a.H;
   const int64_t b = idx / H, j = idx % H;
-  const int64_t len = a.lengths[b];
+  const int64_t len = a.rows.lengths[b];
   CUDA_KERNEL_ASSERT(len >= 0 && len <= a.T && "lengths must be in [0, T]");
   if (a.t >= len) {  // padded step: zero output; it has no token row
     a.y[idx] = scalar_t(0);
     return;
   }
-  const int64_t row = *a.row0 + a.rank[b];
+  const int64_t row = a.rows.row(b);
   acc_t hid[G];
 #pragma unroll
   for (int k = 0; k < G; ++k) hid[k] = acc_t(a.gh[b * G * H + k * H + j]);
@@ -94,9 +105,7 @@ __global__ void forward_step_kernel(FwdArgs<scalar_t, acc_t> a) {
 
 template <typename scalar_t, typename acc_t>
 struct BwdArgs {
-  const int64_t* lengths;   // (B,)
-  const int64_t* rank;      // (B,) as FwdArgs
-  const int64_t* row0;
+  StepRows rows;
   const scalar_t* gates;    // token rows of the forward's workspaces
   const scalar_t* states;
   const scalar_t* dy;       // (B, H) gradient w.r.t. this step's output
@@ -105,7 +114,7 @@ struct BwdArgs {
   scalar_t* dgx;            // token rows of d pre-activations, input side (zero-initialized)
   scalar_t* dgh;            // hidden side (GRU; aliases dgx otherwise)
   scalar_t* dg_step;        // (B, G*H) this step's hidden side in batch order, zero for the
-                            // rows not running (the operand of the W_hh GEMM), or nullptr
+                            // rows not running (the operand of the W_hh GEMM)
   int64_t t, T, B, H;
   int64_t dgx_ld, dgh_ld;   // row strides of dgx and dgh
 };
@@ -115,25 +124,21 @@ __device__ void backward_step_one(const BwdArgs<scalar_t, acc_t>& a, int64_t idx
   constexpr int64_t G = num_gates(K), GS = num_saved_gates(K), S = num_states(K);
   const int64_t H = a.H;
   const int64_t b = idx / H, j = idx % H;
-  scalar_t* step = a.dg_step ? a.dg_step + b * G * H + j : nullptr;
-  if (a.t >= a.lengths[b]) {  // padded step: no gradient, carried dh unchanged
-    if (step) {
+  scalar_t* step = a.dg_step + b * G * H + j;
+  if (a.t >= a.rows.lengths[b]) {  // padded step: no gradient, carried dh unchanged
 #pragma unroll
-      for (int k = 0; k < G; ++k) step[k * H] = scalar_t(0);
-    }
+    for (int k = 0; k < G; ++k) step[k * H] = scalar_t(0);
     return;
   }
-  const int64_t row = *a.row0 + a.rank[b];
+  const int64_t row = a.rows.row(b);
   scalar_t* gh = a.dgh + row * a.dgh_ld + j;
   const acc_t dht = a.dh[idx] + acc_t(a.dy[idx]);
   const acc_t direct = backward_point<scalar_t, acc_t, K>(
       a.gates + row * GS * H + j, a.states + row * S * H + j, H, dht,
       K == Cell::LSTM ? a.dc + idx : nullptr, a.dgx + row * a.dgx_ld + j, gh);
   a.dh[idx] = direct;  // the W_hh part is added by the GEMM that follows
-  if (step) {
 #pragma unroll
-    for (int k = 0; k < G; ++k) step[k * H] = gh[k * H];
-  }
+  for (int k = 0; k < G; ++k) step[k * H] = gh[k * H];
 }
 
 template <typename scalar_t, typename acc_t, Cell K>
@@ -166,9 +171,7 @@ Tokens tokens_of(const Tensor& input, const Tensor& lengths, int64_t T) {
 // packed: gates (T*B, 4H); states (T*B, 2H + P) = [r | c_prev | h_prev].
 template <typename scalar_t, typename acc_t>
 struct ProjFwdArgs {
-  const int64_t* lengths;  // (B,)
-  const int64_t* rank;     // (B,) as FwdArgs
-  const int64_t* row0;
+  StepRows rows;
   const scalar_t* gx;      // token rows (4H) of x W_ih^T
   const scalar_t* gh;      // (B, 4H) h_prev W_hh^T
   const acc_t* bias;       // (4H,) folded biases or nullptr
@@ -185,13 +188,13 @@ __global__ void proj_forward_step_kernel(ProjFwdArgs<scalar_t, acc_t> a) {
   const int64_t H = a.H, P = a.P, SW = 2 * H + P;
   for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < a.B * H;
        idx += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t b = idx / H, j = idx % H, len = a.lengths[b];
+    const int64_t b = idx / H, j = idx % H, len = a.rows.lengths[b];
     CUDA_KERNEL_ASSERT(len >= 0 && len <= a.T && "lengths must be in [0, T]");
     if (a.t >= len) {
       a.r[idx] = scalar_t(0);
       continue;
     }
-    const int64_t row = *a.row0 + a.rank[b];
+    const int64_t row = a.rows.row(b);
     acc_t hid[4];
 #pragma unroll
     for (int k = 0; k < 4; ++k) hid[k] = acc_t(a.gh[b * 4 * H + k * H + j]);
@@ -245,7 +248,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_proj_cuda(
   Tensor gates = at::zeros({T * B, 4 * H}, opts);
   Tensor states = at::zeros({T * B, 2 * H + P}, opts);
   const Tensor w_hh_t = w_hh.t(), w_hr_t = w_hr.t();
-  const int64_t* off = plan.off.const_data_ptr<int64_t>();
   const auto stream = cuda::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
                                   "rnn_forward_proj_cuda", [&] {
@@ -253,8 +255,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_proj_cuda(
     for (int64_t step = 0; step < T && B > 0; ++step) {
       const int64_t t = step_order(step, T, reverse);
       at::mm_out(gh, h_out, w_hh_t);
-      ProjFwdArgs<scalar_t, acc_t> a{plan.lengths.const_data_ptr<int64_t>(),
-                                     plan.rank.const_data_ptr<int64_t>(), off + t,
+      ProjFwdArgs<scalar_t, acc_t> a{step_rows(plan, t),
                                      gx.const_data_ptr<scalar_t>(), gh.const_data_ptr<scalar_t>(),
                                      bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr,
                                      h_out.const_data_ptr<scalar_t>(), c.data_ptr<acc_t>(),
@@ -276,18 +277,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_proj_cuda(
 // to the GEMM operand (batch order, zero where not running) and the token's
 // row of dh_tok; the carry restarts at zero for them (it has been used).
 template <typename scalar_t, typename acc_t>
-__global__ void proj_backward_in_kernel(const int64_t* lengths, const int64_t* rank,
-                                        const int64_t* row0, const scalar_t* dy, acc_t* dh,
+__global__ void proj_backward_in_kernel(StepRows rows, const scalar_t* dy, acc_t* dh,
                                         scalar_t* dh_step, scalar_t* dh_tok, int64_t t, int64_t B,
                                         int64_t P) {
   for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < B * P;
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = idx / P, p = idx % P;
-    if (t < lengths[b]) {
+    if (t < rows.lengths[b]) {
       const scalar_t v = scalar_t(dh[idx] + acc_t(dy[idx]));
       dh[idx] = acc_t(0);
       dh_step[idx] = v;
-      dh_tok[(*row0 + rank[b]) * P + p] = v;
+      dh_tok[rows.row(b) * P + p] = v;
     } else {
       dh_step[idx] = scalar_t(0);
     }
@@ -296,9 +296,7 @@ __global__ void proj_backward_in_kernel(const int64_t* lengths, const int64_t* r
 
 template <typename scalar_t, typename acc_t>
 struct ProjBwdArgs {
-  const int64_t* lengths;  // (B,)
-  const int64_t* rank;     // (B,) as FwdArgs
-  const int64_t* row0;
+  StepRows rows;
   const scalar_t* gates;   // token rows of the forward's workspaces
   const scalar_t* states;
   const scalar_t* dr;      // (B, H) d r = d h' W_hr
@@ -315,12 +313,12 @@ __global__ void proj_backward_step_kernel(ProjBwdArgs<scalar_t, acc_t> a) {
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = idx / H, j = idx % H;
     scalar_t* step = a.dg_step + b * 4 * H + j;
-    if (a.t >= a.lengths[b]) {
+    if (a.t >= a.rows.lengths[b]) {
 #pragma unroll
       for (int k = 0; k < 4; ++k) step[k * H] = scalar_t(0);
       continue;
     }
-    const int64_t row = *a.row0 + a.rank[b];
+    const int64_t row = a.rows.row(b);
     scalar_t* g = a.dgx + row * 4 * H + j;
     backward_point<scalar_t, acc_t, Cell::LSTM>(a.gates + row * 4 * H + j, a.states + row * SW + j,
                                                 H, acc_t(a.dr[idx]), a.dc + idx, g, g);
@@ -350,7 +348,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_b
   Tensor dh_tok = at::zeros({T * B, P}, opts);  // d h' per token, packed
   Tensor dgx = at::zeros({T * B, 4 * H}, opts);
   const bool same_type = acc_type == input.scalar_type();
-  const int64_t* off = plan.off.const_data_ptr<int64_t>();
   const auto stream = cuda::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
                                   "rnn_backward_proj_cuda", [&] {
@@ -358,14 +355,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_b
     for (int64_t step = 0; step < T && B > 0; ++step) {
       const int64_t t = step_order(step, T, !reverse);
       cuda::launch(proj_backward_in_kernel<scalar_t, acc_t>, cuda::grid_for(B * P, kThreads),
-                   kThreads, 0, stream, plan.lengths.const_data_ptr<int64_t>(),
-                   plan.rank.const_data_ptr<int64_t>(), off + t,
+                   kThreads, 0, stream, step_rows(plan, t),
                    dy.const_data_ptr<scalar_t>() + t * B * P, dh.data_ptr<acc_t>(),
                    dh_step.data_ptr<scalar_t>(), dh_tok.data_ptr<scalar_t>(), t, B, P);
       at::mm_out(dr, dh_step, w_hr);
-      ProjBwdArgs<scalar_t, acc_t> a{plan.lengths.const_data_ptr<int64_t>(),
-                                     plan.rank.const_data_ptr<int64_t>(), off + t,
-                                     gates.const_data_ptr<scalar_t>(),
+      ProjBwdArgs<scalar_t, acc_t> a{step_rows(plan, t), gates.const_data_ptr<scalar_t>(),
                                      states.const_data_ptr<scalar_t>(), dr.const_data_ptr<scalar_t>(),
                                      dc.data_ptr<acc_t>(), dgx.data_ptr<scalar_t>(),
                                      dg_step.data_ptr<scalar_t>(), t, T, B, H, P};
@@ -421,7 +415,6 @@ RnnForwardResult forward_per_step(const Prepared& f, const TokenPlan& plan, cons
   Tensor gates = at::zeros({T * B, s.GS * H}, opts);  // packed
   Tensor states = at::zeros({T * B, s.S * H}, opts);
   const Tensor w_hh_t = w_hh.t(), gxc = gx.stride(1) == 1 ? gx : gx.contiguous();
-  const int64_t* off = plan.off.const_data_ptr<int64_t>();
   const auto stream = cuda::current_stream();
   const unsigned blocks = cuda::grid_for(B * H, kThreads);
 
@@ -433,8 +426,7 @@ RnnForwardResult forward_per_step(const Prepared& f, const TokenPlan& plan, cons
       for (int64_t step = 0; step < T; ++step) {
         const int64_t t = step_order(step, T, reverse);
         at::mm_out(gh, h_out, w_hh_t);
-        FwdArgs<scalar_t, acc_t> a{plan.lengths.const_data_ptr<int64_t>(),
-                                   plan.rank.const_data_ptr<int64_t>(), off + t,
+        FwdArgs<scalar_t, acc_t> a{step_rows(plan, t),
                                    gxc.const_data_ptr<scalar_t>(),
                                    gh.const_data_ptr<scalar_t>(),
                                    bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr,
@@ -513,7 +505,6 @@ void rnn_backward_per_step(const RnnSizes& s, const TokenPlan& plan, const Tenso
   TORCH_INTERNAL_ASSERT(dgx.stride(1) == 1);
   Tensor dg_step = at::empty({B, G * H}, opts);
   const Tensor gs = gates.contiguous(), st = states.contiguous();
-  const int64_t* off = plan.off.const_data_ptr<int64_t>();
   const auto stream = cuda::current_stream();
   const unsigned blocks = cuda::grid_for(B * H, kThreads);
   const bool same_type = acc_type == dy.scalar_type();
@@ -524,8 +515,7 @@ void rnn_backward_per_step(const RnnSizes& s, const TokenPlan& plan, const Tenso
       constexpr Cell K = decltype(k)::value;
       for (int64_t step = 0; step < T; ++step) {
         const int64_t t = step_order(step, T, !reverse);
-        BwdArgs<scalar_t, acc_t> a{plan.lengths.const_data_ptr<int64_t>(),
-                                   plan.rank.const_data_ptr<int64_t>(), off + t,
+        BwdArgs<scalar_t, acc_t> a{step_rows(plan, t),
                                    gs.const_data_ptr<scalar_t>(), st.const_data_ptr<scalar_t>(),
                                    dy.const_data_ptr<scalar_t>() + t * B * H,
                                    dh.data_ptr<acc_t>(),

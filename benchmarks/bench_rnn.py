@@ -9,6 +9,9 @@ Baselines, side by side in one run, same weights, lengths uniform in [1, T]:
             (VARLEN_KERNELS_TOKEN_GEMM=all_rows; GPU only): what the grouped
             GEMMs over the valid tokens save (bfloat16 on sm_90 / sm_100; the
             same path elsewhere)
+  host_lengths  MaskedRNN given its lengths on the CPU, as pack_padded_sequence
+            wants them (GPU only): the length plan made on the host, the GEMMs
+            over tokens over exactly the valid ones in every dtype
   packed    nn.LSTM/GRU on pack_padded_sequence (pack and unpack included)
   padded    nn.LSTM/GRU on the whole padded batch (does all the padded work)
   reference varlen_kernels.masked_rnn_reference, the pure-PyTorch masked loop
@@ -88,12 +91,14 @@ import varlen_kernels  # noqa: E402
 from varlen_kernels import MaskedRNN, masked_rnn_reference  # noqa: E402
 from varlen_kernels.reference import _cell_step  # noqa: E402
 
-BASELINES = ("masked", "per_step", "all_rows", "split", "packed", "padded", "reference",
-             "compiled")
+BASELINES = ("masked", "per_step", "all_rows", "host_lengths", "split", "packed", "padded",
+             "reference", "compiled")
 # Baselines that are MaskedRNN under a setting (CUDA paths): (variable, value),
 # set around the forward and the backward.
 SETTINGS = {"per_step": ("VARLEN_KERNELS_RNN_PATH", "per_step"),
             "all_rows": ("VARLEN_KERNELS_TOKEN_GEMM", "all_rows")}
+# Baselines that only differ from masked on a GPU.
+GPU_ONLY = tuple(SETTINGS) + ("host_lengths",)
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 
 
@@ -350,6 +355,9 @@ def forwards(ref, masked, x, lengths, device, baselines=BASELINES, compile_backe
     def run_masked():
         return masked(x, lengths_dev)[0]
 
+    def run_host_lengths():
+        return masked(x, lengths.cpu())[0]
+
     def run_packed():
         packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
         y, _ = ref(packed)
@@ -364,7 +372,7 @@ def forwards(ref, masked, x, lengths, device, baselines=BASELINES, compile_backe
     def run_split():  # each direction its own rnn_forward op
         return masked._forward(x, lengths_dev, None, layer=varlen_kernels.ops.rnn_layer)[0]
 
-    fns = {"masked": run_masked, "split": run_split, "packed": run_packed, "padded": run_padded,
+    fns = {"masked": run_masked, "host_lengths": run_host_lengths, "split": run_split, "packed": run_packed, "padded": run_padded,
            "reference": run_reference}
     for name in SETTINGS:
         fns[name] = with_setting(name, run_masked)
@@ -555,7 +563,7 @@ def parse_args(argv=None):
         dtypes, min_run_time = ("float32,tf32,bfloat16" if gpu else "float32"), (0.5 if gpu else 1.0)
         baselines = [b for b in BASELINES if b != ("reference" if gpu else "compiled")]
     if not gpu:
-        baselines = [b for b in baselines if b not in SETTINGS]  # CUDA paths
+        baselines = [b for b in baselines if b not in GPU_ONLY]
     # split is for two directions; compiled_loop runs one
     baselines = [b for b in baselines if b != ("compiled" if args.bidirectional else "split")]
     if args.proj_size:

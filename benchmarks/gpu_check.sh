@@ -53,7 +53,7 @@ stage_ptxas() {
 }
 
 stage_bench() {
-  $PY benchmarks/bench_rnn.py --device cuda --out "$RES" --cells lstm --dtypes bfloat16,float32 --baselines masked,all_rows,packed,padded 2>&1 | tee "$RES/bench_rnn_cuda.log" | tail -30 || status=1
+  $PY benchmarks/bench_rnn.py --device cuda --out "$RES" --cells lstm --dtypes bfloat16,float32 --baselines masked,all_rows,host_lengths,packed,padded 2>&1 | tee "$RES/bench_rnn_cuda.log" | tail -30 || status=1
   $PY benchmarks/bench_linear_ce.py --device cuda --out "$RES" 2>&1 | tee "$RES/bench_linear_ce_cuda.log" | tail -10 || status=1
   $PY benchmarks/bench_losses.py --device cuda --out "$RES" 2>&1 | tee "$RES/bench_losses_cuda.log" | tail -20 || status=1
 }

@@ -12,7 +12,8 @@ namespace varlen {
 inline void define_ops(torch::Library& m) {
   // One direction of one recurrent layer over a padded, time-major batch.
   //   input   (T, B, I), any strides with a unit last stride
-  //   lengths (B,) int64 on the input's device, each in [0, T]
+  //   lengths (B,) int64, each in [0, T], on the input's device or on the CPU
+  //           (a GPU op then makes its length plan on the host: csrc/cuda/token_plan.h)
   //   h0      (B, H);  c0 (B, H) for cell == "lstm", else None
   //   w_ih    (G*H, I); w_hh (G*H, H); b_ih, b_hh (G*H,) or None
   //           G = 4 (lstm), 3 (gru), 1 (rnn_tanh, rnn_relu)

@@ -40,7 +40,11 @@ inline void check_lengths_meta(const at::Tensor& lengths, const at::Tensor& inpu
               lengths.sizes());
   TORCH_CHECK(lengths.scalar_type() == at::kLong, "lengths must be int64, got ",
               lengths.scalar_type());
-  check_same_device(input, lengths, "lengths");
+  // On the input's device, or in host memory for a GPU input (the plan is then
+  // made on the host: csrc/cuda/token_plan.h).
+  TORCH_CHECK(lengths.device() == input.device() || lengths.is_cpu(),
+              "lengths must be on the input's device ", input.device(), " or on the CPU, got ",
+              lengths.device());
 }
 
 // The forward's initial states and biases, with or without a projection:

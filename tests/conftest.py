@@ -24,7 +24,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import varlen_kernels  # noqa: F401  (loads the ops)
 from varlen_kernels import MaskedRNN
-from varlen_kernels.testing import emulate_cuda
+from varlen_kernels.testing import emulate_cuda, emulated_device, emulation_active
 
 CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
 TORCH_CLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn_tanh": nn.RNN, "rnn_relu": nn.RNN}
@@ -151,19 +151,25 @@ TOL = {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rtol=2e-5
 
 def check_against_packed(cell, *, num_layers=1, bidirectional=False, batch_first=False,
                          dtype=torch.float64, seed=0, bias=True, device="cpu", T=7, B=5, H=6,
-                         proj_size=0):
+                         proj_size=0, host_lengths=False):
+    """The module against nn.* + pack_padded_sequence: values and every gradient,
+    NaN in the padding. The module gets its lengths on the input's device, or
+    with host_lengths in host memory (on the emulated backends: the emulated
+    ops take them as a GPU op takes CPU lengths)."""
     ref, x, lengths, hx = sample_inputs(cell, num_layers=num_layers, bidirectional=bidirectional,
                                         batch_first=batch_first, dtype=dtype, seed=seed, bias=bias,
                                         device=device, T=T, B=B, H=H, proj_size=proj_size)
     m = MaskedRNN.from_torch(ref)
-    y, h = m(x, lengths, hx)
+    with lengths_in_host_memory(host_lengths):
+        y, h = m(x, lengths if host_lengths else lengths.to(device), hx)
     hs = states_of(cell, h)
     g = torch.Generator().manual_seed(seed + 1)
     gy = torch.randn(y.shape, generator=g, dtype=dtype).to(device)
     ghs = [torch.randn(s.shape, generator=g, dtype=dtype).to(device) for s in hs]
     h0s = states_of(cell, hx)
     loss = (y * gy).sum() + sum((s * gs).sum() for s, gs in zip(hs, ghs))
-    grads = torch.autograd.grad(loss, [x, *h0s, *m.parameters()])
+    with lengths_in_host_memory(host_lengths):
+        grads = torch.autograd.grad(loss, [x, *h0s, *m.parameters()])
 
     x2 = x.detach().clone().requires_grad_()
     h0s2 = [s.detach().clone().requires_grad_() for s in h0s]
@@ -197,6 +203,15 @@ def check_against_packed(cell, *, num_layers=1, bidirectional=False, batch_first
     for (name, _), gp, gp2 in zip(m.named_parameters(), grads[1 + len(h0s):],
                                   grads2[1 + len(h0s):]):
         torch.testing.assert_close(gp, gp2, **tol, msg=lambda s: f"{name}: {s}")
+
+
+def lengths_in_host_memory(on: bool = True):
+    """On the emulated backends, makes the emulated ops take their lengths as a
+    GPU op takes lengths in host memory (a CPU tensor: the plan made on the
+    host); nothing elsewhere (on a GPU the caller passes CPU lengths)."""
+    if on and emulation_active():
+        return emulated_device(lengths_in_host_memory=True)
+    return contextlib.nullcontext()
 
 
 @contextlib.contextmanager

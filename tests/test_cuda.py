@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (CELLS, check_against_packed, grouped_mm_as_on_gpu, requires_cuda,
-                      run_packed, sample_inputs)
+from conftest import (CELLS, check_against_packed, grouped_mm_as_on_gpu,
+                      lengths_in_host_memory, requires_cuda, run_packed, sample_inputs)
 from varlen_kernels import (MaskedRNN, masked_bce_with_logits, masked_cross_entropy, masked_mse,
                             masked_rnn_reference, ops)
 from varlen_kernels.testing import emulate_cuda, emulated_device, emulation_module
@@ -53,7 +53,7 @@ def test_opcheck(cell, requires_grad, gpu):
 
 
 def _grads(m, x, lengths, hx, gy):
-    y, _ = m(x, lengths, hx)
+    y, _ = m(x, lengths.to(x.device), hx)  # lengths on the device: the plan made there
     grads = torch.autograd.grad((y * gy.to(y.dtype)).sum(), [x, *m.parameters()])
     return y, grads
 
@@ -562,14 +562,151 @@ def test_rnn_path_setting_is_checked():
             torch.ops.varlen_kernels.rnn_forward(*args, "gru", False)
 
 
-def test_zero_length_batches(device):
-    """B = 0, all lengths 0, and T = 0 on every backend."""
+# ------------------------------------------------- lengths in host memory
+# A GPU op given CPU lengths makes the length plan on the host (no host read
+# of device memory) and runs its GEMMs over tokens over exactly the valid
+# ones; the emulated ops do the same inside lengths_in_host_memory().
+
+
+def host_and_device_lengths(gpu, lengths):
+    """The lengths as the test hands them to the ops: the host-memory run (in
+    lengths_in_host_memory()) and the device-memory one."""
+    return lengths.cpu(), lengths.to(gpu)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("path", ["persistent", "per_step"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_lengths_in_host_memory_match_packed(cell, path, bidirectional, gpu):
+    """Lengths on the CPU for the CUDA ops: values and every gradient as nn.* +
+    packed, two layers, float64, NaN in the padding, on both paths (several
+    CTAs, tiles that finish early)."""
+    with rnn_path(path), device_limits(gpu, sm_count=3 * (2 if bidirectional else 1)):
+        check_against_packed(cell, num_layers=2, bidirectional=bidirectional, device=gpu, T=9,
+                             B=40, H=50, seed=7, host_lengths=True)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_lengths_in_host_memory_projection_lstm(bidirectional, gpu):
+    check_against_packed("lstm", num_layers=2, bidirectional=bidirectional, device=gpu, T=6,
+                         B=9, H=12, proj_size=5, seed=8, host_lengths=True)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_host_and_device_plans_agree(cell, reverse, gpu):
+    """The plan made on the host and the one made on the device give the same
+    outputs, workspaces (the packed layout, zero past the valid tokens) and
+    gradients, zero-length sequences and ties in the lengths included."""
+    T, B, H = 6, 7, 20
+    lengths = (6, 0, 2, 1, 6, 2, 5)
+    args = layer_args(cell, gpu, False, T=T, B=B, I=3, H=H, lengths=lengths)
+    args[0][4:, 2] = float("nan")
+    on_host, on_device = host_and_device_lengths(gpu, args[1])
+    grads = None
+    results = {}
+    with device_limits(gpu, sm_count=3):
+        for where, lens in (("host", on_host), ("device", on_device)):
+            with lengths_in_host_memory(where == "host"):
+                fwd = torch.ops.varlen_kernels.rnn_forward(args[0], lens, *args[2:], cell, reverse)
+                if grads is None:
+                    g = torch.Generator().manual_seed(3)
+                    grads = [torch.randn(t.shape, generator=g, dtype=t.dtype).to(gpu)
+                             for t in fwd[:3]]
+                x, _, _, _, w_ih, w_hh = args[:6]
+                bwd = torch.ops.varlen_kernels.rnn_backward(*grads, x, lens, w_ih, w_hh, *fwd[3:],
+                                                            cell, reverse)
+            results[where] = (fwd, bwd)
+    n = sum(lengths)
+    for a, b in zip(results["host"][0] + results["host"][1],
+                    results["device"][0] + results["device"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+    for ws in results["host"][0][3:]:
+        assert (ws[n:] == 0).all()
+
+
+def mm_shapes(fn):
+    """The input shapes of every aten::mm call fn() makes."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                record_shapes=True) as prof:
+        fn()
+    return [tuple(tuple(s) for s in e.input_shapes[:2])
+            for e in prof.events() if e.name == "aten::mm"]
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_lengths_in_host_memory_gemms_over_exactly_the_valid_tokens(bidirectional):
+    """With the token count known on the host, the input projection, the input
+    gradient and both weight gradients are at::mm over exactly the N valid
+    token rows (float32 here, where the device count takes every row); the
+    rows past N of the projections are unspecified (NaN under the emulation)
+    and nothing reads them: the results are nn.* + packed's."""
+    T, B, I, H = 6, 9, 5, 12
+    ref, x, lengths, hx = sample_inputs("gru", T=T, B=B, I=I, H=H, bidirectional=bidirectional,
+                                        dtype=torch.float32)
+    N = int(lengths.sum())
+    m = MaskedRNN.from_torch(ref)
+    G = 3 * H * (2 if bidirectional else 1)
+    with rnn_path("persistent"), emulate_cuda(), emulated_device(sm_count=4):
+        for host in (True, False):
+            rows = N if host else T * B
+            out = {}
+            with lengths_in_host_memory(host):
+                fwd = mm_shapes(lambda: out.setdefault("y", m(x, lengths, hx)[0]))
+                bwd = mm_shapes(lambda: out["y"].nan_to_num().sum().backward())
+            assert fwd == [((rows, I), (I, G))]
+            if bidirectional:  # one input gradient for both directions, weights each
+                assert sorted(bwd) == sorted([((rows, G), (G, I))] +
+                                             [((3 * H, rows), (rows, I))] * 2 +
+                                             [((3 * H, rows), (rows, H))] * 2)
+            else:
+                assert sorted(bwd) == sorted([((rows, G), (G, I)), ((G, rows), (rows, I)),
+                                              ((G, rows), (rows, H))])
+        check_against_packed("gru", bidirectional=bidirectional, device="cpu", T=T, B=B, H=H,
+                                 dtype=torch.float32, seed=2, host_lengths=True)
+
+
+@pytest.mark.parametrize("bad", [-1, 7])
+def test_lengths_in_host_memory_out_of_range_is_a_clear_error(bad, gpu):
+    """Checked on the host, before any launch: the index and the value."""
+    x, lengths, *rest = layer_args("gru", gpu, False, T=6, B=3, lengths=(6, 2, 1))
+    lengths = lengths.cpu()
+    lengths[1] = bad
+    with lengths_in_host_memory():
+        with pytest.raises(RuntimeError, match=rf"lengths must be in \[0, T\] with T=6 \(the "
+                                               rf"input's time dimension\), got lengths\[1\] = "
+                                               rf"{bad}"):
+            torch.ops.varlen_kernels.rnn_forward(x, lengths, *rest, "gru", False)
+
+
+@requires_cuda
+def test_lengths_in_host_memory_refused_in_cuda_graph_capture():
+    """A graph would replay the lengths of its capture: a clear error, not a
+    silently stale plan."""
+    m = MaskedRNN(3, 4, cell="gru").cuda()
+    x = torch.randn(5, 2, 3, device="cuda")
+    lengths = torch.tensor([5, 2])
+    m(x, lengths.cuda())  # warm-up outside the capture
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="lengths in host memory cannot be captured in a CUDA "
+                                           "graph"):
+        with torch.cuda.graph(g):
+            m(x, lengths)
+
+
+@pytest.mark.parametrize("host_lengths", [False, True])
+def test_zero_length_batches(host_lengths, device):
+    """B = 0, all lengths 0, and T = 0 on every backend, the lengths on the
+    device or (host_lengths) in host memory."""
     m = MaskedRNN(3, 4, cell="lstm", bidirectional=True).double().to(device)
     for T, B, lengths in [(5, 0, []), (5, 3, [0, 0, 0]), (0, 2, [0, 0])]:
         x = torch.randn(T, B, 3, dtype=torch.float64, device=device, requires_grad=True)
-        y, (h, c) = m(x, torch.tensor(lengths, dtype=torch.long, device=device))
-        assert y.shape == (T, B, 8) and (y == 0).all() and (h == 0).all() and (c == 0).all()
-        gx, = torch.autograd.grad(y.sum() + h.sum() + c.sum(), [x])
+        lengths = torch.tensor(lengths, dtype=torch.long, device="cpu" if host_lengths else device)
+        with lengths_in_host_memory(host_lengths):
+            y, (h, c) = m(x, lengths)
+            assert y.shape == (T, B, 8) and (y == 0).all() and (h == 0).all() and (c == 0).all()
+            gx, = torch.autograd.grad(y.sum() + h.sum() + c.sum(), [x])
         assert gx.shape == x.shape and (gx == 0).all()
 
 

@@ -53,9 +53,11 @@ def lengths_on_host(lengths) -> bool:
 
 
 def check_lengths(lengths, T: int, B: int, device: torch.device, *, unbatched: bool = False,
-                  layout: str = "") -> Tensor:
+                  layout: str = "", keep_host: bool = False) -> Tensor:
     """lengths (any form of :func:`lengths_tensor`, B values in [0, T]) as an
-    int64 tensor on ``device``.
+    int64 tensor on ``device``, or with ``keep_host`` on the CPU where they are
+    in host memory already (the CUDA RNN ops take them there and make their
+    length plan on the host; not while compiling, where they go to ``device``).
 
     ``None`` means every sequence is T long. An int (or 0-d tensor) only for
     unbatched input. ``layout`` says how the caller read B and T from its input
@@ -84,6 +86,9 @@ def check_lengths(lengths, T: int, B: int, device: torch.device, *, unbatched: b
             bad = int(torch.nonzero((t < 0) | (t > T))[0, 0])
             raise ValueError(f"lengths must be in [0, T] with T={T} (the input's time "
                              f"dimension), got lengths[{bad}] = {int(t[bad])}")
+    if keep_host and t.device.type == "cpu" and not torch.compiler.is_compiling():
+        # a copy of the caller's tensor (saved for backward: theirs may change)
+        return t.to(torch.long, copy=True)
     return t.to(device=device, dtype=torch.long, non_blocking=True)
 
 

@@ -31,7 +31,10 @@ def rnn_layer(
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """One direction of one masked recurrent layer (differentiable).
 
-    input: (T, B, I); lengths: (B,) int64 on input's device, each in [0, T];
+    input: (T, B, I); lengths: (B,) int64, each in [0, T], on input's device or
+    on the CPU (for a CUDA input the length plan is then made on the host and
+    the GEMMs over tokens cover exactly the valid ones; not capturable in a
+    CUDA graph);
     h0, c0: (B, H) (c0 only for "lstm"); w_ih: (G*H, I); w_hh: (G*H, H);
     b_ih, b_hh: (G*H,) or None. reverse runs each sequence from its own last
     valid step back to step 0.

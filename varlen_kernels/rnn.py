@@ -321,7 +321,8 @@ class MaskedRNN(nn.Module):
             raise TypeError(f"input must have the parameters' dtype {p.dtype}, got {x.dtype}")
         if x.device != p.device:
             raise ValueError(f"input must be on the parameters' device {p.device}, got {x.device}")
-        lengths = check_lengths(lengths, T, B, x.device, unbatched=unbatched, layout=layout)
+        lengths = check_lengths(lengths, T, B, x.device, unbatched=unbatched, layout=layout,
+                                keep_host=True)
         h0, c0 = self._check_hx(hx, x, unbatched, autocast)
         D = 2 if self.bidirectional else 1
         per = self._per_direction

@@ -21,6 +21,7 @@
 #define VK_CUDA_LIBRARY "varlen_kernels_emu"  // where the CUDA kernels' ops live
 #else
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGraphsUtils.cuh>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #define VK_SHARED(T, name, n) __shared__ T name[n]
@@ -45,6 +46,27 @@ using Stream = cudaStream_t;
 inline Stream current_stream() { return at::cuda::getCurrentCUDAStream().stream(); }
 using DeviceGuard = c10::cuda::CUDAGuard;
 #endif
+
+// Whether an argument of a CUDA op (the lengths) lives in host memory: a CPU
+// tensor next to GPU inputs. Under the emulation every tensor is a CPU one, and
+// the emulated device says how the lengths are taken.
+inline bool in_host_memory(const at::Tensor& t) {
+#ifdef VK_EMULATE_CUDA
+  (void)t;
+  return ::vk_emu::device_limits().lengths_in_host_memory;
+#else
+  return t.is_cpu();
+#endif
+}
+
+// Whether the current stream is being captured into a CUDA graph.
+inline bool capturing() {
+#ifdef VK_EMULATE_CUDA
+  return false;
+#else
+  return at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None;
+#endif
+}
 
 // Blocks for a grid-stride loop over n items, `per_block` at a time: never more
 // than max_blocks (nor the build's cap), so an int64 count never narrows into a

@@ -159,7 +159,7 @@ struct Tokens {
 
 Tokens tokens_of(const Tensor& input, const Tensor& lengths, int64_t T) {
   Tokens k;
-  k.plan = make_token_plan(lengths, T);
+  k.plan = make_token_plan(lengths, T, input.device());
   k.x = pack_tokens(input, k.plan);
   return k;
 }
@@ -237,7 +237,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_proj_cuda(
   const auto acc_type = at::toOpMathType(input.scalar_type());
   const Tokens tok = tokens_of(input, lengths, T);
   const TokenPlan& plan = tok.plan;
-  const Tensor gx = tokens_times(tok.x, w_ih.t(), plan.count);  // (T*B, 4H), contiguous
+  const Tensor gx = tokens_times(tok.x, w_ih.t(), plan);  // (T*B, 4H), contiguous
   const Tensor bias = gate_biases(b_ih, b_hh, Cell::LSTM, H, acc_type).first;
   Tensor h = at::empty({B, P}, opts.dtype(acc_type)).copy_(h0);
   Tensor h_out = at::empty({B, P}, opts).copy_(h0);
@@ -370,12 +370,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_b
       else dh.add_(at::mm(dg_step, w_hh));
     }
   });
-  const Tensor& count = plan.count;
-  Tensor grad_w_ih = tokens_outer(dgx, tok.x, count);
-  Tensor grad_w_hh = tokens_outer(dgx, states.narrow(1, 2 * H, P), count);
-  Tensor grad_w_hr = tokens_outer(dh_tok, states.narrow(1, 0, H), count);
+  Tensor grad_w_ih = tokens_outer(dgx, tok.x, plan);
+  Tensor grad_w_hh = tokens_outer(dgx, states.narrow(1, 2 * H, P), plan);
+  Tensor grad_w_hr = tokens_outer(dh_tok, states.narrow(1, 0, H), plan);
   Tensor grad_b = dgx.sum(0);
-  Tensor grad_input = unpack_tokens(tokens_times(dgx, w_ih, count), plan);
+  Tensor grad_input = unpack_tokens(tokens_times(dgx, w_ih, plan), plan);
   return {grad_input, dh.to(input.scalar_type()), dc.to(input.scalar_type()), grad_w_ih,
           grad_w_hh, grad_b, grad_b.clone(), grad_w_hr};
 }
@@ -391,7 +390,7 @@ Prepared prepare_forward(const RnnSizes& s, const Tokens& tok, const DirectionWe
                          const Tensor& gx = {}) {
   Prepared f;
   f.s = s;
-  f.gx = gx.defined() ? gx : tokens_times(tok.x, w.w_ih.t(), tok.plan.count);
+  f.gx = gx.defined() ? gx : tokens_times(tok.x, w.w_ih.t(), tok.plan);
   std::tie(f.bias, f.b_hn) =
       gate_biases(w.b_ih, w.b_hh, s.cell, s.H, at::toOpMathType(tok.x.scalar_type()));
   return f;
@@ -546,12 +545,12 @@ RnnBackwardResult backward_gemms(const RnnSizes& s, const Tokens& tok, const Ten
   const int64_t H = s.H;
   const auto opts = tok.x.options();
   const Tensor h_prev = states.contiguous().narrow(1, 0, H);
-  Tensor grad_w_ih = tokens_outer(dgx, tok.x, tok.plan.count);
-  Tensor grad_w_hh = tokens_outer(dgh, h_prev, tok.plan.count);
+  Tensor grad_w_ih = tokens_outer(dgx, tok.x, tok.plan);
+  Tensor grad_w_hh = tokens_outer(dgh, h_prev, tok.plan);
   Tensor grad_b_ih = dgx.sum(0);
   Tensor grad_b_hh = cell == Cell::GRU ? dgh.sum(0) : grad_b_ih.clone();
   Tensor grad_input = with_input
-                          ? unpack_tokens(tokens_times(dgx, w_ih, tok.plan.count), tok.plan)
+                          ? unpack_tokens(tokens_times(dgx, w_ih, tok.plan), tok.plan)
                           : Tensor();
   Tensor grad_c0 = cell == Cell::LSTM ? dc.to(opts.dtype()) : at::empty({0}, opts);
   return {grad_input, dh.to(opts.dtype()), grad_c0, grad_w_ih, grad_w_hh, grad_b_ih,
@@ -651,7 +650,7 @@ BidirectionalForwardResult rnn_bidirectional_forward_cuda(const Tensor& input, c
   const cuda::DeviceGuard guard(input.device());
   const Tokens tok = tokens_of(input, lengths, s[0].T);
   const int64_t GH = s[0].G * s[0].H;
-  const Tensor gx = tokens_times(tok.x, at::cat({w[0].w_ih, w[1].w_ih}).t(), tok.plan.count);
+  const Tensor gx = tokens_times(tok.x, at::cat({w[0].w_ih, w[1].w_ih}).t(), tok.plan);
   const std::array<Prepared, 2> f{prepare_forward(s[0], tok, w[0], gx.narrow(1, 0, GH)),
                                   prepare_forward(s[1], tok, w[1], gx.narrow(1, GH, GH))};
   if (auto both = rnn_forward_persistent(
@@ -711,7 +710,7 @@ BidirectionalBackwardResult rnn_bidirectional_backward_cuda(
                           /*with_input=*/false);
   }
   const Tensor grad_input = unpack_tokens(
-      tokens_times(dgx, at::cat({w[0].w_ih, w[1].w_ih}), tok.plan.count), tok.plan);
+      tokens_times(dgx, at::cat({w[0].w_ih, w[1].w_ih}), tok.plan), tok.plan);
   return join_backward(grad_input, r[0], r[1], lstm, has_biases, false);
 }
 

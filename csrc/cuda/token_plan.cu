@@ -3,10 +3,12 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "launch.h"
 #include "token_plan.h"
@@ -64,7 +66,10 @@ TokenGemm token_gemm_setting() {
 
 }  // namespace
 
-TokenPlan make_token_plan(const Tensor& lengths, int64_t T) {
+namespace {
+
+// The plan on the device: a few ATen ops, no host read.
+TokenPlan device_plan(const Tensor& lengths, int64_t T) {
   TokenPlan p;
   p.T = T;
   p.B = lengths.size(0);
@@ -78,6 +83,65 @@ TokenPlan make_token_plan(const Tensor& lengths, int64_t T) {
   if (T > 0) p.off.narrow(0, 1, T).copy_(at::cumsum(bs, 0));
   p.count = p.off.narrow(0, T, 1).to(at::kInt);
   return p;
+}
+
+// The same plan from lengths in host memory, computed there (a counting pass,
+// O(B log B + T)) and copied to the device as one buffer
+// [lengths | sorted_len | perm | rank | off]: pinned, so the copy is
+// asynchronous and the host memory stays reserved until it is done.
+TokenPlan host_plan(const Tensor& lengths, int64_t T, const at::Device& device) {
+  TORCH_CHECK(!cuda::capturing(),
+              "lengths in host memory cannot be captured in a CUDA graph (the graph would "
+              "replay the lengths of its capture): pass lengths on the input's device");
+  const int64_t B = lengths.size(0);
+  Tensor buf = at::empty({4 * B + T + 1}, lengths.options().device(at::kCPU));
+  int64_t* const len = buf.data_ptr<int64_t>();
+  int64_t *const sorted = len + B, *const perm = len + 2 * B, *const rank = len + 3 * B,
+                 *const off = len + 4 * B;
+  const Tensor in = lengths.contiguous();
+  const int64_t* src = in.const_data_ptr<int64_t>();
+  std::vector<int64_t> ends(T + 1, 0);  // ends[l]: sequences of length l
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(src[b] >= 0 && src[b] <= T, "lengths must be in [0, T] with T=", T,
+                " (the input's time dimension), got lengths[", b, "] = ", src[b]);
+    len[b] = src[b];
+    ++ends[src[b]];
+  }
+  for (int64_t b = 0; b < B; ++b) perm[b] = b;
+  std::stable_sort(perm, perm + B, [&](int64_t a, int64_t b) { return len[a] > len[b]; });
+  for (int64_t i = 0; i < B; ++i) {
+    sorted[i] = len[perm[i]];
+    rank[perm[i]] = i;
+  }
+  // off[t + 1] = off[t] + bs[t], bs[t] = #{b : lengths[b] > t}.
+  int64_t running = B;
+  off[0] = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    running -= ends[t];
+    off[t + 1] = off[t] + running;
+  }
+  TokenPlan p;
+  p.T = T;
+  p.B = B;
+  p.host_count = off[T];
+#ifndef VK_EMULATE_CUDA
+  buf = buf.pin_memory().to(device, /*non_blocking=*/true);
+#else
+  (void)device;
+#endif
+  p.lengths = buf.narrow(0, 0, B);
+  p.sorted_len = buf.narrow(0, B, B);
+  p.perm = buf.narrow(0, 2 * B, B);
+  p.rank = buf.narrow(0, 3 * B, B);
+  p.off = buf.narrow(0, 4 * B, T + 1);
+  p.count = p.off.narrow(0, T, 1).to(at::kInt);
+  return p;
+}
+
+}  // namespace
+
+TokenPlan make_token_plan(const Tensor& lengths, int64_t T, const at::Device& device) {
+  return cuda::in_host_memory(lengths) ? host_plan(lengths, T, device) : device_plan(lengths, T);
 }
 
 Tensor pack_tokens(const Tensor& x, const TokenPlan& p) {
@@ -155,6 +219,25 @@ Tensor tokens_outer(const Tensor& d, const Tensor& x, const Tensor& count) {
     return at::_grouped_mm(d.t(), x, count.clamp_min(1)).select(0, 0);
   }
   return at::mm(d.t(), x);
+}
+
+Tensor tokens_times(const Tensor& a, const Tensor& w, const TokenPlan& p) {
+  if (p.host_count < 0) return tokens_times(a, w, p.count);
+  Tensor out = at::empty({a.size(0), w.size(1)}, a.options());
+#ifdef VK_EMULATE_CUDA
+  // Rows past N are unspecified: NaN under the emulation, so that a caller
+  // that reads them fails its checks.
+  out.narrow(0, p.host_count, a.size(0) - p.host_count)
+      .fill_(std::numeric_limits<double>::quiet_NaN());
+#endif
+  Tensor valid = out.narrow(0, 0, p.host_count);
+  at::mm_out(valid, a.narrow(0, 0, p.host_count), w);
+  return out;
+}
+
+Tensor tokens_outer(const Tensor& d, const Tensor& x, const TokenPlan& p) {
+  if (p.host_count < 0) return tokens_outer(d, x, p.count);
+  return at::mm(d.narrow(0, 0, p.host_count).t(), x.narrow(0, 0, p.host_count));
 }
 
 }  // namespace varlen

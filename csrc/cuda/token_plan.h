@@ -14,6 +14,13 @@
 // are computed. Elsewhere at::mm runs over all rows; rows past the count are
 // then zero in every operand, so they add nothing. Setting:
 // VARLEN_KERNELS_TOKEN_GEMM = "auto" (default) or "all_rows" (at::mm always).
+//
+// Lengths may also live in host memory (a CPU tensor next to a GPU input, as
+// pack_padded_sequence wants them): then the plan is made on the host, checked
+// there, and copied to the device in one asynchronous copy, and N is known on
+// the host, so the GEMMs over tokens run as at::mm over exactly the N valid
+// rows, in every dtype. Such lengths cannot be captured in a CUDA graph (the
+// graph would replay the lengths of its capture): that is refused.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -28,12 +35,14 @@ struct TokenPlan {
   at::Tensor off;         // (T+1,) int64: off[t] = tokens of the steps before t; off[T] = N
   at::Tensor count;       // (1,) int32: N, as _grouped_mm's group offsets
   int64_t T = 0, B = 0;
+  int64_t host_count = -1;  // N where the lengths were in host memory, else -1
 };
 
-// lengths: (B,) int64 on the device of the call, values in [0, T] (the
-// kernels assert it; out-of-range values never make these ops read or write
-// out of bounds).
-TokenPlan make_token_plan(const at::Tensor& lengths, int64_t T);
+// lengths: (B,) int64, values in [0, T], on `device` (the kernels assert the
+// values; out-of-range ones never make these ops read or write out of bounds)
+// or in host memory (checked on the host, a clear error). The plan's tensors
+// are on `device`.
+TokenPlan make_token_plan(const at::Tensor& lengths, int64_t T, const at::Device& device);
 
 // x (T, B, C) -> (T*B, C) in the packed layout; rows past N are zero.
 at::Tensor pack_tokens(const at::Tensor& x, const TokenPlan& p);
@@ -49,6 +58,12 @@ at::Tensor tokens_times(const at::Tensor& a, const at::Tensor& w, const at::Tens
 // d (R, M) and x (R, K), rows past the count zero in both: d^T x over the
 // rows before the count, (M, K).
 at::Tensor tokens_outer(const at::Tensor& d, const at::Tensor& x, const at::Tensor& count);
+
+// The same over the plan's tokens: at::mm over exactly the N valid rows where
+// N is known on the host (TokenPlan::host_count), else as above with the
+// plan's count.
+at::Tensor tokens_times(const at::Tensor& a, const at::Tensor& w, const TokenPlan& p);
+at::Tensor tokens_outer(const at::Tensor& d, const at::Tensor& x, const TokenPlan& p);
 
 // Whether tokens_times / tokens_outer of these operands take only the valid
 // tokens (one grouped GEMM) rather than all rows.

@@ -93,6 +93,10 @@ struct DeviceLimits {
   // Blocks of a grid-stride launch (varlen::cuda::grid_for): the nvcc build
   // uses 65535 * 16; tests make it small so that the loops go round.
   int64_t max_grid_blocks = 65535 * 16;
+  // Every tensor is a CPU one here: whether the ops take their lengths as
+  // lengths in host memory (a CPU tensor next to a GPU input), else as lengths
+  // in device memory (varlen::cuda::in_host_memory).
+  bool lengths_in_host_memory = false;
 };
 DeviceLimits& device_limits();
 

@@ -37,30 +37,42 @@ PyObject* set_thread_order(PyObject*, PyObject* args) {
 }
 
 // set_limit(name, value) -> previous value, for name "sm_count" (bounds
-// cooperative grids), "max_grid_blocks" (bounds grid-stride launches) or
-// "max_shared_per_block" (bytes of dynamic shared memory a block may have).
+// cooperative grids), "max_grid_blocks" (bounds grid-stride launches),
+// "max_shared_per_block" (bytes of dynamic shared memory a block may have) or
+// "lengths_in_host_memory" (0 or 1: how the ops take their lengths).
 PyObject* set_limit(PyObject*, PyObject* args) {
   const char* name = nullptr;
   long long value = 0;
   if (!PyArg_ParseTuple(args, "sL", &name, &value)) return nullptr;
+  vk_emu::DeviceLimits& d = vk_emu::device_limits();
+  const std::string n = name;
+  if (n == "lengths_in_host_memory") {
+    if (value != 0 && value != 1) {
+      PyErr_Format(PyExc_ValueError, "lengths_in_host_memory must be 0 or 1, got %lld", value);
+      return nullptr;
+    }
+    const long long old = d.lengths_in_host_memory ? 1 : 0;
+    d.lengths_in_host_memory = value == 1;
+    return PyLong_FromLongLong(old);
+  }
   if (value < 1) {
     PyErr_Format(PyExc_ValueError, "%s must be >= 1, got %lld", name, value);
     return nullptr;
   }
-  vk_emu::DeviceLimits& d = vk_emu::device_limits();
   long long old = 0;
-  if (std::string(name) == "sm_count") {
+  if (n == "sm_count") {
     old = d.sm_count;
     d.sm_count = int(value);
-  } else if (std::string(name) == "max_grid_blocks") {
+  } else if (n == "max_grid_blocks") {
     old = d.max_grid_blocks;
     d.max_grid_blocks = value;
-  } else if (std::string(name) == "max_shared_per_block") {
+  } else if (n == "max_shared_per_block") {
     old = (long long)d.max_shared_per_block;
     d.max_shared_per_block = size_t(value);
   } else {
     PyErr_Format(PyExc_ValueError,
-                 "limit must be 'sm_count', 'max_grid_blocks' or 'max_shared_per_block', got '%s'",
+                 "limit must be 'sm_count', 'max_grid_blocks', 'max_shared_per_block' or "
+                 "'lengths_in_host_memory', got '%s'",
                  name);
     return nullptr;
   }

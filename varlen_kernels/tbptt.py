@@ -8,8 +8,10 @@ from ._checks import check_lengths, layout_hint
 
 class Chunk(NamedTuple):
     """One window of k steps: ``input`` (B, k', ...) if batch_first else (k', B, ...),
-    with k' = min(k, T - start); ``lengths`` (B,) the valid steps of each
-    sequence inside the window (0 for sequences that ended before it)."""
+    with k' = min(k, T - start); ``lengths`` (B,) int64, the valid steps of each
+    sequence inside the window (0 for sequences that ended before it), on the
+    input's device, or on the CPU where the lengths were given there (the
+    recurrent modules then size their GEMMs on the host)."""
     start: int
     input: Tensor
     lengths: Tensor
@@ -41,7 +43,7 @@ def tbptt_chunks(input: Tensor, lengths, k: int, *, batch_first: bool = False) -
         raise ValueError(f"input must be a Tensor with at least 2 dims, got {getattr(input, 'shape', type(input))}")
     tdim = 1 if batch_first else 0
     T, B = input.shape[tdim], input.shape[1 - tdim]
-    lengths = check_lengths(lengths, T, B, input.device,
+    lengths = check_lengths(lengths, T, B, input.device, keep_host=True,
                             layout=layout_hint("input", input.shape, batch_first, "..."))
     for start in range(0, T, k):
         width = min(k, T - start)

@@ -592,37 +592,58 @@ def test_lengths_in_host_memory_projection_lstm(bidirectional, gpu):
                          B=9, H=12, proj_size=5, seed=8, host_lengths=True)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "lstm_proj"])
+@pytest.mark.parametrize("path", ["persistent", "per_step"])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_host_and_device_plans_agree(cell, reverse, gpu):
+def test_host_and_device_plans_agree(cell, path, reverse, gpu):
     """The plan made on the host and the one made on the device give the same
     outputs, workspaces (the packed layout, zero past the valid tokens) and
-    gradients, zero-length sequences and ties in the lengths included."""
-    T, B, H = 6, 7, 20
-    lengths = (6, 0, 2, 1, 6, 2, 5)
+    gradients, with zero-length sequences, ties in the lengths, and a last step
+    that no sequence reaches (the per-step loops stop at the longest length
+    where it is known on the host). lstm_proj: proj_size 5, per step on CUDA."""
+    T, B, H, P = 6, 7, 20, 5
+    lengths = (5, 0, 2, 1, 5, 2, 4)
+    proj = cell == "lstm_proj"
+    cell = "lstm" if proj else cell
     args = layer_args(cell, gpu, False, T=T, B=B, I=3, H=H, lengths=lengths)
+    w_hr = []
+    if proj:  # h0 and W_hh over P features, and W_hr
+        args[2], args[5] = args[2][:, :P].clone(), args[5][:, :P].clone()
+        w_hr = [torch.randn(P, H, dtype=torch.float64, device=gpu)]
     args[0][4:, 2] = float("nan")
+    args[0][5:] = float("nan")
     on_host, on_device = host_and_device_lengths(gpu, args[1])
     grads = None
-    results = {}
-    with device_limits(gpu, sm_count=3):
+    results, launches = {}, {}
+    count = emulation_module().launch_counts if gpu != "cuda" else lambda: (0,)
+    with rnn_path(path), device_limits(gpu, sm_count=3):
         for where, lens in (("host", on_host), ("device", on_device)):
             with lengths_in_host_memory(where == "host"):
-                fwd = torch.ops.varlen_kernels.rnn_forward(args[0], lens, *args[2:], cell, reverse)
+                before = count()[0]
+                fwd = torch.ops.varlen_kernels.rnn_forward(args[0], lens, *args[2:], cell, reverse,
+                                                           *w_hr)
+                launches[where] = count()[0] - before
                 if grads is None:
                     g = torch.Generator().manual_seed(3)
                     grads = [torch.randn(t.shape, generator=g, dtype=t.dtype).to(gpu)
                              for t in fwd[:3]]
                 x, _, _, _, w_ih, w_hh = args[:6]
                 bwd = torch.ops.varlen_kernels.rnn_backward(*grads, x, lens, w_ih, w_hh, *fwd[3:],
-                                                            cell, reverse)
+                                                            cell, reverse, *w_hr)
             results[where] = (fwd, bwd)
     n = sum(lengths)
-    for a, b in zip(results["host"][0] + results["host"][1],
-                    results["device"][0] + results["device"][1]):
+    host, device = results["host"], results["device"]
+    for a, b in zip(host[0] + host[1], device[0] + device[1]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
-    for ws in results["host"][0][3:]:
+    out = host[0][0]
+    assert (out[5:] == 0).all() and not out[:5].isnan().any()
+    for ws in host[0][3:]:
         assert (ws[n:] == 0).all()
+    assert not any(t.isnan().any() for t in host[1])
+    if gpu != "cuda" and (path == "per_step" or proj):
+        # one step that no sequence reaches, skipped: one step kernel fewer
+        # (two with a projection: the step's and the commit's)
+        assert launches["device"] - launches["host"] == (2 if proj else 1)
 
 
 def mm_shapes(fn):

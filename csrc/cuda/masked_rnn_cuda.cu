@@ -245,6 +245,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_proj_cuda(
   Tensor r = at::empty({B, H}, opts), gh = at::empty({B, 4 * H}, opts);
   Tensor hp = at::empty({B, P}, opts);
   Tensor output = at::empty({T, B, P}, opts);
+  const int64_t L = plan.steps();
+  output.narrow(0, L, T - L).zero_();  // steps no sequence reaches
   Tensor gates = at::zeros({T * B, 4 * H}, opts);
   Tensor states = at::zeros({T * B, 2 * H + P}, opts);
   const Tensor w_hh_t = w_hh.t(), w_hr_t = w_hr.t();
@@ -252,8 +254,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_proj_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
                                   "rnn_forward_proj_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    for (int64_t step = 0; step < T && B > 0; ++step) {
-      const int64_t t = step_order(step, T, reverse);
+    for (int64_t step = 0; step < L && B > 0; ++step) {
+      const int64_t t = step_order(step, L, reverse);
       at::mm_out(gh, h_out, w_hh_t);
       ProjFwdArgs<scalar_t, acc_t> a{step_rows(plan, t),
                                      gx.const_data_ptr<scalar_t>(), gh.const_data_ptr<scalar_t>(),
@@ -352,8 +354,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_b
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
                                   "rnn_backward_proj_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    for (int64_t step = 0; step < T && B > 0; ++step) {
-      const int64_t t = step_order(step, T, !reverse);
+    const int64_t L = plan.steps();
+    for (int64_t step = 0; step < L && B > 0; ++step) {
+      const int64_t t = step_order(step, L, !reverse);
       cuda::launch(proj_backward_in_kernel<scalar_t, acc_t>, cuda::grid_for(B * P, kThreads),
                    kThreads, 0, stream, step_rows(plan, t),
                    dy.const_data_ptr<scalar_t>() + t * B * P, dh.data_ptr<acc_t>(),
@@ -411,6 +414,8 @@ RnnForwardResult forward_per_step(const Prepared& f, const TokenPlan& plan, cons
   Tensor c = s.cell == Cell::LSTM ? at::empty({B, H}, opts.dtype(acc_type)).copy_(*c0) : Tensor();
   Tensor gh = at::empty({B, G * H}, opts);
   Tensor output = at::empty({T, B, H}, opts);
+  const int64_t L = plan.steps();
+  output.narrow(0, L, T - L).zero_();  // steps no sequence reaches
   Tensor gates = at::zeros({T * B, s.GS * H}, opts);  // packed
   Tensor states = at::zeros({T * B, s.S * H}, opts);
   const Tensor w_hh_t = w_hh.t(), gxc = gx.stride(1) == 1 ? gx : gx.contiguous();
@@ -422,8 +427,8 @@ RnnForwardResult forward_per_step(const Prepared& f, const TokenPlan& plan, cons
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_cell(s.cell, [&](auto k) {
       constexpr Cell K = decltype(k)::value;
-      for (int64_t step = 0; step < T; ++step) {
-        const int64_t t = step_order(step, T, reverse);
+      for (int64_t step = 0; step < L; ++step) {
+        const int64_t t = step_order(step, L, reverse);
         at::mm_out(gh, h_out, w_hh_t);
         FwdArgs<scalar_t, acc_t> a{step_rows(plan, t),
                                    gxc.const_data_ptr<scalar_t>(),
@@ -512,8 +517,8 @@ void rnn_backward_per_step(const RnnSizes& s, const TokenPlan& plan, const Tenso
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_cell(cell, [&](auto k) {
       constexpr Cell K = decltype(k)::value;
-      for (int64_t step = 0; step < T; ++step) {
-        const int64_t t = step_order(step, T, !reverse);
+      for (int64_t step = 0, L = plan.steps(); step < L; ++step) {
+        const int64_t t = step_order(step, L, !reverse);
         BwdArgs<scalar_t, acc_t> a{step_rows(plan, t),
                                    gs.const_data_ptr<scalar_t>(), st.const_data_ptr<scalar_t>(),
                                    dy.const_data_ptr<scalar_t>() + t * B * H,

@@ -124,6 +124,7 @@ TokenPlan host_plan(const Tensor& lengths, int64_t T, const at::Device& device) 
   p.T = T;
   p.B = B;
   p.host_count = off[T];
+  p.host_steps = B > 0 ? sorted[0] : 0;
 #ifndef VK_EMULATE_CUDA
   buf = buf.pin_memory().to(device, /*non_blocking=*/true);
 #else

@@ -17,10 +17,11 @@
 //
 // Lengths may also live in host memory (a CPU tensor next to a GPU input, as
 // pack_padded_sequence wants them): then the plan is made on the host, checked
-// there, and copied to the device in one asynchronous copy, and N is known on
+// there, and copied to the device in one asynchronous copy; N is then known on
 // the host, so the GEMMs over tokens run as at::mm over exactly the N valid
-// rows, in every dtype. Such lengths cannot be captured in a CUDA graph (the
-// graph would replay the lengths of its capture): that is refused.
+// rows, in every dtype, and the per-step loops stop at the longest length.
+// Such lengths cannot be captured in a CUDA graph (the graph would replay the
+// lengths of its capture): that is refused.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -36,6 +37,12 @@ struct TokenPlan {
   at::Tensor count;       // (1,) int32: N, as _grouped_mm's group offsets
   int64_t T = 0, B = 0;
   int64_t host_count = -1;  // N where the lengths were in host memory, else -1
+  int64_t host_steps = -1;  // the longest length, likewise
+
+  // The steps a per-step loop visits: [0, steps()), the others have no running
+  // sequence (their outputs are zero): the longest length where it is known on
+  // the host, else T.
+  int64_t steps() const { return host_steps >= 0 ? host_steps : T; }
 };
 
 // lengths: (B,) int64, values in [0, T], on `device` (the kernels assert the

@@ -372,8 +372,8 @@ def forwards(ref, masked, x, lengths, device, baselines=BASELINES, compile_backe
     def run_split():  # each direction its own rnn_forward op
         return masked._forward(x, lengths_dev, None, layer=varlen_kernels.ops.rnn_layer)[0]
 
-    fns = {"masked": run_masked, "host_lengths": run_host_lengths, "split": run_split, "packed": run_packed, "padded": run_padded,
-           "reference": run_reference}
+    fns = {"masked": run_masked, "host_lengths": run_host_lengths, "split": run_split,
+           "packed": run_packed, "padded": run_padded, "reference": run_reference}
     for name in SETTINGS:
         fns[name] = with_setting(name, run_masked)
     out = {}

@@ -568,12 +568,6 @@ def test_rnn_path_setting_is_checked():
 # ones; the emulated ops do the same inside lengths_in_host_memory().
 
 
-def host_and_device_lengths(gpu, lengths):
-    """The lengths as the test hands them to the ops: the host-memory run (in
-    lengths_in_host_memory()) and the device-memory one."""
-    return lengths.cpu(), lengths.to(gpu)
-
-
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("path", ["persistent", "per_step"])
 @pytest.mark.parametrize("bidirectional", [False, True])
@@ -612,12 +606,11 @@ def test_host_and_device_plans_agree(cell, path, reverse, gpu):
         w_hr = [torch.randn(P, H, dtype=torch.float64, device=gpu)]
     args[0][4:, 2] = float("nan")
     args[0][5:] = float("nan")
-    on_host, on_device = host_and_device_lengths(gpu, args[1])
     grads = None
     results, launches = {}, {}
     count = emulation_module().launch_counts if gpu != "cuda" else lambda: (0,)
     with rnn_path(path), device_limits(gpu, sm_count=3):
-        for where, lens in (("host", on_host), ("device", on_device)):
+        for where, lens in (("host", args[1].cpu()), ("device", args[1])):
             with lengths_in_host_memory(where == "host"):
                 before = count()[0]
                 fwd = torch.ops.varlen_kernels.rnn_forward(args[0], lens, *args[2:], cell, reverse,
@@ -685,7 +678,7 @@ def test_lengths_in_host_memory_gemms_over_exactly_the_valid_tokens(bidirectiona
                 assert sorted(bwd) == sorted([((rows, G), (G, I)), ((G, rows), (rows, I)),
                                               ((G, rows), (rows, H))])
         check_against_packed("gru", bidirectional=bidirectional, device="cpu", T=T, B=B, H=H,
-                                 dtype=torch.float32, seed=2, host_lengths=True)
+                             dtype=torch.float32, seed=2, host_lengths=True)
 
 
 @pytest.mark.parametrize("bad", [-1, 7])

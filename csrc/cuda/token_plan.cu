@@ -64,10 +64,6 @@ TokenGemm token_gemm_setting() {
   TORCH_CHECK(false, "VARLEN_KERNELS_TOKEN_GEMM must be 'auto' or 'all_rows', got '", s, "'");
 }
 
-}  // namespace
-
-namespace {
-
 // The plan on the device: a few ATen ops, no host read.
 TokenPlan device_plan(const Tensor& lengths, int64_t T) {
   TokenPlan p;
@@ -94,7 +90,7 @@ TokenPlan host_plan(const Tensor& lengths, int64_t T, const at::Device& device) 
               "lengths in host memory cannot be captured in a CUDA graph (the graph would "
               "replay the lengths of its capture): pass lengths on the input's device");
   const int64_t B = lengths.size(0);
-  Tensor buf = at::empty({4 * B + T + 1}, lengths.options().device(at::kCPU));
+  Tensor buf = at::empty({4 * B + T + 1}, lengths.options());
   int64_t* const len = buf.data_ptr<int64_t>();
   int64_t *const sorted = len + B, *const perm = len + 2 * B, *const rank = len + 3 * B,
                  *const off = len + 4 * B;

@@ -1,6 +1,7 @@
 """Registers, spills and shared memory of the persistent RNN kernels, from ptxas.
 
-Compiles csrc/cuda/rnn_persistent.cu alone with nvcc -Xptxas -v for one
+Compiles csrc/cuda/rnn_persistent.cu and rnn_persistent_proj.cu (the
+projection LSTM's, "LSTMP" below) alone with nvcc -Xptxas -v for one
 architecture (no GPU needed) and writes one line per kernel instantiation:
 
   python benchmarks/ptxas_report.py                         # sm_90a, prints the table
@@ -24,7 +25,8 @@ from torch.utils import cpp_extension  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SOURCE = os.path.join(ROOT, "csrc", "cuda", "rnn_persistent.cu")
+SOURCES = [os.path.join(ROOT, "csrc", "cuda", name)
+           for name in ("rnn_persistent.cu", "rnn_persistent_proj.cu")]
 
 
 def nvcc_path():
@@ -43,16 +45,20 @@ def run(arch):
                     includes.append(inc)
     except ImportError:
         pass
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [nvcc_path(), "-c", SOURCE, "-o", os.path.join(tmp, "k.o"), "-std=c++20", "-O3",
-               "--expt-relaxed-constexpr", f"-gencode=arch=compute_{arch[3:]},code={arch}",
-               "-Xptxas=-v", "-DVK_WITH_CUDA",
-               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
-        cmd += [f"-I{i}" for i in includes]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"nvcc failed:\n{r.stderr[-4000:]}")
-    return r.stderr
+    logs = []
+    for source in SOURCES:
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [nvcc_path(), "-c", source, "-o", os.path.join(tmp, "k.o"), "-std=c++20",
+                   "-O3", "--expt-relaxed-constexpr",
+                   f"-gencode=arch=compute_{arch[3:]},code={arch}", "-Xptxas=-v",
+                   "-DVK_WITH_CUDA",
+                   f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+            cmd += [f"-I{i}" for i in includes]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            sys.exit(f"nvcc failed on {source}:\n{r.stderr[-4000:]}")
+        logs.append(r.stderr)
+    return "\n".join(logs)
 
 
 def demangle(names):
@@ -66,7 +72,13 @@ def demangle(names):
 
 
 def short(name):
-    """persistent_forward_kernel<float, float, (varlen::Cell)0> -> forward float LSTM."""
+    """persistent_forward_kernel<float, float, (varlen::Cell)0> -> forward float LSTM;
+    proj_forward_kernel<float, float, ...TcProduct<float>> -> forward tensor float LSTMP."""
+    m = re.search(r"proj_(forward|backward)_kernel<([^,]+), [^,]+, .*(Fma|Tc)Product<", name)
+    if m:
+        dtype = {"c10::Half": "half", "c10::BFloat16": "bfloat16"}.get(m.group(2), m.group(2))
+        unit = "tensor" if m.group(3) == "Tc" else "fma"
+        return f"{m.group(1):8s} {unit:6s} {dtype:9s} LSTMP"
     m = re.search(r"persistent_(forward|backward)(_tc)?_kernel<([^,]+), (?:[^,]+, )?"
                   r"\(varlen::Cell\)(\d)>", name)
     if not m:
@@ -98,7 +110,9 @@ def parse(log):
             current["static_smem"] = int(s.group(1)) if s else 0
             rows.append(current)
             current = None
-    rows = [r for r in rows if "persistent_" in r["mangled"]]
+    rows = [r for r in rows
+            if "persistent_" in r["mangled"] or re.search(r"proj_(forward|backward)_kernel",
+                                                          r["mangled"])]
     for r, name in zip(rows, demangle([r["mangled"] for r in rows])):
         r["name"] = short(name)
     return sorted(rows, key=lambda r: r["name"])

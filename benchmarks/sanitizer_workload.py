@@ -26,9 +26,10 @@ def main(argv=None):
             x = torch.randn(3, 6, 5, device=dev, requires_grad=True)
             y, _ = m(x, torch.tensor([6, 0, 3], device=dev))
             y.sum().backward()
-        proj = vk.MaskedLSTM(5, 7, 1, proj_size=3).to(dev)
-        y, _ = proj(torch.randn(6, 3, 5, device=dev), torch.tensor([6, 0, 3]))
-        y.sum().backward()
+        proj = vk.MaskedLSTM(5, 7, 1, proj_size=3, bidirectional=True).to(dev)
+        for lengths in (torch.tensor([6, 0, 3]), torch.tensor([6, 0, 3], device=dev)):
+            y, _ = proj(torch.randn(6, 3, 5, device=dev), lengths)  # host, then device lengths
+            y.sum().backward()
         logits = torch.randn(3, 6, 11, device=dev, requires_grad=True)
         target = torch.randint(0, 11, (3, 6), device=dev)
         lengths = torch.tensor([6, 0, 2])

@@ -91,13 +91,13 @@ def test_low_precision_values_and_gradients(cell, dtype, T, B, H, limits, path, 
         check_low_precision(cell, dtype, T, B, H, gpu, bidirectional)
 
 
-def check_low_precision(cell, dtype, T, B, H, gpu, bidirectional=False):
+def check_low_precision(cell, dtype, T, B, H, gpu, bidirectional=False, proj_size=0):
     ref, x, lengths, hx = sample_inputs(cell, T=T, B=B, I=8, H=H, device=gpu,
                                         requires_grad=False, with_zero=True,
-                                        bidirectional=bidirectional)
+                                        bidirectional=bidirectional, proj_size=proj_size)
     x = torch.nan_to_num(x, nan=0.0)
     g = torch.Generator().manual_seed(1)
-    gy = torch.randn(T, B, (2 if bidirectional else 1) * H, generator=g,
+    gy = torch.randn(T, B, (2 if bidirectional else 1) * (proj_size or H), generator=g,
                      dtype=torch.float64).to(gpu)
     m64 = MaskedRNN.from_torch(ref)
     with rnn_path("auto"):  # the float64 oracle: whichever path fits
@@ -342,6 +342,118 @@ def test_persistent_and_per_step_paths_match_packed(cell, path, H, sm_count, bid
                              B=40, H=H, seed=H)
 
 
+# The projection LSTM's persistent kernels (rnn_persistent_proj.cu): CTA c owns
+# units [c*Hs, (c+1)*Hs) and features [c*Ps, (c+1)*Ps). (H, P, sm_count) ->
+# units per CTA, CTAs, features per CTA:
+#   (24, 5, 3) -> 8, 3, 2 (the last CTA has one feature);
+#   (50, 7, 4) -> 13, 4, 2 (a last CTA with fewer units, one feature);
+#   (9, 2, 132) -> 2, 5, 1 (three CTAs with no feature).
+# B = 40 with lengths uniform in [1, T]: several row tiles, later ones finish early.
+PROJ_SHAPES = [(24, 5, 3), (50, 7, 4), (9, 2, 132)]
+
+
+@pytest.mark.parametrize("path", ["persistent", "per_step"])
+@pytest.mark.parametrize("H,P,sm_count", PROJ_SHAPES)
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_projection_lstm_paths_match_packed(path, H, P, sm_count, bidirectional, gpu):
+    """The LSTM with a projection on both CUDA paths, forced, against nn.LSTM +
+    packed: values and every gradient, two layers, float64, NaN in the padding."""
+    if path == "per_step" and H != 24:
+        pytest.skip("the per-step path does not depend on the grid: one shape is enough")
+    with rnn_path(path), device_limits(gpu, sm_count=sm_count):
+        check_against_packed("lstm", num_layers=2, bidirectional=bidirectional, device=gpu, T=9,
+                             B=40, H=H, proj_size=P, seed=H)
+
+
+# (emulated device limits, path): the tensor-core kernels; the fma kernels
+# (the tensor-core ones do not fit 16 KiB of shared memory); the per-step path.
+PROJ_LOW_PRECISION_CASES = [({"sm_count": 3}, "persistent"),
+                            ({"sm_count": 3, "max_shared_per_block": 16384}, "persistent"),
+                            ({"sm_count": 3}, "per_step")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("limits,path", PROJ_LOW_PRECISION_CASES)
+def test_projection_lstm_low_precision(dtype, limits, path, gpu):
+    """The projection LSTM in half and bfloat16: output and every gradient
+    within 2x the error of PyTorch's own same-precision path, as the plain cells."""
+    with rnn_path(path), device_limits(gpu, **limits):
+        check_low_precision("lstm", dtype, 9, 40, 24, gpu, proj_size=5)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_projection_lstm_float32_follows_torchs_tf32_setting(bidirectional, gpu):
+    """float32 with a projection: IEEE within float32 tolerance of float64; TF32
+    (tensor cores) within 2x the error of PyTorch's masked loop in half."""
+    T, B, H, P = 9, 40, 24, 5
+    ref, x, lengths, hx = sample_inputs("lstm", T=T, B=B, I=8, H=H, device=gpu, proj_size=P,
+                                        requires_grad=False, bidirectional=bidirectional)
+    x = torch.nan_to_num(x, nan=0.0)
+    gy = torch.randn(T, B, (2 if bidirectional else 1) * P,
+                     generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(gpu)
+    y64, g64 = _grads(MaskedRNN.from_torch(ref), x.clone().requires_grad_(), lengths, hx, gy)
+
+    def errors(dtype, runner=_grads):
+        m = MaskedRNN.from_torch(ref).to(dtype)
+        hxd = tuple(t.to(dtype) for t in hx)
+        xd = x.to(dtype).requires_grad_()
+        if runner is _grads:
+            y, grads = runner(m, xd, lengths, hxd, gy)
+        else:
+            y, _ = runner(m, xd, lengths, hxd)
+            grads = torch.autograd.grad((y * gy.to(dtype)).sum(), [xd, *m.parameters()])
+        return [((a.double() - b).abs().max() / b.abs().max().clamp_min(1.0)).item()
+                for a, b in zip([y, *grads], [y64, *g64])]
+
+    with rnn_path("persistent"), device_limits(gpu, sm_count=3):
+        with matmul_precision("ieee"):
+            ieee = errors(torch.float32)
+        with matmul_precision("tf32"):
+            tf32 = errors(torch.float32)
+    half = errors(torch.float16, masked_rnn_reference)
+    floor = torch.finfo(torch.float16).eps * 4
+    names = ["output", "input"] + [n for n, _ in ref.named_parameters()]
+    for name, e_ieee, e_tf32, e_half in zip(names, ieee, tf32, half):
+        assert e_ieee <= 1e-5, f"{name}: IEEE float32 error {e_ieee:.3g}"
+        assert e_tf32 <= 2 * max(e_half, floor), f"{name}: TF32 {e_tf32:.3g}, half {e_half:.3g}"
+    assert max(tf32) > 30 * max(ieee), (tf32, ieee)
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize("path,cooperative", [("persistent", 2), ("per_step", 0)])
+def test_projection_lstm_launches(path, cooperative):
+    """On the persistent path a projection LSTM layer is one cooperative launch
+    forward and one backward, on as many CTAs as the hidden units need; per
+    step, none."""
+    counts = emulation_module().launch_counts
+    ref, x, lengths, hx = sample_inputs("lstm", T=6, B=9, I=4, H=24, proj_size=5)
+    m = MaskedRNN.from_torch(ref)
+    with rnn_path(path), emulate_cuda(), emulated_device(sm_count=3):
+        before = counts()[1]
+        y, _ = m(x.requires_grad_(), lengths, hx)
+        y.nan_to_num().sum().backward()
+        assert counts()[1] - before == cooperative
+        if cooperative:
+            assert counts()[2] == 3  # 24 units: 8 a CTA
+
+
+@pytest.mark.emulation
+def test_projection_lstm_that_does_not_fit_falls_back_or_fails_when_forced():
+    """Weight slices beyond the device's shared memory: 'auto' runs per step
+    (same results), 'persistent' is an error that names the sizes."""
+    ref, x, lengths, hx = sample_inputs("lstm", T=5, B=6, I=3, H=40, proj_size=7)
+    m = MaskedRNN.from_torch(ref)
+    expected = m(x, lengths, hx)[0]
+    with emulate_cuda(), emulated_device(max_shared_per_block=4096):
+        with rnn_path("auto"):
+            torch.testing.assert_close(m(x, lengths, hx)[0], expected, rtol=1e-12, atol=1e-13)
+        with rnn_path("persistent"):
+            with pytest.raises(RuntimeError, match=r"persistent projection forward kernel does "
+                                                   r"not fit this device for hidden_size 40, "
+                                                   r"proj_size 7, dtype Double"):
+                m(x, lengths, hx)
+
+
 @pytest.mark.emulation
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("sm_count,launches", [(4, 1), (1, 2)])
@@ -449,8 +561,7 @@ def test_paths_agree_on_workspaces(cell, reverse, gpu):
 def test_workspaces_are_the_cpu_kernels_layout(cell, path):
     """One workspace layout on every backend: the CUDA kernels' workspaces equal
     the CPU kernels' in their valid rows, both directions, and the backward of
-    either takes the other's (lstm_proj: an LSTM with proj_size 5, per step on
-    CUDA whatever the path setting)."""
+    either takes the other's (lstm_proj: an LSTM with proj_size 5)."""
     T, B, H, P = 5, 6, 12, 5
     lengths = (5, 0, 2, 5, 1, 3)
     proj = cell == "lstm_proj"
@@ -594,7 +705,7 @@ def test_host_and_device_plans_agree(cell, path, reverse, gpu):
     outputs, workspaces (the packed layout, zero past the valid tokens) and
     gradients, with zero-length sequences, ties in the lengths, and a last step
     that no sequence reaches (the per-step loops stop at the longest length
-    where it is known on the host). lstm_proj: proj_size 5, per step on CUDA."""
+    where it is known on the host). lstm_proj: proj_size 5."""
     T, B, H, P = 6, 7, 20, 5
     lengths = (5, 0, 2, 1, 5, 2, 4)
     proj = cell == "lstm_proj"
@@ -633,10 +744,12 @@ def test_host_and_device_plans_agree(cell, path, reverse, gpu):
     for ws in host[0][3:]:
         assert (ws[n:] == 0).all()
     assert not any(t.isnan().any() for t in host[1])
-    if gpu != "cuda" and (path == "per_step" or proj):
-        # one step that no sequence reaches, skipped: one step kernel fewer
-        # (two with a projection: the step's and the commit's)
-        assert launches["device"] - launches["host"] == (2 if proj else 1)
+    if gpu != "cuda":
+        # per step, one step that no sequence reaches is skipped: one step
+        # kernel fewer (two with a projection: the step's and the commit's);
+        # the persistent path launches one kernel either way
+        fewer = (2 if proj else 1) if path == "per_step" else 0
+        assert launches["device"] - launches["host"] == fewer
 
 
 def mm_shapes(fn):

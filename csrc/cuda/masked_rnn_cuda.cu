@@ -5,8 +5,8 @@
 // are in the packed layout of token_plan.h (the CPU kernels' layout):
 //  - the valid input tokens are gathered (padding never read, so NaN there
 //    cannot leak) and projected by one GEMM over tokens (tokens_times);
-//  - the recurrence is one persistent kernel (rnn_persistent.cu) where it
-//    fits, else per step one GEMM of the B hidden rows with W_hh plus one fused
+//  - the recurrence is one persistent kernel (rnn_persistent.cu; with a
+//    projection rnn_persistent_proj.cu) where it fits, else per step one GEMM of the B hidden rows with W_hh plus one fused
 //    kernel that applies the cell (cell_math.h) to the rows with t < lengths[b]
 //    and leaves the others untouched (frozen state, zero output);
 //  - the backward mirrors this; the weight and input gradients are one GEMM
@@ -165,7 +165,8 @@ Tokens tokens_of(const Tensor& input, const Tensor& lengths, int64_t T) {
 }
 
 // ------------------------------------------------- LSTM with a projection
-// nn.LSTM's proj_size: per step one GEMM h_prev W_hh^T, a step kernel that
+// nn.LSTM's proj_size: persistent where it fits (rnn_persistent_proj.cu), else
+// per step one GEMM h_prev W_hh^T, a step kernel that
 // runs the cell on the running rows (r = o * tanh(c)), one GEMM r W_hr^T and
 // a kernel that commits it (state, output) for the running rows. Workspaces,
 // packed: gates (T*B, 4H); states (T*B, 2H + P) = [r | c_prev | h_prev].
@@ -239,6 +240,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_proj_cuda(
   const TokenPlan& plan = tok.plan;
   const Tensor gx = tokens_times(tok.x, w_ih.t(), plan);  // (T*B, 4H), contiguous
   const Tensor bias = gate_biases(b_ih, b_hh, Cell::LSTM, H, acc_type).first;
+  if (auto r = rnn_forward_proj_persistent({gx, h0, c0, w_hh, w_hr, bias, reverse}, plan))
+    return *r;
   Tensor h = at::empty({B, P}, opts.dtype(acc_type)).copy_(h0);
   Tensor h_out = at::empty({B, P}, opts).copy_(h0);
   Tensor c = at::empty({B, H}, opts.dtype(acc_type)).copy_(c0);
@@ -329,30 +332,27 @@ __global__ void proj_backward_step_kernel(ProjBwdArgs<scalar_t, acc_t> a) {
   }
 }
 
-// Arguments checked by check_proj_backward_args, but for the workspaces' rows.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_proj_cuda(
-    const ProjSizes& s, const Tensor& grad_output, const Tensor& grad_h_n,
-    const Tensor& grad_c_n, const Tensor& input, const Tensor& lengths, const Tensor& w_ih,
-    const Tensor& w_hh, const Tensor& gates_in, const Tensor& states_in, const Tensor& w_hr,
-    bool reverse) {
+// The per-step backward recurrence with a projection: per step a kernel, two
+// GEMMs and a kernel. Fills dgx (T*B, 4H) and dh_tok (T*B, P), packed, and the
+// math-type gradients of h0 (dh) and c0 (dc).
+void rnn_backward_proj_per_step(const ProjSizes& s, const TokenPlan& plan, const Tensor& dy,
+                                const Tensor& grad_h_n, const Tensor& grad_c_n,
+                                const Tensor& w_hh, const Tensor& w_hr, const Tensor& gates,
+                                const Tensor& states, bool reverse, Tensor& dgx, Tensor& dh_tok,
+                                Tensor& dh, Tensor& dc) {
   const int64_t T = s.T, B = s.B, H = s.H, P = s.P;
-  check_workspace_shapes(gates_in, states_in, T, B, 4 * H, 2 * H + P);
-  const auto opts = input.options();
-  const auto acc_type = at::toOpMathType(input.scalar_type());
-  const Tokens tok = tokens_of(input, lengths, T);
-  const TokenPlan& plan = tok.plan;
-  const Tensor gates = gates_in.contiguous(), states = states_in.contiguous();
-  const Tensor dy = grad_output.to(input.scalar_type()).contiguous();
-  Tensor dh = at::empty({B, P}, opts.dtype(acc_type)).copy_(grad_h_n);
-  Tensor dc = at::empty({B, H}, opts.dtype(acc_type)).copy_(grad_c_n);
+  const auto opts = dy.options();
+  const auto acc_type = at::toOpMathType(dy.scalar_type());
+  dh = at::empty({B, P}, opts.dtype(acc_type)).copy_(grad_h_n);
+  dc = at::empty({B, H}, opts.dtype(acc_type)).copy_(grad_c_n);
   Tensor dh_step = at::empty({B, P}, opts), dr = at::empty({B, H}, opts);
   Tensor dg_step = at::empty({B, 4 * H}, opts);
-  Tensor dh_tok = at::zeros({T * B, P}, opts);  // d h' per token, packed
-  Tensor dgx = at::zeros({T * B, 4 * H}, opts);
-  const bool same_type = acc_type == input.scalar_type();
+  dh_tok = at::zeros({T * B, P}, opts);  // d h' per token, packed
+  dgx = at::zeros({T * B, 4 * H}, opts);
+  const bool same_type = acc_type == dy.scalar_type();
   const auto stream = cuda::current_stream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
-                                  "rnn_backward_proj_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(),
+                                  "rnn_backward_proj_per_step", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t L = plan.steps();
     for (int64_t step = 0; step < L && B > 0; ++step) {
@@ -373,6 +373,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_b
       else dh.add_(at::mm(dg_step, w_hh));
     }
   });
+}
+
+// Arguments checked by check_proj_backward_args, but for the workspaces' rows.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_proj_cuda(
+    const ProjSizes& s, const Tensor& grad_output, const Tensor& grad_h_n,
+    const Tensor& grad_c_n, const Tensor& input, const Tensor& lengths, const Tensor& w_ih,
+    const Tensor& w_hh, const Tensor& gates_in, const Tensor& states_in, const Tensor& w_hr,
+    bool reverse) {
+  const int64_t T = s.T, B = s.B, H = s.H, P = s.P;
+  check_workspace_shapes(gates_in, states_in, T, B, 4 * H, 2 * H + P);
+  const Tokens tok = tokens_of(input, lengths, T);
+  const TokenPlan& plan = tok.plan;
+  const Tensor gates = gates_in.contiguous(), states = states_in.contiguous();
+  const Tensor dy = grad_output.to(input.scalar_type()).contiguous();
+  Tensor dgx, dh_tok, dh, dc;
+  if (auto r = rnn_backward_proj_persistent(
+          {dy, grad_h_n, grad_c_n, w_hh, w_hr, gates, states, reverse}, plan)) {
+    std::tie(dgx, dh_tok, dh, dc) = *r;
+  } else {
+    rnn_backward_proj_per_step(s, plan, dy, grad_h_n, grad_c_n, w_hh, w_hr, gates, states, reverse,
+                               dgx, dh_tok, dh, dc);
+  }
   Tensor grad_w_ih = tokens_outer(dgx, tok.x, plan);
   Tensor grad_w_hh = tokens_outer(dgx, states.narrow(1, 2 * H, P), plan);
   Tensor grad_w_hr = tokens_outer(dh_tok, states.narrow(1, 0, H), plan);

@@ -33,8 +33,7 @@
 //
 // Which path runs: VARLEN_KERNELS_RNN_PATH = "auto" (default: persistent when
 // its shared memory and grid fit the device, per-step otherwise), "persistent"
-// (an error when it does not fit; the projection LSTM, which has no persistent
-// kernel, stays per-step) or "per_step".
+// (an error when it does not fit) or "per_step".
 #pragma once
 
 #include <ATen/ATen.h>
@@ -89,5 +88,33 @@ using PersistentBackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, 
 // Backward recurrence of one or two directions, or nullopt, as above.
 std::optional<std::vector<PersistentBackwardResult>> rnn_backward_persistent(
     Cell cell, const std::vector<PersistentBackward>& dirs, const TokenPlan& plan);
+
+// The LSTM with a projection (rnn_persistent_proj.cu): one direction a launch,
+// two grid barriers a step. gx: (T*B, 4H) input projection, packed; h0: (B, P);
+// c0: (B, H); w_hh: (4H, P); w_hr: (P, H); bias: gate_biases() or undefined.
+struct ProjPersistentForward {
+  at::Tensor gx, h0, c0, w_hh, w_hr, bias;
+  bool reverse;
+};
+
+// (output, h_n, c_n, gates, states) as the per-step path gives them, or
+// nullopt when the persistent path is not taken (setting; it does not fit).
+std::optional<RnnForwardResult> rnn_forward_proj_persistent(const ProjPersistentForward& in,
+                                                            const TokenPlan& plan);
+
+// dy: (T, B, P), storage type; grad_h_n: (B, P); grad_c_n: (B, H); gates,
+// states: the forward's workspaces.
+struct ProjPersistentBackward {
+  at::Tensor dy, grad_h_n, grad_c_n, w_hh, w_hr, gates, states;
+  bool reverse;
+};
+
+// (dgx, dh_tok, grad_h0, grad_c0): the pre-activation gradients (T*B, 4H) and
+// the gradient reaching each token's h (T*B, P), packed, rows past the valid
+// tokens zero; the gradients of h0 and c0 in the math type.
+using ProjPersistentBackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+std::optional<ProjPersistentBackwardResult> rnn_backward_proj_persistent(
+    const ProjPersistentBackward& in, const TokenPlan& plan);
 
 }  // namespace varlen

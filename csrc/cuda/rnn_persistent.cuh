@@ -1,0 +1,338 @@
+// The parts of the persistent CUDA kernels (rnn_persistent.h) that the plain
+// cells' kernels (rnn_persistent.cu) and the projection LSTM's
+// (rnn_persistent_proj.cu) share: the length order's step counts, the
+// directions of one launch, the recurrent product on tensor cores and on CUDA
+// cores with a weight slice in shared memory, and the host's choice of a
+// launch. Internal to those two sources.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/OpMathType.h>
+
+#include <algorithm>
+#include <string>
+#include <type_traits>
+
+#include "launch.h"
+#include "rnn_persistent.h"
+
+#ifndef VK_EMULATE_CUDA
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#endif
+
+namespace varlen {
+namespace {
+
+using at::Tensor;
+namespace cg = cooperative_groups;
+
+constexpr int kThreads = 256;
+constexpr int kRows = 2;    // rows per thread in a tile
+constexpr int kChunk = 16;  // reduction columns staged in shared memory at a time
+constexpr int kMinUnits = 2, kMaxUnits = 128;
+
+// Rows of a tile of the fma kernels: kRows per row group of Hs threads.
+constexpr int tile_rows(int units) { return (kThreads / units) * kRows; }
+
+// Number of sequences with length > t; sorted_len is in descending order.
+__device__ __forceinline__ int64_t count_running(const int64_t* sorted_len, int64_t B, int64_t t) {
+  int64_t lo = 0, hi = B;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (sorted_len[mid] > t) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+// The longest length, clamped to [0, T]; asserts that every length is in range.
+__device__ __forceinline__ int64_t longest(const int64_t* sorted_len, int64_t B, int64_t T) {
+  if (B == 0) return 0;
+  const int64_t hi = sorted_len[0], lo = sorted_len[B - 1];
+  if (blockIdx.x == 0 && threadIdx.x == 0)
+    CUDA_KERNEL_ASSERT(hi <= T && lo >= 0 && "lengths must be in [0, T]");
+  return hi < 0 ? 0 : (hi > T ? T : hi);
+}
+
+constexpr size_t align16(size_t n) { return (n + 15) / 16 * 16; }
+
+// The kernels' argument: the parameters of one or two directions (of the
+// same layer, sharing lengths), each run by its own group of `ctas` CTAs.
+// Both groups step through the same steps (the longest length), so they
+// meet at every grid-wide barrier.
+template <typename Params>
+struct Directions {
+  Params d[2];
+  int64_t ctas;  // CTAs per direction
+};
+
+// This CTA's direction, and the first hidden unit of its slice.
+template <typename Params>
+__device__ __forceinline__ Params direction_of_cta(const Directions<Params>& L, int64_t& j0) {
+  const bool second = int64_t(blockIdx.x) >= L.ctas;
+  const Params p = second ? L.d[1] : L.d[0];
+  j0 = (int64_t(blockIdx.x) - (second ? L.ctas : 0)) * p.units;
+  return p;
+}
+
+// Shared memory: the W_hh slice (G * Hs * H storage-type values), then the
+// staged operand tile (kChunk x (RB + 1) math-type values).
+template <typename scalar_t, typename acc_t>
+size_t smem_bytes(int G, int units, int64_t H) {
+  return align16(size_t(G) * units * H * sizeof(scalar_t)) +
+         size_t(kChunk) * (tile_rows(units) + 1) * sizeof(acc_t);
+}
+
+// ------------------------------------------------------------------ tensor cores
+// Half and bfloat16, and float32 where torch allows TF32 for CUDA matmuls:
+// the recurrent product on tensor cores. Per CTA and step it is C = A B with A
+// the running rows of h (forward, rounded to the storage type, as the GEMMs of
+// the per-step path and cuDNN round it) or of the previous step's dgh
+// (backward), and B the CTA's slice of W_hh, kept in shared memory for the
+// whole launch. float32 keeps A and B in float, rounded to TF32 (10 mantissa
+// bits, to nearest) as they are written to shared memory, as cuBLAS's TF32
+// GEMMs round their operands. Per tile of rows, the 8 warps share the 16x16
+// output tiles (at most 2 each), A is staged kTcChunk columns at a time, C
+// goes through shared memory to the threads that apply the cell, one
+// (row, unit) each. The state, the carry and C stay float.
+//
+// Tc<scalar_t>: the wmma element type, the type in shared memory, and the
+// shape's reduction length (16x16x16 tiles; 16x16x8 for TF32).
+template <typename T>
+struct Tc;
+#ifdef VK_EMULATE_CUDA
+template <>
+struct Tc<c10::Half> {  // the emulated wmma takes c10::Half / c10::BFloat16
+  using type = c10::Half;
+  using mem = c10::Half;
+  static constexpr int k = 16;
+};
+template <>
+struct Tc<c10::BFloat16> {
+  using type = c10::BFloat16;
+  using mem = c10::BFloat16;
+  static constexpr int k = 16;
+};
+#else
+template <>
+struct Tc<c10::Half> {
+  using type = __half;
+  using mem = __half;
+  static constexpr int k = 16;
+};
+template <>
+struct Tc<c10::BFloat16> {
+  using type = __nv_bfloat16;
+  using mem = __nv_bfloat16;
+  static constexpr int k = 16;
+};
+#endif
+// TF32 fragments and __float_to_tf32 exist only when compiling for sm_80 or
+// newer (and on the host); an older target's kernels trap before any product.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define VK_HAS_TF32 1
+#else
+#define VK_HAS_TF32 0
+#endif
+template <>
+struct Tc<float> {
+#if VK_HAS_TF32
+  using type = nvcuda::wmma::precision::tf32;
+#else
+  using type = float;  // never multiplied: the kernels trap below sm_80
+#endif
+  using mem = float;
+  static constexpr int k = 8;
+};
+
+// A value of the storage type as a tensor-core operand in shared memory.
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t tc_operand(scalar_t v) {
+#if VK_HAS_TF32
+  if constexpr (std::is_same_v<scalar_t, float>) return nvcuda::wmma::__float_to_tf32(v);
+#endif
+  return v;
+}
+
+constexpr int kTcChunk = 64;  // columns of A staged at a time
+constexpr int kWarps = kThreads / 32;
+constexpr int64_t align128(int64_t n) { return (n + 127) / 128 * 128; }
+
+// Tile geometry for a product with n output columns and reduction length k,
+// operands of elem bytes. Each shared-memory row is padded by 16 bytes: a
+// fragment load reads 8 rows (16-bit types) or 8 rows of 4 (TF32) at once, and
+// a row stride of 4 banks (mod 32) spreads them over all banks, where 32 bytes
+// (8 banks) would put rows 0 and 4 of a TF32 fragment on the same banks. The
+// strides stay multiples of 16 bytes and the tiles 32-byte aligned, as wmma
+// requires.
+struct TcGeometry {
+  int n, np, nt, mt, rbt;   // columns, padded to 16; column tiles; row tiles per tile; rows
+  int64_t kp, ldw, lda, ldc;  // k padded to 16; leading dimensions of W, A, C in shared memory
+  int elem;                 // bytes of an operand element
+  __host__ __device__ TcGeometry(int n_, int64_t k, int elem_) : n(n_), elem(elem_) {
+    np = (n + 15) / 16 * 16;
+    nt = np / 16;
+    mt = nt >= kWarps ? 1 : kWarps / nt;
+    rbt = 16 * mt;
+    kp = (k + 15) / 16 * 16;
+    ldw = kp + 16 / elem;
+    lda = kTcChunk + 16 / elem;
+    ldc = np + 4;
+  }
+  // At most two output tiles per warp.
+  __host__ __device__ bool fits_warps() const { return mt * nt <= 2 * kWarps; }
+  __host__ __device__ bool fits() const { return fits_warps(); }
+  __host__ __device__ int64_t w_bytes() const { return align128(np * ldw * elem); }
+  __host__ __device__ int64_t a_bytes() const { return align128(rbt * lda * elem); }
+  __host__ __device__ int64_t c_bytes() const { return int64_t(rbt) * ldc * 4; }
+  int64_t smem() const { return w_bytes() + a_bytes() + c_bytes(); }
+  // Where W[n, k] (n < np, k < kp; zero past n and k), A[r, kk] (r below
+  // stage_rows(rows), kk < the chunk; zero past rows) and C[r, n] are in
+  // shared memory: the form the projection LSTM's kernels stage them in.
+  __host__ __device__ int64_t w_at(int64_t n_, int64_t k) const { return n_ * ldw + k; }
+  __host__ __device__ int64_t a_at(int r, int kk) const { return r * lda + kk; }
+  __host__ __device__ int64_t c_at(int r, int n_) const { return r * ldc + n_; }
+  __host__ __device__ int stage_rows(int rows) const { return (rows + 15) / 16 * 16; }
+  __host__ __device__ int64_t w_cols() const { return np; }
+  __host__ __device__ int64_t w_depth() const { return kp; }
+  __host__ __device__ int chunk() const { return kTcChunk; }
+};
+
+__host__ __device__ constexpr int round16(int n) { return (n + 15) / 16 * 16; }
+
+// C (rows x g.np) += A (rows x kp, staged per chunk by `stage`) times the
+// W slice w (col-major, g.ldw): the output tiles of this warp, those with a
+// row below `rows`; then C to shared memory cs. Block-uniform: every thread
+// calls it; `stage(k0, kc)` fills as[r * lda + kk] for r < round16(rows),
+// kk < kc (zero past `rows`: only whole 16-row tiles are multiplied).
+template <typename scalar_t, typename Stage>
+__device__ __forceinline__ void tc_product(const TcGeometry& g, int rows, const scalar_t* ws,
+                                           scalar_t* as, float* cs, Stage stage) {
+  using namespace nvcuda;
+  using tc_t = typename Tc<scalar_t>::type;
+  using mem_t = typename Tc<scalar_t>::mem;
+  constexpr int KK = Tc<scalar_t>::k;
+  const int warp = threadIdx.x / 32;
+  wmma::fragment<wmma::accumulator, 16, 16, KK, float> acc[2];
+  wmma::fill_fragment(acc[0], 0.f);
+  wmma::fill_fragment(acc[1], 0.f);
+  for (int64_t k0 = 0; k0 < g.kp; k0 += kTcChunk) {
+    const int kc = g.kp - k0 < kTcChunk ? int(g.kp - k0) : kTcChunk;
+    __syncthreads();  // the previous chunk (and tile) is consumed
+    stage(k0, kc);
+    __syncthreads();
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int q = warp + e * kWarps, mtile = q / g.nt, ntile = q % g.nt;
+      if (q >= g.mt * g.nt || mtile * 16 >= rows) continue;  // warp-uniform
+      for (int kk = 0; kk < kc; kk += KK) {
+        wmma::fragment<wmma::matrix_a, 16, 16, KK, tc_t, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, KK, tc_t, wmma::col_major> b;
+        wmma::load_matrix_sync(a, reinterpret_cast<const mem_t*>(as + mtile * 16 * g.lda + kk),
+                               unsigned(g.lda));
+        wmma::load_matrix_sync(b, reinterpret_cast<const mem_t*>(ws + ntile * 16 * g.ldw + k0 + kk),
+                               unsigned(g.ldw));
+        wmma::mma_sync(acc[e], a, b, acc[e]);
+      }
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const int q = warp + e * kWarps, mtile = q / g.nt, ntile = q % g.nt;
+    if (q >= g.mt * g.nt || mtile * 16 >= rows) continue;
+    wmma::store_matrix_sync(cs + mtile * 16 * g.ldc + ntile * 16, acc[e], unsigned(g.ldc),
+                            wmma::mem_row_major);
+  }
+  __syncthreads();  // C complete for the cell threads
+}
+
+// ------------------------------------------------------------------ host
+// Types with a tensor-core kernel: half, bfloat16, and float32 (TF32).
+template <typename scalar_t>
+constexpr bool kTensorCores = std::is_same_v<scalar_t, c10::Half> ||
+                              std::is_same_v<scalar_t, c10::BFloat16> ||
+                              std::is_same_v<scalar_t, float>;
+
+// Whether this call may use the tensor cores: sm_80 and later; float32 only
+// where torch allows TF32 for CUDA matmuls (torch.backends.cuda.matmul's
+// fp32_precision "tf32", or allow_tf32), by the test cuBLAS's handle set-up makes.
+template <typename scalar_t>
+bool tensor_cores_allowed() {
+  if (!kTensorCores<scalar_t> || cuda::compute_major() < 8) return false;
+  return !std::is_same_v<scalar_t, float> ||
+         (!at::NoTF32Guard::should_disable_tf32() &&
+          at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+              at::Float32Precision::TF32);
+}
+
+struct Launch {
+  int units = 0;     // 0: does not fit
+  int64_t ctas = 0;
+  size_t smem = 0;
+  bool kernel_tc = false;  // the tensor-core kernel (else the fma one)
+};
+
+// The fewest units per CTA (the most CTAs) whose W_hh slice fits in shared
+// memory and whose grid, `dirs` groups of CTAs, can be resident at once.
+// At most one CTA per SM: every CTA reads all running rows of h each step, so
+// more CTAs mean more of that traffic, not more useful parallelism.
+// smem_for(units): the kernel's shared memory in bytes, or -1 when its tiles
+// cannot have that many units.
+template <typename Kernel, typename SmemFor>
+Launch plan_launch(Kernel kernel, int64_t H, int dirs, SmemFor smem_for) {
+  Launch l;
+  const int64_t most =
+      std::min(cuda::sm_count(), cuda::cooperative_grid_limit(kernel, kThreads, 0)) / dirs;
+  if (most < 1 || H < 1) return l;
+  int64_t units = std::max<int64_t>(kMinUnits, (H + most - 1) / most);
+  for (; units <= kMaxUnits; ++units) {
+    const int64_t bytes = smem_for(int(units));
+    if (bytes < 0 || size_t(bytes) > cuda::max_dynamic_smem()) return l;
+    const size_t smem = size_t(bytes);
+    const int64_t ctas = (H + units - 1) / units;
+    if (ctas * dirs <= cuda::cooperative_grid_limit(kernel, kThreads, smem)) {
+      l.units = int(units);
+      l.ctas = ctas;
+      l.smem = smem;
+      return l;
+    }
+  }
+  return l;
+}
+
+// The persistent launch of `dirs` directions, or units = 0 to take another
+// path: the tensor-core kernel where tensor_cores_allowed() and it fits, else
+// the fma kernel. tc_smem(units) / fma_smem(units): the kernels' shared memory
+// in bytes, or -1 when their tiles cannot have that many units; H: the hidden
+// units the CTAs share; work: 0 when there is nothing to step (either path
+// then does nothing). The error (a forced persistent path that does not fit
+// one direction) names the sizes, sizes(); two directions that do not fit one
+// launch are not an error (each runs in a launch of its own).
+template <typename scalar_t, typename Kernel, typename Sizes, typename TcSmem, typename FmaSmem>
+Launch choose_launch(Kernel tc_kernel, Kernel fma_kernel, const char* which, int dirs,
+                     int64_t work, Sizes sizes, TcSmem tc_smem, FmaSmem fma_smem, int64_t H) {
+  const RnnPath path = rnn_path_setting();
+  if (path == RnnPath::PerStep || work == 0) return {};
+  Launch l;
+  if (tensor_cores_allowed<scalar_t>()) {
+    l = plan_launch(tc_kernel, H, dirs, tc_smem);
+    l.kernel_tc = l.units > 0;
+    // Two directions that fit one launch only on CUDA cores: one tensor-core
+    // launch each instead, where one direction fits.
+    if (l.units == 0 && dirs > 1 && plan_launch(tc_kernel, H, 1, tc_smem).units > 0) return {};
+  }
+  if (l.units == 0) l = plan_launch(fma_kernel, H, dirs, fma_smem);
+  TORCH_CHECK(l.units > 0 || path == RnnPath::Auto || dirs > 1,
+              "VARLEN_KERNELS_RNN_PATH=persistent: the ", which,
+              " kernel does not fit this device for ", sizes(),
+              " (the weight slices exceed the shared memory of the CTAs that can be resident ",
+              "at once); use 'auto' to fall back to the per-step path");
+  return l;
+}
+
+}  // namespace
+}  // namespace varlen

@@ -180,6 +180,8 @@ inline ProjSizes check_proj_args(const at::Tensor& input, const at::Tensor& leng
   TORCH_CHECK(input.dim() == 3, "input must be 3-D (T, B, I), got shape ", input.sizes());
   TORCH_CHECK(w_hr.dim() == 2, "w_hr must be 2-D (P, H), got shape ", w_hr.sizes());
   ProjSizes s{input.size(0), input.size(1), input.size(2), w_hr.size(1), w_hr.size(0)};
+  TORCH_CHECK(s.P >= 1 && s.P < s.H, "w_hr (P, H) must have 1 <= P < H (nn.LSTM's proj_size < ",
+              "hidden_size), got shape ", w_hr.sizes());
   VK_CHECK_SHAPE(w_hh, 4 * s.H, s.P);
   VK_CHECK_SHAPE(w_ih, 4 * s.H, s.I);
   check_lengths_meta(lengths, input, s.B);

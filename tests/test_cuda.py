@@ -343,42 +343,46 @@ def test_persistent_and_per_step_paths_match_packed(cell, path, H, sm_count, bid
 
 
 # The projection LSTM's persistent kernels (rnn_persistent_proj.cu): CTA c owns
-# units [c*Hs, (c+1)*Hs) and features [c*Ps, (c+1)*Ps). (H, P, sm_count) ->
+# units [c*Hs, (c+1)*Hs) and features [c*Ps, (c+1)*Ps). (H, P, sm_count, B) ->
 # units per CTA, CTAs, features per CTA:
 #   (24, 5, 3) -> 8, 3, 2 (the last CTA has one feature);
 #   (50, 7, 4) -> 13, 4, 2 (a last CTA with fewer units, one feature);
 #   (9, 2, 132) -> 2, 5, 1 (three CTAs with no feature).
-# B = 40 with lengths uniform in [1, T]: several row tiles, later ones finish early.
-PROJ_SHAPES = [(24, 5, 3), (50, 7, 4), (9, 2, 132)]
+# Lengths uniform in [1, T]: B = 40 makes several row tiles of the forward's
+# cell product (32 or 16 rows on CUDA cores), B = 200 of every product
+# (at most 128 rows), later tiles finishing early.
+PROJ_SHAPES = [(24, 5, 3, 40), (50, 7, 4, 40), (9, 2, 132, 40), (24, 5, 3, 200)]
 
 
 @pytest.mark.parametrize("path", ["persistent", "per_step"])
-@pytest.mark.parametrize("H,P,sm_count", PROJ_SHAPES)
+@pytest.mark.parametrize("H,P,sm_count,B", PROJ_SHAPES)
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_projection_lstm_paths_match_packed(path, H, P, sm_count, bidirectional, gpu):
+def test_projection_lstm_paths_match_packed(path, H, P, sm_count, B, bidirectional, gpu):
     """The LSTM with a projection on both CUDA paths, forced, against nn.LSTM +
     packed: values and every gradient, two layers, float64, NaN in the padding."""
-    if path == "per_step" and H != 24:
+    if path == "per_step" and (H, B) != (24, 40):
         pytest.skip("the per-step path does not depend on the grid: one shape is enough")
     with rnn_path(path), device_limits(gpu, sm_count=sm_count):
         check_against_packed("lstm", num_layers=2, bidirectional=bidirectional, device=gpu, T=9,
-                             B=40, H=H, proj_size=P, seed=H)
+                             B=B, H=H, proj_size=P, seed=H + B)
 
 
-# (emulated device limits, path): the tensor-core kernels; the fma kernels
-# (the tensor-core ones do not fit 16 KiB of shared memory); the per-step path.
-PROJ_LOW_PRECISION_CASES = [({"sm_count": 3}, "persistent"),
-                            ({"sm_count": 3, "max_shared_per_block": 16384}, "persistent"),
-                            ({"sm_count": 3}, "per_step")]
+# (B, emulated device limits, path): the tensor-core kernels, with one and
+# with several row tiles (at most 128 rows); the fma kernels (the tensor-core
+# ones do not fit 16 KiB of shared memory); the per-step path.
+PROJ_LOW_PRECISION_CASES = [(40, {"sm_count": 3}, "persistent"),
+                            (200, {"sm_count": 3}, "persistent"),
+                            (40, {"sm_count": 3, "max_shared_per_block": 16384}, "persistent"),
+                            (40, {"sm_count": 3}, "per_step")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("limits,path", PROJ_LOW_PRECISION_CASES)
-def test_projection_lstm_low_precision(dtype, limits, path, gpu):
+@pytest.mark.parametrize("B,limits,path", PROJ_LOW_PRECISION_CASES)
+def test_projection_lstm_low_precision(dtype, B, limits, path, gpu):
     """The projection LSTM in half and bfloat16: output and every gradient
     within 2x the error of PyTorch's own same-precision path, as the plain cells."""
     with rnn_path(path), device_limits(gpu, **limits):
-        check_low_precision("lstm", dtype, 9, 40, 24, gpu, proj_size=5)
+        check_low_precision("lstm", dtype, 9, B, 24, gpu, proj_size=5)
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])

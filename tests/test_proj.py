@@ -127,3 +127,15 @@ def test_proj_op_gradcheck_opcheck_and_reference(reverse, device):
     torch.library.opcheck(torch.ops.varlen_kernels.rnn_backward.default,
                           (torch.randn_like(o), torch.randn_like(h), torch.randn_like(c), det[0], det[1],
                            det[4], det[5], gates, states, "lstm", reverse, w_hr.detach()))
+
+
+@pytest.mark.parametrize("P", [0, 3])
+def test_proj_op_needs_proj_size_below_hidden_size(P, device):
+    """The op checks 1 <= P < H (nn.LSTM's proj_size < hidden_size) before any
+    kernel runs: P = 0 has no features, P = H (3 here) is not a projection."""
+    args, _ = _op_args(False, device)
+    dd = dict(dtype=torch.float64, device=device)
+    args[2], args[5] = torch.randn(3, P, **dd), torch.randn(12, P, **dd)  # h0 (B, P), w_hh (4H, P)
+    with pytest.raises(RuntimeError, match=r"w_hr \(P, H\) must have 1 <= P < H \(nn.LSTM's "
+                                           rf"proj_size < hidden_size\), got shape \[{P}, 3\]"):
+        torch.ops.varlen_kernels.rnn_forward(*args, "lstm", False, torch.randn(P, 3, **dd))

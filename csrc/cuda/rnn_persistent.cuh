@@ -330,7 +330,8 @@ Launch choose_launch(Kernel tc_kernel, Kernel fma_kernel, const char* which, int
               "VARLEN_KERNELS_RNN_PATH=persistent: the ", which,
               " kernel does not fit this device for ", sizes(),
               " (the weight slices exceed the shared memory of the CTAs that can be resident ",
-              "at once); use 'auto' to fall back to the per-step path");
+              "at once, or the device has no cooperative launch); use 'auto' to fall back to ",
+              "the per-step path");
   return l;
 }
 

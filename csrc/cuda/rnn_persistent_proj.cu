@@ -193,12 +193,15 @@ struct TwoProductSmem {
 
 // Fills the weight slice ws of geometry g: element (col, kk) is value(col, kk)
 // for col < cols and kk < depth, zero elsewhere (the padding of the tiles).
-template <typename Prod, typename scalar_t, typename Value>
+// Consecutive threads take consecutive kk, or with kColsFastest consecutive
+// columns: whichever are adjacent in the weight's global memory.
+template <typename Prod, bool kColsFastest, typename scalar_t, typename Value>
 __device__ void load_weights(const typename Prod::Geo& g, scalar_t* ws, int64_t cols,
                              int64_t depth, Value value) {
   const int64_t wc = g.w_cols(), wd = g.w_depth();
   for (int64_t idx = threadIdx.x; idx < wc * wd; idx += kThreads) {
-    const int64_t col = idx / wd, kk = idx % wd;
+    const int64_t col = kColsFastest ? idx % wc : idx / wd;
+    const int64_t kk = kColsFastest ? idx / wc : idx % wd;
     ws[g.w_at(col, kk)] = (col < cols && kk < depth) ? Prod::weight(value(col, kk)) : scalar_t(0);
   }
 }
@@ -256,11 +259,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const auto gb = Prod::geo(Ps, H);      // (b): column v of feature p0 + v, over H
   VK_DYNAMIC_SHARED(unsigned char, smem);
   const TwoProductSmem<scalar_t, Prod> sm(smem, ga, gb);
-  load_weights<Prod>(ga, sm.wa, ga.n, P, [&](int64_t col, int64_t k) {
+  load_weights<Prod, false>(ga, sm.wa, ga.n, P, [&](int64_t col, int64_t k) {
     const int64_t jj = j0 + col % Hs;
     return jj < H ? p.w_hh[((col / Hs) * H + jj) * P + k] : scalar_t(0);
   });
-  load_weights<Prod>(gb, sm.wb, gb.n, H, [&](int64_t col, int64_t k) {
+  load_weights<Prod, false>(gb, sm.wb, gb.n, H, [&](int64_t col, int64_t k) {
     return p0 + col < P ? p.w_hr[(p0 + col) * H + k] : scalar_t(0);
   });
   for (int64_t idx = tid; idx < B * Ps; idx += kThreads) {
@@ -307,8 +310,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
     cg::this_grid().sync();  // r of every unit in place
-    // (b) the CTA's features of h_t = r W_hr^T
-    for (int64_t tile = 0; tile < nrun; tile += gb.rbt) {
+    // (b) the CTA's features of h_t = r W_hr^T (a CTA past the last feature
+    // has none: with P < H some CTAs own units only)
+    for (int64_t tile = 0; p0 < P && tile < nrun; tile += gb.rbt) {
       const int rows = nrun - tile < gb.rbt ? int(nrun - tile) : gb.rbt;
       product_of_rows<Prod>(gb, rows, H, sm.wb, sm.as, sm.cs,
                             [&](int r, int64_t k) { return p.rbuf[(tile + r) * H + k]; });
@@ -377,10 +381,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const auto g2 = Prod::geo(Hs, P);   // (2): column u of unit j0 + u, over P
   VK_DYNAMIC_SHARED(unsigned char, smem);
   const TwoProductSmem<scalar_t, Prod> sm(smem, g1, g2);
-  load_weights<Prod>(g1, sm.wa, g1.n, GH, [&](int64_t col, int64_t m) {
+  load_weights<Prod, true>(g1, sm.wa, g1.n, GH, [&](int64_t col, int64_t m) {
     return p0 + col < P ? p.w_hh[m * P + p0 + col] : scalar_t(0);
   });
-  load_weights<Prod>(g2, sm.wb, g2.n, P, [&](int64_t col, int64_t k) {
+  load_weights<Prod, true>(g2, sm.wb, g2.n, P, [&](int64_t col, int64_t k) {
     return j0 + col < H ? p.w_hr[k * H + j0 + col] : scalar_t(0);
   });
   for (int64_t idx = tid; idx < B * Ps; idx += kThreads) {
@@ -402,8 +406,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t nprev = step > 0 ? count_running(p.sorted_len, B, tp) : 0;
     const int64_t n = nrun > nprev ? nrun : nprev, row0 = last ? 0 : p.off[t];
     const scalar_t* dg_prev = p.dgx + (step > 0 ? p.off[tp] : 0) * GH;
-    // (1) the CTA's features of d h'
-    for (int64_t tile = 0; tile < n; tile += g1.rbt) {
+    // (1) the CTA's features of d h' (none past the last feature)
+    for (int64_t tile = 0; p0 < P && tile < n; tile += g1.rbt) {
       const int rows = n - tile < g1.rbt ? int(n - tile) : g1.rbt;
       const int with_prev =
           tile < nprev ? (nprev - tile < g1.rbt ? int(nprev - tile) : g1.rbt) : 0;
@@ -466,11 +470,15 @@ int64_t features_per_cta(int64_t H, int64_t P, int units) {
 
 // The launch of one direction, or units = 0 (see choose_launch). forward:
 // products (a) 4*units columns over P and (b) Ps over H; backward: (1) Ps
-// columns over 4H and (2) units over P.
+// columns over 4H and (2) units over P. On tensor cores a product's columns
+// are padded to 16, so the backward's W_hh slice takes 16 x 4H values however
+// few features a CTA has: beyond H of about 1.5k (16-bit types) or 1k (TF32)
+// on 227 KiB of shared memory the fma kernel runs instead.
 template <typename scalar_t, typename Kernel>
 Launch choose_proj(Kernel tc_kernel, Kernel fma_kernel, bool forward, int64_t B, int64_t H,
                    int64_t P, at::ScalarType dtype) {
   using acc_t = at::opmath_type<scalar_t>;
+  TORCH_INTERNAL_ASSERT(P >= 1 && P < H);  // check_proj_args
   auto smem = [&](auto product) {
     using Prod = decltype(product);
     return [=](int units) -> int64_t {

@@ -12,6 +12,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <tuple>
 #include <utility>
 
@@ -93,15 +95,17 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Strea
 #endif
 }
 
+#ifndef VK_EMULATE_CUDA
+// The current device's properties, as torch caches them (read once per device).
+inline const cudaDeviceProp& device_properties() { return *at::cuda::getCurrentDeviceProperties(); }
+#endif
+
 // Largest dynamic shared memory one block may ask for (the opt-in limit).
 inline size_t max_dynamic_smem() {
 #ifdef VK_EMULATE_CUDA
   return ::vk_emu::device_limits().max_shared_per_block;
 #else
-  int device = 0, bytes = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return size_t(bytes);
+  return device_properties().sharedMemPerBlockOptin;
 #endif
 }
 
@@ -110,10 +114,7 @@ inline int64_t sm_count() {
 #ifdef VK_EMULATE_CUDA
   return ::vk_emu::device_limits().sm_count;
 #else
-  int device = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms;
+  return device_properties().multiProcessorCount;
 #endif
 }
 
@@ -122,16 +123,14 @@ inline int compute_major() {
 #ifdef VK_EMULATE_CUDA
   return 9;
 #else
-  int device = 0, major = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  return major;
+  return device_properties().major;
 #endif
 }
 
 // Most blocks of `kernel` (block threads, smem bytes of dynamic shared memory)
 // that can be resident at once on the current device: the grid limit of a
-// cooperative launch. 0 when not even one block fits.
+// cooperative launch. 0 when not even one block fits. On a GPU the answer is
+// computed once per device, kernel, threads and smem, then remembered.
 template <typename... Params>
 int64_t cooperative_grid_limit(void (*kernel)(Params...), int threads, size_t smem) {
 #ifdef VK_EMULATE_CUDA
@@ -142,18 +141,23 @@ int64_t cooperative_grid_limit(void (*kernel)(Params...), int threads, size_t sm
   if (smem > 0) per_sm = std::min<int64_t>(per_sm, int64_t(d.max_shared_per_sm / smem));
   return std::min<int64_t>(per_sm * d.sm_count, d.max_cooperative_threads / threads);
 #else
-  const size_t most_smem = max_dynamic_smem();
-  if (smem > most_smem) return 0;
-  int device = 0, cooperative = 0, per_sm = 0;
+  const cudaDeviceProp& prop = device_properties();
+  if (smem > prop.sharedMemPerBlockOptin || !prop.cooperativeLaunch) return 0;
+  int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
-  if (!cooperative) return 0;
-  // The attribute is a cap, not a reservation: set once to the device's limit,
-  // so that concurrent launches of other sizes never see a smaller one.
+  using Key = std::tuple<int, const void*, int, size_t>;
+  static std::mutex mutex;
+  static std::map<Key, int64_t> known;
+  const Key key{device, reinterpret_cast<const void*>(kernel), threads, smem};
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (const auto it = known.find(key); it != known.end()) return it->second;
+  // The attribute is a cap, not a reservation: set to the device's limit, so
+  // that concurrent launches of other sizes never see a smaller one.
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      int(most_smem)));
+                                      int(prop.sharedMemPerBlockOptin)));
+  int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
-  return int64_t(per_sm) * sm_count();
+  return known[key] = int64_t(per_sm) * prop.multiProcessorCount;
 #endif
 }
 

@@ -359,10 +359,13 @@ PROJ_SHAPES = [(24, 5, 3, 40), (50, 7, 4, 40), (9, 2, 132, 40), (24, 5, 3, 200)]
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_projection_lstm_paths_match_packed(path, H, P, sm_count, B, bidirectional, gpu):
     """The LSTM with a projection on both CUDA paths, forced, against nn.LSTM +
-    packed: values and every gradient, two layers, float64, NaN in the padding."""
+    packed: values and every gradient, two layers, float64, NaN in the padding.
+    Bidirectional layers run both directions in one launch, each on as many
+    CTAs as a unidirectional layer gets with half the SMs."""
     if path == "per_step" and (H, B) != (24, 40):
         pytest.skip("the per-step path does not depend on the grid: one shape is enough")
-    with rnn_path(path), device_limits(gpu, sm_count=sm_count):
+    sms = sm_count * (2 if bidirectional else 1)
+    with rnn_path(path), device_limits(gpu, sm_count=sms):
         check_against_packed("lstm", num_layers=2, bidirectional=bidirectional, device=gpu, T=9,
                              B=B, H=H, proj_size=P, seed=H + B)
 
@@ -424,21 +427,44 @@ def test_projection_lstm_float32_follows_torchs_tf32_setting(bidirectional, gpu)
 
 
 @pytest.mark.emulation
-@pytest.mark.parametrize("path,cooperative", [("persistent", 2), ("per_step", 0)])
-def test_projection_lstm_launches(path, cooperative):
-    """On the persistent path a projection LSTM layer is one cooperative launch
-    forward and one backward, on as many CTAs as the hidden units need; per
-    step, none."""
+@pytest.mark.parametrize("bidirectional,sm_count,path,launches,grid", [
+    (False, 3, "persistent", 1, 3),  # 24 units: 8 a CTA
+    (True, 6, "persistent", 1, 6),   # both directions in one launch, 3 CTAs each
+    (True, 1, "persistent", 2, 1),   # not together on 1 SM: one launch each
+    (False, 3, "per_step", 0, None),
+])
+def test_projection_lstm_launches(bidirectional, sm_count, path, launches, grid):
+    """A projection LSTM layer on the persistent path: one cooperative launch
+    forward and one backward, for both directions where they fit together; the
+    same values and gradients as nn.LSTM + packed either way."""
     counts = emulation_module().launch_counts
-    ref, x, lengths, hx = sample_inputs("lstm", T=6, B=9, I=4, H=24, proj_size=5)
+    ref, x, lengths, hx = sample_inputs("lstm", T=6, B=9, I=4, H=24, proj_size=5,
+                                        bidirectional=bidirectional)
     m = MaskedRNN.from_torch(ref)
-    with rnn_path(path), emulate_cuda(), emulated_device(sm_count=3):
+    with rnn_path(path), emulate_cuda(), emulated_device(sm_count=sm_count):
         before = counts()[1]
         y, _ = m(x.requires_grad_(), lengths, hx)
         y.nan_to_num().sum().backward()
-        assert counts()[1] - before == cooperative
-        if cooperative:
-            assert counts()[2] == 3  # 24 units: 8 a CTA
+        assert counts()[1] - before == 2 * launches
+        if grid:
+            assert counts()[2] == grid
+        check_against_packed("lstm", num_layers=1, bidirectional=bidirectional, device="cpu",
+                             T=6, B=9, H=24, proj_size=5, seed=5)
+
+
+@pytest.mark.emulation
+def test_bidirectional_projection_layer_gemms_over_tokens():
+    """A bidirectional projection LSTM layer on the persistent path runs one GEMM
+    for both directions' input projection, and in the backward one for the
+    input gradient of both plus the three weight gradients of each."""
+    ref, x, lengths, hx = sample_inputs("lstm", T=6, B=9, I=5, H=12, proj_size=4,
+                                        bidirectional=True)
+    m = MaskedRNN.from_torch(ref)
+    x = x.requires_grad_()
+    with rnn_path("persistent"), emulate_cuda(), emulated_device(sm_count=4):
+        out = {}
+        assert mm_calls(lambda: out.setdefault("y", m(x, lengths, hx)[0])) == 1
+        assert mm_calls(lambda: out["y"].nan_to_num().sum().backward()) == 7
 
 
 @pytest.mark.emulation

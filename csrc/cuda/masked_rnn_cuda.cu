@@ -228,20 +228,16 @@ __global__ void proj_commit_kernel(const int64_t* lengths, const scalar_t* hp, a
   }
 }
 
-// Arguments checked by check_proj_forward_args.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_proj_cuda(
-    const ProjSizes& s, const Tensor& input, const Tensor& lengths, const Tensor& h0,
-    const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
-    const c10::optional<Tensor>& b_hh, const Tensor& w_hr, bool reverse) {
+// The per-step forward recurrence with a projection, on the direction's input
+// projection gx (T*B, 4H, packed, rows of any stride) and folded biases.
+RnnForwardResult proj_forward_per_step(const ProjSizes& s, const TokenPlan& plan,
+                                       const Tensor& gx_in, const Tensor& bias, const Tensor& h0,
+                                       const Tensor& c0, const Tensor& w_hh, const Tensor& w_hr,
+                                       bool reverse) {
   const int64_t T = s.T, B = s.B, H = s.H, P = s.P;
-  const auto opts = input.options();
-  const auto acc_type = at::toOpMathType(input.scalar_type());
-  const Tokens tok = tokens_of(input, lengths, T);
-  const TokenPlan& plan = tok.plan;
-  const Tensor gx = tokens_times(tok.x, w_ih.t(), plan);  // (T*B, 4H), contiguous
-  const Tensor bias = gate_biases(b_ih, b_hh, Cell::LSTM, H, acc_type).first;
-  if (auto r = rnn_forward_proj_persistent({gx, h0, c0, w_hh, w_hr, bias, reverse}, plan))
-    return *r;
+  const Tensor gx = gx_in.contiguous();
+  const auto opts = gx.options();
+  const auto acc_type = at::toOpMathType(gx.scalar_type());
   Tensor h = at::empty({B, P}, opts.dtype(acc_type)).copy_(h0);
   Tensor h_out = at::empty({B, P}, opts).copy_(h0);
   Tensor c = at::empty({B, H}, opts.dtype(acc_type)).copy_(c0);
@@ -254,8 +250,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_proj_cuda(
   Tensor states = at::zeros({T * B, 2 * H + P}, opts);
   const Tensor w_hh_t = w_hh.t(), w_hr_t = w_hr.t();
   const auto stream = cuda::current_stream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
-                                  "rnn_forward_proj_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gx.scalar_type(),
+                                  "rnn_forward_proj_per_step", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     for (int64_t step = 0; step < L && B > 0; ++step) {
       const int64_t t = step_order(step, L, reverse);
@@ -275,7 +271,32 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_forward_proj_cuda(
                    output.data_ptr<scalar_t>() + t * B * P, t, B, P);
     }
   });
-  return {output, h.to(input.scalar_type()), c.to(input.scalar_type()), gates, states};
+  return {output, h.to(gx.scalar_type()), c.to(gx.scalar_type()), gates, states};
+}
+
+// One direction's recurrence with a projection: persistent where it fits,
+// else per step.
+RnnForwardResult proj_forward_direction(const ProjSizes& s, const TokenPlan& plan,
+                                        const Tensor& gx, const Tensor& bias, const Tensor& h0,
+                                        const Tensor& c0, const Tensor& w_hh, const Tensor& w_hr,
+                                        bool reverse) {
+  if (auto r = rnn_forward_proj_persistent({{gx, h0, c0, w_hh, w_hr, bias, reverse}}, plan))
+    return r->front();
+  return proj_forward_per_step(s, plan, gx, bias, h0, c0, w_hh, w_hr, reverse);
+}
+
+// Arguments checked by check_proj_forward_args.
+RnnForwardResult rnn_forward_proj_cuda(const ProjSizes& s, const Tensor& input,
+                                       const Tensor& lengths, const Tensor& h0, const Tensor& c0,
+                                       const Tensor& w_ih, const Tensor& w_hh,
+                                       const c10::optional<Tensor>& b_ih,
+                                       const c10::optional<Tensor>& b_hh, const Tensor& w_hr,
+                                       bool reverse) {
+  const Tokens tok = tokens_of(input, lengths, s.T);
+  const Tensor gx = tokens_times(tok.x, w_ih.t(), tok.plan);
+  const Tensor bias =
+      gate_biases(b_ih, b_hh, Cell::LSTM, s.H, at::toOpMathType(input.scalar_type())).first;
+  return proj_forward_direction(s, tok.plan, gx, bias, h0, c0, w_hh, w_hr, reverse);
 }
 
 // d h' of step t for the running rows: the carry plus the output's gradient,
@@ -375,33 +396,58 @@ void rnn_backward_proj_per_step(const ProjSizes& s, const TokenPlan& plan, const
   });
 }
 
+// One direction's backward recurrence with a projection: persistent where it
+// fits, else per step. dgx_into: a zero (T*B, 4H) block with rows of any
+// stride for the pre-activation gradients (a column block of both
+// directions' one), or undefined for a fresh one. Returns (dgx, dh_tok,
+// grad_h0, grad_c0) as rnn_backward_proj_persistent.
+ProjPersistentBackwardResult proj_backward_direction(
+    const ProjSizes& s, const TokenPlan& plan, const Tensor& dy, const Tensor& grad_h_n,
+    const Tensor& grad_c_n, const Tensor& w_hh, const Tensor& w_hr, const Tensor& gates,
+    const Tensor& states, bool reverse, const Tensor& dgx_into = {}) {
+  if (auto r = rnn_backward_proj_persistent(
+          {{dy, grad_h_n, grad_c_n, w_hh, w_hr, gates, states, reverse, dgx_into}}, plan))
+    return r->front();
+  Tensor dgx, dh_tok, dh, dc;
+  rnn_backward_proj_per_step(s, plan, dy, grad_h_n, grad_c_n, w_hh, w_hr, gates, states, reverse,
+                             dgx, dh_tok, dh, dc);
+  if (dgx_into.defined()) dgx = dgx_into.copy_(dgx);
+  return {dgx, dh_tok, dh, dc};
+}
+
+// The gradients that follow from the recurrence's, with a projection: the
+// weights' and biases' (GEMMs over the tokens) and (with_input) the input's,
+// and h0's / c0's in the storage type. states: contiguous.
+RnnBackwardResult proj_backward_gemms(const Tokens& tok, const Tensor& w_ih, const Tensor& states,
+                                      const Tensor& dgx, const Tensor& dh_tok, const Tensor& dh,
+                                      const Tensor& dc, bool with_input = true) {
+  const int64_t H = w_ih.size(0) / 4, P = dh_tok.size(1);
+  const auto dtype = tok.x.scalar_type();
+  Tensor grad_w_ih = tokens_outer(dgx, tok.x, tok.plan);
+  Tensor grad_w_hh = tokens_outer(dgx, states.narrow(1, 2 * H, P), tok.plan);
+  Tensor grad_w_hr = tokens_outer(dh_tok, states.narrow(1, 0, H), tok.plan);
+  Tensor grad_b = dgx.sum(0);
+  Tensor grad_input = with_input
+                          ? unpack_tokens(tokens_times(dgx, w_ih, tok.plan), tok.plan)
+                          : Tensor();
+  return {grad_input, dh.to(dtype), dc.to(dtype), grad_w_ih, grad_w_hh, grad_b, grad_b.clone(),
+          grad_w_hr};
+}
+
 // Arguments checked by check_proj_backward_args, but for the workspaces' rows.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward_proj_cuda(
-    const ProjSizes& s, const Tensor& grad_output, const Tensor& grad_h_n,
-    const Tensor& grad_c_n, const Tensor& input, const Tensor& lengths, const Tensor& w_ih,
-    const Tensor& w_hh, const Tensor& gates_in, const Tensor& states_in, const Tensor& w_hr,
-    bool reverse) {
-  const int64_t T = s.T, B = s.B, H = s.H, P = s.P;
-  check_workspace_shapes(gates_in, states_in, T, B, 4 * H, 2 * H + P);
-  const Tokens tok = tokens_of(input, lengths, T);
-  const TokenPlan& plan = tok.plan;
+RnnBackwardResult rnn_backward_proj_cuda(const ProjSizes& s, const Tensor& grad_output,
+                                         const Tensor& grad_h_n, const Tensor& grad_c_n,
+                                         const Tensor& input, const Tensor& lengths,
+                                         const Tensor& w_ih, const Tensor& w_hh,
+                                         const Tensor& gates_in, const Tensor& states_in,
+                                         const Tensor& w_hr, bool reverse) {
+  check_workspace_shapes(gates_in, states_in, s.T, s.B, 4 * s.H, 2 * s.H + s.P);
+  const Tokens tok = tokens_of(input, lengths, s.T);
   const Tensor gates = gates_in.contiguous(), states = states_in.contiguous();
   const Tensor dy = grad_output.to(input.scalar_type()).contiguous();
-  Tensor dgx, dh_tok, dh, dc;
-  if (auto r = rnn_backward_proj_persistent(
-          {dy, grad_h_n, grad_c_n, w_hh, w_hr, gates, states, reverse}, plan)) {
-    std::tie(dgx, dh_tok, dh, dc) = *r;
-  } else {
-    rnn_backward_proj_per_step(s, plan, dy, grad_h_n, grad_c_n, w_hh, w_hr, gates, states, reverse,
-                               dgx, dh_tok, dh, dc);
-  }
-  Tensor grad_w_ih = tokens_outer(dgx, tok.x, plan);
-  Tensor grad_w_hh = tokens_outer(dgx, states.narrow(1, 2 * H, P), plan);
-  Tensor grad_w_hr = tokens_outer(dh_tok, states.narrow(1, 0, H), plan);
-  Tensor grad_b = dgx.sum(0);
-  Tensor grad_input = unpack_tokens(tokens_times(dgx, w_ih, plan), plan);
-  return {grad_input, dh.to(input.scalar_type()), dc.to(input.scalar_type()), grad_w_ih,
-          grad_w_hh, grad_b, grad_b.clone(), grad_w_hr};
+  const auto [dgx, dh_tok, dh, dc] = proj_backward_direction(s, tok.plan, dy, grad_h_n, grad_c_n,
+                                                             w_hh, w_hr, gates, states, reverse);
+  return proj_backward_gemms(tok, w_ih, states, dgx, dh_tok, dh, dc);
 }
 
 // A checked forward direction without projection, with its input projection.
@@ -664,10 +710,25 @@ BidirectionalForwardResult rnn_bidirectional_forward_cuda(const Tensor& input, c
   const std::array<c10::optional<Tensor>, 2> c0d{direction_of(c0, 0, "c0"),
                                                  direction_of(c0, 1, "c0")};
   std::array<RnnForwardResult, 2> r;
-  if (w[0].w_hr.has_value()) {
+  if (w[0].w_hr.has_value()) {  // the same, with the projection's kernels
+    std::array<ProjSizes, 2> s;
     for (int d = 0; d < 2; ++d)
-      r[d] = rnn_forward_cuda(input, lengths, h0d[d], c0d[d], w[d].w_ih, w[d].w_hh, w[d].b_ih,
-                              w[d].b_hh, cell, d == 1, w[d].w_hr);
+      s[d] = check_proj_forward_args(input, lengths, h0d[d], c0d[d], w[d].w_ih, w[d].w_hh,
+                                     w[d].b_ih, w[d].b_hh, *w[d].w_hr, cell);
+    const cuda::DeviceGuard guard(input.device());
+    const Tokens tok = tokens_of(input, lengths, s[0].T);
+    const int64_t GH = 4 * s[0].H;
+    const Tensor gx = tokens_times(tok.x, at::cat({w[0].w_ih, w[1].w_ih}).t(), tok.plan);
+    const auto acc_type = at::toOpMathType(input.scalar_type());
+    std::array<ProjPersistentForward, 2> in;
+    for (int d = 0; d < 2; ++d)
+      in[d] = {gx.narrow(1, d * GH, GH), h0d[d], *c0d[d], w[d].w_hh, *w[d].w_hr,
+               gate_biases(w[d].b_ih, w[d].b_hh, Cell::LSTM, s[d].H, acc_type).first, d == 1};
+    if (auto both = rnn_forward_proj_persistent({in[0], in[1]}, tok.plan))
+      return join_forward((*both)[0], (*both)[1], lstm);
+    for (int d = 0; d < 2; ++d)
+      r[d] = proj_forward_direction(s[d], tok.plan, in[d].gx, in[d].bias, in[d].h0, in[d].c0,
+                                    in[d].w_hh, in[d].w_hr, d == 1);
     return join_forward(r[0], r[1], lstm);
   }
   std::array<RnnSizes, 2> s;
@@ -701,12 +762,41 @@ BidirectionalBackwardResult rnn_bidirectional_backward_cuda(
   const bool proj = w[0].w_hr.has_value();
   const auto g = split_backward_args(grad_output, grad_h_n, grad_c_n, workspaces, w, lstm);
   std::array<RnnBackwardResult, 2> r;
-  if (proj) {
+  if (proj) {  // the same, with the projection's kernels
+    std::array<ProjSizes, 2> s;
+    for (int d = 0; d < 2; ++d) {
+      s[d] = check_proj_backward_args(g[d].grad_output, g[d].grad_h_n, g[d].grad_c_n, input,
+                                      lengths, w[d].w_ih, w[d].w_hh, *w[d].w_hr, g[d].gates,
+                                      g[d].states, cell);
+      check_workspace_shapes(g[d].gates, g[d].states, s[d].T, s[d].B, 4 * s[d].H,
+                             2 * s[d].H + s[d].P);
+    }
+    const cuda::DeviceGuard guard(input.device());
+    const Tokens tok = tokens_of(input, lengths, s[0].T);
+    const int64_t GH = 4 * s[0].H;
+    const Tensor dgx = at::zeros({s[0].T * s[0].B, 2 * GH}, input.options());
+    std::array<ProjPersistentBackward, 2> in;
     for (int d = 0; d < 2; ++d)
-      r[d] = rnn_backward_cuda(g[d].grad_output, g[d].grad_h_n, g[d].grad_c_n, input, lengths,
-                               w[d].w_ih, w[d].w_hh, g[d].gates, g[d].states, cell, d == 1,
-                               w[d].w_hr);
-    return join_backward(r[0], r[1], lstm, has_biases, true);
+      in[d] = {g[d].grad_output.to(input.scalar_type()).contiguous(), g[d].grad_h_n,
+               g[d].grad_c_n, w[d].w_hh, *w[d].w_hr, g[d].gates.contiguous(),
+               g[d].states.contiguous(), d == 1, dgx.narrow(1, d * GH, GH)};
+    std::array<ProjPersistentBackwardResult, 2> rec;
+    if (auto both = rnn_backward_proj_persistent({in[0], in[1]}, tok.plan)) {
+      rec = {(*both)[0], (*both)[1]};
+    } else {
+      for (int d = 0; d < 2; ++d)
+        rec[d] = proj_backward_direction(s[d], tok.plan, in[d].dy, in[d].grad_h_n,
+                                         in[d].grad_c_n, in[d].w_hh, in[d].w_hr, in[d].gates,
+                                         in[d].states, d == 1, in[d].dgx);
+    }
+    for (int d = 0; d < 2; ++d) {
+      const auto& [dgx_d, dh_tok, dh, dc] = rec[d];
+      r[d] = proj_backward_gemms(tok, w[d].w_ih, in[d].states, dgx_d, dh_tok, dh, dc,
+                                 /*with_input=*/false);
+    }
+    const Tensor grad_input = unpack_tokens(
+        tokens_times(dgx, at::cat({w[0].w_ih, w[1].w_ih}), tok.plan), tok.plan);
+    return join_backward(grad_input, r[0], r[1], lstm, has_biases, true);
   }
   std::array<PreparedBackward, 2> b;
   for (int d = 0; d < 2; ++d)

@@ -89,24 +89,28 @@ using PersistentBackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, 
 std::optional<std::vector<PersistentBackwardResult>> rnn_backward_persistent(
     Cell cell, const std::vector<PersistentBackward>& dirs, const TokenPlan& plan);
 
-// The LSTM with a projection (rnn_persistent_proj.cu): one direction a launch,
-// two grid barriers a step. gx: (T*B, 4H) input projection, packed; h0: (B, P);
-// c0: (B, H); w_hh: (4H, P); w_hr: (P, H); bias: gate_biases() or undefined.
+// The LSTM with a projection (rnn_persistent_proj.cu): one or both directions
+// a launch, as above, with two grid barriers a step. gx: (T*B, 4H) input
+// projection, packed, rows of any stride; h0: (B, P); c0: (B, H); w_hh:
+// (4H, P); w_hr: (P, H); bias: gate_biases() or undefined.
 struct ProjPersistentForward {
   at::Tensor gx, h0, c0, w_hh, w_hr, bias;
   bool reverse;
 };
 
-// (output, h_n, c_n, gates, states) as the per-step path gives them, or
-// nullopt when the persistent path is not taken (setting; it does not fit).
-std::optional<RnnForwardResult> rnn_forward_proj_persistent(const ProjPersistentForward& in,
-                                                            const TokenPlan& plan);
+// Per direction (output, h_n, c_n, gates, states) as the per-step path gives
+// them, or nullopt when the persistent path is not taken (setting; it does not
+// fit; two directions that do not fit one launch).
+std::optional<std::vector<RnnForwardResult>> rnn_forward_proj_persistent(
+    const std::vector<ProjPersistentForward>& dirs, const TokenPlan& plan);
 
 // dy: (T, B, P), storage type; grad_h_n: (B, P); grad_c_n: (B, H); gates,
-// states: the forward's workspaces.
+// states: the forward's workspaces; dgx: a zero (T*B, 4H) block with rows of
+// any stride for the pre-activation gradients, or undefined for a fresh one.
 struct ProjPersistentBackward {
   at::Tensor dy, grad_h_n, grad_c_n, w_hh, w_hr, gates, states;
   bool reverse;
+  at::Tensor dgx = {};
 };
 
 // (dgx, dh_tok, grad_h0, grad_c0): the pre-activation gradients (T*B, 4H) and
@@ -114,7 +118,8 @@ struct ProjPersistentBackward {
 // tokens zero; the gradients of h0 and c0 in the math type.
 using ProjPersistentBackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-std::optional<ProjPersistentBackwardResult> rnn_backward_proj_persistent(
-    const ProjPersistentBackward& in, const TokenPlan& plan);
+// Per direction, or nullopt, as above.
+std::optional<std::vector<ProjPersistentBackwardResult>> rnn_backward_proj_persistent(
+    const std::vector<ProjPersistentBackward>& dirs, const TokenPlan& plan);
 
 }  // namespace varlen

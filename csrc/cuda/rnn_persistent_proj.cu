@@ -1,10 +1,11 @@
 // Persistent CUDA kernels of the LSTM with a projection (nn.LSTM's proj_size
-// P < H): one cooperative launch runs all time steps of a layer direction, as
-// for the plain cells (rnn_persistent.h), with two grid-wide barriers a step
-// where those have one, since the step holds two products that each need the
+// P < H): one cooperative launch runs all time steps of a layer direction, or
+// of both directions of a bidirectional layer (a group of CTAs each), as for
+// the plain cells (rnn_persistent.h), with two grid-wide barriers a step where
+// those have one, since the step holds two products that each need the
 // other's whole result.
 //
-// CTA c owns hidden units [c*Hs, (c+1)*Hs) and projected features
+// CTA c (of its direction's group) owns hidden units [c*Hs, (c+1)*Hs) and projected features
 // [c*Ps, (c+1)*Ps), and keeps in shared memory for the whole launch:
 //   forward   W_hh's rows of its units (every gate; over P) and W_hr's rows of
 //             its features (over H). A step: (a) the gates of its units for
@@ -232,7 +233,7 @@ struct ProjFwdParams {
   const int64_t* off;         // (T+1,) first token row of each step (token_plan.h)
   const scalar_t* w_hh;       // (4H, P)
   const scalar_t* w_hr;       // (P, H)
-  const scalar_t* gx;         // (T*B, 4H) x W_ih^T, packed, contiguous
+  const scalar_t* gx;         // (T*B, 4H) x W_ih^T, packed, row stride gx_ld
   const acc_t* bias;          // (4H,) folded biases or nullptr
   const scalar_t* h0;         // (B, P)
   const scalar_t* c0;         // (B, H)
@@ -244,17 +245,19 @@ struct ProjFwdParams {
   scalar_t* states;           // (T*B, 2H + P) workspace, packed, zero-initialized
   scalar_t* h_n;              // (B, P)
   scalar_t* c_n;              // (B, H)
-  int64_t T, B, H, P;
+  int64_t T, B, H, P, gx_ld;
   int units, features;        // Hs, Ps: hidden units and projected features per CTA
   bool reverse;
 };
 
 template <typename scalar_t, typename acc_t, typename Prod>
 __global__ void __launch_bounds__(kThreads, 1)
-    proj_forward_kernel(ProjFwdParams<scalar_t, acc_t> p) {
+    proj_forward_kernel(Directions<ProjFwdParams<scalar_t, acc_t>> L) {
+  int64_t j0;
+  const ProjFwdParams<scalar_t, acc_t> p = direction_of_cta(L, j0);
   const int64_t H = p.H, P = p.P, B = p.B, SW = 2 * H + P, BP = B * P;
   const int Hs = p.units, Ps = p.features, tid = threadIdx.x;
-  const int64_t j0 = int64_t(blockIdx.x) * Hs, p0 = int64_t(blockIdx.x) * Ps;
+  const int64_t p0 = j0 / Hs * Ps;  // the CTA's first feature
   const auto ga = Prod::geo(4 * Hs, P);  // (a): column gate * Hs + u of unit j0 + u, over P
   const auto gb = Prod::geo(Ps, H);      // (b): column v of feature p0 + v, over H
   VK_DYNAMIC_SHARED(unsigned char, smem);
@@ -303,7 +306,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         // first block is r, and h_prev (P wide) comes last, from (b).
         scalar_t* st = p.states + row * SW + j;
         const acc_t rv = forward_point<scalar_t, acc_t, Cell::LSTM>(
-            p.gx + row * 4 * H + j, p.bias, nullptr, j, H, hid, acc_t(0), p.cbuf + i * H + j,
+            p.gx + row * p.gx_ld + j, p.bias, nullptr, j, H, hid, acc_t(0), p.cbuf + i * H + j,
             p.gates + row * 4 * H + j, st);
         st[0] = scalar_t(rv);
         p.rbuf[i * H + j] = rv;
@@ -356,11 +359,12 @@ struct ProjBwdParams {
   acc_t* carry;               // (B, P) length order: d h' not yet given to a step
   acc_t* dhbuf;               // (B, P) length order: d h' of the running rows at the step
   acc_t* dcbuf;               // (B, H) length order: d c'
-  scalar_t* dgx;              // (T*B, 4H) pre-activation gradients, packed, zero-initialized
+  scalar_t* dgx;              // (T*B, 4H) pre-activation gradients, packed, zero-initialized,
+                              // row stride dgx_ld
   scalar_t* dh_tok;           // (T*B, P) d h' of each token, packed, zero-initialized
   acc_t* grad_h0;             // (B, P)
   acc_t* grad_c0;             // (B, H)
-  int64_t T, B, H, P;
+  int64_t T, B, H, P, dgx_ld;
   int units, features;
   bool reverse;
 };
@@ -373,10 +377,12 @@ struct ProjBwdParams {
 // grad_h0. One step past the last handles the rows that finish there.
 template <typename scalar_t, typename acc_t, typename Prod>
 __global__ void __launch_bounds__(kThreads, 1)
-    proj_backward_kernel(ProjBwdParams<scalar_t, acc_t> p) {
-  const int64_t H = p.H, P = p.P, B = p.B, SW = 2 * H + p.P, GH = 4 * H;
+    proj_backward_kernel(Directions<ProjBwdParams<scalar_t, acc_t>> L) {
+  int64_t j0;
+  const ProjBwdParams<scalar_t, acc_t> p = direction_of_cta(L, j0);
+  const int64_t H = p.H, P = p.P, B = p.B, SW = 2 * H + p.P, GH = 4 * H, ld = p.dgx_ld;
   const int Hs = p.units, Ps = p.features, tid = threadIdx.x;
-  const int64_t j0 = int64_t(blockIdx.x) * Hs, p0 = int64_t(blockIdx.x) * Ps;
+  const int64_t p0 = j0 / Hs * Ps;  // the CTA's first feature
   const auto g1 = Prod::geo(Ps, GH);  // (1): column v of feature p0 + v, over 4H
   const auto g2 = Prod::geo(Hs, P);   // (2): column u of unit j0 + u, over P
   VK_DYNAMIC_SHARED(unsigned char, smem);
@@ -405,7 +411,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t nrun = last ? 0 : count_running(p.sorted_len, B, t);
     const int64_t nprev = step > 0 ? count_running(p.sorted_len, B, tp) : 0;
     const int64_t n = nrun > nprev ? nrun : nprev, row0 = last ? 0 : p.off[t];
-    const scalar_t* dg_prev = p.dgx + (step > 0 ? p.off[tp] : 0) * GH;
+    const scalar_t* dg_prev = p.dgx + (step > 0 ? p.off[tp] : 0) * ld;
     // (1) the CTA's features of d h' (none past the last feature)
     for (int64_t tile = 0; p0 < P && tile < n; tile += g1.rbt) {
       const int rows = n - tile < g1.rbt ? int(n - tile) : g1.rbt;
@@ -413,7 +419,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           tile < nprev ? (nprev - tile < g1.rbt ? int(nprev - tile) : g1.rbt) : 0;
       if (with_prev > 0)  // block-uniform
         product_of_rows<Prod>(g1, with_prev, GH, sm.wa, sm.as, sm.cs, [&](int r, int64_t m) {
-          return acc_t(dg_prev[(tile + r) * GH + m]);
+          return acc_t(dg_prev[(tile + r) * ld + m]);
         });
       for (int idx = tid; idx < rows * Ps; idx += kThreads) {
         const int r = idx / Ps, v = idx % Ps;
@@ -442,7 +448,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int r = idx / Hs, u = idx % Hs;
         const int64_t j = j0 + u, i = tile + r, row = row0 + i;
         if (j >= H) continue;
-        scalar_t* g = p.dgx + row * GH + j;
+        scalar_t* g = p.dgx + row * ld + j;
         backward_point<scalar_t, acc_t, Cell::LSTM>(p.gates + row * GH + j,
                                                     p.states + row * SW + j, H,
                                                     acc_t(sm.cs[g2.c_at(r, u)]),
@@ -468,15 +474,15 @@ int64_t features_per_cta(int64_t H, int64_t P, int units) {
   return (P + ctas - 1) / ctas;
 }
 
-// The launch of one direction, or units = 0 (see choose_launch). forward:
+// The launch of `dirs` directions, or units = 0 (see choose_launch). forward:
 // products (a) 4*units columns over P and (b) Ps over H; backward: (1) Ps
 // columns over 4H and (2) units over P. On tensor cores a product's columns
 // are padded to 16, so the backward's W_hh slice takes 16 x 4H values however
 // few features a CTA has: beyond H of about 1.5k (16-bit types) or 1k (TF32)
 // on 227 KiB of shared memory the fma kernel runs instead.
 template <typename scalar_t, typename Kernel>
-Launch choose_proj(Kernel tc_kernel, Kernel fma_kernel, bool forward, int64_t B, int64_t H,
-                   int64_t P, at::ScalarType dtype) {
+Launch choose_proj(Kernel tc_kernel, Kernel fma_kernel, bool forward, int dirs, int64_t B,
+                   int64_t H, int64_t P, at::ScalarType dtype) {
   using acc_t = at::opmath_type<scalar_t>;
   TORCH_INTERNAL_ASSERT(P >= 1 && P < H);  // check_proj_args
   auto smem = [&](auto product) {
@@ -491,27 +497,29 @@ Launch choose_proj(Kernel tc_kernel, Kernel fma_kernel, bool forward, int64_t B,
   auto sizes = [&] { return c10::str("hidden_size ", H, ", proj_size ", P, ", dtype ", dtype); };
   const char* which = forward ? "persistent projection forward" : "persistent projection backward";
   if constexpr (kTensorCores<scalar_t>)
-    return choose_launch<scalar_t>(tc_kernel, fma_kernel, which, 1, B * H, sizes,
+    return choose_launch<scalar_t>(tc_kernel, fma_kernel, which, dirs, B * H, sizes,
                                    smem(TcProduct<scalar_t>{}), fma_smem, H);
   else
-    return choose_launch<scalar_t>(tc_kernel, fma_kernel, which, 1, B * H, sizes, fma_smem,
+    return choose_launch<scalar_t>(tc_kernel, fma_kernel, which, dirs, B * H, sizes, fma_smem,
                                    fma_smem, H);
 }
 
 template <typename scalar_t, typename acc_t>
-using ProjFwdKernel = void (*)(ProjFwdParams<scalar_t, acc_t>);
+using ProjFwdKernel = void (*)(Directions<ProjFwdParams<scalar_t, acc_t>>);
 template <typename scalar_t, typename acc_t>
-using ProjBwdKernel = void (*)(ProjBwdParams<scalar_t, acc_t>);
+using ProjBwdKernel = void (*)(Directions<ProjBwdParams<scalar_t, acc_t>>);
 
 }  // namespace
 
-std::optional<RnnForwardResult> rnn_forward_proj_persistent(const ProjPersistentForward& in,
-                                                            const TokenPlan& plan) {
-  const int64_t T = plan.T, B = plan.B, H = in.w_hr.size(1), P = in.w_hr.size(0);
-  const auto opts = in.gx.options();
-  const auto acc_type = at::toOpMathType(in.gx.scalar_type());
-  std::optional<RnnForwardResult> result;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.gx.scalar_type(),
+std::optional<std::vector<RnnForwardResult>> rnn_forward_proj_persistent(
+    const std::vector<ProjPersistentForward>& dirs, const TokenPlan& plan) {
+  TORCH_INTERNAL_ASSERT(dirs.size() == 1 || dirs.size() == 2);
+  const ProjPersistentForward& first = dirs[0];
+  const int64_t T = plan.T, B = plan.B, H = first.w_hr.size(1), P = first.w_hr.size(0);
+  const auto opts = first.gx.options();
+  const auto acc_type = at::toOpMathType(first.gx.scalar_type());
+  std::optional<std::vector<RnnForwardResult>> result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, first.gx.scalar_type(),
                                   "rnn_forward_proj_persistent", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     ProjFwdKernel<scalar_t, acc_t> fma_kernel =
@@ -519,42 +527,54 @@ std::optional<RnnForwardResult> rnn_forward_proj_persistent(const ProjPersistent
     ProjFwdKernel<scalar_t, acc_t> tc_kernel = fma_kernel;
     if constexpr (kTensorCores<scalar_t>)
       tc_kernel = proj_forward_kernel<scalar_t, acc_t, TcProduct<scalar_t>>;
-    const Launch l = choose_proj<scalar_t>(tc_kernel, fma_kernel, true, B, H, P,
-                                           in.gx.scalar_type());
+    const Launch l = choose_proj<scalar_t>(tc_kernel, fma_kernel, true, int(dirs.size()), B, H,
+                                           P, first.gx.scalar_type());
     if (l.units == 0) return;
-    const Tensor w_hh = in.w_hh.contiguous(), w_hr = in.w_hr.contiguous();
-    const Tensor gx = in.gx.contiguous(), h0 = in.h0.contiguous(), c0 = in.c0.contiguous();
-    Tensor hbuf = at::empty({2, B, P}, opts.dtype(acc_type));
-    Tensor cbuf = at::empty({B, H}, opts.dtype(acc_type));
-    Tensor rbuf = at::empty({B, H}, opts.dtype(acc_type));
-    Tensor output = at::zeros({T, B, P}, opts);
-    Tensor gates = at::zeros({T * B, 4 * H}, opts);
-    Tensor states = at::zeros({T * B, 2 * H + P}, opts);
-    Tensor h_n = at::empty({B, P}, opts), c_n = at::empty({B, H}, opts);
-    ProjFwdParams<scalar_t, acc_t> args{
-        plan.sorted_len.const_data_ptr<int64_t>(), plan.perm.const_data_ptr<int64_t>(),
-        plan.off.const_data_ptr<int64_t>(), w_hh.const_data_ptr<scalar_t>(),
-        w_hr.const_data_ptr<scalar_t>(), gx.const_data_ptr<scalar_t>(),
-        in.bias.defined() ? in.bias.const_data_ptr<acc_t>() : nullptr,
-        h0.const_data_ptr<scalar_t>(), c0.const_data_ptr<scalar_t>(), hbuf.data_ptr<acc_t>(),
-        cbuf.data_ptr<acc_t>(), rbuf.data_ptr<acc_t>(), output.data_ptr<scalar_t>(),
-        gates.data_ptr<scalar_t>(), states.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(),
-        c_n.data_ptr<scalar_t>(), T, B, H, P, l.units, int(features_per_cta(H, P, l.units)),
-        in.reverse};
-    cuda::launch_cooperative(l.kernel_tc ? tc_kernel : fma_kernel, dim3(unsigned(l.ctas)),
-                             dim3(kThreads), l.smem, cuda::current_stream(), args);
-    result.emplace(output, h_n, c_n, gates, states);
+    Directions<ProjFwdParams<scalar_t, acc_t>> args{};
+    std::vector<Tensor> keep;  // operands and scratch, alive until the launch is queued
+    result.emplace();
+    for (size_t d = 0; d < dirs.size(); ++d) {
+      const ProjPersistentForward& in = dirs[d];
+      const Tensor w_hh = in.w_hh.contiguous(), w_hr = in.w_hr.contiguous();
+      const Tensor gx = in.gx.stride(1) == 1 ? in.gx : in.gx.contiguous();
+      const Tensor h0 = in.h0.contiguous(), c0 = in.c0.contiguous();
+      Tensor hbuf = at::empty({2, B, P}, opts.dtype(acc_type));
+      Tensor cbuf = at::empty({B, H}, opts.dtype(acc_type));
+      Tensor rbuf = at::empty({B, H}, opts.dtype(acc_type));
+      keep.insert(keep.end(), {w_hh, w_hr, gx, h0, c0, hbuf, cbuf, rbuf});
+      Tensor output = at::zeros({T, B, P}, opts);
+      Tensor gates = at::zeros({T * B, 4 * H}, opts);
+      Tensor states = at::zeros({T * B, 2 * H + P}, opts);
+      Tensor h_n = at::empty({B, P}, opts), c_n = at::empty({B, H}, opts);
+      args.d[d] = ProjFwdParams<scalar_t, acc_t>{
+          plan.sorted_len.const_data_ptr<int64_t>(), plan.perm.const_data_ptr<int64_t>(),
+          plan.off.const_data_ptr<int64_t>(), w_hh.const_data_ptr<scalar_t>(),
+          w_hr.const_data_ptr<scalar_t>(), gx.const_data_ptr<scalar_t>(),
+          in.bias.defined() ? in.bias.const_data_ptr<acc_t>() : nullptr,
+          h0.const_data_ptr<scalar_t>(), c0.const_data_ptr<scalar_t>(), hbuf.data_ptr<acc_t>(),
+          cbuf.data_ptr<acc_t>(), rbuf.data_ptr<acc_t>(), output.data_ptr<scalar_t>(),
+          gates.data_ptr<scalar_t>(), states.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(),
+          c_n.data_ptr<scalar_t>(), T, B, H, P, gx.stride(0), l.units,
+          int(features_per_cta(H, P, l.units)), in.reverse};
+      result->emplace_back(output, h_n, c_n, gates, states);
+    }
+    args.ctas = l.ctas;
+    cuda::launch_cooperative(l.kernel_tc ? tc_kernel : fma_kernel,
+                             dim3(unsigned(l.ctas * int64_t(dirs.size()))), dim3(kThreads), l.smem,
+                             cuda::current_stream(), args);
   });
   return result;
 }
 
-std::optional<ProjPersistentBackwardResult> rnn_backward_proj_persistent(
-    const ProjPersistentBackward& in, const TokenPlan& plan) {
-  const int64_t T = plan.T, B = plan.B, H = in.w_hr.size(1), P = in.w_hr.size(0);
-  const auto opts = in.dy.options();
-  const auto acc_type = at::toOpMathType(in.dy.scalar_type());
-  std::optional<ProjPersistentBackwardResult> result;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.dy.scalar_type(),
+std::optional<std::vector<ProjPersistentBackwardResult>> rnn_backward_proj_persistent(
+    const std::vector<ProjPersistentBackward>& dirs, const TokenPlan& plan) {
+  TORCH_INTERNAL_ASSERT(dirs.size() == 1 || dirs.size() == 2);
+  const ProjPersistentBackward& first = dirs[0];
+  const int64_t T = plan.T, B = plan.B, H = first.w_hr.size(1), P = first.w_hr.size(0);
+  const auto opts = first.dy.options();
+  const auto acc_type = at::toOpMathType(first.dy.scalar_type());
+  std::optional<std::vector<ProjPersistentBackwardResult>> result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, first.dy.scalar_type(),
                                   "rnn_backward_proj_persistent", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     ProjBwdKernel<scalar_t, acc_t> fma_kernel =
@@ -562,32 +582,43 @@ std::optional<ProjPersistentBackwardResult> rnn_backward_proj_persistent(
     ProjBwdKernel<scalar_t, acc_t> tc_kernel = fma_kernel;
     if constexpr (kTensorCores<scalar_t>)
       tc_kernel = proj_backward_kernel<scalar_t, acc_t, TcProduct<scalar_t>>;
-    const Launch l = choose_proj<scalar_t>(tc_kernel, fma_kernel, false, B, H, P,
-                                           in.dy.scalar_type());
+    const Launch l = choose_proj<scalar_t>(tc_kernel, fma_kernel, false, int(dirs.size()), B, H,
+                                           P, first.dy.scalar_type());
     if (l.units == 0) return;
-    const Tensor w_hh = in.w_hh.contiguous(), w_hr = in.w_hr.contiguous();
-    const Tensor gates = in.gates.contiguous(), states = in.states.contiguous();
-    const Tensor dy = in.dy.contiguous();
-    const Tensor ghn = in.grad_h_n.to(acc_type).contiguous();
-    const Tensor gcn = in.grad_c_n.to(acc_type).contiguous();
-    Tensor carry = at::empty({B, P}, opts.dtype(acc_type));
-    Tensor dhbuf = at::empty({B, P}, opts.dtype(acc_type));
-    Tensor dcbuf = at::empty({B, H}, opts.dtype(acc_type));
-    Tensor dgx = at::zeros({T * B, 4 * H}, opts), dh_tok = at::zeros({T * B, P}, opts);
-    Tensor grad_h0 = at::empty({B, P}, opts.dtype(acc_type));
-    Tensor grad_c0 = at::empty({B, H}, opts.dtype(acc_type));
-    ProjBwdParams<scalar_t, acc_t> args{
-        plan.sorted_len.const_data_ptr<int64_t>(), plan.perm.const_data_ptr<int64_t>(),
-        plan.off.const_data_ptr<int64_t>(), w_hh.const_data_ptr<scalar_t>(),
-        w_hr.const_data_ptr<scalar_t>(), gates.const_data_ptr<scalar_t>(),
-        states.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
-        ghn.const_data_ptr<acc_t>(), gcn.const_data_ptr<acc_t>(), carry.data_ptr<acc_t>(),
-        dhbuf.data_ptr<acc_t>(), dcbuf.data_ptr<acc_t>(), dgx.data_ptr<scalar_t>(),
-        dh_tok.data_ptr<scalar_t>(), grad_h0.data_ptr<acc_t>(), grad_c0.data_ptr<acc_t>(), T, B,
-        H, P, l.units, int(features_per_cta(H, P, l.units)), in.reverse};
-    cuda::launch_cooperative(l.kernel_tc ? tc_kernel : fma_kernel, dim3(unsigned(l.ctas)),
-                             dim3(kThreads), l.smem, cuda::current_stream(), args);
-    result.emplace(dgx, dh_tok, grad_h0, grad_c0);
+    Directions<ProjBwdParams<scalar_t, acc_t>> args{};
+    std::vector<Tensor> keep;  // operands and scratch, alive until the launch is queued
+    result.emplace();
+    for (size_t d = 0; d < dirs.size(); ++d) {
+      const ProjPersistentBackward& in = dirs[d];
+      const Tensor w_hh = in.w_hh.contiguous(), w_hr = in.w_hr.contiguous();
+      const Tensor gates = in.gates.contiguous(), states = in.states.contiguous();
+      const Tensor dy = in.dy.contiguous();
+      const Tensor ghn = in.grad_h_n.to(acc_type).contiguous();
+      const Tensor gcn = in.grad_c_n.to(acc_type).contiguous();
+      Tensor carry = at::empty({B, P}, opts.dtype(acc_type));
+      Tensor dhbuf = at::empty({B, P}, opts.dtype(acc_type));
+      Tensor dcbuf = at::empty({B, H}, opts.dtype(acc_type));
+      keep.insert(keep.end(), {w_hh, w_hr, gates, states, dy, ghn, gcn, carry, dhbuf, dcbuf});
+      Tensor dgx = in.dgx.defined() ? in.dgx : at::zeros({T * B, 4 * H}, opts);
+      TORCH_INTERNAL_ASSERT(dgx.stride(1) == 1 && dgx.size(0) == T * B && dgx.size(1) == 4 * H);
+      Tensor dh_tok = at::zeros({T * B, P}, opts);
+      Tensor grad_h0 = at::empty({B, P}, opts.dtype(acc_type));
+      Tensor grad_c0 = at::empty({B, H}, opts.dtype(acc_type));
+      args.d[d] = ProjBwdParams<scalar_t, acc_t>{
+          plan.sorted_len.const_data_ptr<int64_t>(), plan.perm.const_data_ptr<int64_t>(),
+          plan.off.const_data_ptr<int64_t>(), w_hh.const_data_ptr<scalar_t>(),
+          w_hr.const_data_ptr<scalar_t>(), gates.const_data_ptr<scalar_t>(),
+          states.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
+          ghn.const_data_ptr<acc_t>(), gcn.const_data_ptr<acc_t>(), carry.data_ptr<acc_t>(),
+          dhbuf.data_ptr<acc_t>(), dcbuf.data_ptr<acc_t>(), dgx.data_ptr<scalar_t>(),
+          dh_tok.data_ptr<scalar_t>(), grad_h0.data_ptr<acc_t>(), grad_c0.data_ptr<acc_t>(), T,
+          B, H, P, dgx.stride(0), l.units, int(features_per_cta(H, P, l.units)), in.reverse};
+      result->emplace_back(dgx, dh_tok, grad_h0, grad_c0);
+    }
+    args.ctas = l.ctas;
+    cuda::launch_cooperative(l.kernel_tc ? tc_kernel : fma_kernel,
+                             dim3(unsigned(l.ctas * int64_t(dirs.size()))), dim3(kThreads), l.smem,
+                             cuda::current_stream(), args);
   });
   return result;
 }

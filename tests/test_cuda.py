@@ -127,9 +127,11 @@ def check_low_precision(cell, dtype, T, B, H, gpu, bidirectional=False, proj_siz
 
 
 @requires_cuda
-def test_cuda_graph_capture_fwd_bwd():
+@pytest.mark.parametrize("proj_size", [0, 3])
+def test_cuda_graph_capture_fwd_bwd(proj_size):
     ref, x, lengths, hx = sample_inputs("lstm", num_layers=2, bidirectional=True, device="cuda",
-                                        dtype=torch.float32, requires_grad=False)
+                                        dtype=torch.float32, requires_grad=False,
+                                        proj_size=proj_size)
     m = MaskedRNN.from_torch(ref)
     static_x = torch.nan_to_num(x, nan=0.0).requires_grad_()
     static_len = lengths.cuda()

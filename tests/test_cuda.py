@@ -362,8 +362,8 @@ PROJ_SHAPES = [(24, 5, 3, 40), (50, 7, 4, 40), (9, 2, 132, 40), (24, 5, 3, 200)]
 def test_projection_lstm_paths_match_packed(path, H, P, sm_count, B, bidirectional, gpu):
     """The LSTM with a projection on both CUDA paths, forced, against nn.LSTM +
     packed: values and every gradient, two layers, float64, NaN in the padding.
-    Bidirectional layers run both directions in one launch, each on as many
-    CTAs as a unidirectional layer gets with half the SMs."""
+    Bidirectional layers get twice the SMs, so that each direction has the grid
+    of a unidirectional layer (test_projection_lstm_launches counts the launches)."""
     if path == "per_step" and (H, B) != (24, 40):
         pytest.skip("the per-step path does not depend on the grid: one shape is enough")
     sms = sm_count * (2 if bidirectional else 1)
@@ -437,8 +437,8 @@ def test_projection_lstm_float32_follows_torchs_tf32_setting(bidirectional, gpu)
 ])
 def test_projection_lstm_launches(bidirectional, sm_count, path, launches, grid):
     """A projection LSTM layer on the persistent path: one cooperative launch
-    forward and one backward, for both directions where they fit together; the
-    same values and gradients as nn.LSTM + packed either way."""
+    forward and one backward (of `grid` CTAs), for both directions where they
+    fit together; the same values and gradients as nn.LSTM + packed either way."""
     counts = emulation_module().launch_counts
     ref, x, lengths, hx = sample_inputs("lstm", T=6, B=9, I=4, H=24, proj_size=5,
                                         bidirectional=bidirectional)
@@ -446,6 +446,9 @@ def test_projection_lstm_launches(bidirectional, sm_count, path, launches, grid)
     with rnn_path(path), emulate_cuda(), emulated_device(sm_count=sm_count):
         before = counts()[1]
         y, _ = m(x.requires_grad_(), lengths, hx)
+        assert counts()[1] - before == launches
+        if grid:
+            assert counts()[2] == grid
         y.nan_to_num().sum().backward()
         assert counts()[1] - before == 2 * launches
         if grid:
@@ -458,7 +461,8 @@ def test_projection_lstm_launches(bidirectional, sm_count, path, launches, grid)
 def test_bidirectional_projection_layer_gemms_over_tokens():
     """A bidirectional projection LSTM layer on the persistent path runs one GEMM
     for both directions' input projection, and in the backward one for the
-    input gradient of both plus the three weight gradients of each."""
+    input gradient of both plus the three weight gradients of each; the same
+    values as nn.LSTM + packed."""
     ref, x, lengths, hx = sample_inputs("lstm", T=6, B=9, I=5, H=12, proj_size=4,
                                         bidirectional=True)
     m = MaskedRNN.from_torch(ref)
@@ -467,23 +471,8 @@ def test_bidirectional_projection_layer_gemms_over_tokens():
         out = {}
         assert mm_calls(lambda: out.setdefault("y", m(x, lengths, hx)[0])) == 1
         assert mm_calls(lambda: out["y"].nan_to_num().sum().backward()) == 7
-
-
-@pytest.mark.emulation
-def test_projection_lstm_that_does_not_fit_falls_back_or_fails_when_forced():
-    """Weight slices beyond the device's shared memory: 'auto' runs per step
-    (same results), 'persistent' is an error that names the sizes."""
-    ref, x, lengths, hx = sample_inputs("lstm", T=5, B=6, I=3, H=40, proj_size=7)
-    m = MaskedRNN.from_torch(ref)
-    expected = m(x, lengths, hx)[0]
-    with emulate_cuda(), emulated_device(max_shared_per_block=4096):
-        with rnn_path("auto"):
-            torch.testing.assert_close(m(x, lengths, hx)[0], expected, rtol=1e-12, atol=1e-13)
-        with rnn_path("persistent"):
-            with pytest.raises(RuntimeError, match=r"persistent projection forward kernel does "
-                                                   r"not fit this device for hidden_size 40, "
-                                                   r"proj_size 7, dtype Double"):
-                m(x, lengths, hx)
+        check_against_packed("lstm", num_layers=1, bidirectional=True, device="cpu", T=6, B=9,
+                             H=12, proj_size=4, seed=6)
 
 
 @pytest.mark.emulation
@@ -681,18 +670,23 @@ def test_token_gemm_setting_is_checked():
 
 
 @pytest.mark.emulation
-def test_persistent_path_that_does_not_fit_falls_back_or_fails_when_forced():
-    """W_hh's slices beyond the device's shared memory: 'auto' takes the per-step
+@pytest.mark.parametrize("cell,proj_size,sizes", [
+    ("gru", 0, r"persistent forward kernel does not fit this device for hidden_size 40, "
+               r"3 gate\(s\)"),
+    ("lstm", 7, r"persistent projection forward kernel does not fit this device for "
+                r"hidden_size 40, proj_size 7, dtype Double"),
+])
+def test_persistent_path_that_does_not_fit_falls_back_or_fails_when_forced(cell, proj_size, sizes):
+    """Weight slices beyond the device's shared memory: 'auto' takes the per-step
     path (same results), 'persistent' is an error that names the sizes."""
-    ref, x, lengths, hx = sample_inputs("gru", T=5, B=6, I=3, H=40)
+    ref, x, lengths, hx = sample_inputs(cell, T=5, B=6, I=3, H=40, proj_size=proj_size)
     m = MaskedRNN.from_torch(ref)
     expected = m(x, lengths, hx)[0]
     with emulate_cuda(), emulated_device(max_shared_per_block=4096):
         with rnn_path("auto"):
             torch.testing.assert_close(m(x, lengths, hx)[0], expected, rtol=1e-12, atol=1e-13)
         with rnn_path("persistent"):
-            with pytest.raises(RuntimeError, match=r"persistent forward kernel does not fit this "
-                                                   r"device for hidden_size 40, 3 gate\(s\)"):
+            with pytest.raises(RuntimeError, match=sizes):
                 m(x, lengths, hx)
 
 

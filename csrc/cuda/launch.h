@@ -163,8 +163,9 @@ int64_t cooperative_grid_limit(void (*kernel)(Params...), int threads, size_t sm
 
 // A cooperative launch (cooperative_groups::this_grid().sync() allowed): every
 // block is resident at once; a grid beyond cooperative_grid_limit is refused.
-// Call cooperative_grid_limit for the kernel first (it sets the kernel's
-// shared-memory cap).
+// Call cooperative_grid_limit for the kernel on the current device first (it
+// sets the kernel's shared-memory cap there, once per device; a
+// cudaDeviceReset would clear that cap and is not supported).
 template <typename... Params, typename... Args>
 void launch_cooperative(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
                         Stream stream, Args&&... args) {

@@ -173,7 +173,7 @@ Tokens tokens_of(const Tensor& input, const Tensor& lengths, int64_t T) {
 template <typename scalar_t, typename acc_t>
 struct ProjFwdArgs {
   StepRows rows;
-  const scalar_t* gx;      // token rows (4H) of x W_ih^T
+  const scalar_t* gx;      // token rows (4H) of x W_ih^T, row stride gx_ld
   const scalar_t* gh;      // (B, 4H) h_prev W_hh^T
   const acc_t* bias;       // (4H,) folded biases or nullptr
   const scalar_t* h_out;   // (B, P) h_prev in the storage type
@@ -181,7 +181,7 @@ struct ProjFwdArgs {
   scalar_t* r;             // (B, H) o * tanh(c): the projection's operand, zero where not running
   scalar_t* gates;         // token rows of the workspaces
   scalar_t* states;
-  int64_t t, T, B, H, P;
+  int64_t t, T, B, H, P, gx_ld;
 };
 
 template <typename scalar_t, typename acc_t>
@@ -203,7 +203,7 @@ __global__ void proj_forward_step_kernel(ProjFwdArgs<scalar_t, acc_t> a) {
     // forward_point writes [h_prev, c_prev] of a plain LSTM; here the first
     // block is r and h_prev (P wide) comes last.
     const acc_t r = forward_point<scalar_t, acc_t, Cell::LSTM>(
-        a.gx + row * 4 * H + j, a.bias, nullptr, j, H, hid, acc_t(0), a.c + idx,
+        a.gx + row * a.gx_ld + j, a.bias, nullptr, j, H, hid, acc_t(0), a.c + idx,
         a.gates + row * 4 * H + j, st);
     st[0] = scalar_t(r);
     a.r[idx] = scalar_t(r);
@@ -231,11 +231,11 @@ __global__ void proj_commit_kernel(const int64_t* lengths, const scalar_t* hp, a
 // The per-step forward recurrence with a projection, on the direction's input
 // projection gx (T*B, 4H, packed, rows of any stride) and folded biases.
 RnnForwardResult proj_forward_per_step(const ProjSizes& s, const TokenPlan& plan,
-                                       const Tensor& gx_in, const Tensor& bias, const Tensor& h0,
+                                       const Tensor& gx_rows, const Tensor& bias, const Tensor& h0,
                                        const Tensor& c0, const Tensor& w_hh, const Tensor& w_hr,
                                        bool reverse) {
   const int64_t T = s.T, B = s.B, H = s.H, P = s.P;
-  const Tensor gx = gx_in.contiguous();
+  const Tensor gx = gx_rows.stride(1) == 1 ? gx_rows : gx_rows.contiguous();
   const auto opts = gx.options();
   const auto acc_type = at::toOpMathType(gx.scalar_type());
   Tensor h = at::empty({B, P}, opts.dtype(acc_type)).copy_(h0);
@@ -261,7 +261,8 @@ RnnForwardResult proj_forward_per_step(const ProjSizes& s, const TokenPlan& plan
                                      bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr,
                                      h_out.const_data_ptr<scalar_t>(), c.data_ptr<acc_t>(),
                                      r.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
-                                     states.data_ptr<scalar_t>(), t, T, B, H, P};
+                                     states.data_ptr<scalar_t>(), t, T, B, H, P,
+                                     gx.stride(0)};
       cuda::launch(proj_forward_step_kernel<scalar_t, acc_t>, cuda::grid_for(B * H, kThreads),
                    kThreads, 0, stream, a);
       at::mm_out(hp, r, w_hr_t);
@@ -327,9 +328,10 @@ struct ProjBwdArgs {
   const scalar_t* states;
   const scalar_t* dr;      // (B, H) d r = d h' W_hr
   acc_t* dc;               // (B, H) d c' in, d c_prev out
-  scalar_t* dgx;           // token rows (4H) of the pre-activation gradients, zero-initialized
+  scalar_t* dgx;           // token rows (4H) of the pre-activation gradients, zero-initialized,
+                           // row stride dgx_ld
   scalar_t* dg_step;       // (B, 4H) the same in batch order, zero where not running
-  int64_t t, T, B, H, P;
+  int64_t t, T, B, H, P, dgx_ld;
 };
 
 template <typename scalar_t, typename acc_t>
@@ -345,7 +347,7 @@ __global__ void proj_backward_step_kernel(ProjBwdArgs<scalar_t, acc_t> a) {
       continue;
     }
     const int64_t row = a.rows.row(b);
-    scalar_t* g = a.dgx + row * 4 * H + j;
+    scalar_t* g = a.dgx + row * a.dgx_ld + j;
     backward_point<scalar_t, acc_t, Cell::LSTM>(a.gates + row * 4 * H + j, a.states + row * SW + j,
                                                 H, acc_t(a.dr[idx]), a.dc + idx, g, g);
 #pragma unroll
@@ -354,13 +356,14 @@ __global__ void proj_backward_step_kernel(ProjBwdArgs<scalar_t, acc_t> a) {
 }
 
 // The per-step backward recurrence with a projection: per step a kernel, two
-// GEMMs and a kernel. Fills dgx (T*B, 4H) and dh_tok (T*B, P), packed, and the
+// GEMMs and a kernel. Fills dgx (T*B, 4H; dgx_into where that is defined, a
+// zero block with rows of any stride) and dh_tok (T*B, P), packed, and the
 // math-type gradients of h0 (dh) and c0 (dc).
 void rnn_backward_proj_per_step(const ProjSizes& s, const TokenPlan& plan, const Tensor& dy,
                                 const Tensor& grad_h_n, const Tensor& grad_c_n,
                                 const Tensor& w_hh, const Tensor& w_hr, const Tensor& gates,
-                                const Tensor& states, bool reverse, Tensor& dgx, Tensor& dh_tok,
-                                Tensor& dh, Tensor& dc) {
+                                const Tensor& states, bool reverse, const Tensor& dgx_into,
+                                Tensor& dgx, Tensor& dh_tok, Tensor& dh, Tensor& dc) {
   const int64_t T = s.T, B = s.B, H = s.H, P = s.P;
   const auto opts = dy.options();
   const auto acc_type = at::toOpMathType(dy.scalar_type());
@@ -369,7 +372,8 @@ void rnn_backward_proj_per_step(const ProjSizes& s, const TokenPlan& plan, const
   Tensor dh_step = at::empty({B, P}, opts), dr = at::empty({B, H}, opts);
   Tensor dg_step = at::empty({B, 4 * H}, opts);
   dh_tok = at::zeros({T * B, P}, opts);  // d h' per token, packed
-  dgx = at::zeros({T * B, 4 * H}, opts);
+  dgx = dgx_into.defined() ? dgx_into : at::zeros({T * B, 4 * H}, opts);
+  TORCH_INTERNAL_ASSERT(dgx.stride(1) == 1);
   const bool same_type = acc_type == dy.scalar_type();
   const auto stream = cuda::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(),
@@ -386,7 +390,8 @@ void rnn_backward_proj_per_step(const ProjSizes& s, const TokenPlan& plan, const
       ProjBwdArgs<scalar_t, acc_t> a{step_rows(plan, t), gates.const_data_ptr<scalar_t>(),
                                      states.const_data_ptr<scalar_t>(), dr.const_data_ptr<scalar_t>(),
                                      dc.data_ptr<acc_t>(), dgx.data_ptr<scalar_t>(),
-                                     dg_step.data_ptr<scalar_t>(), t, T, B, H, P};
+                                     dg_step.data_ptr<scalar_t>(), t, T, B, H, P,
+                                     dgx.stride(0)};
       cuda::launch(proj_backward_step_kernel<scalar_t, acc_t>, cuda::grid_for(B * H, kThreads),
                    kThreads, 0, stream, a);
       // Running rows restart from zero; the others carry dh (their dg_step is 0).
@@ -410,8 +415,7 @@ ProjPersistentBackwardResult proj_backward_direction(
     return r->front();
   Tensor dgx, dh_tok, dh, dc;
   rnn_backward_proj_per_step(s, plan, dy, grad_h_n, grad_c_n, w_hh, w_hr, gates, states, reverse,
-                             dgx, dh_tok, dh, dc);
-  if (dgx_into.defined()) dgx = dgx_into.copy_(dgx);
+                             dgx_into, dgx, dh_tok, dh, dc);
   return {dgx, dh_tok, dh, dc};
 }
 

@@ -514,12 +514,10 @@ std::optional<std::vector<RnnForwardResult>> rnn_forward_persistent(
       const Launch l = choose<scalar_t>(tc_kernel, fma_kernel, true, "persistent forward",
                                         int(dirs.size()), B, H, G, gx0.scalar_type());
       if (l.units == 0) return 0;
-      const auto kernel = l.kernel_tc ? tc_kernel : fma_kernel;
       const Tensor &sorted_len = plan.sorted_len, &perm = plan.perm, &off = plan.off;
-      Directions<FwdParams<scalar_t, acc_t>> args{};
       std::vector<Tensor> keep;  // contiguous operands, alive until the launch is queued
       result.emplace();
-      for (size_t d = 0; d < dirs.size(); ++d) {
+      launch_directions(tc_kernel, fma_kernel, l, dirs.size(), [&](size_t d) {
         const PersistentForward& in = dirs[d];
         const Tensor w = in.w_hh.contiguous(), h0c = in.h0.contiguous();
         const Tensor gx = in.gx.stride(1) == 1 ? in.gx : in.gx.contiguous();
@@ -533,7 +531,7 @@ std::optional<std::vector<RnnForwardResult>> rnn_forward_persistent(
         Tensor states = at::zeros({T * B, S * H}, opts);
         Tensor h_n = at::empty({B, H}, opts);
         Tensor c_n = K == Cell::LSTM ? at::empty({B, H}, opts) : at::empty({0}, opts);
-        args.d[d] = FwdParams<scalar_t, acc_t>{
+        const FwdParams<scalar_t, acc_t> params{
             sorted_len.const_data_ptr<int64_t>(), perm.const_data_ptr<int64_t>(),
             off.const_data_ptr<int64_t>(), w.const_data_ptr<scalar_t>(),
             gx.const_data_ptr<scalar_t>(),
@@ -546,10 +544,8 @@ std::optional<std::vector<RnnForwardResult>> rnn_forward_persistent(
             h_n.data_ptr<scalar_t>(), K == Cell::LSTM ? c_n.data_ptr<scalar_t>() : nullptr,
             T, B, H, gx.stride(0), l.units, in.reverse};
         result->emplace_back(output, h_n, c_n, gates, states);
-      }
-      args.ctas = l.ctas;
-      cuda::launch_cooperative(kernel, dim3(unsigned(l.ctas * int64_t(dirs.size()))),
-                               dim3(kThreads), l.smem, cuda::current_stream(), args);
+        return params;
+      });
       return 0;
     });
   });
@@ -577,12 +573,10 @@ std::optional<std::vector<PersistentBackwardResult>> rnn_backward_persistent(
       const Launch l = choose<scalar_t>(tc_kernel, fma_kernel, false, "persistent backward",
                                         int(dirs.size()), B, H, G, dy0.scalar_type());
       if (l.units == 0) return 0;
-      const auto kernel = l.kernel_tc ? tc_kernel : fma_kernel;
       const Tensor &sorted_len = plan.sorted_len, &perm = plan.perm, &off = plan.off;
-      Directions<BwdParams<scalar_t, acc_t>> args{};
       std::vector<Tensor> keep;  // operands and scratch, alive until the launch is queued
       result.emplace();
-      for (size_t d = 0; d < dirs.size(); ++d) {
+      launch_directions(tc_kernel, fma_kernel, l, dirs.size(), [&](size_t d) {
         const PersistentBackward& in = dirs[d];
         const Tensor w = in.w_hh.contiguous(), gs = in.gates.contiguous();
         const Tensor st = in.states.contiguous(), dy = in.dy.contiguous();
@@ -596,7 +590,7 @@ std::optional<std::vector<PersistentBackwardResult>> rnn_backward_persistent(
         TORCH_INTERNAL_ASSERT(dgx.stride(1) == 1 && dgx.size(0) == T * B && dgx.size(1) == G * H);
         Tensor grad_h0 = at::empty({B, H}, opts.dtype(acc_type));
         Tensor grad_c0 = K == Cell::LSTM ? at::empty({B, H}, opts.dtype(acc_type)) : Tensor();
-        args.d[d] = BwdParams<scalar_t, acc_t>{
+        const BwdParams<scalar_t, acc_t> params{
             sorted_len.const_data_ptr<int64_t>(), perm.const_data_ptr<int64_t>(),
             off.const_data_ptr<int64_t>(), w.const_data_ptr<scalar_t>(),
             gs.const_data_ptr<scalar_t>(),
@@ -607,10 +601,8 @@ std::optional<std::vector<PersistentBackwardResult>> rnn_backward_persistent(
             K == Cell::LSTM ? grad_c0.data_ptr<acc_t>() : nullptr, T, B, H, G, dgx.stride(0),
             dgh.stride(0), l.units, in.reverse};
         result->emplace_back(dgx, dgh, grad_h0, grad_c0);
-      }
-      args.ctas = l.ctas;
-      cuda::launch_cooperative(kernel, dim3(unsigned(l.ctas * int64_t(dirs.size()))),
-                               dim3(kThreads), l.smem, cuda::current_stream(), args);
+        return params;
+      });
       return 0;
     });
   });

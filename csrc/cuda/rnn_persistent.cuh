@@ -335,5 +335,20 @@ Launch choose_launch(Kernel tc_kernel, Kernel fma_kernel, const char* which, int
   return l;
 }
 
+// The cooperative launch of the kernel that `l` chose (tensor-core or fma)
+// for `dirs` directions, a group of l.ctas CTAs each; params(d) gives
+// direction d's parameters.
+template <typename Params, typename ParamsOf>
+void launch_directions(void (*tc_kernel)(Directions<Params>),
+                       void (*fma_kernel)(Directions<Params>), const Launch& l, size_t dirs,
+                       ParamsOf params) {
+  Directions<Params> args{};
+  for (size_t d = 0; d < dirs; ++d) args.d[d] = params(d);
+  args.ctas = l.ctas;
+  cuda::launch_cooperative(l.kernel_tc ? tc_kernel : fma_kernel,
+                           dim3(unsigned(l.ctas * int64_t(dirs))), dim3(kThreads), l.smem,
+                           cuda::current_stream(), args);
+}
+
 }  // namespace
 }  // namespace varlen

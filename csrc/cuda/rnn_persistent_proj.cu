@@ -530,10 +530,9 @@ std::optional<std::vector<RnnForwardResult>> rnn_forward_proj_persistent(
     const Launch l = choose_proj<scalar_t>(tc_kernel, fma_kernel, true, int(dirs.size()), B, H,
                                            P, first.gx.scalar_type());
     if (l.units == 0) return;
-    Directions<ProjFwdParams<scalar_t, acc_t>> args{};
     std::vector<Tensor> keep;  // operands and scratch, alive until the launch is queued
     result.emplace();
-    for (size_t d = 0; d < dirs.size(); ++d) {
+    launch_directions(tc_kernel, fma_kernel, l, dirs.size(), [&](size_t d) {
       const ProjPersistentForward& in = dirs[d];
       const Tensor w_hh = in.w_hh.contiguous(), w_hr = in.w_hr.contiguous();
       const Tensor gx = in.gx.stride(1) == 1 ? in.gx : in.gx.contiguous();
@@ -546,7 +545,7 @@ std::optional<std::vector<RnnForwardResult>> rnn_forward_proj_persistent(
       Tensor gates = at::zeros({T * B, 4 * H}, opts);
       Tensor states = at::zeros({T * B, 2 * H + P}, opts);
       Tensor h_n = at::empty({B, P}, opts), c_n = at::empty({B, H}, opts);
-      args.d[d] = ProjFwdParams<scalar_t, acc_t>{
+      const ProjFwdParams<scalar_t, acc_t> params{
           plan.sorted_len.const_data_ptr<int64_t>(), plan.perm.const_data_ptr<int64_t>(),
           plan.off.const_data_ptr<int64_t>(), w_hh.const_data_ptr<scalar_t>(),
           w_hr.const_data_ptr<scalar_t>(), gx.const_data_ptr<scalar_t>(),
@@ -557,11 +556,8 @@ std::optional<std::vector<RnnForwardResult>> rnn_forward_proj_persistent(
           c_n.data_ptr<scalar_t>(), T, B, H, P, gx.stride(0), l.units,
           int(features_per_cta(H, P, l.units)), in.reverse};
       result->emplace_back(output, h_n, c_n, gates, states);
-    }
-    args.ctas = l.ctas;
-    cuda::launch_cooperative(l.kernel_tc ? tc_kernel : fma_kernel,
-                             dim3(unsigned(l.ctas * int64_t(dirs.size()))), dim3(kThreads), l.smem,
-                             cuda::current_stream(), args);
+      return params;
+    });
   });
   return result;
 }
@@ -585,10 +581,9 @@ std::optional<std::vector<ProjPersistentBackwardResult>> rnn_backward_proj_persi
     const Launch l = choose_proj<scalar_t>(tc_kernel, fma_kernel, false, int(dirs.size()), B, H,
                                            P, first.dy.scalar_type());
     if (l.units == 0) return;
-    Directions<ProjBwdParams<scalar_t, acc_t>> args{};
     std::vector<Tensor> keep;  // operands and scratch, alive until the launch is queued
     result.emplace();
-    for (size_t d = 0; d < dirs.size(); ++d) {
+    launch_directions(tc_kernel, fma_kernel, l, dirs.size(), [&](size_t d) {
       const ProjPersistentBackward& in = dirs[d];
       const Tensor w_hh = in.w_hh.contiguous(), w_hr = in.w_hr.contiguous();
       const Tensor gates = in.gates.contiguous(), states = in.states.contiguous();
@@ -604,7 +599,7 @@ std::optional<std::vector<ProjPersistentBackwardResult>> rnn_backward_proj_persi
       Tensor dh_tok = at::zeros({T * B, P}, opts);
       Tensor grad_h0 = at::empty({B, P}, opts.dtype(acc_type));
       Tensor grad_c0 = at::empty({B, H}, opts.dtype(acc_type));
-      args.d[d] = ProjBwdParams<scalar_t, acc_t>{
+      const ProjBwdParams<scalar_t, acc_t> params{
           plan.sorted_len.const_data_ptr<int64_t>(), plan.perm.const_data_ptr<int64_t>(),
           plan.off.const_data_ptr<int64_t>(), w_hh.const_data_ptr<scalar_t>(),
           w_hr.const_data_ptr<scalar_t>(), gates.const_data_ptr<scalar_t>(),
@@ -614,11 +609,8 @@ std::optional<std::vector<ProjPersistentBackwardResult>> rnn_backward_proj_persi
           dh_tok.data_ptr<scalar_t>(), grad_h0.data_ptr<acc_t>(), grad_c0.data_ptr<acc_t>(), T,
           B, H, P, dgx.stride(0), l.units, int(features_per_cta(H, P, l.units)), in.reverse};
       result->emplace_back(dgx, dh_tok, grad_h0, grad_c0);
-    }
-    args.ctas = l.ctas;
-    cuda::launch_cooperative(l.kernel_tc ? tc_kernel : fma_kernel,
-                             dim3(unsigned(l.ctas * int64_t(dirs.size()))), dim3(kThreads), l.smem,
-                             cuda::current_stream(), args);
+      return params;
+    });
   });
   return result;
 }

@@ -478,8 +478,8 @@ int64_t features_per_cta(int64_t H, int64_t P, int units) {
 // products (a) 4*units columns over P and (b) Ps over H; backward: (1) Ps
 // columns over 4H and (2) units over P. On tensor cores a product's columns
 // are padded to 16, so the backward's W_hh slice takes 16 x 4H values however
-// few features a CTA has: beyond H of about 1.5k (16-bit types) or 1k (TF32)
-// on 227 KiB of shared memory the fma kernel runs instead.
+// few features a CTA has: beyond H of about 1.5k (16-bit types) or 650 (TF32)
+// on 132 SMs of 227 KiB of shared memory the fma kernel runs instead.
 template <typename scalar_t, typename Kernel>
 Launch choose_proj(Kernel tc_kernel, Kernel fma_kernel, bool forward, int dirs, int64_t B,
                    int64_t H, int64_t P, at::ScalarType dtype) {

@@ -267,20 +267,23 @@ def matmul_precision(precision):
         torch.backends.cuda.matmul.fp32_precision = old
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "lstm_proj"])
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_float32_follows_torchs_tf32_setting(cell, bidirectional, gpu):
     """The float32 persistent kernels run IEEE fma unless torch allows TF32 for
     CUDA matmuls, then tensor cores in TF32. IEEE: output and every gradient
     within float32 tolerance of float64. TF32: within 2x the error of PyTorch's
     masked loop in half precision (TF32 keeps half's 10 mantissa bits, and only
-    the recurrent product's operands are rounded), and far from IEEE's (TF32 did run)."""
+    the recurrent product's operands are rounded), and far from IEEE's (TF32 did
+    run). lstm_proj: proj_size 5 (both products of its kernels)."""
     T, B, H = 9, 40, 64
-    ref, x, lengths, hx = sample_inputs(cell, T=T, B=B, I=8, H=H, device=gpu,
+    proj_size = 5 if cell == "lstm_proj" else 0
+    cell = "lstm" if proj_size else cell
+    ref, x, lengths, hx = sample_inputs(cell, T=T, B=B, I=8, H=H, device=gpu, proj_size=proj_size,
                                         requires_grad=False, bidirectional=bidirectional)
     x = torch.nan_to_num(x, nan=0.0)
     g = torch.Generator().manual_seed(1)
-    gy = torch.randn(T, B, (2 if bidirectional else 1) * H, generator=g,
+    gy = torch.randn(T, B, (2 if bidirectional else 1) * (proj_size or H), generator=g,
                      dtype=torch.float64).to(gpu)
     y64, g64 = _grads(MaskedRNN.from_torch(ref), x.clone().requires_grad_(), lengths, hx, gy)
 
@@ -388,44 +391,6 @@ def test_projection_lstm_low_precision(dtype, B, limits, path, gpu):
     within 2x the error of PyTorch's own same-precision path, as the plain cells."""
     with rnn_path(path), device_limits(gpu, **limits):
         check_low_precision("lstm", dtype, 9, B, 24, gpu, proj_size=5)
-
-
-@pytest.mark.parametrize("bidirectional", [False, True])
-def test_projection_lstm_float32_follows_torchs_tf32_setting(bidirectional, gpu):
-    """float32 with a projection: IEEE within float32 tolerance of float64; TF32
-    (tensor cores) within 2x the error of PyTorch's masked loop in half."""
-    T, B, H, P = 9, 40, 24, 5
-    ref, x, lengths, hx = sample_inputs("lstm", T=T, B=B, I=8, H=H, device=gpu, proj_size=P,
-                                        requires_grad=False, bidirectional=bidirectional)
-    x = torch.nan_to_num(x, nan=0.0)
-    gy = torch.randn(T, B, (2 if bidirectional else 1) * P,
-                     generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(gpu)
-    y64, g64 = _grads(MaskedRNN.from_torch(ref), x.clone().requires_grad_(), lengths, hx, gy)
-
-    def errors(dtype, runner=_grads):
-        m = MaskedRNN.from_torch(ref).to(dtype)
-        hxd = tuple(t.to(dtype) for t in hx)
-        xd = x.to(dtype).requires_grad_()
-        if runner is _grads:
-            y, grads = runner(m, xd, lengths, hxd, gy)
-        else:
-            y, _ = runner(m, xd, lengths, hxd)
-            grads = torch.autograd.grad((y * gy.to(dtype)).sum(), [xd, *m.parameters()])
-        return [((a.double() - b).abs().max() / b.abs().max().clamp_min(1.0)).item()
-                for a, b in zip([y, *grads], [y64, *g64])]
-
-    with rnn_path("persistent"), device_limits(gpu, sm_count=3):
-        with matmul_precision("ieee"):
-            ieee = errors(torch.float32)
-        with matmul_precision("tf32"):
-            tf32 = errors(torch.float32)
-    half = errors(torch.float16, masked_rnn_reference)
-    floor = torch.finfo(torch.float16).eps * 4
-    names = ["output", "input"] + [n for n, _ in ref.named_parameters()]
-    for name, e_ieee, e_tf32, e_half in zip(names, ieee, tf32, half):
-        assert e_ieee <= 1e-5, f"{name}: IEEE float32 error {e_ieee:.3g}"
-        assert e_tf32 <= 2 * max(e_half, floor), f"{name}: TF32 {e_tf32:.3g}, half {e_half:.3g}"
-    assert max(tf32) > 30 * max(ieee), (tf32, ieee)
 
 
 @pytest.mark.emulation

@@ -696,12 +696,25 @@ RnnBackwardResult rnn_backward_cuda(const Tensor& grad_output, const Tensor& gra
 }
 
 // ------------------------------------------------------- both directions
-// Without projection: one length plan and one packed input for both
+// With or without a projection: one length plan and one packed input for both
 // directions, one input projection GEMM for both (the directions' gx are
 // column blocks of it) and one input-gradient GEMM (their dgx are column
 // blocks of one matrix); both recurrences in one persistent launch where they
 // fit together, else each direction as rnn_forward / rnn_backward runs it,
 // one after the other.
+
+// x W_ih^T of both directions, one GEMM over the tokens: direction d's gx is
+// the column block [d*G*H, (d+1)*G*H).
+Tensor both_directions_projection(const Tokens& tok, const std::array<DirectionWeights, 2>& w) {
+  return tokens_times(tok.x, at::cat({w[0].w_ih, w[1].w_ih}).t(), tok.plan);
+}
+
+// The layer's input gradient from both directions' dgx, the column blocks of
+// dgx in that order, one GEMM over the tokens.
+Tensor both_directions_input_grad(const Tokens& tok, const Tensor& dgx,
+                                  const std::array<DirectionWeights, 2>& w) {
+  return unpack_tokens(tokens_times(dgx, at::cat({w[0].w_ih, w[1].w_ih}), tok.plan), tok.plan);
+}
 BidirectionalForwardResult rnn_bidirectional_forward_cuda(const Tensor& input, const Tensor& lengths,
                                                 const Tensor& h0,
                                                 const c10::optional<Tensor>& c0,
@@ -722,7 +735,7 @@ BidirectionalForwardResult rnn_bidirectional_forward_cuda(const Tensor& input, c
     const cuda::DeviceGuard guard(input.device());
     const Tokens tok = tokens_of(input, lengths, s[0].T);
     const int64_t GH = 4 * s[0].H;
-    const Tensor gx = tokens_times(tok.x, at::cat({w[0].w_ih, w[1].w_ih}).t(), tok.plan);
+    const Tensor gx = both_directions_projection(tok, w);
     const auto acc_type = at::toOpMathType(input.scalar_type());
     std::array<ProjPersistentForward, 2> in;
     for (int d = 0; d < 2; ++d)
@@ -742,7 +755,7 @@ BidirectionalForwardResult rnn_bidirectional_forward_cuda(const Tensor& input, c
   const cuda::DeviceGuard guard(input.device());
   const Tokens tok = tokens_of(input, lengths, s[0].T);
   const int64_t GH = s[0].G * s[0].H;
-  const Tensor gx = tokens_times(tok.x, at::cat({w[0].w_ih, w[1].w_ih}).t(), tok.plan);
+  const Tensor gx = both_directions_projection(tok, w);
   const std::array<Prepared, 2> f{prepare_forward(s[0], tok, w[0], gx.narrow(1, 0, GH)),
                                   prepare_forward(s[1], tok, w[1], gx.narrow(1, GH, GH))};
   if (auto both = rnn_forward_persistent(
@@ -798,9 +811,8 @@ BidirectionalBackwardResult rnn_bidirectional_backward_cuda(
       r[d] = proj_backward_gemms(tok, w[d].w_ih, in[d].states, dgx_d, dh_tok, dh, dc,
                                  /*with_input=*/false);
     }
-    const Tensor grad_input = unpack_tokens(
-        tokens_times(dgx, at::cat({w[0].w_ih, w[1].w_ih}), tok.plan), tok.plan);
-    return join_backward(grad_input, r[0], r[1], lstm, has_biases, true);
+    return join_backward(both_directions_input_grad(tok, dgx, w), r[0], r[1], lstm, has_biases,
+                         true);
   }
   std::array<PreparedBackward, 2> b;
   for (int d = 0; d < 2; ++d)
@@ -830,9 +842,8 @@ BidirectionalBackwardResult rnn_bidirectional_backward_cuda(
     r[d] = backward_gemms(b[d].s, tok, w[d].w_ih, g[d].states, dgx_d, dgh_d, dh, dc,
                           /*with_input=*/false);
   }
-  const Tensor grad_input = unpack_tokens(
-      tokens_times(dgx, at::cat({w[0].w_ih, w[1].w_ih}), tok.plan), tok.plan);
-  return join_backward(grad_input, r[0], r[1], lstm, has_biases, false);
+  return join_backward(both_directions_input_grad(tok, dgx, w), r[0], r[1], lstm, has_biases,
+                       false);
 }
 
 }  // namespace

@@ -480,7 +480,7 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
         const int elem = sizeof(scalar_t);
         const TcGeometry geo = forward ? TcGeometry(G * units, H, elem)
                                        : TcGeometry(units, int64_t(G) * H, elem);
-        return geo.fits_warps() ? geo.smem() : -1;
+        return geo.fits() ? geo.smem() : -1;
       },
       [&](int units) -> int64_t { return int64_t(smem_bytes<scalar_t, acc_t>(G, units, H)); },
       H);

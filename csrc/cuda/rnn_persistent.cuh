@@ -161,6 +161,7 @@ __device__ __forceinline__ scalar_t tc_operand(scalar_t v) {
 constexpr int kTcChunk = 64;  // columns of A staged at a time
 constexpr int kWarps = kThreads / 32;
 constexpr int64_t align128(int64_t n) { return (n + 127) / 128 * 128; }
+__host__ __device__ constexpr int round16(int n) { return (n + 15) / 16 * 16; }
 
 // Tile geometry for a product with n output columns and reduction length k,
 // operands of elem bytes. Each shared-memory row is padded by 16 bytes: a
@@ -184,8 +185,7 @@ struct TcGeometry {
     ldc = np + 4;
   }
   // At most two output tiles per warp.
-  __host__ __device__ bool fits_warps() const { return mt * nt <= 2 * kWarps; }
-  __host__ __device__ bool fits() const { return fits_warps(); }
+  __host__ __device__ bool fits() const { return mt * nt <= 2 * kWarps; }
   __host__ __device__ int64_t w_bytes() const { return align128(np * ldw * elem); }
   __host__ __device__ int64_t a_bytes() const { return align128(rbt * lda * elem); }
   __host__ __device__ int64_t c_bytes() const { return int64_t(rbt) * ldc * 4; }
@@ -196,13 +196,10 @@ struct TcGeometry {
   __host__ __device__ int64_t w_at(int64_t n_, int64_t k) const { return n_ * ldw + k; }
   __host__ __device__ int64_t a_at(int r, int kk) const { return r * lda + kk; }
   __host__ __device__ int64_t c_at(int r, int n_) const { return r * ldc + n_; }
-  __host__ __device__ int stage_rows(int rows) const { return (rows + 15) / 16 * 16; }
+  __host__ __device__ int stage_rows(int rows) const { return round16(rows); }
   __host__ __device__ int64_t w_cols() const { return np; }
   __host__ __device__ int64_t w_depth() const { return kp; }
-  __host__ __device__ int chunk() const { return kTcChunk; }
 };
-
-__host__ __device__ constexpr int round16(int n) { return (n + 15) / 16 * 16; }
 
 // C (rows x g.np) += A (rows x kp, staged per chunk by `stage`) times the
 // W slice w (col-major, g.ldw): the output tiles of this warp, those with a

@@ -73,7 +73,6 @@ struct FmaGeometry {
   __host__ __device__ int stage_rows(int rows) const { return rows; }
   __host__ __device__ int64_t w_cols() const { return n; }
   __host__ __device__ int64_t w_depth() const { return k; }
-  __host__ __device__ int chunk() const { return kChunk; }
 };
 
 // As tc_product: block-uniform; stage(k0, kc) fills A's columns [k0, k0 + kc)

@@ -32,11 +32,17 @@ build: $(SETUP_DEPS)
 ASAN_LIB := $(shell gcc -print-file-name=libasan.so 2>/dev/null)
 CXX_LIB  := $(shell gcc -print-file-name=libstdc++.so.6 2>/dev/null)
 ASAN_ENV := ASAN_OPTIONS=detect_leaks=0:detect_odr_violation=0 LD_PRELOAD="$(ASAN_LIB) $(CXX_LIB)"
+# Then every op once under ThreadSanitizer: a data race in any kernel (two
+# threads, one address, no barrier between) fails the run (exit status 66).
+TSAN_ENV := TSAN_OPTIONS=exitcode=66 OMP_NUM_THREADS=1 \
+	LD_PRELOAD="$(shell gcc -print-file-name=libtsan.so 2>/dev/null)"
 
 test: build
 	$(PY) -m pytest tests
 	@echo "== the CUDA kernels' code again, under AddressSanitizer, random thread order"
 	VK_EMU_ORDERS=random VK_EMU_SEED=$${VK_EMU_SEED:-1} $(ASAN_ENV) $(PY) -m pytest tests -m emulation -p no:cacheprovider
+	@echo "== every op's CUDA code under ThreadSanitizer (racecheck)"
+	$(TSAN_ENV) $(PY) benchmarks/sanitizer_workload.py --device cpu --emulate
 
 bench: build
 	$(PY) benchmarks/bench_rnn.py

@@ -110,6 +110,7 @@ if os.environ.get("VARLEN_KERNELS_EMULATION", "1") not in ("", "0"):
         ("_C_emu", ["-O2"], []),
         ("_C_emu_asan", ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"],
          ["-fsanitize=address"]),
+        ("_C_emu_tsan", ["-O1", "-g", "-fsanitize=thread"], ["-fsanitize=thread"]),
     ]:
         extensions.append(CppExtension(
             f"varlen_kernels.{name}",

@@ -1,8 +1,12 @@
 """A small forward+backward through every op, for compute-sanitizer on a GPU
-(benchmarks/gpu_check.sh). The tests run it on the CPU and on the emulated CUDA
-code, so it cannot rot.
+(benchmarks/gpu_check.sh), and for its counterpart on the CPU: the CUDA code
+executed on the CPU under ThreadSanitizer, which reports any data race
+between the emulated threads (`make test` runs it so). The tests run it on
+the CPU and on the emulated CUDA code, so it cannot rot.
 
     python benchmarks/sanitizer_workload.py --device cuda
+    TSAN_OPTIONS=exitcode=66 OMP_NUM_THREADS=1 LD_PRELOAD="$(gcc -print-file-name=libtsan.so)" \
+        python benchmarks/sanitizer_workload.py --device cpu --emulate
 """
 import argparse
 import contextlib
@@ -19,6 +23,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     dev = args.device
     ctx = vk.testing.emulate_cuda(order="random") if args.emulate else contextlib.nullcontext()
+    limits = (vk.testing.emulated_device(sm_count=4) if args.emulate else contextlib.nullcontext())
     torch.manual_seed(0)
     with ctx:
         for cell in ["lstm", "gru", "rnn_tanh"]:
@@ -26,6 +31,18 @@ def main(argv=None):
             x = torch.randn(3, 6, 5, device=dev, requires_grad=True)
             y, _ = m(x, torch.tensor([6, 0, 3], device=dev))
             y.sum().backward()
+        # Grids of several CTAs and row tiles that finish early: the persistent
+        # kernels' grid barriers and tile skipping (on the CPU, an emulated
+        # device of 4 SMs, so that the CTAs own several units each), with the
+        # CUDA-core product (float32) and the tensor-core one (bfloat16).
+        lengths = torch.cat([torch.full((8,), 9), torch.randint(0, 4, (32,))])
+        with limits:
+            for dtype in (torch.float32, torch.bfloat16):
+                for cell, proj_size in [("lstm", 0), ("gru", 0), ("lstm", 12)]:
+                    m = vk.MaskedRNN(6, 40, cell=cell, bidirectional=True,
+                                     proj_size=proj_size).to(dev, dtype)
+                    y, _ = m(torch.randn(9, 40, 6, device=dev, dtype=dtype), lengths.to(dev))
+                    y.float().sum().backward()
         proj = vk.MaskedLSTM(5, 7, 1, proj_size=3, bidirectional=True).to(dev)
         for lengths in (torch.tensor([6, 0, 3]), torch.tensor([6, 0, 3], device=dev)):
             y, _ = proj(torch.randn(6, 3, 5, device=dev), lengths)  # host, then device lengths

@@ -265,3 +265,49 @@ def test_address_sanitizer_sees_a_shared_memory_overflow():
     r = subprocess.run([sys.executable, "-c", code], env=asan_env(), capture_output=True, text=True)
     assert r.returncode != 0 and "heap-buffer-overflow" in r.stderr, (r.stdout + r.stderr)[-3000:]
     assert "shared_overflow_kernel" in r.stderr
+
+
+def tsan_env():
+    tsan = subprocess.run(["gcc", "-print-file-name=libtsan.so"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(tsan) or not os.path.exists(tsan):
+        pytest.skip("libtsan not found")
+    return dict(os.environ, LD_PRELOAD=tsan, TSAN_OPTIONS="exitcode=66", OMP_NUM_THREADS="1")
+
+
+# Self-test kernels without a race, and those with one, with the function
+# ThreadSanitizer must name: a barrier of the block reduction removed (shared
+# memory), blocks reading sums before the grid.sync() that is missing (global
+# memory, one cooperative launch), blocks storing to one address (global
+# memory, blocks run one after another), lanes reading what lane 0 wrote
+# without the __syncwarp between.
+RACE_FREE = ["reduce", "warp", "atomics", "grid_sync", "dynamic", "spin", "warp_handoff"]
+RACES = {"reduce1": "block_sum", "reduce2": "block_sum", "reduce3": "block_sum",
+         "grid_race": "grid_kernel", "blocks_store": "blocks_store_kernel",
+         "warp_handoff_race": "warp_handoff_kernel"}
+
+
+def test_thread_sanitizer_reports_each_race_and_nothing_else():
+    """Under ThreadSanitizer (the _C_emu_tsan build) two threads' accesses to one
+    address, one a write, with no barrier, atomic or launch boundary between, are
+    a reported data race in whatever order the threads ran; the race-free kernels,
+    whose threads synchronize by every means the executor has, give no report."""
+    code = ("import sys, torch\n"
+            "from varlen_kernels.testing import emulate_cuda, emulation_module, selftest\n"
+            "assert emulation_module().TSAN == 1\n"
+            f"for name in {RACE_FREE + list(RACES)!r}:\n"
+            "    print('== kernel', name, file=sys.stderr, flush=True)\n"
+            "    with emulate_cuda(order='forward'):\n"
+            f"        selftest(torch.randn({BLOCKS * THREADS}), name, {BLOCKS}, {THREADS})\n"
+            "print('== end', file=sys.stderr, flush=True)\n")
+    r = subprocess.run([sys.executable, "-c", code], env=tsan_env(), capture_output=True, text=True)
+    assert "== end" in r.stderr, (r.stdout + r.stderr)[-3000:]
+    assert r.returncode == 66, f"exit status {r.returncode}: the races were not reported"
+    reports = {}
+    for part in r.stderr.split("== kernel ")[1:]:
+        name, _, text = part.partition("\n")
+        reports[name] = [line for line in text.splitlines() if line.startswith("SUMMARY: ThreadSanitizer")]
+    for name in RACE_FREE:
+        assert reports[name] == [], f"{name}: {reports[name]}"
+    for name, function in RACES.items():
+        assert len(reports[name]) >= 1 and all(
+            "data race" in s and f"in {function}" in s for s in reports[name]), f"{name}: {reports[name]}"

@@ -20,6 +20,15 @@ build of the same code is used:
     ASAN_OPTIONS=detect_leaks=0:detect_odr_violation=0 \\
     LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so.6)" \\
     python -m pytest tests -k emulated
+
+and with ThreadSanitizer preloaded, the TSan-instrumented one, which reports
+every pair of accesses by two threads to one address, one a write, that no
+barrier (__syncthreads, grid.sync(), __syncwarp), atomic or launch boundary
+orders: a data race, whatever order the threads ran in (what compute-sanitizer's
+racecheck finds on a GPU, for global memory as well as shared):
+
+    TSAN_OPTIONS=exitcode=66 OMP_NUM_THREADS=1 \\
+    LD_PRELOAD="$(gcc -print-file-name=libtsan.so)" python benchmarks/racecheck_workload.py
 """
 import contextlib
 import importlib
@@ -40,25 +49,31 @@ OPS = ("rnn_forward", "rnn_backward", "rnn_bidirectional_forward", "rnn_bidirect
 _HOW = ("It is built with the extension from a source checkout: `make build` (or "
         "`pip install --no-build-isolation -e .`) at the repository root; "
         "VARLEN_KERNELS_EMULATION=0 must not be set.")
-_depth = 0  # nesting of emulate_cuda(); the kernel override is process-wide
+# (order, seed) of each open emulate_cuda(), innermost last; the outermost
+# one puts the kernels in place, process-wide.
+_orders = []
 _module = None
 
 
-def _asan_loaded():
+def _sanitizer_loaded():
+    """"asan" or "tsan" when that sanitizer's runtime is loaded in this process, else ""."""
     try:
         with open("/proc/self/maps") as f:
-            return "libasan" in f.read()
+            maps = f.read()
     except OSError:
-        return False
+        return ""
+    return "asan" if "libasan" in maps else "tsan" if "libtsan" in maps else ""
 
 
 def emulation_module():
-    """The loaded emulation build (``_C_emu``, or ``_C_emu_asan`` when AddressSanitizer
-    is loaded in this process); raises RuntimeError saying how to build it."""
+    """The loaded emulation build (``_C_emu``, or ``_C_emu_asan`` / ``_C_emu_tsan`` when
+    AddressSanitizer / ThreadSanitizer is loaded in this process); raises RuntimeError
+    saying how to build it."""
     global _module
     if _module is not None:
         return _module
-    name = "_C_emu_asan" if _asan_loaded() else "_C_emu"
+    sanitizer = _sanitizer_loaded()
+    name = f"_C_emu_{sanitizer}" if sanitizer else "_C_emu"
     try:
         module = importlib.import_module(f"varlen_kernels.{name}")
     except ImportError as e:
@@ -74,7 +89,7 @@ def emulation_module():
 
 def emulation_active() -> bool:
     """Whether an ``emulate_cuda()`` block is open."""
-    return _depth > 0
+    return bool(_orders)
 
 
 @contextlib.contextmanager
@@ -87,21 +102,24 @@ def emulate_cuda(order: str = "forward", seed: int = 0):
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     module = emulation_module()
-    module.set_thread_order(ORDERS.index(order), int(seed))
-    lib = torch.library.Library("varlen_kernels", "IMPL")
-    with warnings.catch_warnings():
-        # The dispatcher warns that these override the CPU kernels: that is the point.
-        warnings.simplefilter("ignore")
-        for op in OPS:
-            lib.impl(op, getattr(torch.ops.varlen_kernels_emu, op).default, "CPU")
-    global _depth
-    _depth += 1
+    outer = _orders[-1] if _orders else (0, 0)
+    lib = None
+    if not _orders:  # an inner block only changes the order
+        lib = torch.library.Library("varlen_kernels", "IMPL")
+        with warnings.catch_warnings():
+            # The dispatcher warns that these override the CPU kernels: that is the point.
+            warnings.simplefilter("ignore")
+            for op in OPS:
+                lib.impl(op, getattr(torch.ops.varlen_kernels_emu, op).default, "CPU")
+    _orders.append((ORDERS.index(order), int(seed)))
+    module.set_thread_order(*_orders[-1])
     try:
         yield
     finally:
-        _depth -= 1
-        lib._destroy()
-        module.set_thread_order(0, 0)
+        _orders.pop()
+        if lib is not None:
+            lib._destroy()
+        module.set_thread_order(*outer)
 
 
 def selftest(x, name: str, blocks: int, threads: int):

@@ -9,6 +9,18 @@
 // or yields. A barrier opens when every thread it covers has reached it; when
 // nothing can run and some thread has not finished, the launch fails with a
 // description of where each thread stands.
+//
+// Under ThreadSanitizer (the _C_emu_tsan build) every emulated thread is a
+// TSan fiber, and the happens-before order TSan knows of is CUDA's: the host's
+// work before a launch precedes every thread of it; __syncthreads orders the
+// threads of a block, grid.sync() those of the grid, __syncwarp those of its
+// mask (the wmma calls are one each); atomics order as atomics; every thread
+// precedes the host's work after the launch. Nothing else does: switching
+// fibers does not synchronize, and the executor's own bookkeeping is hidden
+// from TSan. So two accesses to one address by different threads, one a write,
+// with no barrier between them, are reported as a data race whichever order
+// the threads ran in: what compute-sanitizer's racecheck reports on a GPU, for
+// global memory too.
 #include "emulation/cuda_on_cpu.h"
 
 #include <sys/mman.h>
@@ -29,6 +41,12 @@
 #define VK_ASAN 1
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
+#endif
+#if defined(__SANITIZE_THREAD__)
+#define VK_TSAN 1
+#include <sanitizer/tsan_interface.h>
+extern "C" void __tsan_ignore_thread_begin();
+extern "C" void __tsan_ignore_thread_end();
 #endif
 
 namespace vk_emu {
@@ -64,6 +82,16 @@ struct Fiber {
   unsigned bline = 0;
   bool yielded = false;  // parked by yield() in the last pass
   void* fake_stack = nullptr;  // AddressSanitizer's, while switched out
+  // ThreadSanitizer: the fiber this thread runs as, whether it has run yet in
+  // this launch, how many block, grid and warp barriers it has passed, where
+  // it releases at a __syncwarp (two slots, see tsan_pass), and of the
+  // __syncwarp that completed last, its lanes and the slot each released on.
+  void* tsan_fiber = nullptr;
+  bool tsan_started = false;
+  unsigned block_syncs = 0, grid_syncs = 0, warp_syncs = 0;
+  char* warp_slots = nullptr;
+  unsigned wsync_present = 0;
+  char* wsync_slot[32] = {};
 };
 
 struct SharedBuffer {
@@ -82,6 +110,10 @@ struct AlignedDelete {
 struct BlockState {
   uint3 idx{0, 0, 0};
   int first = 0, count = 0;  // fibers [first, first + count)
+  // ThreadSanitizer's sync objects: two for __syncthreads, then two per
+  // thread for __syncwarp; a block's own allocation, alive until the launch
+  // ends, so no two blocks of a launch share one.
+  std::unique_ptr<char[]> tsan_sync;
   std::vector<SharedBuffer> shared;
   std::unique_ptr<unsigned char[], AlignedDelete> dynamic;
 };
@@ -101,6 +133,9 @@ struct Launch {
   int warps_per_block = 0;
   std::exception_ptr error;
   bool cancelling = false;
+  char grid_sync[2] = {};  // ThreadSanitizer's sync objects of grid.sync()
+  char end_sync = 0;       // ... and of the launch's end
+  std::vector<BlockState> retired;  // blocks run, kept under ThreadSanitizer (see tsan_sync)
 };
 
 // Stacks are kept per OS thread and reused across launches.
@@ -136,11 +171,56 @@ struct ThreadState {
   const void* sched_stack_bottom = nullptr;
   size_t sched_stack_size = 0;
   void* sched_fake_stack = nullptr;
+  void* tsan_scheduler = nullptr;  // ThreadSanitizer's fiber of the scheduler
   StackPool stacks;
+  // Under ThreadSanitizer: slots of a TSan fiber and the stack only it runs
+  // on (a stack another TSan fiber wrote would be a race), reused across
+  // launches.
+  struct TsanSlot {
+    void* fiber;
+    char* stack;
+  };
+  std::vector<TsanSlot> tsan_slots;
 };
 
 thread_local ThreadState ts;
 DeviceLimits g_limits;
+
+// ------------------------------------------------------------ ThreadSanitizer
+#ifdef VK_TSAN
+// The executor's bookkeeping, done by a fiber: hidden from TSan (it is no
+// part of the kernel, and it orders nothing the kernel does).
+struct Hidden {
+  Hidden() { __tsan_ignore_thread_begin(); }
+  ~Hidden() { __tsan_ignore_thread_end(); }
+  Hidden(const Hidden&) = delete;
+  Hidden& operator=(const Hidden&) = delete;
+};
+#define VK_HIDDEN const Hidden vk_hidden
+inline void tsan_hide(bool on) {
+  if (on) __tsan_ignore_thread_begin();
+  else __tsan_ignore_thread_end();
+}
+// Release at a barrier, and acquire once it opens, on the slot of this
+// crossing's parity: a thread cannot release at crossing k + 2 before every
+// thread covered has acquired at crossing k (it would have had to pass
+// crossing k + 1, which they had not reached), so no thread acquires what
+// another did after the barrier it is passing.
+inline void tsan_release(void* p) { __tsan_release(p); }
+inline void tsan_acquire(void* p) { __tsan_acquire(p); }
+inline void tsan_arrive(char* slots, unsigned crossings) { __tsan_release(&slots[crossings & 1]); }
+inline void tsan_pass(char* slots, unsigned& crossings) {
+  __tsan_acquire(&slots[crossings & 1]);
+  ++crossings;
+}
+#else
+#define VK_HIDDEN
+inline void tsan_hide(bool) {}
+inline void tsan_release(void*) {}
+inline void tsan_acquire(void*) {}
+inline void tsan_arrive(char*, unsigned) {}
+inline void tsan_pass(char*, unsigned& crossings) { ++crossings; }
+#endif
 
 std::string str(uint3 v) {
   std::ostringstream s;
@@ -153,8 +233,18 @@ std::string where(const Fiber& f) {
   return "block " + str(L.blocks[f.block].idx) + " thread " + str(f.tid);
 }
 
+#ifdef VK_TSAN
+ThreadState::TsanSlot& tsan_slot(size_t i) {
+  while (ts.tsan_slots.size() <= i) ts.tsan_slots.push_back({__tsan_create_fiber(0), ts.stacks.get()});
+  return ts.tsan_slots[i];
+}
+#endif
+
 // ------------------------------------------------------------ switching
 void switch_to_scheduler(Fiber& f, bool finished) {
+#ifdef VK_TSAN
+  __tsan_switch_to_fiber(ts.tsan_scheduler, __tsan_switch_to_fiber_no_sync);
+#endif
 #ifdef VK_ASAN
   __sanitizer_start_switch_fiber(finished ? nullptr : &f.fake_stack, ts.sched_stack_bottom,
                                  ts.sched_stack_size);
@@ -176,9 +266,18 @@ void set_indices(const Fiber& f) {
 
 void resume(Fiber& f) {
   ts.current = &f;
+  tsan_hide(true);  // the kernel reads these: written for each thread as it runs
   set_indices(f);
+  tsan_hide(false);
 #ifdef VK_ASAN
   __sanitizer_start_switch_fiber(&ts.sched_fake_stack, f.stack, kStackBytes);
+#endif
+#ifdef VK_TSAN
+  // The first switch into a thread synchronizes: what the host did before the
+  // launch precedes it. The others do not.
+  const unsigned flags = f.tsan_started ? __tsan_switch_to_fiber_no_sync : 0;
+  f.tsan_started = true;
+  __tsan_switch_to_fiber(f.tsan_fiber, flags);
 #endif
   swapcontext(&ts.scheduler, &f.ctx);
 #ifdef VK_ASAN
@@ -189,14 +288,25 @@ void resume(Fiber& f) {
 
 void recheck_warp(const Fiber& done);
 
+// Runs the kernel's body: its own accesses count for ThreadSanitizer, hidden
+// again however the body ends.
+void run_body(const Launch& L) {
+  tsan_hide(false);
+  struct Rehide {
+    ~Rehide() { tsan_hide(true); }
+  } rehide;
+  (*L.body)();
+}
+
 void fiber_main() {
-  Fiber& f = *ts.current;
 #ifdef VK_ASAN
   __sanitizer_finish_switch_fiber(nullptr, &ts.sched_stack_bottom, &ts.sched_stack_size);
 #endif
+  tsan_hide(true);
+  Fiber& f = *ts.current;
   Launch& L = *ts.launch;
   try {
-    if (!L.cancelling) (*L.body)();  // a fiber first resumed to be cancelled never runs
+    if (!L.cancelling) run_body(L);  // a fiber first resumed to be cancelled never runs
   } catch (const Cancelled&) {
   } catch (const KernelError&) {
     if (!L.error) L.error = std::current_exception();
@@ -206,6 +316,7 @@ void fiber_main() {
   } catch (...) {
     if (!L.error) L.error = std::make_exception_ptr(KernelError(where(f) + ": unknown exception"));
   }
+  tsan_release(&L.end_sync);  // the thread precedes the host's work after the launch
   f.state = State::Done;
   if (!L.cancelling && !L.error) {
     try {
@@ -214,11 +325,14 @@ void fiber_main() {
       L.error = std::current_exception();
     }
   }
+  tsan_hide(false);  // its TSan fiber runs other threads in later launches
   switch_to_scheduler(f, true);
 }
 
 void start_fiber(Fiber& f) {
-  f.stack = ts.stacks.get();
+#ifndef VK_TSAN
+  f.stack = ts.stacks.get();  // under TSan the slot's (setup_block)
+#endif
 #ifdef VK_ASAN
   __asan_unpoison_memory_region(f.stack, kStackBytes);  // a reused stack may hold old poison
 #endif
@@ -291,6 +405,14 @@ void try_complete_warp(Fiber& f) {
       case WarpOp::ShflDown: src = l + d < base + w ? l + d : l; break;
       case WarpOp::ShflXor: src = (l ^ d) < base + w ? (l ^ d) : l; break;
       default: break;
+    }
+    if (o.wop == WarpOp::Sync) {
+      o.wsync_present = present;
+      for (int k = 0; k < 32; ++k)
+        if (present >> k & 1u) {
+          const Fiber& p = L.fibers[lanes[k]];
+          o.wsync_slot[k] = p.warp_slots ? p.warp_slots + (p.warp_syncs & 1) : nullptr;
+        }
     }
     switch (o.wop) {
       case WarpOp::Ballot: o.wresult = bits; break;
@@ -410,6 +532,14 @@ void cancel_all(Launch& L) {
 // past this, the flag it waits for can never be set.
 constexpr int kMaxSpinPasses = 10000;
 
+void release_stacks(Launch& L, int first, int count) {
+#ifndef VK_TSAN
+  for (int i = first; i < first + count; ++i) ts.stacks.put(L.fibers[i].stack);
+#else
+  (void)L, (void)first, (void)count;  // the slots keep theirs
+#endif
+}
+
 void run_group(Launch& L, int first, int count, std::mt19937_64& rng) {
   L.active_first = first;
   L.active_count = count;
@@ -456,10 +586,10 @@ void run_group(Launch& L, int first, int count, std::mt19937_64& rng) {
     }
   } catch (...) {
     cancel_all(L);
-    for (int i = first; i < first + count; ++i) ts.stacks.put(L.fibers[i].stack);
+    release_stacks(L, first, count);
     throw;
   }
-  for (int i = first; i < first + count; ++i) ts.stacks.put(L.fibers[i].stack);
+  release_stacks(L, first, count);
 }
 
 void check_config(dim3 grid, dim3 block, size_t smem, bool cooperative) {
@@ -532,9 +662,17 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, bool cooperative,
   std::mt19937_64 rng(ts.seed * 0x9E3779B97F4A7C15ull + ++ts.launches);
 
   struct Scope {
-    ~Scope() { ts.launch = nullptr; }
-  } scope;
+    Launch& L;
+    ~Scope() {
+      tsan_acquire(&L.end_sync);  // every thread precedes what the host does next
+      ts.launch = nullptr;
+    }
+  } scope{L};
   ts.launch = &L;
+#ifdef VK_TSAN
+  // Set once (it never changes): a thread's last switch reads it unhidden.
+  if (ts.tsan_scheduler == nullptr) ts.tsan_scheduler = __tsan_get_current_fiber();
+#endif
 
   auto setup_block = [&](uint64_t b, int first) {
     BlockState& B = L.blocks.emplace_back();
@@ -546,6 +684,13 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, bool cooperative,
       std::memset(B.dynamic.get(), 0xff, dynamic_smem);  // NaN in every float type
     }
     const int bi = int(L.blocks.size() - 1);
+#ifdef VK_TSAN
+    B.tsan_sync.reset(new char[2 + 2 * size_t(threads)]());
+    // Threads of a cooperative launch are distinct TSan fibers; those of
+    // other launches are distinct in four blocks in a row (blocks run one
+    // after another: a fiber is ordered with itself).
+    const size_t fiber_base = cooperative ? size_t(first) : size_t(b % 4) * threads;
+#endif
     for (int t = 0; t < threads; ++t) {
       Fiber& f = L.fibers.emplace_back();
       f.tid = {unsigned(t % block.x), unsigned(t / block.x % block.y),
@@ -553,6 +698,13 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, bool cooperative,
       f.block = bi;
       f.lane = t % 32;
       f.warp = t / 32;
+#ifdef VK_TSAN
+      f.warp_slots = B.tsan_sync.get() + 2 + 2 * size_t(t);
+      const ThreadState::TsanSlot& slot = tsan_slot(fiber_base + t);
+      f.tsan_fiber = slot.fiber;
+      f.stack = slot.stack;
+      __tsan_set_fiber_name(f.tsan_fiber, ("block " + str(B.idx) + " thread " + str(f.tid)).c_str());
+#endif
     }
     for (int w = 0; w < L.warps_per_block; ++w) {
       std::vector<int>& lanes = L.warp_lanes.emplace_back();
@@ -574,6 +726,9 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, bool cooperative,
     L.fibers.reserve(threads);
     for (uint64_t b : order) {
       L.fibers.clear();
+#ifdef VK_TSAN
+      for (BlockState& done : L.blocks) L.retired.push_back(std::move(done));
+#endif
       L.blocks.clear();
       L.warp_lanes.clear();
       setup_block(b, 0);
@@ -583,6 +738,7 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, bool cooperative,
 }
 
 void assert_failed(const char* cond, const char* file, int line) {
+  VK_HIDDEN;
   std::string msg = std::string("device-side assert failed: ") + cond + " (" + file + ":" +
                     std::to_string(line) + ")";
   if (ts.current != nullptr && ts.launch != nullptr)
@@ -591,37 +747,51 @@ void assert_failed(const char* cond, const char* file, int line) {
 }
 
 void sync_block(const char* file, unsigned line) {
+  VK_HIDDEN;
   Fiber& f = running("__syncthreads");
   f.bpred = 0;
   f.bfile = file;
   f.bline = line;
+  char* slots = ts.launch->blocks[f.block].tsan_sync.get();
+  tsan_arrive(slots, f.block_syncs);
   park(State::Block);
+  tsan_pass(slots, f.block_syncs);
 }
 
 int sync_block_reduce(int pred, int op, const char* file, unsigned line) {
+  VK_HIDDEN;
   Fiber& f = running("__syncthreads_count/and/or");
   f.bpred = pred != 0;
   f.bfile = file;
   f.bline = line;
+  char* slots = ts.launch->blocks[f.block].tsan_sync.get();
+  tsan_arrive(slots, f.block_syncs);
   park(State::Block);
+  tsan_pass(slots, f.block_syncs);
   const int count = f.bresult, n = int(blockDim.x * blockDim.y * blockDim.z);
   return op == 0 ? count : (op == 1 ? int(count == n) : int(count > 0));
 }
 
 void sync_grid() {
+  VK_HIDDEN;
   Fiber& f = running("grid.sync()");
   if (!ts.launch->cooperative)
     throw KernelError(where(f) + ": grid.sync() needs a cooperative launch");
+  Launch& L = *ts.launch;
+  tsan_arrive(L.grid_sync, f.grid_syncs);
   park(State::Grid);
+  tsan_pass(L.grid_sync, f.grid_syncs);
 }
 
 void yield() {
+  VK_HIDDEN;
   Fiber& f = running("vk_emu::yield");
   f.yielded = true;
   park(State::Ready);
 }
 
 uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int width) {
+  VK_HIDDEN;
   Fiber& f = running("a warp intrinsic");
   f.wop = op;
   f.wmask = mask;
@@ -631,14 +801,24 @@ uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int width) {
   if (!(mask >> f.lane & 1u)) warp_fail(f, "the calling lane is not in the mask");
   if (width <= 0 || width > 32 || (width & (width - 1)) != 0)
     warp_fail(f, "width must be a power of 2 in [1, 32], got " + std::to_string(width));
+  // __syncwarp orders memory among its lanes (ThreadSanitizer); shuffles
+  // and votes move values only, as in CUDA.
+  const bool orders = op == WarpOp::Sync && f.warp_slots != nullptr;
+  if (orders) tsan_release(f.warp_slots + (f.warp_syncs & 1));
   f.state = State::Warp;
   try_complete_warp(f);
   if (f.state == State::Warp) park(State::Warp);
   else if (ts.launch->cancelling) throw Cancelled{};
+  if (orders) {
+    for (int k = 0; k < 32; ++k)
+      if (f.wsync_present >> k & 1u) tsan_acquire(f.wsync_slot[k]);
+    ++f.warp_syncs;
+  }
   return f.wresult;
 }
 
 void* shared_array(const void* site, size_t bytes, size_t align) {
+  VK_HIDDEN;
   Fiber& f = running("VK_SHARED");
   BlockState& B = ts.launch->blocks[f.block];
   for (SharedBuffer& s : B.shared) {
@@ -662,6 +842,7 @@ void* shared_array(const void* site, size_t bytes, size_t align) {
 }
 
 unsigned active_mask() {
+  VK_HIDDEN;
   Fiber& f = running("__activemask");
   const Launch& L = *ts.launch;
   unsigned m = 0;
@@ -672,6 +853,7 @@ unsigned active_mask() {
 }
 
 void* dynamic_shared(size_t align) {
+  VK_HIDDEN;
   Fiber& f = running("VK_DYNAMIC_SHARED");
   (void)align;
   BlockState& B = ts.launch->blocks[f.block];

@@ -108,6 +108,11 @@ extern "C" PyObject* VK_CAT(PyInit_, VK_EMU_MODULE)(void) {
 #else
   PyModule_AddIntConstant(m, "ASAN", 0);
 #endif
+#if defined(__SANITIZE_THREAD__)
+  PyModule_AddIntConstant(m, "TSAN", 1);
+#else
+  PyModule_AddIntConstant(m, "TSAN", 0);
+#endif
   return m;
 }
 

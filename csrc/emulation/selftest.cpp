@@ -79,12 +79,14 @@ __global__ void atomics_kernel(const float* x, float* out, int* counters) {
 }
 
 // Cooperative: each block writes its sum, grid.sync(), every thread reads all.
-__global__ void grid_kernel(const float* x, float* out, float* partial) {
+// Without the grid.sync (`sync` false) blocks read sums others may not have
+// written: a race in global memory.
+__global__ void grid_kernel(const float* x, float* out, float* partial, bool sync) {
   VK_SHARED(float, shared, 32);
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   const float s = block_sum(x[i], shared, 0);
   if (threadIdx.x == 0) partial[blockIdx.x] = s;
-  cooperative_groups::this_grid().sync();
+  if (sync) cooperative_groups::this_grid().sync();
   float total = 0.f;
   for (unsigned b = 0; b < gridDim.x; ++b) total += partial[b];
   out[i] = total;
@@ -166,6 +168,24 @@ __global__ void shared_overflow_kernel(const float* x, float* out) {
   out[i] = s[threadIdx.x];
 }
 
+// Each block's thread 0 stores its index in out[0], plain stores: a race
+// between blocks in global memory whatever order they run in.
+__global__ void blocks_store_kernel(float* out) {
+  if (threadIdx.x == 0) out[0] = float(blockIdx.x);
+}
+
+// Lane 0 fills a tile the other lanes then read, with a __syncwarp between
+// (`sync`) or without: ordered by the warp barrier, or a race.
+__global__ void warp_handoff_kernel(const float* x, float* out, bool sync) {
+  VK_SHARED(float, tile, 1024);
+  const int i = blockIdx.x * blockDim.x + threadIdx.x, lane = threadIdx.x % 32;
+  float* mine = tile + (threadIdx.x / 32) * 32;
+  if (lane == 0)
+    for (int k = 0; k < 32; ++k) mine[k] = x[i + k];
+  if (sync) __syncwarp();
+  out[i] = mine[lane];
+}
+
 // Every block waits for a flag the last block sets: fine on a GPU where all
 // blocks are resident; a plain launch guarantees no such thing.
 __global__ void wait_for_last_block_kernel(float* out, int* flag) {
@@ -208,13 +228,27 @@ at::Tensor selftest(const at::Tensor& x_in, c10::string_view name_view, int64_t 
     at::Tensor out = at::empty({x.numel()}, f32), partial = at::empty({blocks}, f32);
     float* o = out.data_ptr<float>();
     float* p = partial.data_ptr<float>();
-    vk_emu::launch(grid, block, 0, /*cooperative=*/true, [&] { grid_kernel(xp, o, p); });
+    vk_emu::launch(grid, block, 0, /*cooperative=*/true, [&] { grid_kernel(xp, o, p, true); });
+    return out;
+  }
+  if (name == "grid_race") {
+    at::Tensor out = at::empty({x.numel()}, f32), partial = at::zeros({blocks}, f32);
+    float* o = out.data_ptr<float>();
+    float* p = partial.data_ptr<float>();
+    vk_emu::launch(grid, block, 0, /*cooperative=*/true, [&] { grid_kernel(xp, o, p, false); });
+    return out;
+  }
+  if (name == "warp_handoff" || name == "warp_handoff_race") {
+    TORCH_CHECK(threads % 32 == 0 && threads <= 1024, "warp_handoff: whole warps");
+    at::Tensor out = at::empty({x.numel()}, f32);
+    cuda::launch(warp_handoff_kernel, grid, block, 0, stream, xp, out.data_ptr<float>(),
+                 name == "warp_handoff");
     return out;
   }
   if (name == "grid_sync_noncooperative") {
     at::Tensor out = at::empty({x.numel()}, f32), partial = at::empty({blocks}, f32);
     cuda::launch(grid_kernel, grid, block, 0, stream, xp, out.data_ptr<float>(),
-                 partial.data_ptr<float>());
+                 partial.data_ptr<float>(), true);
     return out;
   }
   if (name == "dynamic") {
@@ -248,6 +282,8 @@ at::Tensor selftest(const at::Tensor& x_in, c10::string_view name_view, int64_t 
                  at::zeros({1}, x.options().dtype(at::kInt)).data_ptr<int>());
   else if (name == "shared_overflow")
     cuda::launch(shared_overflow_kernel, grid, block, 0, stream, xp, out.data_ptr<float>());
+  else if (name == "blocks_store")
+    cuda::launch(blocks_store_kernel, grid, block, 0, stream, out.data_ptr<float>());
   else if (name == "divergent_warp")
     cuda::launch(divergent_warp_kernel, grid, block, 0, stream, xp, out.data_ptr<float>());
   else

@@ -271,7 +271,10 @@ def tsan_env():
     tsan = subprocess.run(["gcc", "-print-file-name=libtsan.so"], capture_output=True, text=True).stdout.strip()
     if not os.path.isabs(tsan) or not os.path.exists(tsan):
         pytest.skip("libtsan not found")
-    return dict(os.environ, LD_PRELOAD=tsan, TSAN_OPTIONS="exitcode=66", OMP_NUM_THREADS="1")
+    # Every report counts: of the same lines again (in another order), and of a
+    # later kernel whose buffers reuse an address.
+    return dict(os.environ, LD_PRELOAD=tsan, TSAN_OPTIONS="exitcode=66:suppress_equal_stacks=0:suppress_equal_addresses=0",
+                OMP_NUM_THREADS="1")
 
 
 # Self-test kernels without a race, and those with one, with the function
@@ -290,24 +293,30 @@ def test_thread_sanitizer_reports_each_race_and_nothing_else():
     """Under ThreadSanitizer (the _C_emu_tsan build) two threads' accesses to one
     address, one a write, with no barrier, atomic or launch boundary between, are
     a reported data race in whatever order the threads ran; the race-free kernels,
-    whose threads synchronize by every means the executor has, give no report."""
+    whose threads synchronize by every means the executor has, give no report.
+    8 blocks: blocks run one after another in a plain launch, each on TSan fibers
+    of its own."""
+    blocks = 8
     code = ("import sys, torch\n"
             "from varlen_kernels.testing import emulate_cuda, emulation_module, selftest\n"
             "assert emulation_module().TSAN == 1\n"
             f"for name in {RACE_FREE + list(RACES)!r}:\n"
-            "    print('== kernel', name, file=sys.stderr, flush=True)\n"
-            "    with emulate_cuda(order='forward'):\n"
-            f"        selftest(torch.randn({BLOCKS * THREADS}), name, {BLOCKS}, {THREADS})\n"
+            "    for order in ('forward', 'reverse', 'random'):\n"
+            "        print('== kernel', name, order, file=sys.stderr, flush=True)\n"
+            "        with emulate_cuda(order=order, seed=3):\n"
+            f"            selftest(torch.randn({blocks * THREADS}), name, {blocks}, {THREADS})\n"
             "print('== end', file=sys.stderr, flush=True)\n")
     r = subprocess.run([sys.executable, "-c", code], env=tsan_env(), capture_output=True, text=True)
     assert "== end" in r.stderr, (r.stdout + r.stderr)[-3000:]
     assert r.returncode == 66, f"exit status {r.returncode}: the races were not reported"
     reports = {}
     for part in r.stderr.split("== kernel ")[1:]:
-        name, _, text = part.partition("\n")
-        reports[name] = [line for line in text.splitlines() if line.startswith("SUMMARY: ThreadSanitizer")]
-    for name in RACE_FREE:
-        assert reports[name] == [], f"{name}: {reports[name]}"
-    for name, function in RACES.items():
-        assert len(reports[name]) >= 1 and all(
-            "data race" in s and f"in {function}" in s for s in reports[name]), f"{name}: {reports[name]}"
+        run, _, text = part.partition("\n")
+        reports[run] = [line for line in text.splitlines() if line.startswith("SUMMARY: ThreadSanitizer")]
+    for order in ORDERS:
+        for name in RACE_FREE:
+            assert reports[f"{name} {order}"] == [], f"{name} {order}: {reports[f'{name} {order}']}"
+        for name, function in RACES.items():
+            found = reports[f"{name} {order}"]
+            assert len(found) >= 1 and all("data race" in s and f"in {function}" in s for s in found), \
+                f"{name} {order}: {found}"

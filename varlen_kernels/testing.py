@@ -28,7 +28,8 @@ orders: a data race, whatever order the threads ran in (what compute-sanitizer's
 racecheck finds on a GPU, for global memory as well as shared):
 
     TSAN_OPTIONS=exitcode=66 OMP_NUM_THREADS=1 \\
-    LD_PRELOAD="$(gcc -print-file-name=libtsan.so)" python benchmarks/racecheck_workload.py
+    LD_PRELOAD="$(gcc -print-file-name=libtsan.so)" \\
+    python benchmarks/sanitizer_workload.py --device cpu --emulate
 """
 import contextlib
 import importlib

@@ -88,8 +88,13 @@ struct DeviceLimits {
   int max_blocks_per_sm = 32;
   size_t max_shared_per_block = 227 * 1024;
   size_t max_shared_per_sm = 228 * 1024;
-  // Fibers of one cooperative launch (each has a guarded stack mapping).
+  // Fibers of one cooperative launch (each has a guarded stack mapping; under
+  // ThreadSanitizer each is a TSan thread too, of which it has about 8k).
+#if defined(__SANITIZE_THREAD__)
+  int max_cooperative_threads = 6144;
+#else
   int max_cooperative_threads = 16384;
+#endif
   // Blocks of a grid-stride launch (varlen::cuda::grid_for): the nvcc build
   // uses 65535 * 16; tests make it small so that the loops go round.
   int64_t max_grid_blocks = 65535 * 16;

@@ -53,6 +53,9 @@ namespace vk_emu {
 namespace {
 
 constexpr size_t kStackBytes = 256 * 1024;
+// Under ThreadSanitizer: the TSan fibers that the blocks of a non-cooperative
+// launch take turns on (setup_block).
+constexpr size_t kTsanBlockSlots = 4096;
 
 // Thrown inside a parked fiber to unwind it after another thread failed.
 struct Cancelled {};
@@ -83,15 +86,21 @@ struct Fiber {
   bool yielded = false;  // parked by yield() in the last pass
   void* fake_stack = nullptr;  // AddressSanitizer's, while switched out
   // ThreadSanitizer: the fiber this thread runs as, whether it has run yet in
-  // this launch, how many block, grid and warp barriers it has passed, where
-  // it releases at a __syncwarp (two slots, see tsan_pass), and of the
-  // __syncwarp that completed last, its lanes and the slot each released on.
+  // this launch, how many block and grid barriers it has passed, and the
+  // sync object of the __syncwarp it waits at or last passed.
   void* tsan_fiber = nullptr;
   bool tsan_started = false;
-  unsigned block_syncs = 0, grid_syncs = 0, warp_syncs = 0;
-  char* warp_slots = nullptr;
-  unsigned wsync_present = 0;
-  char* wsync_slot[32] = {};
+  unsigned block_syncs = 0, grid_syncs = 0;
+  char* warp_sync = nullptr;
+};
+
+// ThreadSanitizer's sync objects of the __syncwarp of one mask in one warp:
+// the lanes of a crossing release on the slot of its parity and acquire it
+// once it completes (the argument of tsan_pass holds because every crossing
+// of one mask has the same lanes).
+struct WarpSync {
+  unsigned mask = 0, crossings = 0;
+  char slots[2] = {};
 };
 
 struct SharedBuffer {
@@ -110,10 +119,11 @@ struct AlignedDelete {
 struct BlockState {
   uint3 idx{0, 0, 0};
   int first = 0, count = 0;  // fibers [first, first + count)
-  // ThreadSanitizer's sync objects: two for __syncthreads, then two per
-  // thread for __syncwarp; a block's own allocation, alive until the launch
-  // ends, so no two blocks of a launch share one.
+  // ThreadSanitizer's sync objects: two for __syncthreads, and those of
+  // __syncwarp per warp and mask; the block's own allocations, alive until
+  // the launch ends, so no two blocks of a launch share one.
   std::unique_ptr<char[]> tsan_sync;
+  std::vector<std::vector<std::unique_ptr<WarpSync>>> warp_syncs;
   std::vector<SharedBuffer> shared;
   std::unique_ptr<unsigned char[], AlignedDelete> dynamic;
 };
@@ -188,6 +198,7 @@ DeviceLimits g_limits;
 
 // ------------------------------------------------------------ ThreadSanitizer
 #ifdef VK_TSAN
+#define VK_NO_TSAN __attribute__((no_sanitize_thread))
 // The executor's bookkeeping, done by a fiber: hidden from TSan (it is no
 // part of the kernel, and it orders nothing the kernel does).
 struct Hidden {
@@ -214,6 +225,7 @@ inline void tsan_pass(char* slots, unsigned& crossings) {
   ++crossings;
 }
 #else
+#define VK_NO_TSAN
 #define VK_HIDDEN
 inline void tsan_hide(bool) {}
 inline void tsan_release(void*) {}
@@ -241,7 +253,9 @@ ThreadState::TsanSlot& tsan_slot(size_t i) {
 #endif
 
 // ------------------------------------------------------------ switching
-void switch_to_scheduler(Fiber& f, bool finished) {
+// Not instrumented (as fiber_main): a thread's last switch never returns, and
+// TSan would keep its frame on the TSan fiber's stack for every later launch.
+VK_NO_TSAN void switch_to_scheduler(Fiber& f, bool finished) {
 #ifdef VK_TSAN
   __tsan_switch_to_fiber(ts.tsan_scheduler, __tsan_switch_to_fiber_no_sync);
 #endif
@@ -298,7 +312,7 @@ void run_body(const Launch& L) {
   (*L.body)();
 }
 
-void fiber_main() {
+VK_NO_TSAN void fiber_main() {
 #ifdef VK_ASAN
   __sanitizer_finish_switch_fiber(nullptr, &ts.sched_stack_bottom, &ts.sched_stack_size);
 #endif
@@ -376,6 +390,16 @@ std::string op_name(WarpOp op) {
 // runnable. (CUDA requires only the non-exited lanes named in the mask to take
 // part; a shuffle that reads an absent lane is an error here, where CUDA
 // would return an undefined value.)
+// The sync object state of `mask`'s __syncwarp in f's warp (ThreadSanitizer).
+WarpSync& warp_sync_of(const Fiber& f, unsigned mask) {
+  std::vector<std::unique_ptr<WarpSync>>& all = ts.launch->blocks[f.block].warp_syncs[f.warp];
+  for (auto& w : all)
+    if (w->mask == mask) return *w;
+  all.push_back(std::make_unique<WarpSync>());
+  all.back()->mask = mask;
+  return *all.back();
+}
+
 void try_complete_warp(Fiber& f) {
   Launch& L = *ts.launch;
   const std::vector<int>& lanes = L.warp_lanes[size_t(f.block) * L.warps_per_block + f.warp];
@@ -406,14 +430,6 @@ void try_complete_warp(Fiber& f) {
       case WarpOp::ShflXor: src = (l ^ d) < base + w ? (l ^ d) : l; break;
       default: break;
     }
-    if (o.wop == WarpOp::Sync) {
-      o.wsync_present = present;
-      for (int k = 0; k < 32; ++k)
-        if (present >> k & 1u) {
-          const Fiber& p = L.fibers[lanes[k]];
-          o.wsync_slot[k] = p.warp_slots ? p.warp_slots + (p.warp_syncs & 1) : nullptr;
-        }
-    }
     switch (o.wop) {
       case WarpOp::Ballot: o.wresult = bits; break;
       case WarpOp::Any: o.wresult = bits != 0; break;
@@ -430,6 +446,8 @@ void try_complete_warp(Fiber& f) {
   }
   for (int l = 0; l < 32; ++l)
     if (present >> l & 1u) L.fibers[lanes[l]].state = State::Ready;
+  if (f.wop == WarpOp::Sync && f.warp_sync != nullptr)
+    ++warp_sync_of(f, f.wmask).crossings;  // the next crossing of this mask: the other slot
   L.run_ahead.push_back(size_t(f.block) * L.warps_per_block + f.warp);
 }
 
@@ -674,7 +692,7 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, bool cooperative,
   if (ts.tsan_scheduler == nullptr) ts.tsan_scheduler = __tsan_get_current_fiber();
 #endif
 
-  auto setup_block = [&](uint64_t b, int first) {
+  auto setup_block = [&](uint64_t b, int first, uint64_t seq) {
     BlockState& B = L.blocks.emplace_back();
     B.idx = {unsigned(b % grid.x), unsigned(b / grid.x % grid.y), unsigned(b / grid.x / grid.y)};
     B.first = first;
@@ -685,11 +703,17 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, bool cooperative,
     }
     const int bi = int(L.blocks.size() - 1);
 #ifdef VK_TSAN
-    B.tsan_sync.reset(new char[2 + 2 * size_t(threads)]());
-    // Threads of a cooperative launch are distinct TSan fibers; those of
-    // other launches are distinct in four blocks in a row (blocks run one
-    // after another: a fiber is ordered with itself).
-    const size_t fiber_base = cooperative ? size_t(first) : size_t(b % 4) * threads;
+    B.tsan_sync.reset(new char[2]());
+    B.warp_syncs.resize(L.warps_per_block);
+    // Threads of a cooperative launch are distinct TSan fibers. Those of
+    // other launches, whose blocks run one after another, are distinct in
+    // kTsanBlockSlots / threads blocks in a row of the run order (a fiber is
+    // ordered with itself: a race between blocks that many apart, and only
+    // between threads that share a fiber, goes unseen).
+    const size_t per_run = std::max<size_t>(2, kTsanBlockSlots / size_t(threads));
+    const size_t fiber_base = cooperative ? size_t(first) : (seq % per_run) * threads;
+#else
+    (void)seq;
 #endif
     for (int t = 0; t < threads; ++t) {
       Fiber& f = L.fibers.emplace_back();
@@ -699,7 +723,6 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, bool cooperative,
       f.lane = t % 32;
       f.warp = t / 32;
 #ifdef VK_TSAN
-      f.warp_slots = B.tsan_sync.get() + 2 + 2 * size_t(t);
       const ThreadState::TsanSlot& slot = tsan_slot(fiber_base + t);
       f.tsan_fiber = slot.fiber;
       f.stack = slot.stack;
@@ -720,18 +743,18 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, bool cooperative,
 
   if (cooperative) {
     L.fibers.reserve(nblocks * threads);
-    for (uint64_t b : order) setup_block(b, int(L.fibers.size()));
+    for (uint64_t seq = 0; seq < nblocks; ++seq) setup_block(order[seq], int(L.fibers.size()), seq);
     run_group(L, 0, int(L.fibers.size()), rng);
   } else {
     L.fibers.reserve(threads);
-    for (uint64_t b : order) {
+    for (uint64_t seq = 0; seq < nblocks; ++seq) {
       L.fibers.clear();
 #ifdef VK_TSAN
       for (BlockState& done : L.blocks) L.retired.push_back(std::move(done));
 #endif
       L.blocks.clear();
       L.warp_lanes.clear();
-      setup_block(b, 0);
+      setup_block(order[seq], 0, seq);
       run_group(L, 0, threads, rng);
     }
   }
@@ -803,17 +826,18 @@ uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int width) {
     warp_fail(f, "width must be a power of 2 in [1, 32], got " + std::to_string(width));
   // __syncwarp orders memory among its lanes (ThreadSanitizer); shuffles
   // and votes move values only, as in CUDA.
-  const bool orders = op == WarpOp::Sync && f.warp_slots != nullptr;
-  if (orders) tsan_release(f.warp_slots + (f.warp_syncs & 1));
+#ifdef VK_TSAN
+  if (op == WarpOp::Sync) {
+    WarpSync& w = warp_sync_of(f, mask);
+    f.warp_sync = &w.slots[w.crossings & 1];
+    tsan_release(f.warp_sync);
+  }
+#endif
   f.state = State::Warp;
   try_complete_warp(f);
   if (f.state == State::Warp) park(State::Warp);
   else if (ts.launch->cancelling) throw Cancelled{};
-  if (orders) {
-    for (int k = 0; k < 32; ++k)
-      if (f.wsync_present >> k & 1u) tsan_acquire(f.wsync_slot[k]);
-    ++f.warp_syncs;
-  }
+  if (op == WarpOp::Sync) tsan_acquire(f.warp_sync);
   return f.wresult;
 }
 

@@ -224,18 +224,12 @@ at::Tensor selftest(const at::Tensor& x_in, c10::string_view name_view, int64_t 
                  counters.data_ptr<int>());
     return at::cat({out, counters.to(at::kFloat)});
   }
-  if (name == "grid_sync") {
-    at::Tensor out = at::empty({x.numel()}, f32), partial = at::empty({blocks}, f32);
-    float* o = out.data_ptr<float>();
-    float* p = partial.data_ptr<float>();
-    vk_emu::launch(grid, block, 0, /*cooperative=*/true, [&] { grid_kernel(xp, o, p, true); });
-    return out;
-  }
-  if (name == "grid_race") {
+  if (name == "grid_sync" || name == "grid_race") {
+    const bool sync = name == "grid_sync";
     at::Tensor out = at::empty({x.numel()}, f32), partial = at::zeros({blocks}, f32);
     float* o = out.data_ptr<float>();
     float* p = partial.data_ptr<float>();
-    vk_emu::launch(grid, block, 0, /*cooperative=*/true, [&] { grid_kernel(xp, o, p, false); });
+    vk_emu::launch(grid, block, 0, /*cooperative=*/true, [&] { grid_kernel(xp, o, p, sync); });
     return out;
   }
   if (name == "warp_handoff" || name == "warp_handoff_race") {

@@ -20,7 +20,7 @@ endif
 
 $(VENV)/.installed:
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install "$(TORCH)" ninja pybind11 pytest hypothesis numpy setuptools wheel \
+	$(VENV)/bin/pip install "$(TORCH)" ninja pybind11 pytest pytest-xdist hypothesis numpy setuptools wheel \
 		aeon tqdm matplotlib
 	touch $@
 
@@ -31,16 +31,20 @@ build: $(SETUP_DEPS)
 # again under AddressSanitizer in a seeded random thread order.
 ASAN_LIB := $(shell gcc -print-file-name=libasan.so 2>/dev/null)
 CXX_LIB  := $(shell gcc -print-file-name=libstdc++.so.6 2>/dev/null)
-ASAN_ENV := ASAN_OPTIONS=detect_leaks=0:detect_odr_violation=0 LD_PRELOAD="$(ASAN_LIB) $(CXX_LIB)"
+ASAN_ENV := VK_EMU_SANITIZER=asan ASAN_OPTIONS=detect_leaks=0:detect_odr_violation=0 LD_PRELOAD="$(ASAN_LIB) $(CXX_LIB)"
 # Then every op once under ThreadSanitizer: a data race in any kernel (two
 # threads, one address, no barrier between) fails the run (exit status 66).
-TSAN_ENV := TSAN_OPTIONS=exitcode=66 OMP_NUM_THREADS=1 \
+TSAN_ENV := VK_EMU_SANITIZER=tsan TSAN_OPTIONS=exitcode=66 OMP_NUM_THREADS=1 \
 	LD_PRELOAD="$(shell gcc -print-file-name=libtsan.so 2>/dev/null)"
 
+# The tests run in parallel, one worker per core, where pytest-xdist is
+# installed (the venv has it; an interpreter without it runs them in turn).
+PARALLEL = $(shell $(PY) -c "import xdist" 2>/dev/null && echo "-n auto")
+
 test: build
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests $(PARALLEL)
 	@echo "== the CUDA kernels' code again, under AddressSanitizer, random thread order"
-	VK_EMU_ORDERS=random VK_EMU_SEED=$${VK_EMU_SEED:-1} $(ASAN_ENV) $(PY) -m pytest tests -m emulation -p no:cacheprovider
+	VK_EMU_ORDERS=random VK_EMU_SEED=$${VK_EMU_SEED:-1} $(ASAN_ENV) $(PY) -m pytest tests -m emulation -p no:cacheprovider $(PARALLEL)
 	@echo "== every op's CUDA code under ThreadSanitizer (racecheck)"
 	$(TSAN_ENV) $(PY) benchmarks/sanitizer_workload.py --device cpu --emulate
 

@@ -235,12 +235,29 @@ def test_missing_build_says_how_to_build(monkeypatch):
             pass
 
 
+@pytest.mark.parametrize("wanted", ["asan", "tsan"])
+def test_required_sanitizer_that_is_not_loaded_is_an_error(monkeypatch, wanted):
+    """make test sets VK_EMU_SANITIZER for its sanitizer passes: a preload that
+    failed (a missing library) must not run the uninstrumented build instead."""
+    monkeypatch.setattr(testing, "_module", None)
+    monkeypatch.setattr(testing, "_sanitizer_loaded", lambda: "")
+    monkeypatch.setenv("VK_EMU_SANITIZER", wanted)
+    with pytest.raises(RuntimeError, match=rf"VK_EMU_SANITIZER={wanted} .*no sanitizer runtime "
+                                           rf"is loaded.*lib{wanted}\.so"):
+        testing.emulation_module()
+    monkeypatch.setenv("VK_EMU_SANITIZER", "msan")
+    with pytest.raises(RuntimeError, match="VK_EMU_SANITIZER must be 'asan', 'tsan' or unset, "
+                                           "got 'msan'"):
+        testing.emulation_module()
+
+
 def asan_env():
     asan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
     cxx = subprocess.run(["gcc", "-print-file-name=libstdc++.so.6"], capture_output=True, text=True).stdout.strip()
     if not os.path.isabs(asan) or not os.path.exists(asan):
         pytest.skip("libasan not found")
-    return dict(os.environ, LD_PRELOAD=f"{asan} {cxx}", ASAN_OPTIONS="detect_leaks=0:detect_odr_violation=0")
+    return dict(os.environ, LD_PRELOAD=f"{asan} {cxx}", ASAN_OPTIONS="detect_leaks=0:detect_odr_violation=0",
+                VK_EMU_SANITIZER="asan")
 
 
 def test_runs_under_address_sanitizer_when_preloaded():
@@ -274,7 +291,7 @@ def tsan_env():
     # Every report counts: of the same lines again (in another order), and of a
     # later kernel whose buffers reuse an address.
     return dict(os.environ, LD_PRELOAD=tsan, TSAN_OPTIONS="exitcode=66:suppress_equal_stacks=0:suppress_equal_addresses=0",
-                OMP_NUM_THREADS="1")
+                OMP_NUM_THREADS="1", VK_EMU_SANITIZER="tsan")
 
 
 # Self-test kernels without a race, and those with one, with the function

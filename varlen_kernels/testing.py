@@ -30,6 +30,10 @@ racecheck finds on a GPU, for global memory as well as shared):
     TSAN_OPTIONS=exitcode=66 OMP_NUM_THREADS=1 \\
     LD_PRELOAD="$(gcc -print-file-name=libtsan.so)" \\
     python benchmarks/sanitizer_workload.py --device cpu --emulate
+
+With ``VK_EMU_SANITIZER=asan`` (or ``tsan``) set, loading the emulation fails unless
+that sanitizer's runtime is loaded, so a missing library cannot silently run
+the uninstrumented build (``make test`` sets it).
 """
 import contextlib
 import importlib
@@ -74,6 +78,15 @@ def emulation_module():
     if _module is not None:
         return _module
     sanitizer = _sanitizer_loaded()
+    wanted = os.environ.get("VK_EMU_SANITIZER", "")
+    if wanted not in ("", "asan", "tsan"):
+        raise RuntimeError(f"VK_EMU_SANITIZER must be 'asan', 'tsan' or unset, got {wanted!r}")
+    if wanted and wanted != sanitizer:
+        raise RuntimeError(f"VK_EMU_SANITIZER={wanted} asks for the {wanted.upper()} build, but "
+                           f"{'no sanitizer' if not sanitizer else sanitizer.upper()} runtime is "
+                           f"loaded in this process: preload lib{wanted}.so (LD_PRELOAD, see "
+                           f"varlen_kernels.testing's docstring); gcc -print-file-name=lib{wanted}.so "
+                           f"must name an existing file")
     name = f"_C_emu_{sanitizer}" if sanitizer else "_C_emu"
     try:
         module = importlib.import_module(f"varlen_kernels.{name}")

@@ -35,6 +35,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <type_traits>
+
 #include "../cell_math.h"
 #include "rnn_persistent.cuh"
 #include "rnn_point.cuh"
@@ -163,6 +165,13 @@ struct TcProduct {
 #endif
   }
 };
+
+// The tensor-core product where the type has one, else the CUDA-core one: a
+// type, so that the host code never names a tensor-core kernel of a type
+// without one (nvcc would want a definition of it).
+template <typename scalar_t, typename acc_t>
+using TcOrFmaProduct = std::conditional_t<kTensorCores<scalar_t>, TcProduct<scalar_t>,
+                                          FmaProduct<scalar_t, acc_t>>;
 
 // Shared memory of a kernel with two products (a, then b): both weight slices,
 // one staging area and one C, each as large as the larger of the two needs.
@@ -523,9 +532,8 @@ std::optional<std::vector<RnnForwardResult>> rnn_forward_proj_persistent(
     using acc_t = at::opmath_type<scalar_t>;
     ProjFwdKernel<scalar_t, acc_t> fma_kernel =
         proj_forward_kernel<scalar_t, acc_t, FmaProduct<scalar_t, acc_t>>;
-    ProjFwdKernel<scalar_t, acc_t> tc_kernel = fma_kernel;
-    if constexpr (kTensorCores<scalar_t>)
-      tc_kernel = proj_forward_kernel<scalar_t, acc_t, TcProduct<scalar_t>>;
+    ProjFwdKernel<scalar_t, acc_t> tc_kernel =
+        proj_forward_kernel<scalar_t, acc_t, TcOrFmaProduct<scalar_t, acc_t>>;
     const Launch l = choose_proj<scalar_t>(tc_kernel, fma_kernel, true, int(dirs.size()), B, H,
                                            P, first.gx.scalar_type());
     if (l.units == 0) return;
@@ -574,9 +582,8 @@ std::optional<std::vector<ProjPersistentBackwardResult>> rnn_backward_proj_persi
     using acc_t = at::opmath_type<scalar_t>;
     ProjBwdKernel<scalar_t, acc_t> fma_kernel =
         proj_backward_kernel<scalar_t, acc_t, FmaProduct<scalar_t, acc_t>>;
-    ProjBwdKernel<scalar_t, acc_t> tc_kernel = fma_kernel;
-    if constexpr (kTensorCores<scalar_t>)
-      tc_kernel = proj_backward_kernel<scalar_t, acc_t, TcProduct<scalar_t>>;
+    ProjBwdKernel<scalar_t, acc_t> tc_kernel =
+        proj_backward_kernel<scalar_t, acc_t, TcOrFmaProduct<scalar_t, acc_t>>;
     const Launch l = choose_proj<scalar_t>(tc_kernel, fma_kernel, false, int(dirs.size()), B, H,
                                            P, first.dy.scalar_type());
     if (l.units == 0) return;

@@ -94,13 +94,19 @@ struct Fiber {
   char* warp_sync = nullptr;
 };
 
-// ThreadSanitizer's sync objects of the __syncwarp of one mask in one warp:
-// the lanes of a crossing release on the slot of its parity and acquire it
-// once it completes (the argument of tsan_pass holds because every crossing
-// of one mask has the same lanes).
+// ThreadSanitizer's sync objects of one barrier: a slot for each parity of
+// its crossings (see tsan_arrive).
+struct BarrierSync {
+  char slots[2] = {};
+};
+
+// Those of the __syncwarp of one mask in one warp: the lanes of a crossing
+// release on the slot of its parity and acquire it once it completes (the
+// argument of tsan_arrive holds because every crossing of one mask has the
+// same lanes).
 struct WarpSync {
   unsigned mask = 0, crossings = 0;
-  char slots[2] = {};
+  BarrierSync sync;
 };
 
 struct SharedBuffer {
@@ -122,7 +128,7 @@ struct BlockState {
   // ThreadSanitizer's sync objects: two for __syncthreads, and those of
   // __syncwarp per warp and mask; the block's own allocations, alive until
   // the launch ends, so no two blocks of a launch share one.
-  std::unique_ptr<char[]> tsan_sync;
+  std::unique_ptr<BarrierSync> tsan_sync;
   std::vector<std::vector<std::unique_ptr<WarpSync>>> warp_syncs;
   std::vector<SharedBuffer> shared;
   std::unique_ptr<unsigned char[], AlignedDelete> dynamic;
@@ -143,7 +149,7 @@ struct Launch {
   int warps_per_block = 0;
   std::exception_ptr error;
   bool cancelling = false;
-  char grid_sync[2] = {};  // ThreadSanitizer's sync objects of grid.sync()
+  BarrierSync grid_sync;   // ThreadSanitizer's sync objects of grid.sync()
   char end_sync = 0;       // ... and of the launch's end
   std::vector<BlockState> retired;  // blocks run, kept under ThreadSanitizer (see tsan_sync)
 };
@@ -199,15 +205,6 @@ DeviceLimits g_limits;
 // ------------------------------------------------------------ ThreadSanitizer
 #ifdef VK_TSAN
 #define VK_NO_TSAN __attribute__((no_sanitize_thread))
-// The executor's bookkeeping, done by a fiber: hidden from TSan (it is no
-// part of the kernel, and it orders nothing the kernel does).
-struct Hidden {
-  Hidden() { __tsan_ignore_thread_begin(); }
-  ~Hidden() { __tsan_ignore_thread_end(); }
-  Hidden(const Hidden&) = delete;
-  Hidden& operator=(const Hidden&) = delete;
-};
-#define VK_HIDDEN const Hidden vk_hidden
 inline void tsan_hide(bool on) {
   if (on) __tsan_ignore_thread_begin();
   else __tsan_ignore_thread_end();
@@ -219,20 +216,35 @@ inline void tsan_hide(bool on) {
 // another did after the barrier it is passing.
 inline void tsan_release(void* p) { __tsan_release(p); }
 inline void tsan_acquire(void* p) { __tsan_acquire(p); }
-inline void tsan_arrive(char* slots, unsigned crossings) { __tsan_release(&slots[crossings & 1]); }
-inline void tsan_pass(char* slots, unsigned& crossings) {
-  __tsan_acquire(&slots[crossings & 1]);
+inline void tsan_arrive(BarrierSync& b, unsigned crossings) { __tsan_release(&b.slots[crossings & 1]); }
+inline void tsan_pass(BarrierSync& b, unsigned& crossings) {
+  __tsan_acquire(&b.slots[crossings & 1]);
   ++crossings;
 }
 #else
 #define VK_NO_TSAN
-#define VK_HIDDEN
 inline void tsan_hide(bool) {}
 inline void tsan_release(void*) {}
 inline void tsan_acquire(void*) {}
-inline void tsan_arrive(char*, unsigned) {}
-inline void tsan_pass(char*, unsigned& crossings) { ++crossings; }
+inline void tsan_arrive(BarrierSync&, unsigned) {}
+inline void tsan_pass(BarrierSync&, unsigned& crossings) { ++crossings; }
 #endif
+
+// For a scope: hides what the fiber does from TSan (the executor's
+// bookkeeping: no part of the kernel, and it orders nothing the kernel does),
+// or shows it (the kernel's body, run from hidden code), and restores the
+// other state however the scope ends.
+class TsanScope {
+ public:
+  explicit TsanScope(bool hide) : hide_(hide) { tsan_hide(hide); }
+  ~TsanScope() { tsan_hide(!hide_); }
+  TsanScope(const TsanScope&) = delete;
+  TsanScope& operator=(const TsanScope&) = delete;
+
+ private:
+  bool hide_;
+};
+#define VK_HIDDEN const TsanScope vk_hidden(true)
 
 std::string str(uint3 v) {
   std::ostringstream s;
@@ -305,10 +317,7 @@ void recheck_warp(const Fiber& done);
 // Runs the kernel's body: its own accesses count for ThreadSanitizer, hidden
 // again however the body ends.
 void run_body(const Launch& L) {
-  tsan_hide(false);
-  struct Rehide {
-    ~Rehide() { tsan_hide(true); }
-  } rehide;
+  const TsanScope shown(false);
   (*L.body)();
 }
 
@@ -702,8 +711,8 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, bool cooperative,
       std::memset(B.dynamic.get(), 0xff, dynamic_smem);  // NaN in every float type
     }
     const int bi = int(L.blocks.size() - 1);
+    B.tsan_sync = std::make_unique<BarrierSync>();
 #ifdef VK_TSAN
-    B.tsan_sync.reset(new char[2]());
     B.warp_syncs.resize(L.warps_per_block);
     // Threads of a cooperative launch are distinct TSan fibers. Those of
     // other launches, whose blocks run one after another, are distinct in
@@ -769,29 +778,29 @@ void assert_failed(const char* cond, const char* file, int line) {
   throw KernelError(msg);
 }
 
-void sync_block(const char* file, unsigned line) {
-  VK_HIDDEN;
-  Fiber& f = running("__syncthreads");
-  f.bpred = 0;
+// A block barrier at (file, line): returns how many threads of the block
+// passed a nonzero pred.
+int block_barrier(const char* what, int pred, const char* file, unsigned line) {
+  Fiber& f = running(what);
+  f.bpred = pred != 0;
   f.bfile = file;
   f.bline = line;
-  char* slots = ts.launch->blocks[f.block].tsan_sync.get();
-  tsan_arrive(slots, f.block_syncs);
+  BarrierSync& sync = *ts.launch->blocks[f.block].tsan_sync;
+  tsan_arrive(sync, f.block_syncs);
   park(State::Block);
-  tsan_pass(slots, f.block_syncs);
+  tsan_pass(sync, f.block_syncs);
+  return f.bresult;
+}
+
+void sync_block(const char* file, unsigned line) {
+  VK_HIDDEN;
+  block_barrier("__syncthreads", 0, file, line);
 }
 
 int sync_block_reduce(int pred, int op, const char* file, unsigned line) {
   VK_HIDDEN;
-  Fiber& f = running("__syncthreads_count/and/or");
-  f.bpred = pred != 0;
-  f.bfile = file;
-  f.bline = line;
-  char* slots = ts.launch->blocks[f.block].tsan_sync.get();
-  tsan_arrive(slots, f.block_syncs);
-  park(State::Block);
-  tsan_pass(slots, f.block_syncs);
-  const int count = f.bresult, n = int(blockDim.x * blockDim.y * blockDim.z);
+  const int count = block_barrier("__syncthreads_count/and/or", pred, file, line);
+  const int n = int(blockDim.x * blockDim.y * blockDim.z);
   return op == 0 ? count : (op == 1 ? int(count == n) : int(count > 0));
 }
 
@@ -829,7 +838,7 @@ uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int width) {
 #ifdef VK_TSAN
   if (op == WarpOp::Sync) {
     WarpSync& w = warp_sync_of(f, mask);
-    f.warp_sync = &w.slots[w.crossings & 1];
+    f.warp_sync = &w.sync.slots[w.crossings & 1];
     tsan_release(f.warp_sync);
   }
 #endif

@@ -22,6 +22,10 @@ Baselines, side by side in one run, same weights, lengths uniform in [1, T]:
   split     with --bidirectional: MaskedRNN with each direction of a layer as
             an op of its own (rnn_forward), one after the other, where masked
             runs both in one op (rnn_bidirectional_forward)
+  units_N   with --units N,...: MaskedRNN whose persistent kernels give each
+            CTA at least N hidden units, so fewer CTAs than their default of
+            one per SM (VARLEN_KERNELS_PERSISTENT_UNITS=N; GPU only): how the
+            time of a step depends on the number of CTAs that synchronize
 With --proj-size P the cells are LSTMs with nn.LSTM's proj_size = P, for every
 method (compiled dropped: its loop has no projection).
 
@@ -99,6 +103,19 @@ SETTINGS = {"per_step": ("VARLEN_KERNELS_RNN_PATH", "per_step"),
             "all_rows": ("VARLEN_KERNELS_TOKEN_GEMM", "all_rows")}
 # Baselines that only differ from masked on a GPU.
 GPU_ONLY = tuple(SETTINGS) + ("host_lengths",)
+UNITS = re.compile(r"units_([0-9]+)")
+
+
+def setting_of(name):
+    """(variable, value) of a baseline that is MaskedRNN under a setting, else None."""
+    if name in SETTINGS:
+        return SETTINGS[name]
+    m = UNITS.fullmatch(name)
+    return ("VARLEN_KERNELS_PERSISTENT_UNITS", m.group(1)) if m else None
+
+
+def known(name):
+    return name in BASELINES or setting_of(name) is not None
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 
 
@@ -374,12 +391,12 @@ def forwards(ref, masked, x, lengths, device, baselines=BASELINES, compile_backe
 
     fns = {"masked": run_masked, "host_lengths": run_host_lengths, "split": run_split,
            "packed": run_packed, "padded": run_padded, "reference": run_reference}
-    for name in SETTINGS:
-        fns[name] = with_setting(name, run_masked)
     out = {}
     for name in baselines:
         if name == "compiled":
             out[name] = compiled_loop(masked, x, lengths_dev, compile_backend)
+        elif setting_of(name):
+            out[name] = with_setting(name, run_masked)
         else:
             out[name] = fns[name]
     return out
@@ -387,11 +404,11 @@ def forwards(ref, masked, x, lengths, device, baselines=BASELINES, compile_backe
 
 @contextlib.contextmanager
 def setting(name):
-    """The environment of a SETTINGS baseline (nothing for the others)."""
-    if name not in SETTINGS:
+    """The environment of a baseline under a setting (nothing for the others)."""
+    if setting_of(name) is None:
         yield
         return
-    var, value = SETTINGS[name]
+    var, value = setting_of(name)
     old = os.environ.get(var)
     os.environ[var] = value
     try:
@@ -410,8 +427,8 @@ def with_setting(name, fn):
 
 
 def runners(ref, masked, x, lengths, device, baselines=BASELINES, compile_backend="inductor"):
-    """{name: fn()} running forward and backward of each baseline (a SETTINGS
-    baseline's backward under its setting too)."""
+    """{name: fn()} running forward and backward of each baseline (the backward of
+    a baseline under a setting under that setting too)."""
     def fwd_bwd(name, forward):
         return with_setting(name, lambda: forward().sum().backward())
 
@@ -478,7 +495,7 @@ def summary(row, meta):
     if "masked_ms" not in row:
         return f"{head}: masked not timed"
     parts = [f"masked {row['masked_ms']} ms (min {row['masked_min_ms']}, spread {row['masked_spread']})"]
-    for name in BASELINES:
+    for name in meta.get("baselines") or BASELINES:
         if f"speedup_vs_{name}" in row:
             part = (f"x{row[f'speedup_vs_{name}']} vs {name} "
                     f"[{row[f'speedup_vs_{name}_lo']}-{row[f'speedup_vs_{name}_hi']}]")
@@ -542,6 +559,9 @@ def parse_args(argv=None):
                     help=f"comma list out of {','.join(BASELINES)} (default: all but compiled on "
                          "the CPU, all but reference on the GPU, all with --quick)")
     ap.add_argument("--skip", default="", help="comma list of baselines to skip")
+    ap.add_argument("--units", default="",
+                    help="comma list of N: adds a baseline units_N each, the persistent kernels with "
+                         "at least N hidden units a CTA (GPU only)")
     ap.add_argument("--compile-backend", default=None,
                     help="torch.compile backend of the compiled baseline (default inductor, "
                          "aot_eager with --quick)")
@@ -579,10 +599,16 @@ def parse_args(argv=None):
     args.compile_backend = args.compile_backend or ("aot_eager" if args.quick else "inductor")
     if args.baselines:
         baselines = [b for b in args.baselines.split(",") if b]
+    units = [u for u in args.units.split(",") if u]
+    if units and not gpu:
+        ap.error("--units (the persistent CUDA kernels' CTA sizes) is for CUDA devices")
+    if any(not u.isdigit() for u in units):
+        ap.error(f"--units must be a comma list of whole numbers, got {args.units!r}")
+    baselines += [f"units_{u}" for u in units if f"units_{u}" not in baselines]
     skip = set(filter(None, args.skip.split(",")))
-    unknown = [b for b in baselines + sorted(skip) if b not in BASELINES]
+    unknown = [b for b in baselines + sorted(skip) if not known(b)]
     if unknown:
-        ap.error(f"unknown baselines {unknown}; choose from {','.join(BASELINES)}")
+        ap.error(f"unknown baselines {unknown}; choose from {','.join(BASELINES)} and units_N")
     args.baselines = [b for b in baselines if b not in skip]
     if args.repeats < 1:
         ap.error("--repeats must be at least 1")

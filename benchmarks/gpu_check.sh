@@ -13,6 +13,10 @@
 #   bench      bench_rnn at the shapes (T=512, B 8/64/256, H 256/1024)
 #              for LSTM in bfloat16 and IEEE float32 against packed and padded
 #              cuDNN and MaskedRNN on all rows; bench_linear_ce; bench_losses
+#   units      (only when named) bench_rnn, bfloat16 LSTM, T=512, B 8/64, H 256/1024,
+#              with the persistent kernels at 4, 8, 16 and 32 units a CTA as well
+#              as their default (fewer CTAs synchronizing each step), to
+#              benchmarks/results/cta_sweep/
 # Each stage prints its seconds. Results (and logs) go to benchmarks/results/
 # and, where $OUT is set, as one archive $OUT/gpu_results.tgz (the device
 # tool brings back at most 8 files). PYTHON defaults to python3.
@@ -58,10 +62,14 @@ stage_bench() {
   $PY benchmarks/bench_losses.py --device cuda --out "$RES" 2>&1 | tee "$RES/bench_losses_cuda.log" | tail -20 || status=1
 }
 
+stage_units() {
+  $PY benchmarks/bench_rnn.py --device cuda --out "$RES/cta_sweep" --cells lstm --dtypes bfloat16 --T 512 --B 8 64 --H 256 1024 --baselines masked,padded --units 4,8,16,32 --repeats 2 2>&1 | tee "$RES/bench_units_cuda.log" | tail -12 || status=1
+}
+
 for s in "${stages[@]}"; do
   case "$s" in
-    build|tests|sanitizer|ptxas|bench) ;;
-    *) echo "unknown stage '$s': choose from build tests sanitizer ptxas bench" >&2; exit 2 ;;
+    build|tests|sanitizer|ptxas|bench|units) ;;
+    *) echo "unknown stage '$s': choose from build tests sanitizer ptxas bench units" >&2; exit 2 ;;
   esac
   log "$s"
   start=$(date +%s)

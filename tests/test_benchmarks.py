@@ -172,8 +172,8 @@ def test_bidirectional_baselines_compute_the_same(bench):
 
 
 def test_setting_baselines_run_forward_and_backward_under_their_setting(bench, monkeypatch):
-    """per_step and all_rows are MaskedRNN under an environment setting: it holds
-    for the backward too (run after the forward returns), and is restored."""
+    """per_step, all_rows and units_N are MaskedRNN under an environment setting:
+    it holds for the backward too (run after the forward returns), and is restored."""
     rnn = bench("bench_rnn")
     ref, masked, x, lengths = rnn.make_case("gru", T=4, B=3, H=5, dtype=torch.float64,
                                             device="cpu")
@@ -191,12 +191,26 @@ def test_setting_baselines_run_forward_and_backward_under_their_setting(bench, m
             return g
 
     monkeypatch.setattr(masked, "forward", lambda x, lengths: (Record.apply(x * 2),))
-    for name, (var, value) in rnn.SETTINGS.items():
+    assert rnn.setting_of("units_8") == ("VARLEN_KERNELS_PERSISTENT_UNITS", "8")
+    assert rnn.setting_of("masked") is None and rnn.setting_of("units_") is None
+    for name in [*rnn.SETTINGS, "units_8"]:
+        var, value = rnn.setting_of(name)
         monkeypatch.delenv(var, raising=False)
         seen.clear()
         rnn.runners(ref, masked, x.requires_grad_(), lengths, "cpu", [name])[name]()
         assert seen == [("forward", value), ("backward", value)], name
         assert var not in os.environ
+
+
+def test_units_adds_a_baseline_per_cta_size_on_gpus_only(bench):
+    rnn = bench("bench_rnn")
+    args = rnn.parse_args(["--device", "cuda", "--baselines", "masked,padded", "--units", "4,16"])
+    assert args.baselines == ["masked", "padded", "units_4", "units_16"]
+    assert "units_8" in rnn.parse_args(["--device", "cuda", "--baselines", "masked,units_8"]).baselines
+    for bad in (["--device", "cpu", "--units", "4"], ["--device", "cuda", "--units", "4,x"],
+                ["--device", "cuda", "--baselines", "units_"]):
+        with pytest.raises(SystemExit):
+            rnn.parse_args(bad)
 
 
 def test_quick_selects_compiled_and_backend_on_cpu(bench):
@@ -335,7 +349,7 @@ def test_gpu_check_writes_committed_results_explicitly(bench):
         module = bench(pathlib.Path(path).stem)
         parsed = module.parse_args(args)
         assert parsed.device == "cuda" and not parsed.quick
-        assert parsed.out and (ROOT / parsed.out).resolve() == (BENCH / "results").resolve()
+        assert parsed.out and (ROOT / parsed.out).resolve().is_relative_to((BENCH / "results").resolve())
         assert (ROOT / path).exists()
         found.add(path)
     assert found == {"benchmarks/bench_rnn.py", "benchmarks/bench_losses.py", "benchmarks/bench_linear_ce.py"}

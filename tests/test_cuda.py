@@ -457,6 +457,44 @@ def test_bidirectional_layer_launches(cell, sm_count, launches, monkeypatch):
         assert counts()[2] == (2 * 2 if launches == 1 else 1)
 
 
+def persistent_units(n):
+    """VARLEN_KERNELS_PERSISTENT_UNITS: at least n hidden units a CTA ('auto': the default)."""
+    return env_setting("VARLEN_KERNELS_PERSISTENT_UNITS", n)
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize("cell,proj_size,bidirectional,units,ctas", [
+    ("gru", 0, False, "auto", 12),  # H=24 on 132 SMs: the fewest units, 2 a CTA
+    ("lstm", 0, False, "5", 5),     # 5 units a CTA, the last one 4
+    ("gru", 0, True, "8", 3),
+    ("lstm", 5, False, "128", 1),   # at most H: one CTA owns every unit
+    ("lstm", 5, True, "5", 5),
+])
+def test_persistent_units_setting_sizes_the_grid(cell, proj_size, bidirectional, units, ctas):
+    """VARLEN_KERNELS_PERSISTENT_UNITS=n gives each CTA of a persistent launch
+    at least n hidden units (at most H), so ceil(H / n) CTAs a direction, forward
+    and backward (the benchmarks sweep it); the same values and every gradient
+    as nn.* + packed."""
+    counts = emulation_module().launch_counts
+    with rnn_path("persistent"), persistent_units(units), emulate_cuda():
+        before = counts()[1]
+        check_against_packed(cell, num_layers=1, bidirectional=bidirectional, device="cpu",
+                             T=6, B=9, H=24, proj_size=proj_size, seed=7)
+        assert counts()[1] - before == 2  # the forward's launch and the backward's
+        assert counts()[2] == ctas * (2 if bidirectional else 1)
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize("value", ["0", "1", "129", "-4", "8x", "1e2", " 8", "many"])
+def test_persistent_units_setting_is_checked(value):
+    args = layer_args("gru", "cpu", False)
+    with emulate_cuda(), persistent_units(value):
+        with pytest.raises(RuntimeError, match=r"VARLEN_KERNELS_PERSISTENT_UNITS must be 'auto' or "
+                                               r"a whole number of hidden units per CTA in \[2, "
+                                               rf"128\], got '{value}'"):
+            torch.ops.varlen_kernels.rnn_forward(*args, "gru", False)
+
+
 def packed_rows(lengths, T):
     """Row of each valid token (t, b) in the packed layout (csrc/cuda/token_plan.h),
     computed here from its definition: steps in order, each step's running

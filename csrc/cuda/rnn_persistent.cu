@@ -16,6 +16,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 
@@ -34,6 +35,19 @@ RnnPath rnn_path_setting() {
   if (s == "per_step") return RnnPath::PerStep;
   TORCH_CHECK(false, "VARLEN_KERNELS_RNN_PATH must be 'auto', 'persistent' or 'per_step', got '",
               s, "'");
+}
+
+int64_t persistent_units_setting() {
+  const char* v = std::getenv("VARLEN_KERNELS_PERSISTENT_UNITS");
+  const std::string s = v ? v : "";
+  if (s.empty() || s == "auto") return 0;
+  int64_t n = -1;
+  if (s.size() <= 3 && std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; }))
+    n = std::stoll(s);
+  TORCH_CHECK(n >= kMinUnits && n <= kMaxUnits,
+              "VARLEN_KERNELS_PERSISTENT_UNITS must be 'auto' or a whole number of hidden units "
+              "per CTA in [", kMinUnits, ", ", kMaxUnits, "], got '", s, "'");
+  return n;
 }
 
 namespace {

@@ -276,7 +276,8 @@ struct Launch {
 // The fewest units per CTA (the most CTAs) whose W_hh slice fits in shared
 // memory and whose grid, `dirs` groups of CTAs, can be resident at once.
 // At most one CTA per SM: every CTA reads all running rows of h each step, so
-// more CTAs mean more of that traffic, not more useful parallelism.
+// more CTAs mean more of that traffic, not more useful parallelism. At least
+// persistent_units_setting() units (at most H) where that is set.
 // smem_for(units): the kernel's shared memory in bytes, or -1 when its tiles
 // cannot have that many units.
 template <typename Kernel, typename SmemFor>
@@ -285,7 +286,8 @@ Launch plan_launch(Kernel kernel, int64_t H, int dirs, SmemFor smem_for) {
   const int64_t most =
       std::min(cuda::sm_count(), cuda::cooperative_grid_limit(kernel, kThreads, 0)) / dirs;
   if (most < 1 || H < 1) return l;
-  int64_t units = std::max<int64_t>(kMinUnits, (H + most - 1) / most);
+  int64_t units = std::max<int64_t>({kMinUnits, (H + most - 1) / most,
+                                     std::min<int64_t>(persistent_units_setting(), H)});
   for (; units <= kMaxUnits; ++units) {
     const int64_t bytes = smem_for(int(units));
     if (bytes < 0 || size_t(bytes) > cuda::max_dynamic_smem()) return l;

@@ -50,6 +50,10 @@ namespace varlen {
 
 enum class RnnPath { Auto, Persistent, PerStep };
 RnnPath rnn_path_setting();  // reads VARLEN_KERNELS_RNN_PATH, checks its value
+// VARLEN_KERNELS_PERSISTENT_UNITS=n (benchmarks, tests): at least n hidden
+// units per CTA of the persistent kernels, so fewer CTAs than they take by
+// default (one per SM, with the fewest units that fit); 0 when unset or "auto".
+int64_t persistent_units_setting();  // checks the value
 
 // One direction's operands of the persistent forward. gx: (T*B, G*H) input
 // projection in the storage type, packed (token_plan.h), rows of any stride

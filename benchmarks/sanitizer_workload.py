@@ -1,4 +1,4 @@
-"""A small forward+backward through every op, for compute-sanitizer on a GPU
+"""A small forward+backward through every op (testing.OPS), for compute-sanitizer on a GPU
 (benchmarks/gpu_check.sh), and for its counterpart on the CPU: the CUDA code
 executed on the CPU under ThreadSanitizer, which reports any data race
 between the emulated threads (`make test` runs it so). The tests run it on
@@ -27,10 +27,12 @@ def main(argv=None):
     torch.manual_seed(0)
     with ctx:
         for cell in ["lstm", "gru", "rnn_tanh"]:
-            m = vk.MaskedRNN(5, 7, cell=cell, num_layers=2, bidirectional=True, batch_first=True).to(dev)
-            x = torch.randn(3, 6, 5, device=dev, requires_grad=True)
-            y, _ = m(x, torch.tensor([6, 0, 3], device=dev))
-            y.sum().backward()
+            for bidirectional in (False, True):  # rnn_forward / rnn_bidirectional_forward
+                m = vk.MaskedRNN(5, 7, cell=cell, num_layers=2, bidirectional=bidirectional,
+                                 batch_first=True).to(dev)
+                x = torch.randn(3, 6, 5, device=dev, requires_grad=True)
+                y, _ = m(x, torch.tensor([6, 0, 3], device=dev))
+                y.sum().backward()
         # Grids of several CTAs and row tiles that finish early: the persistent
         # kernels' grid barriers and tile skipping (on the CPU, an emulated
         # device of 4 SMs, so that the CTAs own several units each), with the
@@ -38,8 +40,10 @@ def main(argv=None):
         lengths = torch.cat([torch.full((8,), 9), torch.randint(0, 4, (32,))])
         with limits:
             for dtype in (torch.float32, torch.bfloat16):
-                for cell, proj_size in [("lstm", 0), ("gru", 0), ("lstm", 12)]:
-                    m = vk.MaskedRNN(6, 40, cell=cell, bidirectional=True,
+                for cell, proj_size, bidirectional in [("lstm", 0, True), ("gru", 0, True),
+                                                       ("lstm", 12, True), ("lstm", 0, False),
+                                                       ("lstm", 12, False)]:
+                    m = vk.MaskedRNN(6, 40, cell=cell, bidirectional=bidirectional,
                                      proj_size=proj_size).to(dev, dtype)
                     y, _ = m(torch.randn(9, 40, 6, device=dev, dtype=dtype), lengths.to(dev))
                     y.float().sum().backward()

@@ -355,6 +355,27 @@ def test_gpu_check_writes_committed_results_explicitly(bench):
     assert found == {"benchmarks/bench_rnn.py", "benchmarks/bench_losses.py", "benchmarks/bench_linear_ce.py"}
 
 
+@pytest.mark.emulation
+def test_sanitizer_workload_calls_every_op(bench):
+    """What compute-sanitizer (GPU) and ThreadSanitizer (make test) check is the
+    CUDA code of every op: the workload calls each of testing.OPS."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from varlen_kernels.testing import OPS
+
+    seen = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "varlen_kernels":
+                seen.add(func._opname)
+            return func(*args, **(kwargs or {}))
+
+    workload = bench("sanitizer_workload")
+    with Record():
+        workload.main(["--device", "cpu", "--emulate"])
+    assert seen >= set(OPS), set(OPS) - seen
+
+
 @pytest.mark.parametrize("emulate", [False, True])
 def test_sanitizer_workload_runs(emulate):
     """The compute-sanitizer workload of gpu_check.sh, on the CPU kernels and on

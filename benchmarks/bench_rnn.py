@@ -116,6 +116,8 @@ def setting_of(name):
 
 def known(name):
     return name in BASELINES or setting_of(name) is not None
+
+
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 
 
@@ -405,10 +407,11 @@ def forwards(ref, masked, x, lengths, device, baselines=BASELINES, compile_backe
 @contextlib.contextmanager
 def setting(name):
     """The environment of a baseline under a setting (nothing for the others)."""
-    if setting_of(name) is None:
+    var_value = setting_of(name)
+    if var_value is None:
         yield
         return
-    var, value = setting_of(name)
+    var, value = var_value
     old = os.environ.get(var)
     os.environ[var] = value
     try:

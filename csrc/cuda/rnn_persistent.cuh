@@ -277,17 +277,17 @@ struct Launch {
 // memory and whose grid, `dirs` groups of CTAs, can be resident at once.
 // At most one CTA per SM: every CTA reads all running rows of h each step, so
 // more CTAs mean more of that traffic, not more useful parallelism. At least
-// persistent_units_setting() units (at most H) where that is set.
+// min_units units (at most H).
 // smem_for(units): the kernel's shared memory in bytes, or -1 when its tiles
 // cannot have that many units.
 template <typename Kernel, typename SmemFor>
-Launch plan_launch(Kernel kernel, int64_t H, int dirs, SmemFor smem_for) {
+Launch plan_launch(Kernel kernel, int64_t H, int dirs, SmemFor smem_for, int64_t min_units) {
   Launch l;
   const int64_t most =
       std::min(cuda::sm_count(), cuda::cooperative_grid_limit(kernel, kThreads, 0)) / dirs;
   if (most < 1 || H < 1) return l;
   int64_t units = std::max<int64_t>({kMinUnits, (H + most - 1) / most,
-                                     std::min<int64_t>(persistent_units_setting(), H)});
+                                     std::min<int64_t>(min_units, H)});
   for (; units <= kMaxUnits; ++units) {
     const int64_t bytes = smem_for(int(units));
     if (bytes < 0 || size_t(bytes) > cuda::max_dynamic_smem()) return l;
@@ -316,15 +316,17 @@ Launch choose_launch(Kernel tc_kernel, Kernel fma_kernel, const char* which, int
                      int64_t work, Sizes sizes, TcSmem tc_smem, FmaSmem fma_smem, int64_t H) {
   const RnnPath path = rnn_path_setting();
   if (path == RnnPath::PerStep || work == 0) return {};
+  const int64_t min_units = persistent_units_setting();
   Launch l;
   if (tensor_cores_allowed<scalar_t>()) {
-    l = plan_launch(tc_kernel, H, dirs, tc_smem);
+    l = plan_launch(tc_kernel, H, dirs, tc_smem, min_units);
     l.kernel_tc = l.units > 0;
     // Two directions that fit one launch only on CUDA cores: one tensor-core
     // launch each instead, where one direction fits.
-    if (l.units == 0 && dirs > 1 && plan_launch(tc_kernel, H, 1, tc_smem).units > 0) return {};
+    if (l.units == 0 && dirs > 1 && plan_launch(tc_kernel, H, 1, tc_smem, min_units).units > 0)
+      return {};
   }
-  if (l.units == 0) l = plan_launch(fma_kernel, H, dirs, fma_smem);
+  if (l.units == 0) l = plan_launch(fma_kernel, H, dirs, fma_smem, min_units);
   TORCH_CHECK(l.units > 0 || path == RnnPath::Auto || dirs > 1,
               "VARLEN_KERNELS_RNN_PATH=persistent: the ", which,
               " kernel does not fit this device for ", sizes(),

@@ -22,6 +22,9 @@ Baselines, side by side in one run, same weights, lengths uniform in [1, T]:
   split     with --bidirectional: MaskedRNN with each direction of a layer as
             an op of its own (rnn_forward), one after the other, where masked
             runs both in one op (rnn_bidirectional_forward)
+  grid_sync MaskedRNN with its persistent kernels in the grid form, a grid.sync()
+            a step over all CTAs (VARLEN_KERNELS_PERSISTENT_SYNC=grid; GPU
+            only), where masked takes the cluster form wherever it fits
   units_N   with --units N,...: MaskedRNN whose persistent kernels give each
             CTA at least N hidden units, so fewer CTAs than their default of
             one per SM (VARLEN_KERNELS_PERSISTENT_UNITS=N; GPU only): how the
@@ -95,12 +98,13 @@ import varlen_kernels  # noqa: E402
 from varlen_kernels import MaskedRNN, masked_rnn_reference  # noqa: E402
 from varlen_kernels.reference import _cell_step  # noqa: E402
 
-BASELINES = ("masked", "per_step", "all_rows", "host_lengths", "split", "packed", "padded",
-             "reference", "compiled")
+BASELINES = ("masked", "per_step", "all_rows", "grid_sync", "host_lengths", "split", "packed",
+             "padded", "reference", "compiled")
 # Baselines that are MaskedRNN under a setting (CUDA paths): (variable, value),
 # set around the forward and the backward.
 SETTINGS = {"per_step": ("VARLEN_KERNELS_RNN_PATH", "per_step"),
-            "all_rows": ("VARLEN_KERNELS_TOKEN_GEMM", "all_rows")}
+            "all_rows": ("VARLEN_KERNELS_TOKEN_GEMM", "all_rows"),
+            "grid_sync": ("VARLEN_KERNELS_PERSISTENT_SYNC", "grid")}
 # Baselines that only differ from masked on a GPU.
 GPU_ONLY = tuple(SETTINGS) + ("host_lengths",)
 UNITS = re.compile(r"units_([0-9]+)")

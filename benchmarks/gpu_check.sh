@@ -57,13 +57,13 @@ stage_ptxas() {
 }
 
 stage_bench() {
-  $PY benchmarks/bench_rnn.py --device cuda --out "$RES" --cells lstm --dtypes bfloat16,float32 --baselines masked,all_rows,host_lengths,packed,padded 2>&1 | tee "$RES/bench_rnn_cuda.log" | tail -30 || status=1
+  $PY benchmarks/bench_rnn.py --device cuda --out "$RES" --cells lstm --dtypes bfloat16,float32 --baselines masked,grid_sync,all_rows,host_lengths,packed,padded 2>&1 | tee "$RES/bench_rnn_cuda.log" | tail -30 || status=1
   $PY benchmarks/bench_linear_ce.py --device cuda --out "$RES" 2>&1 | tee "$RES/bench_linear_ce_cuda.log" | tail -10 || status=1
   $PY benchmarks/bench_losses.py --device cuda --out "$RES" 2>&1 | tee "$RES/bench_losses_cuda.log" | tail -20 || status=1
 }
 
 stage_units() {
-  $PY benchmarks/bench_rnn.py --device cuda --out "$RES/cta_sweep" --cells lstm --dtypes bfloat16 --T 512 --B 8 64 --H 256 1024 --baselines masked,padded --units 4,8,16,32 --repeats 2 2>&1 | tee "$RES/bench_units_cuda.log" | tail -12 || status=1
+  $PY benchmarks/bench_rnn.py --device cuda --out "$RES/cta_sweep" --cells lstm --dtypes bfloat16 --T 512 --B 8 64 --H 256 1024 --baselines masked,grid_sync,padded --units 4,8,16,32 --repeats 2 2>&1 | tee "$RES/bench_units_cuda.log" | tail -12 || status=1
 }
 
 for s in "${stages[@]}"; do

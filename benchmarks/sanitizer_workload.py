@@ -10,10 +10,24 @@ the CPU and on the emulated CUDA code, so it cannot rot.
 """
 import argparse
 import contextlib
+import os
 
 import torch
 
 import varlen_kernels as vk
+
+
+@contextlib.contextmanager
+def setting(name, value):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
 
 
 def main(argv=None):
@@ -23,7 +37,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     dev = args.device
     ctx = vk.testing.emulate_cuda(order="random") if args.emulate else contextlib.nullcontext()
-    limits = (vk.testing.emulated_device(sm_count=4) if args.emulate else contextlib.nullcontext())
+    limits = vk.testing.emulated_device if args.emulate else (lambda **_: contextlib.nullcontext())
     torch.manual_seed(0)
     with ctx:
         for cell in ["lstm", "gru", "rnn_tanh"]:
@@ -35,18 +49,21 @@ def main(argv=None):
                 y.sum().backward()
         # Grids of several CTAs and row tiles that finish early: the persistent
         # kernels' grid barriers and tile skipping (on the CPU, an emulated
-        # device of 4 SMs, so that the CTAs own several units each), with the
-        # CUDA-core product (float32) and the tensor-core one (bfloat16).
+        # device of 4 SMs, so that the CTAs own several units each), then
+        # their cluster form (clusters of 2 CTAs: 20 units each, a cluster for
+        # each tile of rows), with the CUDA-core product (float32) and the
+        # tensor-core one (bfloat16).
         lengths = torch.cat([torch.full((8,), 9), torch.randint(0, 4, (32,))])
-        with limits:
-            for dtype in (torch.float32, torch.bfloat16):
-                for cell, proj_size, bidirectional in [("lstm", 0, True), ("gru", 0, True),
-                                                       ("lstm", 12, True), ("lstm", 0, False),
-                                                       ("lstm", 12, False)]:
-                    m = vk.MaskedRNN(6, 40, cell=cell, bidirectional=bidirectional,
-                                     proj_size=proj_size).to(dev, dtype)
-                    y, _ = m(torch.randn(9, 40, 6, device=dev, dtype=dtype), lengths.to(dev))
-                    y.float().sum().backward()
+        for sync, emulated in (("grid", dict(sm_count=4)), ("auto", dict(max_cluster_blocks=2))):
+            with setting("VARLEN_KERNELS_PERSISTENT_SYNC", sync), limits(**emulated):
+                for dtype in (torch.float32, torch.bfloat16):
+                    for cell, proj_size, bidirectional in [("lstm", 0, True), ("gru", 0, True),
+                                                           ("lstm", 12, True), ("lstm", 0, False),
+                                                           ("lstm", 12, False)]:
+                        m = vk.MaskedRNN(6, 40, cell=cell, bidirectional=bidirectional,
+                                         proj_size=proj_size).to(dev, dtype)
+                        y, _ = m(torch.randn(9, 40, 6, device=dev, dtype=dtype), lengths.to(dev))
+                        y.float().sum().backward()
         proj = vk.MaskedLSTM(5, 7, 1, proj_size=3, bidirectional=True).to(dev)
         for lengths in (torch.tensor([6, 0, 3]), torch.tensor([6, 0, 3], device=dev)):
             y, _ = proj(torch.randn(6, 3, 5, device=dev), lengths)  # host, then device lengths

@@ -251,9 +251,15 @@ def env_setting(name, value):
             os.environ[name] = old
 
 
+@contextlib.contextmanager
 def rnn_path(path):
-    """Forces the CUDA RNN path: 'persistent', 'per_step' or 'auto'."""
-    return env_setting("VARLEN_KERNELS_RNN_PATH", path)
+    """Forces the CUDA RNN path: 'persistent', 'per_step' or 'auto'; with
+    ':grid' or ':cluster' ('persistent:cluster'), the persistent kernels' form
+    too (VARLEN_KERNELS_PERSISTENT_SYNC; 'auto' otherwise)."""
+    path, _, sync = path.partition(":")
+    with env_setting("VARLEN_KERNELS_RNN_PATH", path), \
+            env_setting("VARLEN_KERNELS_PERSISTENT_SYNC", sync or "auto"):
+        yield
 
 
 @contextlib.contextmanager
@@ -327,22 +333,29 @@ def device_limits(gpu, **limits):
 # ones finish early (B = 40 with lengths uniform in [1, T]) and H not a multiple
 # of the staged chunk. (H, sm_count) -> units per CTA, CTAs, rows per tile:
 #   (64, 2) -> 32, 2, 16;  (50, 3) -> 17, 3, 30;  (9, 132) -> 2, 5, 256
+# The cluster form takes the same CTAs a cluster (max_cluster_blocks =
+# min(sm_count, 8)), and a cluster for each row tile, each stepping its own
+# rows to their own longest length: 3, 2 and 1 clusters a direction.
 PERSISTENT_SHAPES = [(64, 2), (50, 3), (9, 132)]
 
 
 @pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("path", ["persistent", "per_step"])
+@pytest.mark.parametrize("path", ["persistent:grid", "persistent:cluster", "per_step"])
 @pytest.mark.parametrize("H,sm_count", PERSISTENT_SHAPES)
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_persistent_and_per_step_paths_match_packed(cell, path, H, sm_count, bidirectional, gpu):
-    """Both CUDA paths, forced, against nn.* + packed: values and every gradient,
-    two layers, float64, NaN in the padding. Bidirectional layers run both
-    directions in one launch, each direction on as many CTAs as a
-    unidirectional layer gets with half the SMs."""
+    """Both CUDA paths, forced, the persistent one in both forms, against nn.* +
+    packed: values and every gradient, two layers, float64, NaN in the padding.
+    Bidirectional layers run both directions in one launch, in the grid form
+    each direction on as many CTAs as a unidirectional layer gets with half the
+    SMs."""
     if path == "per_step" and H != 50:
         pytest.skip("the per-step path does not depend on the grid: one shape is enough")
     sms = sm_count * (2 if bidirectional else 1)
-    with rnn_path(path), device_limits(gpu, sm_count=sms):
+    limits = dict(sm_count=sms)
+    if path == "persistent:cluster":
+        limits = dict(max_cluster_blocks=min(sm_count, 8))
+    with rnn_path(path), device_limits(gpu, **limits):
         check_against_packed(cell, num_layers=2, bidirectional=bidirectional, device=gpu, T=9,
                              B=40, H=H, seed=H)
 
@@ -448,7 +461,7 @@ def test_bidirectional_layer_launches(cell, sm_count, launches, monkeypatch):
     direction), one launch each where they do not (1 SM); the same values and
     gradients either way, and as nn.* + packed."""
     counts = emulation_module().launch_counts
-    with rnn_path("persistent"), emulate_cuda(), emulated_device(sm_count=sm_count):
+    with rnn_path("persistent:grid"), emulate_cuda(), emulated_device(sm_count=sm_count):
         before = counts()[1]
         check_against_packed(cell, num_layers=1, bidirectional=True, device="cpu", T=6, B=9,
                              H=20, seed=3)
@@ -476,12 +489,73 @@ def test_persistent_units_setting_sizes_the_grid(cell, proj_size, bidirectional,
     and backward (the benchmarks sweep it); the same values and every gradient
     as nn.* + packed."""
     counts = emulation_module().launch_counts
-    with rnn_path("persistent"), persistent_units(units), emulate_cuda():
+    with rnn_path("persistent:grid"), persistent_units(units), emulate_cuda():
         before = counts()[1]
         check_against_packed(cell, num_layers=1, bidirectional=bidirectional, device="cpu",
                              T=6, B=9, H=24, proj_size=proj_size, seed=7)
         assert counts()[1] - before == 2  # the forward's launch and the backward's
         assert counts()[2] == ctas * (2 if bidirectional else 1)
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize("cell,bidirectional,B,limits,units,ctas,groups", [
+    # H=20 in a cluster of at most 8 CTAs: 3 units each (the last has 2), 7 CTAs;
+    # 170 rows a tile on CUDA cores: one cluster a direction.
+    ("lstm", False, 9, {}, "auto", 7, 1),
+    ("gru", True, 9, {}, "auto", 7, 1),
+    # Clusters of 1 CTA owning all 20 units: 24-row tiles, a cluster each.
+    ("lstm", False, 60, dict(max_cluster_blocks=1), "auto", 1, 3),
+    ("gru", True, 60, dict(max_cluster_blocks=1), "auto", 1, 3),
+    # ... at most the clusters that can be resident, shared by the directions:
+    # 8 CTAs fit on the one SM, so 4 clusters a direction for the 9 tiles.
+    ("lstm", True, 200, dict(max_cluster_blocks=1, sm_count=1), "auto", 1, 4),
+    # VARLEN_KERNELS_PERSISTENT_UNITS holds in the cluster form too.
+    ("gru", False, 9, {}, "5", 4, 1),
+])
+def test_cluster_form_launches(cell, bidirectional, B, limits, units, ctas, groups):
+    """The cluster form (the default where it fits): one launch forward and one
+    backward for both directions, in clusters of ceil(H / units) CTAs, as many
+    clusters a direction as row tiles, at most the resident ones; the same values
+    and every gradient as nn.* + packed."""
+    counts = emulation_module().launch_counts
+    dirs = 2 if bidirectional else 1
+    with rnn_path("persistent"), persistent_units(units), emulate_cuda(), \
+            emulated_device(**limits):
+        before = counts()
+        check_against_packed(cell, num_layers=1, bidirectional=bidirectional, device="cpu",
+                             T=6, B=B, H=20, seed=8)
+        after = counts()
+        assert after[3] - before[3] == 2 and after[1] == before[1]  # no cooperative launch
+        assert after[4:] == (dirs * groups * ctas, ctas)
+
+
+@pytest.mark.emulation
+def test_persistent_sync_setting_is_checked_and_cluster_form_that_does_not_fit_fails():
+    """VARLEN_KERNELS_PERSISTENT_SYNC takes 'auto', 'grid' or 'cluster'; a forced
+    cluster form that does not fit is an error naming the sizes, where 'auto'
+    takes the grid form (same results)."""
+    args = layer_args("gru", "cpu", False)
+    with emulate_cuda(), env_setting("VARLEN_KERNELS_PERSISTENT_SYNC", "clusters"):
+        with pytest.raises(RuntimeError, match="VARLEN_KERNELS_PERSISTENT_SYNC must be 'auto', "
+                                               "'grid' or 'cluster', got 'clusters'"):
+            torch.ops.varlen_kernels.rnn_forward(*args, "gru", False)
+    ref, x, lengths, hx = sample_inputs("lstm", T=5, B=6, I=3, H=40)
+    m = MaskedRNN.from_torch(ref)
+    expected = m(x, lengths, hx)[0]
+    counts = emulation_module().launch_counts
+    # A cluster of 1 CTA: all 40 units, whose slice of W_hh (4 * 40 * 40 float64)
+    # exceeds 36 KiB; the grid form's 2-unit slices on the 132 SMs fit.
+    with emulate_cuda(), emulated_device(max_cluster_blocks=1, max_shared_per_block=36864):
+        with rnn_path("persistent"):
+            before = counts()
+            torch.testing.assert_close(m(x, lengths, hx)[0], expected, rtol=1e-12, atol=1e-13)
+            assert counts()[1] == before[1] + 1 and counts()[3] == before[3]
+        with rnn_path("persistent:cluster"):
+            with pytest.raises(RuntimeError, match=r"VARLEN_KERNELS_PERSISTENT_SYNC=cluster: the "
+                                                   r"persistent forward kernel's cluster form does "
+                                                   r"not fit this device for hidden_size 40, 4 "
+                                                   r"gate\(s\), dtype Double"):
+                m(x, lengths, hx)
 
 
 @pytest.mark.emulation

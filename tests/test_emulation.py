@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from varlen_kernels import testing
-from varlen_kernels.testing import ORDERS, emulate_cuda, emulated_device, selftest
+from varlen_kernels.testing import ORDERS, emulate_cuda, emulated_device, emulation_module, selftest
 
 pytestmark = pytest.mark.emulation
 BLOCKS, THREADS = 3, 64
@@ -102,6 +102,34 @@ def test_spin_wait_on_another_block_yields(order):
     expected = x + 1
     expected[THREADS - 1] = x[THREADS - 1]
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_cluster_sync(order):
+    """A launch in clusters of 4 blocks: each thread gets the sum over its cluster,
+    whose blocks wrote their sums before the cluster.sync()."""
+    counts = emulation_module().launch_counts
+    before = counts()
+    x, out = run("cluster_sync", order, seed=5, blocks=8)
+    expected = x.double().view(-1, 4 * THREADS).sum(1).repeat_interleave(4 * THREADS)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
+    after = counts()
+    assert after[3] == before[3] + 1 and after[1] == before[1]
+    assert after[4:] == (8, 4)
+
+
+def test_cluster_launch_is_checked():
+    """A cluster divides grid.x and has at most max_cluster_blocks blocks (8, the
+    portable size, unless changed)."""
+    with pytest.raises(RuntimeError, match=r"invalid cluster: 3 blocks per cluster with grid.x = 8 "
+                                           r"\(a cluster has 1 to 8 blocks and divides grid.x"):
+        run("cluster_3", "forward", blocks=8)
+    with pytest.raises(RuntimeError, match=r"invalid cluster: 16 blocks per cluster with grid.x = 16"):
+        run("cluster_16", "forward", blocks=16)
+    with emulated_device(max_cluster_blocks=16):
+        x, out = run("cluster_16", "forward", blocks=16)
+        torch.testing.assert_close(out.double(), x.double().sum().expand(out.shape), rtol=1e-5,
+                                   atol=1e-4)
 
 
 def test_grid_sync_needs_a_cooperative_launch():
@@ -299,11 +327,15 @@ def tsan_env():
 # memory), blocks reading sums before the grid.sync() that is missing (global
 # memory, one cooperative launch), blocks storing to one address (global
 # memory, blocks run one after another), lanes reading what lane 0 wrote
-# without the __syncwarp between.
-RACE_FREE = ["reduce", "warp", "atomics", "grid_sync", "dynamic", "spin", "warp_handoff"]
+# without the __syncwarp between, blocks of a cluster reading sums before the
+# cluster.sync() that is missing, and blocks reading another cluster's sums
+# (which no cluster.sync() orders).
+RACE_FREE = ["reduce", "warp", "atomics", "grid_sync", "dynamic", "spin", "warp_handoff",
+             "cluster_sync"]
 RACES = {"reduce1": "block_sum", "reduce2": "block_sum", "reduce3": "block_sum",
          "grid_race": "grid_kernel", "blocks_store": "blocks_store_kernel",
-         "warp_handoff_race": "warp_handoff_kernel"}
+         "warp_handoff_race": "warp_handoff_kernel", "cluster_race": "cluster_kernel",
+         "cross_cluster_race": "cluster_kernel"}
 
 
 def test_thread_sanitizer_reports_each_race_and_nothing_else():

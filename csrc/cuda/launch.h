@@ -1,5 +1,6 @@
 // The host side of the CUDA kernels, in one place: the stream, the device
-// guard, kernel launches, shared-memory declarations and the op registration.
+// guard, kernel launches (plain, cooperative, in clusters), shared-memory
+// declarations and the op registration.
 //
 // Under nvcc this is the CUDA runtime (<<<grid, block, smem, stream>>>, the
 // current stream, c10's device guard). In the emulation build (g++, with
@@ -181,6 +182,94 @@ void launch_cooperative(void (*kernel)(Params...), dim3 grid, dim3 block, size_t
   }, held);
   C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid, block,
                                              ptrs, smem, stream));
+#endif
+}
+
+// Most blocks in a thread block cluster that the project launches: the
+// portable cluster size of sm_90 and later (8), 0 on devices without clusters.
+inline int64_t max_cluster_blocks() {
+#ifdef VK_EMULATE_CUDA
+  return ::vk_emu::device_limits().max_cluster_blocks;
+#else
+  return device_properties().major >= 9 ? 8 : 0;
+#endif
+}
+
+// Most clusters of `cluster` blocks of `kernel` (block threads, smem bytes of
+// dynamic shared memory) that can be resident at once on the current device,
+// 0 when not even one can (or the device has no clusters). Remembered per
+// device, kernel, threads, smem and cluster size on a GPU.
+template <typename... Params>
+int64_t max_active_clusters(void (*kernel)(Params...), int threads, size_t smem,
+                            int64_t cluster) {
+  if (cluster < 1 || cluster > max_cluster_blocks()) return 0;
+#ifdef VK_EMULATE_CUDA
+  (void)kernel;
+  const auto& d = ::vk_emu::device_limits();
+  if (smem > d.max_shared_per_block || threads > d.max_threads_per_block) return 0;
+  int64_t per_sm = std::min<int64_t>(d.max_blocks_per_sm, d.max_threads_per_sm / threads);
+  if (smem > 0) per_sm = std::min<int64_t>(per_sm, int64_t(d.max_shared_per_sm / smem));
+  if (cluster * threads > d.max_cooperative_threads) return 0;  // the emulator runs a cluster at once
+  return per_sm * d.sm_count / cluster;
+#else
+  const cudaDeviceProp& prop = device_properties();
+  if (smem > prop.sharedMemPerBlockOptin) return 0;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  using Key = std::tuple<int, const void*, int, size_t, int64_t>;
+  static std::mutex mutex;
+  static std::map<Key, int64_t> known;
+  const Key key{device, reinterpret_cast<const void*>(kernel), threads, smem, cluster};
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (const auto it = known.find(key); it != known.end()) return it->second;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      int(prop.sharedMemPerBlockOptin)));
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(unsigned(cluster));
+  config.blockDim = dim3(unsigned(threads));
+  config.dynamicSmemBytes = smem;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = unsigned(cluster);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  int clusters = 0;
+  // A size the device cannot co-schedule is an error here: no cluster fits.
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+    (void)cudaGetLastError();
+    clusters = 0;
+  }
+  return known[key] = clusters;
+#endif
+}
+
+// A launch in thread block clusters of `cluster` consecutive blocks along x
+// (cooperative_groups::this_cluster().sync() allowed; grid.x a multiple of
+// cluster). Call max_active_clusters for the kernel first (it sets the
+// kernel's shared-memory cap on the current device).
+template <typename... Params, typename... Args>
+void launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, int64_t cluster,
+                    size_t smem, Stream stream, Args&&... args) {
+#ifdef VK_EMULATE_CUDA
+  (void)stream;
+  ::vk_emu::launch(grid, block, smem, /*cooperative=*/false, [&] { kernel(args...); },
+                   unsigned(cluster));
+#else
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = unsigned(cluster);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
 #endif
 }
 

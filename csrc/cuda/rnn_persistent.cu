@@ -50,6 +50,16 @@ int64_t persistent_units_setting() {
   return n;
 }
 
+PersistentSync persistent_sync_setting() {
+  const char* v = std::getenv("VARLEN_KERNELS_PERSISTENT_SYNC");
+  const std::string s = v ? v : "";
+  if (s.empty() || s == "auto") return PersistentSync::Auto;
+  if (s == "grid") return PersistentSync::Grid;
+  if (s == "cluster") return PersistentSync::Cluster;
+  TORCH_CHECK(false, "VARLEN_KERNELS_PERSISTENT_SYNC must be 'auto', 'grid' or 'cluster', got '",
+              s, "'");
+}
+
 namespace {
 
 // ------------------------------------------------------------------ forward
@@ -96,13 +106,15 @@ __device__ __forceinline__ FwdStep<acc_t> forward_step(const FwdParams<scalar_t,
           p.hbuf + (p.reverse ? (t & 1) : ((t + 1) & 1)) * BH};
 }
 
-// The CTA's units [j0, j0 + Hs) of every row: h0 into both buffers, c0.
+// The CTA's units [j0, j0 + Hs) of its group's rows (tiles of rb rows): h0
+// into both buffers, c0.
 template <typename scalar_t, typename acc_t, Cell K>
-__device__ void load_initial_state(const FwdParams<scalar_t, acc_t>& p, int64_t j0, int Hs) {
+__device__ void load_initial_state(const FwdParams<scalar_t, acc_t>& p, int64_t j0, int Hs,
+                                   RowGroup rows, int64_t rb) {
   const int64_t H = p.H, B = p.B;
   for (int64_t idx = threadIdx.x; idx < B * Hs; idx += kThreads) {
     const int64_t i = idx / Hs, jj = j0 + idx % Hs;
-    if (jj >= H) continue;
+    if (jj >= H || !rows.owns(i, rb)) continue;
     const int64_t b = p.perm[i];
     const acc_t h = acc_t(p.h0[b * H + jj]);
     p.hbuf[i * H + jj] = h;
@@ -111,13 +123,14 @@ __device__ void load_initial_state(const FwdParams<scalar_t, acc_t>& p, int64_t 
   }
 }
 
-// h_n and c_n of the CTA's units, after the last step.
+// h_n and c_n of the CTA's units of its group's rows, after the last step.
 template <typename scalar_t, typename acc_t, Cell K>
-__device__ void store_final_state(const FwdParams<scalar_t, acc_t>& p, int64_t j0, int Hs) {
+__device__ void store_final_state(const FwdParams<scalar_t, acc_t>& p, int64_t j0, int Hs,
+                                  RowGroup rows, int64_t rb) {
   const int64_t H = p.H, B = p.B;
   for (int64_t idx = threadIdx.x; idx < B * Hs; idx += kThreads) {
     const int64_t i = idx / Hs, jj = j0 + idx % Hs;
-    if (jj >= H) continue;
+    if (jj >= H || !rows.owns(i, rb)) continue;
     const int64_t b = p.perm[i], buf = p.reverse ? 0 : (p.sorted_len[i] & 1);
     p.h_n[b * H + jj] = scalar_t(p.hbuf[(buf * B + i) * H + jj]);
     if constexpr (K == Cell::LSTM) p.c_n[b * H + jj] = scalar_t(p.cbuf[i * H + jj]);
@@ -143,7 +156,8 @@ template <typename scalar_t, typename acc_t, Cell K>
 __global__ void __launch_bounds__(kThreads, 1) persistent_forward_kernel(Directions<FwdParams<scalar_t, acc_t>> L) {
   constexpr int G = num_gates(K);
   int64_t j0;
-  const FwdParams<scalar_t, acc_t> p = direction_of_cta(L, j0);
+  RowGroup grp;
+  const FwdParams<scalar_t, acc_t> p = cta_place(L, j0, grp);
   const int64_t H = p.H, B = p.B, T = p.T;
   const int Hs = p.units, tid = threadIdx.x;
   const int u = tid % Hs, rg = tid / Hs, RG = kThreads / Hs, RB = RG * kRows, RBp = RB + 1;
@@ -157,13 +171,13 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_forward_kernel(Directi
     const int64_t k = idx % H, gu = idx / H, g = gu / Hs, jj = j0 + gu % Hs;
     w[k * GHs + gu] = jj < H ? p.w_hh[(g * H + jj) * H + k] : scalar_t(0);
   }
-  load_initial_state<scalar_t, acc_t, K>(p, j0, Hs);
-  const int64_t maxlen = longest(p.sorted_len, B, T);
-  cg::this_grid().sync();  // every unit's h0 is in place (and W is, after the tile's barrier)
+  load_initial_state<scalar_t, acc_t, K>(p, j0, Hs, grp, RB);
+  const int64_t maxlen = group_longest(p.sorted_len, B, T, grp.first(RB));
+  step_barrier(L);  // every unit's h0 is in place (and W is, after the tile's barrier)
 
   for (int64_t step = 0; step < maxlen; ++step) {
     const FwdStep<acc_t> s = forward_step(p, step, maxlen);
-    for (int64_t row0 = 0; row0 < s.nrun; row0 += RB) {
+    for (int64_t row0 = grp.first(RB); row0 < s.nrun; row0 += grp.stride(RB)) {
       // Rows of this tile that run; a thread whose first row does not skips
       // the product (the rows it would read past `rows` are never staged).
       const int rows = s.nrun - row0 < RB ? int(s.nrun - row0) : RB;
@@ -204,9 +218,9 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_forward_kernel(Directi
         if (i < s.nrun) forward_cell<scalar_t, acc_t, K>(p, s, i, j, acc[r]);
       }
     }
-    cg::this_grid().sync();  // h_t complete before any CTA reads it
+    step_barrier(L);  // h_t complete before any CTA reads it
   }
-  store_final_state<scalar_t, acc_t, K>(p, j0, Hs);
+  store_final_state<scalar_t, acc_t, K>(p, j0, Hs, grp, RB);
 }
 
 // ------------------------------------------------------------------ backward
@@ -262,14 +276,16 @@ __device__ __forceinline__ BwdStep<scalar_t> backward_step(const BwdParams<scala
   return s;
 }
 
-// The CTA's units of every row: the carry starts as grad_h_n, dc as grad_c_n.
-// Ends with a barrier: other threads of the CTA read these rows in the steps.
+// The CTA's units of its group's rows: the carry starts as grad_h_n, dc as
+// grad_c_n. Ends with a barrier: other threads of the CTA read these rows in
+// the steps.
 template <typename scalar_t, typename acc_t, Cell K>
-__device__ void load_initial_carry(const BwdParams<scalar_t, acc_t>& p, int64_t j0, int Hs) {
+__device__ void load_initial_carry(const BwdParams<scalar_t, acc_t>& p, int64_t j0, int Hs,
+                                   RowGroup rows, int64_t rb) {
   const int64_t H = p.H;
   for (int64_t idx = threadIdx.x; idx < p.B * Hs; idx += kThreads) {
     const int64_t i = idx / Hs, jj = j0 + idx % Hs;
-    if (jj >= H) continue;
+    if (jj >= H || !rows.owns(i, rb)) continue;
     const int64_t b = p.perm[i];
     p.carry[i * H + jj] = p.grad_h_n[b * H + jj];
     if constexpr (K == Cell::LSTM) p.dcbuf[i * H + jj] = p.grad_c_n[b * H + jj];
@@ -277,13 +293,15 @@ __device__ void load_initial_carry(const BwdParams<scalar_t, acc_t>& p, int64_t 
   __syncthreads();
 }
 
-// grad_h0 and grad_c0 of the CTA's units, after the last step.
+// grad_h0 and grad_c0 of the CTA's units of its group's rows, after the last
+// step.
 template <typename scalar_t, typename acc_t, Cell K>
-__device__ void store_initial_grads(const BwdParams<scalar_t, acc_t>& p, int64_t j0, int Hs) {
+__device__ void store_initial_grads(const BwdParams<scalar_t, acc_t>& p, int64_t j0, int Hs,
+                                    RowGroup rows, int64_t rb) {
   const int64_t H = p.H;
   for (int64_t idx = threadIdx.x; idx < p.B * Hs; idx += kThreads) {
     const int64_t i = idx / Hs, jj = j0 + idx % Hs;
-    if (jj >= H) continue;
+    if (jj >= H || !rows.owns(i, rb)) continue;
     const int64_t b = p.perm[i];
     p.grad_h0[b * H + jj] = p.carry[i * H + jj];
     if constexpr (K == Cell::LSTM) p.grad_c0[b * H + jj] = p.dcbuf[i * H + jj];
@@ -314,7 +332,8 @@ __device__ __forceinline__ void backward_cell(const BwdParams<scalar_t, acc_t>& 
 template <typename scalar_t, typename acc_t, Cell K>
 __global__ void __launch_bounds__(kThreads, 1) persistent_backward_kernel(Directions<BwdParams<scalar_t, acc_t>> L) {
   int64_t j0;
-  const BwdParams<scalar_t, acc_t> p = direction_of_cta(L, j0);
+  RowGroup grp;
+  const BwdParams<scalar_t, acc_t> p = cta_place(L, j0, grp);
   const int64_t H = p.H, B = p.B, T = p.T, GH = int64_t(p.G) * H;
   const int Hs = p.units, tid = threadIdx.x;
   const int u = tid % Hs, rg = tid / Hs, RG = kThreads / Hs, RB = RG * kRows, RBp = RB + 1;
@@ -328,12 +347,12 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_backward_kernel(Direct
     const int64_t m = idx / Hs, jj = j0 + idx % Hs;
     w[idx] = jj < H ? p.w_hh[m * H + jj] : scalar_t(0);
   }
-  load_initial_carry<scalar_t, acc_t, K>(p, j0, Hs);
-  const int64_t maxlen = longest(p.sorted_len, B, T);
+  load_initial_carry<scalar_t, acc_t, K>(p, j0, Hs, grp, RB);
+  const int64_t maxlen = group_longest(p.sorted_len, B, T, grp.first(RB));
 
   for (int64_t step = 0; step <= maxlen; ++step) {
     const BwdStep<scalar_t> s = backward_step(p, step, maxlen);
-    for (int64_t row0 = 0; row0 < s.n; row0 += RB) {
+    for (int64_t row0 = grp.first(RB); row0 < s.n; row0 += grp.stride(RB)) {
       acc_t acc[kRows];
 #pragma unroll
       for (int r = 0; r < kRows; ++r) acc[r] = acc_t(0);
@@ -367,9 +386,9 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_backward_kernel(Direct
         if (i < s.n) backward_cell<scalar_t, acc_t, K>(p, s, i, j, acc[r]);
       }
     }
-    cg::this_grid().sync();  // this step's dgh complete before any CTA reads it
+    step_barrier(L);  // this step's dgh complete before any CTA reads it
   }
-  store_initial_grads<scalar_t, acc_t, K>(p, j0, Hs);
+  store_initial_grads<scalar_t, acc_t, K>(p, j0, Hs, grp, RB);
 }
 
 
@@ -381,7 +400,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 #else
   constexpr int G = num_gates(K);
   int64_t j0;
-  const FwdParams<scalar_t, float> p = direction_of_cta(L, j0);
+  RowGroup grp;
+  const FwdParams<scalar_t, float> p = cta_place(L, j0, grp);
   const int64_t H = p.H, B = p.B, T = p.T;
   const int Hs = p.units, tid = threadIdx.x;
   const TcGeometry g(G * Hs, H, sizeof(scalar_t));
@@ -396,13 +416,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     ws[n * g.ldw + k] =
         (n < g.n && jj < H && k < H) ? tc_operand(p.w_hh[(gate * H + jj) * H + k]) : scalar_t(0);
   }
-  load_initial_state<scalar_t, float, K>(p, j0, Hs);
-  const int64_t maxlen = longest(p.sorted_len, B, T);
-  cg::this_grid().sync();
+  load_initial_state<scalar_t, float, K>(p, j0, Hs, grp, g.rbt);
+  const int64_t maxlen = group_longest(p.sorted_len, B, T, grp.first(g.rbt));
+  step_barrier(L);
 
   for (int64_t step = 0; step < maxlen; ++step) {
     const FwdStep<float> s = forward_step(p, step, maxlen);
-    for (int64_t row0 = 0; row0 < s.nrun; row0 += g.rbt) {
+    for (int64_t row0 = grp.first(g.rbt); row0 < s.nrun; row0 += grp.stride(g.rbt)) {
       const int rows = s.nrun - row0 < g.rbt ? int(s.nrun - row0) : g.rbt;
       tc_product(g, rows, ws, as, cs, [&](int64_t k0, int kc) {
         for (int idx = tid; idx < round16(rows) * kc; idx += kThreads) {
@@ -421,9 +441,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         forward_cell<scalar_t, float, K>(p, s, row0 + r, j0 + u, hid);
       }
     }
-    cg::this_grid().sync();
+    step_barrier(L);
   }
-  store_final_state<scalar_t, float, K>(p, j0, Hs);
+  store_final_state<scalar_t, float, K>(p, j0, Hs, grp, g.rbt);
 #endif
 }
 
@@ -434,7 +454,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   __trap();
 #else
   int64_t j0;
-  const BwdParams<scalar_t, float> p = direction_of_cta(L, j0);
+  RowGroup grp;
+  const BwdParams<scalar_t, float> p = cta_place(L, j0, grp);
   const int64_t H = p.H, B = p.B, T = p.T, GH = int64_t(p.G) * H;
   const int Hs = p.units, tid = threadIdx.x;
   const TcGeometry g(Hs, GH, sizeof(scalar_t));
@@ -448,12 +469,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t n = idx % g.np, m = idx / g.np, jj = j0 + n;
     ws[n * g.ldw + m] = (n < Hs && jj < H && m < GH) ? tc_operand(p.w_hh[m * H + jj]) : scalar_t(0);
   }
-  load_initial_carry<scalar_t, float, K>(p, j0, Hs);
-  const int64_t maxlen = longest(p.sorted_len, B, T);
+  load_initial_carry<scalar_t, float, K>(p, j0, Hs, grp, g.rbt);
+  const int64_t maxlen = group_longest(p.sorted_len, B, T, grp.first(g.rbt));
 
   for (int64_t step = 0; step <= maxlen; ++step) {
     const BwdStep<scalar_t> s = backward_step(p, step, maxlen);
-    for (int64_t row0 = 0; row0 < s.n; row0 += g.rbt) {
+    for (int64_t row0 = grp.first(g.rbt); row0 < s.n; row0 += grp.stride(g.rbt)) {
       const int rows = s.n - row0 < g.rbt ? int(s.n - row0) : g.rbt;
       const int with_prev =
           row0 < s.nprev ? (s.nprev - row0 < g.rbt ? int(s.nprev - row0) : g.rbt) : 0;
@@ -475,29 +496,45 @@ __global__ void __launch_bounds__(kThreads, 1)
         backward_cell<scalar_t, float, K>(p, s, row0 + r, j0 + u, prod);
       }
     }
-    cg::this_grid().sync();
+    step_barrier(L);
   }
-  store_initial_grads<scalar_t, float, K>(p, j0, Hs);
+  store_initial_grads<scalar_t, float, K>(p, j0, Hs, grp, g.rbt);
 #endif
 }
 
-// choose_launch for a plain cell's kernels: forward G*units product columns
-// over H, backward units columns over G*H.
+// The launch of a plain cell's kernels: the cluster form where it fits (and
+// the setting allows), else the grid form (choose_launch). Forward: G*units
+// product columns over H; backward: units columns over G*H.
 template <typename scalar_t, typename Kernel>
 Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* which, int dirs,
               int64_t B, int64_t H, int G, at::ScalarType dtype) {
   using acc_t = at::opmath_type<scalar_t>;
-  return choose_launch<scalar_t>(
-      tc_kernel, fma_kernel, which, dirs, B * H,
-      [&] { return c10::str("hidden_size ", H, ", ", G, " gate(s), dtype ", dtype); },
-      [&](int units) -> int64_t {
-        const int elem = sizeof(scalar_t);
-        const TcGeometry geo = forward ? TcGeometry(G * units, H, elem)
-                                       : TcGeometry(units, int64_t(G) * H, elem);
-        return geo.fits() ? geo.smem() : -1;
-      },
-      [&](int units) -> int64_t { return int64_t(smem_bytes<scalar_t, acc_t>(G, units, H)); },
-      H);
+  const int elem = sizeof(scalar_t);
+  auto geometry = [&](int units) {
+    return forward ? TcGeometry(G * units, H, elem) : TcGeometry(units, int64_t(G) * H, elem);
+  };
+  auto tc_smem = [&](int units) -> int64_t {
+    const TcGeometry geo = geometry(units);
+    return geo.fits() ? geo.smem() : -1;
+  };
+  auto fma_smem = [&](int units) -> int64_t {
+    return int64_t(smem_bytes<scalar_t, acc_t>(G, units, H));
+  };
+  auto sizes = [&] { return c10::str("hidden_size ", H, ", ", G, " gate(s), dtype ", dtype); };
+  const Launch c = choose_cluster_launch<scalar_t>(
+      tc_kernel, fma_kernel, dirs, B * H, B, H, tc_smem, fma_smem,
+      [&](int units) -> int64_t { return geometry(units).rbt; },
+      [&](int units) -> int64_t { return tile_rows(units); });
+  if (c.units > 0) return c;
+  TORCH_CHECK(persistent_sync_setting() != PersistentSync::Cluster ||
+                  rnn_path_setting() == RnnPath::PerStep || B * H == 0,
+              "VARLEN_KERNELS_PERSISTENT_SYNC=cluster: the ", which,
+              " kernel's cluster form does not fit this device for ", sizes(),
+              " (it needs sm_90 or later, and the weight slices of a cluster of at most ",
+              cuda::max_cluster_blocks() > 0 ? cuda::max_cluster_blocks() : 8,
+              " CTAs in their shared memory); use 'auto' to fall back to the grid form");
+  return choose_launch<scalar_t>(tc_kernel, fma_kernel, which, dirs, B * H, sizes, tc_smem,
+                                 fma_smem, H);
 }
 
 template <typename scalar_t, typename acc_t>

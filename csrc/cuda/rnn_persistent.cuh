@@ -61,22 +61,82 @@ __device__ __forceinline__ int64_t longest(const int64_t* sorted_len, int64_t B,
 constexpr size_t align16(size_t n) { return (n + 15) / 16 * 16; }
 
 // The kernels' argument: the parameters of one or two directions (of the
-// same layer, sharing lengths), each run by its own group of `ctas` CTAs.
-// Both groups step through the same steps (the longest length), so they
-// meet at every grid-wide barrier.
+// same layer, sharing lengths). Each direction runs as `groups` groups of
+// `ctas` CTAs; the CTAs of a group own all hidden units between them (CTA r
+// of a group the units [r * units, (r + 1) * units)) and step the rows of
+// that group (RowGroup): block (d * groups + group) * ctas + r.
+//  - Grid form (cluster false): one group per direction, all rows, and a
+//    grid.sync() a step (a cooperative launch). Both directions step through
+//    the same steps (the longest length), so they meet at every barrier.
+//  - Cluster form (cluster true, sm_90): each group is a thread block cluster
+//    and synchronizes with cluster.sync() only, stepping to the longest length
+//    of its own rows; groups never wait for each other.
 template <typename Params>
 struct Directions {
   Params d[2];
-  int64_t ctas;  // CTAs per direction
+  int64_t ctas;          // CTAs per group
+  int64_t groups = 1;    // groups per direction
+  bool cluster = false;  // each group a cluster (else one group, the grid)
 };
 
-// This CTA's direction, and the first hidden unit of its slice.
+// The rows of the length order a group steps: in tiles of rb rows (the
+// kernel's tile), tile q belongs to group q % groups. The assignment is fixed
+// for a row across steps, so its state is written and read by one group only;
+// tiles alternate between the groups, so each has about its share of the
+// running rows at every step (they are a prefix of the order).
+struct RowGroup {
+  int64_t group = 0, groups = 1;
+  __device__ __forceinline__ bool owns(int64_t i, int64_t rb) const {
+    return (i / rb) % groups == group;
+  }
+  __device__ __forceinline__ int64_t first(int64_t rb) const { return group * rb; }
+  __device__ __forceinline__ int64_t stride(int64_t rb) const { return groups * rb; }
+};
+
+// This CTA's direction, its row group, and the first hidden unit of its slice.
+template <typename Params>
+__device__ __forceinline__ Params cta_place(const Directions<Params>& L, int64_t& j0,
+                                            RowGroup& rows) {
+  const int64_t per_direction = L.groups * L.ctas, b = int64_t(blockIdx.x);
+  const bool second = b >= per_direction;
+  const int64_t in_direction = b - (second ? per_direction : 0);
+  const Params p = second ? L.d[1] : L.d[0];
+  rows = RowGroup{in_direction / L.ctas, L.groups};
+  j0 = (in_direction % L.ctas) * p.units;
+  return p;
+}
+
+// The same for kernels launched in the grid form only (one group).
 template <typename Params>
 __device__ __forceinline__ Params direction_of_cta(const Directions<Params>& L, int64_t& j0) {
-  const bool second = int64_t(blockIdx.x) >= L.ctas;
-  const Params p = second ? L.d[1] : L.d[0];
-  j0 = (int64_t(blockIdx.x) - (second ? L.ctas : 0)) * p.units;
-  return p;
+  RowGroup rows;
+  return cta_place(L, j0, rows);
+}
+
+// The barrier between steps: the group's (cluster form) or the grid's. A
+// cluster's barrier orders global memory too: its arrive has release and its
+// wait acquire semantics at cluster scope (the PTX memory model), so the h
+// (or dgh) rows a CTA wrote before it are what the group's CTAs read after.
+template <typename Params>
+__device__ __forceinline__ void step_barrier(const Directions<Params>& L) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  if (L.cluster) __trap();  // clusters need sm_90; the host launches them there only
+  cg::this_grid().sync();
+#else
+  if (L.cluster) cg::this_cluster().sync();
+  else cg::this_grid().sync();
+#endif
+}
+
+// The longest length among a group's rows, the first of which (in the length
+// order, longest first) is `first_row`; 0 when the group has no row.
+// Asserts that every length is in range, as longest().
+__device__ __forceinline__ int64_t group_longest(const int64_t* sorted_len, int64_t B, int64_t T,
+                                                 int64_t first_row) {
+  const int64_t all = longest(sorted_len, B, T);
+  if (first_row >= B) return 0;
+  const int64_t l = sorted_len[first_row];
+  return l < 0 ? 0 : (l > all ? all : l);
 }
 
 // Shared memory: the W_hh slice (G * Hs * H storage-type values), then the
@@ -268,9 +328,11 @@ bool tensor_cores_allowed() {
 
 struct Launch {
   int units = 0;     // 0: does not fit
-  int64_t ctas = 0;
+  int64_t ctas = 0;  // CTAs per group
   size_t smem = 0;
   bool kernel_tc = false;  // the tensor-core kernel (else the fma one)
+  int64_t groups = 1;      // groups per direction (Directions)
+  bool cluster = false;    // the cluster form
 };
 
 // The fewest units per CTA (the most CTAs) whose W_hh slice fits in shared
@@ -336,9 +398,61 @@ Launch choose_launch(Kernel tc_kernel, Kernel fma_kernel, const char* which, int
   return l;
 }
 
-// The cooperative launch of the kernel that `l` chose (tensor-core or fma)
-// for `dirs` directions, a group of l.ctas CTAs each; params(d) gives
-// direction d's parameters.
+// The cluster form's launch for `dirs` directions (sm_90 and later): a cluster
+// of ctas = ceil(H / units) CTAs per group, with the fewest units (the most
+// CTAs, at most a cluster's worth) whose weight slice fits in shared memory,
+// at least min_units; as many groups as there are row tiles (rows_for(units)
+// rows each) of the B rows, at most the clusters that can be resident at once
+// (shared by the directions; at least one each, as clusters never wait for
+// each other, so they need not all be resident). units = 0: no cluster fits.
+template <typename Kernel, typename SmemFor, typename RowsFor>
+Launch plan_cluster_launch(Kernel kernel, int64_t B, int64_t H, int dirs, SmemFor smem_for,
+                           RowsFor rows_for, int64_t min_units) {
+  Launch l;
+  const int64_t most = cuda::max_cluster_blocks();
+  if (most < 1 || H < 1) return l;
+  const int64_t units = std::max<int64_t>({kMinUnits, (H + most - 1) / most,
+                                           std::min<int64_t>(min_units, H)});
+  if (units > kMaxUnits) return l;
+  const int64_t bytes = smem_for(int(units));
+  if (bytes < 0 || size_t(bytes) > cuda::max_dynamic_smem()) return l;
+  const int64_t ctas = (H + units - 1) / units;
+  const int64_t resident = cuda::max_active_clusters(kernel, kThreads, size_t(bytes), ctas);
+  if (resident < 1) return l;
+  const int64_t rb = rows_for(int(units));
+  l.units = int(units);
+  l.ctas = ctas;
+  l.smem = size_t(bytes);
+  l.cluster = true;
+  l.groups = std::clamp<int64_t>((B + rb - 1) / rb, 1, std::max<int64_t>(1, resident / dirs));
+  return l;
+}
+
+// The cluster form of the persistent launch, as choose_launch chooses the grid
+// form: the tensor-core kernel where tensor_cores_allowed() and it fits, else
+// the fma one; units = 0 when neither fits (or the setting or the work says
+// no). tc_rows / fma_rows(units): rows of the kernels' tiles.
+template <typename scalar_t, typename Kernel, typename TcSmem, typename FmaSmem, typename TcRows,
+          typename FmaRows>
+Launch choose_cluster_launch(Kernel tc_kernel, Kernel fma_kernel, int dirs, int64_t work,
+                             int64_t B, int64_t H, TcSmem tc_smem, FmaSmem fma_smem,
+                             TcRows tc_rows, FmaRows fma_rows) {
+  if (rnn_path_setting() == RnnPath::PerStep || work == 0 ||
+      persistent_sync_setting() == PersistentSync::Grid)
+    return {};
+  const int64_t min_units = persistent_units_setting();
+  Launch l;
+  if (tensor_cores_allowed<scalar_t>()) {
+    l = plan_cluster_launch(tc_kernel, B, H, dirs, tc_smem, tc_rows, min_units);
+    l.kernel_tc = l.units > 0;
+  }
+  if (l.units == 0) l = plan_cluster_launch(fma_kernel, B, H, dirs, fma_smem, fma_rows, min_units);
+  return l;
+}
+
+// The launch of the kernel that `l` chose (tensor-core or fma; cooperative, or
+// in clusters) for `dirs` directions; params(d) gives direction d's
+// parameters.
 template <typename Params, typename ParamsOf>
 void launch_directions(void (*tc_kernel)(Directions<Params>),
                        void (*fma_kernel)(Directions<Params>), const Launch& l, size_t dirs,
@@ -346,9 +460,15 @@ void launch_directions(void (*tc_kernel)(Directions<Params>),
   Directions<Params> args{};
   for (size_t d = 0; d < dirs; ++d) args.d[d] = params(d);
   args.ctas = l.ctas;
-  cuda::launch_cooperative(l.kernel_tc ? tc_kernel : fma_kernel,
-                           dim3(unsigned(l.ctas * int64_t(dirs))), dim3(kThreads), l.smem,
-                           cuda::current_stream(), args);
+  args.groups = l.groups;
+  args.cluster = l.cluster;
+  const dim3 grid(unsigned(l.ctas * l.groups * int64_t(dirs)));
+  if (l.cluster)
+    cuda::launch_cluster(l.kernel_tc ? tc_kernel : fma_kernel, grid, dim3(kThreads), l.ctas,
+                         l.smem, cuda::current_stream(), args);
+  else
+    cuda::launch_cooperative(l.kernel_tc ? tc_kernel : fma_kernel, grid, dim3(kThreads), l.smem,
+                             cuda::current_stream(), args);
 }
 
 }  // namespace

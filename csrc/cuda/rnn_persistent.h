@@ -9,8 +9,22 @@
 // t are a prefix of that order: each step works on that prefix only, in tiles
 // of rows, and stops at the longest length. The recurrent state (h, c; in the
 // backward the dh/dc carry) stays in the math type in global memory, in length
-// order, and the grid synchronizes once per step (cooperative groups).
-// Lengths are never read on the host.
+// order, and the CTAs synchronize once per step. Lengths are never read on the
+// host.
+//
+// How they synchronize (the LSTM and GRU kernels; the projection LSTM's take
+// the grid form only):
+//  - grid form: the CTAs own all hidden units between them and step every
+//    running row; a grid.sync() a step (a cooperative launch, one CTA per SM
+//    at most);
+//  - cluster form (sm_90 and later, where the weight slices fit in a thread
+//    block cluster of at most 8 CTAs): each cluster owns all hidden units
+//    and steps its own share of the rows (tiles of rows dealt to the clusters
+//    in turn), synchronizing with the hardware cluster barrier only, up to
+//    the longest length among its rows. Several clusters run side by side
+//    (as many as there are row tiles, as can be resident), so each CTA reads
+//    only its cluster's rows of h each step, where in the grid form every
+//    CTA reads all of them.
 //
 // The workspaces and results are the per-step path's, element for element in
 // layout: gates (T*B, GS*H) and states (T*B, S*H) in the packed token layout of
@@ -33,7 +47,9 @@
 //
 // Which path runs: VARLEN_KERNELS_RNN_PATH = "auto" (default: persistent when
 // its shared memory and grid fit the device, per-step otherwise), "persistent"
-// (an error when it does not fit) or "per_step".
+// (an error when it does not fit) or "per_step". VARLEN_KERNELS_PERSISTENT_SYNC
+// = "auto" (default: the cluster form where it fits, else the grid form),
+// "grid" or "cluster" (an error when it does not fit) chooses the form.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -54,6 +70,8 @@ RnnPath rnn_path_setting();  // reads VARLEN_KERNELS_RNN_PATH, checks its value
 // units per CTA of the persistent kernels, so fewer CTAs than they take by
 // default (one per SM, with the fewest units that fit); 0 when unset or "auto".
 int64_t persistent_units_setting();  // checks the value
+enum class PersistentSync { Auto, Grid, Cluster };
+PersistentSync persistent_sync_setting();  // reads VARLEN_KERNELS_PERSISTENT_SYNC, checks it
 
 // One direction's operands of the persistent forward. gx: (T*B, G*H) input
 // projection in the storage type, packed (token_plan.h), rows of any stride

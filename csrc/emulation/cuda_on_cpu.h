@@ -5,7 +5,7 @@
 //    barrier or a warp intrinsic, in forward, reverse or seeded random thread
 //    order (set_thread_order), so a kernel that forgets a barrier gives
 //    different results in different orders;
-//  - __syncthreads and grid.sync() are barriers; one reached by only some
+//  - __syncthreads, cluster.sync() and grid.sync() are barriers; one reached by only some
 //    threads, or a warp intrinsic that not every lane of its mask reaches, is
 //    an error, not a hang;
 //  - warp intrinsics complete when every lane of the mask has arrived; each
@@ -98,6 +98,8 @@ struct DeviceLimits {
   // Blocks of a grid-stride launch (varlen::cuda::grid_for): the nvcc build
   // uses 65535 * 16; tests make it small so that the loops go round.
   int64_t max_grid_blocks = 65535 * 16;
+  // Blocks of a thread block cluster: 8, the portable size (sm_90).
+  int max_cluster_blocks = 8;
   // Every tensor is a CPU one here: whether the ops take their lengths as
   // lengths in host memory (a CPU tensor next to a GPU input), else as lengths
   // in device memory (varlen::cuda::in_host_memory).
@@ -110,6 +112,9 @@ struct LaunchCounts {
   uint64_t launches = 0;     // every launch, cooperative ones included
   uint64_t cooperative = 0;  // cooperative launches
   uint64_t last_cooperative_blocks = 0;  // grid size of the latest cooperative launch
+  uint64_t clustered = 0;                // launches in clusters
+  uint64_t last_cluster_grid = 0;        // grid size of the latest of them
+  uint64_t last_cluster_blocks = 0;      // and its blocks per cluster
 };
 LaunchCounts& launch_counts();
 
@@ -117,8 +122,13 @@ LaunchCounts& launch_counts();
 // std::runtime_error on a bad configuration or a kernel error. Cooperative
 // launches run all blocks at once (grid.sync() allowed) and are refused, as
 // cudaLaunchCooperativeKernel refuses them, when the grid cannot be resident.
+// `cluster` > 0: a launch in thread block clusters of that many consecutive
+// blocks along x (sm_90's cluster dimension; grid.x a multiple of it, at most
+// max_cluster_blocks): the blocks of one cluster run together
+// (cluster.sync() allowed), the clusters one after another, as CUDA orders
+// clusters in no way. A plain launch (0) runs its blocks as clusters of one.
 void launch(dim3 grid, dim3 block, size_t dynamic_smem, bool cooperative,
-            const std::function<void()>& body);
+            const std::function<void()>& body, unsigned cluster = 0);
 
 [[noreturn]] void assert_failed(const char* cond, const char* file, int line);
 
@@ -128,6 +138,8 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, bool cooperative,
 void sync_block(const char* file, unsigned line);
 int sync_block_reduce(int pred, int op, const char* file, unsigned line);  // op: 0 count, 1 and, 2 or
 void sync_grid();
+void sync_cluster();
+unsigned cluster_blocks();  // blocks per cluster of the running launch (1 if not clustered)
 void yield();  // for spin waits on flags set by other threads or blocks
 enum class WarpOp : int { Sync, ShflIdx, ShflUp, ShflDown, ShflXor, Ballot, Any, All };
 uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int width);
@@ -271,7 +283,14 @@ struct grid_group {
 struct thread_block {
   void sync(vk_site s = vk_site::current()) const { vk_emu::sync_block(s.file_name(), s.line()); }
 };
+// A thread block cluster along x (the only clusters the project launches).
+struct cluster_group {
+  void sync() const { vk_emu::sync_cluster(); }
+  unsigned block_rank() const { return blockIdx.x % vk_emu::cluster_blocks(); }
+  unsigned num_blocks() const { return vk_emu::cluster_blocks(); }
+};
 inline grid_group this_grid() { return {}; }
+inline cluster_group this_cluster() { return {}; }
 inline thread_block this_thread_block() { return {}; }
 }  // namespace cooperative_groups
 

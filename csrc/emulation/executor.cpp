@@ -2,8 +2,9 @@
 // calling OS thread, with CUDA's barrier and warp semantics (see the header).
 //
 // A non-cooperative launch runs its blocks one after another (CUDA orders
-// blocks in no way); a cooperative launch runs all of them together so that
-// grid.sync() can hold. Inside a group of fibers the scheduler makes passes:
+// blocks in no way), or in a cluster launch its clusters one after another,
+// the blocks of each together so that cluster.sync() can hold; a cooperative
+// launch runs all of them together so that grid.sync() can hold. Inside a group of fibers the scheduler makes passes:
 // each pass resumes every runnable fiber once, in the chosen thread order, and
 // a fiber runs until it finishes, reaches a barrier, parks at a warp intrinsic
 // or yields. A barrier opens when every thread it covers has reached it; when
@@ -13,7 +14,8 @@
 // Under ThreadSanitizer (the _C_emu_tsan build) every emulated thread is a
 // TSan fiber, and the happens-before order TSan knows of is CUDA's: the host's
 // work before a launch precedes every thread of it; __syncthreads orders the
-// threads of a block, grid.sync() those of the grid, __syncwarp those of its
+// threads of a block, cluster.sync() those of the cluster, grid.sync() those
+// of the grid, __syncwarp those of its
 // mask (the wmma calls are one each); atomics order as atomics; every thread
 // precedes the host's work after the launch. Nothing else does: switching
 // fibers does not synchronize, and the executor's own bookkeeping is hidden
@@ -65,7 +67,7 @@ struct KernelError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-enum class State { Ready, Block, Grid, Warp, Done };
+enum class State { Ready, Block, Grid, Cluster, Warp, Done };
 
 struct Fiber {
   ucontext_t ctx;
@@ -90,7 +92,7 @@ struct Fiber {
   // sync object of the __syncwarp it waits at or last passed.
   void* tsan_fiber = nullptr;
   bool tsan_started = false;
-  unsigned block_syncs = 0, grid_syncs = 0;
+  unsigned block_syncs = 0, grid_syncs = 0, cluster_syncs = 0;
   char* warp_sync = nullptr;
 };
 
@@ -138,6 +140,7 @@ struct Launch {
   dim3 grid, block;
   size_t dynamic_smem = 0;
   bool cooperative = false;
+  unsigned cluster = 1;  // blocks per cluster
   const std::function<void()>* body = nullptr;
   std::vector<Fiber> fibers;
   std::vector<BlockState> blocks;
@@ -150,6 +153,9 @@ struct Launch {
   std::exception_ptr error;
   bool cancelling = false;
   BarrierSync grid_sync;   // ThreadSanitizer's sync objects of grid.sync()
+  // ... of cluster.sync(), one per cluster run (the last is the running one's),
+  // alive until the launch ends, so no two clusters share one.
+  std::vector<std::unique_ptr<BarrierSync>> cluster_syncs;
   char end_sync = 0;       // ... and of the launch's end
   std::vector<BlockState> retired;  // blocks run, kept under ThreadSanitizer (see tsan_sync)
 };
@@ -483,6 +489,7 @@ std::string describe_stuck(const Launch& L) {
     const Fiber& f = L.fibers[i];
     const char* st = f.state == State::Block  ? "at __syncthreads"
                      : f.state == State::Grid ? "at grid.sync()"
+                     : f.state == State::Cluster ? "at cluster.sync()"
                      : f.state == State::Warp ? nullptr
                      : f.state == State::Done ? "exited"
                                               : "runnable";
@@ -530,17 +537,21 @@ bool release_barriers(Launch& L) {
     }
     released = true;
   }
-  // Grid barrier.
-  int at = 0, done = 0;
-  for (int i = lo; i < hi; ++i) {
-    at += L.fibers[i].state == State::Grid;
-    done += L.fibers[i].state == State::Done;
-  }
-  if (at > 0 && at + done == L.active_count) {
+  // The grid barrier, or the cluster barrier: the fibers scheduled together
+  // are the grid of a cooperative launch, or one cluster.
+  for (const State barrier : {State::Grid, State::Cluster}) {
+    int at = 0, done = 0;
+    for (int i = lo; i < hi; ++i) {
+      at += L.fibers[i].state == barrier;
+      done += L.fibers[i].state == State::Done;
+    }
+    if (at == 0 || at + done < L.active_count) continue;
+    const bool grid = barrier == State::Grid;
     if (done > 0)
-      throw KernelError("grid.sync() reached by " + std::to_string(at) + " of the " +
-                        std::to_string(L.active_count) +
-                        " threads of the grid; the others have exited");
+      throw KernelError(std::string(grid ? "grid.sync()" : "cluster.sync()") + " reached by " +
+                        std::to_string(at) + " of the " + std::to_string(L.active_count) +
+                        " threads of the " + (grid ? "grid" : "cluster") +
+                        "; the others have exited");
     for (int i = lo; i < hi; ++i) L.fibers[i].state = State::Ready;
     released = true;
   }
@@ -606,9 +617,12 @@ void run_group(Launch& L, int first, int count, std::mt19937_64& rng) {
       if (spin_passes > kMaxSpinPasses)
         throw KernelError(std::string("livelock: every runnable thread spins in a wait that nothing "
                                       "ends") +
-                          (L.cooperative ? "" : " (a non-cooperative launch runs its blocks one "
-                                                "after another: a flag set by another block never "
-                                                "comes)") +
+                          (L.cooperative ? ""
+                           : L.cluster > 1
+                               ? " (a cluster launch runs its clusters one after another: a flag "
+                                 "set by another cluster never comes)"
+                               : " (a non-cooperative launch runs its blocks one after another: "
+                                 "a flag set by another block never comes)") +
                           describe_stuck(L));
     }
   } catch (...) {
@@ -619,7 +633,7 @@ void run_group(Launch& L, int first, int count, std::mt19937_64& rng) {
   release_stacks(L, first, count);
 }
 
-void check_config(dim3 grid, dim3 block, size_t smem, bool cooperative) {
+void check_config(dim3 grid, dim3 block, size_t smem, bool cooperative, unsigned cluster) {
   const DeviceLimits& d = g_limits;
   const uint64_t threads = uint64_t(block.x) * block.y * block.z;
   const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
@@ -637,7 +651,26 @@ void check_config(dim3 grid, dim3 block, size_t smem, bool cooperative) {
   else if (smem > d.max_shared_per_block)
     err << "invalid configuration: " << smem << " bytes of dynamic shared memory, at most "
         << d.max_shared_per_block;
+  else if (cluster == 0 || cluster > unsigned(d.max_cluster_blocks) || grid.x % cluster != 0 ||
+           (cluster > 1 && cooperative))
+    err << "invalid cluster: " << cluster << " blocks per cluster with grid.x = " << grid.x
+        << " (a cluster has 1 to " << d.max_cluster_blocks
+        << " blocks and divides grid.x; the emulator has no cooperative cluster launch)";
   if (!err.str().empty()) throw std::runtime_error("emulated launch: " + err.str());
+  if (cluster > 1) {
+    // Every block of a cluster is resident at once, on SMs of one GPC.
+    uint64_t per_sm = std::min<uint64_t>(d.max_blocks_per_sm, d.max_threads_per_sm / threads);
+    if (smem > 0) per_sm = std::min<uint64_t>(per_sm, d.max_shared_per_sm / smem);
+    if (per_sm == 0 || cluster * threads > uint64_t(d.max_cooperative_threads))
+      throw std::runtime_error("emulated cluster launch: a cluster of " + std::to_string(cluster) +
+                               " blocks of " + std::to_string(threads) + " threads and " +
+                               std::to_string(smem) + " bytes of shared memory cannot be resident");
+#ifdef VK_TSAN
+    if (cluster > std::max<uint64_t>(2, kTsanBlockSlots / threads))
+      throw std::runtime_error("emulated cluster launch: more threads in a cluster than "
+                               "ThreadSanitizer fiber slots");
+#endif
+  }
   if (!cooperative) return;
   uint64_t per_sm = std::min<uint64_t>(d.max_blocks_per_sm, d.max_threads_per_sm / threads);
   if (smem > 0) per_sm = std::min<uint64_t>(per_sm, d.max_shared_per_sm / smem);
@@ -668,20 +701,27 @@ LaunchCounts& launch_counts() {
 }
 
 void launch(dim3 grid, dim3 block, size_t dynamic_smem, bool cooperative,
-            const std::function<void()>& body) {
+            const std::function<void()>& body, unsigned clusters_of) {
   if (ts.launch != nullptr) throw std::runtime_error("emulated launch from inside a kernel");
-  check_config(grid, block, dynamic_smem, cooperative);
+  const unsigned cluster = clusters_of == 0 ? 1 : clusters_of;  // a plain launch: blocks
+  check_config(grid, block, dynamic_smem, cooperative, cluster);
   LaunchCounts& counts = launch_counts();
   ++counts.launches;
   if (cooperative) {
     ++counts.cooperative;
     counts.last_cooperative_blocks = uint64_t(grid.x) * grid.y * grid.z;
   }
+  if (clusters_of > 0) {
+    ++counts.clustered;
+    counts.last_cluster_grid = uint64_t(grid.x) * grid.y * grid.z;
+    counts.last_cluster_blocks = cluster;
+  }
   Launch L;
   L.grid = grid;
   L.block = block;
   L.dynamic_smem = dynamic_smem;
   L.cooperative = cooperative;
+  L.cluster = cluster;
   L.body = &body;
   const int threads = int(block.x * block.y * block.z);
   const uint64_t nblocks = uint64_t(grid.x) * grid.y * grid.z;
@@ -744,27 +784,40 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, bool cooperative,
     }
   };
 
-  // Block order follows the thread order too.
-  std::vector<uint64_t> order(nblocks);
-  std::iota(order.begin(), order.end(), 0);
-  if (ts.order == Order::Reverse) std::reverse(order.begin(), order.end());
-  if (ts.order == Order::Random) std::shuffle(order.begin(), order.end(), rng);
+  // Block order (cluster order, and block order within a cluster) follows
+  // the thread order too.
+  auto ordered = [&](uint64_t n) {
+    std::vector<uint64_t> order(n);
+    std::iota(order.begin(), order.end(), 0);
+    if (ts.order == Order::Reverse) std::reverse(order.begin(), order.end());
+    if (ts.order == Order::Random) std::shuffle(order.begin(), order.end(), rng);
+    return order;
+  };
 
   if (cooperative) {
+    const std::vector<uint64_t> order = ordered(nblocks);
     L.fibers.reserve(nblocks * threads);
     for (uint64_t seq = 0; seq < nblocks; ++seq) setup_block(order[seq], int(L.fibers.size()), seq);
     run_group(L, 0, int(L.fibers.size()), rng);
   } else {
-    L.fibers.reserve(threads);
-    for (uint64_t seq = 0; seq < nblocks; ++seq) {
+    // One cluster at a time (a block, unless clustered): its blocks are
+    // consecutive along x, so cluster c of row (y, z) holds the blocks
+    // (c * cluster + r, y, z).
+    L.fibers.reserve(size_t(cluster) * threads);
+    const uint64_t per_row = grid.x / cluster;
+    uint64_t seq = 0;
+    for (const uint64_t c : ordered(nblocks / cluster)) {
       L.fibers.clear();
 #ifdef VK_TSAN
       for (BlockState& done : L.blocks) L.retired.push_back(std::move(done));
 #endif
       L.blocks.clear();
       L.warp_lanes.clear();
-      setup_block(order[seq], 0, seq);
-      run_group(L, 0, threads, rng);
+      L.cluster_syncs.push_back(std::make_unique<BarrierSync>());
+      const uint64_t row = c / per_row, x0 = (c % per_row) * cluster;
+      for (const uint64_t r : ordered(cluster))
+        setup_block(row * grid.x + x0 + r, int(L.fibers.size()), seq++);
+      run_group(L, 0, int(L.fibers.size()), rng);
     }
   }
 }
@@ -813,6 +866,24 @@ void sync_grid() {
   tsan_arrive(L.grid_sync, f.grid_syncs);
   park(State::Grid);
   tsan_pass(L.grid_sync, f.grid_syncs);
+}
+
+void sync_cluster() {
+  VK_HIDDEN;
+  Fiber& f = running("cluster.sync()");
+  Launch& L = *ts.launch;
+  if (L.cooperative)
+    throw KernelError(where(f) + ": cluster.sync() in a cooperative launch (not emulated)");
+  BarrierSync& sync = *L.cluster_syncs.back();
+  tsan_arrive(sync, f.cluster_syncs);
+  park(State::Cluster);
+  tsan_pass(sync, f.cluster_syncs);
+}
+
+unsigned cluster_blocks() {
+  VK_HIDDEN;
+  running("this_cluster()");
+  return ts.launch->cluster;
 }
 
 void yield() {

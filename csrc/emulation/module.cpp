@@ -37,7 +37,8 @@ PyObject* set_thread_order(PyObject*, PyObject* args) {
 }
 
 // set_limit(name, value) -> previous value, for name "sm_count" (bounds
-// cooperative grids), "max_grid_blocks" (bounds grid-stride launches),
+// cooperative grids), "max_cluster_blocks" (blocks of a cluster, at most 16),
+// "max_grid_blocks" (bounds grid-stride launches),
 // "max_shared_per_block" (bytes of dynamic shared memory a block may have) or
 // "lengths_in_host_memory" (0 or 1: how the ops take their lengths).
 PyObject* set_limit(PyObject*, PyObject* args) {
@@ -63,6 +64,13 @@ PyObject* set_limit(PyObject*, PyObject* args) {
   if (n == "sm_count") {
     old = d.sm_count;
     d.sm_count = int(value);
+  } else if (n == "max_cluster_blocks") {
+    if (value > 16) {
+      PyErr_Format(PyExc_ValueError, "max_cluster_blocks must be <= 16, got %lld", value);
+      return nullptr;
+    }
+    old = d.max_cluster_blocks;
+    d.max_cluster_blocks = int(value);
   } else if (n == "max_grid_blocks") {
     old = d.max_grid_blocks;
     d.max_grid_blocks = value;
@@ -71,8 +79,8 @@ PyObject* set_limit(PyObject*, PyObject* args) {
     d.max_shared_per_block = size_t(value);
   } else {
     PyErr_Format(PyExc_ValueError,
-                 "limit must be 'sm_count', 'max_grid_blocks', 'max_shared_per_block' or "
-                 "'lengths_in_host_memory', got '%s'",
+                 "limit must be 'sm_count', 'max_cluster_blocks', 'max_grid_blocks', "
+                 "'max_shared_per_block' or 'lengths_in_host_memory', got '%s'",
                  name);
     return nullptr;
   }
@@ -80,19 +88,23 @@ PyObject* set_limit(PyObject*, PyObject* args) {
 }
 
 // launch_counts() -> (launches, cooperative launches, blocks of the latest
-// cooperative launch), since the module was loaded.
+// cooperative launch, cluster launches, blocks of the latest cluster launch,
+// and its blocks per cluster), since the module was loaded.
 PyObject* launch_counts(PyObject*, PyObject*) {
   const vk_emu::LaunchCounts& c = vk_emu::launch_counts();
-  return Py_BuildValue("(KKK)", (unsigned long long)c.launches,
+  return Py_BuildValue("(KKKKKK)", (unsigned long long)c.launches,
                        (unsigned long long)c.cooperative,
-                       (unsigned long long)c.last_cooperative_blocks);
+                       (unsigned long long)c.last_cooperative_blocks,
+                       (unsigned long long)c.clustered, (unsigned long long)c.last_cluster_grid,
+                       (unsigned long long)c.last_cluster_blocks);
 }
 
 PyMethodDef methods[] = {
     {"set_thread_order", set_thread_order, METH_VARARGS, "Thread order of the emulated kernels."},
     {"set_limit", set_limit, METH_VARARGS, "Sets a limit of the emulated device; returns the old one."},
     {"launch_counts", launch_counts, METH_NOARGS,
-     "(launches, cooperative launches, blocks of the latest cooperative one) so far."},
+     "(launches, cooperative launches, blocks of the latest cooperative one, cluster launches, "
+     "blocks of the latest one, its blocks per cluster) so far."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

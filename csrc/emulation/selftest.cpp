@@ -7,6 +7,7 @@
 #include "cuda/launch.h"
 
 #include <bit>
+#include <cctype>
 #include <string>
 
 namespace varlen {
@@ -89,6 +90,25 @@ __global__ void grid_kernel(const float* x, float* out, float* partial, bool syn
   if (sync) cooperative_groups::this_grid().sync();
   float total = 0.f;
   for (unsigned b = 0; b < gridDim.x; ++b) total += partial[b];
+  out[i] = total;
+}
+
+// In clusters: each block writes its sum, cluster.sync(), every thread reads
+// the sums of its cluster's blocks (`mode` 0), or reads them with no
+// cluster.sync() (1: a race), or reads the next cluster's after its own
+// cluster.sync() (2: a race too, as a cluster barrier orders no other cluster).
+__global__ void cluster_kernel(const float* x, float* out, float* partial, int mode) {
+  VK_SHARED(float, shared, 32);
+  namespace cg = cooperative_groups;
+  const cg::cluster_group cluster = cg::this_cluster();
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  const float s = block_sum(x[i], shared, 0);
+  if (threadIdx.x == 0) partial[blockIdx.x] = s;
+  if (mode != 1) cluster.sync();
+  const unsigned n = cluster.num_blocks(), first = blockIdx.x - cluster.block_rank();
+  const unsigned from = mode == 2 ? (first + n) % gridDim.x : first;
+  float total = 0.f;
+  for (unsigned b = 0; b < n; ++b) total += partial[from + b];
   out[i] = total;
 }
 
@@ -230,6 +250,19 @@ at::Tensor selftest(const at::Tensor& x_in, c10::string_view name_view, int64_t 
     float* o = out.data_ptr<float>();
     float* p = partial.data_ptr<float>();
     vk_emu::launch(grid, block, 0, /*cooperative=*/true, [&] { grid_kernel(xp, o, p, sync); });
+    return out;
+  }
+  if (name.rfind("cluster", 0) == 0 || name == "cross_cluster_race") {
+    // "cluster_sync", "cluster_race", "cross_cluster_race": clusters of 4
+    // blocks; "cluster_N": of N blocks.
+    const int mode = name == "cluster_race" ? 1 : name == "cross_cluster_race" ? 2 : 0;
+    const unsigned cluster =
+        name.rfind("cluster_", 0) == 0 && std::isdigit(static_cast<unsigned char>(name[8]))
+            ? unsigned(std::stoi(name.substr(8)))
+            : 4u;
+    at::Tensor out = at::empty({x.numel()}, f32), partial = at::zeros({blocks}, f32);
+    cuda::launch_cluster(cluster_kernel, grid, block, cluster, 0, stream, xp,
+                         out.data_ptr<float>(), partial.data_ptr<float>(), mode);
     return out;
   }
   if (name == "warp_handoff" || name == "warp_handoff_race") {

@@ -60,19 +60,27 @@ def _grads(m, x, lengths, hx, gy):
 
 # (T, B, H, emulated device limits, path, GPU only): the default shape on the
 # default path; the tensor-core persistent kernels with several CTAs, row tiles
-# and staged chunks; the fma persistent kernels in half/bfloat16 (the tensor-core
-# ones do not fit that shared memory; GRU's forward still does); the per-step
-# path; on a GPU (whose limits the test cannot change), more rows than a tile.
+# and staged chunks, in the grid form and in the cluster form (clusters of 2,
+# 4 and 3 CTAs, a cluster for each 16-row tile); the fma persistent kernels in
+# half/bfloat16 (the tensor-core ones do not fit that shared memory; GRU's
+# forward still does), in both forms; the per-step path; on a GPU (whose limits
+# the test cannot change), more rows than a tile, in both forms.
 # bidirectional=True (the last field) runs both directions in one launch.
 LOW_PRECISION_CASES = [
     (12, 6, 16, {}, "auto", False),
-    (9, 40, 64, {"sm_count": 2}, "persistent", False),
-    (9, 40, 64, {"sm_count": 4}, "persistent", False, True),
-    (9, 40, 50, {"sm_count": 3}, "persistent", False),
-    (9, 40, 96, {"sm_count": 3}, "persistent", False),
-    (9, 40, 64, {"sm_count": 2, "max_shared_per_block": 24576}, "persistent", False),
+    (9, 40, 64, {"sm_count": 2}, "persistent:grid", False),
+    (9, 40, 64, {"sm_count": 4}, "persistent:grid", False, True),
+    (9, 40, 50, {"sm_count": 3}, "persistent:grid", False),
+    (9, 40, 96, {"sm_count": 3}, "persistent:grid", False),
+    (9, 40, 64, {"sm_count": 2, "max_shared_per_block": 24576}, "persistent:grid", False),
+    (9, 40, 64, {"max_cluster_blocks": 2}, "persistent:cluster", False),
+    (9, 40, 64, {"max_cluster_blocks": 4}, "persistent:cluster", False, True),
+    (9, 40, 50, {"max_cluster_blocks": 3}, "persistent:cluster", False),
+    (9, 40, 64, {"max_cluster_blocks": 2, "max_shared_per_block": 24576}, "persistent:cluster",
+     False),
     (9, 40, 50, {"sm_count": 3}, "per_step", False),
-    (9, 300, 160, {}, "persistent", True),
+    (9, 300, 160, {}, "persistent:grid", True),
+    (9, 300, 160, {}, "persistent:cluster", True),
 ]
 
 
@@ -275,13 +283,18 @@ def matmul_precision(precision):
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "lstm_proj"])
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_float32_follows_torchs_tf32_setting(cell, bidirectional, gpu):
+@pytest.mark.parametrize("sync", ["grid", "cluster"])
+def test_float32_follows_torchs_tf32_setting(cell, bidirectional, sync, gpu):
     """The float32 persistent kernels run IEEE fma unless torch allows TF32 for
     CUDA matmuls, then tensor cores in TF32. IEEE: output and every gradient
     within float32 tolerance of float64. TF32: within 2x the error of PyTorch's
     masked loop in half precision (TF32 keeps half's 10 mantissa bits, and only
     the recurrent product's operands are rounded), and far from IEEE's (TF32 did
-    run). lstm_proj: proj_size 5 (both products of its kernels)."""
+    run). lstm_proj: proj_size 5 (both products of its kernels; the grid form
+    only). Both forms of the persistent kernels: the grid form on 2 SMs a
+    direction, the cluster form in clusters of 2 CTAs."""
+    if cell == "lstm_proj" and sync == "cluster":
+        pytest.skip("the projection LSTM's kernels have the grid form only")
     T, B, H = 9, 40, 64
     proj_size = 5 if cell == "lstm_proj" else 0
     cell = "lstm" if proj_size else cell
@@ -307,8 +320,9 @@ def test_float32_follows_torchs_tf32_setting(cell, bidirectional, gpu):
         return [((a.double() - b).abs().max() / b.abs().max().clamp_min(1.0)).item()
                 for a, b in zip([y, *grads], [y64, *g64])]
 
-    sms = 4 if bidirectional else 2
-    with rnn_path("persistent"), device_limits(gpu, sm_count=sms):
+    limits = dict(sm_count=4 if bidirectional else 2) if sync == "grid" else \
+        dict(max_cluster_blocks=2)
+    with rnn_path(f"persistent:{sync}"), device_limits(gpu, **limits):
         with matmul_precision("ieee"):
             ieee = errors(run(torch.float32))
         with matmul_precision("tf32"):
@@ -527,6 +541,26 @@ def test_cluster_form_launches(cell, bidirectional, B, limits, units, ctas, grou
         after = counts()
         assert after[3] - before[3] == 2 and after[1] == before[1]  # no cooperative launch
         assert after[4:] == (dirs * groups * ctas, ctas)
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize("limits,groups", [({}, 4), (dict(sm_count=1), 1)])
+def test_cluster_form_tensor_core_tiles(limits, groups):
+    """The tensor-core kernels' tiles in the cluster form: 16 rows, a cluster each
+    (4 for B = 60), where that many clusters can be resident, else as many rows a
+    tile as give each resident cluster one (1 SM: one 7-CTA cluster, a 64-row
+    tile), where the geometry alone would take 128-row tiles (8 warps, one
+    16-column output tile), forward and backward alike."""
+    counts = emulation_module().launch_counts
+    ref, x, lengths, hx = sample_inputs("lstm", T=5, B=60, I=3, H=20, requires_grad=False)
+    m = MaskedRNN.from_torch(ref).to(torch.bfloat16)
+    x = torch.nan_to_num(x).to(torch.bfloat16).requires_grad_()
+    hx = tuple(t.to(torch.bfloat16) for t in hx)
+    with rnn_path("persistent"), emulate_cuda(), emulated_device(**limits):
+        y, _ = m(x, lengths, hx)
+        assert counts()[4:] == (groups * 7, 7)
+        y.float().sum().backward()
+        assert counts()[4:] == (groups * 7, 7)
 
 
 @pytest.mark.emulation

@@ -222,6 +222,12 @@ int64_t max_active_clusters(void (*kernel)(Params...), int threads, size_t smem,
   const Key key{device, reinterpret_cast<const void*>(kernel), threads, smem, cluster};
   const std::lock_guard<std::mutex> lock(mutex);
   if (const auto it = known.find(key); it != known.end()) return it->second;
+  // The code that runs must have been compiled for sm_90 or later: a device
+  // that JIT-compiles an older PTX (e.g. a newer GPU than the build's SASS)
+  // runs a kernel without clusters.
+  cudaFuncAttributes attributes{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  if (attributes.ptxVersion < 90) return known[key] = 0;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       int(prop.sharedMemPerBlockOptin)));
   cudaLaunchConfig_t config = {};
@@ -236,10 +242,12 @@ int64_t max_active_clusters(void (*kernel)(Params...), int threads, size_t smem,
   config.attrs = attr;
   config.numAttrs = 1;
   int clusters = 0;
-  // A size the device cannot co-schedule is an error here: no cluster fits.
-  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+  // A cluster the device cannot co-schedule is an error of this query (cleared
+  // here): none fits. Not remembered, in case the error had another cause.
+  if (const cudaError_t err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
+      err != cudaSuccess) {
     (void)cudaGetLastError();
-    clusters = 0;
+    return 0;
   }
   return known[key] = clusters;
 #endif

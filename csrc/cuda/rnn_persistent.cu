@@ -84,6 +84,7 @@ struct FwdParams {
   int64_t T, B, H, gx_ld;
   int units;                  // Hs, hidden units per CTA
   bool reverse;
+  int tile_mt;                // the tensor-core kernel's most_mt (TcGeometry), 0: its own
 };
 
 // Buffers of hbuf: forward direction, step t reads buffer t & 1 and writes the
@@ -245,6 +246,7 @@ struct BwdParams {
   int64_t dgx_ld, dgh_ld;
   int units;
   bool reverse;
+  int tile_mt;                // the tensor-core kernel's most_mt (TcGeometry), 0: its own
 };
 
 // Steps run in the reverse of the forward's order. At step t a running row
@@ -404,7 +406,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const FwdParams<scalar_t, float> p = cta_place(L, j0, grp);
   const int64_t H = p.H, B = p.B, T = p.T;
   const int Hs = p.units, tid = threadIdx.x;
-  const TcGeometry g(G * Hs, H, sizeof(scalar_t));
+  const TcGeometry g(G * Hs, H, sizeof(scalar_t), p.tile_mt);
   VK_DYNAMIC_SHARED(unsigned char, smem);
   // ws[n * ldw + k] = W_hh[gate * H + j0 + u, k] for column n = gate * Hs + u
   scalar_t* ws = reinterpret_cast<scalar_t*>(smem);
@@ -458,7 +460,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const BwdParams<scalar_t, float> p = cta_place(L, j0, grp);
   const int64_t H = p.H, B = p.B, T = p.T, GH = int64_t(p.G) * H;
   const int Hs = p.units, tid = threadIdx.x;
-  const TcGeometry g(Hs, GH, sizeof(scalar_t));
+  const TcGeometry g(Hs, GH, sizeof(scalar_t), p.tile_mt);
   VK_DYNAMIC_SHARED(unsigned char, smem);
   // ws[n * ldw + m] = W_hh[m, j0 + n]
   scalar_t* ws = reinterpret_cast<scalar_t*>(smem);
@@ -523,10 +525,16 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
   auto sizes = [&] { return c10::str("hidden_size ", H, ", ", G, " gate(s), dtype ", dtype); };
   const Launch c = choose_cluster_launch<scalar_t>(
       tc_kernel, fma_kernel, dirs, B * H, B, H, tc_smem, fma_smem,
-      [&](int units) -> int64_t { return geometry(units).rbt; },
-      [&](int units) -> int64_t { return tile_rows(units); });
-  if (c.units > 0) return c;
-  TORCH_CHECK(persistent_sync_setting() != PersistentSync::Cluster ||
+      [&](int units, int64_t clusters) { return cluster_tc_tile(geometry(units), B, clusters); },
+      [&](int units, int64_t) { return std::pair<int64_t, int>(tile_rows(units), 0); });
+  // The cluster form, unless it is on CUDA cores where the grid form has the
+  // tensor cores (both fit only near the shared-memory limit; not when forced).
+  if (c.units > 0 &&
+      (c.kernel_tc || !tensor_cores_allowed<scalar_t>() ||
+       persistent_sync_setting() == PersistentSync::Cluster ||
+       plan_launch(tc_kernel, H, dirs, tc_smem, persistent_units_setting()).units == 0))
+    return c;
+  TORCH_CHECK(c.units > 0 || persistent_sync_setting() != PersistentSync::Cluster ||
                   rnn_path_setting() == RnnPath::PerStep || B * H == 0,
               "VARLEN_KERNELS_PERSISTENT_SYNC=cluster: the ", which,
               " kernel's cluster form does not fit this device for ", sizes(),
@@ -593,7 +601,7 @@ std::optional<std::vector<RnnForwardResult>> rnn_forward_persistent(
             hbuf.data_ptr<acc_t>(), K == Cell::LSTM ? cbuf.data_ptr<acc_t>() : nullptr,
             output.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), states.data_ptr<scalar_t>(),
             h_n.data_ptr<scalar_t>(), K == Cell::LSTM ? c_n.data_ptr<scalar_t>() : nullptr,
-            T, B, H, gx.stride(0), l.units, in.reverse};
+            T, B, H, gx.stride(0), l.units, in.reverse, l.tile_mt};
         result->emplace_back(output, h_n, c_n, gates, states);
         return params;
       });
@@ -650,7 +658,7 @@ std::optional<std::vector<PersistentBackwardResult>> rnn_backward_persistent(
             carry.data_ptr<acc_t>(), K == Cell::LSTM ? dcbuf.data_ptr<acc_t>() : nullptr,
             dgx.data_ptr<scalar_t>(), dgh.data_ptr<scalar_t>(), grad_h0.data_ptr<acc_t>(),
             K == Cell::LSTM ? grad_c0.data_ptr<acc_t>() : nullptr, T, B, H, G, dgx.stride(0),
-            dgh.stride(0), l.units, in.reverse};
+            dgh.stride(0), l.units, in.reverse, l.tile_mt};
         result->emplace_back(dgx, dgh, grad_h0, grad_c0);
         return params;
       });

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "launch.h"
 #include "rnn_persistent.h"
@@ -224,7 +225,8 @@ constexpr int64_t align128(int64_t n) { return (n + 127) / 128 * 128; }
 __host__ __device__ constexpr int round16(int n) { return (n + 15) / 16 * 16; }
 
 // Tile geometry for a product with n output columns and reduction length k,
-// operands of elem bytes. Each shared-memory row is padded by 16 bytes: a
+// operands of elem bytes; at most most_mt 16-row tiles in a tile of rows when
+// most_mt > 0 (else as many as keep the 8 warps busy). Each shared-memory row is padded by 16 bytes: a
 // fragment load reads 8 rows (16-bit types) or 8 rows of 4 (TF32) at once, and
 // a row stride of 4 banks (mod 32) spreads them over all banks, where 32 bytes
 // (8 banks) would put rows 0 and 4 of a TF32 fragment on the same banks. The
@@ -234,10 +236,12 @@ struct TcGeometry {
   int n, np, nt, mt, rbt;   // columns, padded to 16; column tiles; row tiles per tile; rows
   int64_t kp, ldw, lda, ldc;  // k padded to 16; leading dimensions of W, A, C in shared memory
   int elem;                 // bytes of an operand element
-  __host__ __device__ TcGeometry(int n_, int64_t k, int elem_) : n(n_), elem(elem_) {
+  __host__ __device__ TcGeometry(int n_, int64_t k, int elem_, int most_mt = 0)
+      : n(n_), elem(elem_) {
     np = (n + 15) / 16 * 16;
     nt = np / 16;
     mt = nt >= kWarps ? 1 : kWarps / nt;
+    if (most_mt > 0 && most_mt < mt) mt = most_mt;
     rbt = 16 * mt;
     kp = (k + 15) / 16 * 16;
     ldw = kp + 16 / elem;
@@ -333,6 +337,7 @@ struct Launch {
   bool kernel_tc = false;  // the tensor-core kernel (else the fma one)
   int64_t groups = 1;      // groups per direction (Directions)
   bool cluster = false;    // the cluster form
+  int tile_mt = 0;         // the tensor-core kernels' most_mt (TcGeometry), 0: theirs
 };
 
 // The fewest units per CTA (the most CTAs) whose W_hh slice fits in shared
@@ -401,10 +406,13 @@ Launch choose_launch(Kernel tc_kernel, Kernel fma_kernel, const char* which, int
 // The cluster form's launch for `dirs` directions (sm_90 and later): a cluster
 // of ctas = ceil(H / units) CTAs per group, with the fewest units (the most
 // CTAs, at most a cluster's worth) whose weight slice fits in shared memory,
-// at least min_units; as many groups as there are row tiles (rows_for(units)
-// rows each) of the B rows, at most the clusters that can be resident at once
-// (shared by the directions; at least one each, as clusters never wait for
-// each other, so they need not all be resident). units = 0: no cluster fits.
+// at least min_units; as many groups as there are row tiles of the B rows, at
+// most the clusters that can be resident at once (shared by the directions;
+// at least one each, as clusters never wait for each other, so they need not
+// all be resident). rows_for(units, resident) gives the rows of a tile and
+// the tensor-core kernels' most_mt (0 for the fma kernels, whose tiles are
+// fixed), where resident is the clusters a direction can have at once.
+// units = 0: no cluster fits.
 template <typename Kernel, typename SmemFor, typename RowsFor>
 Launch plan_cluster_launch(Kernel kernel, int64_t B, int64_t H, int dirs, SmemFor smem_for,
                            RowsFor rows_for, int64_t min_units) {
@@ -419,13 +427,28 @@ Launch plan_cluster_launch(Kernel kernel, int64_t B, int64_t H, int dirs, SmemFo
   const int64_t ctas = (H + units - 1) / units;
   const int64_t resident = cuda::max_active_clusters(kernel, kThreads, size_t(bytes), ctas);
   if (resident < 1) return l;
-  const int64_t rb = rows_for(int(units));
+  const int64_t per_direction = std::max<int64_t>(1, resident / dirs);
+  const auto [rb, tile_mt] = rows_for(int(units), per_direction);
   l.units = int(units);
   l.ctas = ctas;
   l.smem = size_t(bytes);
   l.cluster = true;
-  l.groups = std::clamp<int64_t>((B + rb - 1) / rb, 1, std::max<int64_t>(1, resident / dirs));
+  l.tile_mt = tile_mt;
+  l.groups = std::clamp<int64_t>((B + rb - 1) / rb, 1, per_direction);
   return l;
+}
+
+// The tensor-core kernels' tile of rows in the cluster form, for `rows` rows
+// and `clusters` resident clusters a direction: the fewest 16-row tiles that
+// still give every row tile a cluster of its own (at most geometry g's, which
+// keeps the 8 warps busy), since a tile's product takes as long with 1 of
+// them as with all of its output tiles (a warp's share): smaller tiles mean
+// more clusters on the step, not slower ones. (rows of a tile, most_mt).
+inline std::pair<int64_t, int> cluster_tc_tile(const TcGeometry& g, int64_t rows,
+                                               int64_t clusters) {
+  const int64_t tiles16 = (rows + 15) / 16;
+  const int mt = int(std::clamp<int64_t>((tiles16 + clusters - 1) / clusters, 1, g.mt));
+  return {16 * int64_t(mt), mt};
 }
 
 // The cluster form of the persistent launch, as choose_launch chooses the grid

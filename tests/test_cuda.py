@@ -512,21 +512,24 @@ def test_persistent_units_setting_sizes_the_grid(cell, proj_size, bidirectional,
 
 
 @pytest.mark.emulation
-@pytest.mark.parametrize("cell,bidirectional,B,limits,units,ctas,groups", [
-    # H=20 in a cluster of at most 8 CTAs: 3 units each (the last has 2), 7 CTAs;
-    # 170 rows a tile on CUDA cores: one cluster a direction.
-    ("lstm", False, 9, {}, "auto", 7, 1),
-    ("gru", True, 9, {}, "auto", 7, 1),
+@pytest.mark.parametrize("cell,bidirectional,B,H,limits,units,ctas,groups", [
+    # H=20 in a cluster of at most 8 CTAs (the portable size): 3 units each (the
+    # last has 2), 7 CTAs; 170 rows a tile on CUDA cores: one cluster a direction.
+    ("lstm", False, 9, 20, {}, "auto", 7, 1),
+    ("gru", True, 9, 20, {}, "auto", 7, 1),
     # Clusters of 1 CTA owning all 20 units: 24-row tiles, a cluster each.
-    ("lstm", False, 60, dict(max_cluster_blocks=1), "auto", 1, 3),
-    ("gru", True, 60, dict(max_cluster_blocks=1), "auto", 1, 3),
+    ("lstm", False, 60, 20, dict(max_cluster_blocks=1), "auto", 1, 3),
+    ("gru", True, 60, 20, dict(max_cluster_blocks=1), "auto", 1, 3),
     # ... at most the clusters that can be resident, shared by the directions:
     # 8 CTAs fit on the one SM, so 4 clusters a direction for the 9 tiles.
-    ("lstm", True, 200, dict(max_cluster_blocks=1, sm_count=1), "auto", 1, 4),
+    ("lstm", True, 200, 20, dict(max_cluster_blocks=1, sm_count=1), "auto", 1, 4),
     # VARLEN_KERNELS_PERSISTENT_UNITS holds in the cluster form too.
-    ("gru", False, 9, {}, "5", 4, 1),
+    ("gru", False, 9, 20, {}, "5", 4, 1),
+    # H=128 float64: 8 CTAs' slices (16 units, 68 KiB) exceed 48 KiB, 16 CTAs'
+    # (8 units, 40 KiB) fit: a cluster beyond the portable size.
+    ("lstm", True, 9, 128, dict(max_shared_per_block=49152), "auto", 16, 1),
 ])
-def test_cluster_form_launches(cell, bidirectional, B, limits, units, ctas, groups):
+def test_cluster_form_launches(cell, bidirectional, B, H, limits, units, ctas, groups):
     """The cluster form (the default where it fits): one launch forward and one
     backward for both directions, in clusters of ceil(H / units) CTAs, as many
     clusters a direction as row tiles, at most the resident ones; the same values
@@ -537,7 +540,7 @@ def test_cluster_form_launches(cell, bidirectional, B, limits, units, ctas, grou
             emulated_device(**limits):
         before = counts()
         check_against_packed(cell, num_layers=1, bidirectional=bidirectional, device="cpu",
-                             T=6, B=B, H=20, seed=8)
+                             T=6, B=B, H=H, seed=8)
         after = counts()
         assert after[3] - before[3] == 2 and after[1] == before[1]  # no cooperative launch
         assert after[4:] == (dirs * groups * ctas, ctas)

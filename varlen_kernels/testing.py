@@ -148,7 +148,7 @@ def emulated_device(*, sm_count=None, max_cluster_blocks=None, max_grid_blocks=N
     """Changes limits of the emulated device for a while: ``sm_count`` bounds
     cooperative grids (the persistent RNN kernels spread the hidden units over
     the SMs: fewer SMs, more units per CTA, fewer rows per tile);
-    ``max_cluster_blocks`` (1 to 16, default 8) bounds thread block clusters
+    ``max_cluster_blocks`` (1 to 16, the default) bounds thread block clusters
     likewise (the cluster form of those kernels: fewer CTAs in a cluster, more
     units per CTA, fewer rows per tile, so more clusters);
     ``max_grid_blocks`` caps grid-stride launches, so that a small test makes

@@ -185,13 +185,17 @@ void launch_cooperative(void (*kernel)(Params...), dim3 grid, dim3 block, size_t
 #endif
 }
 
-// Most blocks in a thread block cluster that the project launches: the
-// portable cluster size of sm_90 and later (8), 0 on devices without clusters.
+// Blocks of a thread block cluster that every device with clusters (sm_90 and
+// later) can schedule, and the most the project launches (0 on devices without
+// clusters): clusters beyond the portable size need the kernel's
+// NonPortableClusterSizeAllowed attribute (max_active_clusters sets it), and
+// whether the device can schedule them is max_active_clusters' answer.
+constexpr int64_t kPortableClusterBlocks = 8;
 inline int64_t max_cluster_blocks() {
 #ifdef VK_EMULATE_CUDA
   return ::vk_emu::device_limits().max_cluster_blocks;
 #else
-  return device_properties().major >= 9 ? 8 : 0;
+  return device_properties().major >= 9 ? 16 : 0;
 #endif
 }
 
@@ -230,6 +234,8 @@ int64_t max_active_clusters(void (*kernel)(Params...), int threads, size_t smem,
   if (attributes.ptxVersion < 90) return known[key] = 0;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       int(prop.sharedMemPerBlockOptin)));
+  if (cluster > kPortableClusterBlocks)  // a kernel-wide permission, never withdrawn
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(unsigned(cluster));
   config.blockDim = dim3(unsigned(threads));

@@ -539,8 +539,9 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
               "VARLEN_KERNELS_PERSISTENT_SYNC=cluster: the ", which,
               " kernel's cluster form does not fit this device for ", sizes(),
               " (it needs sm_90 or later, and the weight slices of a cluster of at most ",
-              cuda::max_cluster_blocks() > 0 ? cuda::max_cluster_blocks() : 8,
-              " CTAs in their shared memory); use 'auto' to fall back to the grid form");
+              cuda::max_cluster_blocks() > 0 ? cuda::max_cluster_blocks() : 16,
+              " CTAs that the device can schedule in their shared memory); use 'auto' to fall ",
+              "back to the grid form");
   return choose_launch<scalar_t>(tc_kernel, fma_kernel, which, dirs, B * H, sizes, tc_smem,
                                  fma_smem, H);
 }

@@ -405,8 +405,9 @@ Launch choose_launch(Kernel tc_kernel, Kernel fma_kernel, const char* which, int
 
 // The cluster form's launch for `dirs` directions (sm_90 and later): a cluster
 // of ctas = ceil(H / units) CTAs per group, with the fewest units (the most
-// CTAs, at most a cluster's worth) whose weight slice fits in shared memory,
-// at least min_units; as many groups as there are row tiles of the B rows, at
+// CTAs, at most a portable cluster's worth, 8) whose weight slice fits in
+// shared memory, else (a larger H) with up to 16 CTAs where the device can
+// schedule such clusters; at least min_units; as many groups as there are row tiles of the B rows, at
 // most the clusters that can be resident at once (shared by the directions;
 // at least one each, as clusters never wait for each other, so they need not
 // all be resident). rows_for(units, resident) gives the rows of a tile and
@@ -417,15 +418,18 @@ template <typename Kernel, typename SmemFor, typename RowsFor>
 Launch plan_cluster_launch(Kernel kernel, int64_t B, int64_t H, int dirs, SmemFor smem_for,
                            RowsFor rows_for, int64_t min_units) {
   Launch l;
-  const int64_t most = cuda::max_cluster_blocks();
-  if (most < 1 || H < 1) return l;
-  const int64_t units = std::max<int64_t>({kMinUnits, (H + most - 1) / most,
-                                           std::min<int64_t>(min_units, H)});
-  if (units > kMaxUnits) return l;
-  const int64_t bytes = smem_for(int(units));
-  if (bytes < 0 || size_t(bytes) > cuda::max_dynamic_smem()) return l;
-  const int64_t ctas = (H + units - 1) / units;
-  const int64_t resident = cuda::max_active_clusters(kernel, kThreads, size_t(bytes), ctas);
+  const int64_t limit = cuda::max_cluster_blocks();
+  if (limit < 1 || H < 1) return l;
+  int64_t units = 0, ctas = 0, bytes = -1, resident = 0;
+  for (const int64_t most : {std::min(cuda::kPortableClusterBlocks, limit), limit}) {
+    units = std::max<int64_t>({kMinUnits, (H + most - 1) / most, std::min<int64_t>(min_units, H)});
+    if (units > kMaxUnits) continue;
+    bytes = smem_for(int(units));
+    if (bytes < 0 || size_t(bytes) > cuda::max_dynamic_smem()) continue;
+    ctas = (H + units - 1) / units;
+    resident = cuda::max_active_clusters(kernel, kThreads, size_t(bytes), ctas);
+    if (resident >= 1) break;
+  }
   if (resident < 1) return l;
   const int64_t per_direction = std::max<int64_t>(1, resident / dirs);
   const auto [rb, tile_mt] = rows_for(int(units), per_direction);

@@ -18,7 +18,8 @@
 //    running row; a grid.sync() a step (a cooperative launch, one CTA per SM
 //    at most);
 //  - cluster form (sm_90 and later, where the weight slices fit in a thread
-//    block cluster of at most 8 CTAs): each cluster owns all hidden units
+//    block cluster of at most 8 CTAs, or 16 where the device schedules
+//    such clusters): each cluster owns all hidden units
 //    and steps its own share of the rows (tiles of rows dealt to the clusters
 //    in turn), synchronizing with the hardware cluster barrier only, up to
 //    the longest length among its rows. Several clusters run side by side

@@ -98,8 +98,9 @@ struct DeviceLimits {
   // Blocks of a grid-stride launch (varlen::cuda::grid_for): the nvcc build
   // uses 65535 * 16; tests make it small so that the loops go round.
   int64_t max_grid_blocks = 65535 * 16;
-  // Blocks of a thread block cluster: 8, the portable size (sm_90).
-  int max_cluster_blocks = 8;
+  // Blocks of a thread block cluster: 16, sm_90's most (beyond 8, the portable
+  // size, a kernel needs the NonPortableClusterSizeAllowed attribute).
+  int max_cluster_blocks = 16;
   // Every tensor is a CPU one here: whether the ops take their lengths as
   // lengths in host memory (a CPU tensor next to a GPU input), else as lengths
   // in device memory (varlen::cuda::in_host_memory).

@@ -37,7 +37,7 @@ PyObject* set_thread_order(PyObject*, PyObject* args) {
 }
 
 // set_limit(name, value) -> previous value, for name "sm_count" (bounds
-// cooperative grids), "max_cluster_blocks" (blocks of a cluster, at most 16),
+// cooperative grids), "max_cluster_blocks" (blocks of a cluster, 1 to 16),
 // "max_grid_blocks" (bounds grid-stride launches),
 // "max_shared_per_block" (bytes of dynamic shared memory a block may have) or
 // "lengths_in_host_memory" (0 or 1: how the ops take their lengths).

@@ -85,6 +85,7 @@ struct FwdParams {
   int units;                  // Hs, hidden units per CTA
   bool reverse;
   int tile_mt;                // the tensor-core kernel's most_mt (TcGeometry), 0: its own
+  bool stage_whole;           // Launch::stage_whole
 };
 
 // Buffers of hbuf: forward direction, step t reads buffer t & 1 and writes the
@@ -162,6 +163,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_forward_kernel(Directi
   const int64_t H = p.H, B = p.B, T = p.T;
   const int Hs = p.units, tid = threadIdx.x;
   const int u = tid % Hs, rg = tid / Hs, RG = kThreads / Hs, RB = RG * kRows, RBp = RB + 1;
+  const int chunk = int(fma_chunk(H, RB, sizeof(acc_t), p.stage_whole));  // staged at a time
   const int64_t j = j0 + u, GHs = int64_t(G) * Hs;
   const bool owns = rg < RG && j < H;  // computes (row, unit j) pairs
   VK_DYNAMIC_SHARED(unsigned char, smem);
@@ -188,16 +190,16 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_forward_kernel(Directi
       for (int r = 0; r < kRows; ++r)
 #pragma unroll
         for (int g = 0; g < G; ++g) acc[r][g] = acc_t(0);
-      for (int64_t k0 = 0; k0 < H; k0 += kChunk) {
+      for (int64_t k0 = 0; k0 < H; k0 += chunk) {
         __syncthreads();  // the previous chunk (and tile) is consumed
-        for (int idx = tid; idx < rows * kChunk; idx += kThreads) {
-          const int r = idx / kChunk, kk = idx % kChunk;
+        for (int idx = tid; idx < rows * chunk; idx += kThreads) {
+          const int r = idx / chunk, kk = idx % chunk;
           const int64_t k = k0 + kk;
           hs[kk * RBp + r] = k < H ? s.hin[(row0 + r) * H + k] : acc_t(0);
         }
         __syncthreads();
         if (active) {
-          const int kn = H - k0 < kChunk ? int(H - k0) : kChunk;
+          const int kn = H - k0 < chunk ? int(H - k0) : chunk;
           for (int kk = 0; kk < kn; ++kk) {
             acc_t wv[G];
 #pragma unroll
@@ -247,6 +249,7 @@ struct BwdParams {
   int units;
   bool reverse;
   int tile_mt;                // the tensor-core kernel's most_mt (TcGeometry), 0: its own
+  bool stage_whole;           // Launch::stage_whole
 };
 
 // Steps run in the reverse of the forward's order. At step t a running row
@@ -339,6 +342,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_backward_kernel(Direct
   const int64_t H = p.H, B = p.B, T = p.T, GH = int64_t(p.G) * H;
   const int Hs = p.units, tid = threadIdx.x;
   const int u = tid % Hs, rg = tid / Hs, RG = kThreads / Hs, RB = RG * kRows, RBp = RB + 1;
+  const int chunk = int(fma_chunk(GH, RB, sizeof(acc_t), p.stage_whole));  // staged at a time
   const int64_t j = j0 + u;
   const bool owns = rg < RG && j < H;
   VK_DYNAMIC_SHARED(unsigned char, smem);
@@ -362,16 +366,16 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_backward_kernel(Direct
       // a thread whose first row has none skips it.
       const int rows = row0 < s.nprev ? (s.nprev - row0 < RB ? int(s.nprev - row0) : RB) : 0;
       if (rows > 0) {  // the same for the whole block
-        for (int64_t m0 = 0; m0 < GH; m0 += kChunk) {
+        for (int64_t m0 = 0; m0 < GH; m0 += chunk) {
           __syncthreads();
-          for (int idx = tid; idx < rows * kChunk; idx += kThreads) {
-            const int r = idx / kChunk, kk = idx % kChunk;
+          for (int idx = tid; idx < rows * chunk; idx += kThreads) {
+            const int r = idx / chunk, kk = idx % chunk;
             const int64_t m = m0 + kk;
             ds[kk * RBp + r] = m < GH ? acc_t(s.dg_prev[(row0 + r) * p.dgh_ld + m]) : acc_t(0);
           }
           __syncthreads();
           if (owns && rg < rows) {
-            const int kn = GH - m0 < kChunk ? int(GH - m0) : kChunk;
+            const int kn = GH - m0 < chunk ? int(GH - m0) : chunk;
             for (int kk = 0; kk < kn; ++kk) {
               const acc_t wv = acc_t(w[(m0 + kk) * Hs + u]);
 #pragma unroll
@@ -406,7 +410,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const FwdParams<scalar_t, float> p = cta_place(L, j0, grp);
   const int64_t H = p.H, B = p.B, T = p.T;
   const int Hs = p.units, tid = threadIdx.x;
-  const TcGeometry g(G * Hs, H, sizeof(scalar_t), p.tile_mt);
+  const TcGeometry g(G * Hs, H, sizeof(scalar_t), p.tile_mt, p.stage_whole);
   VK_DYNAMIC_SHARED(unsigned char, smem);
   // ws[n * ldw + k] = W_hh[gate * H + j0 + u, k] for column n = gate * Hs + u
   scalar_t* ws = reinterpret_cast<scalar_t*>(smem);
@@ -460,7 +464,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const BwdParams<scalar_t, float> p = cta_place(L, j0, grp);
   const int64_t H = p.H, B = p.B, T = p.T, GH = int64_t(p.G) * H;
   const int Hs = p.units, tid = threadIdx.x;
-  const TcGeometry g(Hs, GH, sizeof(scalar_t), p.tile_mt);
+  const TcGeometry g(Hs, GH, sizeof(scalar_t), p.tile_mt, p.stage_whole);
   VK_DYNAMIC_SHARED(unsigned char, smem);
   // ws[n * ldw + m] = W_hh[m, j0 + n]
   scalar_t* ws = reinterpret_cast<scalar_t*>(smem);
@@ -512,15 +516,43 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
               int64_t B, int64_t H, int G, at::ScalarType dtype) {
   using acc_t = at::opmath_type<scalar_t>;
   const int elem = sizeof(scalar_t);
-  auto geometry = [&](int units) {
-    return forward ? TcGeometry(G * units, H, elem) : TcGeometry(units, int64_t(G) * H, elem);
+  const int64_t K = forward ? H : int64_t(G) * H;  // the product's reduction
+  auto geometry = [&](int units, bool whole = false) {
+    return forward ? TcGeometry(G * units, H, elem, 0, whole)
+                   : TcGeometry(units, K, elem, 0, whole);
   };
-  auto tc_smem = [&](int units) -> int64_t {
-    const TcGeometry geo = geometry(units);
+  // Shared memory with each tile's whole reduction staged at once where that
+  // fits the device (stage_whole), else with it staged in chunks.
+  auto tc_bytes = [&](int units, bool whole) -> int64_t {
+    const TcGeometry geo = geometry(units, whole);
     return geo.fits() ? geo.smem() : -1;
   };
+  auto fma_bytes = [&](int units, bool whole) -> int64_t {
+    return int64_t(smem_bytes<scalar_t, acc_t>(G, units, H, K, whole));
+  };
+  auto fits = [](int64_t bytes) { return bytes >= 0 && size_t(bytes) <= cuda::max_dynamic_smem(); };
+  auto tc_smem = [&](int units) -> int64_t {
+    return fits(tc_bytes(units, true)) ? tc_bytes(units, true) : tc_bytes(units, false);
+  };
   auto fma_smem = [&](int units) -> int64_t {
-    return int64_t(smem_bytes<scalar_t, acc_t>(G, units, H));
+    return fits(fma_bytes(units, true)) ? fma_bytes(units, true) : fma_bytes(units, false);
+  };
+  // The launch's staging, and its shared memory for the geometry its kernel
+  // takes (the cluster form's tensor-core tiles may have fewer rows than the
+  // plan's): whole where that fits, else in chunks, which take no more than
+  // the plan.
+  auto with_staging = [&](Launch l) {
+    if (l.units == 0) return l;
+    if (l.kernel_tc) {
+      const int n = forward ? G * l.units : l.units;
+      const TcGeometry whole(n, K, elem, l.tile_mt, true), chunked(n, K, elem, l.tile_mt, false);
+      l.stage_whole = whole.fits() && fits(whole.smem());
+      l.smem = size_t(l.stage_whole ? whole.smem() : chunked.smem());
+    } else {
+      l.stage_whole = fits(fma_bytes(l.units, true));
+      l.smem = size_t(fma_bytes(l.units, l.stage_whole));
+    }
+    return l;
   };
   auto sizes = [&] { return c10::str("hidden_size ", H, ", ", G, " gate(s), dtype ", dtype); };
   const Launch c = choose_cluster_launch<scalar_t>(
@@ -533,7 +565,7 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
       (c.kernel_tc || !tensor_cores_allowed<scalar_t>() ||
        persistent_sync_setting() == PersistentSync::Cluster ||
        plan_launch(tc_kernel, H, dirs, tc_smem, persistent_units_setting()).units == 0))
-    return c;
+    return with_staging(c);
   TORCH_CHECK(c.units > 0 || persistent_sync_setting() != PersistentSync::Cluster ||
                   rnn_path_setting() == RnnPath::PerStep || B * H == 0,
               "VARLEN_KERNELS_PERSISTENT_SYNC=cluster: the ", which,
@@ -542,8 +574,8 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
               cuda::max_cluster_blocks() > 0 ? cuda::max_cluster_blocks() : 16,
               " CTAs that the device can schedule in their shared memory); use 'auto' to fall ",
               "back to the grid form");
-  return choose_launch<scalar_t>(tc_kernel, fma_kernel, which, dirs, B * H, sizes, tc_smem,
-                                 fma_smem, H);
+  return with_staging(choose_launch<scalar_t>(tc_kernel, fma_kernel, which, dirs, B * H, sizes,
+                                              tc_smem, fma_smem, H));
 }
 
 template <typename scalar_t, typename acc_t>
@@ -602,7 +634,7 @@ std::optional<std::vector<RnnForwardResult>> rnn_forward_persistent(
             hbuf.data_ptr<acc_t>(), K == Cell::LSTM ? cbuf.data_ptr<acc_t>() : nullptr,
             output.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), states.data_ptr<scalar_t>(),
             h_n.data_ptr<scalar_t>(), K == Cell::LSTM ? c_n.data_ptr<scalar_t>() : nullptr,
-            T, B, H, gx.stride(0), l.units, in.reverse, l.tile_mt};
+            T, B, H, gx.stride(0), l.units, in.reverse, l.tile_mt, l.stage_whole};
         result->emplace_back(output, h_n, c_n, gates, states);
         return params;
       });
@@ -659,7 +691,7 @@ std::optional<std::vector<PersistentBackwardResult>> rnn_backward_persistent(
             carry.data_ptr<acc_t>(), K == Cell::LSTM ? dcbuf.data_ptr<acc_t>() : nullptr,
             dgx.data_ptr<scalar_t>(), dgh.data_ptr<scalar_t>(), grad_h0.data_ptr<acc_t>(),
             K == Cell::LSTM ? grad_c0.data_ptr<acc_t>() : nullptr, T, B, H, G, dgx.stride(0),
-            dgh.stride(0), l.units, in.reverse, l.tile_mt};
+            dgh.stride(0), l.units, in.reverse, l.tile_mt, l.stage_whole};
         result->emplace_back(dgx, dgh, grad_h0, grad_c0);
         return params;
       });

@@ -33,7 +33,11 @@ namespace cg = cooperative_groups;
 
 constexpr int kThreads = 256;
 constexpr int kRows = 2;    // rows per thread in a tile
-constexpr int kChunk = 16;  // reduction columns staged in shared memory at a time
+constexpr int kChunk = 16;  // reduction columns staged in shared memory at a time (at least)
+// Shared memory for the staged operand beyond which it is staged in chunks:
+// below it, a tile's whole reduction is staged at once, so a step waits for
+// one round of global loads rather than one per chunk (the latency of a step
+// at small batches, where every step's rows are few).
 constexpr int kMinUnits = 2, kMaxUnits = 128;
 
 // Rows of a tile of the fma kernels: kRows per row group of Hs threads.
@@ -140,12 +144,26 @@ __device__ __forceinline__ int64_t group_longest(const int64_t* sorted_len, int6
   return l < 0 ? 0 : (l > all ? all : l);
 }
 
+constexpr int64_t kWholeStageBytes = 16384;
+
+// Columns of the reduction (length k) the fma kernels stage at a time for a
+// tile of rb rows of acc bytes: kChunk, or with `whole` (the launch's choice,
+// where the shared memory allows) all of them where kWholeStageBytes allows,
+// else as many multiples of kChunk as it allows.
+__host__ __device__ constexpr int64_t fma_chunk(int64_t k, int rb, int acc, bool whole) {
+  const int64_t most = kWholeStageBytes / (int64_t(rb + 1) * acc) / kChunk * kChunk;
+  if (!whole || most <= kChunk) return kChunk;
+  return k <= most ? (k > 0 ? k : 1) : most;
+}
+
 // Shared memory: the W_hh slice (G * Hs * H storage-type values), then the
-// staged operand tile (kChunk x (RB + 1) math-type values).
+// staged operand tile (fma_chunk x (RB + 1) math-type values), for a product
+// over k (forward H, backward G * H).
 template <typename scalar_t, typename acc_t>
-size_t smem_bytes(int G, int units, int64_t H) {
+size_t smem_bytes(int G, int units, int64_t H, int64_t k, bool whole) {
   return align16(size_t(G) * units * H * sizeof(scalar_t)) +
-         size_t(kChunk) * (tile_rows(units) + 1) * sizeof(acc_t);
+         size_t(fma_chunk(k, tile_rows(units), sizeof(acc_t), whole)) * (tile_rows(units) + 1) *
+             sizeof(acc_t);
 }
 
 // ------------------------------------------------------------------ tensor cores
@@ -157,9 +175,10 @@ size_t smem_bytes(int G, int units, int64_t H) {
 // whole launch. float32 keeps A and B in float, rounded to TF32 (10 mantissa
 // bits, to nearest) as they are written to shared memory, as cuBLAS's TF32
 // GEMMs round their operands. Per tile of rows, the 8 warps share the 16x16
-// output tiles (at most 2 each), A is staged kTcChunk columns at a time, C
-// goes through shared memory to the threads that apply the cell, one
-// (row, unit) each. The state, the carry and C stay float.
+// output tiles (at most 2 each), A is staged whole (where it takes at most
+// kWholeStageBytes) or kTcChunk columns at a time, C goes through shared
+// memory to the threads that apply the cell, one (row, unit) each. The state,
+// the carry and C stay float.
 //
 // Tc<scalar_t>: the wmma element type, the type in shared memory, and the
 // shape's reduction length (16x16x16 tiles; 16x16x8 for TF32).
@@ -226,7 +245,8 @@ __host__ __device__ constexpr int round16(int n) { return (n + 15) / 16 * 16; }
 
 // Tile geometry for a product with n output columns and reduction length k,
 // operands of elem bytes; at most most_mt 16-row tiles in a tile of rows when
-// most_mt > 0 (else as many as keep the 8 warps busy). Each shared-memory row is padded by 16 bytes: a
+// most_mt > 0 (else as many as keep the 8 warps busy); A staged whole where
+// `whole` and kWholeStageBytes allow. Each shared-memory row is padded by 16 bytes: a
 // fragment load reads 8 rows (16-bit types) or 8 rows of 4 (TF32) at once, and
 // a row stride of 4 banks (mod 32) spreads them over all banks, where 32 bytes
 // (8 banks) would put rows 0 and 4 of a TF32 fragment on the same banks. The
@@ -235,8 +255,10 @@ __host__ __device__ constexpr int round16(int n) { return (n + 15) / 16 * 16; }
 struct TcGeometry {
   int n, np, nt, mt, rbt;   // columns, padded to 16; column tiles; row tiles per tile; rows
   int64_t kp, ldw, lda, ldc;  // k padded to 16; leading dimensions of W, A, C in shared memory
+  int64_t chunk;              // columns of A staged at a time: kp, or kTcChunk
   int elem;                 // bytes of an operand element
-  __host__ __device__ TcGeometry(int n_, int64_t k, int elem_, int most_mt = 0)
+  __host__ __device__ TcGeometry(int n_, int64_t k, int elem_, int most_mt = 0,
+                                 bool whole = false)
       : n(n_), elem(elem_) {
     np = (n + 15) / 16 * 16;
     nt = np / 16;
@@ -245,7 +267,8 @@ struct TcGeometry {
     rbt = 16 * mt;
     kp = (k + 15) / 16 * 16;
     ldw = kp + 16 / elem;
-    lda = kTcChunk + 16 / elem;
+    chunk = whole && int64_t(rbt) * (kp + 16 / elem) * elem <= kWholeStageBytes ? kp : kTcChunk;
+    lda = chunk + 16 / elem;
     ldc = np + 4;
   }
   // At most two output tiles per warp.
@@ -281,8 +304,8 @@ __device__ __forceinline__ void tc_product(const TcGeometry& g, int rows, const 
   wmma::fragment<wmma::accumulator, 16, 16, KK, float> acc[2];
   wmma::fill_fragment(acc[0], 0.f);
   wmma::fill_fragment(acc[1], 0.f);
-  for (int64_t k0 = 0; k0 < g.kp; k0 += kTcChunk) {
-    const int kc = g.kp - k0 < kTcChunk ? int(g.kp - k0) : kTcChunk;
+  for (int64_t k0 = 0; k0 < g.kp; k0 += g.chunk) {
+    const int kc = g.kp - k0 < g.chunk ? int(g.kp - k0) : int(g.chunk);
     __syncthreads();  // the previous chunk (and tile) is consumed
     stage(k0, kc);
     __syncthreads();
@@ -338,6 +361,7 @@ struct Launch {
   int64_t groups = 1;      // groups per direction (Directions)
   bool cluster = false;    // the cluster form
   int tile_mt = 0;         // the tensor-core kernels' most_mt (TcGeometry), 0: theirs
+  bool stage_whole = false;  // stage a tile's whole reduction at once where it can
 };
 
 // The fewest units per CTA (the most CTAs) whose W_hh slice fits in shared

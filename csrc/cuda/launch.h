@@ -249,10 +249,12 @@ int64_t max_active_clusters(void (*kernel)(Params...), int threads, size_t smem,
   config.numAttrs = 1;
   int clusters = 0;
   // A cluster the device cannot co-schedule is an error of this query (cleared
-  // here): none fits. Not remembered, in case the error had another cause.
+  // here): none fits. An invalid cluster size is remembered, other errors not.
   if (const cudaError_t err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
       err != cudaSuccess) {
     (void)cudaGetLastError();
+    if (err == cudaErrorInvalidClusterSize)
+      return known[key] = 0;
     return 0;
   }
   return known[key] = clusters;

@@ -539,14 +539,14 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
   };
   // The launch's staging, and its shared memory for the geometry its kernel
   // takes (the cluster form's tensor-core tiles may have fewer rows than the
-  // plan's): whole where that fits, else in chunks, which take no more than
-  // the plan.
+  // plan's): whole where that takes no more than the plan (whose residency
+  // was checked), else in chunks, which never do.
   auto with_staging = [&](Launch l) {
     if (l.units == 0) return l;
     if (l.kernel_tc) {
       const int n = forward ? G * l.units : l.units;
       const TcGeometry whole(n, K, elem, l.tile_mt, true), chunked(n, K, elem, l.tile_mt, false);
-      l.stage_whole = whole.fits() && fits(whole.smem());
+      l.stage_whole = whole.fits() && size_t(whole.smem()) <= l.smem;
       l.smem = size_t(l.stage_whole ? whole.smem() : chunked.smem());
     } else {
       l.stage_whole = fits(fma_bytes(l.units, true));
@@ -560,11 +560,15 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
       [&](int units, int64_t clusters) { return cluster_tc_tile(geometry(units), B, clusters); },
       [&](int units, int64_t) { return std::pair<int64_t, int>(tile_rows(units), 0); });
   // The cluster form, unless it is on CUDA cores where the grid form has the
-  // tensor cores (both fit only near the shared-memory limit; not when forced).
+  // tensor cores, for both directions or for one (then a launch each): both
+  // fit only near the shared-memory limit; not when the cluster form is forced.
+  auto tc_grid_fits = [&](int d) {
+    return plan_launch(tc_kernel, H, d, tc_smem, persistent_units_setting()).units > 0;
+  };
   if (c.units > 0 &&
       (c.kernel_tc || !tensor_cores_allowed<scalar_t>() ||
        persistent_sync_setting() == PersistentSync::Cluster ||
-       plan_launch(tc_kernel, H, dirs, tc_smem, persistent_units_setting()).units == 0))
+       (!tc_grid_fits(dirs) && (dirs == 1 || !tc_grid_fits(1)))))
     return with_staging(c);
   TORCH_CHECK(c.units > 0 || persistent_sync_setting() != PersistentSync::Cluster ||
                   rnn_path_setting() == RnnPath::PerStep || B * H == 0,

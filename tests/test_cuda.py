@@ -805,6 +805,32 @@ def test_persistent_path_that_does_not_fit_falls_back_or_fails_when_forced(cell,
 
 
 @pytest.mark.emulation
+@pytest.mark.parametrize("cell,proj_size,which", [
+    ("gru", 0, "persistent forward"), ("lstm", 5, "persistent projection forward")])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_cooperative_launch_refused_at_run_time_falls_back(cell, proj_size, which, bidirectional):
+    """A cooperative launch that the occupancy queries allowed but the device
+    refuses at run time (fewer SMs than it reports, as under MPS): 'auto' takes
+    the per-step path (the same values and every gradient as nn.* + packed, no
+    cooperative launch), a forced persistent path is an error naming the kernel
+    and the grid (two directions first try a launch each)."""
+    counts = emulation_module().launch_counts
+    with rnn_path("auto:grid"), emulate_cuda(), emulated_device(runtime_sm_count=1):
+        before = counts()
+        check_against_packed(cell, num_layers=1, bidirectional=bidirectional, device="cpu", T=6,
+                             B=9, H=24, proj_size=proj_size, seed=9)
+        assert counts()[1] == before[1] and counts()[0] > before[0]
+    ref, x, lengths, hx = sample_inputs(cell, T=5, B=6, I=3, H=24, proj_size=proj_size,
+                                        bidirectional=bidirectional)
+    m = MaskedRNN.from_torch(ref)
+    with rnn_path("persistent:grid"), emulate_cuda(), emulated_device(runtime_sm_count=1):
+        with pytest.raises(RuntimeError, match=rf"VARLEN_KERNELS_RNN_PATH=persistent: the device "
+                                               rf"refused the {which} kernel's launch of 12 CTAs "
+                                               r"\(cooperative\) at run time"):
+            m(x, lengths, hx)
+
+
+@pytest.mark.emulation
 def test_rnn_path_setting_is_checked():
     args = layer_args("gru", "cpu", False)
     with emulate_cuda(), rnn_path("fastest"):

@@ -143,11 +143,14 @@ def selftest(x, name: str, blocks: int, threads: int):
 
 
 @contextlib.contextmanager
-def emulated_device(*, sm_count=None, max_cluster_blocks=None, max_grid_blocks=None,
-                    max_shared_per_block=None, lengths_in_host_memory=None):
+def emulated_device(*, sm_count=None, runtime_sm_count=None, max_cluster_blocks=None,
+                    max_grid_blocks=None, max_shared_per_block=None, lengths_in_host_memory=None):
     """Changes limits of the emulated device for a while: ``sm_count`` bounds
     cooperative grids (the persistent RNN kernels spread the hidden units over
     the SMs: fewer SMs, more units per CTA, fewer rows per tile);
+    ``runtime_sm_count`` makes cooperative launches get fewer SMs at run time
+    than the occupancy queries see (as under MPS), so that a grid they allowed
+    is refused at launch;
     ``max_cluster_blocks`` (1 to 16, the default) bounds thread block clusters
     likewise (the cluster form of those kernels: fewer CTAs in a cluster, more
     units per CTA, fewer rows per tile, so more clusters);
@@ -158,7 +161,8 @@ def emulated_device(*, sm_count=None, max_cluster_blocks=None, max_grid_blocks=N
     plan and the token count made on the host); by default they take them as
     lengths in device memory."""
     module = emulation_module()
-    new = {k: v for k, v in (("sm_count", sm_count), ("max_cluster_blocks", max_cluster_blocks),
+    new = {k: v for k, v in (("sm_count", sm_count), ("runtime_sm_count", runtime_sm_count),
+                             ("max_cluster_blocks", max_cluster_blocks),
                              ("max_grid_blocks", max_grid_blocks),
                              ("max_shared_per_block", max_shared_per_block),
                              ("lengths_in_host_memory", lengths_in_host_memory))

@@ -166,13 +166,18 @@ int64_t cooperative_grid_limit(void (*kernel)(Params...), int threads, size_t sm
 // block is resident at once; a grid beyond cooperative_grid_limit is refused.
 // Call cooperative_grid_limit for the kernel on the current device first (it
 // sets the kernel's shared-memory cap there, once per device; a
-// cudaDeviceReset would clear that cap and is not supported).
+// cudaDeviceReset would clear that cap and is not supported). Returns false,
+// the error cleared, where the device refuses the grid as too large at run
+// time (cudaErrorCooperativeLaunchTooLarge: fewer SMs than the limit saw, as
+// under MPS); fails on any other error.
 template <typename... Params, typename... Args>
-void launch_cooperative(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+bool launch_cooperative(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
                         Stream stream, Args&&... args) {
 #ifdef VK_EMULATE_CUDA
   (void)stream;
+  if (!::vk_emu::cooperative_fits(grid, block, smem)) return false;
   ::vk_emu::launch(grid, block, smem, /*cooperative=*/true, [&] { kernel(args...); });
+  return true;
 #else
   std::tuple<Params...> held(std::forward<Args>(args)...);
   void* ptrs[sizeof...(Params) > 0 ? sizeof...(Params) : 1];
@@ -180,8 +185,14 @@ void launch_cooperative(void (*kernel)(Params...), dim3 grid, dim3 block, size_t
     int i = 0;
     ((ptrs[i++] = static_cast<void*>(&p)), ...);
   }, held);
-  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid, block,
-                                             ptrs, smem, stream));
+  const cudaError_t err = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid,
+                                                      block, ptrs, smem, stream);
+  if (err == cudaErrorCooperativeLaunchTooLarge) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  C10_CUDA_CHECK(err);
+  return true;
 #endif
 }
 
@@ -264,14 +275,17 @@ int64_t max_active_clusters(void (*kernel)(Params...), int threads, size_t smem,
 // A launch in thread block clusters of `cluster` consecutive blocks along x
 // (cooperative_groups::this_cluster().sync() allowed; grid.x a multiple of
 // cluster). Call max_active_clusters for the kernel first (it sets the
-// kernel's shared-memory cap on the current device).
+// kernel's shared-memory cap on the current device). Returns false, the
+// error cleared, where the device refuses the cluster size at run time
+// (cudaErrorInvalidClusterSize); fails on any other error.
 template <typename... Params, typename... Args>
-void launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, int64_t cluster,
+bool launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, int64_t cluster,
                     size_t smem, Stream stream, Args&&... args) {
 #ifdef VK_EMULATE_CUDA
   (void)stream;
   ::vk_emu::launch(grid, block, smem, /*cooperative=*/false, [&] { kernel(args...); },
                    unsigned(cluster));
+  return true;
 #else
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
@@ -285,7 +299,13 @@ void launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, int64_t cl
   attr[0].val.clusterDim.z = 1;
   config.attrs = attr;
   config.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  if (err == cudaErrorInvalidClusterSize) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  C10_CUDA_CHECK(err);
+  return true;
 #endif
 }
 

@@ -613,7 +613,8 @@ std::optional<std::vector<RnnForwardResult>> rnn_forward_persistent(
       const Tensor &sorted_len = plan.sorted_len, &perm = plan.perm, &off = plan.off;
       std::vector<Tensor> keep;  // contiguous operands, alive until the launch is queued
       result.emplace();
-      launch_directions(tc_kernel, fma_kernel, l, dirs.size(), [&](size_t d) {
+      const bool launched = launch_directions(tc_kernel, fma_kernel, l, dirs.size(),
+                                              "persistent forward", [&](size_t d) {
         const PersistentForward& in = dirs[d];
         const Tensor w = in.w_hh.contiguous(), h0c = in.h0.contiguous();
         const Tensor gx = in.gx.stride(1) == 1 ? in.gx : in.gx.contiguous();
@@ -642,6 +643,7 @@ std::optional<std::vector<RnnForwardResult>> rnn_forward_persistent(
         result->emplace_back(output, h_n, c_n, gates, states);
         return params;
       });
+      if (!launched) result.reset();  // refused at run time: another path
       return 0;
     });
   });
@@ -672,7 +674,8 @@ std::optional<std::vector<PersistentBackwardResult>> rnn_backward_persistent(
       const Tensor &sorted_len = plan.sorted_len, &perm = plan.perm, &off = plan.off;
       std::vector<Tensor> keep;  // operands and scratch, alive until the launch is queued
       result.emplace();
-      launch_directions(tc_kernel, fma_kernel, l, dirs.size(), [&](size_t d) {
+      const bool launched = launch_directions(tc_kernel, fma_kernel, l, dirs.size(),
+                                              "persistent backward", [&](size_t d) {
         const PersistentBackward& in = dirs[d];
         const Tensor w = in.w_hh.contiguous(), gs = in.gates.contiguous();
         const Tensor st = in.states.contiguous(), dy = in.dy.contiguous();
@@ -699,6 +702,7 @@ std::optional<std::vector<PersistentBackwardResult>> rnn_backward_persistent(
         result->emplace_back(dgx, dgh, grad_h0, grad_c0);
         return params;
       });
+      if (!launched) result.reset();  // refused at run time: another path
       return 0;
     });
   });

@@ -503,23 +503,36 @@ Launch choose_cluster_launch(Kernel tc_kernel, Kernel fma_kernel, int dirs, int6
 
 // The launch of the kernel that `l` chose (tensor-core or fma; cooperative, or
 // in clusters) for `dirs` directions; params(d) gives direction d's
-// parameters.
+// parameters. Returns false, having launched nothing, where the device
+// refuses the grid or the clusters at run time although the occupancy queries
+// allowed them (as where MPS gives the process fewer SMs than the device has):
+// the caller then takes another path (two directions: a launch each; one:
+// the per-step path), unless VARLEN_KERNELS_RNN_PATH=persistent forces this
+// one, which is then an error naming `which` kernel.
 template <typename Params, typename ParamsOf>
-void launch_directions(void (*tc_kernel)(Directions<Params>),
+bool launch_directions(void (*tc_kernel)(Directions<Params>),
                        void (*fma_kernel)(Directions<Params>), const Launch& l, size_t dirs,
-                       ParamsOf params) {
+                       const char* which, ParamsOf params) {
   Directions<Params> args{};
   for (size_t d = 0; d < dirs; ++d) args.d[d] = params(d);
   args.ctas = l.ctas;
   args.groups = l.groups;
   args.cluster = l.cluster;
   const dim3 grid(unsigned(l.ctas * l.groups * int64_t(dirs)));
-  if (l.cluster)
-    cuda::launch_cluster(l.kernel_tc ? tc_kernel : fma_kernel, grid, dim3(kThreads), l.ctas,
-                         l.smem, cuda::current_stream(), args);
-  else
-    cuda::launch_cooperative(l.kernel_tc ? tc_kernel : fma_kernel, grid, dim3(kThreads), l.smem,
-                             cuda::current_stream(), args);
+  const bool launched =
+      l.cluster ? cuda::launch_cluster(l.kernel_tc ? tc_kernel : fma_kernel, grid,
+                                       dim3(kThreads), l.ctas, l.smem, cuda::current_stream(),
+                                       args)
+                : cuda::launch_cooperative(l.kernel_tc ? tc_kernel : fma_kernel, grid,
+                                           dim3(kThreads), l.smem, cuda::current_stream(), args);
+  TORCH_CHECK(launched || dirs > 1 || rnn_path_setting() != RnnPath::Persistent,
+              "VARLEN_KERNELS_RNN_PATH=persistent: the device refused the ", which,
+              " kernel's launch of ", grid.x, " CTAs",
+              l.cluster ? c10::str(" in clusters of ", l.ctas) : std::string(" (cooperative)"),
+              " at run time, although its occupancy queries allowed it (as where MPS gives the ",
+              "process fewer SMs than the device has); use 'auto' to fall back to the per-step "
+              "path");
+  return launched;
 }
 
 }  // namespace

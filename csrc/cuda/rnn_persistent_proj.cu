@@ -539,7 +539,8 @@ std::optional<std::vector<RnnForwardResult>> rnn_forward_proj_persistent(
     if (l.units == 0) return;
     std::vector<Tensor> keep;  // operands and scratch, alive until the launch is queued
     result.emplace();
-    launch_directions(tc_kernel, fma_kernel, l, dirs.size(), [&](size_t d) {
+    const bool launched = launch_directions(tc_kernel, fma_kernel, l, dirs.size(),
+                                            "persistent projection forward", [&](size_t d) {
       const ProjPersistentForward& in = dirs[d];
       const Tensor w_hh = in.w_hh.contiguous(), w_hr = in.w_hr.contiguous();
       const Tensor gx = in.gx.stride(1) == 1 ? in.gx : in.gx.contiguous();
@@ -565,6 +566,7 @@ std::optional<std::vector<RnnForwardResult>> rnn_forward_proj_persistent(
       result->emplace_back(output, h_n, c_n, gates, states);
       return params;
     });
+    if (!launched) result.reset();  // refused at run time: another path
   });
   return result;
 }
@@ -589,7 +591,8 @@ std::optional<std::vector<ProjPersistentBackwardResult>> rnn_backward_proj_persi
     if (l.units == 0) return;
     std::vector<Tensor> keep;  // operands and scratch, alive until the launch is queued
     result.emplace();
-    launch_directions(tc_kernel, fma_kernel, l, dirs.size(), [&](size_t d) {
+    const bool launched = launch_directions(tc_kernel, fma_kernel, l, dirs.size(),
+                                            "persistent projection backward", [&](size_t d) {
       const ProjPersistentBackward& in = dirs[d];
       const Tensor w_hh = in.w_hh.contiguous(), w_hr = in.w_hr.contiguous();
       const Tensor gates = in.gates.contiguous(), states = in.states.contiguous();
@@ -617,6 +620,7 @@ std::optional<std::vector<ProjPersistentBackwardResult>> rnn_backward_proj_persi
       result->emplace_back(dgx, dh_tok, grad_h0, grad_c0);
       return params;
     });
+    if (!launched) result.reset();  // refused at run time: another path
   });
   return result;
 }

@@ -83,6 +83,11 @@ Order thread_order();
 // The emulated device: what launches are checked against.
 struct DeviceLimits {
   int sm_count = 132;
+  // SMs that cooperative launches get at run time (0: sm_count). Fewer, as
+  // where MPS gives a process part of a GPU, whose properties and occupancy
+  // queries still show all of them: a grid the queries allowed is then
+  // refused at launch (cooperative_fits).
+  int runtime_sm_count = 0;
   int max_threads_per_block = 1024;
   int max_threads_per_sm = 2048;
   int max_blocks_per_sm = 32;
@@ -130,6 +135,9 @@ LaunchCounts& launch_counts();
 // clusters in no way. A plain launch (0) runs its blocks as clusters of one.
 void launch(dim3 grid, dim3 block, size_t dynamic_smem, bool cooperative,
             const std::function<void()>& body, unsigned cluster = 0);
+// Whether a cooperative launch of this grid can be resident at run time
+// (runtime_sm_count), as cudaLaunchCooperativeKernel checks.
+bool cooperative_fits(dim3 grid, dim3 block, size_t dynamic_smem);
 
 [[noreturn]] void assert_failed(const char* cond, const char* file, int line);
 

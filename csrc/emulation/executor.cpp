@@ -674,12 +674,13 @@ void check_config(dim3 grid, dim3 block, size_t smem, bool cooperative, unsigned
   if (!cooperative) return;
   uint64_t per_sm = std::min<uint64_t>(d.max_blocks_per_sm, d.max_threads_per_sm / threads);
   if (smem > 0) per_sm = std::min<uint64_t>(per_sm, d.max_shared_per_sm / smem);
-  if (blocks > per_sm * d.sm_count)
+  const uint64_t sms = d.runtime_sm_count > 0 ? d.runtime_sm_count : d.sm_count;
+  if (blocks > per_sm * sms)
     throw std::runtime_error(
         "emulated cooperative launch: too many blocks in cooperative launch (" +
-        std::to_string(blocks) + " blocks, at most " + std::to_string(per_sm * d.sm_count) +
-        " can be resident: " + std::to_string(per_sm) + " per SM on " +
-        std::to_string(d.sm_count) + " SMs)");
+        std::to_string(blocks) + " blocks, at most " + std::to_string(per_sm * sms) +
+        " can be resident: " + std::to_string(per_sm) + " per SM on " + std::to_string(sms) +
+        " SMs)");
   if (blocks * threads > uint64_t(d.max_cooperative_threads))
     throw std::runtime_error("emulated cooperative launch: " + std::to_string(blocks * threads) +
                              " threads, the emulator runs at most " +
@@ -689,6 +690,17 @@ void check_config(dim3 grid, dim3 block, size_t smem, bool cooperative, unsigned
 }  // namespace
 
 // ------------------------------------------------------------ API
+bool cooperative_fits(dim3 grid, dim3 block, size_t dynamic_smem) {
+  try {
+    check_config(grid, block, dynamic_smem, /*cooperative=*/true, 1);
+  } catch (const std::runtime_error& e) {
+    if (std::string(e.what()).find("too many blocks in cooperative launch") != std::string::npos)
+      return false;
+    throw;
+  }
+  return true;
+}
+
 void set_thread_order(Order order, uint64_t seed) {
   ts.order = order;
   ts.seed = seed;

@@ -37,7 +37,9 @@ PyObject* set_thread_order(PyObject*, PyObject* args) {
 }
 
 // set_limit(name, value) -> previous value, for name "sm_count" (bounds
-// cooperative grids), "max_cluster_blocks" (blocks of a cluster, 1 to 16),
+// cooperative grids), "runtime_sm_count" (the SMs cooperative launches get at
+// run time; 0 restores sm_count), "max_cluster_blocks" (blocks of a cluster,
+// 1 to 16),
 // "max_grid_blocks" (bounds grid-stride launches),
 // "max_shared_per_block" (bytes of dynamic shared memory a block may have) or
 // "lengths_in_host_memory" (0 or 1: how the ops take their lengths).
@@ -56,14 +58,18 @@ PyObject* set_limit(PyObject*, PyObject* args) {
     d.lengths_in_host_memory = value == 1;
     return PyLong_FromLongLong(old);
   }
-  if (value < 1) {
-    PyErr_Format(PyExc_ValueError, "%s must be >= 1, got %lld", name, value);
+  const long long least = n == "runtime_sm_count" ? 0 : 1;
+  if (value < least) {
+    PyErr_Format(PyExc_ValueError, "%s must be >= %lld, got %lld", name, least, value);
     return nullptr;
   }
   long long old = 0;
   if (n == "sm_count") {
     old = d.sm_count;
     d.sm_count = int(value);
+  } else if (n == "runtime_sm_count") {
+    old = d.runtime_sm_count;
+    d.runtime_sm_count = int(value);
   } else if (n == "max_cluster_blocks") {
     if (value > 16) {
       PyErr_Format(PyExc_ValueError, "max_cluster_blocks must be <= 16, got %lld", value);
@@ -79,8 +85,9 @@ PyObject* set_limit(PyObject*, PyObject* args) {
     d.max_shared_per_block = size_t(value);
   } else {
     PyErr_Format(PyExc_ValueError,
-                 "limit must be 'sm_count', 'max_cluster_blocks', 'max_grid_blocks', "
-                 "'max_shared_per_block' or 'lengths_in_host_memory', got '%s'",
+                 "limit must be 'sm_count', 'runtime_sm_count', 'max_cluster_blocks', "
+                 "'max_grid_blocks', 'max_shared_per_block' or 'lengths_in_host_memory', got "
+                 "'%s'",
                  name);
     return nullptr;
   }

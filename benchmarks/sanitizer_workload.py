@@ -10,24 +10,10 @@ the CPU and on the emulated CUDA code, so it cannot rot.
 """
 import argparse
 import contextlib
-import os
 
 import torch
 
 import varlen_kernels as vk
-
-
-@contextlib.contextmanager
-def setting(name, value):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
 
 
 def main(argv=None):
@@ -55,7 +41,8 @@ def main(argv=None):
         # tensor-core one (bfloat16).
         lengths = torch.cat([torch.full((8,), 9), torch.randint(0, 4, (32,))])
         for sync, emulated in (("grid", dict(sm_count=4)), ("auto", dict(max_cluster_blocks=2))):
-            with setting("VARLEN_KERNELS_PERSISTENT_SYNC", sync), limits(**emulated):
+            with vk.testing.env_setting("VARLEN_KERNELS_PERSISTENT_SYNC", sync), \
+                    limits(**emulated):
                 for dtype in (torch.float32, torch.bfloat16):
                     for cell, proj_size, bidirectional in [("lstm", 0, True), ("gru", 0, True),
                                                            ("lstm", 12, True), ("lstm", 0, False),

@@ -3,7 +3,6 @@ code executed on the CPU (every CI run) and on a GPU where there is one. Values
 and gradients against nn.* + pack_padded_sequence for every configuration run
 in test_rnn.py / test_losses.py on every backend."""
 import contextlib
-import os
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ from conftest import (CELLS, check_against_packed, grouped_mm_as_on_gpu,
                       lengths_in_host_memory, requires_cuda, run_packed, sample_inputs)
 from varlen_kernels import (MaskedRNN, masked_bce_with_logits, masked_cross_entropy, masked_mse,
                             masked_rnn_reference, ops)
-from varlen_kernels.testing import emulate_cuda, emulated_device, emulation_module
+from varlen_kernels.testing import emulate_cuda, emulated_device, emulation_module, env_setting
 
 
 def layer_args(cell, device, requires_grad, T=4, B=3, I=2, H=3, lengths=(4, 0, 2), seed=0):
@@ -243,20 +242,6 @@ def test_grid_stride_loops_go_round(cell):
         got = run()
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
-
-
-@contextlib.contextmanager
-def env_setting(name, value):
-    """Sets the environment variable `name` to `value` for the block."""
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
 
 
 @contextlib.contextmanager

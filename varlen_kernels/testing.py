@@ -143,6 +143,21 @@ def selftest(x, name: str, blocks: int, threads: int):
 
 
 @contextlib.contextmanager
+def env_setting(name: str, value: str):
+    """Sets the environment variable `name` (a VARLEN_KERNELS_* setting) to `value`
+    for the block, then restores it."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
+@contextlib.contextmanager
 def emulated_device(*, sm_count=None, runtime_sm_count=None, max_cluster_blocks=None,
                     max_grid_blocks=None, max_shared_per_block=None, lengths_in_host_memory=None):
     """Changes limits of the emulated device for a while: ``sm_count`` bounds

@@ -99,6 +99,18 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Strea
 #ifndef VK_EMULATE_CUDA
 // The current device's properties, as torch caches them (read once per device).
 inline const cudaDeviceProp& device_properties() { return *at::cuda::getCurrentDeviceProperties(); }
+
+// A launch's status `err`: false, the error cleared, where it is `refused` (the
+// device's refusal of that launch at run time); true on success; any other
+// error fails.
+inline bool launch_status(cudaError_t err, cudaError_t refused) {
+  if (err == refused) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  C10_CUDA_CHECK(err);
+  return true;
+}
 #endif
 
 // Largest dynamic shared memory one block may ask for (the opt-in limit).
@@ -128,6 +140,18 @@ inline int compute_major() {
 #endif
 }
 
+#ifdef VK_EMULATE_CUDA
+// Blocks of `threads` threads and smem bytes of dynamic shared memory that can
+// be resident on one SM of the emulated device (0: none fits).
+inline int64_t emulated_blocks_per_sm(int threads, size_t smem) {
+  const auto& d = ::vk_emu::device_limits();
+  if (smem > d.max_shared_per_block || threads > d.max_threads_per_block) return 0;
+  int64_t per_sm = std::min<int64_t>(d.max_blocks_per_sm, d.max_threads_per_sm / threads);
+  if (smem > 0) per_sm = std::min<int64_t>(per_sm, int64_t(d.max_shared_per_sm / smem));
+  return per_sm;
+}
+#endif
+
 // Most blocks of `kernel` (block threads, smem bytes of dynamic shared memory)
 // that can be resident at once on the current device: the grid limit of a
 // cooperative launch. 0 when not even one block fits. On a GPU the answer is
@@ -137,10 +161,8 @@ int64_t cooperative_grid_limit(void (*kernel)(Params...), int threads, size_t sm
 #ifdef VK_EMULATE_CUDA
   (void)kernel;
   const auto& d = ::vk_emu::device_limits();
-  if (smem > d.max_shared_per_block || threads > d.max_threads_per_block) return 0;
-  int64_t per_sm = std::min<int64_t>(d.max_blocks_per_sm, d.max_threads_per_sm / threads);
-  if (smem > 0) per_sm = std::min<int64_t>(per_sm, int64_t(d.max_shared_per_sm / smem));
-  return std::min<int64_t>(per_sm * d.sm_count, d.max_cooperative_threads / threads);
+  return std::min<int64_t>(emulated_blocks_per_sm(threads, smem) * d.sm_count,
+                           d.max_cooperative_threads / threads);
 #else
   const cudaDeviceProp& prop = device_properties();
   if (smem > prop.sharedMemPerBlockOptin || !prop.cooperativeLaunch) return 0;
@@ -185,14 +207,9 @@ bool launch_cooperative(void (*kernel)(Params...), dim3 grid, dim3 block, size_t
     int i = 0;
     ((ptrs[i++] = static_cast<void*>(&p)), ...);
   }, held);
-  const cudaError_t err = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid,
-                                                      block, ptrs, smem, stream);
-  if (err == cudaErrorCooperativeLaunchTooLarge) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  C10_CUDA_CHECK(err);
-  return true;
+  return launch_status(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid,
+                                                   block, ptrs, smem, stream),
+                       cudaErrorCooperativeLaunchTooLarge);
 #endif
 }
 
@@ -210,6 +227,26 @@ inline int64_t max_cluster_blocks() {
 #endif
 }
 
+#ifndef VK_EMULATE_CUDA
+// A launch configuration in clusters of `cluster` consecutive blocks along x;
+// `attr` holds its cluster attribute (and must outlive it).
+inline cudaLaunchConfig_t cluster_config(dim3 grid, dim3 block, size_t smem, Stream stream,
+                                         int64_t cluster, cudaLaunchAttribute& attr) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = unsigned(cluster);
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  config.attrs = &attr;
+  config.numAttrs = 1;
+  return config;
+}
+#endif
+
 // Most clusters of `cluster` blocks of `kernel` (block threads, smem bytes of
 // dynamic shared memory) that can be resident at once on the current device,
 // 0 when not even one can (or the device has no clusters). Remembered per
@@ -221,11 +258,8 @@ int64_t max_active_clusters(void (*kernel)(Params...), int threads, size_t smem,
 #ifdef VK_EMULATE_CUDA
   (void)kernel;
   const auto& d = ::vk_emu::device_limits();
-  if (smem > d.max_shared_per_block || threads > d.max_threads_per_block) return 0;
-  int64_t per_sm = std::min<int64_t>(d.max_blocks_per_sm, d.max_threads_per_sm / threads);
-  if (smem > 0) per_sm = std::min<int64_t>(per_sm, int64_t(d.max_shared_per_sm / smem));
   if (cluster * threads > d.max_cooperative_threads) return 0;  // the emulator runs a cluster at once
-  return per_sm * d.sm_count / cluster;
+  return emulated_blocks_per_sm(threads, smem) * d.sm_count / cluster;
 #else
   const cudaDeviceProp& prop = device_properties();
   if (smem > prop.sharedMemPerBlockOptin) return 0;
@@ -247,17 +281,9 @@ int64_t max_active_clusters(void (*kernel)(Params...), int threads, size_t smem,
                                       int(prop.sharedMemPerBlockOptin)));
   if (cluster > kPortableClusterBlocks)  // a kernel-wide permission, never withdrawn
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(unsigned(cluster));
-  config.blockDim = dim3(unsigned(threads));
-  config.dynamicSmemBytes = smem;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = unsigned(cluster);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t config = cluster_config(dim3(unsigned(cluster)), dim3(unsigned(threads)),
+                                                   smem, nullptr, cluster, attr);
   int clusters = 0;
   // A cluster the device cannot co-schedule is an error of this query (cleared
   // here): none fits. An invalid cluster size is remembered, other errors not.
@@ -287,25 +313,10 @@ bool launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, int64_t cl
                    unsigned(cluster));
   return true;
 #else
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = unsigned(cluster);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
-  if (err == cudaErrorInvalidClusterSize) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  C10_CUDA_CHECK(err);
-  return true;
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t config = cluster_config(grid, block, smem, stream, cluster, attr);
+  return launch_status(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...),
+                       cudaErrorInvalidClusterSize);
 #endif
 }
 

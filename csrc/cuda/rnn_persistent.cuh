@@ -431,13 +431,13 @@ Launch choose_launch(Kernel tc_kernel, Kernel fma_kernel, const char* which, int
 // of ctas = ceil(H / units) CTAs per group, with the fewest units (the most
 // CTAs, at most a portable cluster's worth, 8) whose weight slice fits in
 // shared memory, else (a larger H) with up to 16 CTAs where the device can
-// schedule such clusters; at least min_units; as many groups as there are row tiles of the B rows, at
-// most the clusters that can be resident at once (shared by the directions;
-// at least one each, as clusters never wait for each other, so they need not
-// all be resident). rows_for(units, resident) gives the rows of a tile and
-// the tensor-core kernels' most_mt (0 for the fma kernels, whose tiles are
-// fixed), where resident is the clusters a direction can have at once.
-// units = 0: no cluster fits.
+// schedule such clusters; at least min_units. As many groups as there are
+// row tiles of the B rows, at most the clusters that can be resident at once
+// (shared by the directions; at least one each, as clusters never wait for
+// each other, so they need not all be resident). rows_for(units, clusters)
+// gives the rows of a tile and the tensor-core kernels' most_mt (0 for the
+// fma kernels, whose tiles are fixed) for `clusters` resident clusters a
+// direction. units = 0: no cluster fits.
 template <typename Kernel, typename SmemFor, typename RowsFor>
 Launch plan_cluster_launch(Kernel kernel, int64_t B, int64_t H, int dirs, SmemFor smem_for,
                            RowsFor rows_for, int64_t min_units) {
@@ -482,7 +482,7 @@ inline std::pair<int64_t, int> cluster_tc_tile(const TcGeometry& g, int64_t rows
 // The cluster form of the persistent launch, as choose_launch chooses the grid
 // form: the tensor-core kernel where tensor_cores_allowed() and it fits, else
 // the fma one; units = 0 when neither fits (or the setting or the work says
-// no). tc_rows / fma_rows(units): rows of the kernels' tiles.
+// no). tc_rows / fma_rows: the kernels' rows_for (plan_cluster_launch).
 template <typename scalar_t, typename Kernel, typename TcSmem, typename FmaSmem, typename TcRows,
           typename FmaRows>
 Launch choose_cluster_launch(Kernel tc_kernel, Kernel fma_kernel, int dirs, int64_t work,

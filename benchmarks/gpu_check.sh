@@ -1,51 +1,87 @@
 #!/usr/bin/env bash
 # The checks a GPU session runs on the device machine, in stages:
-#   bash benchmarks/gpu_check.sh                   # build tests sanitizer ptxas bench
+#   bash benchmarks/gpu_check.sh                   # build tests bench tests_other sanitizer profile
 #   bash benchmarks/gpu_check.sh build tests       # the stages named, in that order
 # A device call runs 10 minutes at most and a session has little device time,
-# so each stage does only what needs the GPU (CI runs the rest on the CPU):
-#   build      the extension for sm_90a (and its emulation modules, which some
-#              CUDA tests use), with MAX_JOBS=16
-#   tests      the CUDA tests: backends "cuda" only (VK_EMU_ORDERS empty), not
-#              the tests marked emulation, only those whose id names cuda
-#   sanitizer  compute-sanitizer memcheck and racecheck on a small fwd+bwd
+# so each stage does only what needs the GPU (CI runs the rest on the CPU), and
+# each has a time cap (seconds; CAP_<stage>=N overrides it) after which it is
+# stopped and the next one starts:
+#   build      skipped where varlen_kernels._C already imports with CUDA (a build
+#              for this python and torch, carried); else the extension for
+#              sm_90a with MAX_JOBS=16, without the emulation modules (the GPU
+#              stages do not use them; VARLEN_KERNELS_EMULATION=1 builds them)
+#   tests      the CUDA tests of tests/test_cuda.py: backend "cuda" only
+#              (VK_EMU_ORDERS empty), not the tests marked emulation
+#   tests_other  the same selection (ids naming cuda) in the other test files;
+#              a process of its own, so a CUDA error in one cannot fail the other
+#   sanitizer  compute-sanitizer memcheck, then racecheck, on a small fwd+bwd
 #   ptxas      registers and spills of the persistent kernels
 #   bench      bench_rnn at the issue's shapes (T=512, B 8/64/256, H 256/1024)
 #              for LSTM in bfloat16 and IEEE float32 against packed and padded
-#              cuDNN and MaskedRNN on all rows; bench_linear_ce; bench_losses
+#              cuDNN and the grid form of our persistent kernels; bench_linear_ce;
+#              bench_losses
+#   bench_gru  the same for GRU, and the LSTM with TF32 on both sides
+#   profile    torch.profiler's kernel table of one MaskedRNN fwd+bwd per shape
 #   units      (only when named) bench_rnn, bfloat16 LSTM, T=512, B 8/64, H 256/1024,
 #              with the persistent kernels at 4, 8, 16 and 32 units a CTA as well
-#              as their default (fewer CTAs synchronizing each step), to
-#              benchmarks/results/cta_sweep/
+#              as their default, to benchmarks/results/cta_sweep/
 # Each stage prints its seconds. Results (and logs) go to benchmarks/results/
-# and, where $OUT is set, as one archive $OUT/gpu_results.tgz (the device
-# tool brings back at most 8 files). PYTHON defaults to python3.
+# and, where $OUT is set, as one archive $OUT/gpu_results.tgz after every stage
+# (the device tool brings back at most 8 files). PYTHON defaults to python3.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 RES=benchmarks/results
 mkdir -p "$RES"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16}
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONUNBUFFERED=1
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(build tests sanitizer ptxas bench)
+[ ${#stages[@]} -eq 0 ] && stages=(build tests bench tests_other sanitizer profile)
 status=0
 log() { echo "== $*"; }
+# cap STAGE CMD...: CMD under the stage's time cap (SIGINT first, so pytest and
+# the benchmarks still write what they have).
+declare -A CAP=([build]=300 [tests]=140 [tests_other]=50 [sanitizer]=70 [ptxas]=120
+                [bench]=150 [bench_gru]=200 [profile]=35 [units]=300)
+# BUDGET=N (seconds) ends the whole run by then: a cap never reaches past it.
+END=$(( $(date +%s) + ${BUDGET:-1000000} ))
+cap() {
+  local s=$1; shift
+  local v="CAP_$s"
+  local limit=${!v:-${CAP[$s]}} left=$(( END - $(date +%s) - 20 ))
+  [ $left -lt $limit ] && limit=$left
+  if [ $limit -lt 5 ]; then echo "== $s: skipped, the budget is spent"; return 124; fi
+  timeout --signal=INT --kill-after=10 "$limit" "$@"
+  local rc=$?
+  [ $rc -eq 124 ] && echo "== $s: stopped at its cap of $limit s"
+  return $rc
+}
+PYTEST_TIMEOUT=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout=60")
 
 stage_build() {
-  $PY -m pip install --no-build-isolation --no-deps -e . -q 2>&1 | tail -20 || status=1
-  $PY -c "import varlen_kernels as v, torch; assert v._C.WITH_CUDA, 'built without CUDA'; print(torch.cuda.get_device_name())" || exit 1
+  if $PY -c "import varlen_kernels as v; assert v._C.WITH_CUDA" 2>/dev/null; then
+    echo "varlen_kernels._C imports with CUDA: not rebuilt"
+  else
+    VARLEN_KERNELS_EMULATION=${VARLEN_KERNELS_EMULATION:-0} cap build $PY setup.py build_ext --inplace \
+      > "$RES/gpu_build.log" 2>&1 || { tail -40 "$RES/gpu_build.log"; status=1; }
+  fi
+  $PY -c "import varlen_kernels as v, torch; assert v._C.WITH_CUDA, 'built without CUDA'
+print(torch.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())" || exit 1
 }
 
-stage_tests() {
-  VK_EMU_ORDERS= $PY -m pytest tests -p no:cacheprovider -q -rs -m "not emulation" -k cuda 2>&1 \
-    | tee "$RES/gpu_tests.log" | tail -30
+gpu_tests() {  # STAGE LOG PYTEST-ARGS...
+  local s=$1 out=$2; shift 2
+  VK_EMU_ORDERS= cap "$s" $PY -m pytest "$@" -q -rs -m "not emulation" $PYTEST_TIMEOUT 2>&1 \
+    | tee "$RES/$out" | grep -v "^\.*$\|^[.sFE]*\s*\[" | tail -40
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 }
+stage_tests() { gpu_tests tests gpu_tests.log tests/test_cuda.py; }
+stage_tests_other() { gpu_tests tests_other gpu_tests_other.log tests -k cuda \
+  --ignore tests/test_cuda.py --ignore tests/test_emulation.py; }
 
 stage_sanitizer() {
   for tool in memcheck racecheck; do
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool $tool $PY benchmarks/sanitizer_workload.py --device cuda \
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 cap sanitizer compute-sanitizer --tool $tool $PY benchmarks/sanitizer_workload.py --device cuda \
       > "$RES/sanitizer_$tool.log" 2>&1
     tail -3 "$RES/sanitizer_$tool.log"
     grep -q "ERROR SUMMARY: 0 errors\|RACECHECK SUMMARY: 0 hazards" "$RES/sanitizer_$tool.log" || status=1
@@ -53,28 +89,49 @@ stage_sanitizer() {
 }
 
 stage_ptxas() {
-  $PY benchmarks/ptxas_report.py --out "$RES/ptxas_persistent.txt" 2>&1 | tail -40 || status=1
+  cap ptxas $PY benchmarks/ptxas_report.py --out "$RES/ptxas_persistent.txt" 2>&1 | tail -40 || status=1
 }
 
+bench() {  # STAGE NAME BENCH-ARGS...
+  local s=$1 name=$2; shift 2
+  cap "$s" $PY benchmarks/bench_rnn.py --device cuda --out "$RES/$name" "$@" 2>&1 | tee "$RES/$name.log" \
+    | grep "^=\|failed\|^lstm\|^gru\|  [a-z_]*:" | tail -40 || status=1
+}
 stage_bench() {
-  $PY benchmarks/bench_rnn.py --device cuda --out "$RES" --cells lstm --dtypes bfloat16,float32 --baselines masked,grid_sync,all_rows,host_lengths,packed,padded 2>&1 | tee "$RES/bench_rnn_cuda.log" | tail -30 || status=1
-  $PY benchmarks/bench_linear_ce.py --device cuda --out "$RES" 2>&1 | tee "$RES/bench_linear_ce_cuda.log" | tail -10 || status=1
-  $PY benchmarks/bench_losses.py --device cuda --out "$RES" 2>&1 | tee "$RES/bench_losses_cuda.log" | tail -20 || status=1
+  bench bench bench_rnn_cuda --cells lstm --dtypes bfloat16,float32 --repeats 2 --min-run-time 0.3 \
+    --baselines masked,grid_sync,packed,padded
+  CAP_bench=25 cap bench $PY benchmarks/bench_linear_ce.py --device cuda --out "$RES" 2>&1 \
+    | tee "$RES/bench_linear_ce_cuda.log" | tail -6 || status=1
+  CAP_bench=25 cap bench $PY benchmarks/bench_losses.py --device cuda --out "$RES" 2>&1 \
+    | tee "$RES/bench_losses_cuda.log" | tail -6 || status=1
+}
+stage_bench_gru() {
+  bench bench_gru bench_rnn_cuda_gru --cells gru --dtypes bfloat16,float32 --repeats 2 --min-run-time 0.3 \
+    --baselines masked,grid_sync,packed,padded
+  CAP_bench_gru=100 bench bench_gru bench_rnn_cuda_tf32 --cells lstm --dtypes tf32 --repeats 2 \
+    --min-run-time 0.3 --baselines masked,grid_sync,packed,padded
+}
+
+stage_profile() {
+  cap profile $PY benchmarks/profile_rnn.py --out "$RES/profile_rnn.txt" 2>&1 | tail -45 || status=1
 }
 
 stage_units() {
-  $PY benchmarks/bench_rnn.py --device cuda --out "$RES/cta_sweep" --cells lstm --dtypes bfloat16 --T 512 --B 8 64 --H 256 1024 --baselines masked,grid_sync,padded --units 4,8,16,32 --repeats 2 2>&1 | tee "$RES/bench_units_cuda.log" | tail -12 || status=1
+  bench units cta_sweep --cells lstm --dtypes bfloat16 --T 512 --B 8 64 --H 256 1024 \
+    --baselines masked,grid_sync,padded --units 4,8,16,32 --repeats 2
 }
 
 for s in "${stages[@]}"; do
-  case "$s" in
-    build|tests|sanitizer|ptxas|bench|units) ;;
-    *) echo "unknown stage '$s': choose from build tests sanitizer ptxas bench units" >&2; exit 2 ;;
-  esac
+  [ "$(type -t "stage_$s")" = function ] || {
+    echo "unknown stage '$s': choose from build tests tests_other sanitizer ptxas bench bench_gru profile units" >&2
+    exit 2; }
+done
+for s in "${stages[@]}"; do
   log "$s"
   start=$(date +%s)
   "stage_$s"
   echo "== $s: $(( $(date +%s) - start )) s"
+  if [ -n "${OUT:-}" ]; then tar czf "$OUT/gpu_results.tgz" "$RES" 2>/dev/null; fi
 done
-if [ -n "${OUT:-}" ]; then tar czf "$OUT/gpu_results.tgz" "$RES" && echo "== results in \$OUT/gpu_results.tgz"; fi
+[ -n "${OUT:-}" ] && echo "== results in \$OUT/gpu_results.tgz"
 exit $status

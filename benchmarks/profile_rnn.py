@@ -1,0 +1,62 @@
+"""Where MaskedRNN's forward+backward spends its GPU time: torch.profiler's table of
+kernels (by total device time) for one fwd+bwd per shape, after a warm-up, with
+the case of bench_rnn.py (lengths uniform in [1, T]). GPU only.
+
+    python benchmarks/profile_rnn.py --out benchmarks/results/profile_rnn.txt
+"""
+import argparse
+import os
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+from bench_rnn import make_case  # noqa: E402
+
+SHAPES = [("lstm", 512, 8, 256), ("lstm", 512, 64, 256), ("lstm", 512, 64, 1024), ("gru", 512, 64, 256)]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default=None, help="also write the tables to this file")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--rows", type=int, default=10, help="kernels per table")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        ap.error("profile_rnn.py needs a CUDA device")
+    dtype = getattr(torch, args.dtype)
+    texts = []
+    for cell, T, B, H in SHAPES:
+        _, masked, x, lengths = make_case(cell, T, B, H, dtype, "cuda")
+        lengths_dev = lengths.to("cuda")  # the lengths on the device, as users have them
+
+        def step():
+            y, _ = masked(x, lengths_dev)
+            y.float().sum().backward()
+
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        total_us = sum(e.device_time for e in kernels)
+        head = (f"== {cell} {args.dtype} T={T} B={B} H={H} max_len={int(lengths.max())}: "
+                f"{len(kernels)} kernels, {total_us / 1e3:.3f} ms of kernel time")
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows,
+                                          max_name_column_width=70)
+        texts.append(head + "\n" + table)
+        print(texts[-1], flush=True)
+        del masked, x
+        torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(f"{torch.cuda.get_device_name()} torch {torch.__version__}\n\n" + "\n".join(texts))
+
+
+if __name__ == "__main__":
+    main()

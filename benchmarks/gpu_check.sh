@@ -44,6 +44,8 @@ log() { echo "== $*"; }
 declare -A CAP=([build]=300 [tests]=140 [tests_other]=50 [sanitizer]=70 [ptxas]=120
                 [bench]=150 [bench_gru]=200 [profile]=35 [units]=300)
 # BUDGET=N (seconds) ends the whole run by then: a cap never reaches past it.
+# DRY_RUN=FILE writes each capped command to FILE instead of running it (the
+# tests check the benchmarks' arguments so).
 END=$(( $(date +%s) + ${BUDGET:-1000000} ))
 cap() {
   local s=$1; shift
@@ -51,19 +53,26 @@ cap() {
   local limit=${!v:-${CAP[$s]}} left=$(( END - $(date +%s) - 20 ))
   [ $left -lt $limit ] && limit=$left
   if [ $limit -lt 5 ]; then echo "== $s: skipped, the budget is spent"; return 124; fi
+  if [ -n "${DRY_RUN:-}" ]; then echo "$*" >> "$DRY_RUN"; return 0; fi
   timeout --signal=INT --kill-after=10 "$limit" "$@"
   local rc=$?
   [ $rc -eq 124 ] && echo "== $s: stopped at its cap of $limit s"
   return $rc
 }
+# A filter of what a stage prints: finding nothing is no failure (the command's
+# own status counts).
+show() { grep "$@" || true; }
+# The log of a stage (none in a dry run).
+logfile() { if [ -n "${DRY_RUN:-}" ]; then echo /dev/null; else echo "$RES/$1"; fi; }
 PYTEST_TIMEOUT=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout=60")
 
 stage_build() {
+  [ -n "${DRY_RUN:-}" ] && return
   if $PY -c "import varlen_kernels as v; assert v._C.WITH_CUDA" 2>/dev/null; then
     echo "varlen_kernels._C imports with CUDA: not rebuilt"
   else
     VARLEN_KERNELS_EMULATION=${VARLEN_KERNELS_EMULATION:-0} cap build $PY setup.py build_ext --inplace \
-      > "$RES/gpu_build.log" 2>&1 || { tail -40 "$RES/gpu_build.log"; status=1; }
+      > "$(logfile gpu_build.log)" 2>&1 || { tail -40 "$RES/gpu_build.log"; status=1; }
   fi
   $PY -c "import varlen_kernels as v, torch; assert v._C.WITH_CUDA, 'built without CUDA'
 print(torch.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())" || exit 1
@@ -72,7 +81,7 @@ print(torch.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_cap
 gpu_tests() {  # STAGE LOG PYTEST-ARGS...
   local s=$1 out=$2; shift 2
   VK_EMU_ORDERS= cap "$s" $PY -m pytest "$@" -q -rs -m "not emulation" $PYTEST_TIMEOUT 2>&1 \
-    | tee "$RES/$out" | grep -v "^\.*$\|^[.sFE]*\s*\[" | tail -40
+    | tee "$(logfile $out)" | show -v "^\.*$\|^[.sFE]*\s*\[" | tail -40
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 }
 stage_tests() { gpu_tests tests gpu_tests.log tests/test_cuda.py; }
@@ -82,7 +91,8 @@ stage_tests_other() { gpu_tests tests_other gpu_tests_other.log tests -k cuda \
 stage_sanitizer() {
   for tool in memcheck racecheck; do
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 cap sanitizer compute-sanitizer --tool $tool $PY benchmarks/sanitizer_workload.py --device cuda \
-      > "$RES/sanitizer_$tool.log" 2>&1
+      > "$(logfile sanitizer_$tool.log)" 2>&1
+    [ -n "${DRY_RUN:-}" ] && continue
     tail -3 "$RES/sanitizer_$tool.log"
     grep -q "ERROR SUMMARY: 0 errors\|RACECHECK SUMMARY: 0 hazards" "$RES/sanitizer_$tool.log" || status=1
   done
@@ -94,16 +104,17 @@ stage_ptxas() {
 
 bench() {  # STAGE NAME BENCH-ARGS...
   local s=$1 name=$2; shift 2
-  cap "$s" $PY benchmarks/bench_rnn.py --device cuda --out "$RES/$name" "$@" 2>&1 | tee "$RES/$name.log" \
-    | grep "^=\|failed\|^lstm\|^gru\|  [a-z_]*:" | tail -40 || status=1
+  cap "$s" $PY benchmarks/bench_rnn.py --device cuda --out "$RES/$name" "$@" 2>&1 | tee "$(logfile $name.log)" \
+    | show "^=\|failed\|  [a-z_]*:" | tail -40
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 }
 stage_bench() {
   bench bench bench_rnn_cuda --cells lstm --dtypes bfloat16,float32 --repeats 2 --min-run-time 0.3 \
     --baselines masked,grid_sync,packed,padded
   CAP_bench=25 cap bench $PY benchmarks/bench_linear_ce.py --device cuda --out "$RES" 2>&1 \
-    | tee "$RES/bench_linear_ce_cuda.log" | tail -6 || status=1
+    | tee "$(logfile bench_linear_ce_cuda.log)" | tail -6 || status=1
   CAP_bench=25 cap bench $PY benchmarks/bench_losses.py --device cuda --out "$RES" 2>&1 \
-    | tee "$RES/bench_losses_cuda.log" | tail -6 || status=1
+    | tee "$(logfile bench_losses_cuda.log)" | tail -6 || status=1
 }
 stage_bench_gru() {
   bench bench_gru bench_rnn_cuda_gru --cells gru --dtypes bfloat16,float32 --repeats 2 --min-run-time 0.3 \

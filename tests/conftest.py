@@ -14,6 +14,10 @@ without the plain CPU backend: for checks of the CUDA kernels only.
 """
 import contextlib
 import os
+import re
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import pytest
@@ -118,6 +122,22 @@ def states_of(cell, h):
     return list(h) if cell == "lstm" else [h]
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fails_in_child_process(code, match):
+    """Runs `code` after `import torch, varlen_kernels as vk` in a child Python (then
+    synchronizes the GPU) and checks that it fails with output matching `match`. A
+    device-side assert ends the CUDA context of the process that meets it, every
+    later CUDA call failing, so a test that triggers one on a GPU does it in a child."""
+    script = ("import torch, varlen_kernels as vk\n" + textwrap.dedent(code)
+              + "\nif torch.cuda.is_available(): torch.cuda.synchronize()\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+    out = r.stdout + r.stderr  # the device-side assert's message may go to either
+    assert r.returncode != 0 and re.search(match, out), out[-2000:]
+
+
 @contextlib.contextmanager
 def ieee_fp32():
     """cuDNN RNNs run float32 in TF32 by default (torch.backends.cudnn.rnn.fp32_precision):
@@ -179,7 +199,8 @@ def check_against_packed(cell, *, num_layers=1, bidirectional=False, batch_first
     kd = keep.to(device)
     loss2 = (y2 * gy.index_select(bdim, kd)).sum() + sum(
         (s * gs.index_select(1, kd)).sum() for s, gs in zip(hs2, ghs))
-    grads2 = torch.autograd.grad(loss2, [x2, *h0s2, *ref.parameters()])
+    with ieee_fp32():  # cuDNN's backward reads the setting when it runs
+        grads2 = torch.autograd.grad(loss2, [x2, *h0s2, *ref.parameters()])
 
     tol = TOL[dtype]
     zero = torch.nonzero(lengths == 0).flatten().to(device)

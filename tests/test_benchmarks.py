@@ -336,23 +336,28 @@ def test_loss_out_of_memory_is_caught(bench, tmp_path):
 
 
 # ------------------------------------------------------------- gpu_check.sh
-def test_gpu_check_writes_committed_results_explicitly(bench):
-    script = (BENCH / "gpu_check.sh").read_text()
-    variables = {"RES": "benchmarks/results"}
+def test_gpu_check_writes_committed_results_explicitly(bench, tmp_path):
+    """Every benchmark command of gpu_check.sh (as its dry run writes them) parses, on
+    the GPU, at full size, with its results under benchmarks/results."""
+    commands = tmp_path / "commands"
+    r = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "build", "tests", "tests_other", "sanitizer",
+                        "ptxas", "bench", "bench_gru", "profile", "units"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60, env={**os.environ, "DRY_RUN": str(commands), "PYTHON": "python3"})
+    assert r.returncode == 0, r.stdout + r.stderr
     found = set()
-    for line in script.splitlines():
-        words = shlex.split(line.split("2>&1")[0]) if "benchmarks/bench_" in line else []
-        if len(words) < 2 or words[0] != "$PY":
+    for line in commands.read_text().splitlines():
+        words = shlex.split(line)
+        path = next((w for w in words if w.startswith("benchmarks/")), None)
+        if path is None or not pathlib.Path(path).name.startswith("bench_"):
             continue
-        path = words[1]
-        args = [w.replace("$RES", variables["RES"]) for w in words[2:]]
-        module = bench(pathlib.Path(path).stem)
-        parsed = module.parse_args(args)
+        args = words[words.index(path) + 1:]
+        parsed = bench(pathlib.Path(path).stem).parse_args(args)
         assert parsed.device == "cuda" and not parsed.quick
         assert parsed.out and (ROOT / parsed.out).resolve().is_relative_to((BENCH / "results").resolve())
         assert (ROOT / path).exists()
         found.add(path)
     assert found == {"benchmarks/bench_rnn.py", "benchmarks/bench_losses.py", "benchmarks/bench_linear_ce.py"}
+    assert "benchmarks/profile_rnn.py" in commands.read_text()
 
 
 @pytest.mark.emulation
@@ -382,3 +387,22 @@ def test_sanitizer_workload_runs(emulate):
     the CUDA kernels' code executed on the CPU."""
     r = run_script(["benchmarks/sanitizer_workload.py", "--device", "cpu"] + (["--emulate"] if emulate else []))
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
+# ------------------------------------------------------------- plot_rnn.py
+def test_plot_rnn_tables_and_plots_committed_results(bench, tmp_path, capsys):
+    """The table has a row per case with each method's time and the speedups; the
+    plot is written (on the committed CPU results and the GPU run's)."""
+    plot = bench("plot_rnn")
+    runs = [BENCH / "results" / "rnn_cpu.json",
+            BENCH / "results" / "gpu_2026-11-27_h200" / "rnn_lstm.json"]
+    png, md = tmp_path / "rnn.png", tmp_path / "rnn.md"
+    plot.main([str(p) for p in runs] + ["--png", str(png), "--md", str(md)])
+    out = capsys.readouterr().out
+    assert out.strip() == md.read_text().strip()
+    gpu = json.loads(runs[1].read_text())
+    first = gpu["rows"][0]
+    line = next(l for l in out.splitlines() if l.startswith(f"| {plot.case_name(first)} |"))
+    assert f"| {first['masked_ms']:.2f} |" in line and f"| {first['speedup_vs_padded']:.2f} |" in line
+    assert sum(l.startswith("| lstm") for l in out.splitlines()) >= len(gpu["rows"])
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"

@@ -58,7 +58,8 @@ def _grads(m, x, lengths, hx, gy):
 
 # (T, B, H, emulated device limits, path, GPU only): the default shape on the
 # default path; the tensor-core persistent kernels with several CTAs, row tiles
-# and staged chunks, in the grid form and in the cluster form (clusters of 2,
+# and staged chunks (H = 36: rows staged 16 bytes a load, columns 36..47 of
+# the padding one at a time), in the grid form and in the cluster form (clusters of 2,
 # 4 and 3 CTAs, a cluster for each 16-row tile); the fma persistent kernels in
 # half/bfloat16 (the tensor-core ones do not fit that shared memory; GRU's
 # forward still does), in both forms; the per-step path; on a GPU (whose limits
@@ -70,6 +71,7 @@ LOW_PRECISION_CASES = [
     (9, 40, 64, {"sm_count": 4}, "persistent:grid", False, True),
     (9, 40, 50, {"sm_count": 3}, "persistent:grid", False),
     (9, 40, 96, {"sm_count": 3}, "persistent:grid", False),
+    (9, 40, 36, {"sm_count": 2}, "persistent:grid", False),
     (9, 40, 64, {"sm_count": 2, "max_shared_per_block": 24576}, "persistent:grid", False),
     (9, 40, 64, {"max_cluster_blocks": 2}, "persistent:cluster", False),
     (9, 40, 64, {"max_cluster_blocks": 4}, "persistent:cluster", False, True),

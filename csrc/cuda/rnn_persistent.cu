@@ -431,12 +431,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int64_t row0 = grp.first(g.rbt); row0 < s.nrun; row0 += grp.stride(g.rbt)) {
       const int rows = s.nrun - row0 < g.rbt ? int(s.nrun - row0) : g.rbt;
       tc_product(g, rows, ws, as, cs, [&](int64_t k0, int kc) {
-        for (int idx = tid; idx < round16(rows) * kc; idx += kThreads) {
-          const int r = idx / kc, kk = idx % kc;
-          const int64_t k = k0 + kk;
-          as[r * g.lda + kk] =
-              (r < rows && k < H) ? tc_operand(scalar_t(s.hin[(row0 + r) * H + k])) : scalar_t(0);
-        }
+        stage_tile<4>(as, g.lda, s.hin + row0 * H, H, rows, k0, kc, H,
+                      [](float v) { return tc_operand(scalar_t(v)); });
       });
       for (int idx = tid; idx < rows * Hs; idx += kThreads) {
         const int r = idx / Hs, u = idx % Hs;
@@ -486,13 +482,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           row0 < s.nprev ? (s.nprev - row0 < g.rbt ? int(s.nprev - row0) : g.rbt) : 0;
       if (with_prev > 0) {  // block-uniform
         tc_product(g, with_prev, ws, as, cs, [&](int64_t m0, int kc) {
-          for (int idx = tid; idx < round16(with_prev) * kc; idx += kThreads) {
-            const int r = idx / kc, kk = idx % kc;
-            const int64_t m = m0 + kk;
-            as[r * g.lda + kk] = (r < with_prev && m < GH)
-                                     ? tc_operand(s.dg_prev[(row0 + r) * p.dgh_ld + m])
-                                     : scalar_t(0);
-          }
+          stage_tile<16 / sizeof(scalar_t)>(as, g.lda, s.dg_prev + row0 * p.dgh_ld, p.dgh_ld,
+                                            with_prev, m0, kc, GH,
+                                            [](scalar_t v) { return tc_operand(v); });
         });
       }
       for (int idx = tid; idx < rows * Hs; idx += kThreads) {

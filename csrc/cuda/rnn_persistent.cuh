@@ -144,7 +144,12 @@ __device__ __forceinline__ int64_t group_longest(const int64_t* sorted_len, int6
   return l < 0 ? 0 : (l > all ? all : l);
 }
 
-constexpr int64_t kWholeStageBytes = 16384;
+// The most shared memory a tile's staged operand may take for the tile's whole
+// reduction to be staged at once (stage_whole): a step then waits for one round
+// of global loads instead of one round trip per chunk, serialized (at H = 1024,
+// 16 of them a step). Whether it is taken is the launch's choice, where the
+// device's shared memory holds it (choose() in rnn_persistent.cu).
+constexpr int64_t kWholeStageBytes = 192 * 1024;
 
 // Columns of the reduction (length k) the fma kernels stage at a time for a
 // tile of rb rows of acc bytes: kChunk, or with `whole` (the launch's choice,
@@ -287,6 +292,44 @@ struct TcGeometry {
   __host__ __device__ int64_t w_cols() const { return np; }
   __host__ __device__ int64_t w_depth() const { return kp; }
 };
+
+// Stages a tile of the tensor-core product's A: as[r * lda + kk] =
+// convert(src[r * ld + k0 + kk]) for r < rows and k0 + kk < kmax, zero for the
+// other r < round16(rows) and kk < kc. V elements a load (16 bytes) where the
+// source's rows and base allow it (block-uniform), else one at a time; the
+// columns past kmax (the padding to 16) one at a time. Every thread calls it.
+template <int V, typename src_t, typename dst_t, typename Convert>
+__device__ __forceinline__ void stage_tile(dst_t* as, int64_t lda, const src_t* src, int64_t ld,
+                                           int rows, int64_t k0, int kc, int64_t kmax,
+                                           Convert convert) {
+  const int prow = round16(rows);
+  const bool vec = V > 1 && ld % V == 0 && k0 % V == 0 && kc % V == 0 &&
+                   reinterpret_cast<uintptr_t>(src) % (V * sizeof(src_t)) == 0;
+  if (vec) {
+    struct alignas(V * sizeof(src_t)) Vec { src_t v[V]; };
+    const int kv = kc / V;
+    for (int idx = threadIdx.x; idx < prow * kv; idx += kThreads) {
+      const int r = idx / kv, c = (idx % kv) * V;
+      const int64_t k = k0 + c;
+      dst_t* out = as + r * lda + c;
+      if (r < rows && k + V <= kmax) {
+        const Vec x = *reinterpret_cast<const Vec*>(src + r * ld + k);
+#pragma unroll
+        for (int e = 0; e < V; ++e) out[e] = convert(x.v[e]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e)
+          out[e] = (r < rows && k + e < kmax) ? convert(src[r * ld + k + e]) : dst_t(0);
+      }
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < prow * kc; idx += kThreads) {
+      const int r = idx / kc, kk = idx % kc;
+      const int64_t k = k0 + kk;
+      as[r * lda + kk] = (r < rows && k < kmax) ? convert(src[r * ld + k]) : dst_t(0);
+    }
+  }
+}
 
 // C (rows x g.np) += A (rows x kp, staged per chunk by `stage`) times the
 // W slice w (col-major, g.ldw): the output tiles of this warp, those with a

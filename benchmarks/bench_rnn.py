@@ -29,6 +29,11 @@ Baselines, side by side in one run, same weights, lengths uniform in [1, T]:
             CTA at least N hidden units, so fewer CTAs than their default of
             one per SM (VARLEN_KERNELS_PERSISTENT_UNITS=N; GPU only): how the
             time of a step depends on the number of CTAs that synchronize
+  stage_N   with --stages N,...: MaskedRNN whose persistent kernels stage a
+            tile's whole reduction at once only where it takes at most N KiB
+            of shared memory, else in chunks, one round trip each
+            (VARLEN_KERNELS_PERSISTENT_STAGE_KIB=N; 0: always in chunks; GPU
+            only)
 With --proj-size P the cells are LSTMs with nn.LSTM's proj_size = P, for every
 method (compiled dropped: its loop has no projection).
 
@@ -108,6 +113,7 @@ SETTINGS = {"per_step": ("VARLEN_KERNELS_RNN_PATH", "per_step"),
 # Baselines that only differ from masked on a GPU.
 GPU_ONLY = tuple(SETTINGS) + ("host_lengths",)
 UNITS = re.compile(r"units_([0-9]+)")
+STAGES = re.compile(r"stage_([0-9]+)")
 
 
 def setting_of(name):
@@ -115,7 +121,10 @@ def setting_of(name):
     if name in SETTINGS:
         return SETTINGS[name]
     m = UNITS.fullmatch(name)
-    return ("VARLEN_KERNELS_PERSISTENT_UNITS", m.group(1)) if m else None
+    if m:
+        return ("VARLEN_KERNELS_PERSISTENT_UNITS", m.group(1))
+    m = STAGES.fullmatch(name)
+    return ("VARLEN_KERNELS_PERSISTENT_STAGE_KIB", m.group(1)) if m else None
 
 
 def known(name):
@@ -569,6 +578,9 @@ def parse_args(argv=None):
     ap.add_argument("--units", default="",
                     help="comma list of N: adds a baseline units_N each, the persistent kernels with "
                          "at least N hidden units a CTA (GPU only)")
+    ap.add_argument("--stages", default="",
+                    help="comma list of N: adds a baseline stage_N each, the persistent kernels staging "
+                         "a tile's whole reduction at once only where it takes at most N KiB (GPU only)")
     ap.add_argument("--compile-backend", default=None,
                     help="torch.compile backend of the compiled baseline (default inductor, "
                          "aot_eager with --quick)")
@@ -612,6 +624,12 @@ def parse_args(argv=None):
     if any(not u.isdigit() for u in units):
         ap.error(f"--units must be a comma list of whole numbers, got {args.units!r}")
     baselines += [f"units_{u}" for u in units if f"units_{u}" not in baselines]
+    stages = [u for u in args.stages.split(",") if u]
+    if stages and not gpu:
+        ap.error("--stages (the persistent CUDA kernels' staging) is for CUDA devices")
+    if any(not u.isdigit() for u in stages):
+        ap.error(f"--stages must be a comma list of whole numbers, got {args.stages!r}")
+    baselines += [f"stage_{u}" for u in stages if f"stage_{u}" not in baselines]
     skip = set(filter(None, args.skip.split(",")))
     unknown = [b for b in baselines + sorted(skip) if not known(b)]
     if unknown:

@@ -192,8 +192,9 @@ def test_setting_baselines_run_forward_and_backward_under_their_setting(bench, m
 
     monkeypatch.setattr(masked, "forward", lambda x, lengths: (Record.apply(x * 2),))
     assert rnn.setting_of("units_8") == ("VARLEN_KERNELS_PERSISTENT_UNITS", "8")
+    assert rnn.setting_of("stage_16") == ("VARLEN_KERNELS_PERSISTENT_STAGE_KIB", "16")
     assert rnn.setting_of("masked") is None and rnn.setting_of("units_") is None
-    for name in [*rnn.SETTINGS, "units_8"]:
+    for name in [*rnn.SETTINGS, "units_8", "stage_0"]:
         var, value = rnn.setting_of(name)
         monkeypatch.delenv(var, raising=False)
         seen.clear()
@@ -202,13 +203,15 @@ def test_setting_baselines_run_forward_and_backward_under_their_setting(bench, m
         assert var not in os.environ
 
 
-def test_units_adds_a_baseline_per_cta_size_on_gpus_only(bench):
+def test_units_and_stages_add_a_baseline_per_value_on_gpus_only(bench):
     rnn = bench("bench_rnn")
-    args = rnn.parse_args(["--device", "cuda", "--baselines", "masked,padded", "--units", "4,16"])
-    assert args.baselines == ["masked", "padded", "units_4", "units_16"]
+    args = rnn.parse_args(["--device", "cuda", "--baselines", "masked,padded", "--units", "4,16",
+                           "--stages", "0,16"])
+    assert args.baselines == ["masked", "padded", "units_4", "units_16", "stage_0", "stage_16"]
     assert "units_8" in rnn.parse_args(["--device", "cuda", "--baselines", "masked,units_8"]).baselines
     for bad in (["--device", "cpu", "--units", "4"], ["--device", "cuda", "--units", "4,x"],
-                ["--device", "cuda", "--baselines", "units_"]):
+                ["--device", "cuda", "--baselines", "units_"], ["--device", "cpu", "--stages", "16"],
+                ["--device", "cuda", "--stages", "-1"]):
         with pytest.raises(SystemExit):
             rnn.parse_args(bad)
 

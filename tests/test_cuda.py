@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import (CELLS, check_against_packed, fails_in_child_process, grouped_mm_as_on_gpu,
-                      lengths_in_host_memory, requires_cuda, run_packed, sample_inputs)
+                      lengths_in_host_memory, requires_cuda, run_packed, sample_inputs, states_of)
 from varlen_kernels import (MaskedRNN, masked_bce_with_logits, masked_cross_entropy, masked_mse,
                             masked_rnn_reference, ops)
 from varlen_kernels.testing import emulate_cuda, emulated_device, emulation_module, env_setting
@@ -598,6 +598,46 @@ def test_persistent_units_setting_is_checked(value):
                                                r"a whole number of hidden units per CTA in \[2, "
                                                rf"128\], got '{value}'"):
             torch.ops.varlen_kernels.rnn_forward(*args, "gru", False)
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize("value", ["-1", "1025", "16k", "1e2", " 8", "all"])
+def test_persistent_stage_setting_is_checked(value):
+    args = layer_args("lstm", "cpu", False)
+    with emulate_cuda(), env_setting("VARLEN_KERNELS_PERSISTENT_STAGE_KIB", value):
+        with pytest.raises(RuntimeError, match=r"VARLEN_KERNELS_PERSISTENT_STAGE_KIB must be 'auto' "
+                                               r"or a whole number of KiB in \[0, 1024\], got "
+                                               rf"'{value}'"):
+            torch.ops.varlen_kernels.rnn_forward(*args, "lstm", False)
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_staging_whole_or_in_chunks_gives_the_same_bits(cell, dtype):
+    """A tile's reduction staged at once (the default), or in chunks (the setting
+    at 0 KiB; at 4 KiB whole for the bfloat16 forward's tiles only):
+    the product accumulates in the same order, so outputs and gradients are
+    equal bit for bit. H = 72: the forward's 80 padded columns are 2 chunks
+    on tensor cores (bfloat16) and 5 on CUDA cores (float32, IEEE), the
+    backward's G*72 more. Both forms."""
+    ref, x, lengths, hx = sample_inputs(cell, T=6, B=20, I=5, H=72, seed=4)
+    m = MaskedRNN.from_torch(ref).to(dtype)
+    x = torch.nan_to_num(x.detach(), nan=0.0).to(dtype).requires_grad_()
+    hx = tuple(h.detach().to(dtype) for h in hx) if cell == "lstm" else hx.detach().to(dtype)
+    runs = {}
+    for path in ("persistent:grid", "persistent:cluster"):
+        for kib in ("auto", "0", "4"):
+            with rnn_path(path), emulate_cuda(), emulated_device(sm_count=3), \
+                    env_setting("VARLEN_KERNELS_PERSISTENT_STAGE_KIB", kib):
+                y, h = m(x, lengths, hx)
+                out = [y, *states_of(cell, h)]
+                grads = torch.autograd.grad(sum((o.float() * (i + 1)).sum() for i, o in enumerate(out)),
+                                            [x, *m.parameters()])
+            runs[path, kib] = [t.detach() for t in (*out, *grads)]
+    for (path, kib), tensors in runs.items():
+        for a, b in zip(tensors, runs[path, "auto"]):
+            assert torch.equal(a, b), (path, kib)
 
 
 def packed_rows(lengths, T):

@@ -27,37 +27,40 @@
 
 namespace varlen {
 
-RnnPath rnn_path_setting() {
-  const char* v = std::getenv("VARLEN_KERNELS_RNN_PATH");
+int64_t number_setting(const char* variable, int64_t fallback, int64_t lo, int64_t hi,
+                       const char* what) {
+  const char* v = std::getenv(variable);
   const std::string s = v ? v : "";
-  if (s.empty() || s == "auto") return RnnPath::Auto;
-  if (s == "persistent") return RnnPath::Persistent;
-  if (s == "per_step") return RnnPath::PerStep;
-  TORCH_CHECK(false, "VARLEN_KERNELS_RNN_PATH must be 'auto', 'persistent' or 'per_step', got '",
-              s, "'");
-}
-
-int64_t persistent_units_setting() {
-  const char* v = std::getenv("VARLEN_KERNELS_PERSISTENT_UNITS");
-  const std::string s = v ? v : "";
-  if (s.empty() || s == "auto") return 0;
+  if (s.empty() || s == "auto") return fallback;
   int64_t n = -1;
-  if (s.size() <= 3 && std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; }))
+  if (s.size() <= 4 && std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; }))
     n = std::stoll(s);
-  TORCH_CHECK(n >= kMinUnits && n <= kMaxUnits,
-              "VARLEN_KERNELS_PERSISTENT_UNITS must be 'auto' or a whole number of hidden units "
-              "per CTA in [", kMinUnits, ", ", kMaxUnits, "], got '", s, "'");
+  TORCH_CHECK(n >= lo && n <= hi, variable, " must be 'auto' or a whole number of ", what,
+              " in [", lo, ", ", hi, "], got '", s, "'");
   return n;
 }
 
+RnnPath rnn_path_setting() {
+  return choice_setting<RnnPath>("VARLEN_KERNELS_RNN_PATH", {{"auto", RnnPath::Auto},
+                                                             {"persistent", RnnPath::Persistent},
+                                                             {"per_step", RnnPath::PerStep}});
+}
+
+int64_t persistent_units_setting() {
+  return number_setting("VARLEN_KERNELS_PERSISTENT_UNITS", 0, kMinUnits, kMaxUnits,
+                        "hidden units per CTA");
+}
+
 PersistentSync persistent_sync_setting() {
-  const char* v = std::getenv("VARLEN_KERNELS_PERSISTENT_SYNC");
-  const std::string s = v ? v : "";
-  if (s.empty() || s == "auto") return PersistentSync::Auto;
-  if (s == "grid") return PersistentSync::Grid;
-  if (s == "cluster") return PersistentSync::Cluster;
-  TORCH_CHECK(false, "VARLEN_KERNELS_PERSISTENT_SYNC must be 'auto', 'grid' or 'cluster', got '",
-              s, "'");
+  return choice_setting<PersistentSync>(
+      "VARLEN_KERNELS_PERSISTENT_SYNC",
+      {{"auto", PersistentSync::Auto}, {"grid", PersistentSync::Grid},
+       {"cluster", PersistentSync::Cluster}});
+}
+
+int64_t persistent_stage_setting() {
+  return number_setting("VARLEN_KERNELS_PERSISTENT_STAGE_KIB", kWholeStageBytes / 1024, 0, 1024,
+                        "KiB") * 1024;
 }
 
 namespace {
@@ -85,7 +88,7 @@ struct FwdParams {
   int units;                  // Hs, hidden units per CTA
   bool reverse;
   int tile_mt;                // the tensor-core kernel's most_mt (TcGeometry), 0: its own
-  bool stage_whole;           // Launch::stage_whole
+  int64_t stage_limit;        // Launch::stage_limit
 };
 
 // Buffers of hbuf: forward direction, step t reads buffer t & 1 and writes the
@@ -163,7 +166,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_forward_kernel(Directi
   const int64_t H = p.H, B = p.B, T = p.T;
   const int Hs = p.units, tid = threadIdx.x;
   const int u = tid % Hs, rg = tid / Hs, RG = kThreads / Hs, RB = RG * kRows, RBp = RB + 1;
-  const int chunk = int(fma_chunk(H, RB, sizeof(acc_t), p.stage_whole));  // staged at a time
+  const int chunk = int(fma_chunk(H, RB, sizeof(acc_t), p.stage_limit));  // staged at a time
   const int64_t j = j0 + u, GHs = int64_t(G) * Hs;
   const bool owns = rg < RG && j < H;  // computes (row, unit j) pairs
   VK_DYNAMIC_SHARED(unsigned char, smem);
@@ -249,7 +252,7 @@ struct BwdParams {
   int units;
   bool reverse;
   int tile_mt;                // the tensor-core kernel's most_mt (TcGeometry), 0: its own
-  bool stage_whole;           // Launch::stage_whole
+  int64_t stage_limit;        // Launch::stage_limit
 };
 
 // Steps run in the reverse of the forward's order. At step t a running row
@@ -342,7 +345,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_backward_kernel(Direct
   const int64_t H = p.H, B = p.B, T = p.T, GH = int64_t(p.G) * H;
   const int Hs = p.units, tid = threadIdx.x;
   const int u = tid % Hs, rg = tid / Hs, RG = kThreads / Hs, RB = RG * kRows, RBp = RB + 1;
-  const int chunk = int(fma_chunk(GH, RB, sizeof(acc_t), p.stage_whole));  // staged at a time
+  const int chunk = int(fma_chunk(GH, RB, sizeof(acc_t), p.stage_limit));  // staged at a time
   const int64_t j = j0 + u;
   const bool owns = rg < RG && j < H;
   VK_DYNAMIC_SHARED(unsigned char, smem);
@@ -410,7 +413,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const FwdParams<scalar_t, float> p = cta_place(L, j0, grp);
   const int64_t H = p.H, B = p.B, T = p.T;
   const int Hs = p.units, tid = threadIdx.x;
-  const TcGeometry g(G * Hs, H, sizeof(scalar_t), p.tile_mt, p.stage_whole);
+  const TcGeometry g(G * Hs, H, sizeof(scalar_t), p.tile_mt, p.stage_limit);
   VK_DYNAMIC_SHARED(unsigned char, smem);
   // ws[n * ldw + k] = W_hh[gate * H + j0 + u, k] for column n = gate * Hs + u
   scalar_t* ws = reinterpret_cast<scalar_t*>(smem);
@@ -460,7 +463,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const BwdParams<scalar_t, float> p = cta_place(L, j0, grp);
   const int64_t H = p.H, B = p.B, T = p.T, GH = int64_t(p.G) * H;
   const int Hs = p.units, tid = threadIdx.x;
-  const TcGeometry g(Hs, GH, sizeof(scalar_t), p.tile_mt, p.stage_whole);
+  const TcGeometry g(Hs, GH, sizeof(scalar_t), p.tile_mt, p.stage_limit);
   VK_DYNAMIC_SHARED(unsigned char, smem);
   // ws[n * ldw + m] = W_hh[m, j0 + n]
   scalar_t* ws = reinterpret_cast<scalar_t*>(smem);
@@ -509,40 +512,41 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
   using acc_t = at::opmath_type<scalar_t>;
   const int elem = sizeof(scalar_t);
   const int64_t K = forward ? H : int64_t(G) * H;  // the product's reduction
-  auto geometry = [&](int units, bool whole = false) {
-    return forward ? TcGeometry(G * units, H, elem, 0, whole)
-                   : TcGeometry(units, K, elem, 0, whole);
+  // Each tile's whole reduction staged at once where it takes at most `limit`
+  // bytes (the setting's) and that fits the device, else in chunks.
+  const int64_t limit = persistent_stage_setting();
+  auto geometry = [&](int units, int64_t stage = 0) {
+    return forward ? TcGeometry(G * units, H, elem, 0, stage) : TcGeometry(units, K, elem, 0, stage);
   };
-  // Shared memory with each tile's whole reduction staged at once where that
-  // fits the device (stage_whole), else with it staged in chunks.
-  auto tc_bytes = [&](int units, bool whole) -> int64_t {
-    const TcGeometry geo = geometry(units, whole);
+  auto tc_bytes = [&](int units, int64_t stage) -> int64_t {
+    const TcGeometry geo = geometry(units, stage);
     return geo.fits() ? geo.smem() : -1;
   };
-  auto fma_bytes = [&](int units, bool whole) -> int64_t {
-    return int64_t(smem_bytes<scalar_t, acc_t>(G, units, H, K, whole));
+  auto fma_bytes = [&](int units, int64_t stage) -> int64_t {
+    return int64_t(smem_bytes<scalar_t, acc_t>(G, units, H, K, stage));
   };
   auto fits = [](int64_t bytes) { return bytes >= 0 && size_t(bytes) <= cuda::max_dynamic_smem(); };
   auto tc_smem = [&](int units) -> int64_t {
-    return fits(tc_bytes(units, true)) ? tc_bytes(units, true) : tc_bytes(units, false);
+    return fits(tc_bytes(units, limit)) ? tc_bytes(units, limit) : tc_bytes(units, 0);
   };
   auto fma_smem = [&](int units) -> int64_t {
-    return fits(fma_bytes(units, true)) ? fma_bytes(units, true) : fma_bytes(units, false);
+    return fits(fma_bytes(units, limit)) ? fma_bytes(units, limit) : fma_bytes(units, 0);
   };
   // The launch's staging, and its shared memory for the geometry its kernel
   // takes (the cluster form's tensor-core tiles may have fewer rows than the
-  // plan's): whole where that takes no more than the plan (whose residency
-  // was checked), else in chunks, which never do.
+  // plan's): up to the limit where that takes no more than the plan (whose
+  // residency was checked), else in chunks, which never do.
   auto with_staging = [&](Launch l) {
     if (l.units == 0) return l;
     if (l.kernel_tc) {
       const int n = forward ? G * l.units : l.units;
-      const TcGeometry whole(n, K, elem, l.tile_mt, true), chunked(n, K, elem, l.tile_mt, false);
-      l.stage_whole = whole.fits() && size_t(whole.smem()) <= l.smem;
-      l.smem = size_t(l.stage_whole ? whole.smem() : chunked.smem());
+      const TcGeometry staged(n, K, elem, l.tile_mt, limit), chunked(n, K, elem, l.tile_mt, 0);
+      const bool ok = staged.fits() && size_t(staged.smem()) <= l.smem;
+      l.stage_limit = ok ? limit : 0;
+      l.smem = size_t(ok ? staged.smem() : chunked.smem());
     } else {
-      l.stage_whole = fits(fma_bytes(l.units, true));
-      l.smem = size_t(fma_bytes(l.units, l.stage_whole));
+      l.stage_limit = fits(fma_bytes(l.units, limit)) ? limit : 0;
+      l.smem = size_t(fma_bytes(l.units, l.stage_limit));
     }
     return l;
   };
@@ -631,7 +635,7 @@ std::optional<std::vector<RnnForwardResult>> rnn_forward_persistent(
             hbuf.data_ptr<acc_t>(), K == Cell::LSTM ? cbuf.data_ptr<acc_t>() : nullptr,
             output.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), states.data_ptr<scalar_t>(),
             h_n.data_ptr<scalar_t>(), K == Cell::LSTM ? c_n.data_ptr<scalar_t>() : nullptr,
-            T, B, H, gx.stride(0), l.units, in.reverse, l.tile_mt, l.stage_whole};
+            T, B, H, gx.stride(0), l.units, in.reverse, l.tile_mt, l.stage_limit};
         result->emplace_back(output, h_n, c_n, gates, states);
         return params;
       });
@@ -690,7 +694,7 @@ std::optional<std::vector<PersistentBackwardResult>> rnn_backward_persistent(
             carry.data_ptr<acc_t>(), K == Cell::LSTM ? dcbuf.data_ptr<acc_t>() : nullptr,
             dgx.data_ptr<scalar_t>(), dgh.data_ptr<scalar_t>(), grad_h0.data_ptr<acc_t>(),
             K == Cell::LSTM ? grad_c0.data_ptr<acc_t>() : nullptr, T, B, H, G, dgx.stride(0),
-            dgh.stride(0), l.units, in.reverse, l.tile_mt, l.stage_whole};
+            dgh.stride(0), l.units, in.reverse, l.tile_mt, l.stage_limit};
         result->emplace_back(dgx, dgh, grad_h0, grad_c0);
         return params;
       });

@@ -145,19 +145,20 @@ __device__ __forceinline__ int64_t group_longest(const int64_t* sorted_len, int6
 }
 
 // The most shared memory a tile's staged operand may take for the tile's whole
-// reduction to be staged at once (stage_whole): a step then waits for one round
-// of global loads instead of one round trip per chunk, serialized (at H = 1024,
-// 16 of them a step). Whether it is taken is the launch's choice, where the
-// device's shared memory holds it (choose() in rnn_persistent.cu).
+// reduction to be staged at once, by default (VARLEN_KERNELS_PERSISTENT_STAGE_KIB
+// changes it): a step then waits for one round of global loads instead of one
+// round trip per chunk, serialized (at H = 1024, 16 of them a step). The
+// launch's limit (Launch::stage_limit) is this where the device's shared
+// memory holds it, else 0 (choose() in rnn_persistent.cu).
 constexpr int64_t kWholeStageBytes = 192 * 1024;
 
 // Columns of the reduction (length k) the fma kernels stage at a time for a
-// tile of rb rows of acc bytes: kChunk, or with `whole` (the launch's choice,
-// where the shared memory allows) all of them where kWholeStageBytes allows,
-// else as many multiples of kChunk as it allows.
-__host__ __device__ constexpr int64_t fma_chunk(int64_t k, int rb, int acc, bool whole) {
-  const int64_t most = kWholeStageBytes / (int64_t(rb + 1) * acc) / kChunk * kChunk;
-  if (!whole || most <= kChunk) return kChunk;
+// tile of rb rows of acc bytes: all of them where that takes at most `limit`
+// bytes (the launch's stage_limit), else as many multiples of kChunk as
+// `limit` allows, at least kChunk.
+__host__ __device__ constexpr int64_t fma_chunk(int64_t k, int rb, int acc, int64_t limit) {
+  const int64_t most = limit / (int64_t(rb + 1) * acc) / kChunk * kChunk;
+  if (most <= kChunk) return kChunk;
   return k <= most ? (k > 0 ? k : 1) : most;
 }
 
@@ -165,9 +166,9 @@ __host__ __device__ constexpr int64_t fma_chunk(int64_t k, int rb, int acc, bool
 // staged operand tile (fma_chunk x (RB + 1) math-type values), for a product
 // over k (forward H, backward G * H).
 template <typename scalar_t, typename acc_t>
-size_t smem_bytes(int G, int units, int64_t H, int64_t k, bool whole) {
+size_t smem_bytes(int G, int units, int64_t H, int64_t k, int64_t limit) {
   return align16(size_t(G) * units * H * sizeof(scalar_t)) +
-         size_t(fma_chunk(k, tile_rows(units), sizeof(acc_t), whole)) * (tile_rows(units) + 1) *
+         size_t(fma_chunk(k, tile_rows(units), sizeof(acc_t), limit)) * (tile_rows(units) + 1) *
              sizeof(acc_t);
 }
 
@@ -181,7 +182,7 @@ size_t smem_bytes(int G, int units, int64_t H, int64_t k, bool whole) {
 // bits, to nearest) as they are written to shared memory, as cuBLAS's TF32
 // GEMMs round their operands. Per tile of rows, the 8 warps share the 16x16
 // output tiles (at most 2 each), A is staged whole (where it takes at most
-// kWholeStageBytes) or kTcChunk columns at a time, C goes through shared
+// the launch's stage_limit) or kTcChunk columns at a time, C goes through shared
 // memory to the threads that apply the cell, one (row, unit) each. The state,
 // the carry and C stay float.
 //
@@ -251,7 +252,8 @@ __host__ __device__ constexpr int round16(int n) { return (n + 15) / 16 * 16; }
 // Tile geometry for a product with n output columns and reduction length k,
 // operands of elem bytes; at most most_mt 16-row tiles in a tile of rows when
 // most_mt > 0 (else as many as keep the 8 warps busy); A staged whole where
-// `whole` and kWholeStageBytes allow. Each shared-memory row is padded by 16 bytes: a
+// that takes at most stage_limit bytes (the launch's), else kTcChunk columns
+// at a time. Each shared-memory row is padded by 16 bytes: a
 // fragment load reads 8 rows (16-bit types) or 8 rows of 4 (TF32) at once, and
 // a row stride of 4 banks (mod 32) spreads them over all banks, where 32 bytes
 // (8 banks) would put rows 0 and 4 of a TF32 fragment on the same banks. The
@@ -263,7 +265,7 @@ struct TcGeometry {
   int64_t chunk;              // columns of A staged at a time: kp, or kTcChunk
   int elem;                 // bytes of an operand element
   __host__ __device__ TcGeometry(int n_, int64_t k, int elem_, int most_mt = 0,
-                                 bool whole = false)
+                                 int64_t stage_limit = 0)
       : n(n_), elem(elem_) {
     np = (n + 15) / 16 * 16;
     nt = np / 16;
@@ -272,7 +274,7 @@ struct TcGeometry {
     rbt = 16 * mt;
     kp = (k + 15) / 16 * 16;
     ldw = kp + 16 / elem;
-    chunk = whole && int64_t(rbt) * (kp + 16 / elem) * elem <= kWholeStageBytes ? kp : kTcChunk;
+    chunk = int64_t(rbt) * (kp + 16 / elem) * elem <= stage_limit ? kp : kTcChunk;
     lda = chunk + 16 / elem;
     ldc = np + 4;
   }
@@ -404,7 +406,8 @@ struct Launch {
   int64_t groups = 1;      // groups per direction (Directions)
   bool cluster = false;    // the cluster form
   int tile_mt = 0;         // the tensor-core kernels' most_mt (TcGeometry), 0: theirs
-  bool stage_whole = false;  // stage a tile's whole reduction at once where it can
+  int64_t stage_limit = 0;   // a tile's whole reduction staged at once where it takes at most
+                             // this many bytes of shared memory (0: in chunks)
 };
 
 // The fewest units per CTA (the most CTAs) whose W_hh slice fits in shared

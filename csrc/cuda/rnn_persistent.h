@@ -61,6 +61,7 @@
 
 #include "../cell_math.h"
 #include "../rnn_bidirectional.h"
+#include "settings.h"
 #include "token_plan.h"
 
 namespace varlen {
@@ -73,6 +74,11 @@ RnnPath rnn_path_setting();  // reads VARLEN_KERNELS_RNN_PATH, checks its value
 int64_t persistent_units_setting();  // checks the value
 enum class PersistentSync { Auto, Grid, Cluster };
 PersistentSync persistent_sync_setting();  // reads VARLEN_KERNELS_PERSISTENT_SYNC, checks it
+// VARLEN_KERNELS_PERSISTENT_STAGE_KIB=n (benchmarks, tests): the most shared
+// memory, n KiB, a tile's staged operand may take for the tile's whole
+// reduction to be staged at once (0: always in chunks); in bytes, the default
+// kWholeStageBytes when unset or "auto".
+int64_t persistent_stage_setting();  // checks the value
 
 // One direction's operands of the persistent forward. gx: (T*B, G*H) input
 // projection in the storage type, packed (token_plan.h), rows of any stride

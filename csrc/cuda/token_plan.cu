@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "launch.h"
+#include "settings.h"
 #include "token_plan.h"
 
 namespace varlen {
@@ -57,11 +58,8 @@ __global__ void unpack_kernel(const scalar_t* packed, int64_t ld, const int64_t*
 enum class TokenGemm { Auto, AllRows };
 
 TokenGemm token_gemm_setting() {
-  const char* v = std::getenv("VARLEN_KERNELS_TOKEN_GEMM");
-  const std::string s = v ? v : "";
-  if (s.empty() || s == "auto") return TokenGemm::Auto;
-  if (s == "all_rows") return TokenGemm::AllRows;
-  TORCH_CHECK(false, "VARLEN_KERNELS_TOKEN_GEMM must be 'auto' or 'all_rows', got '", s, "'");
+  return choice_setting<TokenGemm>("VARLEN_KERNELS_TOKEN_GEMM",
+                                   {{"auto", TokenGemm::Auto}, {"all_rows", TokenGemm::AllRows}});
 }
 
 // The plan on the device: a few ATen ops, no host read.

@@ -18,8 +18,9 @@
 #   ptxas      registers and spills of the persistent kernels
 #   bench      bench_rnn at the issue's shapes (T=512, B 8/64/256, H 256/1024)
 #              for LSTM in bfloat16 and IEEE float32 against packed and padded
-#              cuDNN and the grid form of our persistent kernels; bench_linear_ce;
-#              bench_losses
+#              cuDNN, the grid form of our persistent kernels, our per-step path
+#              and our persistent kernels staging in 64-column chunks (stage_0);
+#              bench_linear_ce; bench_losses
 #   bench_gru  the same for GRU, and the LSTM with TF32 on both sides
 #   profile    torch.profiler's kernel table of one MaskedRNN fwd+bwd per shape
 #   units      (only when named) bench_rnn, bfloat16 LSTM, T=512, B 8/64, H 256/1024,
@@ -41,8 +42,8 @@ status=0
 log() { echo "== $*"; }
 # cap STAGE CMD...: CMD under the stage's time cap (SIGINT first, so pytest and
 # the benchmarks still write what they have).
-declare -A CAP=([build]=300 [tests]=140 [tests_other]=50 [sanitizer]=70 [ptxas]=120
-                [bench]=150 [bench_gru]=200 [profile]=35 [units]=300)
+declare -A CAP=([build]=300 [tests]=120 [tests_other]=90 [sanitizer]=70 [ptxas]=120
+                [bench]=240 [bench_gru]=200 [profile]=35 [units]=300)
 # BUDGET=N (seconds) ends the whole run by then: a cap never reaches past it.
 # DRY_RUN=FILE writes each capped command to FILE instead of running it (the
 # tests check the benchmarks' arguments so).
@@ -110,10 +111,10 @@ bench() {  # STAGE NAME BENCH-ARGS...
 }
 stage_bench() {
   bench bench bench_rnn_cuda --cells lstm --dtypes bfloat16,float32 --repeats 2 --min-run-time 0.3 \
-    --baselines masked,grid_sync,packed,padded
-  CAP_bench=25 cap bench $PY benchmarks/bench_linear_ce.py --device cuda --out "$RES" 2>&1 \
+    --baselines masked,grid_sync,per_step,packed,padded --stages 0
+  CAP_bench=35 cap bench $PY benchmarks/bench_linear_ce.py --device cuda --out "$RES" 2>&1 \
     | tee "$(logfile bench_linear_ce_cuda.log)" | tail -6 || status=1
-  CAP_bench=25 cap bench $PY benchmarks/bench_losses.py --device cuda --out "$RES" 2>&1 \
+  CAP_bench=35 cap bench $PY benchmarks/bench_losses.py --device cuda --out "$RES" 2>&1 \
     | tee "$(logfile bench_losses_cuda.log)" | tail -6 || status=1
 }
 stage_bench_gru() {

@@ -616,18 +616,19 @@ def test_persistent_stage_setting_is_checked(value):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_staging_whole_or_in_chunks_gives_the_same_bits(cell, dtype):
     """A tile's reduction staged at once (the default), or in chunks (the setting
-    at 0 KiB; at 4 KiB whole for the bfloat16 forward's tiles only):
-    the product accumulates in the same order, so outputs and gradients are
-    equal bit for bit. H = 72: the forward's 80 padded columns are 2 chunks
-    on tensor cores (bfloat16) and 5 on CUDA cores (float32, IEEE), the
-    backward's G*72 more. Both forms."""
+    at 0 KiB; at 4 and 16 KiB whole for the bfloat16 forward's tiles only, the
+    backward's 288 columns in chunks of 64 or 96 (grid form) and 96 (cluster
+    form)): the product accumulates in the same order, so outputs and
+    gradients are equal bit for bit. H = 72: the forward's 80 padded columns
+    are 2 chunks on tensor cores at 0 KiB (bfloat16) and 5 on CUDA cores
+    (float32, IEEE). Both forms."""
     ref, x, lengths, hx = sample_inputs(cell, T=6, B=20, I=5, H=72, seed=4)
     m = MaskedRNN.from_torch(ref).to(dtype)
     x = torch.nan_to_num(x.detach(), nan=0.0).to(dtype).requires_grad_()
     hx = tuple(h.detach().to(dtype) for h in hx) if cell == "lstm" else hx.detach().to(dtype)
     runs = {}
     for path in ("persistent:grid", "persistent:cluster"):
-        for kib in ("auto", "0", "4"):
+        for kib in ("auto", "0", "4", "16"):
             with rnn_path(path), emulate_cuda(), emulated_device(sm_count=3), \
                     env_setting("VARLEN_KERNELS_PERSISTENT_STAGE_KIB", kib):
                 y, h = m(x, lengths, hx)

@@ -513,40 +513,47 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
   const int elem = sizeof(scalar_t);
   const int64_t K = forward ? H : int64_t(G) * H;  // the product's reduction
   // Each tile's whole reduction staged at once where it takes at most `limit`
-  // bytes (the setting's) and that fits the device, else in chunks.
+  // bytes (the setting's) and the device's shared memory holds it with the
+  // rest, else in chunks as large as that allows (stage(units): the bytes).
   const int64_t limit = persistent_stage_setting();
-  auto geometry = [&](int units, int64_t stage = 0) {
-    return forward ? TcGeometry(G * units, H, elem, 0, stage) : TcGeometry(units, K, elem, 0, stage);
+  auto geometry = [&](int units, int64_t stage = 0, int most_mt = 0) {
+    return forward ? TcGeometry(G * units, H, elem, most_mt, stage)
+                   : TcGeometry(units, K, elem, most_mt, stage);
   };
-  auto tc_bytes = [&](int units, int64_t stage) -> int64_t {
-    const TcGeometry geo = geometry(units, stage);
-    return geo.fits() ? geo.smem() : -1;
+  // What the device's shared memory leaves for the staged operand beside
+  // `fixed` bytes (align128 of the tile's operand may add up to 127 bytes).
+  auto room = [&](int64_t fixed) {
+    return std::max<int64_t>(0, std::min<int64_t>(limit, int64_t(cuda::max_dynamic_smem()) - fixed - 128));
   };
-  auto fma_bytes = [&](int units, int64_t stage) -> int64_t {
-    return int64_t(smem_bytes<scalar_t, acc_t>(G, units, H, K, stage));
+  auto tc_stage = [&](int units, int most_mt = 0) {
+    const TcGeometry g = geometry(units, 0, most_mt);
+    return room(g.w_bytes() + g.c_bytes());
   };
-  auto fits = [](int64_t bytes) { return bytes >= 0 && size_t(bytes) <= cuda::max_dynamic_smem(); };
+  auto fma_stage = [&](int units) {
+    return room(int64_t(align16(size_t(G) * units * H * sizeof(scalar_t))));
+  };
   auto tc_smem = [&](int units) -> int64_t {
-    return fits(tc_bytes(units, limit)) ? tc_bytes(units, limit) : tc_bytes(units, 0);
+    const TcGeometry g = geometry(units, tc_stage(units));
+    return g.fits() ? g.smem() : -1;
   };
   auto fma_smem = [&](int units) -> int64_t {
-    return fits(fma_bytes(units, limit)) ? fma_bytes(units, limit) : fma_bytes(units, 0);
+    return int64_t(smem_bytes<scalar_t, acc_t>(G, units, H, K, fma_stage(units)));
   };
   // The launch's staging, and its shared memory for the geometry its kernel
   // takes (the cluster form's tensor-core tiles may have fewer rows than the
-  // plan's): up to the limit where that takes no more than the plan (whose
-  // residency was checked), else in chunks, which never do.
+  // plan's): as the plan, bounded by the plan's shared memory (whose residency
+  // was checked); the smallest chunks never take more than the plan.
   auto with_staging = [&](Launch l) {
     if (l.units == 0) return l;
     if (l.kernel_tc) {
-      const int n = forward ? G * l.units : l.units;
-      const TcGeometry staged(n, K, elem, l.tile_mt, limit), chunked(n, K, elem, l.tile_mt, 0);
-      const bool ok = staged.fits() && size_t(staged.smem()) <= l.smem;
-      l.stage_limit = ok ? limit : 0;
-      l.smem = size_t(ok ? staged.smem() : chunked.smem());
+      const TcGeometry fixed = geometry(l.units, 0, l.tile_mt);
+      // (a multiple of 128: the staged operand's align128 never takes it past)
+      const int64_t planned = (int64_t(l.smem) - fixed.w_bytes() - fixed.c_bytes()) / 128 * 128;
+      l.stage_limit = std::max<int64_t>(0, std::min(tc_stage(l.units, l.tile_mt), planned));
+      l.smem = size_t(geometry(l.units, l.stage_limit, l.tile_mt).smem());
     } else {
-      l.stage_limit = fits(fma_bytes(l.units, limit)) ? limit : 0;
-      l.smem = size_t(fma_bytes(l.units, l.stage_limit));
+      l.stage_limit = fma_stage(l.units);
+      l.smem = size_t(fma_smem(l.units));
     }
     return l;
   };

@@ -11,6 +11,8 @@
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -34,10 +36,6 @@ namespace cg = cooperative_groups;
 constexpr int kThreads = 256;
 constexpr int kRows = 2;    // rows per thread in a tile
 constexpr int kChunk = 16;  // reduction columns staged in shared memory at a time (at least)
-// Shared memory for the staged operand beyond which it is staged in chunks:
-// below it, a tile's whole reduction is staged at once, so a step waits for
-// one round of global loads rather than one per chunk (the latency of a step
-// at small batches, where every step's rows are few).
 constexpr int kMinUnits = 2, kMaxUnits = 128;
 
 // Rows of a tile of the fma kernels: kRows per row group of Hs threads.
@@ -148,8 +146,9 @@ __device__ __forceinline__ int64_t group_longest(const int64_t* sorted_len, int6
 // reduction to be staged at once, by default (VARLEN_KERNELS_PERSISTENT_STAGE_KIB
 // changes it): a step then waits for one round of global loads instead of one
 // round trip per chunk, serialized (at H = 1024, 16 of them a step). The
-// launch's limit (Launch::stage_limit) is this where the device's shared
-// memory holds it, else 0 (choose() in rnn_persistent.cu).
+// launch's limit (Launch::stage_limit) is the least of this, what the device's
+// shared memory leaves beside the weight slice, and what the plan's shared
+// memory leaves (choose() in rnn_persistent.cu).
 constexpr int64_t kWholeStageBytes = 192 * 1024;
 
 // Columns of the reduction (length k) the fma kernels stage at a time for a
@@ -182,7 +181,7 @@ size_t smem_bytes(int G, int units, int64_t H, int64_t k, int64_t limit) {
 // bits, to nearest) as they are written to shared memory, as cuBLAS's TF32
 // GEMMs round their operands. Per tile of rows, the 8 warps share the 16x16
 // output tiles (at most 2 each), A is staged whole (where it takes at most
-// the launch's stage_limit) or kTcChunk columns at a time, C goes through shared
+// the launch's stage_limit) or in equal chunks (TcGeometry), C goes through shared
 // memory to the threads that apply the cell, one (row, unit) each. The state,
 // the carry and C stay float.
 //
@@ -252,8 +251,9 @@ __host__ __device__ constexpr int round16(int n) { return (n + 15) / 16 * 16; }
 // Tile geometry for a product with n output columns and reduction length k,
 // operands of elem bytes; at most most_mt 16-row tiles in a tile of rows when
 // most_mt > 0 (else as many as keep the 8 warps busy); A staged whole where
-// that takes at most stage_limit bytes (the launch's), else kTcChunk columns
-// at a time. Each shared-memory row is padded by 16 bytes: a
+// that takes at most stage_limit bytes (the launch's), else in the fewest
+// chunks that allows (at most kTcChunk columns where it allows fewer), of equal
+// columns, a multiple of 16 (the last one shorter). Each shared-memory row is padded by 16 bytes: a
 // fragment load reads 8 rows (16-bit types) or 8 rows of 4 (TF32) at once, and
 // a row stride of 4 banks (mod 32) spreads them over all banks, where 32 bytes
 // (8 banks) would put rows 0 and 4 of a TF32 fragment on the same banks. The
@@ -262,7 +262,7 @@ __host__ __device__ constexpr int round16(int n) { return (n + 15) / 16 * 16; }
 struct TcGeometry {
   int n, np, nt, mt, rbt;   // columns, padded to 16; column tiles; row tiles per tile; rows
   int64_t kp, ldw, lda, ldc;  // k padded to 16; leading dimensions of W, A, C in shared memory
-  int64_t chunk;              // columns of A staged at a time: kp, or kTcChunk
+  int64_t chunk;              // columns of A staged at a time: kp, or fewer (a multiple of 16)
   int elem;                 // bytes of an operand element
   __host__ __device__ TcGeometry(int n_, int64_t k, int elem_, int most_mt = 0,
                                  int64_t stage_limit = 0)
@@ -274,7 +274,14 @@ struct TcGeometry {
     rbt = 16 * mt;
     kp = (k + 15) / 16 * 16;
     ldw = kp + 16 / elem;
-    chunk = int64_t(rbt) * (kp + 16 / elem) * elem <= stage_limit ? kp : kTcChunk;
+    const int64_t most = stage_limit / (int64_t(rbt) * elem) - 16 / elem;  // columns that fit
+    if (kp <= most) {
+      chunk = kp;
+    } else {
+      const int64_t widest = most / 16 * 16 > kTcChunk ? most / 16 * 16 : kTcChunk;
+      const int64_t chunks = (kp + widest - 1) / widest;
+      chunk = ((kp + chunks - 1) / chunks + 15) / 16 * 16;  // at most widest
+    }
     lda = chunk + 16 / elem;
     ldc = np + 4;
   }
@@ -308,21 +315,33 @@ __device__ __forceinline__ void stage_tile(dst_t* as, int64_t lda, const src_t* 
   const bool vec = V > 1 && ld % V == 0 && k0 % V == 0 && kc % V == 0 &&
                    reinterpret_cast<uintptr_t>(src) % (V * sizeof(src_t)) == 0;
   if (vec) {
-    struct alignas(V * sizeof(src_t)) Vec { src_t v[V]; };
+    // One load and one store a thread (V consecutive values: no bank conflict).
+    struct alignas(V * sizeof(src_t)) In { src_t v[V]; };
+    struct alignas(V * sizeof(dst_t)) Out { dst_t v[V]; };
     const int kv = kc / V;
     for (int idx = threadIdx.x; idx < prow * kv; idx += kThreads) {
       const int r = idx / kv, c = (idx % kv) * V;
       const int64_t k = k0 + c;
-      dst_t* out = as + r * lda + c;
+      Out o;
       if (r < rows && k + V <= kmax) {
-        const Vec x = *reinterpret_cast<const Vec*>(src + r * ld + k);
+        In x;
+#ifdef VK_EMULATE_CUDA
+        std::memcpy(&x, src + r * ld + k, sizeof(In));  // (no aliasing question on the CPU)
+#else
+        x = *reinterpret_cast<const In*>(src + r * ld + k);
+#endif
 #pragma unroll
-        for (int e = 0; e < V; ++e) out[e] = convert(x.v[e]);
+        for (int e = 0; e < V; ++e) o.v[e] = convert(x.v[e]);
       } else {
 #pragma unroll
         for (int e = 0; e < V; ++e)
-          out[e] = (r < rows && k + e < kmax) ? convert(src[r * ld + k + e]) : dst_t(0);
+          o.v[e] = (r < rows && k + e < kmax) ? convert(src[r * ld + k + e]) : dst_t(0);
       }
+#ifdef VK_EMULATE_CUDA
+      std::memcpy(as + r * lda + c, &o, sizeof(Out));
+#else
+      *reinterpret_cast<Out*>(as + r * lda + c) = o;
+#endif
     }
   } else {
     for (int idx = threadIdx.x; idx < prow * kc; idx += kThreads) {

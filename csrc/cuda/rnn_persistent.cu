@@ -418,8 +418,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   // ws[n * ldw + k] = W_hh[gate * H + j0 + u, k] for column n = gate * Hs + u
   scalar_t* ws = reinterpret_cast<scalar_t*>(smem);
   scalar_t* as = reinterpret_cast<scalar_t*>(smem + g.w_bytes());
-  float* cs = reinterpret_cast<float*>(smem + g.w_bytes() +
-                                       g.a_bytes());
+  float* cs = reinterpret_cast<float*>(smem + g.w_bytes() + g.a_bytes());
+  float* partial = reinterpret_cast<float*>(smem + g.w_bytes() + g.a_bytes() + align128(g.c_bytes()));
   for (int64_t idx = tid; idx < g.np * g.kp; idx += kThreads) {
     const int64_t n = idx / g.kp, k = idx % g.kp, gate = n / Hs, jj = j0 + n % Hs;
     ws[n * g.ldw + k] =
@@ -436,7 +436,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       tc_product(g, rows, ws, as, cs, [&](int64_t k0, int kc) {
         stage_tile<4>(as, g.lda, s.hin + row0 * H, H, rows, k0, kc, H,
                       [](float v) { return tc_operand(scalar_t(v)); });
-      });
+      }, partial);
       for (int idx = tid; idx < rows * Hs; idx += kThreads) {
         const int r = idx / Hs, u = idx % Hs;
         if (j0 + u >= H) continue;
@@ -468,8 +468,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   // ws[n * ldw + m] = W_hh[m, j0 + n]
   scalar_t* ws = reinterpret_cast<scalar_t*>(smem);
   scalar_t* as = reinterpret_cast<scalar_t*>(smem + g.w_bytes());
-  float* cs = reinterpret_cast<float*>(smem + g.w_bytes() +
-                                       g.a_bytes());
+  float* cs = reinterpret_cast<float*>(smem + g.w_bytes() + g.a_bytes());
+  float* partial = reinterpret_cast<float*>(smem + g.w_bytes() + g.a_bytes() + align128(g.c_bytes()));
   for (int64_t idx = tid; idx < g.np * g.kp; idx += kThreads) {  // n fastest: coalesced reads
     const int64_t n = idx % g.np, m = idx / g.np, jj = j0 + n;
     ws[n * g.ldw + m] = (n < Hs && jj < H && m < GH) ? tc_operand(p.w_hh[m * H + jj]) : scalar_t(0);
@@ -488,7 +488,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           stage_tile<16 / sizeof(scalar_t)>(as, g.lda, s.dg_prev + row0 * p.dgh_ld, p.dgh_ld,
                                             with_prev, m0, kc, GH,
                                             [](scalar_t v) { return tc_operand(v); });
-        });
+        }, partial);
       }
       for (int idx = tid; idx < rows * Hs; idx += kThreads) {
         const int r = idx / Hs, u = idx % Hs;
@@ -526,8 +526,7 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
     return std::max<int64_t>(0, std::min<int64_t>(limit, int64_t(cuda::max_dynamic_smem()) - fixed - 128));
   };
   auto tc_stage = [&](int units, int most_mt = 0) {
-    const TcGeometry g = geometry(units, 0, most_mt);
-    return room(g.w_bytes() + g.c_bytes());
+    return room(geometry(units, 0, most_mt).fixed_bytes());
   };
   auto fma_stage = [&](int units) {
     return room(int64_t(align16(size_t(G) * units * H * sizeof(scalar_t))));
@@ -548,7 +547,7 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
     if (l.kernel_tc) {
       const TcGeometry fixed = geometry(l.units, 0, l.tile_mt);
       // (a multiple of 128: the staged operand's align128 never takes it past)
-      const int64_t planned = (int64_t(l.smem) - fixed.w_bytes() - fixed.c_bytes()) / 128 * 128;
+      const int64_t planned = (int64_t(l.smem) - fixed.fixed_bytes()) / 128 * 128;
       l.stage_limit = std::max<int64_t>(0, std::min(tc_stage(l.units, l.tile_mt), planned));
       l.smem = size_t(geometry(l.units, l.stage_limit, l.tile_mt).smem());
     } else {

@@ -290,7 +290,12 @@ struct TcGeometry {
   __host__ __device__ int64_t w_bytes() const { return align128(np * ldw * elem); }
   __host__ __device__ int64_t a_bytes() const { return align128(rbt * lda * elem); }
   __host__ __device__ int64_t c_bytes() const { return int64_t(rbt) * ldc * 4; }
-  int64_t smem() const { return w_bytes() + a_bytes() + c_bytes(); }
+  // tc_product's split-K partial sums (where given): a 16x16 float tile a warp.
+  __host__ __device__ static constexpr int64_t s_bytes() { return int64_t(kWarps) * 256 * 4; }
+  // The plain kernels' shared memory: W, A, C, then the partial sums; all
+  // but A's (the staged operand's) bytes, and all.
+  __host__ __device__ int64_t fixed_bytes() const { return w_bytes() + align128(c_bytes()) + s_bytes(); }
+  int64_t smem() const { return fixed_bytes() + a_bytes(); }
   // Where W[n, k] (n < np, k < kp; zero past n and k), A[r, kk] (r below
   // stage_rows(rows), kk < the chunk; zero past rows) and C[r, n] are in
   // shared memory: the form the projection LSTM's kernels stage them in.
@@ -353,47 +358,78 @@ __device__ __forceinline__ void stage_tile(dst_t* as, int64_t lda, const src_t* 
 }
 
 // C (rows x g.np) += A (rows x kp, staged per chunk by `stage`) times the
-// W slice w (col-major, g.ldw): the output tiles of this warp, those with a
-// row below `rows`; then C to shared memory cs. Block-uniform: every thread
-// calls it; `stage(k0, kc)` fills as[r * lda + kk] for r < round16(rows),
-// kk < kc (zero past `rows`: only whole 16-row tiles are multiplied).
+// W slice w (col-major, g.ldw): the output tiles with a row below `rows`; then
+// C to shared memory cs. Block-uniform: every thread calls it; `stage(k0, kc)`
+// fills as[r * lda + kk] for r < round16(rows), kk < kc (zero past `rows`:
+// only whole 16-row tiles are multiplied). The warps take up to 2 output
+// tiles each; where there are fewer tiles than warps and `scratch` is given
+// (TcGeometry::s_bytes()), each tile's reduction is split between
+// kWarps / tiles warps instead (split-K: the KK-steps of the reduction dealt in
+// turn, by their index, so the chunking does not change the sums), whose
+// partial sums meet in scratch and are added in a fixed order.
 template <typename scalar_t, typename Stage>
 __device__ __forceinline__ void tc_product(const TcGeometry& g, int rows, const scalar_t* ws,
-                                           scalar_t* as, float* cs, Stage stage) {
+                                           scalar_t* as, float* cs, Stage stage,
+                                           float* scratch = nullptr) {
   using namespace nvcuda;
   using tc_t = typename Tc<scalar_t>::type;
   using mem_t = typename Tc<scalar_t>::mem;
   constexpr int KK = Tc<scalar_t>::k;
   const int warp = threadIdx.x / 32;
+  const int tiles = (rows + 15) / 16 * g.nt;  // output tiles with a row below `rows`
+  const int S = scratch != nullptr && tiles > 0 && tiles < kWarps ? kWarps / tiles : 1;
+  const int q = S > 1 ? warp % tiles : 0, slice = S > 1 ? warp / tiles : 0;  // split-K: tile, share
   wmma::fragment<wmma::accumulator, 16, 16, KK, float> acc[2];
   wmma::fill_fragment(acc[0], 0.f);
   wmma::fill_fragment(acc[1], 0.f);
+  auto mma = [&](wmma::fragment<wmma::accumulator, 16, 16, KK, float>& c, int mtile, int ntile,
+                 int64_t k0, int kk) {
+    wmma::fragment<wmma::matrix_a, 16, 16, KK, tc_t, wmma::row_major> a;
+    wmma::fragment<wmma::matrix_b, 16, 16, KK, tc_t, wmma::col_major> b;
+    wmma::load_matrix_sync(a, reinterpret_cast<const mem_t*>(as + mtile * 16 * g.lda + kk),
+                           unsigned(g.lda));
+    wmma::load_matrix_sync(b, reinterpret_cast<const mem_t*>(ws + ntile * 16 * g.ldw + k0 + kk),
+                           unsigned(g.ldw));
+    wmma::mma_sync(c, a, b, c);
+  };
   for (int64_t k0 = 0; k0 < g.kp; k0 += g.chunk) {
     const int kc = g.kp - k0 < g.chunk ? int(g.kp - k0) : int(g.chunk);
     __syncthreads();  // the previous chunk (and tile) is consumed
     stage(k0, kc);
     __syncthreads();
+    if (S > 1) {
+      if (slice < S) {  // warp-uniform; the KK-steps i of the reduction with i % S == slice
+        const int first = int((k0 / KK) % S);
+        for (int kk = ((slice - first) % S + S) % S * KK; kk < kc; kk += S * KK)
+          mma(acc[0], q / g.nt, q % g.nt, k0, kk);
+      }
+      continue;
+    }
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-      const int q = warp + e * kWarps, mtile = q / g.nt, ntile = q % g.nt;
-      if (q >= g.mt * g.nt || mtile * 16 >= rows) continue;  // warp-uniform
-      for (int kk = 0; kk < kc; kk += KK) {
-        wmma::fragment<wmma::matrix_a, 16, 16, KK, tc_t, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, KK, tc_t, wmma::col_major> b;
-        wmma::load_matrix_sync(a, reinterpret_cast<const mem_t*>(as + mtile * 16 * g.lda + kk),
-                               unsigned(g.lda));
-        wmma::load_matrix_sync(b, reinterpret_cast<const mem_t*>(ws + ntile * 16 * g.ldw + k0 + kk),
-                               unsigned(g.ldw));
-        wmma::mma_sync(acc[e], a, b, acc[e]);
-      }
+      const int t = warp + e * kWarps, mtile = t / g.nt, ntile = t % g.nt;
+      if (t >= g.mt * g.nt || mtile * 16 >= rows) continue;  // warp-uniform
+      for (int kk = 0; kk < kc; kk += KK) mma(acc[e], mtile, ntile, k0, kk);
     }
   }
+  if (S > 1) {
+    if (slice < S)
+      wmma::store_matrix_sync(scratch + warp * 256, acc[0], 16u, wmma::mem_row_major);
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < tiles * 256; idx += kThreads) {
+      const int t = idx / 256, e = idx % 256;
+      float sum = 0.f;
+      for (int sl = 0; sl < S; ++sl) sum += scratch[(sl * tiles + t) * 256 + e];
+      cs[((t / g.nt) * 16 + e / 16) * g.ldc + (t % g.nt) * 16 + e % 16] = sum;
+    }
+  } else {
 #pragma unroll
-  for (int e = 0; e < 2; ++e) {
-    const int q = warp + e * kWarps, mtile = q / g.nt, ntile = q % g.nt;
-    if (q >= g.mt * g.nt || mtile * 16 >= rows) continue;
-    wmma::store_matrix_sync(cs + mtile * 16 * g.ldc + ntile * 16, acc[e], unsigned(g.ldc),
-                            wmma::mem_row_major);
+    for (int e = 0; e < 2; ++e) {
+      const int t = warp + e * kWarps, mtile = t / g.nt, ntile = t % g.nt;
+      if (t >= g.mt * g.nt || mtile * 16 >= rows) continue;
+      wmma::store_matrix_sync(cs + mtile * 16 * g.ldc + ntile * 16, acc[e], unsigned(g.ldc),
+                              wmma::mem_row_major);
+    }
   }
   __syncthreads();  // C complete for the cell threads
 }

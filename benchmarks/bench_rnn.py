@@ -618,18 +618,14 @@ def parse_args(argv=None):
     args.compile_backend = args.compile_backend or ("aot_eager" if args.quick else "inductor")
     if args.baselines:
         baselines = [b for b in args.baselines.split(",") if b]
-    units = [u for u in args.units.split(",") if u]
-    if units and not gpu:
-        ap.error("--units (the persistent CUDA kernels' CTA sizes) is for CUDA devices")
-    if any(not u.isdigit() for u in units):
-        ap.error(f"--units must be a comma list of whole numbers, got {args.units!r}")
-    baselines += [f"units_{u}" for u in units if f"units_{u}" not in baselines]
-    stages = [u for u in args.stages.split(",") if u]
-    if stages and not gpu:
-        ap.error("--stages (the persistent CUDA kernels' staging) is for CUDA devices")
-    if any(not u.isdigit() for u in stages):
-        ap.error(f"--stages must be a comma list of whole numbers, got {args.stages!r}")
-    baselines += [f"stage_{u}" for u in stages if f"stage_{u}" not in baselines]
+    for option, prefix, what in (("units", "units", "CTA sizes"), ("stages", "stage", "staging")):
+        given = getattr(args, option)
+        values = [u for u in given.split(",") if u]
+        if values and not gpu:
+            ap.error(f"--{option} (the persistent CUDA kernels' {what}) is for CUDA devices")
+        if any(not u.isdigit() for u in values):
+            ap.error(f"--{option} must be a comma list of whole numbers, got {given!r}")
+        baselines += [f"{prefix}_{u}" for u in values if f"{prefix}_{u}" not in baselines]
     skip = set(filter(None, args.skip.split(",")))
     unknown = [b for b in baselines + sorted(skip) if not known(b)]
     if unknown:

@@ -180,10 +180,14 @@ size_t smem_bytes(int G, int units, int64_t H, int64_t k, int64_t limit) {
 // whole launch. float32 keeps A and B in float, rounded to TF32 (10 mantissa
 // bits, to nearest) as they are written to shared memory, as cuBLAS's TF32
 // GEMMs round their operands. Per tile of rows, the 8 warps share the 16x16
-// output tiles (at most 2 each), A is staged whole (where it takes at most
-// the launch's stage_limit) or in equal chunks (TcGeometry), C goes through shared
-// memory to the threads that apply the cell, one (row, unit) each. The state,
-// the carry and C stay float.
+// output tiles (at most 2 each; where there are fewer tiles than warps, each
+// tile's reduction is split between several, tc_product), A is staged whole
+// (where it takes at most the launch's stage_limit) or in equal chunks
+// (TcGeometry), C goes through shared memory to the threads that apply the
+// cell, one (row, unit) each. The state, the carry and C stay float. A row's
+// sums depend on the rows of its tile at that step (how the split falls), not
+// only on its own values: deterministic, but not the same bits alone as in a
+// batch.
 //
 // Tc<scalar_t>: the wmma element type, the type in shared memory, and the
 // shape's reduction length (16x16x16 tiles; 16x16x8 for TF32).
@@ -290,8 +294,9 @@ struct TcGeometry {
   __host__ __device__ int64_t w_bytes() const { return align128(np * ldw * elem); }
   __host__ __device__ int64_t a_bytes() const { return align128(rbt * lda * elem); }
   __host__ __device__ int64_t c_bytes() const { return int64_t(rbt) * ldc * 4; }
-  // tc_product's split-K partial sums (where given): a 16x16 float tile a warp.
-  __host__ __device__ static constexpr int64_t s_bytes() { return int64_t(kWarps) * 256 * 4; }
+  // tc_product's split-K partial sums: a 16x16 float tile a warp, where a tile
+  // of rows can have fewer output tiles than warps (fewer column tiles).
+  __host__ __device__ int64_t s_bytes() const { return nt < kWarps ? int64_t(kWarps) * 256 * 4 : 0; }
   // The plain kernels' shared memory: W, A, C, then the partial sums; all
   // but A's (the staged operand's) bytes, and all.
   __host__ __device__ int64_t fixed_bytes() const { return w_bytes() + align128(c_bytes()) + s_bytes(); }
@@ -570,9 +575,10 @@ Launch plan_cluster_launch(Kernel kernel, int64_t B, int64_t H, int dirs, SmemFo
 // The tensor-core kernels' tile of rows in the cluster form, for `rows` rows
 // and `clusters` resident clusters a direction: the fewest 16-row tiles that
 // still give every row tile a cluster of its own (at most geometry g's, which
-// keeps the 8 warps busy), since a tile's product takes as long with 1 of
-// them as with all of its output tiles (a warp's share): smaller tiles mean
-// more clusters on the step, not slower ones. (rows of a tile, most_mt).
+// keeps the 8 warps busy): smaller tiles mean more clusters on the step, and
+// a tile with fewer output tiles than warps splits their reductions between
+// the warps (tc_product), so its product is not slower by as much. (rows of a
+// tile, most_mt).
 inline std::pair<int64_t, int> cluster_tc_tile(const TcGeometry& g, int64_t rows,
                                                int64_t clusters) {
   const int64_t tiles16 = (rows + 15) / 16;

@@ -24,6 +24,7 @@ git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t 
 (cd "$SRC" && CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=${MAX_JOBS:-2} \
   VARLEN_KERNELS_EMULATION=0 "$VENV/bin/python" setup.py build_ext --inplace > build.log 2>&1) \
   || { tail -30 "$SRC/build.log"; exit 1; }
-cp "$SRC"/varlen_kernels/_C.cpython-*-x86_64-linux-gnu.so varlen_kernels/
-(cd "$SRC" && "$VENV/bin/python" -c "import varlen_kernels as v; assert v._C.WITH_CUDA; print('built', v.__file__)")
-ls -la varlen_kernels/_C.cpython-*-x86_64-linux-gnu.so
+SUFFIX=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+cp "$SRC/varlen_kernels/_C$SUFFIX" varlen_kernels/
+(cd "$SRC" && "$VENV/bin/python" -c "import varlen_kernels as v; assert v._C.WITH_CUDA")
+ls -la "varlen_kernels/_C$SUFFIX"

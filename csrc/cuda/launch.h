@@ -140,18 +140,6 @@ inline int compute_major() {
 #endif
 }
 
-#ifdef VK_EMULATE_CUDA
-// Blocks of `threads` threads and smem bytes of dynamic shared memory that can
-// be resident on one SM of the emulated device (0: none fits).
-inline int64_t emulated_blocks_per_sm(int threads, size_t smem) {
-  const auto& d = ::vk_emu::device_limits();
-  if (smem > d.max_shared_per_block || threads > d.max_threads_per_block) return 0;
-  int64_t per_sm = std::min<int64_t>(d.max_blocks_per_sm, d.max_threads_per_sm / threads);
-  if (smem > 0) per_sm = std::min<int64_t>(per_sm, int64_t(d.max_shared_per_sm / smem));
-  return per_sm;
-}
-#endif
-
 // Most blocks of `kernel` (block threads, smem bytes of dynamic shared memory)
 // that can be resident at once on the current device: the grid limit of a
 // cooperative launch. 0 when not even one block fits. On a GPU the answer is
@@ -161,7 +149,7 @@ int64_t cooperative_grid_limit(void (*kernel)(Params...), int threads, size_t sm
 #ifdef VK_EMULATE_CUDA
   (void)kernel;
   const auto& d = ::vk_emu::device_limits();
-  return std::min<int64_t>(emulated_blocks_per_sm(threads, smem) * d.sm_count,
+  return std::min<int64_t>(int64_t(::vk_emu::blocks_per_sm(uint64_t(threads), smem)) * d.sm_count,
                            d.max_cooperative_threads / threads);
 #else
   const cudaDeviceProp& prop = device_properties();
@@ -259,7 +247,7 @@ int64_t max_active_clusters(void (*kernel)(Params...), int threads, size_t smem,
   (void)kernel;
   const auto& d = ::vk_emu::device_limits();
   if (cluster * threads > d.max_cooperative_threads) return 0;  // the emulator runs a cluster at once
-  return emulated_blocks_per_sm(threads, smem) * d.sm_count / cluster;
+  return int64_t(::vk_emu::blocks_per_sm(uint64_t(threads), smem)) * d.sm_count / cluster;
 #else
   const cudaDeviceProp& prop = device_properties();
   if (smem > prop.sharedMemPerBlockOptin) return 0;

@@ -416,10 +416,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const TcGeometry g(G * Hs, H, sizeof(scalar_t), p.tile_mt, p.stage_limit);
   VK_DYNAMIC_SHARED(unsigned char, smem);
   // ws[n * ldw + k] = W_hh[gate * H + j0 + u, k] for column n = gate * Hs + u
-  scalar_t* ws = reinterpret_cast<scalar_t*>(smem);
-  scalar_t* as = reinterpret_cast<scalar_t*>(smem + g.w_bytes());
-  float* cs = reinterpret_cast<float*>(smem + g.w_bytes() + g.a_bytes());
-  float* partial = reinterpret_cast<float*>(smem + g.w_bytes() + g.a_bytes() + align128(g.c_bytes()));
+  const auto pc = g.pieces<scalar_t>(smem);
+  scalar_t *const ws = pc.ws, *const as = pc.as;
+  float *const cs = pc.cs, *const partial = pc.partial;
   for (int64_t idx = tid; idx < g.np * g.kp; idx += kThreads) {
     const int64_t n = idx / g.kp, k = idx % g.kp, gate = n / Hs, jj = j0 + n % Hs;
     ws[n * g.ldw + k] =
@@ -466,10 +465,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const TcGeometry g(Hs, GH, sizeof(scalar_t), p.tile_mt, p.stage_limit);
   VK_DYNAMIC_SHARED(unsigned char, smem);
   // ws[n * ldw + m] = W_hh[m, j0 + n]
-  scalar_t* ws = reinterpret_cast<scalar_t*>(smem);
-  scalar_t* as = reinterpret_cast<scalar_t*>(smem + g.w_bytes());
-  float* cs = reinterpret_cast<float*>(smem + g.w_bytes() + g.a_bytes());
-  float* partial = reinterpret_cast<float*>(smem + g.w_bytes() + g.a_bytes() + align128(g.c_bytes()));
+  const auto pc = g.pieces<scalar_t>(smem);
+  scalar_t *const ws = pc.ws, *const as = pc.as;
+  float *const cs = pc.cs, *const partial = pc.partial;
   for (int64_t idx = tid; idx < g.np * g.kp; idx += kThreads) {  // n fastest: coalesced reads
     const int64_t n = idx % g.np, m = idx / g.np, jj = j0 + n;
     ws[n * g.ldw + m] = (n < Hs && jj < H && m < GH) ? tc_operand(p.w_hh[m * H + jj]) : scalar_t(0);

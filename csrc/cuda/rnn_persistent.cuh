@@ -301,6 +301,19 @@ struct TcGeometry {
   // but A's (the staged operand's) bytes, and all.
   __host__ __device__ int64_t fixed_bytes() const { return w_bytes() + align128(c_bytes()) + s_bytes(); }
   int64_t smem() const { return fixed_bytes() + a_bytes(); }
+  // Where W, A, C and the partial sums are in the plain kernels' shared memory
+  // `smem` (smem() bytes, in that order).
+  template <typename scalar_t>
+  struct Pieces {
+    scalar_t *ws, *as;
+    float *cs, *partial;
+  };
+  template <typename scalar_t>
+  __host__ __device__ Pieces<scalar_t> pieces(unsigned char* smem) const {
+    return {reinterpret_cast<scalar_t*>(smem), reinterpret_cast<scalar_t*>(smem + w_bytes()),
+            reinterpret_cast<float*>(smem + w_bytes() + a_bytes()),
+            reinterpret_cast<float*>(smem + w_bytes() + a_bytes() + align128(c_bytes()))};
+  }
   // Where W[n, k] (n < np, k < kp; zero past n and k), A[r, kk] (r below
   // stage_rows(rows), kk < the chunk; zero past rows) and C[r, n] are in
   // shared memory: the form the projection LSTM's kernels stage them in.

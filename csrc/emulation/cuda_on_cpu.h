@@ -135,6 +135,9 @@ LaunchCounts& launch_counts();
 // clusters in no way. A plain launch (0) runs its blocks as clusters of one.
 void launch(dim3 grid, dim3 block, size_t dynamic_smem, bool cooperative,
             const std::function<void()>& body, unsigned cluster = 0);
+// Blocks of `threads` threads and `smem` bytes of dynamic shared memory that
+// can be resident on one SM of the emulated device (0: none fits).
+uint64_t blocks_per_sm(uint64_t threads, size_t smem);
 // Whether a cooperative launch of this grid can be resident at run time
 // (runtime_sm_count), as cudaLaunchCooperativeKernel checks.
 bool cooperative_fits(dim3 grid, dim3 block, size_t dynamic_smem);

@@ -633,6 +633,11 @@ void run_group(Launch& L, int first, int count, std::mt19937_64& rng) {
   release_stacks(L, first, count);
 }
 
+// SMs that cooperative launches get at run time.
+uint64_t runtime_sms() {
+  return uint64_t(g_limits.runtime_sm_count > 0 ? g_limits.runtime_sm_count : g_limits.sm_count);
+}
+
 void check_config(dim3 grid, dim3 block, size_t smem, bool cooperative, unsigned cluster) {
   const DeviceLimits& d = g_limits;
   const uint64_t threads = uint64_t(block.x) * block.y * block.z;
@@ -657,10 +662,9 @@ void check_config(dim3 grid, dim3 block, size_t smem, bool cooperative, unsigned
         << " (a cluster has 1 to " << d.max_cluster_blocks
         << " blocks and divides grid.x; the emulator has no cooperative cluster launch)";
   if (!err.str().empty()) throw std::runtime_error("emulated launch: " + err.str());
+  const uint64_t per_sm = blocks_per_sm(threads, smem);
   if (cluster > 1) {
     // Every block of a cluster is resident at once, on SMs of one GPC.
-    uint64_t per_sm = std::min<uint64_t>(d.max_blocks_per_sm, d.max_threads_per_sm / threads);
-    if (smem > 0) per_sm = std::min<uint64_t>(per_sm, d.max_shared_per_sm / smem);
     if (per_sm == 0 || cluster * threads > uint64_t(d.max_cooperative_threads))
       throw std::runtime_error("emulated cluster launch: a cluster of " + std::to_string(cluster) +
                                " blocks of " + std::to_string(threads) + " threads and " +
@@ -672,9 +676,7 @@ void check_config(dim3 grid, dim3 block, size_t smem, bool cooperative, unsigned
 #endif
   }
   if (!cooperative) return;
-  uint64_t per_sm = std::min<uint64_t>(d.max_blocks_per_sm, d.max_threads_per_sm / threads);
-  if (smem > 0) per_sm = std::min<uint64_t>(per_sm, d.max_shared_per_sm / smem);
-  const uint64_t sms = d.runtime_sm_count > 0 ? d.runtime_sm_count : d.sm_count;
+  const uint64_t sms = runtime_sms();
   if (blocks > per_sm * sms)
     throw std::runtime_error(
         "emulated cooperative launch: too many blocks in cooperative launch (" +
@@ -690,15 +692,19 @@ void check_config(dim3 grid, dim3 block, size_t smem, bool cooperative, unsigned
 }  // namespace
 
 // ------------------------------------------------------------ API
+uint64_t blocks_per_sm(uint64_t threads, size_t smem) {
+  const DeviceLimits& d = g_limits;
+  if (threads == 0 || threads > uint64_t(d.max_threads_per_block) || smem > d.max_shared_per_block)
+    return 0;
+  uint64_t per_sm = std::min<uint64_t>(d.max_blocks_per_sm, d.max_threads_per_sm / threads);
+  if (smem > 0) per_sm = std::min<uint64_t>(per_sm, d.max_shared_per_sm / smem);
+  return per_sm;
+}
+
 bool cooperative_fits(dim3 grid, dim3 block, size_t dynamic_smem) {
-  try {
-    check_config(grid, block, dynamic_smem, /*cooperative=*/true, 1);
-  } catch (const std::runtime_error& e) {
-    if (std::string(e.what()).find("too many blocks in cooperative launch") != std::string::npos)
-      return false;
-    throw;
-  }
-  return true;
+  const uint64_t threads = uint64_t(block.x) * block.y * block.z;
+  const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
+  return blocks <= blocks_per_sm(threads, dynamic_smem) * runtime_sms();
 }
 
 void set_thread_order(Order order, uint64_t seed) {

@@ -25,6 +25,12 @@ Baselines, side by side in one run, same weights, lengths uniform in [1, T]:
   grid_sync MaskedRNN with its persistent kernels in the grid form, a grid.sync()
             a step over all CTAs (VARLEN_KERNELS_PERSISTENT_SYNC=grid; GPU
             only), where masked takes the cluster form wherever it fits
+  global_exchange
+            MaskedRNN whose persistent kernels in the cluster form pass h (and
+            the backward's dgh) between their CTAs through global memory
+            (VARLEN_KERNELS_PERSISTENT_EXCHANGE=global; GPU only), where masked
+            passes them through the cluster's distributed shared memory
+            wherever its buffers fit
   units_N   with --units N,...: MaskedRNN whose persistent kernels give each
             CTA at least N hidden units, so fewer CTAs than their default of
             one per SM (VARLEN_KERNELS_PERSISTENT_UNITS=N; GPU only): how the
@@ -103,13 +109,14 @@ import varlen_kernels  # noqa: E402
 from varlen_kernels import MaskedRNN, masked_rnn_reference  # noqa: E402
 from varlen_kernels.reference import _cell_step  # noqa: E402
 
-BASELINES = ("masked", "per_step", "all_rows", "grid_sync", "host_lengths", "split", "packed",
-             "padded", "reference", "compiled")
+BASELINES = ("masked", "per_step", "all_rows", "grid_sync", "global_exchange", "host_lengths",
+             "split", "packed", "padded", "reference", "compiled")
 # Baselines that are MaskedRNN under a setting (CUDA paths): (variable, value),
 # set around the forward and the backward.
 SETTINGS = {"per_step": ("VARLEN_KERNELS_RNN_PATH", "per_step"),
             "all_rows": ("VARLEN_KERNELS_TOKEN_GEMM", "all_rows"),
-            "grid_sync": ("VARLEN_KERNELS_PERSISTENT_SYNC", "grid")}
+            "grid_sync": ("VARLEN_KERNELS_PERSISTENT_SYNC", "grid"),
+            "global_exchange": ("VARLEN_KERNELS_PERSISTENT_EXCHANGE", "global")}
 # Baselines that only differ from masked on a GPU.
 GPU_ONLY = tuple(SETTINGS) + ("host_lengths",)
 UNITS = re.compile(r"units_([0-9]+)")

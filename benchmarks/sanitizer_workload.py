@@ -38,10 +38,14 @@ def main(argv=None):
         # device of 4 SMs, so that the CTAs own several units each), then
         # their cluster form (clusters of 2 CTAs: 20 units each, a cluster for
         # each tile of rows), with the CUDA-core product (float32) and the
-        # tensor-core one (bfloat16).
+        # tensor-core one (bfloat16), whose rows go from CTA to CTA through
+        # the cluster's distributed shared memory, then through global memory.
         lengths = torch.cat([torch.full((8,), 9), torch.randint(0, 4, (32,))])
-        for sync, emulated in (("grid", dict(sm_count=4)), ("auto", dict(max_cluster_blocks=2))):
+        for sync, emulated, exchange in (("grid", dict(sm_count=4), "auto"),
+                                         ("auto", dict(max_cluster_blocks=2), "auto"),
+                                         ("auto", dict(max_cluster_blocks=2), "global")):
             with vk.testing.env_setting("VARLEN_KERNELS_PERSISTENT_SYNC", sync), \
+                    vk.testing.env_setting("VARLEN_KERNELS_PERSISTENT_EXCHANGE", exchange), \
                     limits(**emulated):
                 for dtype in (torch.float32, torch.bfloat16):
                     for cell, proj_size, bidirectional in [("lstm", 0, True), ("gru", 0, True),

@@ -630,7 +630,8 @@ def test_staging_whole_or_in_chunks_gives_the_same_bits(cell, dtype):
     for path in ("persistent:grid", "persistent:cluster"):
         for kib in ("auto", "0", "4", "16"):
             with rnn_path(path), emulate_cuda(), emulated_device(sm_count=3), \
-                    env_setting("VARLEN_KERNELS_PERSISTENT_STAGE_KIB", kib):
+                    env_setting("VARLEN_KERNELS_PERSISTENT_STAGE_KIB", kib), \
+                    env_setting("VARLEN_KERNELS_PERSISTENT_EXCHANGE", "global"):
                 y, h = m(x, lengths, hx)
                 out = [y, *states_of(cell, h)]
                 grads = torch.autograd.grad(sum((o.float() * (i + 1)).sum() for i, o in enumerate(out)),
@@ -639,6 +640,80 @@ def test_staging_whole_or_in_chunks_gives_the_same_bits(cell, dtype):
     for (path, kib), tensors in runs.items():
         for a, b in zip(tensors, runs[path, "auto"]):
             assert torch.equal(a, b), (path, kib)
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize("cell,H,bidirectional", [("lstm", 64, False), ("gru", 72, True),
+                                                  ("rnn_tanh", 72, False), ("lstm", 72, True)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cluster_exchange_through_shared_memory_gives_the_same_bits(cell, H, bidirectional, dtype):
+    """The cluster form's tensor-core kernels pass h (forward) and dgh (backward)
+    between the CTAs of a cluster through distributed shared memory, keeping
+    their units' state in shared memory, or through global memory: the same
+    operands and sums, so outputs and gradients (h0 and c0 included) are equal
+    bit for bit. float32: TF32. 70 rows, lengths spread over [0, T], on an
+    emulated device whose SMs hold 8 CTAs each whatever their shared memory:
+    on 1 SM a single cluster steps the forward's 2 or 3 tiles of rows; on 2
+    SMs two clusters share them (bidirectional: one a direction, each
+    stepping several tiles). H = 64: clusters of 8 CTAs of 8 units,
+    16-byte copies into the other CTAs; H = 72: 9 units, one value at a time."""
+    T, B = 7, 70
+    ref, x, lengths, hx = sample_inputs(cell, T=T, B=B, I=5, H=H, seed=5, bidirectional=bidirectional)
+    lengths = torch.cat([torch.tensor([T, 0, 1]), torch.randint(0, T + 1, (B - 3,))])
+    m = MaskedRNN.from_torch(ref).to(dtype)
+    x = torch.nan_to_num(x.detach(), nan=0.0).to(dtype).requires_grad_()
+    hx = [h.detach().to(dtype).requires_grad_() for h in states_of(cell, hx)]
+    runs = {}
+    precision = "tf32" if dtype == torch.float32 else "ieee"
+    for sm_count in (1, 2):
+        for exchange in ("dsmem", "global"):
+            with rnn_path("persistent:cluster"), emulate_cuda(), matmul_precision(precision), \
+                    emulated_device(sm_count=sm_count, max_shared_per_sm=1 << 24), \
+                    env_setting("VARLEN_KERNELS_PERSISTENT_EXCHANGE", exchange):
+                y, h = m(x, lengths, tuple(hx) if cell == "lstm" else hx[0])
+                out = [y, *states_of(cell, h)]
+                grads = torch.autograd.grad(sum((o.float() * (i + 1)).sum() for i, o in enumerate(out)),
+                                            [x, *hx, *m.parameters()])
+            runs[sm_count, exchange] = [t.detach() for t in (*out, *grads)]
+    for sm_count in (1, 2):
+        for a, b in zip(runs[sm_count, "dsmem"], runs[sm_count, "global"]):
+            assert torch.equal(a, b), sm_count
+
+
+@pytest.mark.emulation
+def test_persistent_exchange_setting_is_checked_and_forced_dsmem_that_cannot_run_fails():
+    """VARLEN_KERNELS_PERSISTENT_EXCHANGE takes 'auto', 'global' or 'dsmem'; a
+    forced exchange through distributed shared memory is an error naming the
+    sizes where the launch cannot take it: the grid form, the CUDA-core kernels
+    (float64), or buffers that do not fit; 'auto' then runs (same values)."""
+    args = layer_args("lstm", "cpu", False)
+    with emulate_cuda(), env_setting("VARLEN_KERNELS_PERSISTENT_EXCHANGE", "shared"):
+        with pytest.raises(RuntimeError, match="VARLEN_KERNELS_PERSISTENT_EXCHANGE must be 'auto', "
+                                               "'global' or 'dsmem', got 'shared'"):
+            torch.ops.varlen_kernels.rnn_forward(*args, "lstm", False)
+    ref, x, lengths, hx = sample_inputs("lstm", T=3, B=300, I=3, H=16)
+    m = MaskedRNN.from_torch(ref)
+    mb = MaskedRNN.from_torch(ref).to(torch.bfloat16)
+    xb, hb = x.to(torch.bfloat16), tuple(h.to(torch.bfloat16) for h in hx)
+    # bfloat16 in clusters of 8 CTAs of 2 units, on 1 SM: one cluster, tiles of
+    # 128 rows, about 25 KB of shared memory a CTA staging them, over 50 KB
+    # with the exchange buffers of its 3 tiles.
+    cases = [("persistent:cluster", m, x, hx, {}, "only the cluster form on tensor cores does"),
+             ("persistent:grid", mb, xb, hb, {}, "only the cluster form on tensor cores does"),
+             ("persistent:cluster", mb, xb, hb, dict(sm_count=1, max_shared_per_block=30000),
+              r"its buffers, \d+ bytes of shared memory a CTA, do not fit")]
+    for path, model, inp, state, limits, why in cases:
+        with rnn_path(path), emulate_cuda(), emulated_device(**limits):
+            with env_setting("VARLEN_KERNELS_PERSISTENT_EXCHANGE", "dsmem"):
+                with pytest.raises(RuntimeError, match=r"VARLEN_KERNELS_PERSISTENT_EXCHANGE=dsmem: "
+                                                       r"the persistent forward kernel cannot pass "
+                                                       r"its rows through distributed shared memory "
+                                                       r"for hidden_size 16, 4 gate\(s\), dtype "
+                                                       rf"\w+ and a batch of 300 \({why}\); use 'auto'"):
+                    model(inp, lengths, state)
+            auto = model(inp, lengths, state)[0]
+            with env_setting("VARLEN_KERNELS_PERSISTENT_EXCHANGE", "global"):
+                assert torch.equal(auto, model(inp, lengths, state)[0])
 
 
 def packed_rows(lengths, T):

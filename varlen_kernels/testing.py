@@ -159,7 +159,8 @@ def env_setting(name: str, value: str):
 
 @contextlib.contextmanager
 def emulated_device(*, sm_count=None, runtime_sm_count=None, max_cluster_blocks=None,
-                    max_grid_blocks=None, max_shared_per_block=None, lengths_in_host_memory=None):
+                    max_grid_blocks=None, max_shared_per_block=None, max_shared_per_sm=None,
+                    lengths_in_host_memory=None):
     """Changes limits of the emulated device for a while: ``sm_count`` bounds
     cooperative grids (the persistent RNN kernels spread the hidden units over
     the SMs: fewer SMs, more units per CTA, fewer rows per tile);
@@ -171,7 +172,9 @@ def emulated_device(*, sm_count=None, runtime_sm_count=None, max_cluster_blocks=
     units per CTA, fewer rows per tile, so more clusters);
     ``max_grid_blocks`` caps grid-stride launches, so that a small test makes
     their loops go round; ``max_shared_per_block`` (bytes) is the most dynamic
-    shared memory a block may have. ``lengths_in_host_memory=True`` makes the
+    shared memory a block may have, ``max_shared_per_sm`` (bytes) what the
+    blocks resident on an SM share (large: the blocks an SM holds are bounded by
+    its threads only). ``lengths_in_host_memory=True`` makes the
     emulated ops take their lengths as a GPU op takes lengths on the CPU (the
     plan and the token count made on the host); by default they take them as
     lengths in device memory."""
@@ -180,6 +183,7 @@ def emulated_device(*, sm_count=None, runtime_sm_count=None, max_cluster_blocks=
                              ("max_cluster_blocks", max_cluster_blocks),
                              ("max_grid_blocks", max_grid_blocks),
                              ("max_shared_per_block", max_shared_per_block),
+                             ("max_shared_per_sm", max_shared_per_sm),
                              ("lengths_in_host_memory", lengths_in_host_memory))
            if v is not None}
     old = {k: module.set_limit(k, int(v)) for k, v in new.items()}

@@ -63,7 +63,19 @@ int64_t persistent_stage_setting() {
                         "KiB") * 1024;
 }
 
+PersistentExchange persistent_exchange_setting() {
+  return choice_setting<PersistentExchange>(
+      "VARLEN_KERNELS_PERSISTENT_EXCHANGE",
+      {{"auto", PersistentExchange::Auto}, {"global", PersistentExchange::Global},
+       {"dsmem", PersistentExchange::Dsmem}});
+}
+
 namespace {
+
+// The tensor-core kernels load the cell's global inputs (the forward's gate
+// inputs; the backward's saved gates, state and dy) of a thread's first
+// kEarly (row, unit) items of a tile before the tile's product.
+constexpr int kEarly = 2;
 
 // ------------------------------------------------------------------ forward
 template <typename scalar_t, typename acc_t>
@@ -89,6 +101,7 @@ struct FwdParams {
   bool reverse;
   int tile_mt;                // the tensor-core kernel's most_mt (TcGeometry), 0: its own
   int64_t stage_limit;        // Launch::stage_limit
+  int64_t xrows;              // Launch::xrows: > 0, h through the cluster's shared memory
 };
 
 // Buffers of hbuf: forward direction, step t reads buffer t & 1 and writes the
@@ -142,19 +155,40 @@ __device__ void store_final_state(const FwdParams<scalar_t, acc_t>& p, int64_t j
   }
 }
 
-// Row i (length order), unit j of step s, given the hidden side of its gates.
+// The gate inputs of row i (length order), unit j of step s (gate_inputs()).
+template <typename scalar_t, typename acc_t, Cell K>
+__device__ __forceinline__ GateInputs<acc_t, K> cell_inputs(const FwdParams<scalar_t, acc_t>& p,
+                                                            const FwdStep<acc_t>& s, int64_t i,
+                                                            int64_t j) {
+  return gate_inputs<scalar_t, acc_t, K>(p.gx + (s.row0 + i) * p.gx_ld + j, p.bias, j, p.H);
+}
+
+// Row i, unit j of step s, given its gate inputs, the hidden side of its
+// gates, h_prev and (LSTM) the cell state c, updated in place: writes the
+// output and the workspaces, returns h.
+template <typename scalar_t, typename acc_t, Cell K>
+__device__ __forceinline__ acc_t forward_cell(const FwdParams<scalar_t, acc_t>& p,
+                                              const FwdStep<acc_t>& s, int64_t i, int64_t j,
+                                              const GateInputs<acc_t, K>& xin,
+                                              const acc_t (&hid)[num_gates(K)], acc_t h_prev,
+                                              acc_t* c) {
+  constexpr int GS = num_saved_gates(K), S = num_states(K);
+  const int64_t H = p.H, row = s.row0 + i;
+  const acc_t h = forward_point<scalar_t, acc_t, K>(xin, p.b_hn, j, H, hid, h_prev, c,
+                                                    p.gates + row * GS * H + j,
+                                                    p.states + row * S * H + j);
+  p.y[(s.t * p.B + p.perm[i]) * H + j] = scalar_t(h);
+  return h;
+}
+// The same with the state in global memory (hbuf, cbuf).
 template <typename scalar_t, typename acc_t, Cell K>
 __device__ __forceinline__ void forward_cell(const FwdParams<scalar_t, acc_t>& p,
                                              const FwdStep<acc_t>& s, int64_t i, int64_t j,
+                                             const GateInputs<acc_t, K>& xin,
                                              const acc_t (&hid)[num_gates(K)]) {
-  constexpr int G = num_gates(K), GS = num_saved_gates(K), S = num_states(K);
-  const int64_t H = p.H, row = s.row0 + i;
-  const acc_t h = forward_point<scalar_t, acc_t, K>(
-      p.gx + row * p.gx_ld + j, p.bias, p.b_hn, j, H, hid, s.hin[i * H + j],
-      K == Cell::LSTM ? p.cbuf + i * H + j : nullptr, p.gates + row * GS * H + j,
-      p.states + row * S * H + j);
-  s.hout[i * H + j] = h;
-  p.y[(s.t * p.B + p.perm[i]) * H + j] = scalar_t(h);
+  const int64_t H = p.H;
+  s.hout[i * H + j] = forward_cell<scalar_t, acc_t, K>(
+      p, s, i, j, xin, hid, s.hin[i * H + j], K == Cell::LSTM ? p.cbuf + i * H + j : nullptr);
 }
 
 template <typename scalar_t, typename acc_t, Cell K>
@@ -221,7 +255,9 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_forward_kernel(Directi
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         const int64_t i = row0 + r * RG + rg;
-        if (i < s.nrun) forward_cell<scalar_t, acc_t, K>(p, s, i, j, acc[r]);
+        if (i < s.nrun)
+          forward_cell<scalar_t, acc_t, K>(p, s, i, j, cell_inputs<scalar_t, acc_t, K>(p, s, i, j),
+                                           acc[r]);
       }
     }
     step_barrier(L);  // h_t complete before any CTA reads it
@@ -253,6 +289,7 @@ struct BwdParams {
   bool reverse;
   int tile_mt;                // the tensor-core kernel's most_mt (TcGeometry), 0: its own
   int64_t stage_limit;        // Launch::stage_limit
+  int64_t xrows;              // Launch::xrows: > 0, dgh through the cluster's shared memory
 };
 
 // Steps run in the reverse of the forward's order. At step t a running row
@@ -316,24 +353,64 @@ __device__ void store_initial_grads(const BwdParams<scalar_t, acc_t>& p, int64_t
   }
 }
 
+// What row i (< s.nrun), unit j of step s reads of the forward's workspaces
+// and of dy, loaded apart so that a kernel can issue the loads early.
+template <typename acc_t, Cell K>
+struct BwdInputs {
+  SavedStep<acc_t, K> saved;
+  acc_t dy;
+};
+template <typename scalar_t, typename acc_t, Cell K>
+__device__ __forceinline__ BwdInputs<acc_t, K> cell_inputs(const BwdParams<scalar_t, acc_t>& p,
+                                                           const BwdStep<scalar_t>& s, int64_t i,
+                                                           int64_t j) {
+  constexpr int GS = num_saved_gates(K), S = num_states(K);
+  const int64_t H = p.H, row = s.row0 + i;
+  return {saved_step<scalar_t, acc_t, K>(p.gates + row * GS * H + j, p.states + row * S * H + j, H),
+          acc_t(p.dy[(s.t * p.B + p.perm[i]) * H + j])};
+}
+
 // Row i (< s.n), unit j of step s, given prod = (dgh at tp W_hh)[i, j] (zero
-// for a row that did not run at tp).
+// for a row that did not run at tp) and, for a row running at t, its inputs:
+// carry (d h' not passing through W_hh) and (LSTM) dc updated in place; the
+// pre-activation gradients to gx (input side) and gh (hidden side; the same
+// place unless GRU), G blocks of H.
+template <typename scalar_t, typename acc_t, Cell K>
+__device__ __forceinline__ void backward_cell(const BwdStep<scalar_t>& s, int64_t i, int64_t H,
+                                              acc_t prod, const BwdInputs<acc_t, K>& in,
+                                              acc_t* carry, acc_t* dc, scalar_t* gx,
+                                              scalar_t* gh) {
+  if (i < s.nrun)
+    *carry = backward_point<scalar_t, acc_t, K>(in.saved, H, *carry + prod + in.dy, dc, gx, gh);
+  else
+    *carry += prod;  // finished: this is d h0
+}
+// The same with the carry in global memory.
 template <typename scalar_t, typename acc_t, Cell K>
 __device__ __forceinline__ void backward_cell(const BwdParams<scalar_t, acc_t>& p,
                                               const BwdStep<scalar_t>& s, int64_t i, int64_t j,
-                                              acc_t prod) {
-  constexpr int GS = num_saved_gates(K), S = num_states(K);
-  const int64_t H = p.H;
-  acc_t* carry = p.carry + i * H + j;
+                                              acc_t prod, const BwdInputs<acc_t, K>& in) {
+  const int64_t H = p.H, row = s.row0 + i;
+  backward_cell<scalar_t, acc_t, K>(s, i, H, prod, in, p.carry + i * H + j,
+                                    K == Cell::LSTM ? p.dcbuf + i * H + j : nullptr,
+                                    p.dgx + row * p.dgx_ld + j, p.dgh + row * p.dgh_ld + j);
+}
+// With the exchange: carry and (LSTM) dc of this (row, unit) in shared memory
+// (carry[0], carry[dc_off]); the hidden-side pre-activation gradients go to
+// gh, the row's place in the next exchange buffer, and from there to dgh.
+template <typename scalar_t, Cell K>
+__device__ __forceinline__ void backward_cell_x(const BwdParams<scalar_t, float>& p,
+                                                const BwdStep<scalar_t>& s, int64_t i, int64_t j,
+                                                float prod, const BwdInputs<float, K>& in,
+                                                float* carry, int64_t dc_off, scalar_t* gh) {
+  constexpr int G = num_gates(K);
+  const int64_t H = p.H, row = s.row0 + i;
+  backward_cell<scalar_t, float, K>(s, i, H, prod, in, carry,
+                                    K == Cell::LSTM ? carry + dc_off : nullptr,
+                                    K == Cell::GRU ? p.dgx + row * p.dgx_ld + j : gh, gh);
   if (i < s.nrun) {
-    const int64_t row = s.row0 + i;
-    const acc_t dh = *carry + prod + acc_t(p.dy[(s.t * p.B + p.perm[i]) * H + j]);
-    *carry = backward_point<scalar_t, acc_t, K>(
-        p.gates + row * GS * H + j, p.states + row * S * H + j, H, dh,
-        K == Cell::LSTM ? p.dcbuf + i * H + j : nullptr, p.dgx + row * p.dgx_ld + j,
-        p.dgh + row * p.dgh_ld + j);
-  } else {
-    *carry += prod;  // finished: this is d h0
+#pragma unroll
+    for (int k = 0; k < G; ++k) p.dgh[row * p.dgh_ld + k * H + j] = gh[k * H];  // dgx unless GRU
   }
 }
 
@@ -392,7 +469,10 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_backward_kernel(Direct
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         const int64_t i = row0 + r * RG + rg;
-        if (i < s.n) backward_cell<scalar_t, acc_t, K>(p, s, i, j, acc[r]);
+        if (i < s.n)
+          backward_cell<scalar_t, acc_t, K>(
+              p, s, i, j, acc[r],
+              i < s.nrun ? cell_inputs<scalar_t, acc_t, K>(p, s, i, j) : BwdInputs<acc_t, K>{});
       }
     }
     step_barrier(L);  // this step's dgh complete before any CTA reads it
@@ -411,43 +491,111 @@ __global__ void __launch_bounds__(kThreads, 1)
   int64_t j0;
   RowGroup grp;
   const FwdParams<scalar_t, float> p = cta_place(L, j0, grp);
-  const int64_t H = p.H, B = p.B, T = p.T;
+  const int64_t H = p.H, B = p.B, T = p.T, xr = p.xrows;
   const int Hs = p.units, tid = threadIdx.x;
   const TcGeometry g(G * Hs, H, sizeof(scalar_t), p.tile_mt, p.stage_limit);
   VK_DYNAMIC_SHARED(unsigned char, smem);
-  // ws[n * ldw + k] = W_hh[gate * H + j0 + u, k] for column n = gate * Hs + u
-  const auto pc = g.pieces<scalar_t>(smem);
+  // ws[n * ldw + k] = W_hh[gate * H + j0 + u, k] for column n = gate * Hs + u;
+  // with the exchange (xr > 0), as holds its two buffers (g.chunk == g.kp), and
+  // own the float h, then c, of the CTA's units: own[lr * Hs + u] for buffer row lr.
+  const int64_t xbytes = xr > 0 ? g.exchange_bytes(xr) : g.a_bytes();
+  const auto pc = g.pieces<scalar_t>(smem, xbytes);
   scalar_t *const ws = pc.ws, *const as = pc.as;
   float *const cs = pc.cs, *const partial = pc.partial;
+  float* const own = reinterpret_cast<float*>(smem + g.fixed_bytes() + xbytes);
   for (int64_t idx = tid; idx < g.np * g.kp; idx += kThreads) {
     const int64_t n = idx / g.kp, k = idx % g.kp, gate = n / Hs, jj = j0 + n % Hs;
     ws[n * g.ldw + k] =
         (n < g.n && jj < H && k < H) ? tc_operand(p.w_hh[(gate * H + jj) * H + k]) : scalar_t(0);
   }
-  load_initial_state<scalar_t, float, K>(p, j0, Hs, grp, g.rbt);
+  if (xr > 0) {
+    // Both buffers start as h0 (a row that starts later, in the reverse
+    // direction, reads it from either), zero past H and past B.
+    for (int64_t idx = tid; idx < xr * g.lda; idx += kThreads) {
+      const int64_t lr = idx / g.lda, k = idx % g.lda, i = row_of_buffer(grp, lr, g.rbt);
+      const scalar_t v = i < B && k < H ? tc_operand(p.h0[p.perm[i] * H + k]) : scalar_t(0);
+      as[idx] = v;
+      as[xr * g.lda + idx] = v;
+    }
+    for (int64_t idx = tid; idx < xr * Hs; idx += kThreads) {
+      const int64_t lr = idx / Hs, jj = j0 + idx % Hs, i = row_of_buffer(grp, lr, g.rbt);
+      const bool in = i < B && jj < H;
+      own[idx] = in ? float(p.h0[p.perm[i] * H + jj]) : 0.f;
+      if constexpr (K == Cell::LSTM) own[xr * Hs + idx] = in ? float(p.c0[p.perm[i] * H + jj]) : 0.f;
+    }
+  } else {
+    load_initial_state<scalar_t, float, K>(p, j0, Hs, grp, g.rbt);
+  }
   const int64_t maxlen = group_longest(p.sorted_len, B, T, grp.first(g.rbt));
+  // Every unit's h0 is in place (and W is, after the tile's barrier); with
+  // the exchange, every CTA's buffers are, before any other CTA writes there.
   step_barrier(L);
 
   for (int64_t step = 0; step < maxlen; ++step) {
     const FwdStep<float> s = forward_step(p, step, maxlen);
-    for (int64_t row0 = grp.first(g.rbt); row0 < s.nrun; row0 += grp.stride(g.rbt)) {
+    scalar_t* const xcur = as + (step & 1) * xr * g.lda;
+    scalar_t* const xnext = as + ((step + 1) & 1) * xr * g.lda;
+    int64_t tile = 0, xrun = 0;  // the group's tile; buffer rows that run
+    for (int64_t row0 = grp.first(g.rbt); row0 < s.nrun; row0 += grp.stride(g.rbt), ++tile) {
       const int rows = s.nrun - row0 < g.rbt ? int(s.nrun - row0) : g.rbt;
-      tc_product(g, rows, ws, as, cs, [&](int64_t k0, int kc) {
-        stage_tile<4>(as, g.lda, s.hin + row0 * H, H, rows, k0, kc, H,
-                      [](float v) { return tc_operand(scalar_t(v)); });
+      const int64_t lr0 = tile * g.rbt;
+      // (row r of the tile, unit u) items of the cell, idx = r * Hs + u, dealt
+      // to the threads in turn: the gate inputs of a thread's first kEarly are
+      // loaded before the product, their latency hidden behind it.
+      GateInputs<float, K> early[kEarly] = {};
+#pragma unroll
+      for (int e = 0; e < kEarly; ++e) {
+        const int idx = tid + e * kThreads, r = idx / Hs, u = idx % Hs;
+        if (idx < rows * Hs && j0 + u < H)
+          early[e] = cell_inputs<scalar_t, float, K>(p, s, row0 + r, j0 + u);
+      }
+      tc_product(g, rows, ws, xr > 0 ? xcur + lr0 * g.lda : as, cs, [&](int64_t k0, int kc) {
+        if (xr == 0)
+          stage_tile<4>(as, g.lda, s.hin + row0 * H, H, rows, k0, kc, H,
+                        [](float v) { return tc_operand(scalar_t(v)); });
       }, partial);
-      for (int idx = tid; idx < rows * Hs; idx += kThreads) {
+      auto cell = [&](int idx, const GateInputs<float, K>& xin) {
         const int r = idx / Hs, u = idx % Hs;
-        if (j0 + u >= H) continue;
+        if (j0 + u >= H) return;
         float hid[G];
 #pragma unroll
         for (int gate = 0; gate < G; ++gate) hid[gate] = cs[r * g.ldc + gate * Hs + u];
-        forward_cell<scalar_t, float, K>(p, s, row0 + r, j0 + u, hid);
+        if (xr > 0) {
+          float* const hc = own + (lr0 + r) * Hs + u;
+          *hc = forward_cell<scalar_t, float, K>(p, s, row0 + r, j0 + u, xin, hid, *hc,
+                                                 K == Cell::LSTM ? hc + xr * Hs : nullptr);
+          xnext[(lr0 + r) * g.lda + j0 + u] = scalar_t(*hc);
+        } else {
+          forward_cell<scalar_t, float, K>(p, s, row0 + r, j0 + u, xin, hid);
+        }
+      };
+#pragma unroll
+      for (int e = 0; e < kEarly; ++e)
+        if (tid + e * kThreads < rows * Hs) cell(tid + e * kThreads, early[e]);
+      for (int idx = tid + kEarly * kThreads; idx < rows * Hs; idx += kThreads) {
+        const int r = idx / Hs, u = idx % Hs;
+        if (j0 + u < H) cell(idx, cell_inputs<scalar_t, float, K>(p, s, row0 + r, j0 + u));
       }
+      xrun = lr0 + rows;
+    }
+    if (xr > 0 && step + 1 < maxlen) {  // (no step reads the last one's)
+      __syncthreads();  // this CTA's h_t complete in its next buffer
+      share_columns(xnext, g.lda, xrun, j0, int(H - j0 < Hs ? H - j0 : Hs), 1, 0,
+                    [](scalar_t v) { return tc_operand(v); });
     }
     step_barrier(L);
   }
-  store_final_state<scalar_t, float, K>(p, j0, Hs, grp, g.rbt);
+  if (xr > 0) {
+    for (int64_t idx = tid; idx < xr * Hs; idx += kThreads) {
+      const int64_t lr = idx / Hs, jj = j0 + idx % Hs, i = row_of_buffer(grp, lr, g.rbt);
+      if (i >= B || jj >= H) continue;
+      const int64_t b = p.perm[i];
+      p.h_n[b * H + jj] = scalar_t(own[idx]);
+      if constexpr (K == Cell::LSTM) p.c_n[b * H + jj] = scalar_t(own[xr * Hs + idx]);
+    }
+  } else {
+    store_final_state<scalar_t, float, K>(p, j0, Hs, grp, g.rbt);
+  }
 #endif
 }
 
@@ -457,47 +605,109 @@ __global__ void __launch_bounds__(kThreads, 1)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();
 #else
+  constexpr int G = num_gates(K);
   int64_t j0;
   RowGroup grp;
   const BwdParams<scalar_t, float> p = cta_place(L, j0, grp);
-  const int64_t H = p.H, B = p.B, T = p.T, GH = int64_t(p.G) * H;
+  const int64_t H = p.H, B = p.B, T = p.T, GH = int64_t(G) * H, xr = p.xrows;
   const int Hs = p.units, tid = threadIdx.x;
   const TcGeometry g(Hs, GH, sizeof(scalar_t), p.tile_mt, p.stage_limit);
   VK_DYNAMIC_SHARED(unsigned char, smem);
-  // ws[n * ldw + m] = W_hh[m, j0 + n]
-  const auto pc = g.pieces<scalar_t>(smem);
+  // ws[n * ldw + m] = W_hh[m, j0 + n]; with the exchange (xr > 0), as holds its
+  // two buffers of dgh rows and own the float carry, then dc, of the CTA's
+  // units: own[lr * Hs + u] for buffer row lr.
+  const int64_t xbytes = xr > 0 ? g.exchange_bytes(xr) : g.a_bytes();
+  const auto pc = g.pieces<scalar_t>(smem, xbytes);
   scalar_t *const ws = pc.ws, *const as = pc.as;
   float *const cs = pc.cs, *const partial = pc.partial;
+  float* const own = reinterpret_cast<float*>(smem + g.fixed_bytes() + xbytes);
   for (int64_t idx = tid; idx < g.np * g.kp; idx += kThreads) {  // n fastest: coalesced reads
     const int64_t n = idx % g.np, m = idx / g.np, jj = j0 + n;
     ws[n * g.ldw + m] = (n < Hs && jj < H && m < GH) ? tc_operand(p.w_hh[m * H + jj]) : scalar_t(0);
   }
-  load_initial_carry<scalar_t, float, K>(p, j0, Hs, grp, g.rbt);
+  if (xr > 0) {
+    // Zero past G*H (and rows never written, past B); the rows that run are
+    // written at each step before the next reads them.
+    for (int64_t idx = tid; idx < 2 * xr * g.lda; idx += kThreads) as[idx] = scalar_t(0);
+    for (int64_t idx = tid; idx < xr * Hs; idx += kThreads) {
+      const int64_t lr = idx / Hs, jj = j0 + idx % Hs, i = row_of_buffer(grp, lr, g.rbt);
+      const bool in = i < B && jj < H;
+      own[idx] = in ? p.grad_h_n[p.perm[i] * H + jj] : 0.f;
+      if constexpr (K == Cell::LSTM) own[xr * Hs + idx] = in ? p.grad_c_n[p.perm[i] * H + jj] : 0.f;
+    }
+    step_barrier(L);  // every CTA's buffers zeroed before any other CTA writes there
+  } else {
+    load_initial_carry<scalar_t, float, K>(p, j0, Hs, grp, g.rbt);
+  }
   const int64_t maxlen = group_longest(p.sorted_len, B, T, grp.first(g.rbt));
 
   for (int64_t step = 0; step <= maxlen; ++step) {
     const BwdStep<scalar_t> s = backward_step(p, step, maxlen);
-    for (int64_t row0 = grp.first(g.rbt); row0 < s.n; row0 += grp.stride(g.rbt)) {
+    scalar_t* const xcur = as + (step & 1) * xr * g.lda;
+    scalar_t* const xnext = as + ((step + 1) & 1) * xr * g.lda;
+    int64_t tile = 0, xrun = 0;  // the group's tile; buffer rows that run at t
+    for (int64_t row0 = grp.first(g.rbt); row0 < s.n; row0 += grp.stride(g.rbt), ++tile) {
       const int rows = s.n - row0 < g.rbt ? int(s.n - row0) : g.rbt;
       const int with_prev =
           row0 < s.nprev ? (s.nprev - row0 < g.rbt ? int(s.nprev - row0) : g.rbt) : 0;
+      const int64_t lr0 = tile * g.rbt;
+      // The cell's inputs of a thread's first kEarly items (row r of the tile,
+      // unit u; idx = r * Hs + u) that run at t, loaded before the product.
+      BwdInputs<float, K> early[kEarly] = {};
+#pragma unroll
+      for (int e = 0; e < kEarly; ++e) {
+        const int idx = tid + e * kThreads, r = idx / Hs, u = idx % Hs;
+        if (idx < rows * Hs && j0 + u < H && row0 + r < s.nrun)
+          early[e] = cell_inputs<scalar_t, float, K>(p, s, row0 + r, j0 + u);
+      }
       if (with_prev > 0) {  // block-uniform
-        tc_product(g, with_prev, ws, as, cs, [&](int64_t m0, int kc) {
-          stage_tile<16 / sizeof(scalar_t)>(as, g.lda, s.dg_prev + row0 * p.dgh_ld, p.dgh_ld,
-                                            with_prev, m0, kc, GH,
-                                            [](scalar_t v) { return tc_operand(v); });
+        tc_product(g, with_prev, ws, xr > 0 ? xcur + lr0 * g.lda : as, cs, [&](int64_t m0, int kc) {
+          if (xr == 0)
+            stage_tile<16 / sizeof(scalar_t)>(as, g.lda, s.dg_prev + row0 * p.dgh_ld, p.dgh_ld,
+                                              with_prev, m0, kc, GH,
+                                              [](scalar_t v) { return tc_operand(v); });
         }, partial);
       }
-      for (int idx = tid; idx < rows * Hs; idx += kThreads) {
+      auto cell = [&](int idx, const BwdInputs<float, K>& in) {
         const int r = idx / Hs, u = idx % Hs;
-        if (j0 + u >= H) continue;
+        if (j0 + u >= H) return;
         const float prod = r < with_prev ? cs[r * g.ldc + u] : 0.f;
-        backward_cell<scalar_t, float, K>(p, s, row0 + r, j0 + u, prod);
+        if (xr > 0)
+          backward_cell_x<scalar_t, K>(p, s, row0 + r, j0 + u, prod, in,
+                                       own + (lr0 + r) * Hs + u, xr * Hs,
+                                       xnext + (lr0 + r) * g.lda + j0 + u);
+        else
+          backward_cell<scalar_t, float, K>(p, s, row0 + r, j0 + u, prod, in);
+      };
+#pragma unroll
+      for (int e = 0; e < kEarly; ++e)
+        if (tid + e * kThreads < rows * Hs) cell(tid + e * kThreads, early[e]);
+      for (int idx = tid + kEarly * kThreads; idx < rows * Hs; idx += kThreads) {
+        const int r = idx / Hs, u = idx % Hs;
+        cell(idx, j0 + u < H && row0 + r < s.nrun
+                      ? cell_inputs<scalar_t, float, K>(p, s, row0 + r, j0 + u)
+                      : BwdInputs<float, K>{});
       }
+      if (row0 < s.nrun) xrun = lr0 + (s.nrun - row0 < g.rbt ? s.nrun - row0 : g.rbt);
+    }
+    if (xr > 0) {
+      __syncthreads();  // this CTA's dgh at t complete in its next buffer
+      share_columns(xnext, g.lda, xrun, j0, int(H - j0 < Hs ? H - j0 : Hs), G, H,
+                    [](scalar_t v) { return tc_operand(v); });
     }
     step_barrier(L);
   }
-  store_initial_grads<scalar_t, float, K>(p, j0, Hs, grp, g.rbt);
+  if (xr > 0) {
+    for (int64_t idx = tid; idx < xr * Hs; idx += kThreads) {
+      const int64_t lr = idx / Hs, jj = j0 + idx % Hs, i = row_of_buffer(grp, lr, g.rbt);
+      if (i >= B || jj >= H) continue;
+      const int64_t b = p.perm[i];
+      p.grad_h0[b * H + jj] = own[idx];
+      if constexpr (K == Cell::LSTM) p.grad_c0[b * H + jj] = own[xr * Hs + idx];
+    }
+  } else {
+    store_initial_grads<scalar_t, float, K>(p, j0, Hs, grp, g.rbt);
+  }
 #endif
 }
 
@@ -555,6 +765,43 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
     return l;
   };
   auto sizes = [&] { return c10::str("hidden_size ", H, ", ", G, " gate(s), dtype ", dtype); };
+  // The cluster form's exchange through distributed shared memory (tensor-core
+  // kernels; rnn_persistent.cuh): A whole, two buffers of the group's rows, the
+  // state of the CTA's units (LSTM: two float arrays, else one). Taken where it
+  // fits the device and leaves as many of the launch's clusters resident at
+  // once as staging does.
+  const PersistentExchange exchange = persistent_exchange_setting();
+  auto with_exchange = [&](Launch l) {
+    if (l.units == 0 || exchange == PersistentExchange::Global) return l;
+    bool fits = l.cluster && l.kernel_tc;
+    int64_t xrows = 0, bytes = 0;
+    constexpr int64_t kWhole = int64_t(1) << 40;  // a stage limit that stages A whole
+    if (fits) {
+      const TcGeometry whole = geometry(l.units, kWhole, l.tile_mt);
+      xrows = ((B + whole.rbt - 1) / whole.rbt + l.groups - 1) / l.groups * whole.rbt;
+      bytes = whole.fixed_bytes() + whole.exchange_bytes(xrows) +
+              int64_t(align128(int64_t(G == 4 ? 2 : 1) * xrows * l.units * 4));
+      fits = size_t(bytes) <= cuda::max_dynamic_smem() &&
+             (size_t(bytes) <= l.smem ||
+              cuda::max_active_clusters(tc_kernel, kThreads, size_t(bytes), l.ctas) >=
+                  std::min(l.groups * dirs,
+                           cuda::max_active_clusters(tc_kernel, kThreads, l.smem, l.ctas)));
+    }
+    // Two directions that cannot: one launch each, where each may (as below).
+    if (!fits && exchange == PersistentExchange::Dsmem && dirs > 1) return Launch{};
+    TORCH_CHECK(fits || exchange != PersistentExchange::Dsmem,
+                "VARLEN_KERNELS_PERSISTENT_EXCHANGE=dsmem: the ", which, " kernel cannot pass its ",
+                "rows through distributed shared memory for ", sizes(), " and a batch of ", B,
+                l.cluster && l.kernel_tc
+                    ? c10::str(" (its buffers, ", bytes, " bytes of shared memory a CTA, do not fit)")
+                    : std::string(" (only the cluster form on tensor cores does)"),
+                "; use 'auto' to fall back to global memory");
+    if (!fits) return l;
+    l.xrows = xrows;
+    l.stage_limit = kWhole;
+    l.smem = size_t(bytes);
+    return l;
+  };
   const Launch c = choose_cluster_launch<scalar_t>(
       tc_kernel, fma_kernel, dirs, B * H, B, H, tc_smem, fma_smem,
       [&](int units, int64_t clusters) { return cluster_tc_tile(geometry(units), B, clusters); },
@@ -569,7 +816,7 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
       (c.kernel_tc || !tensor_cores_allowed<scalar_t>() ||
        persistent_sync_setting() == PersistentSync::Cluster ||
        (!tc_grid_fits(dirs) && (dirs == 1 || !tc_grid_fits(1)))))
-    return with_staging(c);
+    return with_exchange(with_staging(c));
   TORCH_CHECK(c.units > 0 || persistent_sync_setting() != PersistentSync::Cluster ||
                   rnn_path_setting() == RnnPath::PerStep || B * H == 0,
               "VARLEN_KERNELS_PERSISTENT_SYNC=cluster: the ", which,
@@ -578,8 +825,8 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
               cuda::max_cluster_blocks() > 0 ? cuda::max_cluster_blocks() : 16,
               " CTAs that the device can schedule in their shared memory); use 'auto' to fall ",
               "back to the grid form");
-  return with_staging(choose_launch<scalar_t>(tc_kernel, fma_kernel, which, dirs, B * H, sizes,
-                                              tc_smem, fma_smem, H));
+  return with_exchange(with_staging(choose_launch<scalar_t>(
+      tc_kernel, fma_kernel, which, dirs, B * H, sizes, tc_smem, fma_smem, H)));
 }
 
 template <typename scalar_t, typename acc_t>
@@ -639,7 +886,7 @@ std::optional<std::vector<RnnForwardResult>> rnn_forward_persistent(
             hbuf.data_ptr<acc_t>(), K == Cell::LSTM ? cbuf.data_ptr<acc_t>() : nullptr,
             output.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), states.data_ptr<scalar_t>(),
             h_n.data_ptr<scalar_t>(), K == Cell::LSTM ? c_n.data_ptr<scalar_t>() : nullptr,
-            T, B, H, gx.stride(0), l.units, in.reverse, l.tile_mt, l.stage_limit};
+            T, B, H, gx.stride(0), l.units, in.reverse, l.tile_mt, l.stage_limit, l.xrows};
         result->emplace_back(output, h_n, c_n, gates, states);
         return params;
       });
@@ -698,7 +945,7 @@ std::optional<std::vector<PersistentBackwardResult>> rnn_backward_persistent(
             carry.data_ptr<acc_t>(), K == Cell::LSTM ? dcbuf.data_ptr<acc_t>() : nullptr,
             dgx.data_ptr<scalar_t>(), dgh.data_ptr<scalar_t>(), grad_h0.data_ptr<acc_t>(),
             K == Cell::LSTM ? grad_c0.data_ptr<acc_t>() : nullptr, T, B, H, G, dgx.stride(0),
-            dgh.stride(0), l.units, in.reverse, l.tile_mt, l.stage_limit};
+            dgh.stride(0), l.units, in.reverse, l.tile_mt, l.stage_limit, l.xrows};
         result->emplace_back(dgx, dgh, grad_h0, grad_c0);
         return params;
       });

@@ -308,11 +308,22 @@ struct TcGeometry {
     scalar_t *ws, *as;
     float *cs, *partial;
   };
+  // a_size: the bytes of A's piece (a_bytes(), or the cluster form's
+  // exchange buffers, exchange_bytes()).
+  template <typename scalar_t>
+  __host__ __device__ Pieces<scalar_t> pieces(unsigned char* smem, int64_t a_size) const {
+    return {reinterpret_cast<scalar_t*>(smem), reinterpret_cast<scalar_t*>(smem + w_bytes()),
+            reinterpret_cast<float*>(smem + w_bytes() + a_size),
+            reinterpret_cast<float*>(smem + w_bytes() + a_size + align128(c_bytes()))};
+  }
   template <typename scalar_t>
   __host__ __device__ Pieces<scalar_t> pieces(unsigned char* smem) const {
-    return {reinterpret_cast<scalar_t*>(smem), reinterpret_cast<scalar_t*>(smem + w_bytes()),
-            reinterpret_cast<float*>(smem + w_bytes() + a_bytes()),
-            reinterpret_cast<float*>(smem + w_bytes() + a_bytes() + align128(c_bytes()))};
+    return pieces<scalar_t>(smem, a_bytes());
+  }
+  // The cluster form's exchange through distributed shared memory (below):
+  // two buffers of `xrows` rows of A, whole (chunk == kp), in A's place.
+  __host__ __device__ int64_t exchange_bytes(int64_t xrows) const {
+    return align128(2 * xrows * lda * elem);
   }
   // Where W[n, k] (n < np, k < kp; zero past n and k), A[r, kk] (r below
   // stage_rows(rows), kk < the chunk; zero past rows) and C[r, n] are in
@@ -452,6 +463,78 @@ __device__ __forceinline__ void tc_product(const TcGeometry& g, int rows, const 
   __syncthreads();  // C complete for the cell threads
 }
 
+// ------------------------------------------------------------------ exchange
+// The cluster form of the tensor-core kernels can pass the product's row
+// operand (the forward's h, the backward's dgh) from step to step through
+// distributed shared memory instead of global memory (Params.xrows > 0, where
+// it fits): each CTA keeps two exchange buffers of A for all rows of its
+// group, whole, step s reading buffer s & 1 and filling the other. A CTA
+// writes the values of its own units (columns) of the rows it steps into its
+// own next buffer, then share_columns() copies them into every other CTA of
+// the cluster, before the step's cluster barrier, whose release and acquire
+// order shared::cluster memory too. No staging from global memory, and the
+// state of the CTA's own units (h and c; the backward's carry and dc) stays
+// in its shared memory. The group's rows, in the buffers: tile q of the
+// length order (tiles of rb rows dealt to the groups in turn, RowGroup) at
+// buffer row (q / groups) * rb, so the rows running at a step, a prefix of
+// the order, are a prefix of the buffer's rows.
+__device__ __forceinline__ int64_t buffer_row(const RowGroup& rows, int64_t i, int64_t rb) {
+  return (i / rb) / rows.groups * rb + i % rb;
+}
+__device__ __forceinline__ int64_t row_of_buffer(const RowGroup& rows, int64_t lr, int64_t rb) {
+  return ((lr / rb) * rows.groups + rows.group) * rb + lr % rb;
+}
+
+// Rows [0, rows) of an exchange buffer x (row stride ld): the columns
+// [b * bstride + c0, b * bstride + c0 + nc) for b < nb, op(value) written in
+// place and into the same place in every other CTA of the cluster. Every
+// thread calls it, after a barrier that completes the values.
+template <typename T, typename Op>
+__device__ __forceinline__ void share_columns(T* x, int64_t ld, int64_t rows, int64_t c0, int nc,
+                                              int nb, int64_t bstride, Op op) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();  // clusters need sm_90; the host launches them there only
+#else
+  const cg::cluster_group cluster = cg::this_cluster();
+  const unsigned ranks = cluster.num_blocks(), me = cluster.block_rank();
+  constexpr int V = 16 / sizeof(T);
+  struct alignas(16) Vec { T v[V]; };
+  const bool vec = c0 % V == 0 && nc % V == 0 && bstride % V == 0 && ld % V == 0;
+  const int per = vec ? nc / V : nc;  // loads of a row block
+  const int64_t items = rows * nb * per;
+  for (int64_t idx = threadIdx.x; idx < items; idx += kThreads) {
+    const int64_t r = idx / (int64_t(nb) * per);
+    const int rest = int(idx % (int64_t(nb) * per)), b = rest / per, c = rest % per;
+    T* at = x + r * ld + b * bstride + c0 + (vec ? c * V : c);
+    if (vec) {
+      Vec v;
+#ifdef VK_EMULATE_CUDA
+      std::memcpy(&v, at, sizeof(Vec));
+#else
+      v = *reinterpret_cast<const Vec*>(at);
+#endif
+#pragma unroll
+      for (int e = 0; e < V; ++e) v.v[e] = op(v.v[e]);
+      for (unsigned k = 0; k < ranks; ++k) {
+        const unsigned rank = (me + k) % ranks;  // self first, then the others in turn
+        T* dst = rank == me ? at : cluster.map_shared_rank(at, rank);
+#ifdef VK_EMULATE_CUDA
+        std::memcpy(dst, &v, sizeof(Vec));
+#else
+        *reinterpret_cast<Vec*>(dst) = v;
+#endif
+      }
+    } else {
+      const T v = op(*at);
+      for (unsigned k = 0; k < ranks; ++k) {
+        const unsigned rank = (me + k) % ranks;
+        *(rank == me ? at : cluster.map_shared_rank(at, rank)) = v;
+      }
+    }
+  }
+#endif
+}
+
 // ------------------------------------------------------------------ host
 // Types with a tensor-core kernel: half, bfloat16, and float32 (TF32).
 template <typename scalar_t>
@@ -481,6 +564,7 @@ struct Launch {
   int tile_mt = 0;         // the tensor-core kernels' most_mt (TcGeometry), 0: theirs
   int64_t stage_limit = 0;   // a tile's whole reduction staged at once where it takes at most
                              // this many bytes of shared memory (0: in chunks)
+  int64_t xrows = 0;         // the cluster form's exchange buffers' rows (0: none)
 };
 
 // The fewest units per CTA (the most CTAs) whose W_hh slice fits in shared

@@ -79,6 +79,13 @@ PersistentSync persistent_sync_setting();  // reads VARLEN_KERNELS_PERSISTENT_SY
 // reduction to be staged at once (0: always in chunks); in bytes, the default
 // kWholeStageBytes when unset or "auto".
 int64_t persistent_stage_setting();  // checks the value
+// VARLEN_KERNELS_PERSISTENT_EXCHANGE = "auto" (default: the cluster form of the
+// tensor-core kernels passes h, or the backward's dgh, between its CTAs
+// through distributed shared memory where the buffers fit, else through global
+// memory), "global" (always global memory) or "dsmem" (an error where the
+// persistent launch taken cannot: another form or kernel, or no room).
+enum class PersistentExchange { Auto, Global, Dsmem };
+PersistentExchange persistent_exchange_setting();  // checks the value
 
 // One direction's operands of the persistent forward. gx: (T*B, G*H) input
 // projection in the storage type, packed (token_plan.h), rows of any stride

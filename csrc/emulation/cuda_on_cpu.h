@@ -152,6 +152,11 @@ int sync_block_reduce(int pred, int op, const char* file, unsigned line);  // op
 void sync_grid();
 void sync_cluster();
 unsigned cluster_blocks();  // blocks per cluster of the running launch (1 if not clustered)
+// The address in the dynamic shared memory of block `rank` of the calling
+// block's cluster that corresponds to `p` in the caller's own (distributed
+// shared memory); an error for an address outside the caller's dynamic shared
+// memory or a rank outside the cluster.
+void* cluster_shared(const void* p, unsigned rank);
 void yield();  // for spin waits on flags set by other threads or blocks
 enum class WarpOp : int { Sync, ShflIdx, ShflUp, ShflDown, ShflXor, Ballot, Any, All };
 uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int width);
@@ -300,6 +305,10 @@ struct cluster_group {
   void sync() const { vk_emu::sync_cluster(); }
   unsigned block_rank() const { return blockIdx.x % vk_emu::cluster_blocks(); }
   unsigned num_blocks() const { return vk_emu::cluster_blocks(); }
+  template <typename T>
+  T* map_shared_rank(T* p, unsigned rank) const {
+    return static_cast<T*>(vk_emu::cluster_shared(p, rank));
+  }
 };
 inline grid_group this_grid() { return {}; }
 inline cluster_group this_cluster() { return {}; }

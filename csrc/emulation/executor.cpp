@@ -904,6 +904,39 @@ unsigned cluster_blocks() {
   return ts.launch->cluster;
 }
 
+// The blocks of the running cluster are those of L.blocks (a cluster launch
+// sets up one cluster at a time; a plain launch one block, a cluster of one).
+void* cluster_shared(const void* p, unsigned rank) {
+  VK_HIDDEN;
+  Fiber& f = running("map_shared_rank");
+  Launch& L = *ts.launch;
+  if (L.cooperative)
+    throw KernelError(where(f) + ": map_shared_rank in a cooperative launch (not emulated)");
+  const BlockState& self = L.blocks[f.block];
+  const auto* base = self.dynamic.get();
+  const auto* q = static_cast<const unsigned char*>(p);
+  if (base == nullptr || q < base || q >= base + L.dynamic_smem)
+    throw KernelError(where(f) + ": map_shared_rank of an address outside the block's dynamic "
+                      "shared memory (the emulator maps only that)");
+  if (rank >= L.cluster)
+    throw KernelError(where(f) + ": map_shared_rank to block rank " + std::to_string(rank) +
+                      " of a cluster of " + std::to_string(L.cluster));
+  const unsigned x = self.idx.x / L.cluster * L.cluster + rank;
+  for (BlockState& b : L.blocks) {
+    if (b.idx.x != x || b.idx.y != self.idx.y || b.idx.z != self.idx.z) continue;
+    // On the GPU a block's shared memory is gone once all its threads exit
+    // (a cluster.sync() before the exit keeps it for the others' accesses).
+    bool exited = true;
+    for (int t = b.first; t < b.first + b.count; ++t) exited = exited && L.fibers[t].state == State::Done;
+    if (exited)
+      throw KernelError(where(f) + ": map_shared_rank to block rank " + std::to_string(rank) +
+                        ", whose threads have all exited (its shared memory is gone)");
+    return b.dynamic.get() + (q - base);
+  }
+  throw KernelError(where(f) + ": map_shared_rank: block rank " + std::to_string(rank) +
+                    " of the cluster is not running");
+}
+
 void yield() {
   VK_HIDDEN;
   Fiber& f = running("vk_emu::yield");

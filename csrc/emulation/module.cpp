@@ -41,7 +41,8 @@ PyObject* set_thread_order(PyObject*, PyObject* args) {
 // run time; 0 restores sm_count), "max_cluster_blocks" (blocks of a cluster,
 // 1 to 16),
 // "max_grid_blocks" (bounds grid-stride launches),
-// "max_shared_per_block" (bytes of dynamic shared memory a block may have) or
+// "max_shared_per_block" (bytes of dynamic shared memory a block may have),
+// "max_shared_per_sm" (bytes of shared memory the blocks on an SM share) or
 // "lengths_in_host_memory" (0 or 1: how the ops take their lengths).
 PyObject* set_limit(PyObject*, PyObject* args) {
   const char* name = nullptr;
@@ -83,10 +84,14 @@ PyObject* set_limit(PyObject*, PyObject* args) {
   } else if (n == "max_shared_per_block") {
     old = (long long)d.max_shared_per_block;
     d.max_shared_per_block = size_t(value);
+  } else if (n == "max_shared_per_sm") {
+    old = (long long)d.max_shared_per_sm;
+    d.max_shared_per_sm = size_t(value);
   } else {
     PyErr_Format(PyExc_ValueError,
                  "limit must be 'sm_count', 'runtime_sm_count', 'max_cluster_blocks', "
-                 "'max_grid_blocks', 'max_shared_per_block' or 'lengths_in_host_memory', got "
+                 "'max_grid_blocks', 'max_shared_per_block', 'max_shared_per_sm' or "
+                 "'lengths_in_host_memory', got "
                  "'%s'",
                  name);
     return nullptr;

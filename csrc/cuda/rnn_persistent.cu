@@ -72,9 +72,9 @@ PersistentExchange persistent_exchange_setting() {
 
 namespace {
 
-// The tensor-core kernels load the cell's global inputs (the forward's gate
-// inputs; the backward's saved gates, state and dy) of a thread's first
-// kEarly (row, unit) items of a tile before the tile's product.
+// The tensor-core kernels load what the cell reads (the forward's gate inputs,
+// h_prev and c; the backward's saved gates, state, dy, carry and dc) for a
+// thread's first kEarly (row, unit) items of a tile before the tile's product.
 constexpr int kEarly = 2;
 
 // ------------------------------------------------------------------ forward
@@ -395,25 +395,6 @@ __device__ __forceinline__ void backward_cell(const BwdParams<scalar_t, acc_t>& 
                                     K == Cell::LSTM ? p.dcbuf + i * H + j : nullptr,
                                     p.dgx + row * p.dgx_ld + j, p.dgh + row * p.dgh_ld + j);
 }
-// With the exchange: carry and (LSTM) dc of this (row, unit) in shared memory
-// (carry[0], carry[dc_off]); the hidden-side pre-activation gradients go to
-// gh, the row's place in the next exchange buffer, and from there to dgh.
-template <typename scalar_t, Cell K>
-__device__ __forceinline__ void backward_cell_x(const BwdParams<scalar_t, float>& p,
-                                                const BwdStep<scalar_t>& s, int64_t i, int64_t j,
-                                                float prod, const BwdInputs<float, K>& in,
-                                                float* carry, int64_t dc_off, scalar_t* gh) {
-  constexpr int G = num_gates(K);
-  const int64_t H = p.H, row = s.row0 + i;
-  backward_cell<scalar_t, float, K>(s, i, H, prod, in, carry,
-                                    K == Cell::LSTM ? carry + dc_off : nullptr,
-                                    K == Cell::GRU ? p.dgx + row * p.dgx_ld + j : gh, gh);
-  if (i < s.nrun) {
-#pragma unroll
-    for (int k = 0; k < G; ++k) p.dgh[row * p.dgh_ld + k * H + j] = gh[k * H];  // dgx unless GRU
-  }
-}
-
 template <typename scalar_t, typename acc_t, Cell K>
 __global__ void __launch_bounds__(kThreads, 1) persistent_backward_kernel(Directions<BwdParams<scalar_t, acc_t>> L) {
   int64_t j0;
@@ -540,42 +521,68 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int rows = s.nrun - row0 < g.rbt ? int(s.nrun - row0) : g.rbt;
       const int64_t lr0 = tile * g.rbt;
       // (row r of the tile, unit u) items of the cell, idx = r * Hs + u, dealt
-      // to the threads in turn: the gate inputs of a thread's first kEarly are
-      // loaded before the product, their latency hidden behind it.
-      GateInputs<float, K> early[kEarly] = {};
+      // to the threads in turn. What the cell reads (gate inputs, h_prev, c)
+      // is loaded for a thread's first kEarly items before the product, its
+      // latency hidden behind it; the state is this CTA's own (its units),
+      // written before the last barrier (by this thread, after the first step
+      // a row runs). Shared and global memory on separate branches, so that
+      // the compiler knows each access's memory.
+      struct Item {
+        GateInputs<float, K> xin{};
+        float h = 0.f, c = 0.f;
+      };
+      auto load = [&](int idx) {
+        const int r = idx / Hs, u = idx % Hs;
+        const int64_t i = row0 + r, j = j0 + u;
+        Item it;
+        it.xin = cell_inputs<scalar_t, float, K>(p, s, i, j);
+        if (xr > 0) {
+          const float* const h = own + (lr0 + r) * Hs + u;
+          it.h = h[0];
+          if constexpr (K == Cell::LSTM) it.c = h[xr * Hs];
+        } else {
+          it.h = s.hin[i * H + j];
+          if constexpr (K == Cell::LSTM) it.c = p.cbuf[i * H + j];
+        }
+        return it;
+      };
+      Item early[kEarly];
 #pragma unroll
       for (int e = 0; e < kEarly; ++e) {
-        const int idx = tid + e * kThreads, r = idx / Hs, u = idx % Hs;
-        if (idx < rows * Hs && j0 + u < H)
-          early[e] = cell_inputs<scalar_t, float, K>(p, s, row0 + r, j0 + u);
+        const int idx = tid + e * kThreads;
+        if (idx < rows * Hs && j0 + idx % Hs < H) early[e] = load(idx);
       }
       tc_product(g, rows, ws, xr > 0 ? xcur + lr0 * g.lda : as, cs, [&](int64_t k0, int kc) {
         if (xr == 0)
           stage_tile<4>(as, g.lda, s.hin + row0 * H, H, rows, k0, kc, H,
                         [](float v) { return tc_operand(scalar_t(v)); });
       }, partial);
-      auto cell = [&](int idx, const GateInputs<float, K>& xin) {
+      auto cell = [&](int idx, const Item& it) {
         const int r = idx / Hs, u = idx % Hs;
-        if (j0 + u >= H) return;
+        const int64_t i = row0 + r, j = j0 + u;
         float hid[G];
 #pragma unroll
         for (int gate = 0; gate < G; ++gate) hid[gate] = cs[r * g.ldc + gate * Hs + u];
+        float c = it.c;
+        const float h = forward_cell<scalar_t, float, K>(p, s, i, j, it.xin, hid, it.h,
+                                                         K == Cell::LSTM ? &c : nullptr);
         if (xr > 0) {
           float* const hc = own + (lr0 + r) * Hs + u;
-          *hc = forward_cell<scalar_t, float, K>(p, s, row0 + r, j0 + u, xin, hid, *hc,
-                                                 K == Cell::LSTM ? hc + xr * Hs : nullptr);
-          xnext[(lr0 + r) * g.lda + j0 + u] = scalar_t(*hc);
+          *hc = h;
+          if constexpr (K == Cell::LSTM) hc[xr * Hs] = c;
+          xnext[(lr0 + r) * g.lda + j] = scalar_t(h);
         } else {
-          forward_cell<scalar_t, float, K>(p, s, row0 + r, j0 + u, xin, hid);
+          s.hout[i * H + j] = h;
+          if constexpr (K == Cell::LSTM) p.cbuf[i * H + j] = c;
         }
       };
 #pragma unroll
-      for (int e = 0; e < kEarly; ++e)
-        if (tid + e * kThreads < rows * Hs) cell(tid + e * kThreads, early[e]);
-      for (int idx = tid + kEarly * kThreads; idx < rows * Hs; idx += kThreads) {
-        const int r = idx / Hs, u = idx % Hs;
-        if (j0 + u < H) cell(idx, cell_inputs<scalar_t, float, K>(p, s, row0 + r, j0 + u));
+      for (int e = 0; e < kEarly; ++e) {
+        const int idx = tid + e * kThreads;
+        if (idx < rows * Hs && j0 + idx % Hs < H) cell(idx, early[e]);
       }
+      for (int idx = tid + kEarly * kThreads; idx < rows * Hs; idx += kThreads)
+        if (j0 + idx % Hs < H) cell(idx, load(idx));
       xrun = lr0 + rows;
     }
     if (xr > 0 && step + 1 < maxlen) {  // (no step reads the last one's)
@@ -651,14 +658,34 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int with_prev =
           row0 < s.nprev ? (s.nprev - row0 < g.rbt ? int(s.nprev - row0) : g.rbt) : 0;
       const int64_t lr0 = tile * g.rbt;
-      // The cell's inputs of a thread's first kEarly items (row r of the tile,
-      // unit u; idx = r * Hs + u) that run at t, loaded before the product.
-      BwdInputs<float, K> early[kEarly] = {};
+      // What the cell reads (saved gates, state and dy of a row running at t;
+      // the carry and dc of the CTA's own units) of a thread's first kEarly
+      // items (row r of the tile, unit u; idx = r * Hs + u), loaded before the
+      // product.
+      struct Item {
+        BwdInputs<float, K> in{};
+        float carry = 0.f, dc = 0.f;
+      };
+      auto load = [&](int idx) {
+        const int r = idx / Hs, u = idx % Hs;
+        const int64_t i = row0 + r, j = j0 + u;
+        Item it;
+        if (i < s.nrun) it.in = cell_inputs<scalar_t, float, K>(p, s, i, j);
+        if (xr > 0) {
+          const float* const carry = own + (lr0 + r) * Hs + u;
+          it.carry = carry[0];
+          if constexpr (K == Cell::LSTM) it.dc = carry[xr * Hs];
+        } else {
+          it.carry = p.carry[i * H + j];
+          if constexpr (K == Cell::LSTM) it.dc = p.dcbuf[i * H + j];
+        }
+        return it;
+      };
+      Item early[kEarly];
 #pragma unroll
       for (int e = 0; e < kEarly; ++e) {
-        const int idx = tid + e * kThreads, r = idx / Hs, u = idx % Hs;
-        if (idx < rows * Hs && j0 + u < H && row0 + r < s.nrun)
-          early[e] = cell_inputs<scalar_t, float, K>(p, s, row0 + r, j0 + u);
+        const int idx = tid + e * kThreads;
+        if (idx < rows * Hs && j0 + idx % Hs < H) early[e] = load(idx);
       }
       if (with_prev > 0) {  // block-uniform
         tc_product(g, with_prev, ws, xr > 0 ? xcur + lr0 * g.lda : as, cs, [&](int64_t m0, int kc) {
@@ -668,26 +695,43 @@ __global__ void __launch_bounds__(kThreads, 1)
                                               [](scalar_t v) { return tc_operand(v); });
         }, partial);
       }
-      auto cell = [&](int idx, const BwdInputs<float, K>& in) {
+      auto cell = [&](int idx, const Item& it) {
         const int r = idx / Hs, u = idx % Hs;
-        if (j0 + u >= H) return;
+        const int64_t i = row0 + r, j = j0 + u, row = s.row0 + i;
         const float prod = r < with_prev ? cs[r * g.ldc + u] : 0.f;
-        if (xr > 0)
-          backward_cell_x<scalar_t, K>(p, s, row0 + r, j0 + u, prod, in,
-                                       own + (lr0 + r) * Hs + u, xr * Hs,
-                                       xnext + (lr0 + r) * g.lda + j0 + u);
-        else
-          backward_cell<scalar_t, float, K>(p, s, row0 + r, j0 + u, prod, in);
+        float carry = it.carry, dc = it.dc;
+        float* const dcp = K == Cell::LSTM ? &dc : nullptr;
+        if (xr > 0) {
+          // The hidden side's gradients into the next exchange buffer, then
+          // from there to dgh (of which dgx is the same tensor unless GRU).
+          scalar_t* const gh = xnext + (lr0 + r) * g.lda + j;
+          if constexpr (K == Cell::GRU)
+            backward_cell<scalar_t, float, K>(s, i, H, prod, it.in, &carry, dcp,
+                                              p.dgx + row * p.dgx_ld + j, gh);
+          else
+            backward_cell<scalar_t, float, K>(s, i, H, prod, it.in, &carry, dcp, gh, gh);
+          float* const own_carry = own + (lr0 + r) * Hs + u;
+          own_carry[0] = carry;
+          if constexpr (K == Cell::LSTM) own_carry[xr * Hs] = dc;
+          if (i < s.nrun) {
+#pragma unroll
+            for (int k = 0; k < G; ++k) p.dgh[row * p.dgh_ld + k * H + j] = gh[k * H];
+          }
+        } else {
+          backward_cell<scalar_t, float, K>(s, i, H, prod, it.in, &carry, dcp,
+                                            p.dgx + row * p.dgx_ld + j,
+                                            p.dgh + row * p.dgh_ld + j);
+          p.carry[i * H + j] = carry;
+          if constexpr (K == Cell::LSTM) p.dcbuf[i * H + j] = dc;
+        }
       };
 #pragma unroll
-      for (int e = 0; e < kEarly; ++e)
-        if (tid + e * kThreads < rows * Hs) cell(tid + e * kThreads, early[e]);
-      for (int idx = tid + kEarly * kThreads; idx < rows * Hs; idx += kThreads) {
-        const int r = idx / Hs, u = idx % Hs;
-        cell(idx, j0 + u < H && row0 + r < s.nrun
-                      ? cell_inputs<scalar_t, float, K>(p, s, row0 + r, j0 + u)
-                      : BwdInputs<float, K>{});
+      for (int e = 0; e < kEarly; ++e) {
+        const int idx = tid + e * kThreads;
+        if (idx < rows * Hs && j0 + idx % Hs < H) cell(idx, early[e]);
       }
+      for (int idx = tid + kEarly * kThreads; idx < rows * Hs; idx += kThreads)
+        if (j0 + idx % Hs < H) cell(idx, load(idx));
       if (row0 < s.nrun) xrun = lr0 + (s.nrun - row0 < g.rbt ? s.nrun - row0 : g.rbt);
     }
     if (xr > 0) {

@@ -90,6 +90,8 @@ struct FwdParams {
   const scalar_t* h0;         // (B, H)
   const scalar_t* c0;         // (B, H) LSTM only
   acc_t* hbuf;                // (2, B, H) h, length order, two buffers read/written alternately
+  scalar_t* hop;              // (2, B, H) the same in the storage type, the tensor-core
+                              // product's operand (half, bfloat16; nullptr otherwise)
   acc_t* cbuf;                // (B, H) LSTM's c, length order
   scalar_t* y;                // (T, B, H) output, zero-initialized
   scalar_t* gates;            // (T*B, GS*H) workspace, packed, zero-initialized
@@ -137,6 +139,7 @@ __device__ void load_initial_state(const FwdParams<scalar_t, acc_t>& p, int64_t 
     const acc_t h = acc_t(p.h0[b * H + jj]);
     p.hbuf[i * H + jj] = h;
     p.hbuf[(B + i) * H + jj] = h;
+    if (p.hop != nullptr) p.hop[i * H + jj] = p.hop[(B + i) * H + jj] = p.h0[b * H + jj];
     if constexpr (K == Cell::LSTM) p.cbuf[i * H + jj] = acc_t(p.c0[b * H + jj]);
   }
 }
@@ -553,9 +556,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (idx < rows * Hs && j0 + idx % Hs < H) early[e] = load(idx);
       }
       tc_product(g, rows, ws, xr > 0 ? xcur + lr0 * g.lda : as, cs, [&](int64_t k0, int kc) {
-        if (xr == 0)
+        if (xr > 0) return;
+        if constexpr (std::is_same_v<scalar_t, float>)
           stage_tile<4>(as, g.lda, s.hin + row0 * H, H, rows, k0, kc, H,
-                        [](float v) { return tc_operand(scalar_t(v)); });
+                        [](float v) { return tc_operand(v); });
+        else  // h_{t-1} in the storage type: half the bytes of hbuf's
+          stage_tile<16 / sizeof(scalar_t)>(as, g.lda, p.hop + (s.hin - p.hbuf) + row0 * H, H,
+                                            rows, k0, kc, H, [](scalar_t v) { return v; });
       }, partial);
       auto cell = [&](int idx, const Item& it) {
         const int r = idx / Hs, u = idx % Hs;
@@ -573,6 +580,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           xnext[(lr0 + r) * g.lda + j] = scalar_t(h);
         } else {
           s.hout[i * H + j] = h;
+          if constexpr (!std::is_same_v<scalar_t, float>)
+            p.hop[(s.hout - p.hbuf) + i * H + j] = scalar_t(h);
           if constexpr (K == Cell::LSTM) p.cbuf[i * H + j] = c;
         }
       };
@@ -912,6 +921,11 @@ std::optional<std::vector<RnnForwardResult>> rnn_forward_persistent(
         const Tensor c0c = K == Cell::LSTM ? in.c0.contiguous() : Tensor();
         keep.insert(keep.end(), {w, h0c, gx, c0c});
         Tensor hbuf = at::empty({2, B, H}, opts.dtype(acc_type));
+        // (the tensor-core kernel's operand rows, where it stages them from
+        // global memory in a storage type other than float)
+        const bool with_hop = l.kernel_tc && l.xrows == 0 && !std::is_same_v<scalar_t, float>;
+        Tensor hop = with_hop ? at::empty({2, B, H}, opts) : Tensor();
+        keep.push_back(hop);
         Tensor cbuf = K == Cell::LSTM ? at::empty({B, H}, opts.dtype(acc_type)) : Tensor();
         keep.insert(keep.end(), {hbuf, cbuf});
         Tensor output = at::zeros({T, B, H}, opts);
@@ -927,7 +941,8 @@ std::optional<std::vector<RnnForwardResult>> rnn_forward_persistent(
             in.b_hn.defined() ? in.b_hn.const_data_ptr<acc_t>() : nullptr,
             h0c.const_data_ptr<scalar_t>(),
             K == Cell::LSTM ? c0c.const_data_ptr<scalar_t>() : nullptr,
-            hbuf.data_ptr<acc_t>(), K == Cell::LSTM ? cbuf.data_ptr<acc_t>() : nullptr,
+            hbuf.data_ptr<acc_t>(), with_hop ? hop.data_ptr<scalar_t>() : nullptr,
+            K == Cell::LSTM ? cbuf.data_ptr<acc_t>() : nullptr,
             output.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), states.data_ptr<scalar_t>(),
             h_n.data_ptr<scalar_t>(), K == Cell::LSTM ? c_n.data_ptr<scalar_t>() : nullptr,
             T, B, H, gx.stride(0), l.units, in.reverse, l.tile_mt, l.stage_limit, l.xrows};

@@ -70,6 +70,11 @@ PersistentExchange persistent_exchange_setting() {
        {"dsmem", PersistentExchange::Dsmem}});
 }
 
+PersistentSettings persistent_settings() {
+  return {rnn_path_setting(), persistent_sync_setting(), persistent_exchange_setting(),
+          persistent_units_setting(), persistent_stage_setting()};
+}
+
 namespace {
 
 // The tensor-core kernels load what the cell reads (the forward's gate inputs,
@@ -121,7 +126,7 @@ template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ FwdStep<acc_t> forward_step(const FwdParams<scalar_t, acc_t>& p,
                                                        int64_t step, int64_t maxlen) {
   const int64_t t = p.reverse ? maxlen - 1 - step : step, BH = p.B * p.H;
-  return {t, count_running(p.sorted_len, p.B, t), p.off[t],
+  return {t, count_running(p.off, t), p.off[t],
           p.hbuf + (p.reverse ? ((t + 1) & 1) : (t & 1)) * BH,
           p.hbuf + (p.reverse ? (t & 1) : ((t + 1) & 1)) * BH};
 }
@@ -316,8 +321,8 @@ __device__ __forceinline__ BwdStep<scalar_t> backward_step(const BwdParams<scala
   const bool last = step == maxlen;  // no step to run, only rows to finish
   s.t = last ? -1 : (p.reverse ? step : maxlen - 1 - step);
   s.tp = p.reverse ? step - 1 : maxlen - step;
-  s.nrun = last ? 0 : count_running(p.sorted_len, p.B, s.t);
-  s.nprev = step > 0 ? count_running(p.sorted_len, p.B, s.tp) : 0;
+  s.nrun = last ? 0 : count_running(p.off, s.t);
+  s.nprev = step > 0 ? count_running(p.off, s.tp) : 0;
   s.n = s.nrun > s.nprev ? s.nrun : s.nprev;
   s.row0 = last ? 0 : p.off[s.t];
   s.dg_prev = p.dgh + (step > 0 ? p.off[s.tp] : 0) * p.dgh_ld;
@@ -776,7 +781,8 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
   // Each tile's whole reduction staged at once where it takes at most `limit`
   // bytes (the setting's) and the device's shared memory holds it with the
   // rest, else in chunks as large as that allows (stage(units): the bytes).
-  const int64_t limit = persistent_stage_setting();
+  const PersistentSettings set = persistent_settings();
+  const int64_t limit = set.stage_limit;
   auto geometry = [&](int units, int64_t stage = 0, int most_mt = 0) {
     return forward ? TcGeometry(G * units, H, elem, most_mt, stage)
                    : TcGeometry(units, K, elem, most_mt, stage);
@@ -823,7 +829,7 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
   // state of the CTA's units (LSTM: two float arrays, else one). Taken where it
   // fits the device and leaves as many of the launch's clusters resident at
   // once as staging does.
-  const PersistentExchange exchange = persistent_exchange_setting();
+  const PersistentExchange exchange = set.exchange;
   auto with_exchange = [&](Launch l) {
     if (l.units == 0 || exchange == PersistentExchange::Global) return l;
     bool fits = l.cluster && l.kernel_tc;
@@ -856,22 +862,22 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
     return l;
   };
   const Launch c = choose_cluster_launch<scalar_t>(
-      tc_kernel, fma_kernel, dirs, B * H, B, H, tc_smem, fma_smem,
+      set, tc_kernel, fma_kernel, dirs, B * H, B, H, tc_smem, fma_smem,
       [&](int units, int64_t clusters) { return cluster_tc_tile(geometry(units), B, clusters); },
       [&](int units, int64_t) { return std::pair<int64_t, int>(tile_rows(units), 0); });
   // The cluster form, unless it is on CUDA cores where the grid form has the
   // tensor cores, for both directions or for one (then a launch each): both
   // fit only near the shared-memory limit; not when the cluster form is forced.
   auto tc_grid_fits = [&](int d) {
-    return plan_launch(tc_kernel, H, d, tc_smem, persistent_units_setting()).units > 0;
+    return plan_launch(tc_kernel, H, d, tc_smem, set.min_units).units > 0;
   };
   if (c.units > 0 &&
       (c.kernel_tc || !tensor_cores_allowed<scalar_t>() ||
-       persistent_sync_setting() == PersistentSync::Cluster ||
+       set.sync == PersistentSync::Cluster ||
        (!tc_grid_fits(dirs) && (dirs == 1 || !tc_grid_fits(1)))))
     return with_exchange(with_staging(c));
-  TORCH_CHECK(c.units > 0 || persistent_sync_setting() != PersistentSync::Cluster ||
-                  rnn_path_setting() == RnnPath::PerStep || B * H == 0,
+  TORCH_CHECK(c.units > 0 || set.sync != PersistentSync::Cluster ||
+                  set.path == RnnPath::PerStep || B * H == 0,
               "VARLEN_KERNELS_PERSISTENT_SYNC=cluster: the ", which,
               " kernel's cluster form does not fit this device for ", sizes(),
               " (it needs sm_90 or later, and the weight slices of a cluster of at most ",
@@ -879,7 +885,7 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
               " CTAs that the device can schedule in their shared memory); use 'auto' to fall ",
               "back to the grid form");
   return with_exchange(with_staging(choose_launch<scalar_t>(
-      tc_kernel, fma_kernel, which, dirs, B * H, sizes, tc_smem, fma_smem, H)));
+      set, tc_kernel, fma_kernel, which, dirs, B * H, sizes, tc_smem, fma_smem, H)));
 }
 
 template <typename scalar_t, typename acc_t>

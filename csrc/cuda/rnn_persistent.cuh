@@ -41,15 +41,11 @@ constexpr int kMinUnits = 2, kMaxUnits = 128;
 // Rows of a tile of the fma kernels: kRows per row group of Hs threads.
 constexpr int tile_rows(int units) { return (kThreads / units) * kRows; }
 
-// Number of sequences with length > t; sorted_len is in descending order.
-__device__ __forceinline__ int64_t count_running(const int64_t* sorted_len, int64_t B, int64_t t) {
-  int64_t lo = 0, hi = B;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi) / 2;
-    if (sorted_len[mid] > t) lo = mid + 1;
-    else hi = mid;
-  }
-  return lo;
+// Number of sequences with length > t (0 <= t < T): the tokens of step t in
+// the plan's offsets off (token_plan.h); two independent loads, where a
+// search of the lengths would be a chain of log2(B) dependent ones.
+__device__ __forceinline__ int64_t count_running(const int64_t* off, int64_t t) {
+  return off[t + 1] - off[t];
 }
 
 // The longest length, clamped to [0, T]; asserts that every length is in range.
@@ -565,6 +561,7 @@ struct Launch {
   int64_t stage_limit = 0;   // a tile's whole reduction staged at once where it takes at most
                              // this many bytes of shared memory (0: in chunks)
   int64_t xrows = 0;         // the cluster form's exchange buffers' rows (0: none)
+  bool forced = false;       // VARLEN_KERNELS_RNN_PATH=persistent (a refused launch is an error)
 };
 
 // The fewest units per CTA (the most CTAs) whose W_hh slice fits in shared
@@ -606,11 +603,12 @@ Launch plan_launch(Kernel kernel, int64_t H, int dirs, SmemFor smem_for, int64_t
 // one direction) names the sizes, sizes(); two directions that do not fit one
 // launch are not an error (each runs in a launch of its own).
 template <typename scalar_t, typename Kernel, typename Sizes, typename TcSmem, typename FmaSmem>
-Launch choose_launch(Kernel tc_kernel, Kernel fma_kernel, const char* which, int dirs,
-                     int64_t work, Sizes sizes, TcSmem tc_smem, FmaSmem fma_smem, int64_t H) {
-  const RnnPath path = rnn_path_setting();
+Launch choose_launch(const PersistentSettings& set, Kernel tc_kernel, Kernel fma_kernel,
+                     const char* which, int dirs, int64_t work, Sizes sizes, TcSmem tc_smem,
+                     FmaSmem fma_smem, int64_t H) {
+  const RnnPath path = set.path;
   if (path == RnnPath::PerStep || work == 0) return {};
-  const int64_t min_units = persistent_units_setting();
+  const int64_t min_units = set.min_units;
   Launch l;
   if (tensor_cores_allowed<scalar_t>()) {
     l = plan_launch(tc_kernel, H, dirs, tc_smem, min_units);
@@ -627,6 +625,7 @@ Launch choose_launch(Kernel tc_kernel, Kernel fma_kernel, const char* which, int
               " (the weight slices exceed the shared memory of the CTAs that can be resident ",
               "at once, or the device has no cooperative launch); use 'auto' to fall back to ",
               "the per-step path");
+  l.forced = path == RnnPath::Persistent;
   return l;
 }
 
@@ -689,19 +688,18 @@ inline std::pair<int64_t, int> cluster_tc_tile(const TcGeometry& g, int64_t rows
 // no). tc_rows / fma_rows: the kernels' rows_for (plan_cluster_launch).
 template <typename scalar_t, typename Kernel, typename TcSmem, typename FmaSmem, typename TcRows,
           typename FmaRows>
-Launch choose_cluster_launch(Kernel tc_kernel, Kernel fma_kernel, int dirs, int64_t work,
-                             int64_t B, int64_t H, TcSmem tc_smem, FmaSmem fma_smem,
-                             TcRows tc_rows, FmaRows fma_rows) {
-  if (rnn_path_setting() == RnnPath::PerStep || work == 0 ||
-      persistent_sync_setting() == PersistentSync::Grid)
-    return {};
-  const int64_t min_units = persistent_units_setting();
+Launch choose_cluster_launch(const PersistentSettings& set, Kernel tc_kernel, Kernel fma_kernel,
+                             int dirs, int64_t work, int64_t B, int64_t H, TcSmem tc_smem,
+                             FmaSmem fma_smem, TcRows tc_rows, FmaRows fma_rows) {
+  if (set.path == RnnPath::PerStep || work == 0 || set.sync == PersistentSync::Grid) return {};
+  const int64_t min_units = set.min_units;
   Launch l;
   if (tensor_cores_allowed<scalar_t>()) {
     l = plan_cluster_launch(tc_kernel, B, H, dirs, tc_smem, tc_rows, min_units);
     l.kernel_tc = l.units > 0;
   }
   if (l.units == 0) l = plan_cluster_launch(fma_kernel, B, H, dirs, fma_smem, fma_rows, min_units);
+  l.forced = set.path == RnnPath::Persistent;
   return l;
 }
 
@@ -729,7 +727,7 @@ bool launch_directions(void (*tc_kernel)(Directions<Params>),
                                        args)
                 : cuda::launch_cooperative(l.kernel_tc ? tc_kernel : fma_kernel, grid,
                                            dim3(kThreads), l.smem, cuda::current_stream(), args);
-  TORCH_CHECK(launched || dirs > 1 || rnn_path_setting() != RnnPath::Persistent,
+  TORCH_CHECK(launched || dirs > 1 || !l.forced,
               "VARLEN_KERNELS_RNN_PATH=persistent: the device refused the ", which,
               " kernel's launch of ", grid.x, " CTAs",
               l.cluster ? c10::str(" in clusters of ", l.ctas) : std::string(" (cooperative)"),

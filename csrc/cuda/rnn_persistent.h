@@ -87,6 +87,16 @@ int64_t persistent_stage_setting();  // checks the value
 enum class PersistentExchange { Auto, Global, Dsmem };
 PersistentExchange persistent_exchange_setting();  // checks the value
 
+// The settings above, each read and checked once for a choice of launch.
+struct PersistentSettings {
+  RnnPath path;
+  PersistentSync sync;
+  PersistentExchange exchange;
+  int64_t min_units;    // persistent_units_setting()
+  int64_t stage_limit;  // persistent_stage_setting(), bytes
+};
+PersistentSettings persistent_settings();
+
 // One direction's operands of the persistent forward. gx: (T*B, G*H) input
 // projection in the storage type, packed (token_plan.h), rows of any stride
 // (a bidirectional layer's directions are column blocks of one); h0, c0: (B, H) (c0

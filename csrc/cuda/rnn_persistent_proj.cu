@@ -295,7 +295,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Buffers as the plain kernels': forward step t reads t & 1, writes the
     // other; reverse step t reads (t + 1) & 1, writes t & 1.
     const int64_t t = p.reverse ? maxlen - 1 - step : step;
-    const int64_t nrun = count_running(p.sorted_len, B, t), row0 = p.off[t];
+    const int64_t nrun = count_running(p.off, t), row0 = p.off[t];
     const acc_t* hin = p.hbuf + (p.reverse ? ((t + 1) & 1) : (t & 1)) * BP;
     acc_t* hout = p.hbuf + (p.reverse ? (t & 1) : ((t + 1) & 1)) * BP;
     // (a) the cell of the CTA's units
@@ -416,8 +416,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const bool last = step == maxlen;  // no step to run, only rows to finish
     const int64_t t = last ? -1 : (p.reverse ? step : maxlen - 1 - step);
     const int64_t tp = p.reverse ? step - 1 : maxlen - step;
-    const int64_t nrun = last ? 0 : count_running(p.sorted_len, B, t);
-    const int64_t nprev = step > 0 ? count_running(p.sorted_len, B, tp) : 0;
+    const int64_t nrun = last ? 0 : count_running(p.off, t);
+    const int64_t nprev = step > 0 ? count_running(p.off, tp) : 0;
     const int64_t n = nrun > nprev ? nrun : nprev, row0 = last ? 0 : p.off[t];
     const scalar_t* dg_prev = p.dgx + (step > 0 ? p.off[tp] : 0) * ld;
     // (1) the CTA's features of d h' (none past the last feature)
@@ -504,12 +504,13 @@ Launch choose_proj(Kernel tc_kernel, Kernel fma_kernel, bool forward, int dirs, 
   auto fma_smem = smem(FmaProduct<scalar_t, acc_t>{});
   auto sizes = [&] { return c10::str("hidden_size ", H, ", proj_size ", P, ", dtype ", dtype); };
   const char* which = forward ? "persistent projection forward" : "persistent projection backward";
+  const PersistentSettings set = persistent_settings();
   if constexpr (kTensorCores<scalar_t>)
-    return choose_launch<scalar_t>(tc_kernel, fma_kernel, which, dirs, B * H, sizes,
+    return choose_launch<scalar_t>(set, tc_kernel, fma_kernel, which, dirs, B * H, sizes,
                                    smem(TcProduct<scalar_t>{}), fma_smem, H);
   else
-    return choose_launch<scalar_t>(tc_kernel, fma_kernel, which, dirs, B * H, sizes, fma_smem,
-                                   fma_smem, H);
+    return choose_launch<scalar_t>(set, tc_kernel, fma_kernel, which, dirs, B * H, sizes,
+                                   fma_smem, fma_smem, H);
 }
 
 template <typename scalar_t, typename acc_t>

@@ -681,6 +681,22 @@ def test_cluster_exchange_through_shared_memory_gives_the_same_bits(cell, H, bid
 
 
 @pytest.mark.emulation
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cluster_exchange_runs_at_the_benchmarks_hidden_size_256(cell):
+    """On the default emulated device (an H100's or H200's 132 SMs and 227 KiB of
+    shared memory a block), bfloat16 at H = 256 (bench_rnn's shapes) takes the
+    cluster form's exchange through distributed shared memory in the forward
+    and in the backward: forced, it runs."""
+    m = MaskedRNN(8, 256, cell=cell).to(torch.bfloat16)
+    x = torch.randn(2, 8, 8, dtype=torch.bfloat16, requires_grad=True)
+    with rnn_path("persistent"), emulate_cuda(), \
+            env_setting("VARLEN_KERNELS_PERSISTENT_EXCHANGE", "dsmem"):
+        y, _ = m(x, torch.tensor([2, 1, 2, 0, 2, 1, 1, 2]))
+        y.float().sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.emulation
 def test_persistent_exchange_setting_is_checked_and_forced_dsmem_that_cannot_run_fails():
     """VARLEN_KERNELS_PERSISTENT_EXCHANGE takes 'auto', 'global' or 'dsmem'; a
     forced exchange through distributed shared memory is an error naming the

@@ -82,6 +82,31 @@ namespace {
 // thread's first kEarly (row, unit) items of a tile before the tile's product.
 constexpr int kEarly = 2;
 
+// The (row r of a tile, unit u) items of the tile's cell, idx = r * Hs + u <
+// items, dealt to the threads in turn, units past H skipped: load(idx) (what
+// the cell reads) for a thread's first kEarly items, then product() (every
+// thread calls it), then cell(idx, load(idx)) for every item, the first
+// kEarly with what was loaded before the product.
+template <typename Load, typename Product, typename CellFn>
+__device__ __forceinline__ void cell_items(int items, int Hs, int64_t j0, int64_t H, Load load,
+                                           Product product, CellFn cell) {
+  const int tid = threadIdx.x;
+  decltype(load(0)) early[kEarly];
+#pragma unroll
+  for (int e = 0; e < kEarly; ++e) {
+    const int idx = tid + e * kThreads;
+    if (idx < items && j0 + idx % Hs < H) early[e] = load(idx);
+  }
+  product();
+#pragma unroll
+  for (int e = 0; e < kEarly; ++e) {
+    const int idx = tid + e * kThreads;
+    if (idx < items && j0 + idx % Hs < H) cell(idx, early[e]);
+  }
+  for (int idx = tid + kEarly * kThreads; idx < items; idx += kThreads)
+    if (j0 + idx % Hs < H) cell(idx, load(idx));
+}
+
 // ------------------------------------------------------------------ forward
 template <typename scalar_t, typename acc_t>
 struct FwdParams {
@@ -554,21 +579,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         return it;
       };
-      Item early[kEarly];
-#pragma unroll
-      for (int e = 0; e < kEarly; ++e) {
-        const int idx = tid + e * kThreads;
-        if (idx < rows * Hs && j0 + idx % Hs < H) early[e] = load(idx);
-      }
-      tc_product(g, rows, ws, xr > 0 ? xcur + lr0 * g.lda : as, cs, [&](int64_t k0, int kc) {
-        if (xr > 0) return;
-        if constexpr (std::is_same_v<scalar_t, float>)
-          stage_tile<4>(as, g.lda, s.hin + row0 * H, H, rows, k0, kc, H,
-                        [](float v) { return tc_operand(v); });
-        else  // h_{t-1} in the storage type: half the bytes of hbuf's
-          stage_tile<16 / sizeof(scalar_t)>(as, g.lda, p.hop + (s.hin - p.hbuf) + row0 * H, H,
-                                            rows, k0, kc, H, [](scalar_t v) { return v; });
-      }, partial);
       auto cell = [&](int idx, const Item& it) {
         const int r = idx / Hs, u = idx % Hs;
         const int64_t i = row0 + r, j = j0 + u;
@@ -590,13 +600,17 @@ __global__ void __launch_bounds__(kThreads, 1)
           if constexpr (K == Cell::LSTM) p.cbuf[i * H + j] = c;
         }
       };
-#pragma unroll
-      for (int e = 0; e < kEarly; ++e) {
-        const int idx = tid + e * kThreads;
-        if (idx < rows * Hs && j0 + idx % Hs < H) cell(idx, early[e]);
-      }
-      for (int idx = tid + kEarly * kThreads; idx < rows * Hs; idx += kThreads)
-        if (j0 + idx % Hs < H) cell(idx, load(idx));
+      cell_items(rows * Hs, Hs, j0, H, load, [&] {
+        tc_product(g, rows, ws, xr > 0 ? xcur + lr0 * g.lda : as, cs, [&](int64_t k0, int kc) {
+          if (xr > 0) return;
+          if constexpr (std::is_same_v<scalar_t, float>)
+            stage_tile<4>(as, g.lda, s.hin + row0 * H, H, rows, k0, kc, H,
+                          [](float v) { return tc_operand(v); });
+          else  // h_{t-1} in the storage type: half the bytes of hbuf's
+            stage_tile<16 / sizeof(scalar_t)>(as, g.lda, p.hop + (s.hin - p.hbuf) + row0 * H, H,
+                                              rows, k0, kc, H, [](scalar_t v) { return v; });
+        }, partial);
+      }, cell);
       xrun = lr0 + rows;
     }
     if (xr > 0 && step + 1 < maxlen) {  // (no step reads the last one's)
@@ -695,20 +709,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         return it;
       };
-      Item early[kEarly];
-#pragma unroll
-      for (int e = 0; e < kEarly; ++e) {
-        const int idx = tid + e * kThreads;
-        if (idx < rows * Hs && j0 + idx % Hs < H) early[e] = load(idx);
-      }
-      if (with_prev > 0) {  // block-uniform
-        tc_product(g, with_prev, ws, xr > 0 ? xcur + lr0 * g.lda : as, cs, [&](int64_t m0, int kc) {
-          if (xr == 0)
-            stage_tile<16 / sizeof(scalar_t)>(as, g.lda, s.dg_prev + row0 * p.dgh_ld, p.dgh_ld,
-                                              with_prev, m0, kc, GH,
-                                              [](scalar_t v) { return tc_operand(v); });
-        }, partial);
-      }
       auto cell = [&](int idx, const Item& it) {
         const int r = idx / Hs, u = idx % Hs;
         const int64_t i = row0 + r, j = j0 + u, row = s.row0 + i;
@@ -739,13 +739,17 @@ __global__ void __launch_bounds__(kThreads, 1)
           if constexpr (K == Cell::LSTM) p.dcbuf[i * H + j] = dc;
         }
       };
-#pragma unroll
-      for (int e = 0; e < kEarly; ++e) {
-        const int idx = tid + e * kThreads;
-        if (idx < rows * Hs && j0 + idx % Hs < H) cell(idx, early[e]);
-      }
-      for (int idx = tid + kEarly * kThreads; idx < rows * Hs; idx += kThreads)
-        if (j0 + idx % Hs < H) cell(idx, load(idx));
+      cell_items(rows * Hs, Hs, j0, H, load, [&] {
+        if (with_prev > 0) {  // block-uniform
+          scalar_t* const a = xr > 0 ? xcur + lr0 * g.lda : as;
+          tc_product(g, with_prev, ws, a, cs, [&](int64_t m0, int kc) {
+            if (xr == 0)
+              stage_tile<16 / sizeof(scalar_t)>(as, g.lda, s.dg_prev + row0 * p.dgh_ld, p.dgh_ld,
+                                                with_prev, m0, kc, GH,
+                                                [](scalar_t v) { return tc_operand(v); });
+          }, partial);
+        }
+      }, cell);
       if (row0 < s.nrun) xrun = lr0 + (s.nrun - row0 < g.rbt ? s.nrun - row0 : g.rbt);
     }
     if (xr > 0) {

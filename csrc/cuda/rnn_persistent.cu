@@ -531,12 +531,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       as[idx] = v;
       as[xr * g.lda + idx] = v;
     }
-    for (int64_t idx = tid; idx < xr * Hs; idx += kThreads) {
-      const int64_t lr = idx / Hs, jj = j0 + idx % Hs, i = row_of_buffer(grp, lr, g.rbt);
+    for_own_state(grp, xr, Hs, j0, g.rbt, [&](int64_t idx, int64_t i, int64_t jj) {
       const bool in = i < B && jj < H;
       own[idx] = in ? float(p.h0[p.perm[i] * H + jj]) : 0.f;
       if constexpr (K == Cell::LSTM) own[xr * Hs + idx] = in ? float(p.c0[p.perm[i] * H + jj]) : 0.f;
-    }
+    });
   } else {
     load_initial_state<scalar_t, float, K>(p, j0, Hs, grp, g.rbt);
   }
@@ -621,13 +620,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     step_barrier(L);
   }
   if (xr > 0) {
-    for (int64_t idx = tid; idx < xr * Hs; idx += kThreads) {
-      const int64_t lr = idx / Hs, jj = j0 + idx % Hs, i = row_of_buffer(grp, lr, g.rbt);
-      if (i >= B || jj >= H) continue;
+    for_own_state(grp, xr, Hs, j0, g.rbt, [&](int64_t idx, int64_t i, int64_t jj) {
+      if (i >= B || jj >= H) return;
       const int64_t b = p.perm[i];
       p.h_n[b * H + jj] = scalar_t(own[idx]);
       if constexpr (K == Cell::LSTM) p.c_n[b * H + jj] = scalar_t(own[xr * Hs + idx]);
-    }
+    });
   } else {
     store_final_state<scalar_t, float, K>(p, j0, Hs, grp, g.rbt);
   }
@@ -664,12 +662,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Zero past G*H (and rows never written, past B); the rows that run are
     // written at each step before the next reads them.
     for (int64_t idx = tid; idx < 2 * xr * g.lda; idx += kThreads) as[idx] = scalar_t(0);
-    for (int64_t idx = tid; idx < xr * Hs; idx += kThreads) {
-      const int64_t lr = idx / Hs, jj = j0 + idx % Hs, i = row_of_buffer(grp, lr, g.rbt);
+    for_own_state(grp, xr, Hs, j0, g.rbt, [&](int64_t idx, int64_t i, int64_t jj) {
       const bool in = i < B && jj < H;
       own[idx] = in ? p.grad_h_n[p.perm[i] * H + jj] : 0.f;
       if constexpr (K == Cell::LSTM) own[xr * Hs + idx] = in ? p.grad_c_n[p.perm[i] * H + jj] : 0.f;
-    }
+    });
     step_barrier(L);  // every CTA's buffers zeroed before any other CTA writes there
   } else {
     load_initial_carry<scalar_t, float, K>(p, j0, Hs, grp, g.rbt);
@@ -760,13 +757,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     step_barrier(L);
   }
   if (xr > 0) {
-    for (int64_t idx = tid; idx < xr * Hs; idx += kThreads) {
-      const int64_t lr = idx / Hs, jj = j0 + idx % Hs, i = row_of_buffer(grp, lr, g.rbt);
-      if (i >= B || jj >= H) continue;
+    for_own_state(grp, xr, Hs, j0, g.rbt, [&](int64_t idx, int64_t i, int64_t jj) {
+      if (i >= B || jj >= H) return;
       const int64_t b = p.perm[i];
       p.grad_h0[b * H + jj] = own[idx];
       if constexpr (K == Cell::LSTM) p.grad_c0[b * H + jj] = own[xr * Hs + idx];
-    }
+    });
   } else {
     store_initial_grads<scalar_t, float, K>(p, j0, Hs, grp, g.rbt);
   }

@@ -481,6 +481,16 @@ __device__ __forceinline__ int64_t row_of_buffer(const RowGroup& rows, int64_t l
   return ((lr / rb) * rows.groups + rows.group) * rb + lr % rb;
 }
 
+// f(idx, i, jj) for each element own[idx] of a CTA's own state with the
+// exchange, idx = lr * Hs + u < xr * Hs: buffer row lr (row i of the length
+// order, which may be past the batch) and unit jj = j0 + u (may be past H).
+template <typename F>
+__device__ __forceinline__ void for_own_state(const RowGroup& rows, int64_t xr, int Hs, int64_t j0,
+                                              int64_t rb, F f) {
+  for (int64_t idx = threadIdx.x; idx < xr * Hs; idx += kThreads)
+    f(idx, row_of_buffer(rows, idx / Hs, rb), j0 + idx % Hs);
+}
+
 // Rows [0, rows) of an exchange buffer x (row stride ld): the columns
 // [b * bstride + c0, b * bstride + c0 + nc) for b < nb, op(value) written in
 // place and into the same place in every other CTA of the cluster. Every

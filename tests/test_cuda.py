@@ -613,25 +613,37 @@ def test_persistent_stage_setting_is_checked(value):
 
 @pytest.mark.emulation
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, "tf32", torch.float32])
 def test_staging_whole_or_in_chunks_gives_the_same_bits(cell, dtype):
-    """A tile's reduction staged at once (the default), or in chunks (the setting
-    at 0 KiB; at 4 and 16 KiB whole for the bfloat16 forward's tiles only, the
-    backward's 288 columns in chunks of 64 or 96 (grid form) and 96 (cluster
-    form)): the product accumulates in the same order, so outputs and
-    gradients are equal bit for bit. H = 72: the forward's 80 padded columns
-    are 2 chunks on tensor cores at 0 KiB (bfloat16) and 5 on CUDA cores
-    (float32, IEEE). Both forms."""
+    """A tile's reduction staged at once, or in chunks, through 1 to 4 slots
+    (the setting in KiB; StageRing): the product accumulates in the same order,
+    so outputs and gradients are equal bit for bit. H = 72 on 3 SMs; the grid
+    form's tensor-core kernels (bfloat16, and float32 in TF32, rounded in
+    shared memory after the asynchronous copies). Forward tiles: 16 rows, 80
+    columns; backward: 64 rows, 288 columns (LSTM) or 224 (GRU). (slots,
+    chunks a tile) of the LSTM's backward, by KiB:
+        auto: bf16 (4, 1), TF32 (4, 2);  48: (4, 4), (2, 4);  32: (3, 5), (1, 3)
+        24: (2, 4), (1, 4);  16: (1, 3), (1, 5);  4 and 0: (1, 5)
+    The forward: whole in 3 or 4 slots from 16 KiB up, in 1 slot below (two
+    chunks at 0 KiB, and at 4 in TF32). Float32 in IEEE: the CUDA-core kernels
+    (5 chunks at 0 KiB). The cluster form stages within one whole tile's
+    bytes; in TF32 it is left out, as its tiles' rows (so the split of their
+    reductions between warps) follow the clusters that the shared memory
+    leaves resident, which the setting changes there."""
+    precision, paths = "ieee", ("persistent:grid", "persistent:cluster")
+    if dtype == "tf32":
+        dtype, precision, paths = torch.float32, "tf32", ("persistent:grid",)
     ref, x, lengths, hx = sample_inputs(cell, T=6, B=20, I=5, H=72, seed=4)
     m = MaskedRNN.from_torch(ref).to(dtype)
     x = torch.nan_to_num(x.detach(), nan=0.0).to(dtype).requires_grad_()
     hx = tuple(h.detach().to(dtype) for h in hx) if cell == "lstm" else hx.detach().to(dtype)
     runs = {}
-    for path in ("persistent:grid", "persistent:cluster"):
-        for kib in ("auto", "0", "4", "16"):
+    for path in paths:
+        for kib in ("auto", "0", "4", "16", "24", "32", "48"):
             with rnn_path(path), emulate_cuda(), emulated_device(sm_count=3), \
                     env_setting("VARLEN_KERNELS_PERSISTENT_STAGE_KIB", kib), \
-                    env_setting("VARLEN_KERNELS_PERSISTENT_EXCHANGE", "global"):
+                    env_setting("VARLEN_KERNELS_PERSISTENT_EXCHANGE", "global"), \
+                    matmul_precision(precision):
                 y, h = m(x, lengths, hx)
                 out = [y, *states_of(cell, h)]
                 grads = torch.autograd.grad(sum((o.float() * (i + 1)).sum() for i, o in enumerate(out)),

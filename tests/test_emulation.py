@@ -153,6 +153,54 @@ def test_dynamic_shared_memory_is_poisoned_then_shared(order):
     torch.testing.assert_close(out[:, 1], mirror)
 
 
+def async_expected(x, threads=THREADS):
+    """What async_copy_kernel's threads read: their block's x in groups of 4, of
+    which the odd groups copied their first 2 values only (zeros after them)."""
+    t = torch.arange(x.numel()) % threads
+    own = torch.where(((t // 4) % 2 == 1) & (t % 4 >= 2), torch.zeros_like(x), x)
+    ahead = own.view(-1, threads).roll(-4, 1).reshape(-1)
+    return torch.stack([own, ahead], 1)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_async_copies_complete_at_the_wait_with_zero_fill(order):
+    x, out = run("async_copy", order, seed=6)
+    torch.testing.assert_close(out, async_expected(x))
+    # Waiting for the older group only: the copy, not the empty group after it.
+    x, out = run("async_older", order, seed=6)
+    expected = async_expected(x)
+    expected[:, 0] = torch.where(torch.arange(x.numel()) % 4 == 0, expected[:, 0], 0.0)
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_async_copy_read_before_its_wait_reads_garbage(order):
+    """Each copying thread reads its own copy before waiting for it."""
+    _, out = run("async_read_early", order, seed=6)
+    assert torch.isnan(out[torch.arange(out.shape[0]) % 4 == 0, 0]).all()
+
+
+def test_async_copy_read_by_another_thread_without_a_barrier_is_caught():
+    """A copy is visible to the other threads after the issuer's wait and a
+    barrier: without the barrier, some thread order reads garbage."""
+    wrong = []
+    for order in ("forward", "reverse"):
+        x, out = run("async_race", order, seed=6)
+        wrong.append(bool(torch.isnan(out).any()))
+    assert any(wrong)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("async_exit", r"block \(0, 0, 0\) thread \(0, 0, 0\): the thread exited with 1 asynchronous "
+                   r"copies to shared memory that it did not wait for"),
+    ("async_source_changed", r"the source of an asynchronous copy changed before the copy completed"),
+    ("async_misaligned", r"an asynchronous copy of 16 bytes needs source and destination aligned"),
+])
+def test_async_copy_misuse_is_an_error(name, message):
+    with pytest.raises(RuntimeError, match=message):
+        run(name, "forward", seed=6)
+
+
 def test_device_assert_names_block_thread_and_condition():
     x = x_for().abs()
     x[THREADS + 5] = -1

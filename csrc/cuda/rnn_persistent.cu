@@ -507,10 +507,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const FwdParams<scalar_t, float> p = cta_place(L, j0, grp);
   const int64_t H = p.H, B = p.B, T = p.T, xr = p.xrows;
   const int Hs = p.units, tid = threadIdx.x;
-  const TcGeometry g(G * Hs, H, sizeof(scalar_t), p.tile_mt, p.stage_limit);
+  const TcGeometry g(G * Hs, H, sizeof(scalar_t), p.tile_mt, p.stage_limit, kSlots);
   VK_DYNAMIC_SHARED(unsigned char, smem);
   // ws[n * ldw + k] = W_hh[gate * H + j0 + u, k] for column n = gate * Hs + u;
-  // with the exchange (xr > 0), as holds its two buffers (g.chunk == g.kp), and
+  // as: the slots of the staging (StageRing); with the exchange (xr > 0), its
+  // two buffers (g.chunk == g.kp) instead, and
   // own the float h, then c, of the CTA's units: own[lr * Hs + u] for buffer row lr.
   const int64_t xbytes = xr > 0 ? g.exchange_bytes(xr) : g.a_bytes();
   const auto pc = g.pieces<scalar_t>(smem, xbytes);
@@ -548,6 +549,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     const FwdStep<float> s = forward_step(p, step, maxlen);
     scalar_t* const xcur = as + (step & 1) * xr * g.lda;
     scalar_t* const xnext = as + ((step + 1) & 1) * xr * g.lda;
+    // Without the exchange, h_{t-1} of the running rows is staged from global
+    // memory: half and bfloat16 from its copy in the storage type (half the
+    // bytes of hbuf's), float32 from hbuf.
+    const scalar_t* hsrc;
+    if constexpr (std::is_same_v<scalar_t, float>) hsrc = s.hin;
+    else hsrc = p.hop + (s.hin - p.hbuf);
+    const StageRing<scalar_t> ring(g, as, hsrc, H, H, grp.first(g.rbt), grp.stride(g.rbt),
+                                   s.nrun);
+    if (xr == 0) ring.start();
     int64_t tile = 0, xrun = 0;  // the group's tile; buffer rows that run
     for (int64_t row0 = grp.first(g.rbt); row0 < s.nrun; row0 += grp.stride(g.rbt), ++tile) {
       const int rows = s.nrun - row0 < g.rbt ? int(s.nrun - row0) : g.rbt;
@@ -600,15 +610,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       };
       cell_items(rows * Hs, Hs, j0, H, load, [&] {
-        tc_product(g, rows, ws, xr > 0 ? xcur + lr0 * g.lda : as, cs, [&](int64_t k0, int kc) {
-          if (xr > 0) return;
-          if constexpr (std::is_same_v<scalar_t, float>)
-            stage_tile<4>(as, g.lda, s.hin + row0 * H, H, rows, k0, kc, H,
-                          [](float v) { return tc_operand(v); });
-          else  // h_{t-1} in the storage type: half the bytes of hbuf's
-            stage_tile<16 / sizeof(scalar_t)>(as, g.lda, p.hop + (s.hin - p.hbuf) + row0 * H, H,
-                                              rows, k0, kc, H, [](scalar_t v) { return v; });
-        }, partial);
+        tc_product(g, rows, ws, [&](int c, int64_t, int) -> const scalar_t* {
+          if (xr == 0) return ring.take(tile * ring.nch + c);
+          __syncthreads();  // (the previous tile's C is consumed)
+          return xcur + lr0 * g.lda;
+        }, cs, partial);
       }, cell);
       xrun = lr0 + rows;
     }
@@ -644,10 +650,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const BwdParams<scalar_t, float> p = cta_place(L, j0, grp);
   const int64_t H = p.H, B = p.B, T = p.T, GH = int64_t(G) * H, xr = p.xrows;
   const int Hs = p.units, tid = threadIdx.x;
-  const TcGeometry g(Hs, GH, sizeof(scalar_t), p.tile_mt, p.stage_limit);
+  const TcGeometry g(Hs, GH, sizeof(scalar_t), p.tile_mt, p.stage_limit, kSlots);
   VK_DYNAMIC_SHARED(unsigned char, smem);
-  // ws[n * ldw + m] = W_hh[m, j0 + n]; with the exchange (xr > 0), as holds its
-  // two buffers of dgh rows and own the float carry, then dc, of the CTA's
+  // ws[n * ldw + m] = W_hh[m, j0 + n]; as: the slots of the staging
+  // (StageRing); with the exchange (xr > 0), its two buffers of dgh rows
+  // instead, and own the float carry, then dc, of the CTA's
   // units: own[lr * Hs + u] for buffer row lr.
   const int64_t xbytes = xr > 0 ? g.exchange_bytes(xr) : g.a_bytes();
   const auto pc = g.pieces<scalar_t>(smem, xbytes);
@@ -677,6 +684,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     const BwdStep<scalar_t> s = backward_step(p, step, maxlen);
     scalar_t* const xcur = as + (step & 1) * xr * g.lda;
     scalar_t* const xnext = as + ((step + 1) & 1) * xr * g.lda;
+    // Without the exchange, dgh at tp of the rows that ran then is staged from
+    // global memory: the tiles with a product come first.
+    const StageRing<scalar_t> ring(g, as, s.dg_prev, p.dgh_ld, GH, grp.first(g.rbt),
+                                   grp.stride(g.rbt), s.nprev);
+    if (xr == 0) ring.start();
     int64_t tile = 0, xrun = 0;  // the group's tile; buffer rows that run at t
     for (int64_t row0 = grp.first(g.rbt); row0 < s.n; row0 += grp.stride(g.rbt), ++tile) {
       const int rows = s.n - row0 < g.rbt ? int(s.n - row0) : g.rbt;
@@ -738,13 +750,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       };
       cell_items(rows * Hs, Hs, j0, H, load, [&] {
         if (with_prev > 0) {  // block-uniform
-          scalar_t* const a = xr > 0 ? xcur + lr0 * g.lda : as;
-          tc_product(g, with_prev, ws, a, cs, [&](int64_t m0, int kc) {
-            if (xr == 0)
-              stage_tile<16 / sizeof(scalar_t)>(as, g.lda, s.dg_prev + row0 * p.dgh_ld, p.dgh_ld,
-                                                with_prev, m0, kc, GH,
-                                                [](scalar_t v) { return tc_operand(v); });
-          }, partial);
+          tc_product(g, with_prev, ws, [&](int c, int64_t, int) -> const scalar_t* {
+            if (xr == 0) return ring.take(tile * ring.nch + c);
+            __syncthreads();  // (the previous tile's C is consumed)
+            return xcur + lr0 * g.lda;
+          }, cs, partial);
         }
       }, cell);
       if (row0 < s.nrun) xrun = lr0 + (s.nrun - row0 < g.rbt ? s.nrun - row0 : g.rbt);
@@ -783,25 +793,33 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
   // rest, else in chunks as large as that allows (stage(units): the bytes).
   const PersistentSettings set = persistent_settings();
   const int64_t limit = set.stage_limit;
-  auto geometry = [&](int units, int64_t stage = 0, int most_mt = 0) {
-    return forward ? TcGeometry(G * units, H, elem, most_mt, stage)
-                   : TcGeometry(units, K, elem, most_mt, stage);
+  auto geometry = [&](int units, int64_t stage = 0, int most_mt = 0, int slots = kSlots) {
+    return forward ? TcGeometry(G * units, H, elem, most_mt, stage, slots)
+                   : TcGeometry(units, K, elem, most_mt, stage, slots);
   };
+  constexpr int64_t kWhole = int64_t(1) << 40;  // a stage limit that stages A whole
   // What the device's shared memory leaves for the staged operand beside
   // `fixed` bytes (align128 of the tile's operand may add up to 127 bytes).
   auto room = [&](int64_t fixed) {
     return std::max<int64_t>(0, std::min<int64_t>(limit, int64_t(cuda::max_dynamic_smem()) - fixed - 128));
   };
-  auto tc_stage = [&](int units, int most_mt = 0) {
-    return room(geometry(units, 0, most_mt).fixed_bytes());
+  // The tensor-core kernels' staging pipeline (StageRing) has kSlots slots.
+  // In the grid form (a CTA an SM) they take up to the limit; in the cluster
+  // form they share at most the bytes of one whole tile, so that they never
+  // leave fewer clusters resident than a tile staged at once would.
+  auto tc_stage = [&](int units, int most_mt = 0, bool cluster = false) {
+    const int64_t r = room(geometry(units, 0, most_mt).fixed_bytes());
+    return cluster ? std::min(r, geometry(units, kWhole, most_mt, 1).a_bytes()) : r;
   };
   auto fma_stage = [&](int units) {
     return room(int64_t(align16(size_t(G) * units * H * sizeof(scalar_t))));
   };
-  auto tc_smem = [&](int units) -> int64_t {
-    const TcGeometry g = geometry(units, tc_stage(units));
+  auto tc_smem_of = [&](int units, bool cluster) -> int64_t {
+    const TcGeometry g = geometry(units, tc_stage(units, 0, cluster));
     return g.fits() ? g.smem() : -1;
   };
+  auto tc_smem = [&](int units) { return tc_smem_of(units, false); };
+  auto tc_cluster_smem = [&](int units) { return tc_smem_of(units, true); };
   auto fma_smem = [&](int units) -> int64_t {
     return int64_t(smem_bytes<scalar_t, acc_t>(G, units, H, K, fma_stage(units)));
   };
@@ -815,7 +833,8 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
       const TcGeometry fixed = geometry(l.units, 0, l.tile_mt);
       // (a multiple of 128: the staged operand's align128 never takes it past)
       const int64_t planned = (int64_t(l.smem) - fixed.fixed_bytes()) / 128 * 128;
-      l.stage_limit = std::max<int64_t>(0, std::min(tc_stage(l.units, l.tile_mt), planned));
+      l.stage_limit =
+          std::max<int64_t>(0, std::min(tc_stage(l.units, l.tile_mt, l.cluster), planned));
       l.smem = size_t(geometry(l.units, l.stage_limit, l.tile_mt).smem());
     } else {
       l.stage_limit = fma_stage(l.units);
@@ -834,7 +853,6 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
     if (l.units == 0 || exchange == PersistentExchange::Global) return l;
     bool fits = l.cluster && l.kernel_tc;
     int64_t xrows = 0, bytes = 0;
-    constexpr int64_t kWhole = int64_t(1) << 40;  // a stage limit that stages A whole
     if (fits) {
       const TcGeometry whole = geometry(l.units, kWhole, l.tile_mt);
       xrows = ((B + whole.rbt - 1) / whole.rbt + l.groups - 1) / l.groups * whole.rbt;
@@ -862,7 +880,7 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
     return l;
   };
   const Launch c = choose_cluster_launch<scalar_t>(
-      set, tc_kernel, fma_kernel, dirs, B * H, B, H, tc_smem, fma_smem,
+      set, tc_kernel, fma_kernel, dirs, B * H, B, H, tc_cluster_smem, fma_smem,
       [&](int units, int64_t clusters) { return cluster_tc_tile(geometry(units), B, clusters); },
       [&](int units, int64_t) { return std::pair<int64_t, int>(tile_rows(units), 0); });
   // The cluster form, unless it is on CUDA cores where the grid form has the

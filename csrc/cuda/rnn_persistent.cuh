@@ -17,6 +17,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "async_copy.h"
 #include "launch.h"
 #include "rnn_persistent.h"
 
@@ -250,10 +251,12 @@ __host__ __device__ constexpr int round16(int n) { return (n + 15) / 16 * 16; }
 
 // Tile geometry for a product with n output columns and reduction length k,
 // operands of elem bytes; at most most_mt 16-row tiles in a tile of rows when
-// most_mt > 0 (else as many as keep the 8 warps busy); A staged whole where
-// that takes at most stage_limit bytes (the launch's), else in the fewest
-// chunks that allows (at most kTcChunk columns where it allows fewer), of equal
-// columns, a multiple of 16 (the last one shorter). Each shared-memory row is padded by 16 bytes: a
+// most_mt > 0 (else as many as keep the 8 warps busy); A staged in `slots`
+// slots (the plain kernels' pipeline, StageRing; 1: staged synchronously), a
+// tile's whole reduction in each where that takes at most stage_limit bytes
+// (the launch's) for all of them, else in the fewest chunks that allows (at
+// least kTcChunk columns where it allows fewer), of equal columns, a multiple
+// of 16 (the last one shorter). Each shared-memory row is padded by 16 bytes: a
 // fragment load reads 8 rows (16-bit types) or 8 rows of 4 (TF32) at once, and
 // a row stride of 4 banks (mod 32) spreads them over all banks, where 32 bytes
 // (8 banks) would put rows 0 and 4 of a TF32 fragment on the same banks. The
@@ -264,9 +267,10 @@ struct TcGeometry {
   int64_t kp, ldw, lda, ldc;  // k padded to 16; leading dimensions of W, A, C in shared memory
   int64_t chunk;              // columns of A staged at a time: kp, or fewer (a multiple of 16)
   int elem;                 // bytes of an operand element
+  int slots;                // A's slots (at most those asked for)
   __host__ __device__ TcGeometry(int n_, int64_t k, int elem_, int most_mt = 0,
-                                 int64_t stage_limit = 0)
-      : n(n_), elem(elem_) {
+                                 int64_t stage_limit = 0, int slots_ = 1)
+      : n(n_), elem(elem_), slots(slots_) {
     np = (n + 15) / 16 * 16;
     nt = np / 16;
     mt = nt >= kWarps ? 1 : kWarps / nt;
@@ -274,7 +278,13 @@ struct TcGeometry {
     rbt = 16 * mt;
     kp = (k + 15) / 16 * 16;
     ldw = kp + 16 / elem;
-    const int64_t most = stage_limit / (int64_t(rbt) * elem) - 16 / elem;  // columns that fit
+    // Columns that fit a slot (a slot's bytes, rbt * lda * elem, are a
+    // multiple of 256: no alignment to add); as many slots as hold kTcChunk
+    // columns each (or the whole reduction, where shorter), at most `slots`.
+    auto fit = [&](int s) { return stage_limit / s / (int64_t(rbt) * elem) - 16 / elem; };
+    const int64_t least = kp < kTcChunk ? kp : kTcChunk;
+    while (slots > 1 && fit(slots) < least) --slots;
+    const int64_t most = fit(slots);
     if (kp <= most) {
       chunk = kp;
     } else {
@@ -288,7 +298,8 @@ struct TcGeometry {
   // At most two output tiles per warp.
   __host__ __device__ bool fits() const { return mt * nt <= 2 * kWarps; }
   __host__ __device__ int64_t w_bytes() const { return align128(np * ldw * elem); }
-  __host__ __device__ int64_t a_bytes() const { return align128(rbt * lda * elem); }
+  __host__ __device__ int64_t slot_bytes() const { return align128(rbt * lda * elem); }
+  __host__ __device__ int64_t a_bytes() const { return slots * slot_bytes(); }
   __host__ __device__ int64_t c_bytes() const { return int64_t(rbt) * ldc * 4; }
   // tc_product's split-K partial sums: a 16x16 float tile a warp, where a tile
   // of rows can have fewer output tiles than warps (fewer column tiles).
@@ -382,20 +393,23 @@ __device__ __forceinline__ void stage_tile(dst_t* as, int64_t lda, const src_t* 
   }
 }
 
-// C (rows x g.np) += A (rows x kp, staged per chunk by `stage`) times the
-// W slice w (col-major, g.ldw): the output tiles with a row below `rows`; then
-// C to shared memory cs. Block-uniform: every thread calls it; `stage(k0, kc)`
-// fills as[r * lda + kk] for r < round16(rows), kk < kc (zero past `rows`:
-// only whole 16-row tiles are multiplied). The warps take up to 2 output
+// C (rows x g.np) += A (rows x kp) times the W slice w (col-major, g.ldw):
+// the output tiles with a row below `rows`; then C to shared memory cs.
+// Block-uniform: every thread calls it. A's chunk c, columns [k0, k0 + kc)
+// (g.chunk at a time), is at `operand(c, k0, kc)`, row stride g.lda, rows
+// below round16(rows) (zero past `rows`: only whole 16-row tiles are
+// multiplied); every thread calls it, and it returns once the chunk is in
+// shared memory for all of them and all have finished with the previous
+// chunk and tile (a barrier, at least; staged(), StageRing, or A kept in
+// shared memory). The warps take up to 2 output
 // tiles each; where there are fewer tiles than warps and `scratch` is given
 // (TcGeometry::s_bytes()), each tile's reduction is split between
 // kWarps / tiles warps instead (split-K: the KK-steps of the reduction dealt in
 // turn, by their index, so the chunking does not change the sums), whose
 // partial sums meet in scratch and are added in a fixed order.
-template <typename scalar_t, typename Stage>
+template <typename scalar_t, typename Operand>
 __device__ __forceinline__ void tc_product(const TcGeometry& g, int rows, const scalar_t* ws,
-                                           scalar_t* as, float* cs, Stage stage,
-                                           float* scratch = nullptr) {
+                                           Operand operand, float* cs, float* scratch = nullptr) {
   using namespace nvcuda;
   using tc_t = typename Tc<scalar_t>::type;
   using mem_t = typename Tc<scalar_t>::mem;
@@ -407,8 +421,8 @@ __device__ __forceinline__ void tc_product(const TcGeometry& g, int rows, const 
   wmma::fragment<wmma::accumulator, 16, 16, KK, float> acc[2];
   wmma::fill_fragment(acc[0], 0.f);
   wmma::fill_fragment(acc[1], 0.f);
-  auto mma = [&](wmma::fragment<wmma::accumulator, 16, 16, KK, float>& c, int mtile, int ntile,
-                 int64_t k0, int kk) {
+  auto mma = [&](wmma::fragment<wmma::accumulator, 16, 16, KK, float>& c, const scalar_t* as,
+                 int mtile, int ntile, int64_t k0, int kk) {
     wmma::fragment<wmma::matrix_a, 16, 16, KK, tc_t, wmma::row_major> a;
     wmma::fragment<wmma::matrix_b, 16, 16, KK, tc_t, wmma::col_major> b;
     wmma::load_matrix_sync(a, reinterpret_cast<const mem_t*>(as + mtile * 16 * g.lda + kk),
@@ -417,16 +431,15 @@ __device__ __forceinline__ void tc_product(const TcGeometry& g, int rows, const 
                            unsigned(g.ldw));
     wmma::mma_sync(c, a, b, c);
   };
-  for (int64_t k0 = 0; k0 < g.kp; k0 += g.chunk) {
+  int c = 0;
+  for (int64_t k0 = 0; k0 < g.kp; k0 += g.chunk, ++c) {
     const int kc = g.kp - k0 < g.chunk ? int(g.kp - k0) : int(g.chunk);
-    __syncthreads();  // the previous chunk (and tile) is consumed
-    stage(k0, kc);
-    __syncthreads();
+    const scalar_t* const as = operand(c, k0, kc);
     if (S > 1) {
       if (slice < S) {  // warp-uniform; the KK-steps i of the reduction with i % S == slice
         const int first = int((k0 / KK) % S);
         for (int kk = ((slice - first) % S + S) % S * KK; kk < kc; kk += S * KK)
-          mma(acc[0], q / g.nt, q % g.nt, k0, kk);
+          mma(acc[0], as, q / g.nt, q % g.nt, k0, kk);
       }
       continue;
     }
@@ -434,7 +447,7 @@ __device__ __forceinline__ void tc_product(const TcGeometry& g, int rows, const 
     for (int e = 0; e < 2; ++e) {
       const int t = warp + e * kWarps, mtile = t / g.nt, ntile = t % g.nt;
       if (t >= g.mt * g.nt || mtile * 16 >= rows) continue;  // warp-uniform
-      for (int kk = 0; kk < kc; kk += KK) mma(acc[e], mtile, ntile, k0, kk);
+      for (int kk = 0; kk < kc; kk += KK) mma(acc[e], as, mtile, ntile, k0, kk);
     }
   }
   if (S > 1) {
@@ -458,6 +471,124 @@ __device__ __forceinline__ void tc_product(const TcGeometry& g, int rows, const 
   }
   __syncthreads();  // C complete for the cell threads
 }
+
+// tc_product's operand staged synchronously: stage(k0, kc) (every thread
+// calls it) fills as[r * lda + kk] for r < round16(rows), kk < kc, between two
+// barriers.
+template <typename scalar_t, typename Stage>
+__device__ __forceinline__ auto staged(scalar_t* as, Stage stage) {
+  return [=](int, int64_t k0, int kc) -> const scalar_t* {
+    __syncthreads();  // the previous chunk (and tile) is consumed
+    stage(k0, kc);
+    __syncthreads();
+    return as;
+  };
+}
+
+// ------------------------------------------------------------------ staging pipeline
+// The plain tensor-core kernels stage A from global memory (the forward's h,
+// the backward's dgh; rows of the length order, row stride ld, columns below
+// kmax, zero past them) through kSlots slots of A's piece (TcGeometry with
+// slots = kSlots), asynchronously. The items of a step are the chunks of its
+// product tiles in order: tile q has rows [first + q * stride, + g.rbt) below
+// R, and chunk c of tile q is item e = q * nch + c, in slot e % kSlots.
+// start() issues items 0 .. kSlots - 2; take(e) waits for the thread's
+// copies of item e, then a barrier makes everyone's visible (and ends every
+// thread's use of item e - 1), then it issues item e + kSlots - 1 into item
+// e - 1's slot. So kSlots - 1 items are loading while item e is multiplied,
+// and the next tile's first items load during this tile's cell. Where the
+// shared memory holds fewer slots of kTcChunk columns (TcGeometry), g.slots
+// instead; with one, take(e) stages item e between two barriers. Every
+// thread calls start() and take(), in the same order. 16-byte asynchronous
+// copies (async_copy.h) where the rows allow them (block-uniform), else
+// loads and stores at issue, on the same schedule. float32: rounded to TF32
+// in place by the thread that copied them, after its wait.
+constexpr int kSlots = 4;
+
+template <typename scalar_t>
+struct StageRing {
+  const TcGeometry& g;
+  scalar_t* const slots;
+  const scalar_t* const src;
+  const int64_t ld, kmax, first, stride, R;
+  int64_t nch = 0, items = 0;
+  bool vec = false;
+
+  __device__ StageRing(const TcGeometry& g_, scalar_t* slots_, const scalar_t* src_, int64_t ld_,
+                       int64_t kmax_, int64_t first_, int64_t stride_, int64_t R_)
+      : g(g_), slots(slots_), src(src_), ld(ld_), kmax(kmax_), first(first_), stride(stride_),
+        R(R_) {
+    nch = (g.kp + g.chunk - 1) / g.chunk;
+    items = R > first ? (R - first + stride - 1) / stride * nch : 0;
+    // (chunks start at multiples of 16 columns, so every copy is aligned)
+    vec = ld % kVec == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0;
+  }
+  static constexpr int kVec = 16 / int(sizeof(scalar_t));  // values a copy
+
+  __device__ scalar_t* slot(int64_t e) const {
+    return slots + (e % g.slots) * (g.slot_bytes() / int64_t(sizeof(scalar_t)));
+  }
+  // Item e: the first row of its tile, the tile's rows, its columns.
+  __device__ void place(int64_t e, int64_t& row0, int& rows, int64_t& k0, int& kc) const {
+    row0 = first + (e / nch) * stride;
+    rows = R - row0 < g.rbt ? int(R - row0) : g.rbt;
+    k0 = (e % nch) * g.chunk;
+    kc = g.kp - k0 < g.chunk ? int(g.kp - k0) : int(g.chunk);
+  }
+  // f(r, c, k) for each of the thread's copies of an item: row r < round16(rows)
+  // of its tile, columns [c, c + kVec) of the chunk, k = k0 + c.
+  template <typename F>
+  __device__ void for_copies(int rows, int64_t k0, int kc, F f) const {
+    const int kv = kc / kVec, n = round16(rows) * kv;
+    for (int idx = threadIdx.x; idx < n; idx += kThreads)
+      f(idx / kv, (idx % kv) * kVec, k0 + (idx % kv) * kVec);
+  }
+  __device__ void issue(int64_t e) const {
+    if (e < items) {
+      int64_t row0, k0;
+      int rows, kc;
+      place(e, row0, rows, k0, kc);
+      scalar_t* const as = slot(e);
+      const scalar_t* const base = src + row0 * ld;  // a row that exists
+      if (vec) {
+        for_copies(rows, k0, kc, [&](int r, int c, int64_t k) {
+          const int64_t valid = r < rows ? kmax - k : 0;
+          const int bytes = valid <= 0 ? 0 : (valid >= kVec ? 16 : int(valid * sizeof(scalar_t)));
+          cuda::copy16_async(as + r * g.lda + c, bytes > 0 ? base + r * ld + k : base, bytes);
+        });
+      } else {
+        stage_tile<1>(as, g.lda, base, ld, rows, k0, kc, kmax,
+                      [](scalar_t v) { return tc_operand(v); });
+      }
+    }
+    cuda::async_commit();  // (an empty group past the last item: take() counts groups)
+  }
+  __device__ void start() const {
+    for (int e = 0; e < g.slots - 1; ++e) issue(e);
+  }
+  __device__ const scalar_t* take(int64_t e) const {
+    if (g.slots == 1) {
+      __syncthreads();  // the previous item is consumed
+      issue(e);
+    }
+    cuda::async_wait_for(g.slots > 1 ? g.slots - 2 : 0);  // the thread's copies of item e are done
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (vec && e < items) {
+        int64_t row0, k0;
+        int rows, kc;
+        place(e, row0, rows, k0, kc);
+        scalar_t* const as = slot(e);
+        for_copies(rows, k0, kc, [&](int r, int c, int64_t) {
+#pragma unroll
+          for (int v = 0; v < kVec; ++v) as[r * g.lda + c + v] = tc_operand(as[r * g.lda + c + v]);
+        });
+      }
+    }
+    __syncthreads();
+    if (g.slots > 1) issue(e + g.slots - 1);
+    return slot(e);
+  }
+};
 
 // ------------------------------------------------------------------ exchange
 // The cluster form of the tensor-core kernels can pass the product's row

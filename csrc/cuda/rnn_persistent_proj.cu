@@ -161,7 +161,7 @@ struct TcProduct {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
     __trap();  // bfloat16 and TF32 wmma need sm_80; the host launches these on sm_80 and later only
 #else
-    tc_product(g, rows, ws, as, cs, stage);
+    tc_product(g, rows, ws, staged(as, stage), cs);
 #endif
   }
 };

@@ -158,6 +158,18 @@ unsigned cluster_blocks();  // blocks per cluster of the running launch (1 if no
 // memory or a rank outside the cluster.
 void* cluster_shared(const void* p, unsigned rank);
 void yield();  // for spin waits on flags set by other threads or blocks
+// Asynchronous copies from global to shared memory (sm_80's cp.async): a copy
+// of `bytes` (4, 8 or 16) bytes to shared memory dst, aligned to that many, the
+// first src_bytes from src and zeros after them; the copies of a thread since
+// its last commit form a group; async_wait(n) completes all but the newest n
+// committed groups. A copy completes at the latest moment CUDA allows, the
+// wait: until then its destination holds garbage (NaN bytes), so a read that
+// comes before the wait (or, by another thread, before a barrier after it)
+// reads garbage. A source that changes between the copy and its wait, and a
+// thread that exits with copies it did not wait for, are errors.
+void async_copy(void* dst, const void* src, size_t bytes, size_t src_bytes);
+void async_commit();
+void async_wait(int pending);
 enum class WarpOp : int { Sync, ShflIdx, ShflUp, ShflDown, ShflXor, Ballot, Any, All };
 uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int width);
 unsigned active_mask();  // the lanes of the calling warp that have not exited

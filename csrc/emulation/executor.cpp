@@ -30,6 +30,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <deque>
 #include <exception>
 #include <memory>
 #include <numeric>
@@ -69,6 +70,15 @@ struct KernelError : std::runtime_error {
 
 enum class State { Ready, Block, Grid, Cluster, Warp, Done };
 
+// An asynchronous copy of `bytes` bytes (at most 16), the first `src_bytes`
+// from src, zeros after them; `seen`, the source's bytes when it was issued.
+struct AsyncCopy {
+  unsigned char* dst;
+  const unsigned char* src;
+  size_t bytes, src_bytes;
+  unsigned char seen[16];
+};
+
 struct Fiber {
   ucontext_t ctx;
   char* stack = nullptr;  // usable part, above a guard page
@@ -94,6 +104,10 @@ struct Fiber {
   bool tsan_started = false;
   unsigned block_syncs = 0, grid_syncs = 0, cluster_syncs = 0;
   char* warp_sync = nullptr;
+  // Asynchronous copies (async_copy): those not yet committed, and the
+  // committed groups, oldest first, not yet waited for.
+  std::vector<AsyncCopy> async_open;
+  std::deque<std::vector<AsyncCopy>> async_groups;
 };
 
 // ThreadSanitizer's sync objects of one barrier: a slot for each parity of
@@ -327,6 +341,15 @@ void run_body(const Launch& L) {
   (*L.body)();
 }
 
+// A thread must not exit with asynchronous copies it has not waited for.
+void check_async_done(const Fiber& f) {
+  size_t pending = f.async_open.size();
+  for (const auto& g : f.async_groups) pending += g.size();
+  if (pending > 0)
+    throw KernelError(where(f) + ": the thread exited with " + std::to_string(pending) +
+                      " asynchronous copies to shared memory that it did not wait for");
+}
+
 VK_NO_TSAN void fiber_main() {
 #ifdef VK_ASAN
   __sanitizer_finish_switch_fiber(nullptr, &ts.sched_stack_bottom, &ts.sched_stack_size);
@@ -335,7 +358,10 @@ VK_NO_TSAN void fiber_main() {
   Fiber& f = *ts.current;
   Launch& L = *ts.launch;
   try {
-    if (!L.cancelling) run_body(L);  // a fiber first resumed to be cancelled never runs
+    if (!L.cancelling) {  // a fiber first resumed to be cancelled never runs
+      run_body(L);
+      check_async_done(f);
+    }
   } catch (const Cancelled&) {
   } catch (const KernelError&) {
     if (!L.error) L.error = std::current_exception();
@@ -935,6 +961,58 @@ void* cluster_shared(const void* p, unsigned rank) {
   }
   throw KernelError(where(f) + ": map_shared_rank: block rank " + std::to_string(rank) +
                     " of the cluster is not running");
+}
+
+void async_copy(void* dst, const void* src, size_t bytes, size_t src_bytes) {
+  VK_HIDDEN;
+  Fiber& f = running("an asynchronous copy");
+  const Launch& L = *ts.launch;
+  const BlockState& B = L.blocks[f.block];
+  const auto* d = static_cast<unsigned char*>(dst);
+  if ((bytes != 4 && bytes != 8 && bytes != 16) || src_bytes > bytes)
+    throw KernelError(where(f) + ": an asynchronous copy of " + std::to_string(bytes) +
+                      " bytes, " + std::to_string(src_bytes) +
+                      " from the source (4, 8 or 16, and at most as many from the source)");
+  if (reinterpret_cast<uintptr_t>(dst) % bytes != 0 || reinterpret_cast<uintptr_t>(src) % bytes != 0)
+    throw KernelError(where(f) + ": an asynchronous copy of " + std::to_string(bytes) +
+                      " bytes needs source and destination aligned to that many bytes");
+  bool in_shared = B.dynamic != nullptr && d >= B.dynamic.get() &&
+                   d + bytes <= B.dynamic.get() + L.dynamic_smem;
+  for (const SharedBuffer& s : B.shared)
+    in_shared = in_shared || (d >= s.data.get() && d + bytes <= s.data.get() + s.bytes);
+  if (!in_shared)
+    throw KernelError(where(f) + ": an asynchronous copy to an address outside the block's "
+                      "shared memory");
+  AsyncCopy c{static_cast<unsigned char*>(dst), static_cast<const unsigned char*>(src), bytes,
+              src_bytes, {}};
+  const TsanScope shown(false);  // the kernel's own accesses
+  std::memcpy(c.seen, c.src, src_bytes);
+  // Until it completes, the destination holds garbage (NaN in every float type).
+  std::memset(c.dst, 0xff, bytes);
+  f.async_open.push_back(c);
+}
+
+void async_commit() {
+  VK_HIDDEN;
+  Fiber& f = running("an asynchronous copy commit");
+  f.async_groups.push_back(std::move(f.async_open));
+  f.async_open.clear();
+}
+
+void async_wait(int pending) {
+  VK_HIDDEN;
+  Fiber& f = running("an asynchronous copy wait");
+  while (f.async_groups.size() > size_t(pending < 0 ? 0 : pending)) {
+    for (const AsyncCopy& c : f.async_groups.front()) {
+      const TsanScope shown(false);
+      if (std::memcmp(c.seen, c.src, c.src_bytes) != 0)
+        throw KernelError(where(f) + ": the source of an asynchronous copy changed before the "
+                          "copy completed");
+      std::memcpy(c.dst, c.seen, c.src_bytes);
+      std::memset(c.dst + c.src_bytes, 0, c.bytes - c.src_bytes);
+    }
+    f.async_groups.pop_front();
+  }
 }
 
 void yield() {

@@ -4,6 +4,7 @@
 // checked, not only thread 0's.
 #include "emulation/cuda_on_cpu.h"
 
+#include "cuda/async_copy.h"
 #include "cuda/launch.h"
 
 #include <bit>
@@ -217,6 +218,47 @@ __global__ void wait_for_last_block_kernel(float* out, int* flag) {
   out[blockIdx.x * blockDim.x + threadIdx.x] = 1.f;
 }
 
+// Asynchronous copies into shared memory: every 4th thread copies 4 floats of
+// its block's x into dynamic shared memory, the first 2 only where its group
+// of 4 is odd (zeros after them), through two groups (the first two floats,
+// then the rest); then each thread reads the value of the thread 4 after it.
+// mode 0: waits for both groups, then a barrier; 1: reads before its waits
+// (garbage); 2: no barrier (a race: another thread's copy may not be done);
+// 3: waits for the older group only (await<1>), reads its own first value and,
+// after a barrier, the value 4 after it; 4: never waits (an error at exit);
+// 5: changes the source before the wait (an error); 6: a misaligned copy (an
+// error).
+__global__ void async_copy_kernel(float* x, float* out, int mode) {
+  VK_DYNAMIC_SHARED(float, s);
+  const int t = threadIdx.x, n = blockDim.x, i = blockIdx.x * n + t;
+  float* const src = x + blockIdx.x * n + t;
+  if (t % 4 == 0) {
+    const int valid = (t / 4) % 2 == 1 ? 8 : 16;
+    cuda::copy16_async(s + t + (mode == 6 ? 1 : 0), src, valid);
+    cuda::async_commit();
+    if (mode == 5) src[0] += 1.f;
+    cuda::async_commit();  // an empty group
+  }
+  if (mode == 1) {
+    out[2 * i] = s[t];
+    out[2 * i + 1] = s[(t + 4) % n];
+  }
+  if (mode == 3) {
+    cuda::async_wait<1>();  // the copy's group, not the newest (empty) one
+    out[2 * i] = t % 4 == 0 ? s[t] : 0.f;
+    cuda::async_wait<0>();
+    __syncthreads();
+    out[2 * i + 1] = s[(t + 4) % n];
+    return;
+  }
+  if (mode != 4) cuda::async_wait<0>();
+  if (mode != 2) __syncthreads();
+  if (mode != 1) {
+    out[2 * i] = s[t];
+    out[2 * i + 1] = s[(t + 4) % n];
+  }
+}
+
 at::Tensor selftest(const at::Tensor& x_in, c10::string_view name_view, int64_t blocks,
                     int64_t threads) {
   const std::string name(name_view);
@@ -282,6 +324,18 @@ at::Tensor selftest(const at::Tensor& x_in, c10::string_view name_view, int64_t 
     at::Tensor out = at::empty({x.numel(), 2}, f32);
     cuda::launch(dynamic_kernel, grid, block, threads * sizeof(float), stream, xp,
                  out.data_ptr<float>());
+    return out;
+  }
+  if (name.rfind("async_", 0) == 0) {
+    static const char* modes[] = {"async_copy", "async_read_early", "async_race", "async_older",
+                                  "async_exit", "async_source_changed", "async_misaligned"};
+    int mode = -1;
+    for (int m = 0; m < 7; ++m) mode = name == modes[m] ? m : mode;
+    TORCH_CHECK(mode >= 0, "unknown self-test '", name, "'");
+    TORCH_CHECK(threads % 4 == 0, "async tests: a multiple of 4 threads");
+    at::Tensor xc = x.clone(), out = at::zeros({x.numel(), 2}, f32);
+    cuda::launch(async_copy_kernel, grid, block, threads * sizeof(float), stream,
+                 xc.data_ptr<float>(), out.data_ptr<float>(), mode);
     return out;
   }
   if (name == "lane_args") {

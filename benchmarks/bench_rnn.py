@@ -31,6 +31,10 @@ Baselines, side by side in one run, same weights, lengths uniform in [1, T]:
             (VARLEN_KERNELS_PERSISTENT_EXCHANGE=global; GPU only), where masked
             passes them through the cluster's distributed shared memory
             wherever its buffers fit
+  one_slot  MaskedRNN whose tensor-core persistent kernels stage their operand
+            rows from global memory one chunk at a time, between two barriers
+            (VARLEN_KERNELS_PERSISTENT_SLOTS=1; GPU only), where masked
+            pipelines them through up to 4 slots of asynchronous copies
   units_N   with --units N,...: MaskedRNN whose persistent kernels give each
             CTA at least N hidden units, so fewer CTAs than their default of
             one per SM (VARLEN_KERNELS_PERSISTENT_UNITS=N; GPU only): how the
@@ -109,14 +113,15 @@ import varlen_kernels  # noqa: E402
 from varlen_kernels import MaskedRNN, masked_rnn_reference  # noqa: E402
 from varlen_kernels.reference import _cell_step  # noqa: E402
 
-BASELINES = ("masked", "per_step", "all_rows", "grid_sync", "global_exchange", "host_lengths",
-             "split", "packed", "padded", "reference", "compiled")
+BASELINES = ("masked", "per_step", "all_rows", "grid_sync", "global_exchange", "one_slot",
+             "host_lengths", "split", "packed", "padded", "reference", "compiled")
 # Baselines that are MaskedRNN under a setting (CUDA paths): (variable, value),
 # set around the forward and the backward.
 SETTINGS = {"per_step": ("VARLEN_KERNELS_RNN_PATH", "per_step"),
             "all_rows": ("VARLEN_KERNELS_TOKEN_GEMM", "all_rows"),
             "grid_sync": ("VARLEN_KERNELS_PERSISTENT_SYNC", "grid"),
-            "global_exchange": ("VARLEN_KERNELS_PERSISTENT_EXCHANGE", "global")}
+            "global_exchange": ("VARLEN_KERNELS_PERSISTENT_EXCHANGE", "global"),
+            "one_slot": ("VARLEN_KERNELS_PERSISTENT_SLOTS", "1")}
 # Baselines that only differ from masked on a GPU.
 GPU_ONLY = tuple(SETTINGS) + ("host_lengths",)
 UNITS = re.compile(r"units_([0-9]+)")

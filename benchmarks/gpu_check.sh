@@ -20,8 +20,8 @@
 #              for LSTM in bfloat16 and IEEE float32 against packed and padded
 #              cuDNN, the grid form of our persistent kernels, their cluster form
 #              passing rows through global memory (global_exchange), our
-#              per-step path and our persistent kernels staging in 64-column
-#              chunks (stage_0);
+#              per-step path and our persistent kernels staging without the
+#              pipeline of asynchronous copies (one_slot);
 #              bench_linear_ce; bench_losses
 #   bench_gru  the same for GRU, and the LSTM with TF32 on both sides
 #   profile    torch.profiler's kernel table of one MaskedRNN fwd+bwd per shape
@@ -113,7 +113,7 @@ bench() {  # STAGE NAME BENCH-ARGS...
 }
 stage_bench() {
   bench bench bench_rnn_cuda --cells lstm --dtypes bfloat16,float32 --repeats 2 --min-run-time 0.3 \
-    --baselines masked,global_exchange,grid_sync,per_step,packed,padded --stages 0
+    --baselines masked,global_exchange,one_slot,grid_sync,per_step,packed,padded
   CAP_bench=35 cap bench $PY benchmarks/bench_linear_ce.py --device cuda --out "$RES" 2>&1 \
     | tee "$(logfile bench_linear_ce_cuda.log)" | tail -6 || status=1
   CAP_bench=35 cap bench $PY benchmarks/bench_losses.py --device cuda --out "$RES" 2>&1 \

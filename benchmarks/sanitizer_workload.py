@@ -40,15 +40,21 @@ def main(argv=None):
         # each tile of rows), with the CUDA-core product (float32) and the
         # tensor-core one (bfloat16), whose rows go from CTA to CTA through
         # the cluster's distributed shared memory, then through global memory.
+        # Last, the grid form's tensor-core kernels staging in chunks through
+        # 2 slots of asynchronous copies (40 KiB: the backward's 160 columns
+        # in 3 chunks).
         lengths = torch.cat([torch.full((8,), 9), torch.randint(0, 4, (32,))])
-        for sync, emulated, exchange in (("grid", dict(sm_count=4), "auto"),
-                                         ("auto", dict(max_cluster_blocks=2), "auto"),
-                                         ("auto", dict(max_cluster_blocks=2), "global")):
+        for sync, emulated, exchange, stage in (("grid", dict(sm_count=4), "auto", "auto"),
+                                                ("auto", dict(max_cluster_blocks=2), "auto", "auto"),
+                                                ("auto", dict(max_cluster_blocks=2), "global", "auto"),
+                                                ("grid", dict(sm_count=4), "auto", "40")):
             with vk.testing.env_setting("VARLEN_KERNELS_PERSISTENT_SYNC", sync), \
                     vk.testing.env_setting("VARLEN_KERNELS_PERSISTENT_EXCHANGE", exchange), \
+                    vk.testing.env_setting("VARLEN_KERNELS_PERSISTENT_STAGE_KIB", stage), \
                     limits(**emulated):
-                # (the exchange concerns the tensor-core kernels only)
-                for dtype in (torch.float32, torch.bfloat16)[(exchange == "global"):]:
+                # (the exchange and the slots concern the tensor-core kernels only)
+                tensor_cores_only = exchange == "global" or stage != "auto"
+                for dtype in (torch.float32, torch.bfloat16)[tensor_cores_only:]:
                     for cell, proj_size, bidirectional in [("lstm", 0, True), ("gru", 0, True),
                                                            ("lstm", 12, True), ("lstm", 0, False),
                                                            ("lstm", 12, False)]:

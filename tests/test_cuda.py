@@ -59,7 +59,9 @@ def _grads(m, x, lengths, hx, gy):
 # (T, B, H, emulated device limits, path, GPU only): the default shape on the
 # default path; the tensor-core persistent kernels with several CTAs, row tiles
 # and staged chunks (H = 36: rows staged 16 bytes a load, columns 36..47 of
-# the padding one at a time), in the grid form and in the cluster form (clusters of 2,
+# the padding one at a time; H = 9 bidirectional: the LSTM's backward stages
+# rows of 36 columns of a 72-column block, its last copy of each row 8 bytes
+# from the row, zeros after them), in the grid form and in the cluster form (clusters of 2,
 # 4 and 3 CTAs, a cluster for each 16-row tile); the fma persistent kernels in
 # half/bfloat16 (the tensor-core ones do not fit that shared memory; GRU's
 # forward still does), in both forms; the per-step path; on a GPU (whose limits
@@ -72,6 +74,7 @@ LOW_PRECISION_CASES = [
     (9, 40, 50, {"sm_count": 3}, "persistent:grid", False),
     (9, 40, 96, {"sm_count": 3}, "persistent:grid", False),
     (9, 40, 36, {"sm_count": 2}, "persistent:grid", False),
+    (9, 40, 9, {"sm_count": 2}, "persistent:grid", False, True),
     (9, 40, 64, {"sm_count": 2, "max_shared_per_block": 24576}, "persistent:grid", False),
     (9, 40, 64, {"max_cluster_blocks": 2}, "persistent:cluster", False),
     (9, 40, 64, {"max_cluster_blocks": 4}, "persistent:cluster", False, True),
@@ -612,6 +615,17 @@ def test_persistent_stage_setting_is_checked(value):
 
 
 @pytest.mark.emulation
+@pytest.mark.parametrize("value", ["0", "5", "-1", "two", " 2"])
+def test_persistent_slots_setting_is_checked(value):
+    args = layer_args("lstm", "cpu", False)
+    with emulate_cuda(), env_setting("VARLEN_KERNELS_PERSISTENT_SLOTS", value):
+        with pytest.raises(RuntimeError, match=r"VARLEN_KERNELS_PERSISTENT_SLOTS must be 'auto' "
+                                               r"or a whole number of slots in \[1, 4\], got "
+                                               rf"'{value}'"):
+            torch.ops.varlen_kernels.rnn_forward(*args, "lstm", False)
+
+
+@pytest.mark.emulation
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, "tf32", torch.float32])
 def test_staging_whole_or_in_chunks_gives_the_same_bits(cell, dtype):
@@ -623,13 +637,16 @@ def test_staging_whole_or_in_chunks_gives_the_same_bits(cell, dtype):
     columns; backward: 64 rows, 288 columns (LSTM) or 224 (GRU). (slots,
     chunks a tile) of the LSTM's backward, by KiB:
         auto: bf16 (4, 1), TF32 (4, 2);  48: (4, 4), (2, 4);  32: (3, 5), (1, 3)
-        24: (2, 4), (1, 4);  16: (1, 3), (1, 5);  4 and 0: (1, 5)
-    The forward: whole in 3 or 4 slots from 16 KiB up, in 1 slot below (two
-    chunks at 0 KiB, and at 4 in TF32). Float32 in IEEE: the CUDA-core kernels
+        24: (2, 4), (1, 4);  16: (1, 3), (1, 5);  10, 5, 4 and 0: (1, 5)
+    The forward (2 tiles a step): whole in 3 or 4 slots from 16 KiB up; in 2
+    chunks at 10 KiB in 4 slots (bf16) or 2 (TF32: the slots reused across
+    tiles), at 5 KiB in 2 slots (bf16, the same) or 1 (TF32); whole in 1 slot
+    at 4 KiB (bf16), else in 2 chunks. Float32 in IEEE: the CUDA-core kernels
     (5 chunks at 0 KiB). The cluster form stages within one whole tile's
     bytes; in TF32 it is left out, as its tiles' rows (so the split of their
     reductions between warps) follow the clusters that the shared memory
-    leaves resident, which the setting changes there."""
+    leaves resident, which the setting changes there. The slots setting (at
+    most 1, 2 or 3 slots) gives the same bits too."""
     precision, paths = "ieee", ("persistent:grid", "persistent:cluster")
     if dtype == "tf32":
         dtype, precision, paths = torch.float32, "tf32", ("persistent:grid",)
@@ -638,20 +655,23 @@ def test_staging_whole_or_in_chunks_gives_the_same_bits(cell, dtype):
     x = torch.nan_to_num(x.detach(), nan=0.0).to(dtype).requires_grad_()
     hx = tuple(h.detach().to(dtype) for h in hx) if cell == "lstm" else hx.detach().to(dtype)
     runs = {}
+    settings = [(kib, "auto") for kib in ("auto", "0", "4", "5", "10", "16", "24", "32", "48")]
+    settings += [("auto", slots) for slots in ("1", "2", "3")]
     for path in paths:
-        for kib in ("auto", "0", "4", "16", "24", "32", "48"):
+        for kib, slots in settings:
             with rnn_path(path), emulate_cuda(), emulated_device(sm_count=3), \
                     env_setting("VARLEN_KERNELS_PERSISTENT_STAGE_KIB", kib), \
+                    env_setting("VARLEN_KERNELS_PERSISTENT_SLOTS", slots), \
                     env_setting("VARLEN_KERNELS_PERSISTENT_EXCHANGE", "global"), \
                     matmul_precision(precision):
                 y, h = m(x, lengths, hx)
                 out = [y, *states_of(cell, h)]
                 grads = torch.autograd.grad(sum((o.float() * (i + 1)).sum() for i, o in enumerate(out)),
                                             [x, *m.parameters()])
-            runs[path, kib] = [t.detach() for t in (*out, *grads)]
-    for (path, kib), tensors in runs.items():
-        for a, b in zip(tensors, runs[path, "auto"]):
-            assert torch.equal(a, b), (path, kib)
+            runs[path, kib, slots] = [t.detach() for t in (*out, *grads)]
+    for (path, kib, slots), tensors in runs.items():
+        for a, b in zip(tensors, runs[path, "auto", "auto"]):
+            assert torch.equal(a, b), (path, kib, slots)
 
 
 @pytest.mark.emulation

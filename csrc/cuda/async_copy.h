@@ -29,9 +29,12 @@ __device__ __forceinline__ void copy16_async(void* dst, const void* src, int src
                "l"(src), "r"(src_bytes)
                : "memory");
 #else
-  unsigned char v[16] = {};
-  for (int b = 0; b < src_bytes; ++b) v[b] = static_cast<const unsigned char*>(src)[b];
-  *static_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(v);
+  union {
+    uint4 whole;
+    unsigned char bytes[16];
+  } v{};
+  for (int b = 0; b < src_bytes; ++b) v.bytes[b] = static_cast<const unsigned char*>(src)[b];
+  *static_cast<uint4*>(dst) = v.whole;
 #endif
 }
 

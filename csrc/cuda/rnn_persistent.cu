@@ -70,9 +70,14 @@ PersistentExchange persistent_exchange_setting() {
        {"dsmem", PersistentExchange::Dsmem}});
 }
 
+int64_t persistent_slots_setting() {
+  return number_setting("VARLEN_KERNELS_PERSISTENT_SLOTS", kSlots, 1, kSlots, "slots");
+}
+
 PersistentSettings persistent_settings() {
   return {rnn_path_setting(), persistent_sync_setting(), persistent_exchange_setting(),
-          persistent_units_setting(), persistent_stage_setting()};
+          persistent_units_setting(), persistent_stage_setting(),
+          int(persistent_slots_setting())};
 }
 
 namespace {
@@ -133,6 +138,7 @@ struct FwdParams {
   bool reverse;
   int tile_mt;                // the tensor-core kernel's most_mt (TcGeometry), 0: its own
   int64_t stage_limit;        // Launch::stage_limit
+  int slots;                  // Launch::slots
   int64_t xrows;              // Launch::xrows: > 0, h through the cluster's shared memory
 };
 
@@ -322,6 +328,7 @@ struct BwdParams {
   bool reverse;
   int tile_mt;                // the tensor-core kernel's most_mt (TcGeometry), 0: its own
   int64_t stage_limit;        // Launch::stage_limit
+  int slots;                  // Launch::slots
   int64_t xrows;              // Launch::xrows: > 0, dgh through the cluster's shared memory
 };
 
@@ -507,7 +514,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const FwdParams<scalar_t, float> p = cta_place(L, j0, grp);
   const int64_t H = p.H, B = p.B, T = p.T, xr = p.xrows;
   const int Hs = p.units, tid = threadIdx.x;
-  const TcGeometry g(G * Hs, H, sizeof(scalar_t), p.tile_mt, p.stage_limit, kSlots);
+  const TcGeometry g(G * Hs, H, sizeof(scalar_t), p.tile_mt, p.stage_limit, p.slots);
   VK_DYNAMIC_SHARED(unsigned char, smem);
   // ws[n * ldw + k] = W_hh[gate * H + j0 + u, k] for column n = gate * Hs + u;
   // as: the slots of the staging (StageRing); with the exchange (xr > 0), its
@@ -552,9 +559,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Without the exchange, h_{t-1} of the running rows is staged from global
     // memory: half and bfloat16 from its copy in the storage type (half the
     // bytes of hbuf's), float32 from hbuf.
-    const scalar_t* hsrc;
+    const scalar_t* hsrc = nullptr;  // (hop is null with the exchange)
     if constexpr (std::is_same_v<scalar_t, float>) hsrc = s.hin;
-    else hsrc = p.hop + (s.hin - p.hbuf);
+    else if (xr == 0) hsrc = p.hop + (s.hin - p.hbuf);
     const StageRing<scalar_t> ring(g, as, hsrc, H, H, grp.first(g.rbt), grp.stride(g.rbt),
                                    s.nrun);
     if (xr == 0) ring.start();
@@ -650,7 +657,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const BwdParams<scalar_t, float> p = cta_place(L, j0, grp);
   const int64_t H = p.H, B = p.B, T = p.T, GH = int64_t(G) * H, xr = p.xrows;
   const int Hs = p.units, tid = threadIdx.x;
-  const TcGeometry g(Hs, GH, sizeof(scalar_t), p.tile_mt, p.stage_limit, kSlots);
+  const TcGeometry g(Hs, GH, sizeof(scalar_t), p.tile_mt, p.stage_limit, p.slots);
   VK_DYNAMIC_SHARED(unsigned char, smem);
   // ws[n * ldw + m] = W_hh[m, j0 + n]; as: the slots of the staging
   // (StageRing); with the exchange (xr > 0), its two buffers of dgh rows
@@ -793,7 +800,8 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
   // rest, else in chunks as large as that allows (stage(units): the bytes).
   const PersistentSettings set = persistent_settings();
   const int64_t limit = set.stage_limit;
-  auto geometry = [&](int units, int64_t stage = 0, int most_mt = 0, int slots = kSlots) {
+  auto geometry = [&](int units, int64_t stage = 0, int most_mt = 0, int slots = 0) {
+    if (slots == 0) slots = set.slots;
     return forward ? TcGeometry(G * units, H, elem, most_mt, stage, slots)
                    : TcGeometry(units, K, elem, most_mt, stage, slots);
   };
@@ -835,6 +843,7 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
       const int64_t planned = (int64_t(l.smem) - fixed.fixed_bytes()) / 128 * 128;
       l.stage_limit =
           std::max<int64_t>(0, std::min(tc_stage(l.units, l.tile_mt, l.cluster), planned));
+      l.slots = set.slots;
       l.smem = size_t(geometry(l.units, l.stage_limit, l.tile_mt).smem());
     } else {
       l.stage_limit = fma_stage(l.units);
@@ -969,7 +978,7 @@ std::optional<std::vector<RnnForwardResult>> rnn_forward_persistent(
             K == Cell::LSTM ? cbuf.data_ptr<acc_t>() : nullptr,
             output.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), states.data_ptr<scalar_t>(),
             h_n.data_ptr<scalar_t>(), K == Cell::LSTM ? c_n.data_ptr<scalar_t>() : nullptr,
-            T, B, H, gx.stride(0), l.units, in.reverse, l.tile_mt, l.stage_limit, l.xrows};
+            T, B, H, gx.stride(0), l.units, in.reverse, l.tile_mt, l.stage_limit, l.slots, l.xrows};
         result->emplace_back(output, h_n, c_n, gates, states);
         return params;
       });
@@ -1028,7 +1037,7 @@ std::optional<std::vector<PersistentBackwardResult>> rnn_backward_persistent(
             carry.data_ptr<acc_t>(), K == Cell::LSTM ? dcbuf.data_ptr<acc_t>() : nullptr,
             dgx.data_ptr<scalar_t>(), dgh.data_ptr<scalar_t>(), grad_h0.data_ptr<acc_t>(),
             K == Cell::LSTM ? grad_c0.data_ptr<acc_t>() : nullptr, T, B, H, G, dgx.stride(0),
-            dgh.stride(0), l.units, in.reverse, l.tile_mt, l.stage_limit, l.xrows};
+            dgh.stride(0), l.units, in.reverse, l.tile_mt, l.stage_limit, l.slots, l.xrows};
         result->emplace_back(dgx, dgh, grad_h0, grad_c0);
         return params;
       });

@@ -139,13 +139,16 @@ __device__ __forceinline__ int64_t group_longest(const int64_t* sorted_len, int6
   return l < 0 ? 0 : (l > all ? all : l);
 }
 
-// The most shared memory a tile's staged operand may take for the tile's whole
-// reduction to be staged at once, by default (VARLEN_KERNELS_PERSISTENT_STAGE_KIB
-// changes it): a step then waits for one round of global loads instead of one
-// round trip per chunk, serialized (at H = 1024, 16 of them a step). The
-// launch's limit (Launch::stage_limit) is the least of this, what the device's
-// shared memory leaves beside the weight slice, and what the plan's shared
-// memory leaves (choose() in rnn_persistent.cu).
+// The most shared memory the staged operand may take, by default
+// (VARLEN_KERNELS_PERSISTENT_STAGE_KIB changes it): the tensor-core kernels'
+// slots together (TcGeometry, StageRing), each holding a tile's whole
+// reduction where they fit it, else equal chunks; the CUDA-core kernels' tile,
+// whole where it fits, else chunks. Whole tiles, or few large chunks, mean few
+// rounds of global loads a step (in 64-column chunks, H = 1024 took 16 a step,
+// serialized). The launch's limit (Launch::stage_limit) is the least of this,
+// what the device's shared memory leaves beside the weight slice, what the
+// plan's shared memory leaves, and in the cluster form one whole tile's bytes
+// (choose() in rnn_persistent.cu).
 constexpr int64_t kWholeStageBytes = 192 * 1024;
 
 // Columns of the reduction (length k) the fma kernels stage at a time for a
@@ -701,6 +704,7 @@ struct Launch {
   int tile_mt = 0;         // the tensor-core kernels' most_mt (TcGeometry), 0: theirs
   int64_t stage_limit = 0;   // a tile's whole reduction staged at once where it takes at most
                              // this many bytes of shared memory (0: in chunks)
+  int slots = 1;             // the most slots of the tensor-core kernels' staging (TcGeometry)
   int64_t xrows = 0;         // the cluster form's exchange buffers' rows (0: none)
   bool forced = false;       // VARLEN_KERNELS_RNN_PATH=persistent (a refused launch is an error)
 };

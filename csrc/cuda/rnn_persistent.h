@@ -75,8 +75,9 @@ int64_t persistent_units_setting();  // checks the value
 enum class PersistentSync { Auto, Grid, Cluster };
 PersistentSync persistent_sync_setting();  // reads VARLEN_KERNELS_PERSISTENT_SYNC, checks it
 // VARLEN_KERNELS_PERSISTENT_STAGE_KIB=n (benchmarks, tests): the most shared
-// memory, n KiB, a tile's staged operand may take for the tile's whole
-// reduction to be staged at once (0: always in chunks); in bytes, the default
+// memory, n KiB, that the staged operand rows may take (the tensor-core
+// kernels' slots together; a tile's whole reduction where that fits, else
+// chunks; 0: always chunks of at most 64 columns); in bytes, the default
 // kWholeStageBytes when unset or "auto".
 int64_t persistent_stage_setting();  // checks the value
 // VARLEN_KERNELS_PERSISTENT_EXCHANGE = "auto" (default: the cluster form of the
@@ -86,6 +87,10 @@ int64_t persistent_stage_setting();  // checks the value
 // persistent launch taken cannot: another form or kernel, or no room).
 enum class PersistentExchange { Auto, Global, Dsmem };
 PersistentExchange persistent_exchange_setting();  // checks the value
+// VARLEN_KERNELS_PERSISTENT_SLOTS=n (benchmarks, tests): at most n slots (1 to
+// 4) of the tensor-core kernels' staging pipeline (1: each chunk staged
+// between two barriers, no load overlapping a product); 4 when unset or "auto".
+int64_t persistent_slots_setting();  // checks the value
 
 // The settings above, each read and checked once for a choice of launch.
 struct PersistentSettings {
@@ -94,6 +99,7 @@ struct PersistentSettings {
   PersistentExchange exchange;
   int64_t min_units;    // persistent_units_setting()
   int64_t stage_limit;  // persistent_stage_setting(), bytes
+  int slots;            // persistent_slots_setting()
 };
 PersistentSettings persistent_settings();
 

@@ -985,10 +985,12 @@ void async_copy(void* dst, const void* src, size_t bytes, size_t src_bytes) {
                       "shared memory");
   AsyncCopy c{static_cast<unsigned char*>(dst), static_cast<const unsigned char*>(src), bytes,
               src_bytes, {}};
-  const TsanScope shown(false);  // the kernel's own accesses
-  std::memcpy(c.seen, c.src, src_bytes);
-  // Until it completes, the destination holds garbage (NaN in every float type).
-  std::memset(c.dst, 0xff, bytes);
+  {
+    const TsanScope shown(false);  // the kernel's own accesses (not the bookkeeping)
+    std::memcpy(c.seen, c.src, src_bytes);
+    // Until it completes, the destination holds garbage (NaN in every float type).
+    std::memset(c.dst, 0xff, bytes);
+  }
   f.async_open.push_back(c);
 }
 
@@ -1003,13 +1005,20 @@ void async_wait(int pending) {
   VK_HIDDEN;
   Fiber& f = running("an asynchronous copy wait");
   while (f.async_groups.size() > size_t(pending < 0 ? 0 : pending)) {
-    for (const AsyncCopy& c : f.async_groups.front()) {
-      const TsanScope shown(false);
-      if (std::memcmp(c.seen, c.src, c.src_bytes) != 0)
+    for (const AsyncCopy& queued : f.async_groups.front()) {
+      const AsyncCopy c = queued;  // (the kernel's accesses below touch no bookkeeping)
+      bool changed;
+      {
+        const TsanScope shown(false);  // the kernel's own accesses
+        changed = std::memcmp(c.seen, c.src, c.src_bytes) != 0;
+        if (!changed) {
+          std::memcpy(c.dst, c.seen, c.src_bytes);
+          std::memset(c.dst + c.src_bytes, 0, c.bytes - c.src_bytes);
+        }
+      }
+      if (changed)
         throw KernelError(where(f) + ": the source of an asynchronous copy changed before the "
                           "copy completed");
-      std::memcpy(c.dst, c.seen, c.src_bytes);
-      std::memset(c.dst + c.src_bytes, 0, c.bytes - c.src_bytes);
     }
     f.async_groups.pop_front();
   }

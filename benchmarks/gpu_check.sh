@@ -25,6 +25,10 @@
 #              bench_linear_ce; bench_losses
 #   bench_gru  the same for GRU, and the LSTM with TF32 on both sides
 #   profile    torch.profiler's kernel table of one MaskedRNN fwd+bwd per shape
+#   ncu        (only when named) Nsight Compute on the persistent kernels of one
+#              fwd+bwd (bfloat16 LSTM, T=512) at B=8 H=256 (cluster form) and
+#              B=64 H=1024 (grid form): throughput, memory, warp stalls, to
+#              ncu_persistent.txt
 #   units      (only when named) bench_rnn, bfloat16 LSTM, T=512, B 8/64, H 256/1024,
 #              with the persistent kernels at 4, 8, 16 and 32 units a CTA as well
 #              as their default, to benchmarks/results/cta_sweep/
@@ -45,7 +49,7 @@ log() { echo "== $*"; }
 # cap STAGE CMD...: CMD under the stage's time cap (SIGINT first, so pytest and
 # the benchmarks still write what they have).
 declare -A CAP=([build]=300 [tests]=120 [tests_other]=90 [sanitizer]=70 [ptxas]=120
-                [bench]=240 [bench_gru]=200 [profile]=35 [units]=300)
+                [bench]=240 [bench_gru]=200 [profile]=35 [ncu]=150 [units]=300)
 # BUDGET=N (seconds) ends the whole run by then: a cap never reaches past it.
 # DRY_RUN=FILE writes each capped command to FILE instead of running it (the
 # tests check the benchmarks' arguments so).
@@ -130,6 +134,15 @@ stage_profile() {
   cap profile $PY benchmarks/profile_rnn.py --out "$RES/profile_rnn.txt" 2>&1 | tail -45 || status=1
 }
 
+stage_ncu() {
+  cap ncu ncu --profile-from-start off --kernel-name regex:persistent \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+    --section SchedulerStats --section LaunchStats --section Occupancy \
+    $PY benchmarks/profile_rnn.py --ncu --shapes lstm,512,8,256 lstm,512,64,1024 \
+    > "$(logfile ncu_persistent.txt)" 2>&1 || status=1
+  [ -n "${DRY_RUN:-}" ] || grep -c "persistent_" "$RES/ncu_persistent.txt" || true
+}
+
 stage_units() {
   bench units cta_sweep --cells lstm --dtypes bfloat16 --T 512 --B 8 64 --H 256 1024 \
     --baselines masked,grid_sync,padded --units 4,8,16,32 --repeats 2
@@ -137,7 +150,7 @@ stage_units() {
 
 for s in "${stages[@]}"; do
   [ "$(type -t "stage_$s")" = function ] || {
-    echo "unknown stage '$s': choose from build tests tests_other sanitizer ptxas bench bench_gru profile units" >&2
+    echo "unknown stage '$s': choose from build tests tests_other sanitizer ptxas bench bench_gru profile ncu units" >&2
     exit 2; }
 done
 for s in "${stages[@]}"; do

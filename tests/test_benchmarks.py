@@ -1,4 +1,5 @@
 """The benchmark scripts run (on tiny sizes), record what they measure, and survive failures."""
+import argparse
 import csv
 import importlib.util
 import json
@@ -344,7 +345,7 @@ def test_gpu_check_writes_committed_results_explicitly(bench, tmp_path):
     the GPU, at full size, with its results under benchmarks/results."""
     commands = tmp_path / "commands"
     r = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "build", "tests", "tests_other", "sanitizer",
-                        "ptxas", "bench", "bench_gru", "profile", "units"], cwd=ROOT, capture_output=True,
+                        "ptxas", "bench", "bench_gru", "profile", "ncu", "units"], cwd=ROOT, capture_output=True,
                        text=True, timeout=60, env={**os.environ, "DRY_RUN": str(commands), "PYTHON": "python3"})
     assert r.returncode == 0, r.stdout + r.stderr
     found = set()
@@ -361,6 +362,16 @@ def test_gpu_check_writes_committed_results_explicitly(bench, tmp_path):
         found.add(path)
     assert found == {"benchmarks/bench_rnn.py", "benchmarks/bench_losses.py", "benchmarks/bench_linear_ce.py"}
     assert "benchmarks/profile_rnn.py" in commands.read_text()
+    # The ncu stage profiles the persistent kernels of profile_rnn.py's --ncu run.
+    ncu = [shlex.split(line) for line in commands.read_text().splitlines() if line.startswith("ncu ")]
+    assert len(ncu) == 1 and "--profile-from-start" in ncu[0]
+    args = ncu[0][ncu[0].index("benchmarks/profile_rnn.py") + 1:]
+    profile = bench("profile_rnn")
+    shapes = [profile.shape(a) for a in args[args.index("--shapes") + 1:]]
+    assert "--ncu" in args and shapes == [("lstm", 512, 8, 256), ("lstm", 512, 64, 1024)]
+    for bad in ("lstm,512,64", "lstm,512,x,1024"):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"a shape is cell,T,B,H, got"):
+            profile.shape(bad)
 
 
 @pytest.mark.emulation

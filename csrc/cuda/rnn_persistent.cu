@@ -125,6 +125,7 @@ struct FwdParams {
   const scalar_t* h0;         // (B, H)
   const scalar_t* c0;         // (B, H) LSTM only
   acc_t* hbuf;                // (2, B, H) h, length order, two buffers read/written alternately
+                              // (nullptr with the exchange, Launch::xrows > 0, as cbuf)
   scalar_t* hop;              // (2, B, H) the same in the storage type, the tensor-core
                               // product's operand (half, bfloat16; nullptr otherwise)
   acc_t* cbuf;                // (B, H) LSTM's c, length order
@@ -157,6 +158,8 @@ template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ FwdStep<acc_t> forward_step(const FwdParams<scalar_t, acc_t>& p,
                                                        int64_t step, int64_t maxlen) {
   const int64_t t = p.reverse ? maxlen - 1 - step : step, BH = p.B * p.H;
+  if (p.hbuf == nullptr)  // the exchange: no state in global memory
+    return {t, count_running(p.off, t), p.off[t], nullptr, nullptr};
   return {t, count_running(p.off, t), p.off[t],
           p.hbuf + (p.reverse ? ((t + 1) & 1) : (t & 1)) * BH,
           p.hbuf + (p.reverse ? (t & 1) : ((t + 1) & 1)) * BH};
@@ -317,7 +320,7 @@ struct BwdParams {
   const acc_t* grad_h_n;      // (B, H)
   const acc_t* grad_c_n;      // (B, H) LSTM only
   acc_t* carry;               // (B, H) length order: d h' not passing through W_hh
-  acc_t* dcbuf;               // (B, H) length order: LSTM's d c'
+  acc_t* dcbuf;               // (B, H) length order: LSTM's d c' (both nullptr with the exchange)
   scalar_t* dgx;              // (T*B, G*H) packed, zero-initialized, row stride dgx_ld
   scalar_t* dgh;              // likewise (row stride dgh_ld); aliases dgx unless GRU
   acc_t* grad_h0;             // (B, H)
@@ -953,14 +956,16 @@ std::optional<std::vector<RnnForwardResult>> rnn_forward_persistent(
         const Tensor gx = in.gx.stride(1) == 1 ? in.gx : in.gx.contiguous();
         const Tensor c0c = K == Cell::LSTM ? in.c0.contiguous() : Tensor();
         keep.insert(keep.end(), {w, h0c, gx, c0c});
-        Tensor hbuf = at::empty({2, B, H}, opts.dtype(acc_type));
-        // (the tensor-core kernel's operand rows, where it stages them from
-        // global memory in a storage type other than float)
-        const bool with_hop = l.kernel_tc && l.xrows == 0 && !std::is_same_v<scalar_t, float>;
+        // The state in global memory, but with the exchange (which keeps it in
+        // shared memory); the tensor-core kernel's operand rows where it
+        // stages them from global memory in a storage type other than float.
+        const bool global_state = l.xrows == 0;
+        const bool with_hop = l.kernel_tc && global_state && !std::is_same_v<scalar_t, float>;
+        Tensor hbuf = global_state ? at::empty({2, B, H}, opts.dtype(acc_type)) : Tensor();
         Tensor hop = with_hop ? at::empty({2, B, H}, opts) : Tensor();
-        keep.push_back(hop);
-        Tensor cbuf = K == Cell::LSTM ? at::empty({B, H}, opts.dtype(acc_type)) : Tensor();
-        keep.insert(keep.end(), {hbuf, cbuf});
+        Tensor cbuf = K == Cell::LSTM && global_state ? at::empty({B, H}, opts.dtype(acc_type))
+                                                      : Tensor();
+        keep.insert(keep.end(), {hbuf, hop, cbuf});
         Tensor output = at::zeros({T, B, H}, opts);
         Tensor gates = at::zeros({T * B, GS * H}, opts);
         Tensor states = at::zeros({T * B, S * H}, opts);
@@ -974,8 +979,9 @@ std::optional<std::vector<RnnForwardResult>> rnn_forward_persistent(
             in.b_hn.defined() ? in.b_hn.const_data_ptr<acc_t>() : nullptr,
             h0c.const_data_ptr<scalar_t>(),
             K == Cell::LSTM ? c0c.const_data_ptr<scalar_t>() : nullptr,
-            hbuf.data_ptr<acc_t>(), with_hop ? hop.data_ptr<scalar_t>() : nullptr,
-            K == Cell::LSTM ? cbuf.data_ptr<acc_t>() : nullptr,
+            hbuf.defined() ? hbuf.data_ptr<acc_t>() : nullptr,
+            with_hop ? hop.data_ptr<scalar_t>() : nullptr,
+            cbuf.defined() ? cbuf.data_ptr<acc_t>() : nullptr,
             output.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), states.data_ptr<scalar_t>(),
             h_n.data_ptr<scalar_t>(), K == Cell::LSTM ? c_n.data_ptr<scalar_t>() : nullptr,
             T, B, H, gx.stride(0), l.units, in.reverse, l.tile_mt, l.stage_limit, l.slots, l.xrows};
@@ -1020,8 +1026,11 @@ std::optional<std::vector<PersistentBackwardResult>> rnn_backward_persistent(
         const Tensor st = in.states.contiguous(), dy = in.dy.contiguous();
         const Tensor ghn = in.grad_h_n.to(acc_type).contiguous();
         const Tensor gcn = K == Cell::LSTM ? in.grad_c_n.to(acc_type).contiguous() : Tensor();
-        Tensor carry = at::empty({B, H}, opts.dtype(acc_type));
-        Tensor dcbuf = K == Cell::LSTM ? at::empty({B, H}, opts.dtype(acc_type)) : Tensor();
+        // The carry in global memory, but with the exchange (shared memory).
+        const bool global_state = l.xrows == 0;
+        Tensor carry = global_state ? at::empty({B, H}, opts.dtype(acc_type)) : Tensor();
+        Tensor dcbuf = K == Cell::LSTM && global_state ? at::empty({B, H}, opts.dtype(acc_type))
+                                                       : Tensor();
         keep.insert(keep.end(), {w, gs, st, dy, ghn, gcn, carry, dcbuf});
         Tensor dgx = in.dgx.defined() ? in.dgx : at::zeros({T * B, G * H}, opts);
         Tensor dgh = K == Cell::GRU ? at::zeros({T * B, G * H}, opts) : dgx;
@@ -1034,7 +1043,8 @@ std::optional<std::vector<PersistentBackwardResult>> rnn_backward_persistent(
             gs.const_data_ptr<scalar_t>(),
             st.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
             ghn.const_data_ptr<acc_t>(), K == Cell::LSTM ? gcn.const_data_ptr<acc_t>() : nullptr,
-            carry.data_ptr<acc_t>(), K == Cell::LSTM ? dcbuf.data_ptr<acc_t>() : nullptr,
+            carry.defined() ? carry.data_ptr<acc_t>() : nullptr,
+            dcbuf.defined() ? dcbuf.data_ptr<acc_t>() : nullptr,
             dgx.data_ptr<scalar_t>(), dgh.data_ptr<scalar_t>(), grad_h0.data_ptr<acc_t>(),
             K == Cell::LSTM ? grad_c0.data_ptr<acc_t>() : nullptr, T, B, H, G, dgx.stride(0),
             dgh.stride(0), l.units, in.reverse, l.tile_mt, l.stage_limit, l.slots, l.xrows};

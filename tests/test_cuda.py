@@ -604,24 +604,17 @@ def test_persistent_units_setting_is_checked(value):
 
 
 @pytest.mark.emulation
-@pytest.mark.parametrize("value", ["-1", "1025", "16k", "1e2", " 8", "all"])
-def test_persistent_stage_setting_is_checked(value):
+@pytest.mark.parametrize("variable,what,value", [
+    *[("VARLEN_KERNELS_PERSISTENT_STAGE_KIB", r"KiB in \[0, 1024\]", v)
+      for v in ["-1", "1025", "16k", "1e2", " 8", "all"]],
+    *[("VARLEN_KERNELS_PERSISTENT_SLOTS", r"slots in \[1, 4\]", v)
+      for v in ["0", "5", "-1", "two", " 2"]],
+])
+def test_persistent_staging_settings_are_checked(variable, what, value):
     args = layer_args("lstm", "cpu", False)
-    with emulate_cuda(), env_setting("VARLEN_KERNELS_PERSISTENT_STAGE_KIB", value):
-        with pytest.raises(RuntimeError, match=r"VARLEN_KERNELS_PERSISTENT_STAGE_KIB must be 'auto' "
-                                               r"or a whole number of KiB in \[0, 1024\], got "
-                                               rf"'{value}'"):
-            torch.ops.varlen_kernels.rnn_forward(*args, "lstm", False)
-
-
-@pytest.mark.emulation
-@pytest.mark.parametrize("value", ["0", "5", "-1", "two", " 2"])
-def test_persistent_slots_setting_is_checked(value):
-    args = layer_args("lstm", "cpu", False)
-    with emulate_cuda(), env_setting("VARLEN_KERNELS_PERSISTENT_SLOTS", value):
-        with pytest.raises(RuntimeError, match=r"VARLEN_KERNELS_PERSISTENT_SLOTS must be 'auto' "
-                                               r"or a whole number of slots in \[1, 4\], got "
-                                               rf"'{value}'"):
+    with emulate_cuda(), env_setting(variable, value):
+        with pytest.raises(RuntimeError, match=rf"{variable} must be 'auto' or a whole number of "
+                                               rf"{what}, got '{value}'"):
             torch.ops.varlen_kernels.rnn_forward(*args, "lstm", False)
 
 

@@ -14,6 +14,9 @@
 //  - shared memory is a per-block heap buffer filled with NaN bytes (0xff) at
 //    every launch, declared with VK_SHARED / VK_DYNAMIC_SHARED (a bare
 //    __shared__ does not compile here), so AddressSanitizer sees overflows;
+//  - asynchronous copies into shared memory (cp.async, csrc/cuda/async_copy.h)
+//    complete at the latest moment CUDA allows, the thread's wait, leaving
+//    garbage in their destination until then;
 //  - CUDA_KERNEL_ASSERT raises an error naming block, thread and condition.
 // Launches go through csrc/cuda/launch.h, which is <<<...>>> under nvcc.
 #pragma once

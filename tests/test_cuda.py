@@ -627,10 +627,12 @@ def test_staging_whole_or_in_chunks_gives_the_same_bits(cell, dtype):
     so outputs and gradients are equal bit for bit. H = 72 on 3 SMs; the grid
     form's tensor-core kernels (bfloat16, and float32 in TF32, rounded in
     shared memory after the asynchronous copies). Forward tiles: 16 rows, 80
-    columns; backward: 64 rows, 288 columns (LSTM) or 224 (GRU). (slots,
-    chunks a tile) of the LSTM's backward, by KiB:
-        auto: bf16 (4, 1), TF32 (4, 2);  48: (4, 4), (2, 4);  32: (3, 5), (1, 3)
-        24: (2, 4), (1, 4);  16: (1, 3), (1, 5);  10, 5, 4 and 0: (1, 5)
+    columns; backward: 32 rows (the grid form's tiles hold at most the batch's
+    rows), 288 columns (LSTM) or 224 (GRU). (slots, chunks a tile) of the
+    LSTM's backward, by KiB:
+        auto: (4, 1);  48: bf16 (4, 2), TF32 (4, 4);  32: (4, 3), (3, 4)
+        24: (4, 4), (2, 4);  16: (3, 5), (1, 3);  10: (2, 5), (1, 5)
+        5, 4 and 0: (1, 5)
     The forward (2 tiles a step): whole in 3 or 4 slots from 16 KiB up; in 2
     chunks at 10 KiB in 4 slots (bf16) or 2 (TF32: the slots reused across
     tiles), at 5 KiB in 2 slots (bf16, the same) or 1 (TF32); whole in 1 slot

@@ -841,6 +841,11 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
   auto with_staging = [&](Launch l) {
     if (l.units == 0) return l;
     if (l.kernel_tc) {
+      // The grid form's tiles have at most B rows: so sized, the staging's
+      // slots hold more columns (the products are the same: they cover the
+      // running rows' 16-row tiles either way).
+      if (!l.cluster)
+        l.tile_mt = int(std::clamp<int64_t>((B + 15) / 16, 1, geometry(l.units).mt));
       const TcGeometry fixed = geometry(l.units, 0, l.tile_mt);
       // (a multiple of 128: the staged operand's align128 never takes it past)
       const int64_t planned = (int64_t(l.smem) - fixed.fixed_bytes()) / 128 * 128;

@@ -620,11 +620,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       };
       cell_items(rows * Hs, Hs, j0, H, load, [&] {
-        tc_product(g, rows, ws, [&](int c, int64_t, int) -> const scalar_t* {
-          if (xr == 0) return ring.take(tile * ring.nch + c);
-          __syncthreads();  // (the previous tile's C is consumed)
-          return xcur + lr0 * g.lda;
-        }, cs, partial);
+        tc_product(g, rows, ws, tile_operand(ring, tile, xr > 0 ? xcur + lr0 * g.lda : nullptr),
+                   cs, partial);
       }, cell);
       xrun = lr0 + rows;
     }
@@ -760,11 +757,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       };
       cell_items(rows * Hs, Hs, j0, H, load, [&] {
         if (with_prev > 0) {  // block-uniform
-          tc_product(g, with_prev, ws, [&](int c, int64_t, int) -> const scalar_t* {
-            if (xr == 0) return ring.take(tile * ring.nch + c);
-            __syncthreads();  // (the previous tile's C is consumed)
-            return xcur + lr0 * g.lda;
-          }, cs, partial);
+          tc_product(g, with_prev, ws,
+                     tile_operand(ring, tile, xr > 0 ? xcur + lr0 * g.lda : nullptr), cs,
+                     partial);
         }
       }, cell);
       if (row0 < s.nrun) xrun = lr0 + (s.nrun - row0 < g.rbt ? s.nrun - row0 : g.rbt);
@@ -814,8 +809,8 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
   auto room = [&](int64_t fixed) {
     return std::max<int64_t>(0, std::min<int64_t>(limit, int64_t(cuda::max_dynamic_smem()) - fixed - 128));
   };
-  // The tensor-core kernels' staging pipeline (StageRing) has kSlots slots.
-  // In the grid form (a CTA an SM) they take up to the limit; in the cluster
+  // The tensor-core kernels' staging pipeline (StageRing) has up to set.slots
+  // slots. In the grid form (a CTA an SM) they take up to the limit; in the cluster
   // form they share at most the bytes of one whole tile, so that they never
   // leave fewer clusters resident than a tile staged at once would.
   auto tc_stage = [&](int units, int most_mt = 0, bool cluster = false) {

@@ -346,56 +346,6 @@ struct TcGeometry {
   __host__ __device__ int64_t w_depth() const { return kp; }
 };
 
-// Stages a tile of the tensor-core product's A: as[r * lda + kk] =
-// convert(src[r * ld + k0 + kk]) for r < rows and k0 + kk < kmax, zero for the
-// other r < round16(rows) and kk < kc. V elements a load (16 bytes) where the
-// source's rows and base allow it (block-uniform), else one at a time; the
-// columns past kmax (the padding to 16) one at a time. Every thread calls it.
-template <int V, typename src_t, typename dst_t, typename Convert>
-__device__ __forceinline__ void stage_tile(dst_t* as, int64_t lda, const src_t* src, int64_t ld,
-                                           int rows, int64_t k0, int kc, int64_t kmax,
-                                           Convert convert) {
-  const int prow = round16(rows);
-  const bool vec = V > 1 && ld % V == 0 && k0 % V == 0 && kc % V == 0 &&
-                   reinterpret_cast<uintptr_t>(src) % (V * sizeof(src_t)) == 0;
-  if (vec) {
-    // One load and one store a thread (V consecutive values: no bank conflict).
-    struct alignas(V * sizeof(src_t)) In { src_t v[V]; };
-    struct alignas(V * sizeof(dst_t)) Out { dst_t v[V]; };
-    const int kv = kc / V;
-    for (int idx = threadIdx.x; idx < prow * kv; idx += kThreads) {
-      const int r = idx / kv, c = (idx % kv) * V;
-      const int64_t k = k0 + c;
-      Out o;
-      if (r < rows && k + V <= kmax) {
-        In x;
-#ifdef VK_EMULATE_CUDA
-        std::memcpy(&x, src + r * ld + k, sizeof(In));  // (no aliasing question on the CPU)
-#else
-        x = *reinterpret_cast<const In*>(src + r * ld + k);
-#endif
-#pragma unroll
-        for (int e = 0; e < V; ++e) o.v[e] = convert(x.v[e]);
-      } else {
-#pragma unroll
-        for (int e = 0; e < V; ++e)
-          o.v[e] = (r < rows && k + e < kmax) ? convert(src[r * ld + k + e]) : dst_t(0);
-      }
-#ifdef VK_EMULATE_CUDA
-      std::memcpy(as + r * lda + c, &o, sizeof(Out));
-#else
-      *reinterpret_cast<Out*>(as + r * lda + c) = o;
-#endif
-    }
-  } else {
-    for (int idx = threadIdx.x; idx < prow * kc; idx += kThreads) {
-      const int r = idx / kc, kk = idx % kc;
-      const int64_t k = k0 + kk;
-      as[r * lda + kk] = (r < rows && k < kmax) ? convert(src[r * ld + k]) : dst_t(0);
-    }
-  }
-}
-
 // C (rows x g.np) += A (rows x kp) times the W slice w (col-major, g.ldw):
 // the output tiles with a row below `rows`; then C to shared memory cs.
 // Block-uniform: every thread calls it. A's chunk c, columns [k0, k0 + kc)
@@ -559,9 +509,12 @@ struct StageRing {
           const int bytes = valid <= 0 ? 0 : (valid >= kVec ? 16 : int(valid * sizeof(scalar_t)));
           cuda::copy16_async(as + r * g.lda + c, bytes > 0 ? base + r * ld + k : base, bytes);
         });
-      } else {
-        stage_tile<1>(as, g.lda, base, ld, rows, k0, kc, kmax,
-                      [](scalar_t v) { return tc_operand(v); });
+      } else {  // one value at a time, at issue
+        for (int idx = threadIdx.x; idx < round16(rows) * kc; idx += kThreads) {
+          const int r = idx / kc, c = idx % kc;
+          const int64_t k = k0 + c;
+          as[r * g.lda + c] = r < rows && k < kmax ? tc_operand(base[r * ld + k]) : scalar_t(0);
+        }
       }
     }
     cuda::async_commit();  // (an empty group past the last item: take() counts groups)
@@ -592,6 +545,19 @@ struct StageRing {
     return slot(e);
   }
 };
+
+// tc_product's operand for the group's tile `tile` of a step in the plain
+// tensor-core kernels: staged through the step's ring, or, with the exchange,
+// already in shared memory at `resident` (the ring unused).
+template <typename scalar_t>
+__device__ __forceinline__ auto tile_operand(const StageRing<scalar_t>& ring, int64_t tile,
+                                             const scalar_t* resident) {
+  return [&ring, tile, resident](int c, int64_t, int) -> const scalar_t* {
+    if (resident == nullptr) return ring.take(tile * ring.nch + c);
+    __syncthreads();  // (the previous tile's C is consumed)
+    return resident;
+  };
+}
 
 // ------------------------------------------------------------------ exchange
 // The cluster form of the tensor-core kernels can pass the product's row

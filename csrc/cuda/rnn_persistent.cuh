@@ -374,23 +374,25 @@ __device__ __forceinline__ void tc_product(const TcGeometry& g, int rows, const 
   wmma::fragment<wmma::accumulator, 16, 16, KK, float> acc[2];
   wmma::fill_fragment(acc[0], 0.f);
   wmma::fill_fragment(acc[1], 0.f);
+  const int lda = int(g.lda), ldw = int(g.ldw);  // (32-bit offsets in shared memory)
   auto mma = [&](wmma::fragment<wmma::accumulator, 16, 16, KK, float>& c, const scalar_t* as,
-                 int mtile, int ntile, int64_t k0, int kk) {
+                 int mtile, int ntile, int k0, int kk) {
     wmma::fragment<wmma::matrix_a, 16, 16, KK, tc_t, wmma::row_major> a;
     wmma::fragment<wmma::matrix_b, 16, 16, KK, tc_t, wmma::col_major> b;
-    wmma::load_matrix_sync(a, reinterpret_cast<const mem_t*>(as + mtile * 16 * g.lda + kk),
-                           unsigned(g.lda));
-    wmma::load_matrix_sync(b, reinterpret_cast<const mem_t*>(ws + ntile * 16 * g.ldw + k0 + kk),
-                           unsigned(g.ldw));
+    wmma::load_matrix_sync(a, reinterpret_cast<const mem_t*>(as + (mtile * 16 * lda + kk)),
+                           unsigned(lda));
+    wmma::load_matrix_sync(b, reinterpret_cast<const mem_t*>(ws + (ntile * 16 * ldw + k0 + kk)),
+                           unsigned(ldw));
     wmma::mma_sync(c, a, b, c);
   };
   int c = 0;
-  for (int64_t k0 = 0; k0 < g.kp; k0 += g.chunk, ++c) {
-    const int kc = g.kp - k0 < g.chunk ? int(g.kp - k0) : int(g.chunk);
+  const int kp = int(g.kp), chunk = int(g.chunk);  // (shared memory holds a row of W)
+  for (int k0 = 0; k0 < kp; k0 += chunk, ++c) {
+    const int kc = kp - k0 < chunk ? kp - k0 : chunk;
     const scalar_t* const as = operand(c, k0, kc);
     if (S > 1) {
       if (slice < S) {  // warp-uniform; the KK-steps i of the reduction with i % S == slice
-        const int first = int((k0 / KK) % S);
+        const int first = (k0 / KK) % S;
         for (int kk = ((slice - first) % S + S) % S * KK; kk < kc; kk += S * KK)
           mma(acc[0], as, q / g.nt, q % g.nt, k0, kk);
       }
@@ -471,30 +473,58 @@ struct StageRing {
                        int64_t kmax_, int64_t first_, int64_t stride_, int64_t R_)
       : g(g_), slots(slots_), src(src_), ld(ld_), kmax(kmax_), first(first_), stride(stride_),
         R(R_) {
-    nch = (g.kp + g.chunk - 1) / g.chunk;
-    items = R > first ? (R - first + stride - 1) / stride * nch : 0;
+    nch = (int(g.kp) + int(g.chunk) - 1) / int(g.chunk);  // (a row of shared memory)
+    items = R > first ? div(R - first + stride - 1, stride) * nch : 0;
     // (chunks start at multiples of 16 columns, so every copy is aligned)
     vec = ld % kVec == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0;
   }
   static constexpr int kVec = 16 / int(sizeof(scalar_t));  // values a copy
 
   __device__ scalar_t* slot(int64_t e) const {
-    return slots + (e % g.slots) * (g.slot_bytes() / int64_t(sizeof(scalar_t)));
+    return slots + (e - div(e, g.slots) * g.slots) * (g.slot_bytes() / int64_t(sizeof(scalar_t)));
+  }
+  // a / b (both positive) in 32-bit arithmetic where they fit, as they do
+  // but for batches of billions of rows (this runs for every item).
+  __device__ static int64_t div(int64_t a, int64_t b) {
+    return (a | b) <= INT32_MAX ? int64_t(int(a) / int(b)) : a / b;
   }
   // Item e: the first row of its tile, the tile's rows, its columns.
   __device__ void place(int64_t e, int64_t& row0, int& rows, int64_t& k0, int& kc) const {
-    row0 = first + (e / nch) * stride;
+    const int64_t tile = div(e, nch);
+    row0 = first + tile * stride;
     rows = R - row0 < g.rbt ? int(R - row0) : g.rbt;
-    k0 = (e % nch) * g.chunk;
+    k0 = (e - tile * nch) * g.chunk;
     kc = g.kp - k0 < g.chunk ? int(g.kp - k0) : int(g.chunk);
   }
-  // f(r, c, k) for each of the thread's copies of an item: row r < round16(rows)
-  // of its tile, columns [c, c + kVec) of the chunk, k = k0 + c.
+  // f(r, c, at, from) for each of the thread's copies of an item: row r <
+  // round16(rows) of its tile, columns [c, c + kVec) of its chunk of kc
+  // columns, at r * g.lda + c in its slot and r * ld + c from the chunk's
+  // first column in global memory. Copy idx = r * (kc / kVec) + c / kVec is
+  // the thread's where idx % kThreads == tid: from copy to copy, r, c and the
+  // offsets advance by fixed steps, so that the loop, which runs for every 16
+  // bytes staged, has no division or multiplication (one of each an item).
   template <typename F>
-  __device__ void for_copies(int rows, int64_t k0, int kc, F f) const {
-    const int kv = kc / kVec, n = round16(rows) * kv;
-    for (int idx = threadIdx.x; idx < n; idx += kThreads)
-      f(idx / kv, (idx % kv) * kVec, k0 + (idx % kv) * kVec);
+  __device__ __forceinline__ void for_copies(int rows, int kc, F f) const {
+    const int kv = kc / kVec, rows16 = round16(rows), lda = int(g.lda);
+    const int dr = kThreads / kv, dc = (kThreads - dr * kv) * kVec;
+    int r = int(threadIdx.x) / kv, c = (int(threadIdx.x) - r * kv) * kVec;
+    int at = r * lda + c;
+    int64_t from = r * ld + c;
+    const int at_step = dr * lda + dc, at_wrap = lda - kc;
+    const int64_t from_step = dr * ld + dc, from_wrap = ld - kc;
+    while (r < rows16) {
+      f(r, c, at, from);
+      r += dr;
+      c += dc;
+      at += at_step;
+      from += from_step;
+      if (c >= kc) {  // (c, dc < kc: one wrap at most)
+        c -= kc;
+        ++r;
+        at += at_wrap;
+        from += from_wrap;
+      }
+    }
   }
   __device__ void issue(int64_t e) const {
     if (e < items) {
@@ -504,11 +534,23 @@ struct StageRing {
       scalar_t* const as = slot(e);
       const scalar_t* const base = src + row0 * ld;  // a row that exists
       if (vec) {
-        for_copies(rows, k0, kc, [&](int r, int c, int64_t k) {
-          const int64_t valid = r < rows ? kmax - k : 0;
-          const int bytes = valid <= 0 ? 0 : (valid >= kVec ? 16 : int(valid * sizeof(scalar_t)));
-          cuda::copy16_async(as + r * g.lda + c, bytes > 0 ? base + r * ld + k : base, bytes);
-        });
+        // Columns of the chunk that exist (kmax - k0 > 0: chunks start below
+        // kmax); rows past `rows` and columns past kmax are zero-filled.
+        const int64_t left = kmax - k0;
+        const int have = left < kc ? int(left) : kc;
+        const scalar_t* const chunk = base + k0;
+        if (have == kc) {  // (block-uniform) the chunk's columns exist: whole rows
+          for_copies(rows, kc, [&](int r, int, int at, int64_t from) {
+            const bool row = r < rows;
+            cuda::copy16_async(as + at, row ? chunk + from : base, row ? 16 : 0);
+          });
+        } else {
+          for_copies(rows, kc, [&](int r, int c, int at, int64_t from) {
+            const int valid = r < rows ? have - c : 0;
+            const int bytes = valid <= 0 ? 0 : (valid >= kVec ? 16 : valid * int(sizeof(scalar_t)));
+            cuda::copy16_async(as + at, bytes > 0 ? chunk + from : base, bytes);
+          });
+        }
       } else {  // one value at a time, at issue
         for (int idx = threadIdx.x; idx < round16(rows) * kc; idx += kThreads) {
           const int r = idx / kc, c = idx % kc;
@@ -534,9 +576,9 @@ struct StageRing {
         int rows, kc;
         place(e, row0, rows, k0, kc);
         scalar_t* const as = slot(e);
-        for_copies(rows, k0, kc, [&](int r, int c, int64_t) {
+        for_copies(rows, kc, [&](int, int, int at, int64_t) {
 #pragma unroll
-          for (int v = 0; v < kVec; ++v) as[r * g.lda + c + v] = tc_operand(as[r * g.lda + c + v]);
+          for (int v = 0; v < kVec; ++v) as[at + v] = tc_operand(as[at + v]);
         });
       }
     }
@@ -607,11 +649,11 @@ __device__ __forceinline__ void share_columns(T* x, int64_t ld, int64_t rows, in
   struct alignas(16) Vec { T v[V]; };
   const bool vec = c0 % V == 0 && nc % V == 0 && bstride % V == 0 && ld % V == 0;
   const int per = vec ? nc / V : nc;  // loads of a row block
-  const int64_t items = rows * nb * per;
-  for (int64_t idx = threadIdx.x; idx < items; idx += kThreads) {
-    const int64_t r = idx / (int64_t(nb) * per);
-    const int rest = int(idx % (int64_t(nb) * per)), b = rest / per, c = rest % per;
-    T* at = x + r * ld + b * bstride + c0 + (vec ? c * V : c);
+  // 32-bit counts (the rows are the cluster's, held in its shared memory).
+  const int row_items = nb * per, items = int(rows) * row_items;
+  for (int idx = threadIdx.x; idx < items; idx += kThreads) {
+    const int r = idx / row_items, rest = idx - r * row_items, b = rest / per, c = rest - b * per;
+    T* at = x + (r * int(ld) + int(b * bstride + c0) + (vec ? c * V : c));
     if (vec) {
       Vec v;
 #ifdef VK_EMULATE_CUDA

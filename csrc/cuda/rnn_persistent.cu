@@ -87,20 +87,35 @@ namespace {
 // thread's first kEarly (row, unit) items of a tile before the tile's product.
 constexpr int kEarly = 2;
 
+// load(idx) for the thread's first kEarly items of a tile (below).
+template <typename Load, typename Item>
+__device__ __forceinline__ void load_early(int items, int Hs, int64_t j0, int64_t H, Load load,
+                                           Item (&early)[kEarly]) {
+#pragma unroll
+  for (int e = 0; e < kEarly; ++e) {
+    const int idx = int(threadIdx.x) + e * kThreads;
+    if (idx < items && j0 + idx % Hs < H) early[e] = load(idx);
+  }
+}
+
 // The (row r of a tile, unit u) items of the tile's cell, idx = r * Hs + u <
 // items, dealt to the threads in turn, units past H skipped: load(idx) (what
 // the cell reads) for a thread's first kEarly items, then product() (every
 // thread calls it), then cell(idx, load(idx)) for every item, the first
-// kEarly with what was loaded before the product.
-template <typename Load, typename Product, typename CellFn>
+// kEarly with what was loaded before the product; or, with use_ready, with
+// what load_early() gave in `ready`, earlier (the kernels load the first
+// tile's of a step before the barrier that ends the step before it).
+template <typename Load, typename Product, typename CellFn, typename Item>
 __device__ __forceinline__ void cell_items(int items, int Hs, int64_t j0, int64_t H, Load load,
-                                           Product product, CellFn cell) {
+                                           Product product, CellFn cell,
+                                           const Item (&ready)[kEarly], bool use_ready) {
   const int tid = threadIdx.x;
-  decltype(load(0)) early[kEarly];
+  Item early[kEarly];
+  if (use_ready) {
 #pragma unroll
-  for (int e = 0; e < kEarly; ++e) {
-    const int idx = tid + e * kThreads;
-    if (idx < items && j0 + idx % Hs < H) early[e] = load(idx);
+    for (int e = 0; e < kEarly; ++e) early[e] = ready[e];
+  } else {
+    load_early(items, Hs, j0, H, load, early);
   }
   product();
 #pragma unroll
@@ -555,8 +570,42 @@ __global__ void __launch_bounds__(kThreads, 1)
   // the exchange, every CTA's buffers are, before any other CTA writes there.
   step_barrier(L);
 
+  // (row r of a tile, unit u) items of the cell, idx = r * Hs + u, dealt to
+  // the threads in turn. What the cell reads (gate inputs, h_prev, c) is
+  // loaded for a thread's first kEarly items before the product, its latency
+  // hidden behind it; for a step's first tile, before the barrier that ends
+  // the step before (`ready`), its latency hidden behind that step's end.
+  // The state is this CTA's own (its units), written by this thread (in the
+  // cell of the same item, the step before, where the row ran). Shared and
+  // global memory on separate branches, so that the compiler knows each
+  // access's memory.
+  struct Item {
+    GateInputs<float, K> xin{};
+    float h = 0.f, c = 0.f;
+  };
+  // Item idx of step s's tile at row row0 (lr0: its first buffer row).
+  auto load_item = [&](const FwdStep<float>& s, int64_t row0, int64_t lr0, int idx) {
+    const int r = idx / Hs, u = idx % Hs;
+    const int64_t i = row0 + r, j = j0 + u;
+    Item it;
+    it.xin = cell_inputs<scalar_t, float, K>(p, s, i, j);
+    if (xr > 0) {
+      const float* const h = own + (lr0 + r) * Hs + u;
+      it.h = h[0];
+      if constexpr (K == Cell::LSTM) it.c = h[xr * Hs];
+    } else {
+      it.h = s.hin[i * H + j];
+      if constexpr (K == Cell::LSTM) it.c = p.cbuf[i * H + j];
+    }
+    return it;
+  };
+  Item ready[kEarly];
+  bool have_ready = false;
+  FwdStep<float> s{};
+  if (maxlen > 0) s = forward_step(p, 0, maxlen);
   for (int64_t step = 0; step < maxlen; ++step) {
-    const FwdStep<float> s = forward_step(p, step, maxlen);
+    // The next step's rows (their loads issued here, used at this step's end).
+    const FwdStep<float> next = forward_step(p, step + 1 < maxlen ? step + 1 : step, maxlen);
     scalar_t* const xcur = as + (step & 1) * xr * g.lda;
     scalar_t* const xnext = as + ((step + 1) & 1) * xr * g.lda;
     // Without the exchange, h_{t-1} of the running rows is staged from global
@@ -572,32 +621,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int64_t row0 = grp.first(g.rbt); row0 < s.nrun; row0 += grp.stride(g.rbt), ++tile) {
       const int rows = s.nrun - row0 < g.rbt ? int(s.nrun - row0) : g.rbt;
       const int64_t lr0 = tile * g.rbt;
-      // (row r of the tile, unit u) items of the cell, idx = r * Hs + u, dealt
-      // to the threads in turn. What the cell reads (gate inputs, h_prev, c)
-      // is loaded for a thread's first kEarly items before the product, its
-      // latency hidden behind it; the state is this CTA's own (its units),
-      // written before the last barrier (by this thread, after the first step
-      // a row runs). Shared and global memory on separate branches, so that
-      // the compiler knows each access's memory.
-      struct Item {
-        GateInputs<float, K> xin{};
-        float h = 0.f, c = 0.f;
-      };
-      auto load = [&](int idx) {
-        const int r = idx / Hs, u = idx % Hs;
-        const int64_t i = row0 + r, j = j0 + u;
-        Item it;
-        it.xin = cell_inputs<scalar_t, float, K>(p, s, i, j);
-        if (xr > 0) {
-          const float* const h = own + (lr0 + r) * Hs + u;
-          it.h = h[0];
-          if constexpr (K == Cell::LSTM) it.c = h[xr * Hs];
-        } else {
-          it.h = s.hin[i * H + j];
-          if constexpr (K == Cell::LSTM) it.c = p.cbuf[i * H + j];
-        }
-        return it;
-      };
+      auto load = [&](int idx) { return load_item(s, row0, lr0, idx); };
       auto cell = [&](int idx, const Item& it) {
         const int r = idx / Hs, u = idx % Hs;
         const int64_t i = row0 + r, j = j0 + u;
@@ -622,8 +646,16 @@ __global__ void __launch_bounds__(kThreads, 1)
       cell_items(rows * Hs, Hs, j0, H, load, [&] {
         tc_product(g, rows, ws, tile_operand(ring, tile, xr > 0 ? xcur + lr0 * g.lda : nullptr),
                    cs, partial);
-      }, cell);
+      }, cell, ready, tile == 0 && have_ready);
       xrun = lr0 + rows;
+    }
+    // The next step's first tile: its items' loads, before the barrier.
+    const int64_t first = grp.first(g.rbt);
+    have_ready = step + 1 < maxlen && first < next.nrun;
+    if (have_ready) {
+      const int rows = next.nrun - first < g.rbt ? int(next.nrun - first) : g.rbt;
+      load_early(rows * Hs, Hs, j0, H,
+                 [&](int idx) { return load_item(next, first, 0, idx); }, ready);
     }
     if (xr > 0 && step + 1 < maxlen) {  // (no step reads the last one's)
       __syncthreads();  // this CTA's h_t complete in its next buffer
@@ -631,6 +663,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                     [](scalar_t v) { return tc_operand(v); });
     }
     step_barrier(L);
+    s = next;
   }
   if (xr > 0) {
     for_own_state(grp, xr, Hs, j0, g.rbt, [&](int64_t idx, int64_t i, int64_t jj) {
@@ -687,8 +720,38 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   const int64_t maxlen = group_longest(p.sorted_len, B, T, grp.first(g.rbt));
 
+  // What the cell reads (saved gates, state and dy of a row running at t;
+  // the carry and dc of the CTA's own units) of a thread's first kEarly items
+  // (row r of a tile, unit u; idx = r * Hs + u), loaded before the product;
+  // for a step's first tile, before the barrier that ends the step before
+  // (`ready`). The carry and dc are written by this thread (in the cell of
+  // the same item, the step before, where the row was touched).
+  struct Item {
+    BwdInputs<float, K> in{};
+    float carry = 0.f, dc = 0.f;
+  };
+  // Item idx of step s's tile at row row0 (lr0: its first buffer row).
+  auto load_item = [&](const BwdStep<scalar_t>& s, int64_t row0, int64_t lr0, int idx) {
+    const int r = idx / Hs, u = idx % Hs;
+    const int64_t i = row0 + r, j = j0 + u;
+    Item it;
+    if (i < s.nrun) it.in = cell_inputs<scalar_t, float, K>(p, s, i, j);
+    if (xr > 0) {
+      const float* const carry = own + (lr0 + r) * Hs + u;
+      it.carry = carry[0];
+      if constexpr (K == Cell::LSTM) it.dc = carry[xr * Hs];
+    } else {
+      it.carry = p.carry[i * H + j];
+      if constexpr (K == Cell::LSTM) it.dc = p.dcbuf[i * H + j];
+    }
+    return it;
+  };
+  Item ready[kEarly];
+  bool have_ready = false;
+  BwdStep<scalar_t> s = backward_step(p, 0, maxlen);
   for (int64_t step = 0; step <= maxlen; ++step) {
-    const BwdStep<scalar_t> s = backward_step(p, step, maxlen);
+    // The next step's rows (their loads issued here, used at this step's end).
+    const BwdStep<scalar_t> next = backward_step(p, step < maxlen ? step + 1 : step, maxlen);
     scalar_t* const xcur = as + (step & 1) * xr * g.lda;
     scalar_t* const xnext = as + ((step + 1) & 1) * xr * g.lda;
     // Without the exchange, dgh at tp of the rows that ran then is staged from
@@ -702,29 +765,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int with_prev =
           row0 < s.nprev ? (s.nprev - row0 < g.rbt ? int(s.nprev - row0) : g.rbt) : 0;
       const int64_t lr0 = tile * g.rbt;
-      // What the cell reads (saved gates, state and dy of a row running at t;
-      // the carry and dc of the CTA's own units) of a thread's first kEarly
-      // items (row r of the tile, unit u; idx = r * Hs + u), loaded before the
-      // product.
-      struct Item {
-        BwdInputs<float, K> in{};
-        float carry = 0.f, dc = 0.f;
-      };
-      auto load = [&](int idx) {
-        const int r = idx / Hs, u = idx % Hs;
-        const int64_t i = row0 + r, j = j0 + u;
-        Item it;
-        if (i < s.nrun) it.in = cell_inputs<scalar_t, float, K>(p, s, i, j);
-        if (xr > 0) {
-          const float* const carry = own + (lr0 + r) * Hs + u;
-          it.carry = carry[0];
-          if constexpr (K == Cell::LSTM) it.dc = carry[xr * Hs];
-        } else {
-          it.carry = p.carry[i * H + j];
-          if constexpr (K == Cell::LSTM) it.dc = p.dcbuf[i * H + j];
-        }
-        return it;
-      };
+      auto load = [&](int idx) { return load_item(s, row0, lr0, idx); };
       auto cell = [&](int idx, const Item& it) {
         const int r = idx / Hs, u = idx % Hs;
         const int64_t i = row0 + r, j = j0 + u, row = s.row0 + i;
@@ -761,8 +802,16 @@ __global__ void __launch_bounds__(kThreads, 1)
                      tile_operand(ring, tile, xr > 0 ? xcur + lr0 * g.lda : nullptr), cs,
                      partial);
         }
-      }, cell);
+      }, cell, ready, tile == 0 && have_ready);
       if (row0 < s.nrun) xrun = lr0 + (s.nrun - row0 < g.rbt ? s.nrun - row0 : g.rbt);
+    }
+    // The next step's first tile: its items' loads, before the barrier.
+    const int64_t first = grp.first(g.rbt);
+    have_ready = step < maxlen && first < next.n;
+    if (have_ready) {
+      const int rows = next.n - first < g.rbt ? int(next.n - first) : g.rbt;
+      load_early(rows * Hs, Hs, j0, H,
+                 [&](int idx) { return load_item(next, first, 0, idx); }, ready);
     }
     if (xr > 0) {
       __syncthreads();  // this CTA's dgh at t complete in its next buffer
@@ -770,6 +819,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                     [](scalar_t v) { return tc_operand(v); });
     }
     step_barrier(L);
+    s = next;
   }
   if (xr > 0) {
     for_own_state(grp, xr, Hs, j0, g.rbt, [&](int64_t idx, int64_t i, int64_t jj) {

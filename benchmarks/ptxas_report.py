@@ -34,7 +34,7 @@ def nvcc_path():
     return os.path.join(home, "bin", "nvcc")
 
 
-def run(arch):
+def include_dirs():
     includes = [os.path.join(ROOT, "csrc")] + cpp_extension.include_paths(device_type="cuda")
     try:  # the CUDA wheels' headers, which torch's CUDA headers include
         import nvidia
@@ -45,16 +45,24 @@ def run(arch):
                     includes.append(inc)
     except ImportError:
         pass
+    return includes
+
+
+def compile_command(source, out, arch, *extra, phase="-c"):
+    """nvcc compiling `source` alone for `arch` into `out` (an object, or with
+    phase="-cubin" a cubin), with the extension's flags."""
+    cmd = [nvcc_path(), phase, source, "-o", out, "-std=c++20", "-O3", "--expt-relaxed-constexpr",
+           f"-gencode=arch=compute_{arch[3:]},code={arch}", "-DVK_WITH_CUDA",
+           f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", *extra]
+    return cmd + [f"-I{i}" for i in include_dirs()]
+
+
+def run(arch):
     logs = []
     for source in SOURCES:
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [nvcc_path(), "-c", source, "-o", os.path.join(tmp, "k.o"), "-std=c++20",
-                   "-O3", "--expt-relaxed-constexpr",
-                   f"-gencode=arch=compute_{arch[3:]},code={arch}", "-Xptxas=-v",
-                   "-DVK_WITH_CUDA",
-                   f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
-            cmd += [f"-I{i}" for i in includes]
-            r = subprocess.run(cmd, capture_output=True, text=True)
+            r = subprocess.run(compile_command(source, os.path.join(tmp, "k.o"), arch, "-Xptxas=-v"),
+                               capture_output=True, text=True)
         if r.returncode != 0:
             sys.exit(f"nvcc failed on {source}:\n{r.stderr[-4000:]}")
         logs.append(r.stderr)

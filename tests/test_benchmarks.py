@@ -420,3 +420,38 @@ def test_plot_rnn_tables_and_plots_committed_results(bench, tmp_path, capsys):
     assert f"| {first['masked_ms']:.2f} |" in line and f"| {first['speedup_vs_padded']:.2f} |" in line
     assert sum(l.startswith("| lstm") for l in out.splitlines()) >= len(gpu["rows"])
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sass_report_finds_innermost_loops_and_counts_their_units(bench):
+    """sass_report.py's reading of nvdisasm's output (no nvcc here): the loops are
+    backward branches; only the innermost ones holding the unit count, each as
+    (instructions of its body, units in it); another kernel's loops are not read."""
+    sass = load("sass_report")
+    text = "\n".join([
+        ".text._Z5otherv:",
+        "        /*0000*/                   FFMA R1, R2, R3, R1 ;",
+        ".L_x_9:",
+        "        /*0010*/                   BRA `(.L_x_9) ;",
+        ".text._Z6targetv:",
+        "        /*0000*/                   MOV R1, RZ ;",
+        ".L_x_1:",                                     # outer loop
+        "        /*0010*/                   IADD3 R2, R2, 0x1, RZ ;",
+        ".L_x_2:",                                     # inner loop: 2 FFMA in 5 instructions
+        "        /*0020*/                   LDS R4, [R5] ;",
+        "        /*0030*/                   FFMA R1, R4, R4, R1 ;",
+        "        /*0040*/              @!P0 FFMA R1, R4, R3, R1 ;",
+        "        /*0050*/                   ISETP.NE.AND P1, PT, R2, RZ, PT ;",
+        "        /*0060*/               @P1 BRA `(.L_x_2) ;",
+        "        /*0070*/                   LDGSTS.E.BYPASS.128 [R6], desc[UR4][R8.64] ;",
+        "        /*0080*/               @P2 BRA `(.L_x_1) ;",
+        "        /*0090*/                   BRA `(.L_x_3) ;",  # a forward branch: no loop
+        ".L_x_3:",
+        "        /*00a0*/                   EXIT ;",
+    ])
+    ins, labels = sass.kernel_instructions(text, "_Z6targetv")
+    assert len(ins) == 11 and labels == {".L_x_1": 1, ".L_x_2": 2, ".L_x_3": 10}
+    assert sass.opcode("@!P0 FFMA R1, R4, R3, R1") == "FFMA"
+    assert sass.innermost_loops(ins, labels, "FFMA") == [(5, 2)]
+    # the LDGSTS is in the outer loop only, which holds another loop: not innermost
+    assert sass.innermost_loops(ins, labels, "LDGSTS") == []
+    assert sass.innermost_loops(ins, labels, "DFMA") == []

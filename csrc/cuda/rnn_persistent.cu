@@ -261,12 +261,14 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_forward_kernel(Directi
   const int64_t j = j0 + u, GHs = int64_t(G) * Hs;
   const bool owns = rg < RG && j < H;  // computes (row, unit j) pairs
   VK_DYNAMIC_SHARED(unsigned char, smem);
-  scalar_t* w = reinterpret_cast<scalar_t*>(smem);  // w[k * GHs + g * Hs + u] = W_hh[g*H + j0+u, k]
+  // w[k * GHs + u * G + g] = W_hh[g*H + j0+u, k]: a unit's gates side by side,
+  // at fixed offsets from one address in the product.
+  scalar_t* w = reinterpret_cast<scalar_t*>(smem);
   acc_t* hs = reinterpret_cast<acc_t*>(smem + align16(GHs * H * sizeof(scalar_t)));  // [kk * RBp + r]
 
   for (int64_t idx = tid; idx < GHs * H; idx += kThreads) {
-    const int64_t k = idx % H, gu = idx / H, g = gu / Hs, jj = j0 + gu % Hs;
-    w[k * GHs + gu] = jj < H ? p.w_hh[(g * H + jj) * H + k] : scalar_t(0);
+    const int64_t k = idx % H, gu = idx / H, g = gu / Hs, uu = gu % Hs, jj = j0 + uu;
+    w[k * GHs + uu * G + g] = jj < H ? p.w_hh[(g * H + jj) * H + k] : scalar_t(0);
   }
   load_initial_state<scalar_t, acc_t, K>(p, j0, Hs, grp, RB);
   const int64_t maxlen = group_longest(p.sorted_len, B, T, grp.first(RB));
@@ -286,22 +288,24 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_forward_kernel(Directi
         for (int g = 0; g < G; ++g) acc[r][g] = acc_t(0);
       for (int64_t k0 = 0; k0 < H; k0 += chunk) {
         __syncthreads();  // the previous chunk (and tile) is consumed
-        for (int idx = tid; idx < rows * chunk; idx += kThreads) {
-          const int r = idx / chunk, kk = idx % chunk;
-          const int64_t k = k0 + kk;
-          hs[kk * RBp + r] = k < H ? s.hin[(row0 + r) * H + k] : acc_t(0);
-        }
+        const acc_t* const hrow = s.hin + row0 * H + k0;
+        const int64_t kleft = H - k0;
+        for_tile_elements(rows, chunk, [&](int r, int kk) {
+          hs[kk * RBp + r] = kk < kleft ? hrow[r * H + kk] : acc_t(0);
+        });
         __syncthreads();
         if (active) {
           const int kn = H - k0 < chunk ? int(H - k0) : chunk;
-          for (int kk = 0; kk < kn; ++kk) {
+          const scalar_t* wk = w + k0 * GHs + u * G;
+          const acc_t* hk = hs + rg;
+          for (int kk = 0; kk < kn; ++kk, wk += GHs, hk += RBp) {
             acc_t wv[G];
 #pragma unroll
-            for (int g = 0; g < G; ++g) wv[g] = acc_t(w[(k0 + kk) * GHs + g * Hs + u]);
+            for (int g = 0; g < G; ++g) wv[g] = acc_t(wk[g]);
 #pragma unroll
             for (int r = 0; r < kRows; ++r) {
               if (r * RG + rg >= rows) break;
-              const acc_t hv = hs[kk * RBp + r * RG + rg];
+              const acc_t hv = hk[r * RG];
 #pragma unroll
               for (int g = 0; g < G; ++g) acc[r][g] += wv[g] * hv;
             }
@@ -487,11 +491,11 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_backward_kernel(Direct
       if (rows > 0) {  // the same for the whole block
         for (int64_t m0 = 0; m0 < GH; m0 += chunk) {
           __syncthreads();
-          for (int idx = tid; idx < rows * chunk; idx += kThreads) {
-            const int r = idx / chunk, kk = idx % chunk;
-            const int64_t m = m0 + kk;
-            ds[kk * RBp + r] = m < GH ? acc_t(s.dg_prev[(row0 + r) * p.dgh_ld + m]) : acc_t(0);
-          }
+          const scalar_t* const drow = s.dg_prev + row0 * p.dgh_ld + m0;
+          const int64_t mleft = GH - m0, ld = p.dgh_ld;
+          for_tile_elements(rows, chunk, [&](int r, int kk) {
+            ds[kk * RBp + r] = kk < mleft ? acc_t(drow[r * ld + kk]) : acc_t(0);
+          });
           __syncthreads();
           if (owns && rg < rows) {
             const int kn = GH - m0 < chunk ? int(GH - m0) : chunk;

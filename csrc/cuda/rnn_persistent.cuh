@@ -42,6 +42,25 @@ constexpr int kMinUnits = 2, kMaxUnits = 128;
 // Rows of a tile of the fma kernels: kRows per row group of Hs threads.
 constexpr int tile_rows(int units) { return (kThreads / units) * kRows; }
 
+// f(r, c) for each element of a rows x cols tile that is the calling
+// thread's: element r * cols + c is thread (r * cols + c) % kThreads's. From
+// element to element (r, c) advance by fixed steps, so that the loop, which
+// runs for every element staged, has no division.
+template <typename F>
+__device__ __forceinline__ void for_tile_elements(int rows, int cols, F f) {
+  const int dr = kThreads / cols, dc = kThreads - dr * cols;
+  int r = int(threadIdx.x) / cols, c = int(threadIdx.x) - r * cols;
+  while (r < rows) {
+    f(r, c);
+    r += dr;
+    c += dc;
+    if (c >= cols) {  // (c, dc < cols: one wrap at most)
+      c -= cols;
+      ++r;
+    }
+  }
+}
+
 // Number of sequences with length > t (0 <= t < T): the tokens of step t in
 // the plan's offsets off (token_plan.h); two independent loads, where a
 // search of the lengths would be a chain of log2(B) dependent ones.

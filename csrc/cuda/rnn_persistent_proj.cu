@@ -224,12 +224,10 @@ __device__ __forceinline__ void product_of_rows(const typename Prod::Geo& g, int
                                                 Value value) {
   using op_t = typename Prod::op_t;
   Prod::product(g, rows, ws, as, cs, [&](int64_t k0, int kc) {
-    const int sr = g.stage_rows(rows);
-    for (int idx = threadIdx.x; idx < sr * kc; idx += kThreads) {
-      const int r = idx / kc, kk = idx % kc;
+    for_tile_elements(g.stage_rows(rows), kc, [&](int r, int kk) {
       const int64_t k = k0 + kk;
       as[g.a_at(r, kk)] = (r < rows && k < depth) ? Prod::operand(value(r, k)) : op_t(0);
-    }
+    });
   });
 }
 

@@ -127,6 +127,25 @@ __device__ __forceinline__ void cell_items(int items, int Hs, int64_t j0, int64_
     if (j0 + idx % Hs < H) cell(idx, load(idx));
 }
 
+// The state a cell reads of row i, unit j = j0 + u (at = i * H + j): with
+// the exchange (xr > 0) the CTA's own, in shared memory (own[lr * Hs + u] for
+// its buffer row lr, the second xr * Hs further), else a[at] and, LSTM,
+// b[at] in global memory. Shared and global memory on separate branches, so
+// that the compiler knows each access's memory.
+template <Cell K>
+__device__ __forceinline__ void read_state(int64_t xr, const float* own, int64_t lr, int Hs, int u,
+                                           const float* a, const float* b, int64_t at,
+                                           float& first, float& second) {
+  if (xr > 0) {
+    const float* const o = own + lr * Hs + u;
+    first = o[0];
+    if constexpr (K == Cell::LSTM) second = o[xr * Hs];
+  } else {
+    first = a[at];
+    if constexpr (K == Cell::LSTM) second = b[at];
+  }
+}
+
 // ------------------------------------------------------------------ forward
 template <typename scalar_t, typename acc_t>
 struct FwdParams {
@@ -579,10 +598,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   // loaded for a thread's first kEarly items before the product, its latency
   // hidden behind it; for a step's first tile, before the barrier that ends
   // the step before (`ready`), its latency hidden behind that step's end.
-  // The state is this CTA's own (its units), written by this thread (in the
-  // cell of the same item, the step before, where the row ran). Shared and
-  // global memory on separate branches, so that the compiler knows each
-  // access's memory.
+  // The state is this CTA's own (its units): written by this thread, in the
+  // cell of the same item at the step before, where the row ran then; else
+  // h0 and c0, written before the first barrier (read_state()).
   struct Item {
     GateInputs<float, K> xin{};
     float h = 0.f, c = 0.f;
@@ -593,14 +611,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t i = row0 + r, j = j0 + u;
     Item it;
     it.xin = cell_inputs<scalar_t, float, K>(p, s, i, j);
-    if (xr > 0) {
-      const float* const h = own + (lr0 + r) * Hs + u;
-      it.h = h[0];
-      if constexpr (K == Cell::LSTM) it.c = h[xr * Hs];
-    } else {
-      it.h = s.hin[i * H + j];
-      if constexpr (K == Cell::LSTM) it.c = p.cbuf[i * H + j];
-    }
+    read_state<K>(xr, own, lr0 + r, Hs, u, s.hin, p.cbuf, i * H + j, it.h, it.c);
     return it;
   };
   Item ready[kEarly];
@@ -728,8 +739,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   // the carry and dc of the CTA's own units) of a thread's first kEarly items
   // (row r of a tile, unit u; idx = r * Hs + u), loaded before the product;
   // for a step's first tile, before the barrier that ends the step before
-  // (`ready`). The carry and dc are written by this thread (in the cell of
-  // the same item, the step before, where the row was touched).
+  // (`ready`). The carry and dc are written by this thread, in the cell of
+  // the same item at the step before, where the row was touched then; else
+  // grad_h_n and grad_c_n, written before the first barrier.
   struct Item {
     BwdInputs<float, K> in{};
     float carry = 0.f, dc = 0.f;
@@ -740,14 +752,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t i = row0 + r, j = j0 + u;
     Item it;
     if (i < s.nrun) it.in = cell_inputs<scalar_t, float, K>(p, s, i, j);
-    if (xr > 0) {
-      const float* const carry = own + (lr0 + r) * Hs + u;
-      it.carry = carry[0];
-      if constexpr (K == Cell::LSTM) it.dc = carry[xr * Hs];
-    } else {
-      it.carry = p.carry[i * H + j];
-      if constexpr (K == Cell::LSTM) it.dc = p.dcbuf[i * H + j];
-    }
+    read_state<K>(xr, own, lr0 + r, Hs, u, p.carry, p.dcbuf, i * H + j, it.carry, it.dc);
     return it;
   };
   Item ready[kEarly];

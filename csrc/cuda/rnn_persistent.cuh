@@ -521,7 +521,7 @@ struct StageRing {
   // first column in global memory. Copy idx = r * (kc / kVec) + c / kVec is
   // the thread's where idx % kThreads == tid: from copy to copy, r, c and the
   // offsets advance by fixed steps, so that the loop, which runs for every 16
-  // bytes staged, has no division or multiplication (one of each an item).
+  // bytes staged, has no division or multiplication (those are an item's).
   template <typename F>
   __device__ __forceinline__ void for_copies(int rows, int kc, F f) const {
     const int kv = kc / kVec, rows16 = round16(rows), lda = int(g.lda);

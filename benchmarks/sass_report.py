@@ -6,8 +6,9 @@ does, into a cubin), disassembles it with nvdisasm and, for each kernel named
 below, finds the innermost loops (those containing no other loop) that hold
 the instructions of interest and reports their length per unit of work:
 
-  copies   the tensor-core kernels' staging (LDGSTS: one 16-byte cp.async)
-  FMA      the CUDA-core kernels' product (FFMA, or DFMA in float64)
+  LDGSTS   the tensor-core kernels' staging: one 16-byte cp.async
+  HMMA     their product: one tensor-core instruction (a wmma 16x16x16 is two)
+  FFMA     the CUDA-core kernels' product: one fused multiply-add (DFMA in float64)
 
   python benchmarks/sass_report.py
   python benchmarks/sass_report.py --out benchmarks/results/sass_persistent.txt
@@ -37,6 +38,8 @@ KERNELS = [
     ("forward  tensor bfloat16 LSTM", "persistent_forward_tc_kernelIN3c108BFloat16ELNS_4CellE0E", "LDGSTS"),
     ("backward tensor bfloat16 LSTM", "persistent_backward_tc_kernelIN3c108BFloat16ELNS_4CellE0E", "LDGSTS"),
     ("backward tensor float(TF32) LSTM", "persistent_backward_tc_kernelIfLNS_4CellE0E", "LDGSTS"),
+    ("forward  tensor bfloat16 LSTM", "persistent_forward_tc_kernelIN3c108BFloat16ELNS_4CellE0E", "HMMA"),
+    ("backward tensor float(TF32) LSTM", "persistent_backward_tc_kernelIfLNS_4CellE0E", "HMMA"),
     ("forward  fma    float LSTM", "persistent_forward_kernelIffLNS_4CellE0E", "FFMA"),
     ("forward  fma    float GRU", "persistent_forward_kernelIffLNS_4CellE1E", "FFMA"),
     ("backward fma    float LSTM", "persistent_backward_kernelIffLNS_4CellE0E", "FFMA"),
@@ -126,7 +129,8 @@ def main():
     args = ap.parse_args()
     text = disassemble(args.arch)
     lines = [f"# innermost loops of the persistent kernels, {args.arch}: instructions / units "
-             f"(per unit); units: LDGSTS = one 16-byte copy, FFMA/DFMA = one fused multiply-add",
+             f"(per unit); units: LDGSTS = one 16-byte copy, HMMA = one tensor-core instruction, "
+             f"FFMA/DFMA = one fused multiply-add",
              "# kernel                            unit    loops"]
     missing = []
     for label, fragment, unit in KERNELS:

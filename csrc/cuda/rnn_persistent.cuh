@@ -404,6 +404,23 @@ __device__ __forceinline__ void tc_product(const TcGeometry& g, int rows, const 
                            unsigned(ldw));
     wmma::mma_sync(c, a, b, c);
   };
+  // A warp with one tile (every split-K warp) sums its KK-steps in two chains
+  // of dependent products, not one: its n-th step of the reduction (counted
+  // over the whole reduction, so the chunking does not change the sums) into
+  // acc[n & 1], the two added at the end.
+  const bool two_tiles = warp + kWarps < g.mt * g.nt && (warp + kWarps) / g.nt * 16 < rows;
+  auto chains = [&](const scalar_t* as, int mtile, int ntile, int k0, int kk, int step, int kc,
+                    bool odd) {
+    if (odd && kk < kc) {
+      mma(acc[1], as, mtile, ntile, k0, kk);
+      kk += step;
+    }
+    for (; kk + step < kc; kk += 2 * step) {
+      mma(acc[0], as, mtile, ntile, k0, kk);
+      mma(acc[1], as, mtile, ntile, k0, kk + step);
+    }
+    if (kk < kc) mma(acc[0], as, mtile, ntile, k0, kk);
+  };
   int c = 0;
   const int kp = int(g.kp), chunk = int(g.chunk);  // (shared memory holds a row of W)
   for (int k0 = 0; k0 < kp; k0 += chunk, ++c) {
@@ -411,18 +428,25 @@ __device__ __forceinline__ void tc_product(const TcGeometry& g, int rows, const 
     const scalar_t* const as = operand(c, k0, kc);
     if (S > 1) {
       if (slice < S) {  // warp-uniform; the KK-steps i of the reduction with i % S == slice
-        const int first = (k0 / KK) % S;
-        for (int kk = ((slice - first) % S + S) % S * KK; kk < kc; kk += S * KK)
-          mma(acc[0], as, q / g.nt, q % g.nt, k0, kk);
+        const int first = (k0 / KK) % S, kk = ((slice - first) % S + S) % S * KK;
+        chains(as, q / g.nt, q % g.nt, k0, kk, S * KK, kc, ((k0 + kk) / KK / S) & 1);
       }
+      continue;
+    }
+    if (!two_tiles) {  // warp-uniform
+      if (warp < g.mt * g.nt && warp / g.nt * 16 < rows)
+        chains(as, warp / g.nt, warp % g.nt, k0, 0, KK, kc, (k0 / KK) & 1);
       continue;
     }
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       const int t = warp + e * kWarps, mtile = t / g.nt, ntile = t % g.nt;
-      if (t >= g.mt * g.nt || mtile * 16 >= rows) continue;  // warp-uniform
       for (int kk = 0; kk < kc; kk += KK) mma(acc[e], as, mtile, ntile, k0, kk);
     }
+  }
+  if (S > 1 || !two_tiles) {
+#pragma unroll
+    for (int i = 0; i < acc[0].num_elements; ++i) acc[0].x[i] += acc[1].x[i];
   }
   if (S > 1) {
     if (slice < S)

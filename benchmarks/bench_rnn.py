@@ -2,9 +2,12 @@
 
 Baselines, side by side in one run, same weights, lengths uniform in [1, T]:
   masked    MaskedRNN (on a GPU: its default CUDA path, the persistent kernels
-            where they fit)
+            where they fit and a step's product is within the bound that the
+            auto path takes them to, else the per-step path)
   per_step  MaskedRNN on the per-step CUDA path (VARLEN_KERNELS_RNN_PATH=per_step;
             GPU only)
+  persistent  MaskedRNN on its persistent kernels wherever they fit, past the
+            auto path's bound too (VARLEN_KERNELS_RNN_PATH=persistent; GPU only)
   all_rows  MaskedRNN with its GEMMs over tokens on all T*B rows
             (VARLEN_KERNELS_TOKEN_GEMM=all_rows; GPU only): what the grouped
             GEMMs over the valid tokens save (bfloat16 on sm_90 / sm_100; the
@@ -31,10 +34,13 @@ Baselines, side by side in one run, same weights, lengths uniform in [1, T]:
             (VARLEN_KERNELS_PERSISTENT_EXCHANGE=global; GPU only), where masked
             passes them through the cluster's distributed shared memory
             wherever its buffers fit
-  one_slot  MaskedRNN whose tensor-core persistent kernels stage their operand
-            rows from global memory one chunk at a time, between two barriers
-            (VARLEN_KERNELS_PERSISTENT_SLOTS=1; GPU only), where masked
-            pipelines them through up to 4 slots of asynchronous copies
+  four_slots  MaskedRNN whose tensor-core persistent kernels pipeline the
+            staging of their operand rows from global memory through up to 4
+            slots of asynchronous copies (VARLEN_KERNELS_PERSISTENT_SLOTS=4;
+            GPU only), where masked stages one chunk at a time, between two
+            barriers
+  (grid_sync, global_exchange, four_slots, units_N and stage_N change the
+  persistent kernels: they differ from masked only where it takes them)
   units_N   with --units N,...: MaskedRNN whose persistent kernels give each
             CTA at least N hidden units, so fewer CTAs than their default of
             one per SM (VARLEN_KERNELS_PERSISTENT_UNITS=N; GPU only): how the
@@ -113,15 +119,16 @@ import varlen_kernels  # noqa: E402
 from varlen_kernels import MaskedRNN, masked_rnn_reference  # noqa: E402
 from varlen_kernels.reference import _cell_step  # noqa: E402
 
-BASELINES = ("masked", "per_step", "all_rows", "grid_sync", "global_exchange", "one_slot",
-             "host_lengths", "split", "packed", "padded", "reference", "compiled")
+BASELINES = ("masked", "per_step", "persistent", "all_rows", "grid_sync", "global_exchange",
+             "four_slots", "host_lengths", "split", "packed", "padded", "reference", "compiled")
 # Baselines that are MaskedRNN under a setting (CUDA paths): (variable, value),
 # set around the forward and the backward.
 SETTINGS = {"per_step": ("VARLEN_KERNELS_RNN_PATH", "per_step"),
+            "persistent": ("VARLEN_KERNELS_RNN_PATH", "persistent"),
             "all_rows": ("VARLEN_KERNELS_TOKEN_GEMM", "all_rows"),
             "grid_sync": ("VARLEN_KERNELS_PERSISTENT_SYNC", "grid"),
             "global_exchange": ("VARLEN_KERNELS_PERSISTENT_EXCHANGE", "global"),
-            "one_slot": ("VARLEN_KERNELS_PERSISTENT_SLOTS", "1")}
+            "four_slots": ("VARLEN_KERNELS_PERSISTENT_SLOTS", "4")}
 # Baselines that only differ from masked on a GPU.
 GPU_ONLY = tuple(SETTINGS) + ("host_lengths",)
 UNITS = re.compile(r"units_([0-9]+)")

@@ -20,10 +20,12 @@
 #              for LSTM in bfloat16 and IEEE float32 against packed and padded
 #              cuDNN, the grid form of our persistent kernels, their cluster form
 #              passing rows through global memory (global_exchange), our
-#              per-step path and our persistent kernels staging without the
-#              pipeline of asynchronous copies (one_slot);
+#              per-step path, our persistent kernels staging through the
+#              pipeline of asynchronous copies (four_slots) and our persistent
+#              kernels wherever they fit, past the auto path's bound (persistent);
 #              bench_linear_ce; bench_losses
-#   bench_gru  the same for GRU, and the LSTM with TF32 on both sides
+#   bench_gru  GRU (bfloat16, IEEE float32) and the LSTM with TF32 on both sides,
+#              against persistent, per_step, packed and padded
 #   profile    torch.profiler's kernel table of one MaskedRNN fwd+bwd per shape
 #   ncu        (only when named) Nsight Compute on the persistent kernels of one
 #              fwd+bwd (bfloat16 LSTM, T=512) at B=8 H=256 (cluster form) and
@@ -48,7 +50,7 @@ status=0
 log() { echo "== $*"; }
 # cap STAGE CMD...: CMD under the stage's time cap (SIGINT first, so pytest and
 # the benchmarks still write what they have).
-declare -A CAP=([build]=300 [tests]=120 [tests_other]=90 [sanitizer]=70 [ptxas]=120
+declare -A CAP=([build]=300 [tests]=120 [tests_other]=90 [sanitizer]=150 [ptxas]=120
                 [bench]=240 [bench_gru]=200 [profile]=35 [ncu]=150 [units]=300)
 # BUDGET=N (seconds) ends the whole run by then: a cap never reaches past it.
 # DRY_RUN=FILE writes each capped command to FILE instead of running it (the
@@ -87,7 +89,7 @@ print(torch.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_cap
 
 gpu_tests() {  # STAGE LOG PYTEST-ARGS...
   local s=$1 out=$2; shift 2
-  VK_EMU_ORDERS= cap "$s" $PY -m pytest "$@" -q -rs -m "not emulation" $PYTEST_TIMEOUT 2>&1 \
+  VK_EMU_ORDERS= cap "$s" $PY -m pytest "$@" -rs -m "not emulation" $PYTEST_TIMEOUT 2>&1 \
     | tee "$(logfile $out)" | show -v "^\.*$\|^[.sFE]*\s*\[" | tail -40
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 }
@@ -117,7 +119,7 @@ bench() {  # STAGE NAME BENCH-ARGS...
 }
 stage_bench() {
   bench bench bench_rnn_cuda --cells lstm --dtypes bfloat16,float32 --repeats 2 --min-run-time 0.3 \
-    --baselines masked,global_exchange,one_slot,grid_sync,per_step,packed,padded
+    --baselines masked,persistent,four_slots,global_exchange,grid_sync,per_step,packed,padded
   CAP_bench=35 cap bench $PY benchmarks/bench_linear_ce.py --device cuda --out "$RES" 2>&1 \
     | tee "$(logfile bench_linear_ce_cuda.log)" | tail -6 || status=1
   CAP_bench=35 cap bench $PY benchmarks/bench_losses.py --device cuda --out "$RES" 2>&1 \
@@ -125,9 +127,9 @@ stage_bench() {
 }
 stage_bench_gru() {
   bench bench_gru bench_rnn_cuda_gru --cells gru --dtypes bfloat16,float32 --repeats 2 --min-run-time 0.3 \
-    --baselines masked,grid_sync,packed,padded
+    --baselines masked,persistent,per_step,packed,padded
   CAP_bench_gru=100 bench bench_gru bench_rnn_cuda_tf32 --cells lstm --dtypes tf32 --repeats 2 \
-    --min-run-time 0.3 --baselines masked,grid_sync,packed,padded
+    --min-run-time 0.3 --baselines masked,persistent,per_step,packed,padded
 }
 
 stage_profile() {

@@ -54,6 +54,8 @@ def main(argv=None):
                     limits(**emulated):
                 # (the exchange and the slots concern the tensor-core kernels only)
                 tensor_cores_only = exchange == "global" or stage != "auto"
+                print(f"persistent kernels: sync={sync} exchange={exchange} stage={stage}",
+                      flush=True)  # (where a slow sanitizer run has got to)
                 for dtype in (torch.float32, torch.bfloat16)[tensor_cores_only:]:
                     for cell, proj_size, bidirectional in [("lstm", 0, True), ("gru", 0, True),
                                                            ("lstm", 12, True), ("lstm", 0, False),

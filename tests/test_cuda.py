@@ -609,6 +609,8 @@ def test_persistent_units_setting_is_checked(value):
       for v in ["-1", "1025", "16k", "1e2", " 8", "all"]],
     *[("VARLEN_KERNELS_PERSISTENT_SLOTS", r"slots in \[1, 4\]", v)
       for v in ["0", "5", "-1", "two", " 2"]],
+    *[("VARLEN_KERNELS_PERSISTENT_MAX_MMAC", r"million multiply-adds a step in \[0, 9999\]", v)
+      for v in ["-1", "10000", "1e3", "many", " 5"]],
 ])
 def test_persistent_staging_settings_are_checked(variable, what, value):
     args = layer_args("lstm", "cpu", False)
@@ -629,7 +631,7 @@ def test_staging_whole_or_in_chunks_gives_the_same_bits(cell, dtype):
     shared memory after the asynchronous copies). Forward tiles: 16 rows, 80
     columns; backward: 32 rows (the grid form's tiles hold at most the batch's
     rows), 288 columns (LSTM) or 224 (GRU). (slots, chunks a tile) of the
-    LSTM's backward, by KiB:
+    LSTM's backward, by KiB, with at most 4 slots:
         auto: (4, 1);  48: bf16 (4, 2), TF32 (4, 4);  32: (4, 3), (3, 4)
         24: (4, 4), (2, 4);  16: (3, 5), (1, 3);  10: (2, 5), (1, 5)
         5, 4 and 0: (1, 5)
@@ -641,7 +643,7 @@ def test_staging_whole_or_in_chunks_gives_the_same_bits(cell, dtype):
     bytes; in TF32 it is left out, as its tiles' rows (so the split of their
     reductions between warps) follow the clusters that the shared memory
     leaves resident, which the setting changes there. The slots setting (at
-    most 1, 2 or 3 slots) gives the same bits too."""
+    most 1 (its default), 2 or 3 slots) gives the same bits too."""
     precision, paths = "ieee", ("persistent:grid", "persistent:cluster")
     if dtype == "tf32":
         dtype, precision, paths = torch.float32, "tf32", ("persistent:grid",)
@@ -650,8 +652,8 @@ def test_staging_whole_or_in_chunks_gives_the_same_bits(cell, dtype):
     x = torch.nan_to_num(x.detach(), nan=0.0).to(dtype).requires_grad_()
     hx = tuple(h.detach().to(dtype) for h in hx) if cell == "lstm" else hx.detach().to(dtype)
     runs = {}
-    settings = [(kib, "auto") for kib in ("auto", "0", "4", "5", "10", "16", "24", "32", "48")]
-    settings += [("auto", slots) for slots in ("1", "2", "3")]
+    settings = [(kib, "4") for kib in ("auto", "0", "4", "5", "10", "16", "24", "32", "48")]
+    settings += [("auto", slots) for slots in ("auto", "2", "3")]
     for path in paths:
         for kib, slots in settings:
             with rnn_path(path), emulate_cuda(), emulated_device(sm_count=3), \
@@ -665,8 +667,54 @@ def test_staging_whole_or_in_chunks_gives_the_same_bits(cell, dtype):
                                             [x, *m.parameters()])
             runs[path, kib, slots] = [t.detach() for t in (*out, *grads)]
     for (path, kib, slots), tensors in runs.items():
-        for a, b in zip(tensors, runs[path, "auto", "auto"]):
+        for a, b in zip(tensors, runs[path, "auto", "4"]):
             assert torch.equal(a, b), (path, kib, slots)
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_auto_path_takes_the_per_step_path_past_the_bound_of_a_steps_product(cell, bidirectional):
+    """On the auto path the persistent kernels take a layer whose step's
+    recurrent product (B * G*H * H multiply-adds, times 2 for a bidirectional
+    launch) is within VARLEN_KERNELS_PERSISTENT_MAX_MMAC million, the per-step
+    path one past it: here B = 9, H = 12 (LSTM 5184 multiply-adds a step, GRU
+    3888) are within the default bound (24 M on CUDA cores: float64) and past
+    a bound of 0. The persistent path launches a kernel for all steps, the
+    per-step path kernels every step; VARLEN_KERNELS_RNN_PATH=persistent takes
+    the persistent kernels past the bound too. The auto path gives the values
+    and gradients of nn.* + packed, the other two the same as it."""
+    T, B, H = 6, 9, 12
+    ref, x, lengths, hx = sample_inputs(cell, T=T, B=B, I=5, H=H, bidirectional=bidirectional,
+                                        seed=6)
+    m = MaskedRNN.from_torch(ref)
+    count = emulation_module().launch_counts
+    runs, launches = {}, {}
+    for name, path, bound in (("auto", "auto", "auto"), ("past_bound", "auto", "0"),
+                              ("forced", "persistent", "0")):
+        with rnn_path(path), env_setting("VARLEN_KERNELS_PERSISTENT_MAX_MMAC", bound), \
+                emulate_cuda(), emulated_device(sm_count=4):
+            xg = x.detach().requires_grad_()
+            before = count()[0]
+            y, h = m(xg, lengths, hx)
+            out = [y, *states_of(cell, h)]
+            grads = torch.autograd.grad(sum((o.nan_to_num() * (i + 1)).sum()
+                                            for i, o in enumerate(out)), [xg, *m.parameters()])
+            launches[name] = count()[0] - before
+            if name == "auto":
+                check_against_packed(cell, num_layers=1, bidirectional=bidirectional,
+                                     device="cpu", T=T, B=B, H=H, seed=6)
+        runs[name] = [t.detach() for t in (*out, *grads)]
+    # The recurrence of each direction, fwd+bwd: at most 2 launches on the
+    # persistent path, at least a kernel a step (to the longest length)
+    # forward and backward on the per-step path; the rest (the length plan)
+    # the same on both
+    dirs, steps = 2 if bidirectional else 1, int(lengths.max())
+    assert launches["past_bound"] - launches["auto"] >= 2 * (steps - 1) * dirs, launches
+    assert launches["forced"] == launches["auto"], launches
+    for name in ("past_bound", "forced"):
+        for a, b in zip(runs[name], runs["auto"]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13, equal_nan=True)
 
 
 @pytest.mark.emulation

@@ -71,13 +71,18 @@ PersistentExchange persistent_exchange_setting() {
 }
 
 int64_t persistent_slots_setting() {
-  return number_setting("VARLEN_KERNELS_PERSISTENT_SLOTS", kSlots, 1, kSlots, "slots");
+  return number_setting("VARLEN_KERNELS_PERSISTENT_SLOTS", kDefaultSlots, 1, kSlots, "slots");
+}
+
+int64_t persistent_max_mmac_setting() {
+  return number_setting("VARLEN_KERNELS_PERSISTENT_MAX_MMAC", -1, 0, 9999,
+                        "million multiply-adds a step");
 }
 
 PersistentSettings persistent_settings() {
   return {rnn_path_setting(), persistent_sync_setting(), persistent_exchange_setting(),
           persistent_units_setting(), persistent_stage_setting(),
-          int(persistent_slots_setting())};
+          int(persistent_slots_setting()), persistent_max_mmac_setting()};
 }
 
 namespace {
@@ -843,8 +848,26 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
+// The most multiply-adds of a step's recurrent product (B * G*H * H, times
+// the launch's directions) for which the auto path takes the persistent
+// kernels; past it, the per-step path (a GEMM over all rows a step, on every
+// SM), which was faster there. From fwd+bwd timings of both paths on an H200
+// (132 SMs; LSTM, T = 512, B 8/64/256, H 256/1024): in bfloat16 (tensor
+// cores) the persistent kernels were faster up to B = 64 at H = 1024 (268 M,
+// 1.18x), the per-step path at B = 256 (1074 M, 2.4x), crossing at about
+// 350 M by interpolation in B; in float32 IEEE (CUDA cores) faster up to B =
+// 64 at H = 256 (16.8 M, 1.06x), the per-step path from 33.5 M (B = 8, H =
+// 1024, 1.37x) and at 67 M (B = 256, H = 256, 1.31x), crossing at about 23 M.
+// TF32 (tensor cores at half bfloat16's rate, twice its bytes): half the
+// bfloat16 bound, not measured against the per-step path. float64 takes the
+// CUDA cores' bound.
+constexpr int64_t kMostStepMacsTc16 = 350'000'000;
+constexpr int64_t kMostStepMacsTf32 = kMostStepMacsTc16 / 2;
+constexpr int64_t kMostStepMacsFma = 24'000'000;
+
 // The launch of a plain cell's kernels: the cluster form where it fits (and
-// the setting allows), else the grid form (choose_launch). Forward: G*units
+// the setting allows), else the grid form (choose_launch); none (units = 0:
+// the per-step path) on the auto path past the bound above. Forward: G*units
 // product columns over H; backward: units columns over G*H.
 template <typename scalar_t, typename Kernel>
 Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* which, int dirs,
@@ -852,10 +875,19 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
   using acc_t = at::opmath_type<scalar_t>;
   const int elem = sizeof(scalar_t);
   const int64_t K = forward ? H : int64_t(G) * H;  // the product's reduction
+  const PersistentSettings set = persistent_settings();
+  if (set.path == RnnPath::Auto) {
+    const bool tc = tensor_cores_allowed<scalar_t>();
+    const int64_t most = set.max_mmac >= 0 ? set.max_mmac * 1'000'000
+                         : !tc                ? kMostStepMacsFma
+                         : elem == 4          ? kMostStepMacsTf32
+                                              : kMostStepMacsTc16;
+    // (in double: B * G*H * H can pass 2^63)
+    if (double(dirs) * double(B) * double(G * H) * double(H) > double(most)) return Launch{};
+  }
   // Each tile's whole reduction staged at once where it takes at most `limit`
   // bytes (the setting's) and the device's shared memory holds it with the
   // rest, else in chunks as large as that allows (stage(units): the bytes).
-  const PersistentSettings set = persistent_settings();
   const int64_t limit = set.stage_limit;
   auto geometry = [&](int units, int64_t stage = 0, int most_mt = 0, int slots = 0) {
     if (slots == 0) slots = set.slots;

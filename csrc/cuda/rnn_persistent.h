@@ -89,8 +89,16 @@ enum class PersistentExchange { Auto, Global, Dsmem };
 PersistentExchange persistent_exchange_setting();  // checks the value
 // VARLEN_KERNELS_PERSISTENT_SLOTS=n (benchmarks, tests): at most n slots (1 to
 // 4) of the tensor-core kernels' staging pipeline (1: each chunk staged
-// between two barriers, no load overlapping a product); 4 when unset or "auto".
+// between two barriers, no load overlapping a product); 1 when unset or
+// "auto" (kDefaultSlots: on an H200, one slot was as fast as four at every
+// shape measured and 1.3x to 1.75x faster where the operand is staged).
 int64_t persistent_slots_setting();  // checks the value
+// VARLEN_KERNELS_PERSISTENT_MAX_MMAC=n: on the auto path, the persistent
+// kernels take a layer whose step's recurrent product (B rows by G*H columns
+// by H, times the directions of the launch) has at most n million
+// multiply-adds (0 to 9999), the per-step path one past it; unset or "auto":
+// -1, for the measured bounds (kMostStepMacs...).
+int64_t persistent_max_mmac_setting();  // checks the value
 
 // The settings above, each read and checked once for a choice of launch.
 struct PersistentSettings {
@@ -100,6 +108,7 @@ struct PersistentSettings {
   int64_t min_units;    // persistent_units_setting()
   int64_t stage_limit;  // persistent_stage_setting(), bytes
   int slots;            // persistent_slots_setting()
+  int64_t max_mmac;     // persistent_max_mmac_setting(), -1: the measured bounds
 };
 PersistentSettings persistent_settings();
 

@@ -39,7 +39,11 @@ Baselines, side by side in one run, same weights, lengths uniform in [1, T]:
             slots of asynchronous copies (VARLEN_KERNELS_PERSISTENT_SLOTS=4;
             GPU only), where masked stages one chunk at a time, between two
             barriers
-  (grid_sync, global_exchange, four_slots, units_N and stage_N change the
+  bulk      MaskedRNN whose tensor-core persistent kernels stage their operand
+            rows with one bulk copy a row (cp.async.bulk on an mbarrier;
+            VARLEN_KERNELS_PERSISTENT_COPY=bulk; GPU only), where masked
+            issues 16-byte asynchronous copies
+  (grid_sync, global_exchange, four_slots, bulk, units_N and stage_N change the
   persistent kernels: they differ from masked only where it takes them)
   units_N   with --units N,...: MaskedRNN whose persistent kernels give each
             CTA at least N hidden units, so fewer CTAs than their default of
@@ -120,7 +124,7 @@ from varlen_kernels import MaskedRNN, masked_rnn_reference  # noqa: E402
 from varlen_kernels.reference import _cell_step  # noqa: E402
 
 BASELINES = ("masked", "per_step", "persistent", "all_rows", "grid_sync", "global_exchange",
-             "four_slots", "host_lengths", "split", "packed", "padded", "reference", "compiled")
+             "four_slots", "bulk", "host_lengths", "split", "packed", "padded", "reference", "compiled")
 # Baselines that are MaskedRNN under a setting (CUDA paths): (variable, value),
 # set around the forward and the backward.
 SETTINGS = {"per_step": ("VARLEN_KERNELS_RNN_PATH", "per_step"),
@@ -128,7 +132,8 @@ SETTINGS = {"per_step": ("VARLEN_KERNELS_RNN_PATH", "per_step"),
             "all_rows": ("VARLEN_KERNELS_TOKEN_GEMM", "all_rows"),
             "grid_sync": ("VARLEN_KERNELS_PERSISTENT_SYNC", "grid"),
             "global_exchange": ("VARLEN_KERNELS_PERSISTENT_EXCHANGE", "global"),
-            "four_slots": ("VARLEN_KERNELS_PERSISTENT_SLOTS", "4")}
+            "four_slots": ("VARLEN_KERNELS_PERSISTENT_SLOTS", "4"),
+            "bulk": ("VARLEN_KERNELS_PERSISTENT_COPY", "bulk")}
 # Baselines that only differ from masked on a GPU.
 GPU_ONLY = tuple(SETTINGS) + ("host_lengths",)
 UNITS = re.compile(r"units_([0-9]+)")

@@ -21,8 +21,9 @@
 #              cuDNN, the grid form of our persistent kernels, their cluster form
 #              passing rows through global memory (global_exchange), our
 #              per-step path, our persistent kernels staging through the
-#              pipeline of asynchronous copies (four_slots) and our persistent
-#              kernels wherever they fit, past the auto path's bound (persistent);
+#              pipeline of asynchronous copies (four_slots), staging by bulk
+#              copies (bulk) and our persistent kernels wherever they fit,
+#              past the auto path's bound (persistent);
 #              bench_linear_ce; bench_losses
 #   bench_gru  GRU (bfloat16, IEEE float32) and the LSTM with TF32 on both sides,
 #              against persistent, per_step, packed and padded
@@ -119,7 +120,7 @@ bench() {  # STAGE NAME BENCH-ARGS...
 }
 stage_bench() {
   bench bench bench_rnn_cuda --cells lstm --dtypes bfloat16,float32 --repeats 2 --min-run-time 0.3 \
-    --baselines masked,persistent,four_slots,global_exchange,grid_sync,per_step,packed,padded
+    --baselines masked,persistent,bulk,four_slots,global_exchange,grid_sync,per_step,packed,padded
   CAP_bench=35 cap bench $PY benchmarks/bench_linear_ce.py --device cuda --out "$RES" 2>&1 \
     | tee "$(logfile bench_linear_ce_cuda.log)" | tail -6 || status=1
   CAP_bench=35 cap bench $PY benchmarks/bench_losses.py --device cuda --out "$RES" 2>&1 \

@@ -42,20 +42,26 @@ def main(argv=None):
         # the cluster's distributed shared memory, then through global memory.
         # Last, the grid form's tensor-core kernels staging in chunks through
         # 2 slots of asynchronous copies (40 KiB: the backward's 160 columns
-        # in 3 chunks).
+        # in 3 chunks), and by bulk copies on an mbarrier (one slot of at most
+        # 24 KiB).
         lengths = torch.cat([torch.full((8,), 9), torch.randint(0, 4, (32,))])
-        for sync, emulated, exchange, stage in (("grid", dict(sm_count=4), "auto", "auto"),
-                                                ("auto", dict(max_cluster_blocks=2), "auto", "auto"),
-                                                ("auto", dict(max_cluster_blocks=2), "global", "auto"),
-                                                ("grid", dict(sm_count=4), "auto", "40")):
+        for sync, emulated, exchange, stage, slots, copy in (
+                ("grid", dict(sm_count=4), "auto", "auto", "auto", "auto"),
+                ("auto", dict(max_cluster_blocks=2), "auto", "auto", "auto", "auto"),
+                ("auto", dict(max_cluster_blocks=2), "global", "auto", "auto", "auto"),
+                ("grid", dict(sm_count=4), "auto", "40", "2", "auto"),
+                ("grid", dict(sm_count=4), "auto", "24", "auto", "bulk")):
             with vk.testing.env_setting("VARLEN_KERNELS_PERSISTENT_SYNC", sync), \
                     vk.testing.env_setting("VARLEN_KERNELS_PERSISTENT_EXCHANGE", exchange), \
                     vk.testing.env_setting("VARLEN_KERNELS_PERSISTENT_STAGE_KIB", stage), \
+                    vk.testing.env_setting("VARLEN_KERNELS_PERSISTENT_SLOTS", slots), \
+                    vk.testing.env_setting("VARLEN_KERNELS_PERSISTENT_COPY", copy), \
                     limits(**emulated):
-                # (the exchange and the slots concern the tensor-core kernels only)
+                # (the exchange, the staging's slots and its copies concern the
+                # tensor-core kernels only)
                 tensor_cores_only = exchange == "global" or stage != "auto"
-                print(f"persistent kernels: sync={sync} exchange={exchange} stage={stage}",
-                      flush=True)  # (where a slow sanitizer run has got to)
+                print(f"persistent kernels: sync={sync} exchange={exchange} stage={stage} "
+                      f"slots={slots} copy={copy}", flush=True)  # (where a slow run has got to)
                 for dtype in (torch.float32, torch.bfloat16)[tensor_cores_only:]:
                     for cell, proj_size, bidirectional in [("lstm", 0, True), ("gru", 0, True),
                                                            ("lstm", 12, True), ("lstm", 0, False),

@@ -540,7 +540,7 @@ def test_cluster_form_launches(cell, bidirectional, B, H, limits, units, ctas, g
                              T=6, B=B, H=H, seed=8)
         after = counts()
         assert after[3] - before[3] == 2 and after[1] == before[1]  # no cooperative launch
-        assert after[4:] == (dirs * groups * ctas, ctas)
+        assert after[4:6] == (dirs * groups * ctas, ctas)
 
 
 @pytest.mark.emulation
@@ -558,9 +558,9 @@ def test_cluster_form_tensor_core_tiles(limits, groups):
     hx = tuple(t.to(torch.bfloat16) for t in hx)
     with rnn_path("persistent"), emulate_cuda(), emulated_device(**limits):
         y, _ = m(x, lengths, hx)
-        assert counts()[4:] == (groups * 7, 7)
+        assert counts()[4:6] == (groups * 7, 7)
         y.float().sum().backward()
-        assert counts()[4:] == (groups * 7, 7)
+        assert counts()[4:6] == (groups * 7, 7)
 
 
 @pytest.mark.emulation
@@ -643,7 +643,10 @@ def test_staging_whole_or_in_chunks_gives_the_same_bits(cell, dtype):
     bytes; in TF32 it is left out, as its tiles' rows (so the split of their
     reductions between warps) follow the clusters that the shared memory
     leaves resident, which the setting changes there. The slots setting (at
-    most 1 (its default), 2 or 3 slots) gives the same bits too."""
+    most 1 (its default), 2 or 3 slots) gives the same bits too, and so do
+    bulk copies (VARLEN_KERNELS_PERSISTENT_COPY=bulk: one slot, a bulk copy a
+    row of each chunk whose columns all exist, on an mbarrier; half and
+    bfloat16 only), which then run."""
     precision, paths = "ieee", ("persistent:grid", "persistent:cluster")
     if dtype == "tf32":
         dtype, precision, paths = torch.float32, "tf32", ("persistent:grid",)
@@ -652,23 +655,32 @@ def test_staging_whole_or_in_chunks_gives_the_same_bits(cell, dtype):
     x = torch.nan_to_num(x.detach(), nan=0.0).to(dtype).requires_grad_()
     hx = tuple(h.detach().to(dtype) for h in hx) if cell == "lstm" else hx.detach().to(dtype)
     runs = {}
-    settings = [(kib, "4") for kib in ("auto", "0", "4", "5", "10", "16", "24", "32", "48")]
-    settings += [("auto", slots) for slots in ("auto", "2", "3")]
+    settings = [(kib, "4", "auto") for kib in ("auto", "0", "4", "5", "10", "16", "24", "32", "48")]
+    settings += [("auto", slots, "auto") for slots in ("auto", "2", "3")]
+    settings += [(kib, "auto", "bulk") for kib in ("auto", "0", "10", "32")]
+    bulk = {}
     for path in paths:
-        for kib, slots in settings:
+        for kib, slots, copy in settings:
             with rnn_path(path), emulate_cuda(), emulated_device(sm_count=3), \
                     env_setting("VARLEN_KERNELS_PERSISTENT_STAGE_KIB", kib), \
                     env_setting("VARLEN_KERNELS_PERSISTENT_SLOTS", slots), \
+                    env_setting("VARLEN_KERNELS_PERSISTENT_COPY", copy), \
                     env_setting("VARLEN_KERNELS_PERSISTENT_EXCHANGE", "global"), \
                     matmul_precision(precision):
+                before = emulation_module().launch_counts()[6]
                 y, h = m(x, lengths, hx)
                 out = [y, *states_of(cell, h)]
                 grads = torch.autograd.grad(sum((o.float() * (i + 1)).sum() for i, o in enumerate(out)),
                                             [x, *m.parameters()])
-            runs[path, kib, slots] = [t.detach() for t in (*out, *grads)]
-    for (path, kib, slots), tensors in runs.items():
-        for a, b in zip(tensors, runs[path, "auto", "4"]):
-            assert torch.equal(a, b), (path, kib, slots)
+                bulk[path, kib, slots, copy] = emulation_module().launch_counts()[6] - before
+            runs[path, kib, slots, copy] = [t.detach() for t in (*out, *grads)]
+    for (path, kib, slots, copy), tensors in runs.items():
+        for a, b in zip(tensors, runs[path, "auto", "4", "auto"]):
+            assert torch.equal(a, b), (path, kib, slots, copy)
+        # bulk copies where asked for in half and bfloat16 (rows of 16-byte
+        # multiples: H = 72, 4H = 288, 3H = 216), and only there
+        assert (bulk[path, kib, slots, copy] > 0) == (copy == "bulk" and dtype != torch.float32), \
+            (path, kib, slots, copy)
 
 
 @pytest.mark.emulation
@@ -715,6 +727,43 @@ def test_auto_path_takes_the_per_step_path_past_the_bound_of_a_steps_product(cel
     for name in ("past_bound", "forced"):
         for a, b in zip(runs[name], runs["auto"]):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13, equal_nan=True)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_bulk_copies_stage_the_same_bits_as_16_byte_copies(cell, gpu):
+    """The tensor-core kernels' staging by bulk copies on an mbarrier
+    (VARLEN_KERNELS_PERSISTENT_COPY=bulk) gives the outputs and gradients of
+    their 16-byte asynchronous copies bit for bit: bfloat16, grid form, H = 72
+    (the forward's rows of 72 columns with zeros to 80, the backward's of 4H or
+    3H), whole and in chunks (16 KiB); on a GPU too (sm_90), where it has not
+    run before."""
+    if gpu == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("bulk copies need sm_90")
+    ref, x, lengths, hx = sample_inputs(cell, T=6, B=20, I=5, H=72, seed=9, device=gpu)
+    m = MaskedRNN.from_torch(ref).to(torch.bfloat16)
+    x = torch.nan_to_num(x.detach(), nan=0.0).to(torch.bfloat16).requires_grad_()
+    hx = tuple(h.detach().to(torch.bfloat16) for h in hx) if cell == "lstm" \
+        else hx.detach().to(torch.bfloat16)
+    runs, issued = {}, {"auto": 0, "bulk": 0}
+    count = emulation_module().launch_counts if gpu != "cuda" else lambda: (0,) * 7
+    for kib in ("auto", "16"):
+        for copy in ("auto", "bulk"):
+            with rnn_path("persistent:grid"), device_limits(gpu, sm_count=3), \
+                    env_setting("VARLEN_KERNELS_PERSISTENT_STAGE_KIB", kib), \
+                    env_setting("VARLEN_KERNELS_PERSISTENT_COPY", copy):
+                before = count()[6]
+                y, h = m(x, lengths, hx)
+                out = [y, *states_of(cell, h)]
+                grads = torch.autograd.grad(sum((o.float() * (i + 1)).sum() for i, o in enumerate(out)),
+                                            [x, *m.parameters()])
+                issued[copy] += count()[6] - before
+            runs[kib, copy] = [t.detach() for t in (*out, *grads)]
+    for kib in ("auto", "16"):
+        for a, b in zip(runs[kib, "bulk"], runs[kib, "auto"]):
+            assert torch.equal(a, b), kib
+    assert all(torch.isfinite(t.float()).all() for t in runs["auto", "bulk"])
+    if gpu != "cuda":  # bulk copies ran, and only where asked for
+        assert issued["bulk"] > 0 and issued["auto"] == 0, issued
 
 
 @pytest.mark.emulation
@@ -809,6 +858,10 @@ def test_persistent_exchange_setting_is_checked_and_forced_dsmem_that_cannot_run
     with emulate_cuda(), env_setting("VARLEN_KERNELS_PERSISTENT_EXCHANGE", "shared"):
         with pytest.raises(RuntimeError, match="VARLEN_KERNELS_PERSISTENT_EXCHANGE must be 'auto', "
                                                "'global' or 'dsmem', got 'shared'"):
+            torch.ops.varlen_kernels.rnn_forward(*args, "lstm", False)
+    with emulate_cuda(), env_setting("VARLEN_KERNELS_PERSISTENT_COPY", "tma"):
+        with pytest.raises(RuntimeError, match="VARLEN_KERNELS_PERSISTENT_COPY must be 'auto' or "
+                                               "'bulk', got 'tma'"):
             torch.ops.varlen_kernels.rnn_forward(*args, "lstm", False)
     ref, x, lengths, hx = sample_inputs("lstm", T=3, B=300, I=3, H=16)
     m = MaskedRNN.from_torch(ref)

@@ -115,7 +115,7 @@ def test_cluster_sync(order):
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
     after = counts()
     assert after[3] == before[3] + 1 and after[1] == before[1]
-    assert after[4:] == (8, 4)
+    assert after[4:6] == (8, 4)
 
 
 def test_cluster_launch_is_checked():
@@ -199,6 +199,43 @@ def test_async_copy_read_by_another_thread_without_a_barrier_is_caught():
 def test_async_copy_misuse_is_an_error(name, message):
     with pytest.raises(RuntimeError, match=message):
         run(name, "forward", seed=6)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_bulk_copies_complete_on_their_mbarrier(order):
+    """Two phases of an mbarrier, each completing the bulk copies of a block's
+    values (the second from a source twice the first); some thread orders
+    reach the wait before the arrival that expects the bytes."""
+    before = emulation_module().launch_counts()[6]
+    x, out = run("bulk_copy", order, seed=7)
+    torch.testing.assert_close(out[:, 0], x)
+    torch.testing.assert_close(out[:, 1], 2 * x)
+    assert emulation_module().launch_counts()[6] - before == 2 * x.numel() // 4
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_bulk_copy_read_before_its_phase_completes_reads_garbage(order):
+    """Each copying thread reads its own copy before waiting for the phase
+    (garbage), then after it."""
+    x, out = run("bulk_read_early", order, seed=7)
+    assert torch.isnan(out[torch.arange(out.shape[0]) % 4 == 0, 1]).all()
+    torch.testing.assert_close(out[:, 0], x)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("bulk_bytes", r"livelock: every runnable thread spins in a wait that nothing ends"),
+    ("bulk_excess", r"an mbarrier phase that expects 240 bytes has bulk copies of 256: on a GPU it "
+                    r"would complete before some of them"),
+    ("bulk_unwaited", r"block \(0, 0, 0\) ended with 16 bulk copies to shared memory that nothing "
+                      r"waited for"),
+    ("bulk_source_changed", r"the source of a bulk copy changed before the copy completed"),
+    ("bulk_overwrite", r"on an mbarrier whose bytes were overwritten since its init"),
+    ("bulk_store_in_flight", r"a store or a copy wrote into the destination of a bulk copy before "
+                             r"it completed"),
+])
+def test_bulk_copy_misuse_is_an_error(name, message):
+    with pytest.raises(RuntimeError, match=message):
+        run(name, "forward", seed=7)
 
 
 def test_device_assert_names_block_thread_and_condition():

@@ -6,7 +6,7 @@ and its loss in one op, without ever holding the logits of every token.
 equals ``masked_cross_entropy(F.linear(hidden, weight, bias), target, lengths)``,
 values and gradients, with extra memory O(chunk * V + V * H) instead of
 O(tokens * V). The tokens are processed a chunk at a time (about 64 MiB of
-logits): a GEMM for the chunk's logits, the fused cross-entropy kernel, and
+logits, or H tokens where that is more): a GEMM for the chunk's logits, the fused cross-entropy kernel, and
 for a "mean"/"sum" loss under autograd the gradients at once from the same
 logits (the backward then only scales them); for reduction "none" the
 backward recomputes each chunk's logits. On the CPU only the valid tokens go
@@ -36,7 +36,9 @@ def masked_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, 
     there is none), "sum", or "none" (per-token losses, zero in padding).
     label_smoothing and ignore_index as in F.cross_entropy (targets equal to
     ignore_index count nowhere, on top of lengths/mask). chunk_size: tokens per chunk
-    (default: about 64 MiB of logits). Under autocast the GEMMs run in the
+    (default: about 64 MiB of logits, or H tokens where that is more, so that
+    the chunk's GEMMs outweigh its pass over the weight gradient's
+    accumulator). Under autocast the GEMMs run in the
     autocast dtype and the logsumexp in float32.
     """
     _check_reduction(reduction)

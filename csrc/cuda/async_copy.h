@@ -12,6 +12,25 @@
 //    issued it after the wait, and to the other threads of the block after a
 //    barrier that follows it.
 // Below sm_80 the copies are plain loads and stores (complete at once).
+//
+// Bulk copies (cp.async.bulk, sm_90), completing on an mbarrier in shared
+// memory (vk_emu::bulk_copy and vk_emu::mbarrier_* under the CPU execution):
+//  - mbarrier_init(bar, count): `count` arrivals a phase; before a barrier
+//    that orders it before any other use.
+//  - mbarrier_arrive_expect_tx(bar, bytes): one arrival, and `bytes` more
+//    that the phase waits for.
+//  - bulk_copy_async(dst, src, bytes, bar): `bytes` (a multiple of 16) from
+//    global src to shared dst, both 16-byte aligned, completing on bar. The
+//    copy reads and writes through the async proxy: a thread that wrote dst
+//    (or, here, any memory the copy touches) through the generic proxy runs
+//    fence_proxy_async() before the barrier that orders that write before
+//    the copy, and the issuing thread runs fence_proxy_async() after it (src
+//    was written by other CTAs, before the grid's or cluster's barrier).
+//  - mbarrier_wait(bar, parity): until the phase of that parity has
+//    completed; the copies that completed on it are then visible to the
+//    thread. A wait that lasts 2^36 cycles (about half a minute) traps: a
+//    phase that can never complete is an error, not a hung GPU.
+// Only the tensor-core kernels' staging on sm_90 issues them (the host checks).
 #pragma once
 
 #include <cstdint>
@@ -65,6 +84,80 @@ __device__ __forceinline__ void async_wait_for(int pending) {
     if (pending <= N) async_wait<N>();
     else async_wait_for<N + 1>(pending);
   }
+}
+
+#if defined(__CUDA_ARCH__) && !defined(VK_EMULATE_CUDA)
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+#endif
+
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, unsigned count) {
+#ifdef VK_EMULATE_CUDA
+  vk_emu::mbarrier_init(bar, count);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(shared_address(bar)), "r"(count)
+               : "memory");
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, unsigned bytes) {
+#ifdef VK_EMULATE_CUDA
+  vk_emu::mbarrier_arrive_expect_tx(bar, bytes);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(
+                   shared_address(bar)),
+               "r"(bytes)
+               : "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#endif
+}
+
+// Orders the thread's accesses through the generic proxy with those through
+// the async proxy, in every state space (global and shared).
+__device__ __forceinline__ void fence_proxy_async() {
+#if !defined(VK_EMULATE_CUDA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void bulk_copy_async(void* dst, const void* src, unsigned bytes,
+                                                uint64_t* bar) {
+#ifdef VK_EMULATE_CUDA
+  vk_emu::bulk_copy(dst, src, bytes, bar);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+      ::"r"(shared_address(dst)), "l"(src), "r"(bytes), "r"(shared_address(bar))
+      : "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, unsigned parity) {
+#ifdef VK_EMULATE_CUDA
+  vk_emu::mbarrier_wait(bar, parity);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const long long start = clock64();
+  unsigned done = 0;
+  for (;;) {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(shared_address(bar)), "r"(parity)
+        : "memory");
+    if (done) break;
+    if (clock64() - start > (1ll << 36)) __trap();
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#endif
 }
 
 }  // namespace cuda

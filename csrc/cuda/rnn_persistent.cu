@@ -79,10 +79,17 @@ int64_t persistent_max_mmac_setting() {
                         "million multiply-adds a step");
 }
 
+PersistentCopy persistent_copy_setting() {
+  return choice_setting<PersistentCopy>("VARLEN_KERNELS_PERSISTENT_COPY",
+                                        {{"auto", PersistentCopy::Auto},
+                                         {"bulk", PersistentCopy::Bulk}});
+}
+
 PersistentSettings persistent_settings() {
   return {rnn_path_setting(), persistent_sync_setting(), persistent_exchange_setting(),
           persistent_units_setting(), persistent_stage_setting(),
-          int(persistent_slots_setting()), persistent_max_mmac_setting()};
+          int(persistent_slots_setting()), persistent_max_mmac_setting(),
+          persistent_copy_setting()};
 }
 
 namespace {
@@ -179,6 +186,7 @@ struct FwdParams {
   int tile_mt;                // the tensor-core kernel's most_mt (TcGeometry), 0: its own
   int64_t stage_limit;        // Launch::stage_limit
   int slots;                  // Launch::slots
+  int bulk;                   // Launch::bulk
   int64_t xrows;              // Launch::xrows: > 0, h through the cluster's shared memory
 };
 
@@ -375,6 +383,7 @@ struct BwdParams {
   int tile_mt;                // the tensor-core kernel's most_mt (TcGeometry), 0: its own
   int64_t stage_limit;        // Launch::stage_limit
   int slots;                  // Launch::slots
+  int bulk;                   // Launch::bulk
   int64_t xrows;              // Launch::xrows: > 0, dgh through the cluster's shared memory
 };
 
@@ -571,6 +580,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   scalar_t *const ws = pc.ws, *const as = pc.as;
   float *const cs = pc.cs, *const partial = pc.partial;
   float* const own = reinterpret_cast<float*>(smem + g.fixed_bytes() + xbytes);
+  unsigned bulk_phase = 0;  // the staging's bulk copies (StageRing::bulk_start)
+  uint64_t* const bulk_bar = StageRing<scalar_t>::bulk_start(p.bulk != 0 && xr == 0, g, as);
   for (int64_t idx = tid; idx < g.np * g.kp; idx += kThreads) {
     const int64_t n = idx / g.kp, k = idx % g.kp, gate = n / Hs, jj = j0 + n % Hs;
     ws[n * g.ldw + k] =
@@ -635,7 +646,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if constexpr (std::is_same_v<scalar_t, float>) hsrc = s.hin;
     else if (xr == 0) hsrc = p.hop + (s.hin - p.hbuf);
     const StageRing<scalar_t> ring(g, as, hsrc, H, H, grp.first(g.rbt), grp.stride(g.rbt),
-                                   s.nrun);
+                                   s.nrun, bulk_bar, &bulk_phase);
     if (xr == 0) ring.start();
     int64_t tile = 0, xrun = 0;  // the group's tile; buffer rows that run
     for (int64_t row0 = grp.first(g.rbt); row0 < s.nrun; row0 += grp.stride(g.rbt), ++tile) {
@@ -721,6 +732,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   scalar_t *const ws = pc.ws, *const as = pc.as;
   float *const cs = pc.cs, *const partial = pc.partial;
   float* const own = reinterpret_cast<float*>(smem + g.fixed_bytes() + xbytes);
+  unsigned bulk_phase = 0;  // the staging's bulk copies (StageRing::bulk_start)
+  uint64_t* const bulk_bar = StageRing<scalar_t>::bulk_start(p.bulk != 0 && xr == 0, g, as);
   for (int64_t idx = tid; idx < g.np * g.kp; idx += kThreads) {  // n fastest: coalesced reads
     const int64_t n = idx % g.np, m = idx / g.np, jj = j0 + n;
     ws[n * g.ldw + m] = (n < Hs && jj < H && m < GH) ? tc_operand(p.w_hh[m * H + jj]) : scalar_t(0);
@@ -771,7 +784,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Without the exchange, dgh at tp of the rows that ran then is staged from
     // global memory: the tiles with a product come first.
     const StageRing<scalar_t> ring(g, as, s.dg_prev, p.dgh_ld, GH, grp.first(g.rbt),
-                                   grp.stride(g.rbt), s.nprev);
+                                   grp.stride(g.rbt), s.nprev, bulk_bar, &bulk_phase);
     if (xr == 0) ring.start();
     int64_t tile = 0, xrun = 0;  // the group's tile; buffer rows that run at t
     for (int64_t row0 = grp.first(g.rbt); row0 < s.n; row0 += grp.stride(g.rbt), ++tile) {
@@ -938,6 +951,9 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
       l.stage_limit =
           std::max<int64_t>(0, std::min(tc_stage(l.units, l.tile_mt, l.cluster), planned));
       l.slots = set.slots;
+      // (sm_90 exactly: the build's sm_90a code has them; a later device
+      // would run the sm_80 PTX, which does not)
+      l.bulk = set.copy == PersistentCopy::Bulk && elem != 4 && cuda::compute_major() == 9;
       l.smem = size_t(geometry(l.units, l.stage_limit, l.tile_mt).smem());
     } else {
       l.stage_limit = fma_stage(l.units);
@@ -1075,7 +1091,7 @@ std::optional<std::vector<RnnForwardResult>> rnn_forward_persistent(
             cbuf.defined() ? cbuf.data_ptr<acc_t>() : nullptr,
             output.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), states.data_ptr<scalar_t>(),
             h_n.data_ptr<scalar_t>(), K == Cell::LSTM ? c_n.data_ptr<scalar_t>() : nullptr,
-            T, B, H, gx.stride(0), l.units, in.reverse, l.tile_mt, l.stage_limit, l.slots, l.xrows};
+            T, B, H, gx.stride(0), l.units, in.reverse, l.tile_mt, l.stage_limit, l.slots, l.bulk, l.xrows};
         result->emplace_back(output, h_n, c_n, gates, states);
         return params;
       });
@@ -1138,7 +1154,7 @@ std::optional<std::vector<PersistentBackwardResult>> rnn_backward_persistent(
             dcbuf.defined() ? dcbuf.data_ptr<acc_t>() : nullptr,
             dgx.data_ptr<scalar_t>(), dgh.data_ptr<scalar_t>(), grad_h0.data_ptr<acc_t>(),
             K == Cell::LSTM ? grad_c0.data_ptr<acc_t>() : nullptr, T, B, H, G, dgx.stride(0),
-            dgh.stride(0), l.units, in.reverse, l.tile_mt, l.stage_limit, l.slots, l.xrows};
+            dgh.stride(0), l.units, in.reverse, l.tile_mt, l.stage_limit, l.slots, l.bulk, l.xrows};
         result->emplace_back(dgx, dgh, grad_h0, grad_c0);
         return params;
       });

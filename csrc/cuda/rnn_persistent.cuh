@@ -501,6 +501,16 @@ __device__ __forceinline__ auto staged(scalar_t* as, Stage stage) {
 // copies (async_copy.h) where the rows allow them (block-uniform), else
 // loads and stores at issue, on the same schedule. float32: rounded to TF32
 // in place by the thread that copied them, after its wait.
+// With one slot and an mbarrier (`bar`: VARLEN_KERNELS_PERSISTENT_COPY=bulk,
+// half and bfloat16 on sm_90), a chunk whose existing columns take whole
+// 16 bytes a row is staged with one bulk copy a row (cp.async.bulk,
+// completing on the mbarrier: thread 0 arrives expecting the chunk's bytes,
+// thread r copies row r), the rows past `rows` and the columns past kmax
+// zeroed by plain stores, in place of its 16-byte copies: a few instructions
+// a row, not one copy's loop a 16 bytes. Every thread waits for
+// the mbarrier's phase; *phase, kept by the kernel across steps, is the
+// parity of the next one. The mbarrier lives in the 16 bytes that pad row 0
+// of the slot, past its chunk's columns, which nothing else reads or writes.
 constexpr int kSlots = 4;
 // The default (VARLEN_KERNELS_PERSISTENT_SLOTS): one slot. On an H200 (bfloat16
 // LSTM, T = 512) one slot was as fast as four where nothing is staged (the
@@ -516,13 +526,16 @@ struct StageRing {
   scalar_t* const slots;
   const scalar_t* const src;
   const int64_t ld, kmax, first, stride, R;
+  uint64_t* const bar;      // the mbarrier of bulk copies (one slot), or nullptr
+  unsigned* const phase;    // its next phase's parity (with bar)
   int64_t nch = 0, items = 0;
   bool vec = false;
 
   __device__ StageRing(const TcGeometry& g_, scalar_t* slots_, const scalar_t* src_, int64_t ld_,
-                       int64_t kmax_, int64_t first_, int64_t stride_, int64_t R_)
+                       int64_t kmax_, int64_t first_, int64_t stride_, int64_t R_,
+                       uint64_t* bar_ = nullptr, unsigned* phase_ = nullptr)
       : g(g_), slots(slots_), src(src_), ld(ld_), kmax(kmax_), first(first_), stride(stride_),
-        R(R_) {
+        R(R_), bar(g_.slots == 1 ? bar_ : nullptr), phase(phase_) {
     nch = (int(g.kp) + int(g.chunk) - 1) / int(g.chunk);  // (a row of shared memory)
     items = R > first ? div(R - first + stride - 1, stride) * nch : 0;
     // (chunks start at multiples of 16 columns, so every copy is aligned)
@@ -576,7 +589,24 @@ struct StageRing {
       }
     }
   }
-  __device__ void issue(int64_t e) const {
+  // The mbarrier of bulk copies in a slot (row 0's padding), 8-byte aligned:
+  // the slot and its rows are 16-byte aligned, the chunk a multiple of 16
+  // columns.
+  __device__ static uint64_t* bulk_barrier(const TcGeometry& g, scalar_t* slot) {
+    return reinterpret_cast<uint64_t*>(slot + g.chunk);
+  }
+  // The mbarrier of a kernel's bulk copies where it takes them (`on`, one
+  // slot, half or bfloat16), initialized by thread 0 (every thread calls
+  // this, before a barrier that precedes the first take()); else nullptr.
+  __device__ static uint64_t* bulk_start(bool on, const TcGeometry& g, scalar_t* slots) {
+    if (!on || g.slots != 1 || std::is_same_v<scalar_t, float>) return nullptr;
+    uint64_t* const bar = bulk_barrier(g, slots);
+    if (threadIdx.x == 0) cuda::mbarrier_init(bar, 1);
+    return bar;
+  }
+  // Issues item e; returns whether it went by bulk copies (block-uniform).
+  __device__ bool issue(int64_t e) const {
+    bool bulk = false;
     if (e < items) {
       int64_t row0, k0;
       int rows, kc;
@@ -589,7 +619,31 @@ struct StageRing {
         const int64_t left = kmax - k0;
         const int have = left < kc ? int(left) : kc;
         const scalar_t* const chunk = base + k0;
-        if (have == kc) {  // (block-uniform) the chunk's columns exist: whole rows
+        bulk = bar != nullptr && have % kVec == 0;
+        if (bulk) {  // (have: whole 16 bytes, as a bulk copy's size must be)
+          const unsigned row_bytes = unsigned(have) * unsigned(sizeof(scalar_t));
+          const int lda = int(g.lda);
+          if (threadIdx.x == 0) cuda::mbarrier_arrive_expect_tx(bar, unsigned(rows) * row_bytes);
+          if (int(threadIdx.x) < rows) cuda::fence_proxy_async();
+          for (int r = threadIdx.x; r < rows; r += kThreads)
+            cuda::bulk_copy_async(as + r * lda, chunk + r * ld, row_bytes, bar);
+          // Zeros (plain stores, 16 bytes each) in the rows past `rows`, to a
+          // multiple of 16, and past `have` in the others.
+          auto zero = [&](int r, int c) {
+            scalar_t* const at = as + r * lda + c;
+#pragma unroll
+            for (int v = 0; v < kVec; ++v) at[v] = scalar_t(0);
+          };
+          const int kv = kc / kVec, zv = (kc - have) / kVec;
+          for (int idx = threadIdx.x; idx < (round16(rows) - rows) * kv; idx += kThreads) {
+            const int q = idx / kv;
+            zero(rows + q, (idx - q * kv) * kVec);
+          }
+          for (int idx = threadIdx.x; idx < rows * zv; idx += kThreads) {
+            const int r = idx / zv;
+            zero(r, have + (idx - r * zv) * kVec);
+          }
+        } else if (have == kc) {  // (block-uniform) the chunk's columns exist: whole rows
           for_copies(rows, kc, [&](int r, int, int at, int64_t from) {
             const bool row = r < rows;
             cuda::copy16_async(as + at, row ? chunk + from : base, row ? 16 : 0);
@@ -610,14 +664,21 @@ struct StageRing {
       }
     }
     cuda::async_commit();  // (an empty group past the last item: take() counts groups)
+    return bulk;
   }
   __device__ void start() const {
     for (int e = 0; e < g.slots - 1; ++e) issue(e);
   }
   __device__ const scalar_t* take(int64_t e) const {
     if (g.slots == 1) {
+      // The previous item's plain and 16-byte stores into the slot, before
+      // bulk copies write it (async_copy.h).
+      if (bar != nullptr) cuda::fence_proxy_async();
       __syncthreads();  // the previous item is consumed
-      issue(e);
+      if (issue(e)) {
+        cuda::mbarrier_wait(bar, *phase);  // the item's bulk copies are done
+        *phase ^= 1u;
+      }
     }
     cuda::async_wait_for(g.slots > 1 ? g.slots - 2 : 0);  // the thread's copies of item e are done
     if constexpr (std::is_same_v<scalar_t, float>) {
@@ -713,8 +774,8 @@ __device__ __forceinline__ void share_columns(T* x, int64_t ld, int64_t rows, in
 #endif
 #pragma unroll
       for (int e = 0; e < V; ++e) v.v[e] = op(v.v[e]);
-      for (unsigned k = 0; k < ranks; ++k) {
-        const unsigned rank = (me + k) % ranks;  // self first, then the others in turn
+      // self first, then the others in turn (no division a rank)
+      for (unsigned k = 0, rank = me; k < ranks; ++k, rank = rank + 1 == ranks ? 0 : rank + 1) {
         T* dst = rank == me ? at : cluster.map_shared_rank(at, rank);
 #ifdef VK_EMULATE_CUDA
         std::memcpy(dst, &v, sizeof(Vec));
@@ -724,8 +785,7 @@ __device__ __forceinline__ void share_columns(T* x, int64_t ld, int64_t rows, in
       }
     } else {
       const T v = op(*at);
-      for (unsigned k = 0; k < ranks; ++k) {
-        const unsigned rank = (me + k) % ranks;
+      for (unsigned k = 0, rank = me; k < ranks; ++k, rank = rank + 1 == ranks ? 0 : rank + 1) {
         *(rank == me ? at : cluster.map_shared_rank(at, rank)) = v;
       }
     }
@@ -763,6 +823,7 @@ struct Launch {
   int64_t stage_limit = 0;   // a tile's whole reduction staged at once where it takes at most
                              // this many bytes of shared memory (0: in chunks)
   int slots = 1;             // the most slots of the tensor-core kernels' staging (TcGeometry)
+  bool bulk = false;         // their staging by bulk copies (StageRing) where it can
   int64_t xrows = 0;         // the cluster form's exchange buffers' rows (0: none)
   bool forced = false;       // VARLEN_KERNELS_RNN_PATH=persistent (a refused launch is an error)
 };

@@ -99,6 +99,13 @@ int64_t persistent_slots_setting();  // checks the value
 // multiply-adds (0 to 9999), the per-step path one past it; unset or "auto":
 // -1, for the measured bounds (kMostStepMacs...).
 int64_t persistent_max_mmac_setting();  // checks the value
+// VARLEN_KERNELS_PERSISTENT_COPY = "auto" (default: the tensor-core kernels
+// stage with 16-byte asynchronous copies, cp.async) or "bulk": a bulk copy a
+// row (cp.async.bulk, completing on an mbarrier) where it can run (sm_90,
+// half and bfloat16, one slot, rows 16-byte aligned, hidden sizes of a
+// multiple of 8; else cp.async). Not yet run on a GPU.
+enum class PersistentCopy { Auto, Bulk };
+PersistentCopy persistent_copy_setting();  // checks the value
 
 // The settings above, each read and checked once for a choice of launch.
 struct PersistentSettings {
@@ -109,6 +116,7 @@ struct PersistentSettings {
   int64_t stage_limit;  // persistent_stage_setting(), bytes
   int slots;            // persistent_slots_setting()
   int64_t max_mmac;     // persistent_max_mmac_setting(), -1: the measured bounds
+  PersistentCopy copy;  // persistent_copy_setting()
 };
 PersistentSettings persistent_settings();
 

@@ -124,6 +124,7 @@ struct LaunchCounts {
   uint64_t clustered = 0;                // launches in clusters
   uint64_t last_cluster_grid = 0;        // grid size of the latest of them
   uint64_t last_cluster_blocks = 0;      // and its blocks per cluster
+  uint64_t bulk_copies = 0;              // bulk copies issued (bulk_copy)
 };
 LaunchCounts& launch_counts();
 
@@ -173,6 +174,22 @@ void yield();  // for spin waits on flags set by other threads or blocks
 void async_copy(void* dst, const void* src, size_t bytes, size_t src_bytes);
 void async_commit();
 void async_wait(int pending);
+// mbarriers in shared memory and bulk copies completing on them (sm_90's
+// mbarrier.* and cp.async.bulk): init gives a barrier `count` arrivals a
+// phase; arrive_expect_tx arrives once and adds `bytes` to the bytes the phase
+// waits for; bulk_copy copies `bytes` (a multiple of 16, both addresses
+// 16-byte aligned) from global src to shared dst, completing on `bar`; wait
+// returns once the phase of parity `parity` has completed. A phase completes
+// when all its arrivals are in and its copies have completed, which they do at
+// the latest moment CUDA allows, the first wait after the last arrival: until
+// then their destination holds garbage. Copies of more bytes than the phase
+// expects are an error, as are a source that changes before its copy
+// completes and a block that ends with copies not waited for; bytes expected
+// that no copy brings leave the waits spinning, the livelock error.
+void mbarrier_init(void* bar, unsigned count);
+void mbarrier_arrive_expect_tx(void* bar, unsigned bytes);
+void bulk_copy(void* dst, const void* src, size_t bytes, void* bar);
+void mbarrier_wait(void* bar, unsigned parity);
 enum class WarpOp : int { Sync, ShflIdx, ShflUp, ShflDown, ShflXor, Ballot, Any, All };
 uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int width);
 unsigned active_mask();  // the lanes of the calling warp that have not exited

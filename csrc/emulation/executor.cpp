@@ -31,6 +31,7 @@
 
 #include <algorithm>
 #include <deque>
+#include <map>
 #include <exception>
 #include <memory>
 #include <numeric>
@@ -138,6 +139,23 @@ struct AlignedDelete {
   void operator()(unsigned char* p) const { ::operator delete[](p, kDynamicAlign); }
 };
 
+// A bulk copy (bulk_copy) not yet complete, and an mbarrier's state: the
+// arrivals of a phase, those still to come, the bytes the phase still waits
+// for, the phases completed, the copies issued on it and its sync object for
+// ThreadSanitizer (the completion releases it, each wait acquires it).
+struct BulkCopy {
+  unsigned char* dst;
+  const unsigned char* src;
+  std::vector<unsigned char> seen;
+};
+struct Mbarrier {
+  unsigned count = 0, pending = 0;
+  int64_t tx = 0;
+  unsigned phase = 0;
+  std::vector<BulkCopy> copies;
+  std::unique_ptr<char> tsan_sync = std::make_unique<char>(0);
+};
+
 struct BlockState {
   uint3 idx{0, 0, 0};
   int first = 0, count = 0;  // fibers [first, first + count)
@@ -148,6 +166,7 @@ struct BlockState {
   std::vector<std::vector<std::unique_ptr<WarpSync>>> warp_syncs;
   std::vector<SharedBuffer> shared;
   std::unique_ptr<unsigned char[], AlignedDelete> dynamic;
+  std::map<const void*, Mbarrier> mbarriers;  // by address in this block's shared memory
 };
 
 struct Launch {
@@ -604,6 +623,17 @@ void release_stacks(Launch& L, int first, int count) {
 #endif
 }
 
+// A block must not end with bulk copies pending on its mbarriers.
+void check_bulk_done(const Launch& L) {
+  for (const BlockState& B : L.blocks)
+    for (const auto& [bar, m] : B.mbarriers)
+      if (!m.copies.empty())
+        throw KernelError("block (" + std::to_string(B.idx.x) + ", " + std::to_string(B.idx.y) +
+                          ", " + std::to_string(B.idx.z) + ") ended with " +
+                          std::to_string(m.copies.size()) +
+                          " bulk copies to shared memory that nothing waited for");
+}
+
 void run_group(Launch& L, int first, int count, std::mt19937_64& rng) {
   L.active_first = first;
   L.active_count = count;
@@ -843,6 +873,7 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, bool cooperative,
     L.fibers.reserve(nblocks * threads);
     for (uint64_t seq = 0; seq < nblocks; ++seq) setup_block(order[seq], int(L.fibers.size()), seq);
     run_group(L, 0, int(L.fibers.size()), rng);
+    check_bulk_done(L);
   } else {
     // One cluster at a time (a block, unless clustered): its blocks are
     // consecutive along x, so cluster c of row (y, z) holds the blocks
@@ -862,6 +893,7 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, bool cooperative,
       for (const uint64_t r : ordered(cluster))
         setup_block(row * grid.x + x0 + r, int(L.fibers.size()), seq++);
       run_group(L, 0, int(L.fibers.size()), rng);
+      check_bulk_done(L);
     }
   }
 }
@@ -1022,6 +1054,131 @@ void async_wait(int pending) {
     }
     f.async_groups.pop_front();
   }
+}
+
+// Whether [p, p + bytes) lies in the shared memory of block B.
+bool in_shared_memory(const Launch& L, const BlockState& B, const void* p, size_t bytes) {
+  const auto* d = static_cast<const unsigned char*>(p);
+  bool in = B.dynamic != nullptr && d >= B.dynamic.get() &&
+            d + bytes <= B.dynamic.get() + L.dynamic_smem;
+  for (const SharedBuffer& s : B.shared)
+    in = in || (d >= s.data.get() && d + bytes <= s.data.get() + s.bytes);
+  return in;
+}
+
+// What mbarrier_init writes in the barrier's 8 bytes (on a GPU, its state):
+// a store or a copy over them is an error at the barrier's next use.
+constexpr unsigned char kMbarrierMark = 0x5b;
+
+Mbarrier& mbarrier_of(Fiber& f, const void* bar, const char* what) {
+  BlockState& B = ts.launch->blocks[f.block];
+  const auto it = B.mbarriers.find(bar);
+  if (it == B.mbarriers.end())
+    throw KernelError(where(f) + ": " + what + " on an address where no mbarrier was initialized");
+  const auto* bytes = static_cast<const unsigned char*>(bar);
+  for (int i = 0; i < 8; ++i)
+    if (bytes[i] != kMbarrierMark)
+      throw KernelError(where(f) + ": " + what + " on an mbarrier whose bytes were overwritten "
+                        "since its init (by a store or a copy)");
+  return it->second;
+}
+
+void mbarrier_init(void* bar, unsigned count) {
+  VK_HIDDEN;
+  Fiber& f = running("an mbarrier init");
+  const Launch& L = *ts.launch;
+  BlockState& B = ts.launch->blocks[f.block];
+  if (reinterpret_cast<uintptr_t>(bar) % 8 != 0 || !in_shared_memory(L, B, bar, 8))
+    throw KernelError(where(f) + ": an mbarrier must be 8 bytes of the block's shared memory, "
+                      "8-byte aligned");
+  if (count < 1) throw KernelError(where(f) + ": an mbarrier needs at least one arrival a phase");
+  const auto it = B.mbarriers.find(bar);
+  if (it != B.mbarriers.end() && !it->second.copies.empty())
+    throw KernelError(where(f) + ": an mbarrier initialized again with copies pending on it");
+  Mbarrier& m = B.mbarriers[bar];
+  std::memset(bar, kMbarrierMark, 8);
+  m.count = m.pending = count;
+  m.tx = 0;
+  m.phase = 0;
+}
+
+void mbarrier_arrive_expect_tx(void* bar, unsigned bytes) {
+  VK_HIDDEN;
+  Fiber& f = running("an mbarrier arrival");
+  Mbarrier& m = mbarrier_of(f, bar, "an arrival");
+  if (m.pending == 0)
+    throw KernelError(where(f) + ": more arrivals on an mbarrier than its phase has");
+  m.tx += int64_t(bytes);
+  tsan_release(m.tsan_sync.get());  // what the thread did before precedes the phase's end
+  --m.pending;
+}
+
+void bulk_copy(void* dst, const void* src, size_t bytes, void* bar) {
+  VK_HIDDEN;
+  Fiber& f = running("a bulk copy");
+  const Launch& L = *ts.launch;
+  const BlockState& B = L.blocks[f.block];
+  if (bytes == 0 || bytes % 16 != 0 || reinterpret_cast<uintptr_t>(dst) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(src) % 16 != 0)
+    throw KernelError(where(f) + ": a bulk copy of " + std::to_string(bytes) +
+                      " bytes (a positive multiple of 16, both addresses 16-byte aligned)");
+  if (!in_shared_memory(L, B, dst, bytes))
+    throw KernelError(where(f) + ": a bulk copy to an address outside the block's shared memory");
+  Mbarrier& m = mbarrier_of(f, bar, "a bulk copy completing");
+  BulkCopy c{static_cast<unsigned char*>(dst), static_cast<const unsigned char*>(src),
+             std::vector<unsigned char>(bytes)};
+  {
+    const TsanScope shown(false);  // the kernel's own accesses
+    std::memcpy(c.seen.data(), c.src, bytes);
+    std::memset(c.dst, 0xff, bytes);  // garbage until it completes
+  }
+  tsan_release(m.tsan_sync.get());  // the issue (and its garbage) precedes the completion
+  m.copies.push_back(std::move(c));
+  ++launch_counts().bulk_copies;
+}
+
+void mbarrier_wait(void* bar, unsigned parity) {
+  VK_HIDDEN;
+  Fiber& f = running("an mbarrier wait");
+  for (;;) {
+    Mbarrier& m = mbarrier_of(f, bar, "a wait");
+    if ((m.phase & 1u) != (parity & 1u)) break;  // that phase has completed
+    int64_t issued = 0;
+    for (const BulkCopy& c : m.copies) issued += int64_t(c.seen.size());
+    if (m.pending == 0 && issued > m.tx)
+      throw KernelError(where(f) + ": an mbarrier phase that expects " + std::to_string(m.tx) +
+                        " bytes has bulk copies of " + std::to_string(issued) +
+                        ": on a GPU it would complete before some of them");
+    if (m.pending == 0 && issued == m.tx) {  // every arrival and byte: the copies complete
+      tsan_acquire(m.tsan_sync.get());  // after every issue and arrival
+      for (const BulkCopy& c : m.copies) {
+        bool changed;
+        // (its destination holds the garbage of its issue, unless a store
+        // or another copy wrote there since)
+        const bool clobbered = std::any_of(c.dst, c.dst + c.seen.size(),
+                                           [](unsigned char b) { return b != 0xff; });
+        {
+          const TsanScope shown(false);
+          changed = std::memcmp(c.seen.data(), c.src, c.seen.size()) != 0;
+          if (!changed && !clobbered) std::memcpy(c.dst, c.seen.data(), c.seen.size());
+        }
+        if (changed)
+          throw KernelError(where(f) + ": the source of a bulk copy changed before the copy "
+                            "completed");
+        if (clobbered)
+          throw KernelError(where(f) + ": a store or a copy wrote into the destination of a "
+                            "bulk copy before it completed");
+      }
+      m.copies.clear();
+      tsan_release(m.tsan_sync.get());
+      ++m.phase;
+      m.pending = m.count;
+      m.tx = 0;
+      break;
+    }
+    yield();
+  }
+  tsan_acquire(mbarrier_of(f, bar, "a wait").tsan_sync.get());
 }
 
 void yield() {

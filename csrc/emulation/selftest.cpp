@@ -228,6 +228,44 @@ __global__ void wait_for_last_block_kernel(float* out, int* flag) {
 // after a barrier, the value 4 after it; 4: never waits (an error at exit);
 // 5: changes the source before the wait (an error); 6: a misaligned copy (an
 // error).
+// Bulk copies completing on an mbarrier (after the block's floats in shared
+// memory): thread 0 arrives expecting the block's bytes, each fourth thread
+// copies 16 bytes of the source, everyone waits for the phase and reads its
+// own value. mode 0: two phases, x then x2 (out's two columns); 1: also reads
+// before the wait (garbage, column 1); 2: expects 16 bytes too many (the
+// waits never end: livelock); 3: never waits (an error at the block's end);
+// 4: changes the source before the wait (an error); 5: expects 16 bytes too
+// few, every copy issued before the waits (an error; where a wait came
+// first, the phase would complete early, as on a GPU); 6: a store over the
+// mbarrier's bytes (an error at its next use); 7: a store into a copy's
+// destination before it completes (an error).
+__global__ void bulk_copy_kernel(float* x, float* x2, float* out, int mode) {
+  VK_DYNAMIC_SHARED(float, s);
+  const int t = threadIdx.x, n = blockDim.x, i = blockIdx.x * n + t;
+  uint64_t* const bar = reinterpret_cast<uint64_t*>(s + n);
+  if (t == 0) cuda::mbarrier_init(bar, 1);
+  __syncthreads();
+  if (mode == 6 && t == 1) s[n + 1] = 0.f;  // (the mbarrier's second 4 bytes)
+  for (int round = 0; round < (mode == 0 ? 2 : 1); ++round) {
+    float* const src = (round == 0 ? x : x2) + blockIdx.x * n + t;
+    const unsigned bytes = unsigned(n) * 4u;
+    if (t == 0)
+      cuda::mbarrier_arrive_expect_tx(bar, mode == 2 ? bytes + 16 : mode == 5 ? bytes - 16 : bytes);
+    if (t % 4 == 0) {
+      cuda::fence_proxy_async();
+      cuda::bulk_copy_async(s + t, src, 16, bar);
+      if (mode == 4) src[0] += 1.f;
+      if (mode == 7) s[t + 1] = 0.f;
+    }
+    if (mode == 3) return;
+    if (mode == 5) __syncthreads();  // every copy issued before the first wait
+    if (mode == 1) out[2 * i + 1] = s[t];
+    cuda::mbarrier_wait(bar, unsigned(round));
+    out[2 * i + round] = s[t];
+    __syncthreads();  // read by all before the next phase's copies
+  }
+}
+
 __global__ void async_copy_kernel(float* x, float* out, int mode) {
   VK_DYNAMIC_SHARED(float, s);
   const int t = threadIdx.x, n = blockDim.x, i = blockIdx.x * n + t;
@@ -336,6 +374,19 @@ at::Tensor selftest(const at::Tensor& x_in, c10::string_view name_view, int64_t 
     at::Tensor xc = x.clone(), out = at::zeros({x.numel(), 2}, f32);
     cuda::launch(async_copy_kernel, grid, block, threads * sizeof(float), stream,
                  xc.data_ptr<float>(), out.data_ptr<float>(), mode);
+    return out;
+  }
+  if (name.rfind("bulk_", 0) == 0) {
+    static const char* modes[] = {"bulk_copy", "bulk_read_early", "bulk_bytes", "bulk_unwaited",
+                                  "bulk_source_changed", "bulk_excess", "bulk_overwrite",
+                                  "bulk_store_in_flight"};
+    int mode = -1;
+    for (int m = 0; m < 8; ++m) mode = name == modes[m] ? m : mode;
+    TORCH_CHECK(mode >= 0, "unknown self-test '", name, "'");
+    TORCH_CHECK(threads % 4 == 0, "bulk tests: a multiple of 4 threads");
+    at::Tensor xc = x.clone(), x2 = x * 2, out = at::zeros({x.numel(), 2}, f32);
+    cuda::launch(bulk_copy_kernel, grid, block, threads * sizeof(float) + 16, stream,
+                 xc.data_ptr<float>(), x2.data_ptr<float>(), out.data_ptr<float>(), mode);
     return out;
   }
   if (name == "lane_args") {

@@ -526,7 +526,7 @@ struct StageRing {
   scalar_t* const slots;
   const scalar_t* const src;
   const int64_t ld, kmax, first, stride, R;
-  uint64_t* const bar;      // the mbarrier of bulk copies (one slot), or nullptr
+  uint64_t* const bar;      // the mbarrier of bulk copies (bulk_start: one slot), or nullptr
   unsigned* const phase;    // its next phase's parity (with bar)
   int64_t nch = 0, items = 0;
   bool vec = false;
@@ -535,7 +535,7 @@ struct StageRing {
                        int64_t kmax_, int64_t first_, int64_t stride_, int64_t R_,
                        uint64_t* bar_ = nullptr, unsigned* phase_ = nullptr)
       : g(g_), slots(slots_), src(src_), ld(ld_), kmax(kmax_), first(first_), stride(stride_),
-        R(R_), bar(g_.slots == 1 ? bar_ : nullptr), phase(phase_) {
+        R(R_), bar(bar_), phase(phase_) {
     nch = (int(g.kp) + int(g.chunk) - 1) / int(g.chunk);  // (a row of shared memory)
     items = R > first ? div(R - first + stride - 1, stride) * nch : 0;
     // (chunks start at multiples of 16 columns, so every copy is aligned)
@@ -635,14 +635,9 @@ struct StageRing {
             for (int v = 0; v < kVec; ++v) at[v] = scalar_t(0);
           };
           const int kv = kc / kVec, zv = (kc - have) / kVec;
-          for (int idx = threadIdx.x; idx < (round16(rows) - rows) * kv; idx += kThreads) {
-            const int q = idx / kv;
-            zero(rows + q, (idx - q * kv) * kVec);
-          }
-          for (int idx = threadIdx.x; idx < rows * zv; idx += kThreads) {
-            const int r = idx / zv;
-            zero(r, have + (idx - r * zv) * kVec);
-          }
+          for_tile_elements(round16(rows) - rows, kv,
+                            [&](int q, int c) { zero(rows + q, c * kVec); });
+          if (zv > 0) for_tile_elements(rows, zv, [&](int r, int c) { zero(r, have + c * kVec); });
         } else if (have == kc) {  // (block-uniform) the chunk's columns exist: whole rows
           for_copies(rows, kc, [&](int r, int, int at, int64_t from) {
             const bool row = r < rows;

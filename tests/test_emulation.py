@@ -455,3 +455,58 @@ def test_thread_sanitizer_reports_each_race_and_nothing_else():
             found = reports[f"{name} {order}"]
             assert len(found) >= 1 and all("data race" in s and f"in {function}" in s for s in found), \
                 f"{name} {order}: {found}"
+
+
+def _tensor_core_operand(v, kind):
+    """v as the tensor cores read it: rounded to the 16-bit type, or float with
+    the low 13 mantissa bits dropped (TF32)."""
+    if kind == "tf32":
+        return (v.float().view(torch.int32) & -8192).view(torch.float32).double()
+    return v.to(torch.bfloat16 if kind == "bf16" else torch.float16).double()
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("kind", ["bf16", "f16", "tf32"])
+def test_ldmatrix_and_mma_follow_the_ptx_lane_layouts(kind, order):
+    """D = 0.5 + A W^T through ldmatrix.x4 and two mma.sync (mma.h), in 16 blocks
+    of 2 warps: every lane's registers are where the PTX ISA puts them. With
+    g = lane // 4 and t = lane % 4, register j of ldmatrix holds row g of matrix
+    j at bytes 4t..4t+3, the matrices' rows given by lanes 8j..8j+7; D's
+    registers 4h + i hold D[g + 8 (i // 2)][8h + 2t + i % 2]."""
+    k = 8 if kind == "tf32" else 16
+    x, out = run(f"mma_{kind}", order, blocks=16, threads=32)
+    a = _tensor_core_operand(x[:16 * k], kind).view(16, k)
+    w = _tensor_core_operand(x[16 * k:32 * k], kind).view(16, k)
+    d = 0.5 + a @ w.T
+    lane = torch.arange(512) % 32
+    g, t = lane // 4, lane % 4
+    for h in range(2):
+        for i in range(4):
+            torch.testing.assert_close(out[:, 4 * h + i].double(),
+                                       d[g + 8 * (i // 2), 8 * h + 2 * t + i % 2],
+                                       rtol=1e-6, atol=1e-6)
+    # The ldmatrix registers of A, as bytes: lane L gave row L % 16, from
+    # byte 16 * (L // 16), of A as the kernel stored it (16-bit types, or float).
+    stored = x[:16 * k].to({"bf16": torch.bfloat16, "f16": torch.float16,
+                            "tf32": torch.float32}[kind]).view(16, k)
+    row_bytes = stored.contiguous().view(torch.uint8).view(16, -1)
+    regs = out[:, 8:12].contiguous().view(torch.uint8).view(512, 4, 4)
+    for j in range(4):
+        giver = 8 * j + g
+        expected = torch.stack([row_bytes[L % 16, 16 * (L // 16) + 4 * tt:16 * (L // 16) + 4 * tt + 4]
+                                for L, tt in zip(giver.tolist(), t.tolist())])
+        assert torch.equal(regs[:, j], expected), f"ldmatrix register {j}"
+
+
+@pytest.mark.parametrize("name,message", [
+    ("mma_bf16_misaligned", "ldmatrix needs 16-byte aligned row addresses"),
+    ("mma_tf32_partial", r"a tensor-core instruction \(ldmatrix, mma\): lane 16 has exited"),
+])
+def test_tensor_core_misuse_is_an_error(name, message):
+    with pytest.raises(RuntimeError, match=message):
+        run(name, "forward", blocks=16, threads=32)
+
+
+def test_tensor_cores_need_a_whole_warp():
+    with pytest.raises(RuntimeError, match="needs a whole warp of 32 lanes; this one has 16"):
+        run("mma_f16", "forward", blocks=32, threads=16)

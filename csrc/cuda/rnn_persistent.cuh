@@ -19,13 +19,13 @@
 
 #include "async_copy.h"
 #include "launch.h"
+#include "mma.h"
 #include "rnn_persistent.h"
 
 #ifndef VK_EMULATE_CUDA
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 #endif
 
 namespace varlen {
@@ -208,61 +208,36 @@ size_t smem_bytes(int G, int units, int64_t H, int64_t k, int64_t limit) {
 // only on its own values: deterministic, but not the same bits alone as in a
 // batch.
 //
-// Tc<scalar_t>: the wmma element type, the type in shared memory, and the
-// shape's reduction length (16x16x16 tiles; 16x16x8 for TF32).
+// Tc<scalar_t>: the reduction length of one tensor-core instruction (mma.h:
+// 16x8x16 in half and bfloat16, 16x8x8 in TF32), and that instruction.
 template <typename T>
 struct Tc;
-#ifdef VK_EMULATE_CUDA
-template <>
-struct Tc<c10::Half> {  // the emulated wmma takes c10::Half / c10::BFloat16
-  using type = c10::Half;
-  using mem = c10::Half;
-  static constexpr int k = 16;
-};
-template <>
-struct Tc<c10::BFloat16> {
-  using type = c10::BFloat16;
-  using mem = c10::BFloat16;
-  static constexpr int k = 16;
-};
-#else
 template <>
 struct Tc<c10::Half> {
-  using type = __half;
-  using mem = __half;
   static constexpr int k = 16;
+  __device__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    cuda::mma_16x8x16_f16(d, a, b0, b1);
+  }
 };
 template <>
 struct Tc<c10::BFloat16> {
-  using type = __nv_bfloat16;
-  using mem = __nv_bfloat16;
   static constexpr int k = 16;
+  __device__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    cuda::mma_16x8x16_bf16(d, a, b0, b1);
+  }
 };
-#endif
-// TF32 fragments and __float_to_tf32 exist only when compiling for sm_80 or
-// newer (and on the host); an older target's kernels trap before any product.
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-#define VK_HAS_TF32 1
-#else
-#define VK_HAS_TF32 0
-#endif
 template <>
 struct Tc<float> {
-#if VK_HAS_TF32
-  using type = nvcuda::wmma::precision::tf32;
-#else
-  using type = float;  // never multiplied: the kernels trap below sm_80
-#endif
-  using mem = float;
   static constexpr int k = 8;
+  __device__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    cuda::mma_16x8x8_tf32(d, a, b0, b1);
+  }
 };
 
 // A value of the storage type as a tensor-core operand in shared memory.
 template <typename scalar_t>
 __device__ __forceinline__ scalar_t tc_operand(scalar_t v) {
-#if VK_HAS_TF32
-  if constexpr (std::is_same_v<scalar_t, float>) return nvcuda::wmma::__float_to_tf32(v);
-#endif
+  if constexpr (std::is_same_v<scalar_t, float>) return cuda::to_tf32(v);
   return v;
 }
 
@@ -278,12 +253,11 @@ __host__ __device__ constexpr int round16(int n) { return (n + 15) / 16 * 16; }
 // tile's whole reduction in each where that takes at most stage_limit bytes
 // (the launch's) for all of them, else in the fewest chunks that allows (at
 // least kTcChunk columns where it allows fewer), of equal columns, a multiple
-// of 16 (the last one shorter). Each shared-memory row is padded by 16 bytes: a
-// fragment load reads 8 rows (16-bit types) or 8 rows of 4 (TF32) at once, and
-// a row stride of 4 banks (mod 32) spreads them over all banks, where 32 bytes
-// (8 banks) would put rows 0 and 4 of a TF32 fragment on the same banks. The
-// strides stay multiples of 16 bytes and the tiles 32-byte aligned, as wmma
-// requires.
+// of 16 (the last one shorter). Each shared-memory row is padded by 16 bytes:
+// ldmatrix (mma.h) reads a matrix of 8 rows of 16 bytes at once, and a row
+// stride of an odd number of 16 bytes puts them on different banks (a stride
+// of 32 bytes would put rows 0 and 4 on the same). The strides stay multiples
+// of 16 bytes, as ldmatrix requires.
 struct TcGeometry {
   int n, np, nt, mt, rbt;   // columns, padded to 16; column tiles; row tiles per tile; rows
   int64_t kp, ldw, lda, ldc;  // k padded to 16; leading dimensions of W, A, C in shared memory
@@ -382,27 +356,25 @@ struct TcGeometry {
 template <typename scalar_t, typename Operand>
 __device__ __forceinline__ void tc_product(const TcGeometry& g, int rows, const scalar_t* ws,
                                            Operand operand, float* cs, float* scratch = nullptr) {
-  using namespace nvcuda;
-  using tc_t = typename Tc<scalar_t>::type;
-  using mem_t = typename Tc<scalar_t>::mem;
   constexpr int KK = Tc<scalar_t>::k;
-  const int warp = threadIdx.x / 32;
+  constexpr int E = 16 / int(sizeof(scalar_t));  // elements in 16 bytes
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int tiles = (rows + 15) / 16 * g.nt;  // output tiles with a row below `rows`
   const int S = scratch != nullptr && tiles > 0 && tiles < kWarps ? kWarps / tiles : 1;
   const int q = S > 1 ? warp % tiles : 0, slice = S > 1 ? warp / tiles : 0;  // split-K: tile, share
-  wmma::fragment<wmma::accumulator, 16, 16, KK, float> acc[2];
-  wmma::fill_fragment(acc[0], 0.f);
-  wmma::fill_fragment(acc[1], 0.f);
+  // Two 16x16 float accumulators, each two 8-column halves in mma.h's layout.
+  float acc[2][2][4] = {};
   const int lda = int(g.lda), ldw = int(g.ldw);  // (32-bit offsets in shared memory)
-  auto mma = [&](wmma::fragment<wmma::accumulator, 16, 16, KK, float>& c, const scalar_t* as,
-                 int mtile, int ntile, int k0, int kk) {
-    wmma::fragment<wmma::matrix_a, 16, 16, KK, tc_t, wmma::row_major> a;
-    wmma::fragment<wmma::matrix_b, 16, 16, KK, tc_t, wmma::col_major> b;
-    wmma::load_matrix_sync(a, reinterpret_cast<const mem_t*>(as + (mtile * 16 * lda + kk)),
-                           unsigned(lda));
-    wmma::load_matrix_sync(b, reinterpret_cast<const mem_t*>(ws + (ntile * 16 * ldw + k0 + kk)),
-                           unsigned(ldw));
-    wmma::mma_sync(c, a, b, c);
+  // The rows this lane gives ldmatrix (mma.h): of A's 16-row tile, and of
+  // W's 16 columns (both 8-column halves).
+  const int a_lane = (lane % 16) * lda + lane / 16 * E;
+  const int w_lane = (lane % 8 + lane / 16 * 8) * ldw + lane / 8 % 2 * E;
+  auto mma = [&](float (&c)[2][4], const scalar_t* as, int mtile, int ntile, int k0, int kk) {
+    uint32_t a[4], b[4];
+    cuda::ldmatrix_x4(a, as + (mtile * 16 * lda + a_lane + kk));
+    cuda::ldmatrix_x4(b, ws + (ntile * 16 * ldw + w_lane + k0 + kk));
+    Tc<scalar_t>::mma(c[0], a, b[0], b[1]);
+    Tc<scalar_t>::mma(c[1], a, b[2], b[3]);
   };
   // A warp with one tile (every split-K warp) sums its KK-steps in two chains
   // of dependent products, not one: its n-th step of the reduction (counted
@@ -446,11 +418,22 @@ __device__ __forceinline__ void tc_product(const TcGeometry& g, int rows, const 
   }
   if (S > 1 || !two_tiles) {
 #pragma unroll
-    for (int i = 0; i < acc[0].num_elements; ++i) acc[0].x[i] += acc[1].x[i];
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[0][h][i] += acc[1][h][i];
   }
+  // A 16x16 accumulator to p (row stride ld floats, 8-byte aligned rows):
+  // the lane's elements of rows lane / 4 and lane / 4 + 8 (mma.h).
+  auto store = [&](float* p, int ld, const float (&v)[2][4]) {
+    float* const r0 = p + lane / 4 * ld + lane % 4 * 2;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      *reinterpret_cast<float2*>(r0 + h * 8) = make_float2(v[h][0], v[h][1]);
+      *reinterpret_cast<float2*>(r0 + 8 * ld + h * 8) = make_float2(v[h][2], v[h][3]);
+    }
+  };
   if (S > 1) {
-    if (slice < S)
-      wmma::store_matrix_sync(scratch + warp * 256, acc[0], 16u, wmma::mem_row_major);
+    if (slice < S) store(scratch + warp * 256, 16, acc[0]);
     __syncthreads();
     for (int idx = threadIdx.x; idx < tiles * 256; idx += kThreads) {
       const int t = idx / 256, e = idx % 256;
@@ -463,8 +446,7 @@ __device__ __forceinline__ void tc_product(const TcGeometry& g, int rows, const 
     for (int e = 0; e < 2; ++e) {
       const int t = warp + e * kWarps, mtile = t / g.nt, ntile = t % g.nt;
       if (t >= g.mt * g.nt || mtile * 16 >= rows) continue;
-      wmma::store_matrix_sync(cs + mtile * 16 * g.ldc + ntile * 16, acc[e], unsigned(g.ldc),
-                              wmma::mem_row_major);
+      store(cs + mtile * 16 * g.ldc + ntile * 16, int(g.ldc), acc[e]);
     }
   }
   __syncthreads();  // C complete for the cell threads

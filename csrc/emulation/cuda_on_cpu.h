@@ -17,6 +17,8 @@
 //  - asynchronous copies into shared memory (cp.async, csrc/cuda/async_copy.h)
 //    complete at the latest moment CUDA allows, the thread's wait, leaving
 //    garbage in their destination until then;
+//  - ldmatrix and mma.sync (csrc/cuda/mma.h) move each lane's registers as
+//    the PTX ISA lays them out;
 //  - CUDA_KERNEL_ASSERT raises an error naming block, thread and condition.
 // Launches go through csrc/cuda/launch.h, which is <<<...>>> under nvcc.
 #pragma once
@@ -69,6 +71,11 @@ struct dim3 {
   unsigned x, y, z;
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
+// CUDA's vector of two floats, 8-byte aligned as there.
+struct alignas(8) float2 {
+  float x, y;
+};
+inline float2 make_float2(float x, float y) { return {x, y}; }
 // Variables, not macros: the executor sets them at every fiber switch.
 inline thread_local uint3 threadIdx{0, 0, 0};
 inline thread_local uint3 blockIdx{0, 0, 0};
@@ -190,7 +197,19 @@ void mbarrier_init(void* bar, unsigned count);
 void mbarrier_arrive_expect_tx(void* bar, unsigned bytes);
 void bulk_copy(void* dst, const void* src, size_t bytes, void* bar);
 void mbarrier_wait(void* bar, unsigned parity);
-enum class WarpOp : int { Sync, ShflIdx, ShflUp, ShflDown, ShflXor, Ballot, Any, All };
+// Tensor cores (csrc/cuda/mma.h, which states the lane layouts): the warp's
+// ldmatrix.x4 from shared memory (each lane's 16-byte row is read as the lane
+// reaches it) and its mma.sync of a 16x8 float tile, the products of each
+// element added in k order with fma in float. Both need all 32 lanes of a
+// whole warp; a lane's row address must be 16-byte aligned. TF32 operands
+// are read with their low 13 mantissa bits dropped, as the tensor cores read
+// a float that was not rounded by to_tf32 (to nearest, ties away from zero,
+// as cvt.rna.tf32.f32 rounds).
+enum class MmaKind : int { F16, BF16, TF32 };
+void ldmatrix_x4(uint32_t* r, const void* row);
+void mma(MmaKind kind, float* d, const uint32_t* a, const uint32_t* b);
+float to_tf32(float v);
+enum class WarpOp : int { Sync, ShflIdx, ShflUp, ShflDown, ShflXor, Ballot, Any, All, Gather };
 uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int width);
 unsigned active_mask();  // the lanes of the calling warp that have not exited
 
@@ -347,147 +366,6 @@ inline cluster_group this_cluster() { return {}; }
 inline thread_block this_thread_block() { return {}; }
 }  // namespace cooperative_groups
 
-// ------------------------------------------------------------ wmma (tensor cores)
-// nvcuda::wmma on 16x16x16 tiles of half / bfloat16, and 16x16x8 tiles of
-// precision::tf32 (float in memory and in the fragment). How CUDA spreads a fragment over the lanes
-// of a warp is unspecified, so code may only touch a fragment through these
-// calls and element-wise loops over x[0, num_elements); here every lane holds
-// the whole tile. Every call is warp-collective: it is a __syncwarp first, so
-// a call that not all 32 lanes reach is an error, as on the GPU it is
-// undefined. Pointers must be 32-byte aligned and ldm a multiple of 16 bytes
-// (a kernel error otherwise). A store writes each lane's share only (element
-// i by lane i % 32), so reading a stored tile back before a __syncwarp or a
-// barrier reads what other lanes have not written yet. Products accumulate in
-// float, in k order, as fma. A tf32 operand is used with its low 13 mantissa
-// bits dropped (what the tensor cores read of a float that was not rounded by
-// __float_to_tf32, which rounds to nearest, ties away from zero, as
-// cvt.rna.tf32.f32 does).
-namespace nvcuda {
-namespace wmma {
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-struct row_major {};
-struct col_major {};
-enum layout_t { mem_row_major, mem_col_major };
-namespace precision {
-struct tf32 {};
-}
-
-namespace detail {
-// What a fragment of element type T holds and loads: float for tf32.
-template <typename T>
-using storage_t = std::conditional_t<std::is_same_v<T, precision::tf32>, float, T>;
-inline uint32_t bits_of(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  return u;
-}
-inline float float_of(uint32_t u) {
-  float v;
-  std::memcpy(&v, &u, 4);
-  return v;
-}
-// The value the tensor cores multiply: tf32 keeps 10 mantissa bits.
-template <typename T>
-inline float operand(T v) {
-  if constexpr (std::is_same_v<T, float>) return float_of(bits_of(v) & 0xffffe000u);
-  else return float(v);
-}
-}  // namespace detail
-
-inline float __float_to_tf32(float v) {
-  if (!std::isfinite(v)) return v;
-  // to nearest, ties away from zero: add half of the dropped part's range, truncate
-  return detail::float_of((detail::bits_of(v) + 0x1000u) & 0xffffe000u);
-}
-
-namespace detail {
-template <typename T>
-void check_tile(const T* p, unsigned ldm, vk_site s = vk_site::current()) {
-  if (reinterpret_cast<uintptr_t>(p) % 32 != 0 || ldm % (16 / sizeof(T)) != 0 ||
-      ldm < 16 / sizeof(T))
-    vk_emu::assert_failed("wmma needs a 32-byte aligned pointer and ldm a multiple of 16 bytes",
-                          s.file_name(), int(s.line()));
-}
-inline unsigned lane() {
-  return (threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)) % 32;
-}
-}  // namespace detail
-
-template <typename Use, int M, int N, int K, typename T, typename Layout = void>
-struct fragment {
-  static_assert(M == 16 && N == 16 &&
-                    (K == 16 || (K == 8 && (std::is_same_v<T, precision::tf32> ||
-                                            std::is_same_v<Use, accumulator>))),
-                "the emulation has the 16x16x16 shape, and 16x16x8 for tf32");
-  static_assert(!std::is_same_v<T, precision::tf32> || !std::is_same_v<Use, accumulator>,
-                "a tf32 product accumulates in float");
-  static_assert(std::is_same_v<T, precision::tf32> == (K == 8) || std::is_same_v<Use, accumulator>,
-                "tf32 operands take the 16x16x8 shape");
-  static_assert(std::is_same_v<Use, accumulator>
-                    ? std::is_void_v<Layout>
-                    : (std::is_same_v<Layout, row_major> || std::is_same_v<Layout, col_major>),
-                "matrix_a / matrix_b fragments need row_major or col_major; accumulators none");
-  static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
-  static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
-  static constexpr int num_elements = rows * cols;
-  detail::storage_t<T> x[num_elements];  // row-major (row, col) of the tile
-};
-
-template <typename Use, int M, int N, int K, typename T, typename L>
-void fill_fragment(fragment<Use, M, N, K, T, L>& f, detail::storage_t<T> v) {
-  __syncwarp();
-  for (int i = 0; i < f.num_elements; ++i) f.x[i] = v;
-}
-
-// Operand tiles: Layout row_major puts element (r, c) at p[r * ldm + c],
-// col_major at p[c * ldm + r].
-template <typename Use, int M, int N, int K, typename T, typename L>
-void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const detail::storage_t<T>* p,
-                      unsigned ldm) {
-  static_assert(!std::is_same_v<Use, accumulator>, "an accumulator load takes a layout_t");
-  __syncwarp();
-  detail::check_tile(p, ldm);
-  using F = fragment<Use, M, N, K, T, L>;
-  for (int r = 0; r < F::rows; ++r)
-    for (int c = 0; c < F::cols; ++c)
-      f.x[r * F::cols + c] = std::is_same_v<L, row_major> ? p[r * ldm + c] : p[c * ldm + r];
-}
-template <int M, int N, int K, typename T>
-void load_matrix_sync(fragment<accumulator, M, N, K, T>& f, const T* p, unsigned ldm,
-                      layout_t layout) {
-  __syncwarp();
-  detail::check_tile(p, ldm);
-  for (int r = 0; r < M; ++r)
-    for (int c = 0; c < N; ++c)
-      f.x[r * N + c] = layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
-}
-template <int M, int N, int K, typename T>
-void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm,
-                       layout_t layout) {
-  __syncwarp();
-  detail::check_tile(p, ldm);
-  const unsigned lane = detail::lane();
-  for (int i = int(lane); i < M * N; i += 32) {
-    const int r = i / N, c = i % N;
-    (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[i];
-  }
-}
-template <int M, int N, int K, typename TA, typename LA, typename TB, typename LB, typename TC>
-void mma_sync(fragment<accumulator, M, N, K, TC>& d, const fragment<matrix_a, M, N, K, TA, LA>& a,
-              const fragment<matrix_b, M, N, K, TB, LB>& b,
-              const fragment<accumulator, M, N, K, TC>& c) {
-  __syncwarp();
-  TC out[M * N];
-  for (int m = 0; m < M; ++m)
-    for (int n = 0; n < N; ++n) {
-      float s = float(c.x[m * N + n]);
-      for (int k = 0; k < K; ++k)
-        s = std::fma(detail::operand(a.x[m * K + k]), detail::operand(b.x[k * N + n]), s);
-      out[m * N + n] = TC(s);
-    }
-  for (int i = 0; i < M * N; ++i) d.x[i] = out[i];
-}
-}  // namespace wmma
-}  // namespace nvcuda
+// ------------------------------------------------------------ tensor cores
+// ldmatrix.x4 and mma.sync (csrc/cuda/mma.h) are in vk_emu: warp-collective,
+// with the PTX ISA's lane layouts (executor.cpp).

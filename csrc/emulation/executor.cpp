@@ -30,7 +30,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <deque>
+#include <limits>
 #include <map>
 #include <exception>
 #include <memory>
@@ -92,6 +94,8 @@ struct Fiber {
   unsigned wmask = 0;
   uint64_t wvalue = 0, wresult = 0;
   int warg = 0, wwidth = 32;
+  // A tensor-core instruction's deposit (warp_gather): warg bytes.
+  unsigned char wblob[32] = {};
   // Block barrier with a reduction, and where the thread reached it.
   int bpred = 0, bresult = 0;
   const char* bfile = nullptr;
@@ -167,6 +171,9 @@ struct BlockState {
   std::vector<SharedBuffer> shared;
   std::unique_ptr<unsigned char[], AlignedDelete> dynamic;
   std::map<const void*, Mbarrier> mbarriers;  // by address in this block's shared memory
+  // Per warp, the deposits of its last tensor-core instruction, lane by lane
+  // (warp_gather): read by its lanes until the warp's next intrinsic completes.
+  std::vector<std::vector<unsigned char>> gathered;
 };
 
 struct Launch {
@@ -437,7 +444,8 @@ Fiber& running(const char* what) {
 // ------------------------------------------------------------ warps
 std::string op_name(WarpOp op) {
   static const char* names[] = {"__syncwarp", "__shfl_sync", "__shfl_up_sync", "__shfl_down_sync",
-                                "__shfl_xor_sync", "__ballot_sync", "__any_sync", "__all_sync"};
+                                "__shfl_xor_sync", "__ballot_sync", "__any_sync", "__all_sync",
+                                "a tensor-core instruction (ldmatrix, mma)"};
   return names[int(op)];
 }
 
@@ -473,6 +481,22 @@ void try_complete_warp(Fiber& f) {
     // by the scheduler.
     if (o.state != State::Warp || o.wop != f.wop || o.wmask != f.wmask) return;
     present |= 1u << l;
+  }
+  if (f.wop == WarpOp::Gather) {
+    // All 32 lanes of a whole warp, each with as many bytes.
+    for (int l = 0; l < 32; ++l) {
+      if (l >= int(lanes.size()))
+        warp_fail(f, "needs a whole warp of 32 lanes; this one has " + std::to_string(lanes.size()));
+      if (!(present >> l & 1u)) warp_fail(f, "lane " + std::to_string(l) + " has exited");
+      if (L.fibers[lanes[l]].warg != f.warg)
+        warp_fail(f, "lanes at different instructions (" + std::to_string(f.warg) + " and " +
+                         std::to_string(L.fibers[lanes[l]].warg) + " bytes)");
+    }
+    std::vector<std::vector<unsigned char>>& g = L.blocks[f.block].gathered;
+    if (g.size() <= size_t(f.warp)) g.resize(size_t(f.warp) + 1);
+    g[f.warp].resize(size_t(32) * f.warg);
+    for (int l = 0; l < 32; ++l)
+      std::memcpy(g[f.warp].data() + size_t(l) * f.warg, L.fibers[lanes[l]].wblob, size_t(f.warg));
   }
   uint64_t bits = 0;
   for (int l = 0; l < 32; ++l)
@@ -1214,6 +1238,103 @@ uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int width) {
   else if (ts.launch->cancelling) throw Cancelled{};
   if (op == WarpOp::Sync) tsan_acquire(f.warp_sync);
   return f.wresult;
+}
+
+// ------------------------------------------------------------ tensor cores
+// The deposits of every lane of the warp, lane by lane, once all 32 have made
+// theirs (`bytes` each, at most 32): valid until the warp's next intrinsic.
+// The caller hides it from ThreadSanitizer (VK_HIDDEN).
+const unsigned char* warp_gather(const void* mine, unsigned bytes) {
+  Fiber& f = running("a tensor-core instruction");
+  f.wop = WarpOp::Gather;
+  f.wmask = 0xffffffffu;
+  f.wvalue = 0;
+  f.warg = int(bytes);
+  f.wwidth = 32;
+  std::memcpy(f.wblob, mine, bytes);
+  f.state = State::Warp;
+  try_complete_warp(f);
+  if (f.state == State::Warp) park(State::Warp);
+  else if (ts.launch->cancelling) throw Cancelled{};
+  return ts.launch->blocks[f.block].gathered[f.warp].data();
+}
+
+void ldmatrix_x4(uint32_t* r, const void* row) {
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) {
+    VK_HIDDEN;
+    throw KernelError(where(running("ldmatrix")) + ": ldmatrix needs 16-byte aligned row addresses");
+  }
+  unsigned char mine[16];
+  std::memcpy(mine, row, 16);  // the lane's row, read by the lane (the sanitizers see it)
+  VK_HIDDEN;
+  Fiber& f = running("ldmatrix");
+  const unsigned char* all = warp_gather(mine, 16);
+  // Register j: of matrix j (the rows of lanes 8j .. 8j + 7), row lane / 4,
+  // bytes 4 * (lane % 4) ..
+  for (int j = 0; j < 4; ++j)
+    std::memcpy(&r[j], all + (j * 8 + f.lane / 4) * 16 + (f.lane % 4) * 4, 4);
+}
+
+namespace {
+float half_bits_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h >> 15) << 31, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+  float v;
+  if (exp == 0) v = std::ldexp(float(man), -24);  // zero and subnormals
+  else if (exp == 31) v = man ? std::numeric_limits<float>::quiet_NaN() : INFINITY;
+  else v = std::ldexp(float(man | 0x400), int(exp) - 25);
+  uint32_t b;
+  std::memcpy(&b, &v, 4);
+  b |= sign;
+  std::memcpy(&v, &b, 4);
+  return v;
+}
+float bits_to_float(uint32_t b) {
+  float v;
+  std::memcpy(&v, &b, 4);
+  return v;
+}
+}  // namespace
+
+void mma(MmaKind kind, float* d, const uint32_t* a, const uint32_t* b) {
+  VK_HIDDEN;
+  Fiber& f = running("mma");
+  uint32_t mine[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+  const unsigned char* all = warp_gather(mine, sizeof(mine));
+  auto reg = [&](int lane, int i) {
+    uint32_t v;
+    std::memcpy(&v, all + lane * sizeof(mine) + i * 4, 4);
+    return v;
+  };
+  // Element (row, col) of A and (k, n) of B as float, from the lanes and
+  // registers that hold them (mma.h).
+  auto a_at = [&](int row, int k) -> float {
+    if (kind == MmaKind::TF32)
+      return bits_to_float(reg((row % 8) * 4 + k % 4, row / 8 + 2 * (k / 4)) & 0xffffe000u);
+    const uint32_t w = reg((row % 8) * 4 + (k % 8) / 2, row / 8 + 2 * (k / 8));
+    const uint16_t h = uint16_t(k % 2 ? w >> 16 : w);
+    return kind == MmaKind::BF16 ? bits_to_float(uint32_t(h) << 16) : half_bits_to_float(h);
+  };
+  auto b_at = [&](int k, int n) -> float {
+    if (kind == MmaKind::TF32) return bits_to_float(reg(n * 4 + k % 4, 4 + k / 4) & 0xffffe000u);
+    const uint32_t w = reg(n * 4 + (k % 8) / 2, 4 + k / 8);
+    const uint16_t h = uint16_t(k % 2 ? w >> 16 : w);
+    return kind == MmaKind::BF16 ? bits_to_float(uint32_t(h) << 16) : half_bits_to_float(h);
+  };
+  const int K = kind == MmaKind::TF32 ? 8 : 16, g = f.lane / 4, t = f.lane % 4;
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i / 2), col = 2 * t + i % 2;
+    float s = d[i];
+    for (int k = 0; k < K; ++k) s = std::fma(a_at(row, k), b_at(k, col), s);
+    d[i] = s;
+  }
+}
+
+float to_tf32(float v) {
+  if (!std::isfinite(v)) return v;
+  // to nearest, ties away from zero: add half of the dropped part's range, truncate
+  uint32_t b;
+  std::memcpy(&b, &v, 4);
+  return bits_to_float((b + 0x1000u) & 0xffffe000u);
 }
 
 void* shared_array(const void* site, size_t bytes, size_t align) {

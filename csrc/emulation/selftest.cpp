@@ -6,6 +6,7 @@
 
 #include "cuda/async_copy.h"
 #include "cuda/launch.h"
+#include "cuda/mma.h"
 
 #include <bit>
 #include <cctype>
@@ -164,6 +165,41 @@ __global__ void lane_args_kernel(const float* x, float* out) {
   out[3 * i] = __shfl_xor_sync(active, x[i], 33);      // lane ^ 1
   out[3 * i + 1] = __shfl_sync(active, x[i], 32 + 2);  // lane 2 of the warp
   out[3 * i + 2] = float(std::popcount(active));
+}
+
+// One tensor-core product per warp, as the persistent kernels form it (mma.h):
+// A (16 x K, x[0, 16K)) and W (16 x K, x[16K, 32K)), row-major in shared
+// memory with rows padded by 16 bytes, loaded by ldmatrix; D = 0.5 + A W^T by
+// two mma.sync of 8 columns. Each thread's row of out (n, 12): its D
+// registers (both halves), then the bits of its 4 ldmatrix registers of A.
+// mode 1: lane 3 gives a misaligned row; mode 2: lanes 16-31 exit first.
+template <typename T>
+__global__ void mma_kernel(const float* x, float* out, int mode) {
+  constexpr int K = std::is_same_v<T, float> ? 8 : 16, E = 16 / int(sizeof(T)), ld = K + E;
+  VK_SHARED(T, a_s, 16 * ld);
+  VK_SHARED(T, w_s, 16 * ld);
+  const int lane = threadIdx.x % 32, i = blockIdx.x * blockDim.x + threadIdx.x;
+  for (int e = threadIdx.x; e < 16 * K; e += blockDim.x) {
+    a_s[e / K * ld + e % K] = T(x[e]);
+    w_s[e / K * ld + e % K] = T(x[16 * K + e]);
+  }
+  __syncthreads();
+  if (mode == 2 && lane >= 16) return;
+  uint32_t a[4], b[4];
+  cuda::ldmatrix_x4(a, a_s + (lane % 16) * ld + lane / 16 * E + (mode == 1 && lane == 3));
+  cuda::ldmatrix_x4(b, w_s + (lane % 8 + lane / 16 * 8) * ld + lane / 8 % 2 * E);
+  float d[2][4];
+  for (int h = 0; h < 2; ++h)
+    for (int r = 0; r < 4; ++r) d[h][r] = 0.5f;
+  for (int h = 0; h < 2; ++h) {
+    if constexpr (std::is_same_v<T, float>) cuda::mma_16x8x8_tf32(d[h], a, b[2 * h], b[2 * h + 1]);
+    else if constexpr (std::is_same_v<T, c10::BFloat16>)
+      cuda::mma_16x8x16_bf16(d[h], a, b[2 * h], b[2 * h + 1]);
+    else cuda::mma_16x8x16_f16(d[h], a, b[2 * h], b[2 * h + 1]);
+  }
+  for (int h = 0; h < 2; ++h)
+    for (int r = 0; r < 4; ++r) out[12 * i + 4 * h + r] = d[h][r];
+  std::memcpy(out + 12 * i + 8, a, 16);
 }
 
 // Cooperative: block 0's last thread publishes a flag the other blocks spin on.
@@ -387,6 +423,23 @@ at::Tensor selftest(const at::Tensor& x_in, c10::string_view name_view, int64_t 
     at::Tensor xc = x.clone(), x2 = x * 2, out = at::zeros({x.numel(), 2}, f32);
     cuda::launch(bulk_copy_kernel, grid, block, threads * sizeof(float) + 16, stream,
                  xc.data_ptr<float>(), x2.data_ptr<float>(), out.data_ptr<float>(), mode);
+    return out;
+  }
+  if (name.rfind("mma_", 0) == 0) {
+    // "mma_bf16", "mma_f16", "mma_tf32", then "_misaligned" or "_partial".
+    const int mode = name.find("_misaligned") != std::string::npos ? 1
+                     : name.find("_partial") != std::string::npos  ? 2
+                                                                   : 0;
+    at::Tensor out = at::zeros({x.numel(), 12}, f32);
+    TORCH_CHECK(x.numel() >= 512, "mma tests: at least 512 elements of x");
+    if (name.rfind("mma_bf16", 0) == 0)
+      cuda::launch(mma_kernel<c10::BFloat16>, grid, block, 0, stream, xp, out.data_ptr<float>(), mode);
+    else if (name.rfind("mma_f16", 0) == 0)
+      cuda::launch(mma_kernel<c10::Half>, grid, block, 0, stream, xp, out.data_ptr<float>(), mode);
+    else if (name.rfind("mma_tf32", 0) == 0)
+      cuda::launch(mma_kernel<float>, grid, block, 0, stream, xp, out.data_ptr<float>(), mode);
+    else
+      TORCH_CHECK(false, "unknown self-test '", name, "'");
     return out;
   }
   if (name == "lane_args") {

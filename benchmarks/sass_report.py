@@ -7,7 +7,7 @@ below, finds the innermost loops (those containing no other loop) that hold
 the instructions of interest and reports their length per unit of work:
 
   LDGSTS   the tensor-core kernels' staging: one 16-byte cp.async
-  HMMA     their product: one tensor-core instruction (a wmma 16x16x16 is two)
+  HMMA     their product: one tensor-core instruction (mma.sync m16n8k16, or m16n8k8 in TF32)
   FFMA     the CUDA-core kernels' product: one fused multiply-add (DFMA in float64)
 
   python benchmarks/sass_report.py

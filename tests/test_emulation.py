@@ -485,22 +485,28 @@ def test_ldmatrix_and_mma_follow_the_ptx_lane_layouts(kind, order):
             torch.testing.assert_close(out[:, 4 * h + i].double(),
                                        d[g + 8 * (i // 2), 8 * h + 2 * t + i % 2],
                                        rtol=1e-6, atol=1e-6)
-    # The ldmatrix registers of A, as bytes: lane L gave row L % 16, from
-    # byte 16 * (L // 16), of A as the kernel stored it (16-bit types, or float).
-    stored = x[:16 * k].to({"bf16": torch.bfloat16, "f16": torch.float16,
-                            "tf32": torch.float32}[kind]).view(16, k)
-    row_bytes = stored.contiguous().view(torch.uint8).view(16, -1)
-    regs = out[:, 8:12].contiguous().view(torch.uint8).view(512, 4, 4)
-    for j in range(4):
-        giver = 8 * j + g
-        expected = torch.stack([row_bytes[L % 16, 16 * (L // 16) + 4 * tt:16 * (L // 16) + 4 * tt + 4]
-                                for L, tt in zip(giver.tolist(), t.tolist())])
-        assert torch.equal(regs[:, j], expected), f"ldmatrix register {j}"
+    # The ldmatrix registers, as bytes, of A and of W as the kernel stored them
+    # (16-bit types, or float): for A lane L gave row L % 16 from byte
+    # 16 * (L // 16); for W row L % 8 + 8 * (L // 16) from byte 16 * (L // 8 % 2).
+    dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "tf32": torch.float32}[kind]
+    givers = {"A": (8, lambda L: (L % 16, 16 * (L // 16))),
+              "W": (12, lambda L: (L % 8 + 8 * (L // 16), 16 * (L // 8 % 2)))}
+    for name, (col, row_of) in givers.items():
+        first = 0 if name == "A" else 16 * k
+        row_bytes = x[first:first + 16 * k].to(dtype).view(16, k).contiguous().view(torch.uint8)
+        regs = out[:, col:col + 4].contiguous().view(torch.uint8).view(512, 4, 4)
+        for j in range(4):
+            expected = []
+            for L, tt in zip((8 * j + g).tolist(), t.tolist()):
+                r, byte = row_of(L)
+                expected.append(row_bytes[r, byte + 4 * tt:byte + 4 * tt + 4])
+            assert torch.equal(regs[:, j], torch.stack(expected)), f"ldmatrix register {j} of {name}"
 
 
 @pytest.mark.parametrize("name,message", [
     ("mma_bf16_misaligned", "ldmatrix needs 16-byte aligned row addresses"),
     ("mma_tf32_partial", r"a tensor-core instruction \(ldmatrix, mma\): lane 16 has exited"),
+    ("mma_bf16_diverged", r"lanes 0 and 16 at different instructions \(ldmatrix.x4, mma.sync bf16\)"),
 ])
 def test_tensor_core_misuse_is_an_error(name, message):
     with pytest.raises(RuntimeError, match=message):

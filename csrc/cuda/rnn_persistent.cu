@@ -2,8 +2,8 @@
 //
 // Two kernels of each direction: the recurrent product with fma on CUDA cores
 // (below: float64, float32 in IEEE precision, and the fallback of the others)
-// and on tensor cores (further below: half and bfloat16 with wmma 16x16x16,
-// float32 in TF32 with 16x16x8 where torch allows TF32; float accumulation).
+// and on tensor cores (further below: half and bfloat16 with mma.sync
+// 16x8x16, float32 in TF32 with 16x8x8 where torch allows TF32; float accumulation).
 //
 // Thread layout of a CTA (kThreads threads, `units` = Hs hidden units):
 // thread tid works on unit u = tid % Hs and on row group rg = tid / Hs
@@ -561,7 +561,7 @@ template <typename scalar_t, Cell K>
 __global__ void __launch_bounds__(kThreads, 1)
     persistent_forward_tc_kernel(Directions<FwdParams<scalar_t, float>> L) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-  __trap();  // bfloat16 wmma needs sm_80; the host launches it on sm_80 and later only
+  __trap();  // mma.sync in bfloat16 needs sm_80; the host launches it on sm_80 and later only
 #else
   constexpr int G = num_gates(K);
   int64_t j0;

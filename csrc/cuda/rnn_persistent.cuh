@@ -541,35 +541,51 @@ struct StageRing {
     k0 = (e - tile * nch) * g.chunk;
     kc = g.kp - k0 < g.chunk ? int(g.kp - k0) : int(g.chunk);
   }
-  // f(r, c, at, from) for each of the thread's copies of an item: row r <
-  // round16(rows) of its tile, columns [c, c + kVec) of its chunk of kc
-  // columns, at r * g.lda + c in its slot and r * ld + c from the chunk's
-  // first column in global memory. Copy idx = r * (kc / kVec) + c / kVec is
-  // the thread's where idx % kThreads == tid: from copy to copy, r, c and the
-  // offsets advance by fixed steps, so that the loop, which runs for every 16
-  // bytes staged, has no division or multiplication (those are an item's).
+  // f(c, at, from) for each of the thread's copies of rows [0, rows) of an
+  // item: columns [c, c + kVec) of its chunk of kc columns, at `at` (r *
+  // g.lda + c) in its slot and from `from` (chunk + r * ld + c, chunk the
+  // chunk's first column in global memory; not read here). Copy idx = r *
+  // (kc / kVec) + c / kVec is the thread's where idx % kThreads == tid: from
+  // copy to copy, r, c, at and from advance by fixed steps, so that the loop,
+  // which runs for every 16 bytes staged, has no division or multiplication
+  // (those are an item's) and one 64-bit addition.
   template <typename F>
-  __device__ __forceinline__ void for_copies(int rows, int kc, F f) const {
-    const int kv = kc / kVec, rows16 = round16(rows), lda = int(g.lda);
+  __device__ __forceinline__ void for_copies(int rows, int kc, const scalar_t* chunk, F f) const {
+    const int kv = kc / kVec, lda = int(g.lda);
     const int dr = kThreads / kv, dc = (kThreads - dr * kv) * kVec;
     int r = int(threadIdx.x) / kv, c = (int(threadIdx.x) - r * kv) * kVec;
+    if (r >= rows) return;
     int at = r * lda + c;
-    int64_t from = r * ld + c;
+    const scalar_t* from = chunk + (r * ld + c);
     const int at_step = dr * lda + dc, at_wrap = lda - kc;
     const int64_t from_step = dr * ld + dc, from_wrap = ld - kc;
-    while (r < rows16) {
-      f(r, c, at, from);
+    for (;;) {
+      f(c, at, from);
       r += dr;
       c += dc;
       at += at_step;
-      from += from_step;
       if (c >= kc) {  // (c, dc < kc: one wrap at most)
         c -= kc;
         ++r;
         at += at_wrap;
         from += from_wrap;
       }
+      if (r >= rows) break;
+      from += from_step;
     }
+  }
+  // Zeros (plain 16-byte stores) in rows [rows, round16(rows)) of a slot's
+  // chunk of kc columns, and in columns [have, kc) of rows [0, rows).
+  __device__ void zero_fill(scalar_t* as, int rows, int kc, int have) const {
+    const int lda = int(g.lda);
+    auto zero = [&](int r, int c) {
+      scalar_t* const at = as + r * lda + c;
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) at[v] = scalar_t(0);
+    };
+    const int kv = kc / kVec, zv = (kc - have) / kVec;
+    for_tile_elements(round16(rows) - rows, kv, [&](int q, int c) { zero(rows + q, c * kVec); });
+    if (zv > 0) for_tile_elements(rows, zv, [&](int r, int c) { zero(r, have + c * kVec); });
   }
   // The mbarrier of bulk copies in a slot (row 0's padding), 8-byte aligned:
   // the slot and its rows are 16-byte aligned, the chunk a multiple of 16
@@ -609,28 +625,19 @@ struct StageRing {
           if (int(threadIdx.x) < rows) cuda::fence_proxy_async();
           for (int r = threadIdx.x; r < rows; r += kThreads)
             cuda::bulk_copy_async(as + r * lda, chunk + r * ld, row_bytes, bar);
-          // Zeros (plain stores, 16 bytes each) in the rows past `rows`, to a
-          // multiple of 16, and past `have` in the others.
-          auto zero = [&](int r, int c) {
-            scalar_t* const at = as + r * lda + c;
-#pragma unroll
-            for (int v = 0; v < kVec; ++v) at[v] = scalar_t(0);
-          };
-          const int kv = kc / kVec, zv = (kc - have) / kVec;
-          for_tile_elements(round16(rows) - rows, kv,
-                            [&](int q, int c) { zero(rows + q, c * kVec); });
-          if (zv > 0) for_tile_elements(rows, zv, [&](int r, int c) { zero(r, have + c * kVec); });
+          zero_fill(as, rows, kc, have);
         } else if (have == kc) {  // (block-uniform) the chunk's columns exist: whole rows
-          for_copies(rows, kc, [&](int r, int, int at, int64_t from) {
-            const bool row = r < rows;
-            cuda::copy16_async(as + at, row ? chunk + from : base, row ? 16 : 0);
+          for_copies(rows, kc, chunk, [&](int, int at, const scalar_t* from) {
+            cuda::copy16_async(as + at, from, 16);
           });
+          zero_fill(as, rows, kc, kc);
         } else {
-          for_copies(rows, kc, [&](int r, int c, int at, int64_t from) {
-            const int valid = r < rows ? have - c : 0;
+          for_copies(rows, kc, chunk, [&](int c, int at, const scalar_t* from) {
+            const int valid = have - c;
             const int bytes = valid <= 0 ? 0 : (valid >= kVec ? 16 : valid * int(sizeof(scalar_t)));
-            cuda::copy16_async(as + at, bytes > 0 ? chunk + from : base, bytes);
+            cuda::copy16_async(as + at, bytes > 0 ? from : base, bytes);
           });
+          zero_fill(as, rows, kc, kc);
         }
       } else {  // one value at a time, at issue
         for (int idx = threadIdx.x; idx < round16(rows) * kc; idx += kThreads) {
@@ -664,7 +671,7 @@ struct StageRing {
         int rows, kc;
         place(e, row0, rows, k0, kc);
         scalar_t* const as = slot(e);
-        for_copies(rows, kc, [&](int, int, int at, int64_t) {
+        for_copies(rows, kc, src, [&](int, int at, const scalar_t*) {
 #pragma unroll
           for (int v = 0; v < kVec; ++v) as[at + v] = tc_operand(as[at + v]);
         });

@@ -35,7 +35,7 @@
 // The recurrent product: float64 with fma on CUDA cores; float32 likewise in
 // IEEE precision, or on tensor cores in TF32 where torch allows TF32 for CUDA
 // matmuls (as the per-step path's at::mm does); half and bfloat16 on tensor
-// cores (wmma, float accumulation), with W_hh and the product's row operand
+// cores (mma.sync, float accumulation), with W_hh and the product's row operand
 // (h, or the backward's dgh) in the storage type (TF32-rounded for float32),
 // as in the per-step path's GEMMs. The product itself, the
 // state and the backward's carry stay float (the per-step path rounds its

@@ -159,7 +159,7 @@ struct TcProduct {
   __device__ static void product(const Geo& g, int rows, const scalar_t* ws, op_t* as, c_t* cs,
                                  Stage stage) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-    __trap();  // bfloat16 and TF32 wmma need sm_80; the host launches these on sm_80 and later only
+    __trap();  // mma.sync in bfloat16 and TF32 needs sm_80; the host launches these on sm_80 and later only
 #else
     tc_product(g, rows, ws, staged(as, stage), cs);
 #endif

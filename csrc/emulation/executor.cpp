@@ -16,7 +16,7 @@
 // work before a launch precedes every thread of it; __syncthreads orders the
 // threads of a block, cluster.sync() those of the cluster, grid.sync() those
 // of the grid, __syncwarp those of its
-// mask (the wmma calls are one each); atomics order as atomics; every thread
+// mask; atomics order as atomics; every thread
 // precedes the host's work after the launch. Nothing else does: switching
 // fibers does not synchronize, and the executor's own bookkeeping is hidden
 // from TSan. So two accesses to one address by different threads, one a write,
@@ -137,7 +137,7 @@ struct SharedBuffer {
 };
 
 // Dynamic shared memory is 256-byte aligned, as the nvcc build declares it at
-// least 128-byte aligned and wmma needs 32-byte aligned tiles.
+// least 128-byte aligned and ldmatrix needs 16-byte aligned rows.
 constexpr std::align_val_t kDynamicAlign{256};
 struct AlignedDelete {
   void operator()(unsigned char* p) const { ::operator delete[](p, kDynamicAlign); }
@@ -468,6 +468,12 @@ WarpSync& warp_sync_of(const Fiber& f, unsigned mask) {
   return *all.back();
 }
 
+// The instruction of a tensor-core gather (warp_gather's `what`).
+std::string gather_name(uint64_t what) {
+  static const char* kinds[] = {"mma.sync f16", "mma.sync bf16", "mma.sync tf32"};
+  return what == 0 ? "ldmatrix.x4" : kinds[what - 1];
+}
+
 void try_complete_warp(Fiber& f) {
   Launch& L = *ts.launch;
   const std::vector<int>& lanes = L.warp_lanes[size_t(f.block) * L.warps_per_block + f.warp];
@@ -483,14 +489,15 @@ void try_complete_warp(Fiber& f) {
     present |= 1u << l;
   }
   if (f.wop == WarpOp::Gather) {
-    // All 32 lanes of a whole warp, each with as many bytes.
+    // All 32 lanes of a whole warp, at the same instruction.
     for (int l = 0; l < 32; ++l) {
       if (l >= int(lanes.size()))
         warp_fail(f, "needs a whole warp of 32 lanes; this one has " + std::to_string(lanes.size()));
       if (!(present >> l & 1u)) warp_fail(f, "lane " + std::to_string(l) + " has exited");
-      if (L.fibers[lanes[l]].warg != f.warg)
-        warp_fail(f, "lanes at different instructions (" + std::to_string(f.warg) + " and " +
-                         std::to_string(L.fibers[lanes[l]].warg) + " bytes)");
+      if (L.fibers[lanes[l]].wvalue != L.fibers[lanes[0]].wvalue)
+        warp_fail(f, "lanes 0 and " + std::to_string(l) + " at different instructions (" +
+                         gather_name(L.fibers[lanes[0]].wvalue) + ", " +
+                         gather_name(L.fibers[lanes[l]].wvalue) + ")");
     }
     std::vector<std::vector<unsigned char>>& g = L.blocks[f.block].gathered;
     if (g.size() <= size_t(f.warp)) g.resize(size_t(f.warp) + 1);
@@ -1242,13 +1249,14 @@ uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int width) {
 
 // ------------------------------------------------------------ tensor cores
 // The deposits of every lane of the warp, lane by lane, once all 32 have made
-// theirs (`bytes` each, at most 32): valid until the warp's next intrinsic.
-// The caller hides it from ThreadSanitizer (VK_HIDDEN).
-const unsigned char* warp_gather(const void* mine, unsigned bytes) {
+// theirs (`bytes` each, at most 32) at the same instruction (`what`: every
+// lane of the warp must give the same): valid until the warp's next
+// intrinsic. The caller hides it from ThreadSanitizer (VK_HIDDEN).
+const unsigned char* warp_gather(const void* mine, unsigned bytes, uint64_t what) {
   Fiber& f = running("a tensor-core instruction");
   f.wop = WarpOp::Gather;
   f.wmask = 0xffffffffu;
-  f.wvalue = 0;
+  f.wvalue = what;
   f.warg = int(bytes);
   f.wwidth = 32;
   std::memcpy(f.wblob, mine, bytes);
@@ -1268,7 +1276,7 @@ void ldmatrix_x4(uint32_t* r, const void* row) {
   std::memcpy(mine, row, 16);  // the lane's row, read by the lane (the sanitizers see it)
   VK_HIDDEN;
   Fiber& f = running("ldmatrix");
-  const unsigned char* all = warp_gather(mine, 16);
+  const unsigned char* all = warp_gather(mine, 16, 0);
   // Register j: of matrix j (the rows of lanes 8j .. 8j + 7), row lane / 4,
   // bytes 4 * (lane % 4) ..
   for (int j = 0; j < 4; ++j)
@@ -1299,7 +1307,7 @@ void mma(MmaKind kind, float* d, const uint32_t* a, const uint32_t* b) {
   VK_HIDDEN;
   Fiber& f = running("mma");
   uint32_t mine[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
-  const unsigned char* all = warp_gather(mine, sizeof(mine));
+  const unsigned char* all = warp_gather(mine, sizeof(mine), 1 + uint64_t(kind));
   auto reg = [&](int lane, int i) {
     uint32_t v;
     std::memcpy(&v, all + lane * sizeof(mine) + i * 4, 4);

@@ -170,9 +170,11 @@ __global__ void lane_args_kernel(const float* x, float* out) {
 // One tensor-core product per warp, as the persistent kernels form it (mma.h):
 // A (16 x K, x[0, 16K)) and W (16 x K, x[16K, 32K)), row-major in shared
 // memory with rows padded by 16 bytes, loaded by ldmatrix; D = 0.5 + A W^T by
-// two mma.sync of 8 columns. Each thread's row of out (n, 12): its D
-// registers (both halves), then the bits of its 4 ldmatrix registers of A.
-// mode 1: lane 3 gives a misaligned row; mode 2: lanes 16-31 exit first.
+// two mma.sync of 8 columns. Each thread's row of out (n, 16): its D
+// registers (both halves), then the bits of its 4 ldmatrix registers of A and
+// of its 4 of W.
+// mode 1: lane 3 gives a misaligned row; mode 2: lanes 16-31 exit first;
+// mode 3: lanes 16-31 skip the ldmatrix of A (a divergent warp).
 template <typename T>
 __global__ void mma_kernel(const float* x, float* out, int mode) {
   constexpr int K = std::is_same_v<T, float> ? 8 : 16, E = 16 / int(sizeof(T)), ld = K + E;
@@ -185,8 +187,9 @@ __global__ void mma_kernel(const float* x, float* out, int mode) {
   }
   __syncthreads();
   if (mode == 2 && lane >= 16) return;
-  uint32_t a[4], b[4];
-  cuda::ldmatrix_x4(a, a_s + (lane % 16) * ld + lane / 16 * E + (mode == 1 && lane == 3));
+  uint32_t a[4] = {}, b[4];
+  if (mode != 3 || lane < 16)
+    cuda::ldmatrix_x4(a, a_s + (lane % 16) * ld + lane / 16 * E + (mode == 1 && lane == 3));
   cuda::ldmatrix_x4(b, w_s + (lane % 8 + lane / 16 * 8) * ld + lane / 8 % 2 * E);
   float d[2][4];
   for (int h = 0; h < 2; ++h)
@@ -198,8 +201,9 @@ __global__ void mma_kernel(const float* x, float* out, int mode) {
     else cuda::mma_16x8x16_f16(d[h], a, b[2 * h], b[2 * h + 1]);
   }
   for (int h = 0; h < 2; ++h)
-    for (int r = 0; r < 4; ++r) out[12 * i + 4 * h + r] = d[h][r];
-  std::memcpy(out + 12 * i + 8, a, 16);
+    for (int r = 0; r < 4; ++r) out[16 * i + 4 * h + r] = d[h][r];
+  std::memcpy(out + 16 * i + 8, a, 16);
+  std::memcpy(out + 16 * i + 12, b, 16);
 }
 
 // Cooperative: block 0's last thread publishes a flag the other blocks spin on.
@@ -426,11 +430,12 @@ at::Tensor selftest(const at::Tensor& x_in, c10::string_view name_view, int64_t 
     return out;
   }
   if (name.rfind("mma_", 0) == 0) {
-    // "mma_bf16", "mma_f16", "mma_tf32", then "_misaligned" or "_partial".
+    // "mma_bf16", "mma_f16", "mma_tf32", then "_misaligned", "_partial" or "_diverged".
     const int mode = name.find("_misaligned") != std::string::npos ? 1
                      : name.find("_partial") != std::string::npos  ? 2
+                     : name.find("_diverged") != std::string::npos ? 3
                                                                    : 0;
-    at::Tensor out = at::zeros({x.numel(), 12}, f32);
+    at::Tensor out = at::zeros({x.numel(), 16}, f32);
     TORCH_CHECK(x.numel() >= 512, "mma tests: at least 512 elements of x");
     if (name.rfind("mma_bf16", 0) == 0)
       cuda::launch(mma_kernel<c10::BFloat16>, grid, block, 0, stream, xp, out.data_ptr<float>(), mode);

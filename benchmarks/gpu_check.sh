@@ -31,7 +31,10 @@
 #   ncu        (only when named) Nsight Compute on the persistent kernels of one
 #              fwd+bwd (bfloat16 LSTM, T=512) at B=8 H=256 (cluster form) and
 #              B=64 H=1024 (grid form): throughput, memory, warp stalls, to
-#              ncu_persistent.txt
+#              ncu_persistent.txt; then the forward kernel at B=8 H=256 with
+#              per-instruction counts (instructions executed and stall samples of
+#              each SASS instruction, with its source line): ncu_source_fwd.ncu-rep
+#              and its source page, ncu_source_fwd.csv
 #   units      (only when named) bench_rnn, bfloat16 LSTM, T=512, B 8/64, H 256/1024,
 #              with the persistent kernels at 4, 8, 16 and 32 units a CTA as well
 #              as their default, to benchmarks/results/cta_sweep/
@@ -144,6 +147,14 @@ stage_ncu() {
     $PY benchmarks/profile_rnn.py --ncu --shapes lstm,512,8,256 lstm,512,64,1024 \
     > "$(logfile ncu_persistent.txt)" 2>&1 || status=1
   [ -n "${DRY_RUN:-}" ] || grep -c "persistent_" "$RES/ncu_persistent.txt" || true
+  CAP_ncu=90 cap ncu ncu --profile-from-start off --kernel-name regex:persistent_forward_tc \
+    --launch-count 1 --section SourceCounters --section WarpStateStats --import-source yes -f \
+    -o "$RES/ncu_source_fwd" $PY benchmarks/profile_rnn.py --ncu --shapes lstm,512,8,256 \
+    > "$(logfile ncu_source.log)" 2>&1 || status=1
+  [ -n "${DRY_RUN:-}" ] && return
+  ncu --import "$RES/ncu_source_fwd.ncu-rep" --page source --print-source cuda,sass --csv \
+    > "$RES/ncu_source_fwd.csv" 2>> "$RES/ncu_source.log" || status=1
+  wc -l "$RES/ncu_source_fwd.csv"
 }
 
 stage_units() {

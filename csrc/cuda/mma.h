@@ -5,7 +5,7 @@
 // warp-collective: all 32 lanes execute it together.
 //  - ldmatrix_x4(r, row): loads four 8x8 matrices of 16-bit elements, rows of
 //    16 bytes, from shared memory. Lane l gives the address of row l % 8 of
-//    matrix l / 8 (16-byte aligned); r[j] receives, of matrix j, the 4 bytes
+//    matrix l / 8 (16-byte aligned; smem_row_of(pointer), below); r[j] receives, of matrix j, the 4 bytes
 //    at byte 4 * (l % 4) of row l / 4: two 16-bit elements, or one 32-bit
 //    element of a matrix of 8 rows of 4 (TF32).
 //  - mma_16x8x16<T>(d, a, b), T half or bfloat16: the 16x8 float tile d +=
@@ -32,13 +32,31 @@
 namespace varlen {
 namespace cuda {
 
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+// A lane's row for ldmatrix: on the GPU its 32-bit shared-memory address, so
+// that a loop advances it by one 32-bit addition (a generic pointer takes
+// 64-bit arithmetic); under the CPU execution the pointer. smem_row_of(p) of a
+// pointer into shared memory; + and - move it by bytes.
+#ifdef VK_EMULATE_CUDA
+using smem_row = const unsigned char*;
+inline smem_row smem_row_of(const void* p) { return static_cast<const unsigned char*>(p); }
+#else
+using smem_row = uint32_t;
+__device__ __forceinline__ smem_row smem_row_of(const void* p) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+#else
+  return 0;
+#endif
+}
+#endif
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], smem_row row) {
 #ifdef VK_EMULATE_CUDA
   vk_emu::ldmatrix_x4(r, row);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(shared_address(row)));
+               : "r"(row));
 #elif defined(__CUDA_ARCH__)
   __trap();
 #endif

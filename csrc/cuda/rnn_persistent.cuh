@@ -369,29 +369,45 @@ __device__ __forceinline__ void tc_product(const TcGeometry& g, int rows, const 
   // W's 16 columns (both 8-column halves).
   const int a_lane = (lane % 16) * lda + lane / 16 * E;
   const int w_lane = (lane % 8 + lane / 16 * 8) * ldw + lane / 8 % 2 * E;
-  auto mma = [&](float (&c)[2][4], const scalar_t* as, int mtile, int ntile, int k0, int kk) {
+  // One KK-step of a 16x16 tile: A's rows from a, W's from w (this lane's).
+  auto mma = [&](float (&c)[2][4], cuda::smem_row a_at, cuda::smem_row w_at) {
     uint32_t a[4], b[4];
-    cuda::ldmatrix_x4(a, as + (mtile * 16 * lda + a_lane + kk));
-    cuda::ldmatrix_x4(b, ws + (ntile * 16 * ldw + w_lane + k0 + kk));
+    cuda::ldmatrix_x4(a, a_at);
+    cuda::ldmatrix_x4(b, w_at);
     Tc<scalar_t>::mma(c[0], a, b[0], b[1]);
     Tc<scalar_t>::mma(c[1], a, b[2], b[3]);
   };
+  // This lane's rows of output tile (mtile, ntile) at step kk of chunk k0.
+  auto a_of = [&](const scalar_t* as, int mtile, int kk) {
+    return cuda::smem_row_of(as + (mtile * 16 * lda + a_lane + kk));
+  };
+  auto w_of = [&](int ntile, int k0, int kk) {
+    return cuda::smem_row_of(ws + (ntile * 16 * ldw + w_lane + k0 + kk));
+  };
+  constexpr int kStepBytes = KK * int(sizeof(scalar_t));
   // A warp with one tile (every split-K warp) sums its KK-steps in two chains
   // of dependent products, not one: its n-th step of the reduction (counted
   // over the whole reduction, so the chunking does not change the sums) into
-  // acc[n & 1], the two added at the end.
+  // acc[n & 1], the two added at the end. The KK-steps kk, kk + step, ..
+  // below kc, from rows advanced by fixed steps.
   const bool two_tiles = warp + kWarps < g.mt * g.nt && (warp + kWarps) / g.nt * 16 < rows;
   auto chains = [&](const scalar_t* as, int mtile, int ntile, int k0, int kk, int step, int kc,
                     bool odd) {
-    if (odd && kk < kc) {
-      mma(acc[1], as, mtile, ntile, k0, kk);
-      kk += step;
+    if (kk >= kc) return;
+    cuda::smem_row a_at = a_of(as, mtile, kk), w_at = w_of(ntile, k0, kk);
+    const cuda::smem_row a_end = a_at + (kc - kk) * int(sizeof(scalar_t));
+    const int by = step / KK * kStepBytes;  // (step: a multiple of KK)
+    auto next = [&](float (&c)[2][4]) {
+      mma(c, a_at, w_at);
+      a_at += by;
+      w_at += by;
+    };
+    if (odd) next(acc[1]);
+    while (a_at + by < a_end) {
+      next(acc[0]);
+      next(acc[1]);
     }
-    for (; kk + step < kc; kk += 2 * step) {
-      mma(acc[0], as, mtile, ntile, k0, kk);
-      mma(acc[1], as, mtile, ntile, k0, kk + step);
-    }
-    if (kk < kc) mma(acc[0], as, mtile, ntile, k0, kk);
+    if (a_at < a_end) next(acc[0]);
   };
   int c = 0;
   const int kp = int(g.kp), chunk = int(g.chunk);  // (shared memory holds a row of W)
@@ -413,7 +429,9 @@ __device__ __forceinline__ void tc_product(const TcGeometry& g, int rows, const 
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       const int t = warp + e * kWarps, mtile = t / g.nt, ntile = t % g.nt;
-      for (int kk = 0; kk < kc; kk += KK) mma(acc[e], as, mtile, ntile, k0, kk);
+      const cuda::smem_row a_at = a_of(as, mtile, 0), w_at = w_of(ntile, k0, 0);
+      for (int kk = 0; kk < kc; kk += KK)
+        mma(acc[e], a_at + kk * int(sizeof(scalar_t)), w_at + kk * int(sizeof(scalar_t)));
     }
   }
   if (S > 1 || !two_tiles) {

@@ -189,8 +189,9 @@ __global__ void mma_kernel(const float* x, float* out, int mode) {
   if (mode == 2 && lane >= 16) return;
   uint32_t a[4] = {}, b[4];
   if (mode != 3 || lane < 16)
-    cuda::ldmatrix_x4(a, a_s + (lane % 16) * ld + lane / 16 * E + (mode == 1 && lane == 3));
-  cuda::ldmatrix_x4(b, w_s + (lane % 8 + lane / 16 * 8) * ld + lane / 8 % 2 * E);
+    cuda::ldmatrix_x4(
+        a, cuda::smem_row_of(a_s + (lane % 16) * ld + lane / 16 * E + (mode == 1 && lane == 3)));
+  cuda::ldmatrix_x4(b, cuda::smem_row_of(w_s + (lane % 8 + lane / 16 * 8) * ld + lane / 8 % 2 * E));
   float d[2][4];
   for (int h = 0; h < 2; ++h)
     for (int r = 0; r < 4; ++r) d[h][r] = 0.5f;

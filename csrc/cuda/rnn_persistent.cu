@@ -99,44 +99,49 @@ namespace {
 // thread's first kEarly (row, unit) items of a tile before the tile's product.
 constexpr int kEarly = 2;
 
-// load(idx) for the thread's first kEarly items of a tile (below).
+// load(r, u) for the thread's first kEarly items of a tile of `rows` rows
+// (below; `walk`: TileWalk(Hs)).
 template <typename Load, typename Item>
-__device__ __forceinline__ void load_early(int items, int Hs, int64_t j0, int64_t H, Load load,
-                                           Item (&early)[kEarly]) {
+__device__ __forceinline__ void load_early(const TileWalk& walk, int rows, int64_t j0, int64_t H,
+                                           Load load, Item (&early)[kEarly]) {
+  int r = walk.r0, u = walk.c0;
 #pragma unroll
   for (int e = 0; e < kEarly; ++e) {
-    const int idx = int(threadIdx.x) + e * kThreads;
-    if (idx < items && j0 + idx % Hs < H) early[e] = load(idx);
+    if (r < rows && j0 + u < H) early[e] = load(r, u);
+    walk.advance(r, u);
   }
 }
 
-// The (row r of a tile, unit u) items of the tile's cell, idx = r * Hs + u <
-// items, dealt to the threads in turn, units past H skipped: load(idx) (what
-// the cell reads) for a thread's first kEarly items, then product() (every
-// thread calls it), then cell(idx, load(idx)) for every item, the first
-// kEarly with what was loaded before the product; or, with use_ready, with
-// what load_early() gave in `ready`, earlier (the kernels load the first
-// tile's of a step before the barrier that ends the step before it).
+// The (row r, unit u) items of a tile's cell, r < rows, u < Hs, dealt to the
+// threads in turn (item r * Hs + u to thread (r * Hs + u) % kThreads:
+// `walk`, TileWalk(Hs), so that no item takes a division; made at each call,
+// as a walk kept across the kernel's steps cost registers and spills), units
+// past H skipped: load(r, u) (what the cell reads) for a
+// thread's first kEarly items, then product() (every thread calls it), then
+// cell(r, u, load(r, u)) for every item, the first kEarly with what was loaded
+// before the product; or, with use_ready, with what load_early() gave in
+// `ready`, earlier (the kernels load the first tile's of a step before the
+// barrier that ends the step before it).
 template <typename Load, typename Product, typename CellFn, typename Item>
-__device__ __forceinline__ void cell_items(int items, int Hs, int64_t j0, int64_t H, Load load,
-                                           Product product, CellFn cell,
+__device__ __forceinline__ void cell_items(const TileWalk& walk, int rows, int64_t j0, int64_t H,
+                                           Load load, Product product, CellFn cell,
                                            const Item (&ready)[kEarly], bool use_ready) {
-  const int tid = threadIdx.x;
   Item early[kEarly];
   if (use_ready) {
 #pragma unroll
     for (int e = 0; e < kEarly; ++e) early[e] = ready[e];
   } else {
-    load_early(items, Hs, j0, H, load, early);
+    load_early(walk, rows, j0, H, load, early);
   }
   product();
+  int r = walk.r0, u = walk.c0;
 #pragma unroll
   for (int e = 0; e < kEarly; ++e) {
-    const int idx = tid + e * kThreads;
-    if (idx < items && j0 + idx % Hs < H) cell(idx, early[e]);
+    if (r < rows && j0 + u < H) cell(r, u, early[e]);
+    walk.advance(r, u);
   }
-  for (int idx = tid + kEarly * kThreads; idx < items; idx += kThreads)
-    if (j0 + idx % Hs < H) cell(idx, load(idx));
+  for (; r < rows; walk.advance(r, u))
+    if (j0 + u < H) cell(r, u, load(r, u));
 }
 
 // The state a cell reads of row i, unit j = j0 + u (at = i * H + j): with
@@ -621,9 +626,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     GateInputs<float, K> xin{};
     float h = 0.f, c = 0.f;
   };
-  // Item idx of step s's tile at row row0 (lr0: its first buffer row).
-  auto load_item = [&](const FwdStep<float>& s, int64_t row0, int64_t lr0, int idx) {
-    const int r = idx / Hs, u = idx % Hs;
+  // Item (r, u) of step s's tile at row row0 (lr0: its first buffer row).
+  auto load_item = [&](const FwdStep<float>& s, int64_t row0, int64_t lr0, int r, int u) {
     const int64_t i = row0 + r, j = j0 + u;
     Item it;
     it.xin = cell_inputs<scalar_t, float, K>(p, s, i, j);
@@ -652,9 +656,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int64_t row0 = grp.first(g.rbt); row0 < s.nrun; row0 += grp.stride(g.rbt), ++tile) {
       const int rows = s.nrun - row0 < g.rbt ? int(s.nrun - row0) : g.rbt;
       const int64_t lr0 = tile * g.rbt;
-      auto load = [&](int idx) { return load_item(s, row0, lr0, idx); };
-      auto cell = [&](int idx, const Item& it) {
-        const int r = idx / Hs, u = idx % Hs;
+      auto load = [&](int r, int u) { return load_item(s, row0, lr0, r, u); };
+      auto cell = [&](int r, int u, const Item& it) {
         const int64_t i = row0 + r, j = j0 + u;
         float hid[G];
 #pragma unroll
@@ -674,7 +677,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           if constexpr (K == Cell::LSTM) p.cbuf[i * H + j] = c;
         }
       };
-      cell_items(rows * Hs, Hs, j0, H, load, [&] {
+      cell_items(TileWalk(Hs), rows, j0, H, load, [&] {
         tc_product(g, rows, ws, tile_operand(ring, tile, xr > 0 ? xcur + lr0 * g.lda : nullptr),
                    cs, partial);
       }, cell, ready, tile == 0 && have_ready);
@@ -685,13 +688,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     have_ready = step + 1 < maxlen && first < next.nrun;
     if (have_ready) {
       const int rows = next.nrun - first < g.rbt ? int(next.nrun - first) : g.rbt;
-      load_early(rows * Hs, Hs, j0, H,
-                 [&](int idx) { return load_item(next, first, 0, idx); }, ready);
+      load_early(TileWalk(Hs), rows, j0, H,
+                 [&](int r, int u) { return load_item(next, first, 0, r, u); }, ready);
     }
     if (xr > 0 && step + 1 < maxlen) {  // (no step reads the last one's)
       __syncthreads();  // this CTA's h_t complete in its next buffer
-      share_columns(xnext, g.lda, xrun, j0, int(H - j0 < Hs ? H - j0 : Hs), 1, 0,
-                    [](scalar_t v) { return tc_operand(v); });
+      share_columns<1>(xnext, g.lda, xrun, j0, int(H - j0 < Hs ? H - j0 : Hs), 0,
+                       [](scalar_t v) { return tc_operand(v); });
     }
     step_barrier(L);
     s = next;
@@ -764,9 +767,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     BwdInputs<float, K> in{};
     float carry = 0.f, dc = 0.f;
   };
-  // Item idx of step s's tile at row row0 (lr0: its first buffer row).
-  auto load_item = [&](const BwdStep<scalar_t>& s, int64_t row0, int64_t lr0, int idx) {
-    const int r = idx / Hs, u = idx % Hs;
+  // Item (r, u) of step s's tile at row row0 (lr0: its first buffer row).
+  auto load_item = [&](const BwdStep<scalar_t>& s, int64_t row0, int64_t lr0, int r, int u) {
     const int64_t i = row0 + r, j = j0 + u;
     Item it;
     if (i < s.nrun) it.in = cell_inputs<scalar_t, float, K>(p, s, i, j);
@@ -792,9 +794,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int with_prev =
           row0 < s.nprev ? (s.nprev - row0 < g.rbt ? int(s.nprev - row0) : g.rbt) : 0;
       const int64_t lr0 = tile * g.rbt;
-      auto load = [&](int idx) { return load_item(s, row0, lr0, idx); };
-      auto cell = [&](int idx, const Item& it) {
-        const int r = idx / Hs, u = idx % Hs;
+      auto load = [&](int r, int u) { return load_item(s, row0, lr0, r, u); };
+      auto cell = [&](int r, int u, const Item& it) {
         const int64_t i = row0 + r, j = j0 + u, row = s.row0 + i;
         const float prod = r < with_prev ? cs[r * g.ldc + u] : 0.f;
         float carry = it.carry, dc = it.dc;
@@ -823,7 +824,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           if constexpr (K == Cell::LSTM) p.dcbuf[i * H + j] = dc;
         }
       };
-      cell_items(rows * Hs, Hs, j0, H, load, [&] {
+      cell_items(TileWalk(Hs), rows, j0, H, load, [&] {
         if (with_prev > 0) {  // block-uniform
           tc_product(g, with_prev, ws,
                      tile_operand(ring, tile, xr > 0 ? xcur + lr0 * g.lda : nullptr), cs,
@@ -837,13 +838,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     have_ready = step < maxlen && first < next.n;
     if (have_ready) {
       const int rows = next.n - first < g.rbt ? int(next.n - first) : g.rbt;
-      load_early(rows * Hs, Hs, j0, H,
-                 [&](int idx) { return load_item(next, first, 0, idx); }, ready);
+      load_early(TileWalk(Hs), rows, j0, H,
+                 [&](int r, int u) { return load_item(next, first, 0, r, u); }, ready);
     }
     if (xr > 0) {
       __syncthreads();  // this CTA's dgh at t complete in its next buffer
-      share_columns(xnext, g.lda, xrun, j0, int(H - j0 < Hs ? H - j0 : Hs), G, H,
-                    [](scalar_t v) { return tc_operand(v); });
+      share_columns<G>(xnext, g.lda, xrun, j0, int(H - j0 < Hs ? H - j0 : Hs), H,
+                       [](scalar_t v) { return tc_operand(v); });
     }
     step_barrier(L);
     s = next;

@@ -42,16 +42,17 @@ constexpr int kMinUnits = 2, kMaxUnits = 128;
 // Rows of a tile of the fma kernels: kRows per row group of Hs threads.
 constexpr int tile_rows(int units) { return (kThreads / units) * kRows; }
 
-// f(r, c) for each element of a rows x cols tile that is the calling
-// thread's: element r * cols + c is thread (r * cols + c) % kThreads's. From
-// element to element (r, c) advance by fixed steps, so that the loop, which
-// runs for every element staged, has no division.
-template <typename F>
-__device__ __forceinline__ void for_tile_elements(int rows, int cols, F f) {
-  const int dr = kThreads / cols, dc = kThreads - dr * cols;
-  int r = int(threadIdx.x) / cols, c = int(threadIdx.x) - r * cols;
-  while (r < rows) {
-    f(r, c);
+// The calling thread's elements of a tile of `cols` columns (element r * cols
+// + c is thread (r * cols + c) % kThreads's): its first, (r0, c0), and the
+// fixed steps from one to the next (advance()), so that a loop over them has
+// no division. The divisions are the constructor's: a kernel that walks tiles
+// of the same columns at every step makes its walk once, before its steps.
+struct TileWalk {
+  int cols, dr, dc, r0, c0;
+  __device__ explicit TileWalk(int cols_)
+      : cols(cols_), dr(kThreads / cols_), dc(kThreads - (kThreads / cols_) * cols_),
+        r0(int(threadIdx.x) / cols_), c0(int(threadIdx.x) - (int(threadIdx.x) / cols_) * cols_) {}
+  __device__ void advance(int& r, int& c) const {
     r += dr;
     c += dc;
     if (c >= cols) {  // (c, dc < cols: one wrap at most)
@@ -59,6 +60,18 @@ __device__ __forceinline__ void for_tile_elements(int rows, int cols, F f) {
       ++r;
     }
   }
+  // f(r, c) for each of the thread's elements in rows [0, rows).
+  template <typename F>
+  __device__ void each(int rows, F f) const {
+    for (int r = r0, c = c0; r < rows; advance(r, c)) f(r, c);
+  }
+};
+
+// f(r, c) for each element of a rows x cols tile that is the calling
+// thread's (TileWalk).
+template <typename F>
+__device__ __forceinline__ void for_tile_elements(int rows, int cols, F f) {
+  TileWalk(cols).each(rows, f);
 }
 
 // Number of sequences with length > t (0 <= t < T): the tokens of step t in
@@ -258,12 +271,23 @@ __host__ __device__ constexpr int round16(int n) { return (n + 15) / 16 * 16; }
 // stride of an odd number of 16 bytes puts them on different banks (a stride
 // of 32 bytes would put rows 0 and 4 on the same). The strides stay multiples
 // of 16 bytes, as ldmatrix requires.
+// (t * ceil(256 / d)) >> 8 == t / d for every 0 <= t < 16 and 1 <= d <= 1024.
+constexpr bool small_div_ok() {
+  for (int d = 1; d <= 1024; ++d)
+    for (int t = 0; t < 16; ++t)
+      if (((t * ((256 + d - 1) / d)) >> 8) != t / d) return false;
+  return true;
+}
+static_assert(small_div_ok(), "TcGeometry::div_nt");
+
 struct TcGeometry {
   int n, np, nt, mt, rbt;   // columns, padded to 16; column tiles; row tiles per tile; rows
   int64_t kp, ldw, lda, ldc;  // k padded to 16; leading dimensions of W, A, C in shared memory
   int64_t chunk;              // columns of A staged at a time: kp, or fewer (a multiple of 16)
   int elem;                 // bytes of an operand element
   int slots;                // A's slots (at most those asked for)
+  int nt_magic;             // ceil(256 / nt): t / nt as (t * nt_magic) >> 8 (div_nt)
+  int nch;                  // A's chunks: ceil(kp / chunk)
   __host__ __device__ TcGeometry(int n_, int64_t k, int elem_, int most_mt = 0,
                                  int64_t stage_limit = 0, int slots_ = 1)
       : n(n_), elem(elem_), slots(slots_) {
@@ -290,7 +314,13 @@ struct TcGeometry {
     }
     lda = chunk + 16 / elem;
     ldc = np + 4;
+    nt_magic = (256 + nt - 1) / nt;
+    nch = int((kp + chunk - 1) / chunk);
   }
+  // t / nt and t % nt for 0 <= t < 16 (the output tiles a warp or a split
+  // touches: below 2 * kWarps), without a division (exact there: small_div_ok).
+  __host__ __device__ int div_nt(int t) const { return (t * nt_magic) >> 8; }
+  __host__ __device__ int mod_nt(int t) const { return t - div_nt(t) * nt; }
   // At most two output tiles per warp.
   __host__ __device__ bool fits() const { return mt * nt <= 2 * kWarps; }
   __host__ __device__ int64_t w_bytes() const { return align128(np * ldw * elem); }
@@ -360,8 +390,17 @@ __device__ __forceinline__ void tc_product(const TcGeometry& g, int rows, const 
   constexpr int E = 16 / int(sizeof(scalar_t));  // elements in 16 bytes
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int tiles = (rows + 15) / 16 * g.nt;  // output tiles with a row below `rows`
-  const int S = scratch != nullptr && tiles > 0 && tiles < kWarps ? kWarps / tiles : 1;
-  const int q = S > 1 ? warp % tiles : 0, slice = S > 1 ? warp / tiles : 0;  // split-K: tile, share
+  // Split-K: S = kWarps / tiles warps a tile (a power of 2: 8, 4 or 2, where
+  // there are 1 to 4 tiles), warp = slice * tiles + q: tile q, share slice.
+  // No division (this runs every step): tiles <= 4 there.
+  static_assert(kWarps == 8, "the split-K shares below assume 8 warps");
+  const int S = scratch != nullptr && tiles > 0 && tiles <= kWarps / 2
+                    ? (tiles == 1 ? 8 : tiles == 2 ? 4 : 2)
+                    : 1;
+  const int lgS = S == 8 ? 3 : S == 4 ? 2 : S == 2 ? 1 : 0;
+  const int slice =  // warp / tiles (TcGeometry::div_nt's way)
+      S > 1 ? (warp * (tiles == 1 ? 256 : tiles == 2 ? 128 : tiles == 3 ? 86 : 64)) >> 8 : 0;
+  const int q = warp - slice * tiles;
   // Two 16x16 float accumulators, each two 8-column halves in mma.h's layout.
   float acc[2][2][4] = {};
   const int lda = int(g.lda), ldw = int(g.ldw);  // (32-bit offsets in shared memory)
@@ -390,7 +429,7 @@ __device__ __forceinline__ void tc_product(const TcGeometry& g, int rows, const 
   // over the whole reduction, so the chunking does not change the sums) into
   // acc[n & 1], the two added at the end. The KK-steps kk, kk + step, ..
   // below kc, from rows advanced by fixed steps.
-  const bool two_tiles = warp + kWarps < g.mt * g.nt && (warp + kWarps) / g.nt * 16 < rows;
+  const bool two_tiles = warp + kWarps < g.mt * g.nt && g.div_nt(warp + kWarps) * 16 < rows;
   auto chains = [&](const scalar_t* as, int mtile, int ntile, int k0, int kk, int step, int kc,
                     bool odd) {
     if (kk >= kc) return;
@@ -416,19 +455,19 @@ __device__ __forceinline__ void tc_product(const TcGeometry& g, int rows, const 
     const scalar_t* const as = operand(c, k0, kc);
     if (S > 1) {
       if (slice < S) {  // warp-uniform; the KK-steps i of the reduction with i % S == slice
-        const int first = (k0 / KK) % S, kk = ((slice - first) % S + S) % S * KK;
-        chains(as, q / g.nt, q % g.nt, k0, kk, S * KK, kc, ((k0 + kk) / KK / S) & 1);
+        const int first = (k0 / KK) & (S - 1), kk = ((slice - first) & (S - 1)) * KK;
+        chains(as, g.div_nt(q), g.mod_nt(q), k0, kk, S * KK, kc, ((k0 + kk) / KK >> lgS) & 1);
       }
       continue;
     }
     if (!two_tiles) {  // warp-uniform
-      if (warp < g.mt * g.nt && warp / g.nt * 16 < rows)
-        chains(as, warp / g.nt, warp % g.nt, k0, 0, KK, kc, (k0 / KK) & 1);
+      if (warp < g.mt * g.nt && g.div_nt(warp) * 16 < rows)
+        chains(as, g.div_nt(warp), g.mod_nt(warp), k0, 0, KK, kc, (k0 / KK) & 1);
       continue;
     }
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-      const int t = warp + e * kWarps, mtile = t / g.nt, ntile = t % g.nt;
+      const int t = warp + e * kWarps, mtile = g.div_nt(t), ntile = g.mod_nt(t);
       const cuda::smem_row a_at = a_of(as, mtile, 0), w_at = w_of(ntile, k0, 0);
       for (int kk = 0; kk < kc; kk += KK)
         mma(acc[e], a_at + kk * int(sizeof(scalar_t)), w_at + kk * int(sizeof(scalar_t)));
@@ -457,12 +496,12 @@ __device__ __forceinline__ void tc_product(const TcGeometry& g, int rows, const 
       const int t = idx / 256, e = idx % 256;
       float sum = 0.f;
       for (int sl = 0; sl < S; ++sl) sum += scratch[(sl * tiles + t) * 256 + e];
-      cs[((t / g.nt) * 16 + e / 16) * g.ldc + (t % g.nt) * 16 + e % 16] = sum;
+      cs[(g.div_nt(t) * 16 + e / 16) * g.ldc + g.mod_nt(t) * 16 + e % 16] = sum;
     }
   } else {
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-      const int t = warp + e * kWarps, mtile = t / g.nt, ntile = t % g.nt;
+      const int t = warp + e * kWarps, mtile = g.div_nt(t), ntile = g.mod_nt(t);
       if (t >= g.mt * g.nt || mtile * 16 >= rows) continue;
       store(cs + mtile * 16 * g.ldc + ntile * 16, int(g.ldc), acc[e]);
     }
@@ -536,14 +575,16 @@ struct StageRing {
                        uint64_t* bar_ = nullptr, unsigned* phase_ = nullptr)
       : g(g_), slots(slots_), src(src_), ld(ld_), kmax(kmax_), first(first_), stride(stride_),
         R(R_), bar(bar_), phase(phase_) {
-    nch = (int(g.kp) + int(g.chunk) - 1) / int(g.chunk);  // (a row of shared memory)
-    items = R > first ? div(R - first + stride - 1, stride) * nch : 0;
+    nch = g.nch;
+    // (none without a source: the cluster form's exchange stages nothing)
+    items = src != nullptr && R > first ? div(R - first + stride - 1, stride) * nch : 0;
     // (chunks start at multiples of 16 columns, so every copy is aligned)
     vec = ld % kVec == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0;
   }
   static constexpr int kVec = 16 / int(sizeof(scalar_t));  // values a copy
 
   __device__ scalar_t* slot(int64_t e) const {
+    if (g.slots == 1) return slots;
     return slots + (e - div(e, g.slots) * g.slots) * (g.slot_bytes() / int64_t(sizeof(scalar_t)));
   }
   // a / b (both positive) in 32-bit arithmetic where they fit, as they do
@@ -553,7 +594,7 @@ struct StageRing {
   }
   // Item e: the first row of its tile, the tile's rows, its columns.
   __device__ void place(int64_t e, int64_t& row0, int& rows, int64_t& k0, int& kc) const {
-    const int64_t tile = div(e, nch);
+    const int64_t tile = nch == 1 ? e : div(e, nch);
     row0 = first + tile * stride;
     rows = R - row0 < g.rbt ? int(R - row0) : g.rbt;
     k0 = (e - tile * nch) * g.chunk;
@@ -747,12 +788,15 @@ __device__ __forceinline__ void for_own_state(const RowGroup& rows, int64_t xr, 
 }
 
 // Rows [0, rows) of an exchange buffer x (row stride ld): the columns
-// [b * bstride + c0, b * bstride + c0 + nc) for b < nb, op(value) written in
-// place and into the same place in every other CTA of the cluster. Every
-// thread calls it, after a barrier that completes the values.
-template <typename T, typename Op>
+// [b * bstride + c0, b * bstride + c0 + nc) for b < NB, op(value) written in
+// place and into the same place in every other CTA of the cluster, in pieces
+// of 16 bytes where all of them align, else of one value. Every thread calls
+// it, after a barrier that completes the values. The thread's pieces are
+// walked without a division a piece (TileWalk; the row of a (row, block) pair
+// is a division by the constant NB).
+template <int NB, typename T, typename Op>
 __device__ __forceinline__ void share_columns(T* x, int64_t ld, int64_t rows, int64_t c0, int nc,
-                                              int nb, int64_t bstride, Op op) {
+                                              int64_t bstride, Op op) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // clusters need sm_90; the host launches them there only
 #else
@@ -761,11 +805,11 @@ __device__ __forceinline__ void share_columns(T* x, int64_t ld, int64_t rows, in
   constexpr int V = 16 / sizeof(T);
   struct alignas(16) Vec { T v[V]; };
   const bool vec = c0 % V == 0 && nc % V == 0 && bstride % V == 0 && ld % V == 0;
-  const int per = vec ? nc / V : nc;  // loads of a row block
+  const int per = vec ? nc / V : nc;  // pieces of a block of columns
+  if (per <= 0) return;  // (a CTA with no unit below H)
   // 32-bit counts (the rows are the cluster's, held in its shared memory).
-  const int row_items = nb * per, items = int(rows) * row_items;
-  for (int idx = threadIdx.x; idx < items; idx += kThreads) {
-    const int r = idx / row_items, rest = idx - r * row_items, b = rest / per, c = rest - b * per;
+  TileWalk(per).each(int(rows) * NB, [&](int rb, int c) {
+    const int r = rb / NB, b = rb - r * NB;
     T* at = x + (r * int(ld) + int(b * bstride + c0) + (vec ? c * V : c));
     if (vec) {
       Vec v;
@@ -791,7 +835,7 @@ __device__ __forceinline__ void share_columns(T* x, int64_t ld, int64_t rows, in
         *(rank == me ? at : cluster.map_shared_rank(at, rank)) = v;
       }
     }
-  }
+  });
 #endif
 }
 

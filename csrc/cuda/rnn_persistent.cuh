@@ -52,7 +52,7 @@ struct TileWalk {
   __device__ explicit TileWalk(int cols_)
       : cols(cols_), dr(kThreads / cols_), dc(kThreads - (kThreads / cols_) * cols_),
         r0(int(threadIdx.x) / cols_), c0(int(threadIdx.x) - (int(threadIdx.x) / cols_) * cols_) {}
-  __device__ void advance(int& r, int& c) const {
+  __device__ __forceinline__ void advance(int& r, int& c) const {
     r += dr;
     c += dc;
     if (c >= cols) {  // (c, dc < cols: one wrap at most)
@@ -62,7 +62,7 @@ struct TileWalk {
   }
   // f(r, c) for each of the thread's elements in rows [0, rows).
   template <typename F>
-  __device__ void each(int rows, F f) const {
+  __device__ __forceinline__ void each(int rows, F f) const {
     for (int r = r0, c = c0; r < rows; advance(r, c)) f(r, c);
   }
 };
@@ -229,21 +229,21 @@ template <>
 struct Tc<c10::Half> {
   static constexpr int k = 16;
   __device__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    cuda::mma_16x8x16_f16(d, a, b0, b1);
+    cuda::mma_16x8<cuda::MmaKind::F16>(d, a, b0, b1);
   }
 };
 template <>
 struct Tc<c10::BFloat16> {
   static constexpr int k = 16;
   __device__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    cuda::mma_16x8x16_bf16(d, a, b0, b1);
+    cuda::mma_16x8<cuda::MmaKind::BF16>(d, a, b0, b1);
   }
 };
 template <>
 struct Tc<float> {
   static constexpr int k = 8;
   __device__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    cuda::mma_16x8x8_tf32(d, a, b0, b1);
+    cuda::mma_16x8<cuda::MmaKind::TF32>(d, a, b0, b1);
   }
 };
 
@@ -400,7 +400,7 @@ __device__ __forceinline__ void tc_product(const TcGeometry& g, int rows, const 
   const int lgS = S == 8 ? 3 : S == 4 ? 2 : S == 2 ? 1 : 0;
   const int slice =  // warp / tiles (TcGeometry::div_nt's way)
       S > 1 ? (warp * (tiles == 1 ? 256 : tiles == 2 ? 128 : tiles == 3 ? 86 : 64)) >> 8 : 0;
-  const int q = warp - slice * tiles;
+  const int q = warp - slice * tiles;  // (read only where S > 1)
   // Two 16x16 float accumulators, each two 8-column halves in mma.h's layout.
   float acc[2][2][4] = {};
   const int lda = int(g.lda), ldw = int(g.ldw);  // (32-bit offsets in shared memory)
@@ -627,7 +627,7 @@ struct StageRing {
         c -= kc;
         ++r;
         at += at_wrap;
-        from += from_wrap;
+        from += from_wrap;  // (after the last copy, a value never read: 4 fewer instructions a copy)
       }
       if (r >= rows) break;
       from += from_step;

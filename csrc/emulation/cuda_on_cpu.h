@@ -205,7 +205,7 @@ void mbarrier_wait(void* bar, unsigned parity);
 // are read with their low 13 mantissa bits dropped, as the tensor cores read
 // a float that was not rounded by to_tf32 (to nearest, ties away from zero,
 // as cvt.rna.tf32.f32 rounds).
-enum class MmaKind : int { F16, BF16, TF32 };
+enum class MmaKind : int { F16, BF16, TF32 };  // as varlen::cuda::MmaKind
 void ldmatrix_x4(uint32_t* r, const void* row);
 void mma(MmaKind kind, float* d, const uint32_t* a, const uint32_t* b);
 float to_tf32(float v);

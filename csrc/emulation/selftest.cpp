@@ -196,10 +196,10 @@ __global__ void mma_kernel(const float* x, float* out, int mode) {
   for (int h = 0; h < 2; ++h)
     for (int r = 0; r < 4; ++r) d[h][r] = 0.5f;
   for (int h = 0; h < 2; ++h) {
-    if constexpr (std::is_same_v<T, float>) cuda::mma_16x8x8_tf32(d[h], a, b[2 * h], b[2 * h + 1]);
-    else if constexpr (std::is_same_v<T, c10::BFloat16>)
-      cuda::mma_16x8x16_bf16(d[h], a, b[2 * h], b[2 * h + 1]);
-    else cuda::mma_16x8x16_f16(d[h], a, b[2 * h], b[2 * h + 1]);
+    constexpr cuda::MmaKind kind = std::is_same_v<T, float>            ? cuda::MmaKind::TF32
+                                   : std::is_same_v<T, c10::BFloat16> ? cuda::MmaKind::BF16
+                                                                      : cuda::MmaKind::F16;
+    cuda::mma_16x8<kind>(d[h], a, b[2 * h], b[2 * h + 1]);
   }
   for (int h = 0; h < 2; ++h)
     for (int r = 0; r < 4; ++r) out[16 * i + 4 * h + r] = d[h][r];

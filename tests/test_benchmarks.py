@@ -362,13 +362,23 @@ def test_gpu_check_writes_committed_results_explicitly(bench, tmp_path):
         found.add(path)
     assert found == {"benchmarks/bench_rnn.py", "benchmarks/bench_losses.py", "benchmarks/bench_linear_ce.py"}
     assert "benchmarks/profile_rnn.py" in commands.read_text()
-    # The ncu stage profiles the persistent kernels of profile_rnn.py's --ncu run.
+    # The ncu stage profiles the persistent kernels of profile_rnn.py's --ncu run, then
+    # the forward kernel at B = 8, H = 256 once more with per-instruction counts,
+    # exported under benchmarks/results.
     ncu = [shlex.split(line) for line in commands.read_text().splitlines() if line.startswith("ncu ")]
-    assert len(ncu) == 1 and "--profile-from-start" in ncu[0]
-    args = ncu[0][ncu[0].index("benchmarks/profile_rnn.py") + 1:]
+    assert len(ncu) == 2 and all("--profile-from-start" in c for c in ncu)
     profile = bench("profile_rnn")
-    shapes = [profile.shape(a) for a in args[args.index("--shapes") + 1:]]
-    assert "--ncu" in args and shapes == [("lstm", 512, 8, 256), ("lstm", 512, 64, 1024)]
+
+    def shapes_of(command):
+        args = command[command.index("benchmarks/profile_rnn.py") + 1:]
+        assert "--ncu" in args
+        return [profile.shape(a) for a in args[args.index("--shapes") + 1:]]
+
+    assert shapes_of(ncu[0]) == [("lstm", 512, 8, 256), ("lstm", 512, 64, 1024)]
+    source = ncu[1]
+    assert shapes_of(source) == [("lstm", 512, 8, 256)]
+    assert "SourceCounters" in source and source[source.index("--launch-count") + 1] == "1"
+    assert source[source.index("-o") + 1] == "benchmarks/results/ncu_source_fwd"
     for bad in ("lstm,512,64", "lstm,512,x,1024"):
         with pytest.raises(argparse.ArgumentTypeError, match=r"a shape is cell,T,B,H, got"):
             profile.shape(bad)

@@ -43,7 +43,7 @@ inline smem_row smem_row_of(const void* p) { return static_cast<const unsigned c
 using smem_row = uint32_t;
 __device__ __forceinline__ smem_row smem_row_of(const void* p) {
 #if defined(__CUDA_ARCH__)
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  return shared_address(p);  // (async_copy.h)
 #else
   return 0;
 #endif

@@ -567,7 +567,7 @@ struct StageRing {
   const int64_t ld, kmax, first, stride, R;
   uint64_t* const bar;      // the mbarrier of bulk copies (bulk_start: one slot), or nullptr
   unsigned* const phase;    // its next phase's parity (with bar)
-  int64_t nch = 0, items = 0;
+  int64_t items = 0;  // (chunks a tile: g.nch)
   bool vec = false;
 
   __device__ StageRing(const TcGeometry& g_, scalar_t* slots_, const scalar_t* src_, int64_t ld_,
@@ -575,9 +575,8 @@ struct StageRing {
                        uint64_t* bar_ = nullptr, unsigned* phase_ = nullptr)
       : g(g_), slots(slots_), src(src_), ld(ld_), kmax(kmax_), first(first_), stride(stride_),
         R(R_), bar(bar_), phase(phase_) {
-    nch = g.nch;
     // (none without a source: the cluster form's exchange stages nothing)
-    items = src != nullptr && R > first ? div(R - first + stride - 1, stride) * nch : 0;
+    items = src != nullptr && R > first ? div(R - first + stride - 1, stride) * g.nch : 0;
     // (chunks start at multiples of 16 columns, so every copy is aligned)
     vec = ld % kVec == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0;
   }
@@ -594,10 +593,10 @@ struct StageRing {
   }
   // Item e: the first row of its tile, the tile's rows, its columns.
   __device__ void place(int64_t e, int64_t& row0, int& rows, int64_t& k0, int& kc) const {
-    const int64_t tile = nch == 1 ? e : div(e, nch);
+    const int64_t tile = g.nch == 1 ? e : div(e, g.nch);
     row0 = first + tile * stride;
     rows = R - row0 < g.rbt ? int(R - row0) : g.rbt;
-    k0 = (e - tile * nch) * g.chunk;
+    k0 = (e - tile * g.nch) * g.chunk;
     kc = g.kp - k0 < g.chunk ? int(g.kp - k0) : int(g.chunk);
   }
   // f(c, at, from) for each of the thread's copies of rows [0, rows) of an
@@ -749,7 +748,7 @@ template <typename scalar_t>
 __device__ __forceinline__ auto tile_operand(const StageRing<scalar_t>& ring, int64_t tile,
                                              const scalar_t* resident) {
   return [&ring, tile, resident](int c, int64_t, int) -> const scalar_t* {
-    if (resident == nullptr) return ring.take(tile * ring.nch + c);
+    if (resident == nullptr) return ring.take(tile * ring.g.nch + c);
     __syncthreads();  // (the previous tile's C is consumed)
     return resident;
   };

@@ -61,7 +61,9 @@ def _grads(m, x, lengths, hx, gy):
 # and staged chunks (H = 36: rows staged 16 bytes a load, columns 36..47 of
 # the padding one at a time; H = 9 bidirectional: the LSTM's backward stages
 # rows of 36 columns of a 72-column block, its last copy of each row 8 bytes
-# from the row, zeros after them), in the grid form and in the cluster form (clusters of 2,
+# from the row, zeros after them; H = 64 on 8 SMs: 8 units a CTA, so the
+# backward's product has output tiles of 8 columns, TcGeometry::tn; H = 16
+# on 8 SMs: 2 units, so the forward's too), in the grid form and in the cluster form (clusters of 2,
 # 4 and 3 CTAs, a cluster for each 16-row tile); the fma persistent kernels in
 # half/bfloat16 (the tensor-core ones do not fit that shared memory; GRU's
 # forward still does), in both forms; the per-step path; on a GPU (whose limits
@@ -73,6 +75,8 @@ LOW_PRECISION_CASES = [
     (9, 40, 64, {"sm_count": 4}, "persistent:grid", False, True),
     (9, 40, 50, {"sm_count": 3}, "persistent:grid", False),
     (9, 40, 96, {"sm_count": 3}, "persistent:grid", False),
+    (9, 40, 64, {"sm_count": 8}, "persistent:grid", False),
+    (9, 40, 16, {"sm_count": 8}, "persistent:grid", False),
     (9, 40, 36, {"sm_count": 2}, "persistent:grid", False),
     (9, 40, 9, {"sm_count": 2}, "persistent:grid", False, True),
     (9, 40, 64, {"sm_count": 2, "max_shared_per_block": 24576}, "persistent:grid", False),
@@ -280,7 +284,7 @@ def matmul_precision(precision):
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "lstm_proj"])
 @pytest.mark.parametrize("bidirectional", [False, True])
-@pytest.mark.parametrize("sync", ["grid", "cluster"])
+@pytest.mark.parametrize("sync", ["grid", "grid8", "cluster"])
 def test_float32_follows_torchs_tf32_setting(cell, bidirectional, sync, gpu):
     """The float32 persistent kernels run IEEE fma unless torch allows TF32 for
     CUDA matmuls, then tensor cores in TF32. IEEE: output and every gradient
@@ -289,7 +293,10 @@ def test_float32_follows_torchs_tf32_setting(cell, bidirectional, sync, gpu):
     the recurrent product's operands are rounded), and far from IEEE's (TF32 did
     run). lstm_proj: proj_size 5 (both products of its kernels; the grid form
     only). Both forms of the persistent kernels: the grid form on 2 SMs a
-    direction, the cluster form in clusters of 2 CTAs."""
+    direction, and on 8 (8 units a CTA: the backward's tensor-core tiles have 8
+    columns, TcGeometry::tn), the cluster form in clusters of 2 CTAs."""
+    if sync == "grid8" and gpu == "cuda":
+        pytest.skip("a GPU's grid form gives these 64 units a CTA each: 'grid' has such tiles")
     if cell == "lstm_proj" and sync == "cluster":
         pytest.skip("the projection LSTM's kernels have the grid form only")
     T, B, H = 9, 40, 64
@@ -317,9 +324,10 @@ def test_float32_follows_torchs_tf32_setting(cell, bidirectional, sync, gpu):
         return [((a.double() - b).abs().max() / b.abs().max().clamp_min(1.0)).item()
                 for a, b in zip([y, *grads], [y64, *g64])]
 
-    limits = dict(sm_count=4 if bidirectional else 2) if sync == "grid" else \
+    per_dir = {"grid": 2, "grid8": 8}.get(sync)
+    limits = dict(sm_count=per_dir * (2 if bidirectional else 1)) if per_dir else \
         dict(max_cluster_blocks=2)
-    with rnn_path(f"persistent:{sync}"), device_limits(gpu, **limits):
+    with rnn_path(f"persistent:{sync[:4] if per_dir else sync}"), device_limits(gpu, **limits):
         with matmul_precision("ieee"):
             ieee = errors(run(torch.float32))
         with matmul_precision("tf32"):

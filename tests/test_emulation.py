@@ -472,7 +472,9 @@ def test_ldmatrix_and_mma_follow_the_ptx_lane_layouts(kind, order):
     of 2 warps: every lane's registers are where the PTX ISA puts them. With
     g = lane // 4 and t = lane % 4, register j of ldmatrix holds row g of matrix
     j at bytes 4t..4t+3, the matrices' rows given by lanes 8j..8j+7; D's
-    registers 4h + i hold D[g + 8 (i // 2)][8h + 2t + i % 2]."""
+    registers 4h + i hold D[g + 8 (i // 2)][8h + 2t + i % 2]. ldmatrix.x2 of W's
+    columns 8-15 alone (lanes 16-31 giving misaligned addresses, unread) gives
+    the same two registers as x4's last two, and the same D."""
     k = 8 if kind == "tf32" else 16
     x, out = run(f"mma_{kind}", order, blocks=16, threads=32)
     a = _tensor_core_operand(x[:16 * k], kind).view(16, k)
@@ -501,6 +503,9 @@ def test_ldmatrix_and_mma_follow_the_ptx_lane_layouts(kind, order):
                 r, byte = row_of(L)
                 expected.append(row_bytes[r, byte + 4 * tt:byte + 4 * tt + 4])
             assert torch.equal(regs[:, j], torch.stack(expected)), f"ldmatrix register {j} of {name}"
+    bits = out.contiguous().view(torch.int32)
+    assert torch.equal(bits[:, 16:20], bits[:, 4:8]), "D of W's columns 8-15 through ldmatrix.x2"
+    assert torch.equal(bits[:, 20:22], bits[:, 14:16]), "ldmatrix.x2's registers of W's columns 8-15"
 
 
 @pytest.mark.parametrize("name,message", [

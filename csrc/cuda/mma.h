@@ -1,13 +1,15 @@
 // Warp-level tensor-core instructions (sm_80 and later), the form of the
 // persistent kernels' recurrent product (tc_product, rnn_persistent.cuh), and
-// what the CPU execution of CUDA runs in their place (vk_emu::ldmatrix_x4 and
-// vk_emu::mma, with the lane layouts of the PTX ISA). Each is
+// what the CPU execution of CUDA runs in their place (vk_emu::ldmatrix_x4,
+// ldmatrix_x2 and mma, with the lane layouts of the PTX ISA). Each is
 // warp-collective: all 32 lanes execute it together.
 //  - ldmatrix_x4(r, row): loads four 8x8 matrices of 16-bit elements, rows of
 //    16 bytes, from shared memory. Lane l gives the address of row l % 8 of
 //    matrix l / 8 (16-byte aligned; smem_row_of(pointer), below); r[j]
 //    receives, of matrix j, the 4 bytes at byte 4 * (l % 4) of row l / 4: two
 //    16-bit elements, or one 32-bit element of a matrix of 8 rows of 4 (TF32).
+//  - ldmatrix_x2(r, row): the same for two matrices, whose rows lanes 0-15
+//    give (the addresses of lanes 16-31 are not read).
 //  - mma_16x8<MmaKind::F16 / BF16>(d, a, b0, b1): the 16x8 float tile d +=
 //    A (16x16) times B (16x8). With g = lane / 4 and t = lane % 4:
 //      a[0]: A[g][2t, 2t+1], a[1]: A[g+8][2t, 2t+1], a[2]: A[g][2t+8, 2t+9],
@@ -22,7 +24,9 @@
 // ldmatrix_x4 with lane l at p + (l % 16) * ld + (l / 16) * 16 bytes, and the
 // B operands of two 8-column halves, stored column by column (W[n][k], k
 // contiguous), at w + (l % 8 + (l / 16) * 8) * ld + (l / 8 % 2) * 16 bytes:
-// r[0], r[1] for columns 0-7, r[2], r[3] for columns 8-15.
+// r[0], r[1] for columns 0-7, r[2], r[3] for columns 8-15; the B operand of
+// one 8-column tile alone is ldmatrix_x2 with lane l at w + (l % 8) * ld +
+// (l / 8 % 2) * 16 bytes.
 #pragma once
 
 #include <cstdint>
@@ -56,6 +60,18 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], smem_row row) {
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(row));
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], smem_row row) {
+#ifdef VK_EMULATE_CUDA
+  vk_emu::ldmatrix_x2(r, row);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
                : "r"(row));
 #elif defined(__CUDA_ARCH__)
   __trap();

@@ -211,7 +211,7 @@ size_t smem_bytes(int G, int units, int64_t H, int64_t k, int64_t limit) {
 // (backward), and B the CTA's slice of W_hh, kept in shared memory for the
 // whole launch. float32 keeps A and B in float, rounded to TF32 (10 mantissa
 // bits, to nearest) as they are written to shared memory, as cuBLAS's TF32
-// GEMMs round their operands. Per tile of rows, the 8 warps share the 16x16
+// GEMMs round their operands. Per tile of rows, the 8 warps share the 16 x tn
 // output tiles (at most 2 each; where there are fewer tiles than warps, each
 // tile's reduction is split between several, tc_product), A is staged whole
 // (where it takes at most the launch's stage_limit) or in equal chunks
@@ -270,7 +270,11 @@ __host__ __device__ constexpr int round16(int n) { return (n + 15) / 16 * 16; }
 // ldmatrix (mma.h) reads a matrix of 8 rows of 16 bytes at once, and a row
 // stride of an odd number of 16 bytes puts them on different banks (a stride
 // of 32 bytes would put rows 0 and 4 on the same). The strides stay multiples
-// of 16 bytes, as ldmatrix requires.
+// of 16 bytes, as ldmatrix requires. The output tiles are 16 rows by tn
+// columns: 16, or 8 where the product has at most 8 columns (a slice of at
+// most 8 units in the backward, of at most 2 in an LSTM's forward), which
+// then takes neither shared memory for W's 8 zero columns nor their
+// tensor-core instructions (tc_product: one mma a KK-step, W by ldmatrix.x2).
 // (t * ceil(256 / d)) >> 8 == t / d for every 0 <= t < 16 and 1 <= d <= 1024.
 constexpr bool small_div_ok() {
   for (int d = 1; d <= 1024; ++d)
@@ -281,7 +285,8 @@ constexpr bool small_div_ok() {
 static_assert(small_div_ok(), "TcGeometry::div_nt");
 
 struct TcGeometry {
-  int n, np, nt, mt, rbt;   // columns, padded to 16; column tiles; row tiles per tile; rows
+  int n, tn, np, nt, mt, rbt;  // columns; a tile's (8 or 16); padded to tn; column tiles;
+                              // row tiles per tile; rows
   int64_t kp, ldw, lda, ldc;  // k padded to 16; leading dimensions of W, A, C in shared memory
   int64_t chunk;              // columns of A staged at a time: kp, or fewer (a multiple of 16)
   int elem;                 // bytes of an operand element
@@ -291,8 +296,9 @@ struct TcGeometry {
   __host__ __device__ TcGeometry(int n_, int64_t k, int elem_, int most_mt = 0,
                                  int64_t stage_limit = 0, int slots_ = 1)
       : n(n_), elem(elem_), slots(slots_) {
-    np = (n + 15) / 16 * 16;
-    nt = np / 16;
+    tn = n <= 8 ? 8 : 16;
+    np = (n + tn - 1) / tn * tn;
+    nt = np / tn;
     mt = nt >= kWarps ? 1 : kWarps / nt;
     if (most_mt > 0 && most_mt < mt) mt = most_mt;
     rbt = 16 * mt;
@@ -327,7 +333,7 @@ struct TcGeometry {
   __host__ __device__ int64_t slot_bytes() const { return align128(rbt * lda * elem); }
   __host__ __device__ int64_t a_bytes() const { return slots * slot_bytes(); }
   __host__ __device__ int64_t c_bytes() const { return int64_t(rbt) * ldc * 4; }
-  // tc_product's split-K partial sums: a 16x16 float tile a warp, where a tile
+  // tc_product's split-K partial sums: a 16 x tn float tile a warp, where a tile
   // of rows can have fewer output tiles than warps (fewer column tiles).
   __host__ __device__ int64_t s_bytes() const { return nt < kWarps ? int64_t(kWarps) * 256 * 4 : 0; }
   // The plain kernels' shared memory: W, A, C, then the partial sums; all
@@ -370,7 +376,8 @@ struct TcGeometry {
 };
 
 // C (rows x g.np) += A (rows x kp) times the W slice w (col-major, g.ldw):
-// the output tiles with a row below `rows`; then C to shared memory cs.
+// the output tiles (16 x g.tn) with a row below `rows`; then C to shared
+// memory cs.
 // Block-uniform: every thread calls it. A's chunk c, columns [k0, k0 + kc)
 // (g.chunk at a time), is at `operand(c, k0, kc)`, row stride g.lda, rows
 // below round16(rows) (zero past `rows`: only whole 16-row tiles are
@@ -383,9 +390,12 @@ struct TcGeometry {
 // kWarps / tiles warps instead (split-K: the KK-steps of the reduction dealt in
 // turn, by their index, so the chunking does not change the sums), whose
 // partial sums meet in scratch and are added in a fixed order.
-template <typename scalar_t, typename Operand>
-__device__ __forceinline__ void tc_product(const TcGeometry& g, int rows, const scalar_t* ws,
-                                           Operand operand, float* cs, float* scratch = nullptr) {
+// tc_product_tn: the same for TN = g.tn, tc_product (below) chooses.
+template <int TN, typename scalar_t, typename Operand>
+__device__ __forceinline__ void tc_product_tn(const TcGeometry& g, int rows, const scalar_t* ws,
+                                              Operand operand, float* cs, float* scratch) {
+  static_assert(TN == 8 || TN == 16, "output tiles of 8 or 16 columns");
+  constexpr int NH = TN / 8;  // 8-column halves of an output tile (mma.h's n = 8)
   constexpr int KK = Tc<scalar_t>::k;
   constexpr int E = 16 / int(sizeof(scalar_t));  // elements in 16 bytes
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -401,27 +411,35 @@ __device__ __forceinline__ void tc_product(const TcGeometry& g, int rows, const 
   const int slice =  // warp / tiles (TcGeometry::div_nt's way)
       S > 1 ? (warp * (tiles == 1 ? 256 : tiles == 2 ? 128 : tiles == 3 ? 86 : 64)) >> 8 : 0;
   const int q = warp - slice * tiles;  // (read only where S > 1)
-  // Two 16x16 float accumulators, each two 8-column halves in mma.h's layout.
-  float acc[2][2][4] = {};
+  // Two 16 x TN float accumulators, each NH 8-column halves in mma.h's layout.
+  float acc[2][NH][4] = {};
   const int lda = int(g.lda), ldw = int(g.ldw);  // (32-bit offsets in shared memory)
   // The rows this lane gives ldmatrix (mma.h): of A's 16-row tile, and of
-  // W's 16 columns (both 8-column halves).
+  // W's TN columns (both 8-column halves, or the one: ldmatrix.x2, which
+  // reads the rows of lanes 0-15 only).
   const int a_lane = (lane % 16) * lda + lane / 16 * E;
-  const int w_lane = (lane % 8 + lane / 16 * 8) * ldw + lane / 8 % 2 * E;
-  // One KK-step of a 16x16 tile: A's rows from a, W's from w (this lane's).
-  auto mma = [&](float (&c)[2][4], cuda::smem_row a_at, cuda::smem_row w_at) {
-    uint32_t a[4], b[4];
+  const int w_lane = (lane % 8 + (NH == 2 ? lane / 16 * 8 : 0)) * ldw + lane / 8 % 2 * E;
+  // One KK-step of a 16 x TN tile: A's rows from a, W's from w (this lane's).
+  auto mma = [&](float (&c)[NH][4], cuda::smem_row a_at, cuda::smem_row w_at) {
+    uint32_t a[4];
     cuda::ldmatrix_x4(a, a_at);
-    cuda::ldmatrix_x4(b, w_at);
-    Tc<scalar_t>::mma(c[0], a, b[0], b[1]);
-    Tc<scalar_t>::mma(c[1], a, b[2], b[3]);
+    if constexpr (NH == 2) {
+      uint32_t b[4];
+      cuda::ldmatrix_x4(b, w_at);
+      Tc<scalar_t>::mma(c[0], a, b[0], b[1]);
+      Tc<scalar_t>::mma(c[1], a, b[2], b[3]);
+    } else {
+      uint32_t b[2];
+      cuda::ldmatrix_x2(b, w_at);
+      Tc<scalar_t>::mma(c[0], a, b[0], b[1]);
+    }
   };
   // This lane's rows of output tile (mtile, ntile) at step kk of chunk k0.
   auto a_of = [&](const scalar_t* as, int mtile, int kk) {
     return cuda::smem_row_of(as + (mtile * 16 * lda + a_lane + kk));
   };
   auto w_of = [&](int ntile, int k0, int kk) {
-    return cuda::smem_row_of(ws + (ntile * 16 * ldw + w_lane + k0 + kk));
+    return cuda::smem_row_of(ws + (ntile * TN * ldw + w_lane + k0 + kk));
   };
   constexpr int kStepBytes = KK * int(sizeof(scalar_t));
   // A warp with one tile (every split-K warp) sums its KK-steps in two chains
@@ -436,7 +454,7 @@ __device__ __forceinline__ void tc_product(const TcGeometry& g, int rows, const 
     cuda::smem_row a_at = a_of(as, mtile, kk), w_at = w_of(ntile, k0, kk);
     const cuda::smem_row a_end = a_at + (kc - kk) * int(sizeof(scalar_t));
     const int by = step / KK * kStepBytes;  // (step: a multiple of KK)
-    auto next = [&](float (&c)[2][4]) {
+    auto next = [&](float (&c)[NH][4]) {
       mma(c, a_at, w_at);
       a_at += by;
       w_at += by;
@@ -475,38 +493,45 @@ __device__ __forceinline__ void tc_product(const TcGeometry& g, int rows, const 
   }
   if (S > 1 || !two_tiles) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h)
+    for (int h = 0; h < NH; ++h)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[0][h][i] += acc[1][h][i];
   }
-  // A 16x16 accumulator to p (row stride ld floats, 8-byte aligned rows):
+  // A 16 x TN accumulator to p (row stride ld floats, 8-byte aligned rows):
   // the lane's elements of rows lane / 4 and lane / 4 + 8 (mma.h).
-  auto store = [&](float* p, int ld, const float (&v)[2][4]) {
+  auto store = [&](float* p, int ld, const float (&v)[NH][4]) {
     float* const r0 = p + lane / 4 * ld + lane % 4 * 2;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
+    for (int h = 0; h < NH; ++h) {
       *reinterpret_cast<float2*>(r0 + h * 8) = make_float2(v[h][0], v[h][1]);
       *reinterpret_cast<float2*>(r0 + 8 * ld + h * 8) = make_float2(v[h][2], v[h][3]);
     }
   };
   if (S > 1) {
-    if (slice < S) store(scratch + warp * 256, 16, acc[0]);
+    constexpr int kTile = 16 * TN;  // (a warp's scratch holds 256 floats: 16 x 16 at most)
+    if (slice < S) store(scratch + warp * 256, TN, acc[0]);
     __syncthreads();
-    for (int idx = threadIdx.x; idx < tiles * 256; idx += kThreads) {
-      const int t = idx / 256, e = idx % 256;
+    for (int idx = threadIdx.x; idx < tiles * kTile; idx += kThreads) {
+      const int t = idx / kTile, e = idx % kTile;
       float sum = 0.f;
       for (int sl = 0; sl < S; ++sl) sum += scratch[(sl * tiles + t) * 256 + e];
-      cs[(g.div_nt(t) * 16 + e / 16) * g.ldc + g.mod_nt(t) * 16 + e % 16] = sum;
+      cs[(g.div_nt(t) * 16 + e / TN) * g.ldc + g.mod_nt(t) * TN + e % TN] = sum;
     }
   } else {
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       const int t = warp + e * kWarps, mtile = g.div_nt(t), ntile = g.mod_nt(t);
       if (t >= g.mt * g.nt || mtile * 16 >= rows) continue;
-      store(cs + mtile * 16 * g.ldc + ntile * 16, int(g.ldc), acc[e]);
+      store(cs + mtile * 16 * g.ldc + ntile * TN, int(g.ldc), acc[e]);
     }
   }
   __syncthreads();  // C complete for the cell threads
+}
+template <typename scalar_t, typename Operand>
+__device__ __forceinline__ void tc_product(const TcGeometry& g, int rows, const scalar_t* ws,
+                                           Operand operand, float* cs, float* scratch = nullptr) {
+  if (g.tn == 8) tc_product_tn<8>(g, rows, ws, operand, cs, scratch);
+  else tc_product_tn<16>(g, rows, ws, operand, cs, scratch);
 }
 
 // tc_product's operand staged synchronously: stage(k0, kc) (every thread

@@ -483,9 +483,10 @@ int64_t features_per_cta(int64_t H, int64_t P, int units) {
 // The launch of `dirs` directions, or units = 0 (see choose_launch). forward:
 // products (a) 4*units columns over P and (b) Ps over H; backward: (1) Ps
 // columns over 4H and (2) units over P. On tensor cores a product's columns
-// are padded to 16, so the backward's W_hh slice takes 16 x 4H values however
-// few features a CTA has: beyond H of about 1.5k (16-bit types) or 650 (TF32)
-// on 132 SMs of 227 KiB of shared memory the fma kernel runs instead.
+// are padded to 8 (16 past 8, TcGeometry::tn), so the backward's W_hh slice
+// takes 8 x 4H values however few features a CTA has: beyond H of about 2.5k
+// (16-bit types) or 1.3k (TF32), with P = H/4, on 132 SMs of 227 KiB of
+// shared memory the fma kernel runs instead.
 template <typename scalar_t, typename Kernel>
 Launch choose_proj(Kernel tc_kernel, Kernel fma_kernel, bool forward, int dirs, int64_t B,
                    int64_t H, int64_t P, at::ScalarType dtype) {

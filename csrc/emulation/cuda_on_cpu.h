@@ -199,14 +199,16 @@ void bulk_copy(void* dst, const void* src, size_t bytes, void* bar);
 void mbarrier_wait(void* bar, unsigned parity);
 // Tensor cores (csrc/cuda/mma.h, which states the lane layouts): the warp's
 // ldmatrix.x4 from shared memory (each lane's 16-byte row is read as the lane
-// reaches it) and its mma.sync of a 16x8 float tile, the products of each
-// element added in k order with fma in float. Both need all 32 lanes of a
+// reaches it), its ldmatrix.x2 (the rows of lanes 0-15 only) and its
+// mma.sync of a 16x8 float tile, the products of each element added in k
+// order with fma in float. All need all 32 lanes of a
 // whole warp; a lane's row address must be 16-byte aligned. TF32 operands
 // are read with their low 13 mantissa bits dropped, as the tensor cores read
 // a float that was not rounded by to_tf32 (to nearest, ties away from zero,
 // as cvt.rna.tf32.f32 rounds).
 enum class MmaKind : int { F16, BF16, TF32 };  // as varlen::cuda::MmaKind
 void ldmatrix_x4(uint32_t* r, const void* row);
+void ldmatrix_x2(uint32_t* r, const void* row);
 void mma(MmaKind kind, float* d, const uint32_t* a, const uint32_t* b);
 float to_tf32(float v);
 enum class WarpOp : int { Sync, ShflIdx, ShflUp, ShflDown, ShflXor, Ballot, Any, All, Gather };
@@ -367,5 +369,5 @@ inline thread_block this_thread_block() { return {}; }
 }  // namespace cooperative_groups
 
 // ------------------------------------------------------------ tensor cores
-// ldmatrix.x4 and mma.sync (csrc/cuda/mma.h) are in vk_emu: warp-collective,
+// ldmatrix.x4, ldmatrix.x2 and mma.sync (csrc/cuda/mma.h) are in vk_emu: warp-collective,
 // with the PTX ISA's lane layouts (executor.cpp).

@@ -470,8 +470,9 @@ WarpSync& warp_sync_of(const Fiber& f, unsigned mask) {
 
 // The instruction of a tensor-core gather (warp_gather's `what`).
 std::string gather_name(uint64_t what) {
-  static const char* kinds[] = {"mma.sync f16", "mma.sync bf16", "mma.sync tf32"};
-  return what == 0 ? "ldmatrix.x4" : kinds[what - 1];
+  static const char* kinds[] = {"ldmatrix.x4", "mma.sync f16", "mma.sync bf16", "mma.sync tf32",
+                                "ldmatrix.x2"};
+  return kinds[what];
 }
 
 void try_complete_warp(Fiber& f) {
@@ -1267,21 +1268,27 @@ const unsigned char* warp_gather(const void* mine, unsigned bytes, uint64_t what
   return ts.launch->blocks[f.block].gathered[f.warp].data();
 }
 
-void ldmatrix_x4(uint32_t* r, const void* row) {
-  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) {
+// ldmatrix of `matrices` (4 or 2) 8x8 matrices: lane l gives row l % 8 of
+// matrix l / 8 (lanes past 8 * matrices give none); register j of matrix j.
+void ldmatrix(uint32_t* r, const void* row, int matrices) {
+  const bool gives = running("ldmatrix").lane < 8 * matrices;
+  if (gives && reinterpret_cast<uintptr_t>(row) % 16 != 0) {
     VK_HIDDEN;
     throw KernelError(where(running("ldmatrix")) + ": ldmatrix needs 16-byte aligned row addresses");
   }
-  unsigned char mine[16];
-  std::memcpy(mine, row, 16);  // the lane's row, read by the lane (the sanitizers see it)
+  unsigned char mine[16] = {};
+  if (gives) std::memcpy(mine, row, 16);  // the lane's row, read by the lane (the sanitizers see it)
   VK_HIDDEN;
   Fiber& f = running("ldmatrix");
-  const unsigned char* all = warp_gather(mine, 16, 0);
+  const unsigned char* all = warp_gather(mine, 16, matrices == 4 ? 0 : 4);
   // Register j: of matrix j (the rows of lanes 8j .. 8j + 7), row lane / 4,
   // bytes 4 * (lane % 4) ..
-  for (int j = 0; j < 4; ++j)
+  for (int j = 0; j < matrices; ++j)
     std::memcpy(&r[j], all + (j * 8 + f.lane / 4) * 16 + (f.lane % 4) * 4, 4);
 }
+
+void ldmatrix_x4(uint32_t* r, const void* row) { ldmatrix(r, row, 4); }
+void ldmatrix_x2(uint32_t* r, const void* row) { ldmatrix(r, row, 2); }
 
 namespace {
 float half_bits_to_float(uint16_t h) {

@@ -170,9 +170,11 @@ __global__ void lane_args_kernel(const float* x, float* out) {
 // One tensor-core product per warp, as the persistent kernels form it (mma.h):
 // A (16 x K, x[0, 16K)) and W (16 x K, x[16K, 32K)), row-major in shared
 // memory with rows padded by 16 bytes, loaded by ldmatrix; D = 0.5 + A W^T by
-// two mma.sync of 8 columns. Each thread's row of out (n, 16): its D
+// two mma.sync of 8 columns. Each thread's row of out (n, 22): its D
 // registers (both halves), then the bits of its 4 ldmatrix registers of A and
-// of its 4 of W.
+// of its 4 of W; then, with W's columns 8-15 loaded alone by ldmatrix.x2
+// (lanes 16-31 giving misaligned addresses, which it does not read), the D
+// registers of that half and the bits of its 2 registers.
 // mode 1: lane 3 gives a misaligned row; mode 2: lanes 16-31 exit first;
 // mode 3: lanes 16-31 skip the ldmatrix of A (a divergent warp).
 template <typename T>
@@ -201,10 +203,23 @@ __global__ void mma_kernel(const float* x, float* out, int mode) {
                                                                       : cuda::MmaKind::F16;
     cuda::mma_16x8<kind>(d[h], a, b[2 * h], b[2 * h + 1]);
   }
+  uint32_t b2[2];
+  cuda::ldmatrix_x2(b2, cuda::smem_row_of(w_s + (8 + lane % 8) * ld + lane / 8 % 2 * E +
+                                          (lane >= 16 ? 1 : 0)));
+  float d2[4] = {0.5f, 0.5f, 0.5f, 0.5f};
+  {
+    constexpr cuda::MmaKind kind = std::is_same_v<T, float>            ? cuda::MmaKind::TF32
+                                   : std::is_same_v<T, c10::BFloat16> ? cuda::MmaKind::BF16
+                                                                      : cuda::MmaKind::F16;
+    cuda::mma_16x8<kind>(d2, a, b2[0], b2[1]);
+  }
+  float* const o = out + 22 * i;
   for (int h = 0; h < 2; ++h)
-    for (int r = 0; r < 4; ++r) out[16 * i + 4 * h + r] = d[h][r];
-  std::memcpy(out + 16 * i + 8, a, 16);
-  std::memcpy(out + 16 * i + 12, b, 16);
+    for (int r = 0; r < 4; ++r) o[4 * h + r] = d[h][r];
+  std::memcpy(o + 8, a, 16);
+  std::memcpy(o + 12, b, 16);
+  for (int r = 0; r < 4; ++r) o[16 + r] = d2[r];
+  std::memcpy(o + 20, b2, 8);
 }
 
 // Cooperative: block 0's last thread publishes a flag the other blocks spin on.
@@ -436,7 +451,7 @@ at::Tensor selftest(const at::Tensor& x_in, c10::string_view name_view, int64_t 
                      : name.find("_partial") != std::string::npos  ? 2
                      : name.find("_diverged") != std::string::npos ? 3
                                                                    : 0;
-    at::Tensor out = at::zeros({x.numel(), 16}, f32);
+    at::Tensor out = at::zeros({x.numel(), 22}, f32);
     TORCH_CHECK(x.numel() >= 512, "mma tests: at least 512 elements of x");
     if (name.rfind("mma_bf16", 0) == 0)
       cuda::launch(mma_kernel<c10::BFloat16>, grid, block, 0, stream, xp, out.data_ptr<float>(), mode);

@@ -79,6 +79,13 @@ def main(argv=None):
         lengths = torch.tensor([6, 0, 2])
         vk.masked_cross_entropy(logits, target, lengths, batch_first=True, label_smoothing=0.1,
                                 weight=torch.rand(11, device=dev)).backward()
+        # lengths on the device (checked by the kernel), a mask, per-token losses
+        vk.masked_cross_entropy(logits, target, lengths.to(dev), batch_first=True).backward()
+        vk.masked_cross_entropy(logits.transpose(0, 1), target.t(), mask=target.t() > 3,
+                                reduction="none").sum().backward()
+        valid = (torch.arange(6)[None, :] < lengths[:, None]).to(dev).reshape(-1)
+        torch.ops.varlen_kernels.cross_entropy_forward(logits.detach().reshape(-1, 11),
+                                                       target.reshape(-1), valid, 0.0)
         vk.masked_mse(logits, logits.detach() * 0.5, lengths, batch_first=True).backward()
         hidden = torch.randn(6, 3, 8, device=dev, requires_grad=True)
         head = vk.MaskedLinearCrossEntropy(8, 50).to(dev)

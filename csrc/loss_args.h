@@ -11,10 +11,10 @@
 
 namespace varlen {
 
-// logits (R, C) floating; target (R,) int64; mask (R,) bool; weight (C,) of
-// the logits' dtype or None; all on one device.
+// logits (R, C) floating; target (R,) int64; mask (R,) bool (where not
+// null); weight (C,) of the logits' dtype or None; all on one device.
 inline void check_cross_entropy_args(const at::Tensor& logits, const at::Tensor& target,
-                                     const at::Tensor& mask, double label_smoothing,
+                                     const at::Tensor* mask_or_null, double label_smoothing,
                                      const c10::optional<at::Tensor>& weight) {
   TORCH_CHECK(logits.dim() == 2, "logits must be 2-D (R, C), got shape ", logits.sizes());
   TORCH_CHECK(logits.is_floating_point(), "logits must be floating point, got ",
@@ -22,12 +22,15 @@ inline void check_cross_entropy_args(const at::Tensor& logits, const at::Tensor&
   const int64_t R = logits.size(0), C = logits.size(1);
   TORCH_CHECK(C > 0, "logits must have at least one class, got shape ", logits.sizes());
   VK_CHECK_SHAPE(target, R);
-  VK_CHECK_SHAPE(mask, R);
   TORCH_CHECK(target.scalar_type() == at::kLong, "target must be int64, got ",
               target.scalar_type());
-  TORCH_CHECK(mask.scalar_type() == at::kBool, "mask must be bool, got ", mask.scalar_type());
   check_same_device(logits, target, "target");
-  check_same_device(logits, mask, "mask");
+  if (mask_or_null != nullptr) {
+    const at::Tensor& mask = *mask_or_null;
+    VK_CHECK_SHAPE(mask, R);
+    TORCH_CHECK(mask.scalar_type() == at::kBool, "mask must be bool, got ", mask.scalar_type());
+    check_same_device(logits, mask, "mask");
+  }
   TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0,
               "label_smoothing must be in [0, 1], got ", label_smoothing);
   if (weight.has_value()) {
@@ -38,6 +41,11 @@ inline void check_cross_entropy_args(const at::Tensor& logits, const at::Tensor&
                 weight->scalar_type());
     check_same_device(logits, *weight, "weight");
   }
+}
+inline void check_cross_entropy_args(const at::Tensor& logits, const at::Tensor& target,
+                                     const at::Tensor& mask, double label_smoothing,
+                                     const c10::optional<at::Tensor>& weight) {
+  check_cross_entropy_args(logits, target, &mask, label_smoothing, weight);
 }
 
 // The backward's extra arguments: grad_loss and lse (R,) in the math type.
@@ -65,6 +73,45 @@ inline CeWeight cross_entropy_weight(const c10::optional<at::Tensor>& weight,
   if (!weight.has_value()) return {};
   at::Tensor w = weight->to(acc).contiguous();
   return {w, w.sum().reshape({1})};
+}
+
+enum class CeReduction { None, Sum, Mean };
+
+// masked_cross_entropy_forward's arguments (op_schemas.h): what
+// check_cross_entropy_args checks of logits, target, weight and
+// label_smoothing; mask (R,) bool or lengths (B,) int64 with R = B*T, not
+// both; the reduction. Returns the rows' rule (its pointers unset) and the
+// reduction.
+inline std::pair<CeRows, CeReduction> check_masked_cross_entropy_args(
+    const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& mask,
+    const c10::optional<at::Tensor>& lengths, bool batch_first,
+    c10::optional<int64_t> ignore_index, double label_smoothing,
+    const c10::optional<at::Tensor>& weight, const std::string& reduction) {
+  check_cross_entropy_args(logits, target, mask.has_value() ? &*mask : nullptr, label_smoothing,
+                           weight);
+  TORCH_CHECK(!(mask.has_value() && lengths.has_value()),
+              "give a mask or lengths, not both");
+  CeRows rows;
+  rows.batch_first = batch_first;
+  rows.has_ignore = ignore_index.has_value();
+  rows.ignore = ignore_index.value_or(0);
+  if (lengths.has_value()) {
+    const int64_t R = logits.size(0);
+    TORCH_CHECK(lengths->dim() == 1 && lengths->scalar_type() == at::kLong,
+                "lengths must be 1-D int64, got shape ", lengths->sizes(), " and dtype ",
+                lengths->scalar_type());
+    check_same_device(logits, *lengths, "lengths");
+    rows.B = lengths->size(0);
+    TORCH_CHECK(rows.B > 0 ? R % rows.B == 0 : R == 0, "logits' ", R,
+                " rows must be B*T for the ", rows.B, " lengths (B)");
+    rows.T = rows.B > 0 ? R / rows.B : 0;
+  }
+  CeReduction red;
+  if (reduction == "none") red = CeReduction::None;
+  else if (reduction == "sum") red = CeReduction::Sum;
+  else if (reduction == "mean") red = CeReduction::Mean;
+  else TORCH_CHECK(false, "reduction must be 'none', 'sum' or 'mean', got '", reduction, "'");
+  return {rows, red};
 }
 
 inline ElemLoss parse_elem_loss(const std::string& kind) {

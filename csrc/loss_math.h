@@ -34,4 +34,26 @@ VK_HD ElemLossOut<T> elem_loss(ElemLoss kind, T x, T y, T pos_weight) {
   return o;
 }
 
+// Which rows (tokens) of masked_cross_entropy_forward count (op_schemas.h):
+// mask[r] where a mask is given; else, with lengths, of R = B*T rows in a
+// (B, T) grid (batch_first) or a (T, B) one, whether the row's step is below
+// its sequence's length; else every row; then not where the target is
+// `ignore` (has_ignore).
+struct CeRows {
+  const bool* mask = nullptr;
+  const int64_t* lengths = nullptr;
+  int64_t B = 0, T = 0;
+  bool batch_first = false, has_ignore = false;
+  int64_t ignore = 0;
+  // Row r's sequence and step (with lengths).
+  VK_HD int64_t seq(int64_t r) const { return batch_first ? r / T : r % B; }
+  VK_HD int64_t step(int64_t r) const { return batch_first ? r % T : r / B; }
+  // Whether row r counts, given its sequence's length `len` (with lengths;
+  // the caller reads and checks it) and its target.
+  VK_HD bool counts(int64_t r, int64_t len, int64_t target) const {
+    const bool in = mask != nullptr ? mask[r] : lengths == nullptr || step(r) < len;
+    return in && !(has_ignore && target == ignore);
+  }
+};
+
 }  // namespace varlen

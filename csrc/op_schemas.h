@@ -85,10 +85,33 @@ inline void define_ops(torch::Library& m) {
       "float label_smoothing, Tensor? weight=None) -> (Tensor loss, Tensor lse)");
   // grad_logits (R, C) = grad_loss * (softmax ((1 - eps) w[t] + eps W / C)
   //                                   - (1 - eps) w[t] onehot - eps w / C)
-  // on rows with mask true, 0 elsewhere.
+  // on rows with mask true, 0 elsewhere. grad_loss may be one value expanded
+  // to (R,) (stride 0), as a reduction's gradient is: read in place.
   m.def(
       "cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor mask, "
       "Tensor lse, float label_smoothing, Tensor? weight=None) -> Tensor");
+
+  // masked_cross_entropy in one op: which rows count, their losses, and the
+  // reduction.
+  //   logits (R, C); target (R,) int64; weight, label_smoothing as above;
+  //   mask (R,) bool, or lengths (B,) int64 in [0, T] (asserted on the
+  //           device) of R = B*T rows in a (B, T) grid (batch_first) or a
+  //           (T, B) one: a row counts while its step is below its sequence's
+  //           length; or neither: every row; in each case not where its
+  //           target is ignore_index (when given). Rows that do not count are
+  //           never read.
+  //   reduction "none" | "sum" | "mean" (over the counted rows; with weight,
+  //           divided by the summed weights of their targets).
+  // Returns loss and lse (R,) as cross_entropy_forward's (0 where a row does
+  // not count); counted (R,) bool: the rows that count; total (): the sum of
+  // loss ("none", "sum") or the mean (0 where no row counts); scale ():
+  // d total / d loss[r] for a counted row. In the math type. Its gradient is
+  // cross_entropy_backward's with counted as the mask.
+  m.def(
+      "masked_cross_entropy_forward(Tensor logits, Tensor target, Tensor? mask, "
+      "Tensor? lengths, bool batch_first, int? ignore_index, float label_smoothing, "
+      "Tensor? weight, str reduction) -> (Tensor loss, Tensor lse, Tensor counted, "
+      "Tensor total, Tensor scale)");
 
   // Masked elementwise losses over tokens (rows) of F features.
   //   input, target (R, F); mask (R,) bool; pos_weight (F,) or None (bce only);

@@ -132,6 +132,81 @@ def test_cross_entropy_compiles_fullgraph():
     torch.testing.assert_close(torch.autograd.grad(a, [logits])[0], torch.autograd.grad(b, [logits])[0])
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_masked_cross_entropy_op(batch_first):
+    """masked_cross_entropy_forward (op_schemas.h) on its own: which rows count,
+    from lengths in either layout, from a mask, or all rows, less the targets
+    equal to ignore_index; the rows' losses and lse as cross_entropy_forward's;
+    total and scale for each reduction, with and without class weights; the
+    gradient of the mean (one value expanded to every row, read in place by
+    cross_entropy_backward) against the rows' reference; opcheck."""
+    logits, target, lengths, valid = make(C=6, seed=5)
+    x = torch.nan_to_num(logits.detach(), nan=0.0, posinf=0.0)
+    target = target.clone()
+    target[0, 1] = -100  # ignored
+    if not batch_first:
+        x, target, valid = x.transpose(0, 1), target.t(), valid.t()
+    R = valid.numel()
+    rows, t, v = x.reshape(R, 6).contiguous(), target.reshape(R).contiguous(), valid.reshape(R)
+    t_all = torch.where(v, t, torch.zeros_like(t))  # (every row counts: targets in range)
+    op = torch.ops.varlen_kernels.masked_cross_entropy_forward.default
+    w = torch.rand(6, dtype=torch.float64, generator=torch.Generator().manual_seed(6)) + 0.5
+    cases = {"lengths": (t, None, lengths), "mask": (t, v, None), "all": (t_all, None, None)}
+    for weight in (None, w):
+        for how, (tt, m, ln) in cases.items():
+            counted = (v if how != "all" else torch.ones_like(v)) & (tt != -100)
+            loss_ref, lse_ref = torch.ops.varlen_kernels.cross_entropy_forward(
+                rows, tt, counted, 0.1, weight)
+            div = counted.sum().double() if weight is None else \
+                torch.where(counted, w[tt.clamp_min(0)], 0.0).sum()
+            for reduction in ("none", "sum", "mean"):
+                xr = rows.clone().requires_grad_()
+                loss, lse, cnt, total, scale = op(xr, tt, m, ln, batch_first, -100, 0.1, weight,
+                                                  reduction)
+                assert torch.equal(cnt, counted), (how, reduction)
+                torch.testing.assert_close(loss, loss_ref, **F64)
+                torch.testing.assert_close(lse[counted], lse_ref[counted], **F64)
+                mean = reduction == "mean"
+                torch.testing.assert_close(total, loss_ref.sum() / div if mean else loss_ref.sum(),
+                                           **F64)
+                torch.testing.assert_close(scale, 1 / div if mean else torch.ones((), dtype=div.dtype),
+                                           **F64)
+                if mean:
+                    g, = torch.autograd.grad(total, [xr])
+                    xr2 = rows.clone().requires_grad_()
+                    ref = torch.ops.varlen_kernels.cross_entropy_forward(xr2, tt, counted, 0.1,
+                                                                         weight)[0].sum() / div
+                    g_ref, = torch.autograd.grad(ref, [xr2])
+                    torch.testing.assert_close(g, g_ref, **F64)
+            args = (rows.clone().requires_grad_(), tt, m, ln, batch_first, -100, 0.1, weight, "mean")
+            torch.library.opcheck(op, args)
+    # No counted row: total 0, not NaN.
+    none = op(rows, t, torch.zeros_like(v), None, batch_first, None, 0.0, None, "mean")
+    assert none[3].item() == 0.0 and not none[2].any()
+
+
+def test_masked_cross_entropy_op_bad_input():
+    """What masked_cross_entropy_forward refuses, naming the argument; lengths out
+    of [0, T] are an error on the CPU and a device-side assert in the CUDA code."""
+    logits, target, lengths, valid = make(C=4)
+    rows, t = torch.nan_to_num(logits.detach().reshape(15, 4), nan=0.0, posinf=0.0), target.reshape(15)
+    op = torch.ops.varlen_kernels.masked_cross_entropy_forward
+    with pytest.raises(RuntimeError, match="give a mask or lengths, not both"):
+        op(rows, t, valid.reshape(15), lengths, True, None, 0.0, None, "mean")
+    with pytest.raises(RuntimeError, match=r"lengths must be 1-D int64, got shape \[3\] and dtype Float"):
+        op(rows, t, None, lengths.float(), True, None, 0.0, None, "mean")
+    with pytest.raises(RuntimeError, match=r"logits' 15 rows must be B\*T for the 4 lengths \(B\)"):
+        op(rows, t, None, torch.tensor([1, 1, 1, 1]), True, None, 0.0, None, "mean")
+    with pytest.raises(RuntimeError, match="reduction must be 'none', 'sum' or 'mean', got 'avg'"):
+        op(rows, t, None, lengths, True, None, 0.0, None, "avg")
+    with pytest.raises(RuntimeError, match=r"mask must have shape \(R\) = \[15\], got \[14\]"):
+        op(rows, t, valid.reshape(15)[:14], None, True, None, 0.0, None, "mean")
+    msg = (r"device-side assert failed: .*lengths must be in \[0, T\]" if emulation_active() else
+           r"lengths must be in \[0, T\] with T=5, got lengths\[1\] = 6")
+    with pytest.raises(RuntimeError, match=msg):
+        op(rows, t, None, torch.tensor([5, 6, 0]), True, None, 0.0, None, "mean")
+
+
 @pytest.mark.parametrize("loss_name", ["mse", "bce"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("feature", [(), (4,), (2, 3)])

@@ -9,6 +9,8 @@ leading dims, for masks that are not prefixes.
 Every loss is exactly 0, with zero gradients, when no step is valid (never
 NaN), and never reads padding: NaN/Inf or garbage there changes nothing and
 gets gradient 0. The mean's divisor is computed on the device (no host sync).
+masked_cross_entropy is one op (masked_cross_entropy_forward) that also finds
+the counted tokens and reduces them, so that a call is a few kernel launches.
 """
 from typing import Optional
 
@@ -20,8 +22,10 @@ from ._checks import check_lengths, layout_hint, lengths_on_host
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-def _valid_mask(x: Tensor, lengths, mask, batch_first: bool, name: str, trailing: str = "...") -> Tensor:
-    """Boolean (lead0, lead1) mask of valid steps, in x's layout."""
+def _lengths_or_mask(x: Tensor, lengths, mask, batch_first: bool, name: str, trailing: str = "..."):
+    """(lengths, None) with lengths (B,) int64 on x's device, checked where they
+    are in host memory (on a GPU the kernels assert them), or (None, mask) with
+    the bool (lead0, lead1) mask of valid steps: whichever the caller gave."""
     if x.dim() < 2:
         raise ValueError(f"{name} must have at least 2 dims ({'B, T' if batch_first else 'T, B'}, ...), "
                          f"got shape {tuple(x.shape)}")
@@ -36,10 +40,18 @@ def _valid_mask(x: Tensor, lengths, mask, batch_first: bool, name: str, trailing
             raise TypeError(f"mask must be a bool Tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
         if tuple(mask.shape) != lead:
             raise ValueError(f"mask must have shape {lead} ({name}'s leading dims), got {tuple(mask.shape)}")
-        return mask.to(x.device)
+        return None, mask.to(x.device)
+    return check_lengths(lengths, T, B, x.device,
+                         layout=layout_hint(name, x.shape, batch_first, trailing)), None
+
+
+def _valid_mask(x: Tensor, lengths, mask, batch_first: bool, name: str, trailing: str = "...") -> Tensor:
+    """Boolean (lead0, lead1) mask of valid steps, in x's layout."""
     on_host = lengths_on_host(lengths)
-    lengths = check_lengths(lengths, T, B, x.device,
-                            layout=layout_hint(name, x.shape, batch_first, trailing))
+    lengths, mask = _lengths_or_mask(x, lengths, mask, batch_first, name, trailing)
+    if mask is not None:
+        return mask
+    T = x.shape[1] if batch_first else x.shape[0]
     if not on_host:  # checked on the device, without a host sync (CPU lengths were checked eagerly)
         torch._assert_async(((lengths >= 0) & (lengths <= T)).all(),
                             f"lengths must be in [0, T] with T={T} (the time dimension)")
@@ -108,22 +120,20 @@ def masked_cross_entropy(logits: Tensor, target: Tensor, lengths=None, *, mask: 
     lead = tuple(logits.shape[:-1])
     _check_class_target(target, lead, "logits", label_smoothing, ignore_index)
     C = logits.shape[-1]
+    rows_mask = rows_lengths = None  # neither: every token counts
     if logits.dim() == 2:
         if lengths is not None:
             raise ValueError("lengths is for 3-D logits (T, B, C) or (B, T, C); 2-D logits (N, C) "
                              "take mask= of shape (N,), or nothing (every token counts)")
-        if mask is None:
-            valid = torch.ones(lead, dtype=torch.bool, device=logits.device)
-        elif not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool Tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
-        elif tuple(mask.shape) != lead:
-            raise ValueError(f"mask must have shape {lead} (logits' leading dim), got {tuple(mask.shape)}")
-        else:
-            valid = mask.to(logits.device)
+        if mask is not None:
+            if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+                raise TypeError(f"mask must be a bool Tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+            if tuple(mask.shape) != lead:
+                raise ValueError(f"mask must have shape {lead} (logits' leading dim), got {tuple(mask.shape)}")
+            rows_mask = mask.to(logits.device)
     else:
-        valid = _valid_mask(logits, lengths, mask, batch_first, "logits", "C")
+        rows_lengths, rows_mask = _lengths_or_mask(logits, lengths, mask, batch_first, "logits", "C")
     target = target.to(device=logits.device, dtype=torch.long)
-    counted = valid if ignore_index is None else valid & (target != ignore_index)
     if _autocast(logits):
         logits = logits.float()  # losses in float32 under autocast, as PyTorch's
     if weight is not None:
@@ -136,21 +146,15 @@ def masked_cross_entropy(logits: Tensor, target: Tensor, lengths=None, *, mask: 
             raise NotImplementedError("gradients w.r.t. weight are not implemented: "
                                       "pass a weight that does not require grad")
         weight = weight.to(device=logits.device, dtype=logits.dtype)
-    loss, _ = torch.ops.varlen_kernels.cross_entropy_forward.default(
-        logits.reshape(-1, C), target.reshape(-1), counted.reshape(-1), float(label_smoothing), weight)
-    loss = loss.view(counted.shape)
+    # One op: which tokens count (from the lengths, or the mask, less ignored
+    # targets), their losses and their reduction, in two kernels on a GPU.
+    loss, _, _, total, _ = torch.ops.varlen_kernels.masked_cross_entropy_forward.default(
+        logits.reshape(-1, C), target.reshape(-1),
+        None if rows_mask is None else rows_mask.reshape(-1), rows_lengths, bool(batch_first),
+        ignore_index, float(label_smoothing), weight, reduction)
     if reduction == "none":
-        return loss.to(logits.dtype)
-    total = loss.sum()
-    if reduction == "sum":
-        return total.to(logits.dtype)
-    count = counted.sum()
-    if weight is None:
-        return (total / count.clamp_min(1)).to(logits.dtype)
-    # F.cross_entropy's divisor: the weights of the counted tokens' targets.
-    w_sum = (weight.gather(0, torch.where(counted, target, 0).reshape(-1)).to(loss.dtype)
-             * counted.reshape(-1)).sum()
-    return (total / torch.where(count > 0, w_sum, torch.ones_like(w_sum))).to(logits.dtype)
+        return loss.view(lead).to(logits.dtype)
+    return total.to(logits.dtype)
 
 
 def _elementwise(name, kind, pred, target, lengths, mask, batch_first, reduction, pos_weight=None):

@@ -279,6 +279,44 @@ torch.library.register_autograd(
 )
 
 
+@torch.library.register_fake("varlen_kernels::masked_cross_entropy_forward")
+def _mce_forward_fake(logits, target, mask, lengths, batch_first, ignore_index, label_smoothing,
+                      weight, reduction):
+    acc = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+    R = logits.shape[0]
+    return (logits.new_empty(R, dtype=acc), logits.new_empty(R, dtype=acc),
+            logits.new_empty(R, dtype=torch.bool), logits.new_empty((), dtype=acc),
+            logits.new_empty((), dtype=acc))
+
+
+def _mce_setup_context(ctx, inputs, output):
+    logits, target, _, _, _, _, label_smoothing, weight, _ = inputs
+    _, lse, counted, _, scale = output
+    ctx.save_for_backward(logits, target, counted, lse, weight, scale)
+    ctx.label_smoothing = label_smoothing
+    ctx.mark_non_differentiable(lse, counted, scale)
+    ctx.set_materialize_grads(False)
+
+
+def _mce_backward(ctx, grad_loss, _grad_lse, _grad_counted, grad_total, _grad_scale):
+    # d total / d loss[r] is scale at every counted row: the rows' gradient is
+    # grad_total * scale, broadcast (the backward kernels read it with stride 0).
+    logits, target, counted, lse, weight, scale = ctx.saved_tensors
+    grad = None if grad_total is None else (grad_total * scale).expand(logits.shape[0])
+    if grad_loss is not None:
+        grad = grad_loss if grad is None else grad + grad_loss
+    if grad is None:
+        return (None,) * 9
+    grad = torch.ops.varlen_kernels.cross_entropy_backward.default(
+        grad, logits, target, counted, lse, ctx.label_smoothing, weight)
+    return (grad,) + (None,) * 8
+
+
+torch.library.register_autograd(
+    "varlen_kernels::masked_cross_entropy_forward", _mce_backward, setup_context=_mce_setup_context
+)
+
+
 # -------------------------------------------------------- elementwise losses
 @torch.library.register_fake("varlen_kernels::elementwise_loss_forward")
 def _elem_forward_fake(input, target, mask, pos_weight, kind, reduce_rows):
@@ -395,5 +433,5 @@ for _name in ("rnn_backward", "rnn_bidirectional_backward", "cross_entropy_backw
 # CUDA kernels), see rnn_layer; the cross entropy runs in float32, as PyTorch's
 # autocast policy does for its own losses. Integer tensors are left alone.
 for _device in ("cuda", "cpu"):
-    for _op in ("cross_entropy_forward", "elementwise_loss_forward"):
+    for _op in ("cross_entropy_forward", "masked_cross_entropy_forward", "elementwise_loss_forward"):
         torch.library.register_autocast(f"varlen_kernels::{_op}", _device, torch.float32)

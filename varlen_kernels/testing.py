@@ -47,7 +47,7 @@ from ._build_info import source_hash
 ORDERS = ("forward", "reverse", "random")
 # Every op of csrc/op_schemas.h.
 OPS = ("rnn_forward", "rnn_backward", "rnn_bidirectional_forward", "rnn_bidirectional_backward",
-       "cross_entropy_forward", "cross_entropy_backward",
+       "cross_entropy_forward", "cross_entropy_backward", "masked_cross_entropy_forward",
        "elementwise_loss_forward", "elementwise_loss_backward", "linear_cross_entropy_forward",
        "linear_cross_entropy_backward")
 

@@ -21,6 +21,7 @@ struct CeArgs {
   double label_smoothing;
   const acc_t* weight = nullptr;  // (C,) class weights, or null (all 1)
   acc_t weight_sum = acc_t(0);    // sum of weight (when given)
+  int64_t grad_stride = 1;        // of grad_loss: 0 for one value expanded to every row
 };
 
 #define VK_DECLARE_CE(NS)                                                        \
@@ -123,7 +124,7 @@ void ce_backward_rows(const CeArgs<scalar_t, acc_t>& a, int64_t r0, int64_t r1) 
       continue;
     }
     const acc_t* x = row_in_acc<scalar_t, acc_t>(a.logits + r * C, C, buf);
-    const acc_t go = a.grad_loss[r], lse = a.lse[r], uniform = go * eps / acc_t(C);
+    const acc_t go = a.grad_loss[r * a.grad_stride], lse = a.lse[r], uniform = go * eps / acc_t(C);
     acc_t* dst;
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       dst = g;

@@ -55,7 +55,10 @@ Tensor cross_entropy_backward_cpu(const Tensor& grad_loss, const Tensor& logits,
   const int64_t R = logits.size(0), C = logits.size(1);
   const auto acc = at::toOpMathType(logits.scalar_type());
   const Tensor x = logits.contiguous(), t = target.contiguous(), m = mask.contiguous();
-  const Tensor g = grad_loss.to(acc).contiguous(), l = lse.contiguous();
+  // (one value expanded to every row, as a reduction's gradient is: read in place)
+  const Tensor g0 = grad_loss.to(acc), l = lse.contiguous();
+  const bool broadcast = R > 1 && g0.stride(0) == 0;
+  const Tensor g = broadcast ? g0 : g0.contiguous();
   Tensor grad = at::empty({R, C}, x.options());
   const CeWeight w = cross_entropy_weight(weight, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "ce_backward", [&] {
@@ -66,6 +69,7 @@ Tensor cross_entropy_backward_cpu(const Tensor& grad_loss, const Tensor& logits,
                                     g.const_data_ptr<acc_t>(), grad.data_ptr<scalar_t>(), C,
                                     label_smoothing};
     set_weight(a, w);
+    a.grad_stride = broadcast ? 0 : 1;
     at::parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)),
                      [&](int64_t r0, int64_t r1) {
                        if (use_avx2()) avx2::ce_backward_rows(a, r0, r1);
@@ -73,6 +77,50 @@ Tensor cross_entropy_backward_cpu(const Tensor& grad_loss, const Tensor& logits,
                      });
   });
   return grad;
+}
+
+// Which rows count (the CUDA kernel's rule, loss_math.h), the rows' losses by
+// cross_entropy_forward_cpu, and their reduction by ATen's sums.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> masked_cross_entropy_forward_cpu(
+    const Tensor& logits, const Tensor& target, const c10::optional<Tensor>& mask,
+    const c10::optional<Tensor>& lengths, bool batch_first, c10::optional<int64_t> ignore_index,
+    double label_smoothing, const c10::optional<Tensor>& weight, const std::string& reduction) {
+  auto [rows, red] = check_masked_cross_entropy_args(logits, target, mask, lengths, batch_first,
+                                                     ignore_index, label_smoothing, weight,
+                                                     reduction);
+  const Tensor t = target.contiguous();
+  const Tensor m = mask.has_value() ? mask->contiguous() : Tensor();
+  const Tensor len = lengths.has_value() ? lengths->contiguous() : Tensor();
+  if (m.defined()) rows.mask = m.const_data_ptr<bool>();
+  if (len.defined()) {
+    rows.lengths = len.const_data_ptr<int64_t>();
+    for (int64_t b = 0; b < rows.B; ++b)
+      TORCH_CHECK(rows.lengths[b] >= 0 && rows.lengths[b] <= rows.T,
+                  "lengths must be in [0, T] with T=", rows.T, ", got lengths[", b, "] = ",
+                  rows.lengths[b]);
+  }
+  const int64_t R = logits.size(0);
+  Tensor counted = at::empty({R}, t.options().dtype(at::kBool));
+  bool* const on = counted.data_ptr<bool>();
+  const int64_t* const tp = t.const_data_ptr<int64_t>();
+  const bool by_lengths = rows.lengths != nullptr && rows.mask == nullptr;
+  for (int64_t r = 0; r < R; ++r)
+    on[r] = rows.counts(r, by_lengths ? rows.lengths[rows.seq(r)] : 0, tp[r]);
+  auto [loss, lse] = cross_entropy_forward_cpu(logits, t, counted, label_smoothing, weight);
+  Tensor total = loss.sum(), scale = at::ones({}, loss.options());
+  if (red == CeReduction::Mean && counted.any().item<bool>()) {
+    // The counted rows' number, or the weights of their targets.
+    const Tensor divisor =
+        weight.has_value()
+            ? at::where(counted, weight->to(loss.scalar_type()).index_select(
+                                     0, at::where(counted, t, at::zeros({}, t.options()))),
+                        at::zeros({}, loss.options()))
+                  .sum()
+            : counted.sum().to(loss.scalar_type());
+    total = total / divisor;
+    scale = scale / divisor;
+  }
+  return {loss, lse, counted, total, scale};
 }
 
 // ------------------------------------------------------ elementwise losses
@@ -159,6 +207,7 @@ std::tuple<Tensor, Tensor> elementwise_loss_backward_cpu(
 TORCH_LIBRARY_IMPL(varlen_kernels, CPU, m) {
   m.impl("cross_entropy_forward", &varlen::cross_entropy_forward_cpu);
   m.impl("cross_entropy_backward", &varlen::cross_entropy_backward_cpu);
+  m.impl("masked_cross_entropy_forward", &varlen::masked_cross_entropy_forward_cpu);
   m.impl("elementwise_loss_forward", &varlen::elementwise_loss_forward_cpu);
   m.impl("elementwise_loss_backward", &varlen::elementwise_loss_backward_cpu);
 }

@@ -9,7 +9,10 @@
 // kernels are instantiated with and without weights, so the unweighted path
 // does no extra work. Logits are read 16 bytes at a time
 // from each row's first 16-byte boundary on. Rows with mask false are never
-// read. No host sync.
+// read. No host sync. masked_cross_entropy_forward decides in the same kernel
+// which rows count (from the lengths or the mask, and ignore_index) and
+// leaves each block's sums, which a one-block kernel adds in a fixed order
+// for the reduction: two launches for what the Python idiom takes a dozen.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -145,18 +148,30 @@ __device__ __forceinline__ RowSplit split_row(const void* p, int64_t C,
   return {head, nvec, head + nvec * V};
 }
 
+// The rows' loss and lse; which rows count from `rows` (loss_math.h), also
+// written to counted (where not null); with `partial` (3 values a block), the
+// block's sums over its counted rows, in row order: of the loss, of the
+// weights of their targets (1 each without weights), and their count.
 template <typename scalar_t, typename acc_t, bool kWeighted>
 __global__ void ce_forward_kernel(const scalar_t* __restrict__ logits,
-                                  const int64_t* __restrict__ target,
-                                  const bool* __restrict__ mask,
+                                  const int64_t* __restrict__ target, CeRows rows,
                                   const acc_t* __restrict__ weight,
                                   const acc_t* __restrict__ weight_sum, acc_t* loss,
-                                  acc_t* lse_out, int64_t R, int64_t C, acc_t eps) {
+                                  acc_t* lse_out, bool* counted, acc_t* partial, int64_t R,
+                                  int64_t C, acc_t eps) {
   VK_SHARED(MaxSum<acc_t>, shared_ms, kThreads / 32);
   VK_SHARED(acc_t, shared_sum, kThreads / 32);
   constexpr int V = Vec16<scalar_t>::kSize;
+  acc_t sums[3] = {acc_t(0), acc_t(0), acc_t(0)};  // (thread 0's: partial)
   for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
-    if (!mask[r]) {  // uniform across the block
+    int64_t len = 0;
+    if (rows.mask == nullptr && rows.lengths != nullptr) {
+      len = rows.lengths[rows.seq(r)];
+      CUDA_KERNEL_ASSERT(len >= 0 && len <= rows.T && "lengths must be in [0, T]");
+    }
+    const bool on = rows.counts(r, len, rows.has_ignore ? target[r] : 0);  // uniform across the block
+    if (counted != nullptr && threadIdx.x == 0) counted[r] = on;
+    if (!on) {
       if (threadIdx.x == 0) loss[r] = lse_out[r] = acc_t(0);
       continue;
     }
@@ -195,17 +210,41 @@ __global__ void ce_forward_kernel(const scalar_t* __restrict__ logits,
       sum = block_reduce(sum, [](acc_t a, acc_t b) { return a + b; }, acc_t(0), shared_sum);
     if (threadIdx.x == 0) {
       const acc_t lse = ms.m + Math<acc_t>::log(ms.s);
+      acc_t l;
       if constexpr (kWeighted) {
-        acc_t l = (acc_t(1) - eps) * weight[t] * (lse - acc_t(x[t]));
+        l = (acc_t(1) - eps) * weight[t] * (lse - acc_t(x[t]));
         if (eps != acc_t(0)) l += eps / acc_t(C) * (*weight_sum * lse - sum);
-        loss[r] = l;
       } else {
-        acc_t l = (acc_t(1) - eps) * (lse - acc_t(x[t]));
+        l = (acc_t(1) - eps) * (lse - acc_t(x[t]));
         if (eps != acc_t(0)) l += eps * (lse - sum / acc_t(C));
-        loss[r] = l;
       }
+      loss[r] = l;
       lse_out[r] = lse;
+      sums[0] += l;
+      sums[1] += kWeighted ? weight[t] : acc_t(1);
+      sums[2] += acc_t(1);
     }
+  }
+  if (partial != nullptr && threadIdx.x == 0)
+    for (int i = 0; i < 3; ++i) partial[3 * blockIdx.x + i] = sums[i];
+}
+
+// One block: the blocks' sums (ce_forward_kernel's partial) added in a fixed
+// order, then total = the loss's sum, or with `mean` its sum over the
+// weights' (0 where no row counts), and scale = d total / d loss[r].
+template <typename acc_t>
+__global__ void ce_total_kernel(const acc_t* __restrict__ partial, int64_t blocks, bool mean,
+                                acc_t* total, acc_t* scale) {
+  VK_SHARED(acc_t, shared, kThreads / 32);
+  acc_t s[3] = {acc_t(0), acc_t(0), acc_t(0)};
+  for (int64_t b = threadIdx.x; b < blocks; b += blockDim.x)
+    for (int i = 0; i < 3; ++i) s[i] += partial[3 * b + i];
+  for (int i = 0; i < 3; ++i)
+    s[i] = block_reduce(s[i], [](acc_t a, acc_t b) { return a + b; }, acc_t(0), shared);
+  if (threadIdx.x == 0) {
+    const bool divide = mean && s[2] > acc_t(0);
+    *total = divide ? s[0] / s[1] : s[0];
+    *scale = divide ? acc_t(1) / s[1] : acc_t(1);
   }
 }
 
@@ -216,7 +255,8 @@ __global__ void ce_backward_kernel(const acc_t* __restrict__ grad_loss,
                                    const bool* __restrict__ mask, const acc_t* __restrict__ lse,
                                    const acc_t* __restrict__ weight,
                                    const acc_t* __restrict__ weight_sum,
-                                   scalar_t* __restrict__ grad, int64_t R, int64_t C, acc_t eps) {
+                                   scalar_t* __restrict__ grad, int64_t R, int64_t C,
+                                   int64_t grad_stride, acc_t eps) {
   constexpr int V = Vec16<scalar_t>::kSize;
   for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
     scalar_t* g = grad + r * C;
@@ -237,7 +277,7 @@ __global__ void ce_backward_kernel(const acc_t* __restrict__ grad_loss,
     const int64_t t = target[r];
     CUDA_KERNEL_ASSERT(t >= 0 && t < C && "target out of class range at a valid position");
     // go * (softmax * scale - (1 - eps) w[t] onehot - eps w / C), w = 1 without weights.
-    const acc_t go = grad_loss[r], l = lse[r], uniform = go * eps / acc_t(C);
+    const acc_t go = grad_loss[r * grad_stride], l = lse[r], uniform = go * eps / acc_t(C);
     acc_t hit = go * (acc_t(1) - eps), scale = go;
     if constexpr (kWeighted) {
       hit *= weight[t];
@@ -271,28 +311,83 @@ const acc_t* weight_ptr(const Tensor& t) {
   return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
 }
 
+// ce_forward_kernel over x's rows (contiguous operands), one block a row (or
+// with `partial`, its blocks: partial->numel() / 3).
+void launch_ce_forward(const Tensor& x, const Tensor& t, const CeRows& rows,
+                       const c10::optional<Tensor>& weight, Tensor& loss, Tensor& lse,
+                       Tensor* counted, Tensor* partial, double label_smoothing) {
+  const int64_t R = x.size(0), C = x.size(1);
+  const CeWeight w = cross_entropy_weight(weight, loss.scalar_type());
+  const unsigned blocks =
+      partial != nullptr ? unsigned(partial->numel() / 3) : cuda::grid_for(R, 1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "ce_forward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    cuda::launch(w.w.defined() ? ce_forward_kernel<scalar_t, acc_t, true>
+                               : ce_forward_kernel<scalar_t, acc_t, false>,
+                 blocks, kThreads, 0, cuda::current_stream(), x.const_data_ptr<scalar_t>(),
+                 t.const_data_ptr<int64_t>(), rows, weight_ptr<acc_t>(w.w),
+                 weight_ptr<acc_t>(w.sum), loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(),
+                 counted != nullptr ? counted->data_ptr<bool>() : nullptr,
+                 partial != nullptr ? partial->data_ptr<acc_t>() : nullptr, R, C,
+                 acc_t(label_smoothing));
+  });
+}
+
 std::tuple<Tensor, Tensor> cross_entropy_forward_cuda(const Tensor& logits, const Tensor& target,
                                                       const Tensor& mask, double label_smoothing,
                                                       const c10::optional<Tensor>& weight) {
   check_cross_entropy_args(logits, target, mask, label_smoothing, weight);
   const cuda::DeviceGuard guard(logits.device());
   const Tensor x = logits.contiguous(), t = target.contiguous(), m = mask.contiguous();
-  const int64_t R = x.size(0), C = x.size(1);
+  const int64_t R = x.size(0);
   const auto acc = at::toOpMathType(x.scalar_type());
   Tensor loss = at::empty({R}, x.options().dtype(acc));
   Tensor lse = at::empty({R}, x.options().dtype(acc));
   if (R == 0) return {loss, lse};
-  const CeWeight w = cross_entropy_weight(weight, acc);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "ce_forward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    cuda::launch(w.w.defined() ? ce_forward_kernel<scalar_t, acc_t, true>
-                               : ce_forward_kernel<scalar_t, acc_t, false>,
-                 cuda::grid_for(R, 1), kThreads, 0,
-                 cuda::current_stream(), x.const_data_ptr<scalar_t>(), t.const_data_ptr<int64_t>(),
-                 m.const_data_ptr<bool>(), weight_ptr<acc_t>(w.w), weight_ptr<acc_t>(w.sum),
-                 loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), R, C, acc_t(label_smoothing));
-  });
+  CeRows rows;
+  rows.mask = m.const_data_ptr<bool>();
+  launch_ce_forward(x, t, rows, weight, loss, lse, nullptr, nullptr, label_smoothing);
   return {loss, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> masked_cross_entropy_forward_cuda(
+    const Tensor& logits, const Tensor& target, const c10::optional<Tensor>& mask,
+    const c10::optional<Tensor>& lengths, bool batch_first, c10::optional<int64_t> ignore_index,
+    double label_smoothing, const c10::optional<Tensor>& weight, const std::string& reduction) {
+  auto [rows, red] = check_masked_cross_entropy_args(logits, target, mask, lengths, batch_first,
+                                                     ignore_index, label_smoothing, weight,
+                                                     reduction);
+  const cuda::DeviceGuard guard(logits.device());
+  const Tensor x = logits.contiguous(), t = target.contiguous();
+  const Tensor m = mask.has_value() ? mask->contiguous() : Tensor();
+  const Tensor len = lengths.has_value() ? lengths->contiguous() : Tensor();
+  if (m.defined()) rows.mask = m.const_data_ptr<bool>();
+  if (len.defined()) rows.lengths = len.const_data_ptr<int64_t>();
+  const int64_t R = x.size(0);
+  const auto acc = at::toOpMathType(x.scalar_type());
+  Tensor loss = at::empty({R}, x.options().dtype(acc));
+  Tensor lse = at::empty({R}, x.options().dtype(acc));
+  Tensor counted = at::empty({R}, x.options().dtype(at::kBool));
+  if (R == 0) {
+    // No row: nothing to read but the lengths, which must all be 0 (T = 0).
+    if (len.defined() && len.numel() > 0)
+      at::_assert_async(len.eq(0).all(), "lengths must be in [0, T] with T=0 (no step)");
+    return {loss, lse, counted, at::zeros({}, loss.options()), at::ones({}, loss.options())};
+  }
+  // Blocks: one a row up to kTotalBlocks (a wave of 8 blocks an SM on 128
+  // SMs), each then taking several; their sums are what ce_total_kernel adds.
+  constexpr int64_t kTotalBlocks = 1024;
+  const unsigned blocks = cuda::grid_for(R, 1, kTotalBlocks);
+  Tensor partial = at::empty({3 * int64_t(blocks)}, loss.options());
+  Tensor total = at::empty({}, loss.options()), scale = at::empty({}, loss.options());
+  launch_ce_forward(x, t, rows, weight, loss, lse, &counted, &partial, label_smoothing);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "ce_total_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    cuda::launch(ce_total_kernel<acc_t>, 1, kThreads, 0, cuda::current_stream(),
+                 partial.const_data_ptr<acc_t>(), int64_t(blocks), red == CeReduction::Mean,
+                 total.data_ptr<acc_t>(), scale.data_ptr<acc_t>());
+  });
+  return {loss, lse, counted, total, scale};
 }
 
 Tensor cross_entropy_backward_cuda(const Tensor& grad_loss, const Tensor& logits,
@@ -303,7 +398,10 @@ Tensor cross_entropy_backward_cuda(const Tensor& grad_loss, const Tensor& logits
   const int64_t R = logits.size(0), C = logits.size(1);
   const auto acc = at::toOpMathType(logits.scalar_type());
   const Tensor x = logits.contiguous(), t = target.contiguous(), m = mask.contiguous();
-  const Tensor g = grad_loss.to(acc).contiguous(), l = lse.contiguous();
+  // (one value expanded to every row, as a reduction's gradient is: read in place)
+  const Tensor g0 = grad_loss.to(acc), l = lse.contiguous();
+  const bool broadcast = R > 1 && g0.stride(0) == 0;
+  const Tensor g = broadcast ? g0 : g0.contiguous();
   Tensor grad = at::empty({R, C}, x.options());
   if (R == 0) return grad;
   const CeWeight w = cross_entropy_weight(weight, acc);
@@ -315,7 +413,7 @@ Tensor cross_entropy_backward_cuda(const Tensor& grad_loss, const Tensor& logits
                  cuda::current_stream(), g.const_data_ptr<acc_t>(), x.const_data_ptr<scalar_t>(),
                  t.const_data_ptr<int64_t>(), m.const_data_ptr<bool>(), l.const_data_ptr<acc_t>(),
                  weight_ptr<acc_t>(w.w), weight_ptr<acc_t>(w.sum), grad.data_ptr<scalar_t>(), R,
-                 C, acc_t(label_smoothing));
+                 C, int64_t(broadcast ? 0 : 1), acc_t(label_smoothing));
   });
   return grad;
 }
@@ -441,6 +539,7 @@ std::tuple<Tensor, Tensor> elementwise_loss_backward_cuda(
 VK_CUDA_LIBRARY_IMPL(m) {
   m.impl("cross_entropy_forward", &varlen::cross_entropy_forward_cuda);
   m.impl("cross_entropy_backward", &varlen::cross_entropy_backward_cuda);
+  m.impl("masked_cross_entropy_forward", &varlen::masked_cross_entropy_forward_cuda);
   m.impl("elementwise_loss_forward", &varlen::elementwise_loss_forward_cuda);
   m.impl("elementwise_loss_backward", &varlen::elementwise_loss_backward_cuda);
 }

@@ -86,7 +86,7 @@ inline std::pair<CeRows, CeReduction> check_masked_cross_entropy_args(
     const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& mask,
     const c10::optional<at::Tensor>& lengths, bool batch_first,
     c10::optional<int64_t> ignore_index, double label_smoothing,
-    const c10::optional<at::Tensor>& weight, const std::string& reduction) {
+    const c10::optional<at::Tensor>& weight, c10::string_view reduction) {
   check_cross_entropy_args(logits, target, mask.has_value() ? &*mask : nullptr, label_smoothing,
                            weight);
   TORCH_CHECK(!(mask.has_value() && lengths.has_value()),

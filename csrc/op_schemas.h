@@ -2,7 +2,7 @@
 // the `varlen_kernels` library; the emulation build (csrc/emulation) defines
 // the same schemas again in `varlen_kernels_emu`, for the CUDA kernels'
 // code compiled for the CPU. Fake (meta) kernels and autograd live in
-// varlen_kernels/ops.py.
+// varlen_kernels/ops.py (masked_cross_entropy_forward's autograd in csrc/ops.cpp).
 #pragma once
 
 #include <torch/library.h>

@@ -289,32 +289,8 @@ def _mce_forward_fake(logits, target, mask, lengths, batch_first, ignore_index, 
             logits.new_empty((), dtype=acc))
 
 
-def _mce_setup_context(ctx, inputs, output):
-    logits, target, _, _, _, _, label_smoothing, weight, _ = inputs
-    _, lse, counted, _, scale = output
-    ctx.save_for_backward(logits, target, counted, lse, weight, scale)
-    ctx.label_smoothing = label_smoothing
-    ctx.mark_non_differentiable(lse, counted, scale)
-    ctx.set_materialize_grads(False)
-
-
-def _mce_backward(ctx, grad_loss, _grad_lse, _grad_counted, grad_total, _grad_scale):
-    # d total / d loss[r] is scale at every counted row: the rows' gradient is
-    # grad_total * scale, broadcast (the backward kernels read it with stride 0).
-    logits, target, counted, lse, weight, scale = ctx.saved_tensors
-    grad = None if grad_total is None else (grad_total * scale).expand(logits.shape[0])
-    if grad_loss is not None:
-        grad = grad_loss if grad is None else grad + grad_loss
-    if grad is None:
-        return (None,) * 9
-    grad = torch.ops.varlen_kernels.cross_entropy_backward.default(
-        grad, logits, target, counted, lse, ctx.label_smoothing, weight)
-    return (grad,) + (None,) * 8
-
-
-torch.library.register_autograd(
-    "varlen_kernels::masked_cross_entropy_forward", _mce_backward, setup_context=_mce_setup_context
-)
+# masked_cross_entropy_forward's autograd is in C++ (csrc/ops.cpp): at small class
+# counts a call's time is host time, and this Python layer was about half of it.
 
 
 # -------------------------------------------------------- elementwise losses

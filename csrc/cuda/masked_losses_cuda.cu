@@ -353,7 +353,7 @@ std::tuple<Tensor, Tensor> cross_entropy_forward_cuda(const Tensor& logits, cons
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> masked_cross_entropy_forward_cuda(
     const Tensor& logits, const Tensor& target, const c10::optional<Tensor>& mask,
     const c10::optional<Tensor>& lengths, bool batch_first, c10::optional<int64_t> ignore_index,
-    double label_smoothing, const c10::optional<Tensor>& weight, const std::string& reduction) {
+    double label_smoothing, const c10::optional<Tensor>& weight, c10::string_view reduction) {
   auto [rows, red] = check_masked_cross_entropy_args(logits, target, mask, lengths, batch_first,
                                                      ignore_index, label_smoothing, weight,
                                                      reduction);

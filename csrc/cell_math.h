@@ -1,9 +1,12 @@
 // Cell formulas shared by the CPU and CUDA paths.
 //
 // Every function here works on one hidden unit j of one sequence row and is
-// `__host__ __device__`, so the CPU test suite exercises exactly the formulas
-// the GPU kernels run. T is the math type (float for half/bfloat16 storage,
-// otherwise the storage type).
+// `__host__ __device__`, so the CPU test suite exercises the formulas the GPU
+// kernels run. T is the math type (float for half/bfloat16 storage,
+// otherwise the storage type). In float, the CUDA kernels take sigmoid and
+// tanh from the special-function unit's exp2 and reciprocal (fast_exp,
+// fast_rcp below; the CPU execution of CUDA runs a model of them), the CPU
+// path from its vectorized exp.
 //
 // Gate layouts follow PyTorch (torch.nn.LSTM / GRU / RNN):
 //   LSTM: pre-activations [i, f, g, o], c' = f*c + i*g, h' = o*tanh(c')
@@ -11,7 +14,9 @@
 //   RNN:  h' = act(x + W_hh h), act = tanh or relu
 #pragma once
 
+#include <cfloat>
 #include <cmath>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define VK_HD __host__ __device__ __forceinline__
@@ -61,12 +66,49 @@ struct Math<double> {
   static VK_HD double relu_grad(double h, double dh) { return h > 0. ? dh : 0.; }
 };
 
+// The CUDA kernels' float exp and reciprocal for the activations: on the GPU
+// __expf (exp2 of x * log2(e) by the special-function unit, ex2.approx.ftz:
+// within 2 + 1.2|x| ulp, CUDA's bound, which the rounding of the product
+// makes grow with |x|; results below FLT_MIN flushed to 0) and
+// __fdividef(1, d) (2 ulp at most; 0 for 2^126 < |d| < 2^128), where expf and an
+// IEEE division take about 140 SASS instructions for an LSTM cell's five
+// activations; under the CPU execution of CUDA a model of them: exp2 of the
+// float product x * log2(e) (ex2.approx's own error not modelled), flushed
+// below FLT_MIN, and the division with __fdividef's range.
+#if defined(__CUDA_ARCH__)
+#define VK_FAST_ACTIVATIONS 1
+__device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
+__device__ __forceinline__ float fast_rcp(float d) { return __fdividef(1.f, d); }
+#elif defined(VK_EMULATE_CUDA)
+#define VK_FAST_ACTIVATIONS 1
+inline float fast_exp(float x) {
+  const float r = std::exp2(x * 1.44269504088896341f);
+  return r < FLT_MIN ? 0.f : r;  // (NaN stays NaN)
+}
+inline float fast_rcp(float d) {
+  const float a = std::fabs(d);
+  return a > 0x1p126f && a < 0x1p128f ? 0.f : 1.f / d;
+}
+#endif
+
 template <typename T>
 VK_HD T sigmoid(T x) {
+#ifdef VK_FAST_ACTIVATIONS
+  if constexpr (std::is_same_v<T, float>) return fast_rcp(1.f + fast_exp(-x));
+#endif
   return T(1) / (T(1) + Math<T>::exp(-x));
 }
+// tanh in float on the GPU: (1 - e) / (1 + e) with e = exp(-2|x|) in (0, 1],
+// signed as x; 1 - e is exact where e >= 1/2 (|x| < 0.35), so near 0 the
+// error is exp's, about 2^-22 / (2|x|) relative (2^-23 absolute).
 template <typename T>
 VK_HD T vk_tanh(T x) {
+#ifdef VK_FAST_ACTIVATIONS
+  if constexpr (std::is_same_v<T, float>) {
+    const float e = fast_exp(-2.f * std::fabs(x));
+    return std::copysign((1.f - e) * fast_rcp(1.f + e), x);
+  }
+#endif
   return Math<T>::tanh(x);
 }
 // Derivatives expressed through the activation's output y.

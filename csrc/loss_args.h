@@ -77,12 +77,17 @@ inline CeWeight cross_entropy_weight(const c10::optional<at::Tensor>& weight,
 
 enum class CeReduction { None, Sum, Mean };
 
-// masked_cross_entropy_forward's arguments (op_schemas.h): what
+// masked_cross_entropy_forward's arguments (op_schemas.h), checked: what
 // check_cross_entropy_args checks of logits, target, weight and
 // label_smoothing; mask (R,) bool or lengths (B,) int64 with R = B*T, not
-// both; the reduction. Returns the rows' rule (its pointers unset) and the
-// reduction.
-inline std::pair<CeRows, CeReduction> check_masked_cross_entropy_args(
+// both; the reduction. The rows' rule points into the contiguous target, mask
+// and lengths kept here.
+struct MaskedCeOperands {
+  CeRows rows;
+  CeReduction reduction;
+  at::Tensor target, mask, lengths;  // contiguous; mask, lengths undefined where not given
+};
+inline MaskedCeOperands masked_cross_entropy_operands(
     const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& mask,
     const c10::optional<at::Tensor>& lengths, bool batch_first,
     c10::optional<int64_t> ignore_index, double label_smoothing,
@@ -91,10 +96,16 @@ inline std::pair<CeRows, CeReduction> check_masked_cross_entropy_args(
                            weight);
   TORCH_CHECK(!(mask.has_value() && lengths.has_value()),
               "give a mask or lengths, not both");
-  CeRows rows;
+  MaskedCeOperands o;
+  CeRows& rows = o.rows;
   rows.batch_first = batch_first;
   rows.has_ignore = ignore_index.has_value();
   rows.ignore = ignore_index.value_or(0);
+  o.target = target.contiguous();
+  if (mask.has_value()) {
+    o.mask = mask->contiguous();
+    rows.mask = o.mask.const_data_ptr<bool>();
+  }
   if (lengths.has_value()) {
     const int64_t R = logits.size(0);
     TORCH_CHECK(lengths->dim() == 1 && lengths->scalar_type() == at::kLong,
@@ -105,13 +116,14 @@ inline std::pair<CeRows, CeReduction> check_masked_cross_entropy_args(
     TORCH_CHECK(rows.B > 0 ? R % rows.B == 0 : R == 0, "logits' ", R,
                 " rows must be B*T for the ", rows.B, " lengths (B)");
     rows.T = rows.B > 0 ? R / rows.B : 0;
+    o.lengths = lengths->contiguous();
+    rows.lengths = o.lengths.const_data_ptr<int64_t>();
   }
-  CeReduction red;
-  if (reduction == "none") red = CeReduction::None;
-  else if (reduction == "sum") red = CeReduction::Sum;
-  else if (reduction == "mean") red = CeReduction::Mean;
+  if (reduction == "none") o.reduction = CeReduction::None;
+  else if (reduction == "sum") o.reduction = CeReduction::Sum;
+  else if (reduction == "mean") o.reduction = CeReduction::Mean;
   else TORCH_CHECK(false, "reduction must be 'none', 'sum' or 'mean', got '", reduction, "'");
-  return {rows, red};
+  return o;
 }
 
 inline ElemLoss parse_elem_loss(const std::string& kind) {

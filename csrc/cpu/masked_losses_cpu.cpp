@@ -85,15 +85,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> masked_cross_entropy_forward_
     const Tensor& logits, const Tensor& target, const c10::optional<Tensor>& mask,
     const c10::optional<Tensor>& lengths, bool batch_first, c10::optional<int64_t> ignore_index,
     double label_smoothing, const c10::optional<Tensor>& weight, c10::string_view reduction) {
-  auto [rows, red] = check_masked_cross_entropy_args(logits, target, mask, lengths, batch_first,
-                                                     ignore_index, label_smoothing, weight,
-                                                     reduction);
-  const Tensor t = target.contiguous();
-  const Tensor m = mask.has_value() ? mask->contiguous() : Tensor();
-  const Tensor len = lengths.has_value() ? lengths->contiguous() : Tensor();
-  if (m.defined()) rows.mask = m.const_data_ptr<bool>();
-  if (len.defined()) {
-    rows.lengths = len.const_data_ptr<int64_t>();
+  const MaskedCeOperands o = masked_cross_entropy_operands(
+      logits, target, mask, lengths, batch_first, ignore_index, label_smoothing, weight, reduction);
+  const CeRows& rows = o.rows;
+  const CeReduction red = o.reduction;
+  const Tensor& t = o.target;
+  if (rows.lengths != nullptr) {
     for (int64_t b = 0; b < rows.B; ++b)
       TORCH_CHECK(rows.lengths[b] >= 0 && rows.lengths[b] <= rows.T,
                   "lengths must be in [0, T] with T=", rows.T, ", got lengths[", b, "] = ",

@@ -354,15 +354,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> masked_cross_entropy_forward_
     const Tensor& logits, const Tensor& target, const c10::optional<Tensor>& mask,
     const c10::optional<Tensor>& lengths, bool batch_first, c10::optional<int64_t> ignore_index,
     double label_smoothing, const c10::optional<Tensor>& weight, c10::string_view reduction) {
-  auto [rows, red] = check_masked_cross_entropy_args(logits, target, mask, lengths, batch_first,
-                                                     ignore_index, label_smoothing, weight,
-                                                     reduction);
+  const MaskedCeOperands o = masked_cross_entropy_operands(
+      logits, target, mask, lengths, batch_first, ignore_index, label_smoothing, weight, reduction);
   const cuda::DeviceGuard guard(logits.device());
-  const Tensor x = logits.contiguous(), t = target.contiguous();
-  const Tensor m = mask.has_value() ? mask->contiguous() : Tensor();
-  const Tensor len = lengths.has_value() ? lengths->contiguous() : Tensor();
-  if (m.defined()) rows.mask = m.const_data_ptr<bool>();
-  if (len.defined()) rows.lengths = len.const_data_ptr<int64_t>();
+  const Tensor x = logits.contiguous();
+  const Tensor &t = o.target, &len = o.lengths;
+  const CeRows& rows = o.rows;
+  const CeReduction red = o.reduction;
   const int64_t R = x.size(0);
   const auto acc = at::toOpMathType(x.scalar_type());
   Tensor loss = at::empty({R}, x.options().dtype(acc));

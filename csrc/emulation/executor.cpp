@@ -1271,10 +1271,13 @@ const unsigned char* warp_gather(const void* mine, unsigned bytes, uint64_t what
 // ldmatrix of `matrices` (4 or 2) 8x8 matrices: lane l gives row l % 8 of
 // matrix l / 8 (lanes past 8 * matrices give none); register j of matrix j.
 void ldmatrix(uint32_t* r, const void* row, int matrices) {
-  const bool gives = running("ldmatrix").lane < 8 * matrices;
-  if (gives && reinterpret_cast<uintptr_t>(row) % 16 != 0) {
-    VK_HIDDEN;
-    throw KernelError(where(running("ldmatrix")) + ": ldmatrix needs 16-byte aligned row addresses");
+  bool gives;
+  {
+    VK_HIDDEN;  // (the executor's own state: which lane this is)
+    gives = running("ldmatrix").lane < 8 * matrices;
+    if (gives && reinterpret_cast<uintptr_t>(row) % 16 != 0)
+      throw KernelError(where(running("ldmatrix")) +
+                        ": ldmatrix needs 16-byte aligned row addresses");
   }
   unsigned char mine[16] = {};
   if (gives) std::memcpy(mine, row, 16);  // the lane's row, read by the lane (the sanitizers see it)

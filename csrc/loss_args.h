@@ -63,6 +63,19 @@ inline void check_cross_entropy_backward_args(const at::Tensor& grad_loss, const
   check_same_device(logits, lse, "lse");
 }
 
+// A backward's per-row gradient (R,) in the math type: where it is one value
+// expanded to every row (stride 0), as a reduction's gradient is, read in
+// place with stride 0; else contiguous, stride 1.
+struct RowGrad {
+  at::Tensor g;
+  int64_t stride;
+};
+inline RowGrad row_grad(const at::Tensor& grad, at::ScalarType acc) {
+  const at::Tensor g = grad.to(acc);
+  if (g.size(0) > 1 && g.stride(0) == 0) return {g, 0};
+  return {g.contiguous(), 1};
+}
+
 // Class weights in the math type, contiguous (undefined when not given), and
 // their sum W as a one-element tensor on the same device (no host sync).
 struct CeWeight {

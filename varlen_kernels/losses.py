@@ -22,6 +22,14 @@ from ._checks import check_lengths, layout_hint, lengths_on_host
 _REDUCTIONS = ("mean", "sum", "none")
 
 
+def _check_mask(mask, lead, what: str) -> None:
+    """mask: a bool Tensor of shape `lead` (`what` names those dims in the error)."""
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool Tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    if tuple(mask.shape) != lead:
+        raise ValueError(f"mask must have shape {lead} ({what}), got {tuple(mask.shape)}")
+
+
 def _lengths_or_mask(x: Tensor, lengths, mask, batch_first: bool, name: str, trailing: str = "..."):
     """(lengths, None) with lengths (B,) int64 on x's device, checked where they
     are in host memory (on a GPU the kernels assert them), or (None, mask) with
@@ -36,10 +44,7 @@ def _lengths_or_mask(x: Tensor, lengths, mask, batch_first: bool, name: str, tra
     if (lengths is None) == (mask is None):
         raise ValueError("give exactly one of lengths and mask")
     if mask is not None:
-        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool Tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
-        if tuple(mask.shape) != lead:
-            raise ValueError(f"mask must have shape {lead} ({name}'s leading dims), got {tuple(mask.shape)}")
+        _check_mask(mask, lead, f"{name}'s leading dims")
         return None, mask.to(x.device)
     return check_lengths(lengths, T, B, x.device,
                          layout=layout_hint(name, x.shape, batch_first, trailing)), None
@@ -126,10 +131,7 @@ def masked_cross_entropy(logits: Tensor, target: Tensor, lengths=None, *, mask: 
             raise ValueError("lengths is for 3-D logits (T, B, C) or (B, T, C); 2-D logits (N, C) "
                              "take mask= of shape (N,), or nothing (every token counts)")
         if mask is not None:
-            if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-                raise TypeError(f"mask must be a bool Tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
-            if tuple(mask.shape) != lead:
-                raise ValueError(f"mask must have shape {lead} (logits' leading dim), got {tuple(mask.shape)}")
+            _check_mask(mask, lead, "logits' leading dim")
             rows_mask = mask.to(logits.device)
     else:
         rows_lengths, rows_mask = _lengths_or_mask(logits, lengths, mask, batch_first, "logits", "C")

@@ -55,10 +55,9 @@ Tensor cross_entropy_backward_cpu(const Tensor& grad_loss, const Tensor& logits,
   const int64_t R = logits.size(0), C = logits.size(1);
   const auto acc = at::toOpMathType(logits.scalar_type());
   const Tensor x = logits.contiguous(), t = target.contiguous(), m = mask.contiguous();
-  // (one value expanded to every row, as a reduction's gradient is: read in place)
-  const Tensor g0 = grad_loss.to(acc), l = lse.contiguous();
-  const bool broadcast = R > 1 && g0.stride(0) == 0;
-  const Tensor g = broadcast ? g0 : g0.contiguous();
+  const RowGrad rg = row_grad(grad_loss, acc);
+  const Tensor& g = rg.g;
+  const Tensor l = lse.contiguous();
   Tensor grad = at::empty({R, C}, x.options());
   const CeWeight w = cross_entropy_weight(weight, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "ce_backward", [&] {
@@ -69,7 +68,7 @@ Tensor cross_entropy_backward_cpu(const Tensor& grad_loss, const Tensor& logits,
                                     g.const_data_ptr<acc_t>(), grad.data_ptr<scalar_t>(), C,
                                     label_smoothing};
     set_weight(a, w);
-    a.grad_stride = broadcast ? 0 : 1;
+    a.grad_stride = rg.stride;
     at::parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)),
                      [&](int64_t r0, int64_t r1) {
                        if (use_avx2()) avx2::ce_backward_rows(a, r0, r1);
@@ -100,12 +99,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> masked_cross_entropy_forward_
   Tensor counted = at::empty({R}, t.options().dtype(at::kBool));
   bool* const on = counted.data_ptr<bool>();
   const int64_t* const tp = t.const_data_ptr<int64_t>();
-  const bool by_lengths = rows.lengths != nullptr && rows.mask == nullptr;
-  for (int64_t r = 0; r < R; ++r)
-    on[r] = rows.counts(r, by_lengths ? rows.lengths[rows.seq(r)] : 0, tp[r]);
+  for (int64_t r = 0; r < R; ++r)  // (mask and lengths are never both given)
+    on[r] = rows.counts(r, rows.lengths != nullptr ? rows.lengths[rows.seq(r)] : 0, tp[r]);
   auto [loss, lse] = cross_entropy_forward_cpu(logits, t, counted, label_smoothing, weight);
   Tensor total = loss.sum(), scale = at::ones({}, loss.options());
-  if (red == CeReduction::Mean && counted.any().item<bool>()) {
+  const Tensor count = counted.sum();
+  if (red == CeReduction::Mean && count.item<int64_t>() > 0) {
     // The counted rows' number, or the weights of their targets.
     const Tensor divisor =
         weight.has_value()
@@ -113,7 +112,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> masked_cross_entropy_forward_
                                      0, at::where(counted, t, at::zeros({}, t.options()))),
                         at::zeros({}, loss.options()))
                   .sum()
-            : counted.sum().to(loss.scalar_type());
+            : count.to(loss.scalar_type());
     total = total / divisor;
     scale = scale / divisor;
   }

@@ -396,10 +396,9 @@ Tensor cross_entropy_backward_cuda(const Tensor& grad_loss, const Tensor& logits
   const int64_t R = logits.size(0), C = logits.size(1);
   const auto acc = at::toOpMathType(logits.scalar_type());
   const Tensor x = logits.contiguous(), t = target.contiguous(), m = mask.contiguous();
-  // (one value expanded to every row, as a reduction's gradient is: read in place)
-  const Tensor g0 = grad_loss.to(acc), l = lse.contiguous();
-  const bool broadcast = R > 1 && g0.stride(0) == 0;
-  const Tensor g = broadcast ? g0 : g0.contiguous();
+  const RowGrad rg = row_grad(grad_loss, acc);
+  const Tensor& g = rg.g;
+  const Tensor l = lse.contiguous();
   Tensor grad = at::empty({R, C}, x.options());
   if (R == 0) return grad;
   const CeWeight w = cross_entropy_weight(weight, acc);
@@ -411,7 +410,7 @@ Tensor cross_entropy_backward_cuda(const Tensor& grad_loss, const Tensor& logits
                  cuda::current_stream(), g.const_data_ptr<acc_t>(), x.const_data_ptr<scalar_t>(),
                  t.const_data_ptr<int64_t>(), m.const_data_ptr<bool>(), l.const_data_ptr<acc_t>(),
                  weight_ptr<acc_t>(w.w), weight_ptr<acc_t>(w.sum), grad.data_ptr<scalar_t>(), R,
-                 C, int64_t(broadcast ? 0 : 1), acc_t(label_smoothing));
+                 C, rg.stride, acc_t(label_smoothing));
   });
   return grad;
 }

@@ -238,19 +238,20 @@ def test_low_precision_float_state_error_close_to_torch(cell, dtype, path, nthre
 
 
 @pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("H", [21, 40])
+@pytest.mark.parametrize("B,H", [(11, 21), (11, 40), (37, 72)])
 @pytest.mark.parametrize("nthreads", [1, 2])
-def test_bfloat16_products_exact_before_rounding(cell, H, nthreads, threads):
-    """bfloat16 per-step products (on AVX512-BF16's dot products where the CPU
-    has them, else widened to float32) are the exact products summed in
-    float32: one step from h0 with W_ih and the biases zero (so the input
-    projection adds nothing) gives the float64 result of the same bfloat16
-    operands rounded once to bfloat16, within half a unit in the last place
-    (plus float32's own error). H=21: an odd reduction length and a column
-    tail; B=11: a row block of 8 and a remainder."""
+def test_bfloat16_products_exact_before_rounding(cell, B, H, nthreads, threads):
+    """bfloat16 per-step products (on AMX's tiles or AVX512-BF16's dot products
+    where the CPU has them, else widened to float32) are the exact products
+    summed in float32: one step from h0 with W_ih and the biases zero (so the
+    input projection adds nothing) gives the float64 result of the same
+    bfloat16 operands rounded once to bfloat16, within half a unit in the last
+    place (plus float32's own error). H=21: an odd reduction length and a
+    column tail; B=11: a row block of 8 and a remainder; B=37, H=72: AMX's
+    blocks of 32 rows and a remainder (one thread), row tiles of 16 and a
+    part (two), and a reduction of 2 tiles and a part."""
     threads(nthreads)
     torch.manual_seed(0)
-    B = 11
     m = MaskedRNN(H, H, cell=cell).to(torch.bfloat16)
     with torch.no_grad():
         for name, p in m.named_parameters():
@@ -287,31 +288,57 @@ def _bf16_subnormal_probe():
     return y
 
 
-def _cpu_has_avx512_bf16():
+def _cpu_flags():
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
     except OSError:
-        return False
-    return " avx512_bf16" in flags and torch.backends.cpu.get_cpu_capability() == "AVX512"
+        pass
+    return set()
+
+
+def _cpu_has_avx512_bf16():
+    return "avx512_bf16" in _cpu_flags() and torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+def _cpu_has_amx_bf16():
+    return _cpu_has_avx512_bf16() and {"amx_tile", "amx_bf16"} <= _cpu_flags()
+
+
+def test_bfloat16_kernel_choice():
+    """varlen_kernels._C.cpu_bfloat16_kernel() names the kernel this CPU's
+    flags call for: AMX where it has AMX-BF16 (and Linux grants the tile
+    state, which it does on every x86-64 Linux with AMX since 5.16), else
+    AVX512-BF16's dot products, else the widened float32 kernel."""
+    from varlen_kernels import _C
+    expected = ("amx" if _cpu_has_amx_bf16() else
+                "avx512_bf16" if _cpu_has_avx512_bf16() else "widened")
+    assert _C.cpu_bfloat16_kernel() == expected
 
 
 @pytest.mark.skipif(not _cpu_has_avx512_bf16(), reason="needs a CPU with AVX512-BF16")
 def test_avx512_bf16_kernel_runs_where_the_cpu_has_it(gemm):
-    """The dispatch: on this CPU bfloat16 products run on the dot-product kernel
-    (the subnormal probe gives 0); capped at AVX2 the widened kernel runs instead
-    (checked in test_cpu_capability_builds_match)."""
+    """The dispatch: on this CPU bfloat16 products run on the dot-product kernel,
+    or on AMX's where the CPU has it (both take subnormal inputs as zero: the
+    probe gives 0); capped at AVX2 the widened kernel runs instead (checked in
+    test_cpu_capability_builds_match)."""
     gemm("panel")
     assert (_bf16_subnormal_probe() == 0).all()
 
 
-@pytest.mark.parametrize("cap", ["avx2", "default", "AVX2"])
+@pytest.mark.parametrize("cap", ["avx512", "avx2", "default", "AVX2"])
 def test_cpu_capability_builds_match(cap, tmp_path):
     """The AVX2 and portable builds of the cell kernels and of the panel kernel
     (the AVX-512 ones are the default where the CPU has them) on the panel and
     ATen paths; B=19 gives the panel kernel several row blocks and a remainder.
     bfloat16 products there run on the widened panel kernel, never on
-    AVX512-BF16's dot products."""
+    AVX512-BF16's dot products; capped at AVX-512, on AVX512-BF16's dot
+    products where the CPU has them (never on AMX)."""
+    if cap == "avx512" and torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("needs a CPU with AVX-512")
+    expected = "avx512_bf16" if cap == "avx512" and _cpu_has_avx512_bf16() else "widened"
     script = tmp_path / "run.py"
     script.write_text(
         "import os, sys, torch\n"
@@ -322,14 +349,18 @@ def test_cpu_capability_builds_match(cap, tmp_path):
         "    for cell in ['lstm', 'gru', 'rnn_tanh', 'rnn_relu']:\n"
         "        check_against_packed(cell, bidirectional=True, dtype=torch.float32, H=20)\n"
         "        check_against_packed(cell, dtype=torch.float32, T=9, B=19, H=36)\n"
-        # bfloat16 on the widened panel kernel (an AVX512-BF16 CPU's default is the other)
+        # bfloat16 on the kernel the cap allows (widened, or AVX512-BF16 dot products)
         "import test_cpu_paths as t\n"
         "os.environ['VARLEN_KERNELS_CPU_GEMM'] = 'panel'\n"
         "for cell in ['lstm', 'gru']:\n"
-        "    t.test_bfloat16_products_exact_before_rounding(cell, 21, 2, torch.set_num_threads)\n"
+        "    t.test_bfloat16_products_exact_before_rounding(cell, 11, 21, 2, torch.set_num_threads)\n"
+        "    t.test_bfloat16_products_exact_before_rounding(cell, 37, 72, 1, torch.set_num_threads)\n"
         "    (e_y, e_g), (t_y, t_g) = t._low_precision_errors(cell, torch.bfloat16, T=40, B=6, H=21)\n"
         "    assert e_y <= 2 * t_y + 1e-3 and e_g <= 2 * t_g + 1e-2, (e_y, t_y, e_g, t_g)\n"
-        "assert (t._bf16_subnormal_probe() > 0).all()  # not the dot-product kernel\n"
+        "from varlen_kernels import _C\n"
+        f"assert _C.cpu_bfloat16_kernel() == {expected!r}, _C.cpu_bfloat16_kernel()\n"
+        # the widened kernel keeps subnormal inputs, the dot products take them as zero
+        f"assert bool((t._bf16_subnormal_probe() > 0).all()) == {expected == 'widened'}\n"
         "print('ok')\n")
     env = dict(os.environ, VARLEN_KERNELS_CPU_CAPABILITY=cap)
     r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
@@ -364,8 +395,9 @@ def test_packed_path_edge_lengths(path, pattern, bidirectional, gemm, threads):
 
 
 def test_cpu_capability_setting_is_checked(tmp_path):
-    """A value of VARLEN_KERNELS_CPU_CAPABILITY other than avx512, avx2 or
-    default (any case) is an error naming the variable, not ignored."""
+    """A value of VARLEN_KERNELS_CPU_CAPABILITY other than amx, avx512, avx2 or
+    default (any case) is an error naming the variable, not ignored; the same
+    from varlen_kernels._C.cpu_bfloat16_kernel()."""
     script = tmp_path / "run.py"
     script.write_text(
         "import torch\n"
@@ -373,9 +405,14 @@ def test_cpu_capability_setting_is_checked(tmp_path):
         "try:\n"
         "    MaskedLSTM(4, 5)(torch.randn(3, 2, 4), torch.tensor([3, 1]))\n"
         "except RuntimeError as e:\n"
+        "    print(str(e).splitlines()[0])\n"
+        "from varlen_kernels import _C\n"
+        "try:\n"
+        "    _C.cpu_bfloat16_kernel()\n"
+        "except RuntimeError as e:\n"
         "    print(str(e).splitlines()[0])\n")
     env = dict(os.environ, VARLEN_KERNELS_CPU_CAPABILITY="sse9")
     r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert ("VARLEN_KERNELS_CPU_CAPABILITY must be avx512, avx2 or default, got 'sse9'"
-            in r.stdout), r.stdout
+    message = "VARLEN_KERNELS_CPU_CAPABILITY must be amx, avx512, avx2 or default, got 'sse9'"
+    assert r.stdout.count(message) == 2, r.stdout

@@ -38,7 +38,8 @@ inline int32_t pair_at(const uint16_t* a, int64_t kk, int64_t k) {
 }
 
 // C (MR, cols) = A (MR, k) @ panel + beta C, cols <= kPanel; P: the panel,
-// (k + 1) / 2 rows of kPanel pairs. beta == 0 never reads C.
+// whose first (k + 1) / 2 rows of kPanel pairs are read (the rest, padding to
+// whole AMX tiles, is zero). beta == 0 never reads C.
 template <int MR>
 void block(const uint16_t* A, int64_t lda, const uint16_t* P, int64_t k, float beta, float* C,
            int64_t ldc, int64_t cols) {

@@ -310,7 +310,8 @@ StepPlan choose_step_plan() {
 // transposed (trans) or src (k, n) as is, for plan.products Panel or Mkl.
 // Panel: packed once per call into float panels (panel_gemm.h), or for
 // bfloat16 on a CPU with AVX512-BF16 into bfloat16 pairs for its dot-product
-// kernel (kernels_avx512_bf16.cpp). Mkl: float32
+// kernel (kernels_avx512_bf16.cpp), or where the CPU also has AMX for the AMX
+// kernel (kernels_amx_bf16.cpp). Mkl: float32
 // is packed by MKL for up to max_m rows (on the same threads as the
 // products); bfloat16 is used in place (torch exports no bf16 pack), so src
 // must then outlive this object.
@@ -327,6 +328,7 @@ class PackedOperand {
         if (cpu_has_avx512_bf16()) {
           pairs_ = at::empty({panel_pair_elems(k, n)}, at::kBFloat16);
           pack_panels_pairs(src, ld, trans, k, n, pairs_.data_ptr<c10::BFloat16>());
+          amx_ = cpu_has_amx_bf16();
           return;
         }
       }
@@ -366,9 +368,11 @@ class PackedOperand {
   void run(int64_t m, const scalar_t* A, int64_t lda, float beta, float* C, int64_t ldc) const {
     if (m <= 0) return;
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      if (pairs_.defined())
-        return avx512_bf16::panel_gemm(m, n_, k_, A, lda, pairs_.const_data_ptr<c10::BFloat16>(),
-                                       beta, C, ldc);
+      if (pairs_.defined()) {
+        const c10::BFloat16* pairs = pairs_.const_data_ptr<c10::BFloat16>();
+        if (amx_) return amx_bf16::panel_gemm(m, n_, k_, A, lda, pairs, beta, C, ldc);
+        return avx512_bf16::panel_gemm(m, n_, k_, A, lda, pairs, beta, C, ldc);
+      }
     }
     if (panels_.defined()) {
       panel_gemm<scalar_t>(m, n_, k_, A, lda, panels_.const_data_ptr<float>(), beta, C, ldc);
@@ -391,7 +395,8 @@ class PackedOperand {
   bool trans_;
   int64_t k_, n_;
   Tensor panels_;             // the panel kernel's packed form
-  Tensor pairs_;              // bfloat16 on AVX512-BF16: the dot-product kernel's packed form
+  Tensor pairs_;              // bfloat16 on AVX512-BF16: the dot-product or AMX kernel's packed form
+  bool amx_ = false;          // pairs_ multiplied on AMX's tiles
   float* packed_ = nullptr;   // float: MKL's packed form, in the thread's buffer or own_
   Tensor own_;
   bool holds_thread_buffer_ = false;

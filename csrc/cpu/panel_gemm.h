@@ -36,11 +36,17 @@ namespace varlen {
 constexpr int64_t kPanel = 32;
 
 // bfloat16 elements of a (k, n) right operand packed in pairs of k for the
-// AVX512-BF16 kernel (kernels_avx512_bf16.cpp): ceil(n / kPanel) panels, panel
-// p holding ceil(k / 2) rows of kPanel pairs (B[2q][col], B[2q + 1][col]),
-// zero past k and past n.
+// AVX512-BF16 and AMX kernels (kernels_avx512_bf16.cpp, kernels_amx_bf16.cpp):
+// ceil(n / kPanel) panels, panel p holding panel_pair_rows(k) rows of kPanel
+// pairs (B[2q][col], B[2q + 1][col]), zero past k and past n. The rows are
+// ceil(k / 2) rounded up to whole AMX tiles of kPairTile rows, so that a
+// tile never reads past its panel.
+constexpr int64_t kPairTile = 16;
+inline int64_t panel_pair_rows(int64_t k) {
+  return ((k + 1) / 2 + kPairTile - 1) / kPairTile * kPairTile;
+}
 inline int64_t panel_pair_elems(int64_t k, int64_t n) {
-  return (n + kPanel - 1) / kPanel * kPanel * ((k + 1) / 2 * 2);
+  return (n + kPanel - 1) / kPanel * kPanel * 2 * panel_pair_rows(k);
 }
 
 #ifndef VK_CPU_NS  // packing: in masked_rnn_cpu.cpp only (built for the baseline ISA)
@@ -67,7 +73,7 @@ inline void pack_panels(const src_t* src, int64_t ld, bool trans, int64_t k, int
 inline void pack_panels_pairs(const c10::BFloat16* src, int64_t ld, bool trans, int64_t k,
                               int64_t n, c10::BFloat16* dst) {
   for (int64_t p = 0; p * kPanel < n; ++p)
-    for (int64_t q = 0; 2 * q < k; ++q)
+    for (int64_t q = 0; q < panel_pair_rows(k); ++q)
       for (int64_t c = 0; c < kPanel; ++c)
         for (int64_t e = 0; e < 2; ++e) {
           const int64_t col = p * kPanel + c, kk = 2 * q + e;
@@ -102,6 +108,22 @@ VK_DECLARE_PANEL_GEMM(base)
 namespace avx512_bf16 {
 void panel_gemm(int64_t m, int64_t n, int64_t k, const c10::BFloat16* A, int64_t lda,
                 const c10::BFloat16* packed_b, float beta, float* C, int64_t ldc);
+}
+
+// The same product on AMX's tiles (kernels_amx_bf16.cpp), B packed the same
+// way; where cpu_has_amx_bf16() (cpu_capability.h). Built on x86-64 Linux
+// with GCC 11 or newer (AMX intrinsics); elsewhere a stub that is never chosen.
+#if VK_AVX512_BF16_KERNEL && __GNUC__ >= 11 && defined(__linux__)
+#define VK_AMX_BF16_KERNEL 1
+#else
+#define VK_AMX_BF16_KERNEL 0
+#endif
+namespace amx_bf16 {
+void panel_gemm(int64_t m, int64_t n, int64_t k, const c10::BFloat16* A, int64_t lda,
+                const c10::BFloat16* packed_b, float beta, float* C, int64_t ldc);
+// Asks Linux for the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM, once a
+// process): whether AMX may be used. False where the kernel is not built.
+bool request_tile_state();
 }
 
 }  // namespace varlen

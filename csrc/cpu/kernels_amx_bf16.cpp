@@ -12,7 +12,8 @@
 //
 // Blocking: a block of 2 x 2 tiles of C (32 rows x one panel of 32 columns)
 // stays in tile registers for the whole k loop, the other four of the eight
-// tiles holding A's two row tiles and B's two column tiles of one step of 32 k.
+// tiles holding A's two row tiles and B's two column tiles of one step of 32 k;
+// the blocks of rows run panel by panel.
 // A is first copied into a zero-padded buffer of whole tiles (rows to 16, k
 // to 32; the padded k meets the panel's zero rows), so that no tile reads
 // past A's rows; C comes back through a tile-sized buffer, which keeps the
@@ -167,10 +168,12 @@ void panel_gemm(int64_t m, int64_t n, int64_t k, const c10::BFloat16* A, int64_t
   const auto* b = reinterpret_cast<const uint16_t*>(packed_b);
   const int64_t panel_elems = panel_pair_elems(k, kPanel);  // one panel
   load_config();
-  for (int64_t r = 0; r < m; r += 2 * kTileRows) {
-    const int64_t rows = m - r < 2 * kTileRows ? m - r : 2 * kTileRows;
-    for (int64_t p = 0; p * kPanel < n; ++p) {
-      const int64_t col = p * kPanel, cols = n - col < kPanel ? n - col : kPanel;
+  // Panels outer: a panel (64 KiB at k = 1024) stays in cache for every block
+  // of rows, and all of B streams once a call.
+  for (int64_t p = 0; p * kPanel < n; ++p) {
+    const int64_t col = p * kPanel, cols = n - col < kPanel ? n - col : kPanel;
+    for (int64_t r = 0; r < m; r += 2 * kTileRows) {
+      const int64_t rows = m - r < 2 * kTileRows ? m - r : 2 * kTileRows;
       if (rows > kTileRows)
         block<2>(a + r * k_pad, k_pad, b + p * panel_elems, ktiles, rows, cols, beta,
                  C + r * ldc + col, ldc);

@@ -86,6 +86,7 @@ VK_DECLARE_POINTWISE(base)
 // ------------------------------------------------------------------------
 // Definitions: only in the capability translation units.
 #ifdef VK_CPU_NS
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <type_traits>
@@ -111,10 +112,10 @@ inline M load(const S* p) {
     return M(*p);
   } else if constexpr (std::is_same_v<typename M::value_type, S>) {
     return M::loadu(p);
-  } else {  // half / bfloat16 in memory, float vectors
-    typename M::value_type tmp[M::size()];
-    for (int k = 0; k < M::size(); ++k) tmp[k] = static_cast<typename M::value_type>(p[k]);
-    return M::loadu(tmp);
+  } else {  // half / bfloat16 in memory, float vectors (ATen's vector conversion)
+    M out;
+    at::vec::load_to_float<S>(p, out);
+    return out;
   }
 }
 template <typename M, typename S>
@@ -123,10 +124,8 @@ inline void store(S* p, M v) {
     *p = S(v);
   } else if constexpr (std::is_same_v<typename M::value_type, S>) {
     v.store(p);
-  } else {
-    typename M::value_type tmp[M::size()];
-    v.store(tmp);
-    for (int k = 0; k < M::size(); ++k) p[k] = S(tmp[k]);
+  } else {  // rounded to nearest even, as S(float) rounds
+    at::vec::convert_from_float<S>(v, v).store(p, M::size());
   }
 }
 

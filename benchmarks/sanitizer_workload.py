@@ -87,6 +87,14 @@ def main(argv=None):
         torch.ops.varlen_kernels.cross_entropy_forward(logits.detach().reshape(-1, 11),
                                                        target.reshape(-1), valid, 0.0)
         vk.masked_mse(logits, logits.detach() * 0.5, lengths, batch_first=True).backward()
+        # lengths on the device (checked by the kernel), a mask, per-element losses
+        vk.masked_bce_with_logits(logits, torch.rand_like(logits), lengths.to(dev), batch_first=True,
+                                  pos_weight=torch.rand(11, device=dev)).backward()
+        vk.masked_mse(logits.transpose(0, 1), logits.detach().transpose(0, 1), mask=target.t() > 3,
+                      reduction="none").sum().backward()
+        torch.ops.varlen_kernels.elementwise_loss_forward(logits.detach().reshape(-1, 11),
+                                                          logits.detach().reshape(-1, 11), valid,
+                                                          None, "mse", False)
         hidden = torch.randn(6, 3, 8, device=dev, requires_grad=True)
         head = vk.MaskedLinearCrossEntropy(8, 50).to(dev)
         head(hidden, torch.randint(0, 50, (6, 3), device=dev), torch.tensor([6, 0, 2])).backward()

@@ -88,13 +88,68 @@ inline CeWeight cross_entropy_weight(const c10::optional<at::Tensor>& weight,
   return {w, w.sum().reshape({1})};
 }
 
+// Which rows of R count (op_schemas.h, masked_cross_entropy_forward): mask
+// (R,) bool or lengths (B,) int64 with R = B*T, not both; neither: every row.
+// The rule points into the contiguous mask and lengths kept here.
+struct RowsRule {
+  CeRows rows;
+  at::Tensor mask, lengths;  // contiguous; undefined where not given
+};
+// (rows_of: what the errors call the rows' tensor, possessive: "logits'".)
+inline RowsRule rows_rule(const at::Tensor& x, const char* rows_of,
+                          const c10::optional<at::Tensor>& mask_or_none,
+                          const c10::optional<at::Tensor>& lengths, bool batch_first) {
+  TORCH_CHECK(!(mask_or_none.has_value() && lengths.has_value()),
+              "give a mask or lengths, not both");
+  const int64_t R = x.size(0);
+  RowsRule o;
+  CeRows& rows = o.rows;
+  rows.batch_first = batch_first;
+  if (mask_or_none.has_value()) {
+    const at::Tensor& mask = *mask_or_none;
+    VK_CHECK_SHAPE(mask, R);
+    TORCH_CHECK(mask.scalar_type() == at::kBool, "mask must be bool, got ", mask.scalar_type());
+    check_same_device(x, mask, "mask");
+    o.mask = mask.contiguous();
+    rows.mask = o.mask.const_data_ptr<bool>();
+  }
+  if (lengths.has_value()) {
+    TORCH_CHECK(lengths->dim() == 1 && lengths->scalar_type() == at::kLong,
+                "lengths must be 1-D int64, got shape ", lengths->sizes(), " and dtype ",
+                lengths->scalar_type());
+    check_same_device(x, *lengths, "lengths");
+    rows.B = lengths->size(0);
+    TORCH_CHECK(rows.B > 0 ? R % rows.B == 0 : R == 0, rows_of, " ", R,
+                " rows must be B*T for the ", rows.B, " lengths (B)");
+    rows.T = rows.B > 0 ? R / rows.B : 0;
+    o.lengths = lengths->contiguous();
+    rows.lengths = o.lengths.const_data_ptr<int64_t>();
+  }
+  return o;
+}
+
+// A CPU rule's lengths, each in [0, T] (a GPU kernel asserts them instead).
+inline void check_rows_lengths_on_host(const CeRows& rows) {
+  if (rows.lengths == nullptr) return;
+  for (int64_t b = 0; b < rows.B; ++b)
+    TORCH_CHECK(rows.lengths[b] >= 0 && rows.lengths[b] <= rows.T,
+                "lengths must be in [0, T] with T=", rows.T, ", got lengths[", b, "] = ",
+                rows.lengths[b]);
+}
+
 enum class CeReduction { None, Sum, Mean };
+inline CeReduction parse_reduction(c10::string_view reduction) {
+  if (reduction == "none") return CeReduction::None;
+  if (reduction == "sum") return CeReduction::Sum;
+  TORCH_CHECK(reduction == "mean", "reduction must be 'none', 'sum' or 'mean', got '", reduction,
+              "'");
+  return CeReduction::Mean;
+}
 
 // masked_cross_entropy_forward's arguments (op_schemas.h), checked: what
 // check_cross_entropy_args checks of logits, target, weight and
-// label_smoothing; mask (R,) bool or lengths (B,) int64 with R = B*T, not
-// both; the reduction. The rows' rule points into the contiguous target, mask
-// and lengths kept here.
+// label_smoothing; the rows' rule (rows_rule) less ignore_index; the
+// reduction. The rule points into the contiguous tensors kept here.
 struct MaskedCeOperands {
   CeRows rows;
   CeReduction reduction;
@@ -107,35 +162,15 @@ inline MaskedCeOperands masked_cross_entropy_operands(
     const c10::optional<at::Tensor>& weight, c10::string_view reduction) {
   check_cross_entropy_args(logits, target, mask.has_value() ? &*mask : nullptr, label_smoothing,
                            weight);
-  TORCH_CHECK(!(mask.has_value() && lengths.has_value()),
-              "give a mask or lengths, not both");
+  RowsRule rule = rows_rule(logits, "logits'", mask, lengths, batch_first);
   MaskedCeOperands o;
-  CeRows& rows = o.rows;
-  rows.batch_first = batch_first;
-  rows.has_ignore = ignore_index.has_value();
-  rows.ignore = ignore_index.value_or(0);
+  o.rows = rule.rows;
+  o.rows.has_ignore = ignore_index.has_value();
+  o.rows.ignore = ignore_index.value_or(0);
   o.target = target.contiguous();
-  if (mask.has_value()) {
-    o.mask = mask->contiguous();
-    rows.mask = o.mask.const_data_ptr<bool>();
-  }
-  if (lengths.has_value()) {
-    const int64_t R = logits.size(0);
-    TORCH_CHECK(lengths->dim() == 1 && lengths->scalar_type() == at::kLong,
-                "lengths must be 1-D int64, got shape ", lengths->sizes(), " and dtype ",
-                lengths->scalar_type());
-    check_same_device(logits, *lengths, "lengths");
-    rows.B = lengths->size(0);
-    TORCH_CHECK(rows.B > 0 ? R % rows.B == 0 : R == 0, "logits' ", R,
-                " rows must be B*T for the ", rows.B, " lengths (B)");
-    rows.T = rows.B > 0 ? R / rows.B : 0;
-    o.lengths = lengths->contiguous();
-    rows.lengths = o.lengths.const_data_ptr<int64_t>();
-  }
-  if (reduction == "none") o.reduction = CeReduction::None;
-  else if (reduction == "sum") o.reduction = CeReduction::Sum;
-  else if (reduction == "mean") o.reduction = CeReduction::Mean;
-  else TORCH_CHECK(false, "reduction must be 'none', 'sum' or 'mean', got '", reduction, "'");
+  o.mask = std::move(rule.mask);
+  o.lengths = std::move(rule.lengths);
+  o.reduction = parse_reduction(reduction);
   return o;
 }
 
@@ -145,9 +180,10 @@ inline ElemLoss parse_elem_loss(const std::string& kind) {
   TORCH_CHECK(false, "kind must be 'mse' or 'bce_with_logits', got '", kind, "'");
 }
 
-// input, target (R, F) of one floating dtype; mask (R,) bool; pos_weight (F,).
+// input, target (R, F) of one floating dtype; mask (R,) bool (where not
+// null); pos_weight (F,).
 inline ElemLoss check_elementwise_loss_args(const at::Tensor& input, const at::Tensor& target,
-                                            const at::Tensor& mask,
+                                            const at::Tensor* mask_or_null,
                                             const c10::optional<at::Tensor>& pos_weight,
                                             const std::string& kind_name) {
   const ElemLoss kind = parse_elem_loss(kind_name);
@@ -155,12 +191,15 @@ inline ElemLoss check_elementwise_loss_args(const at::Tensor& input, const at::T
   TORCH_CHECK(input.is_floating_point(), "input must be floating point, got ", input.scalar_type());
   const int64_t R = input.size(0), F = input.size(1);
   VK_CHECK_SHAPE(target, R, F);
-  VK_CHECK_SHAPE(mask, R);
   TORCH_CHECK(target.scalar_type() == input.scalar_type(), "target must have the input's dtype ",
               input.scalar_type(), ", got ", target.scalar_type());
-  TORCH_CHECK(mask.scalar_type() == at::kBool, "mask must be bool, got ", mask.scalar_type());
   check_same_device(input, target, "target");
-  check_same_device(input, mask, "mask");
+  if (mask_or_null != nullptr) {
+    const at::Tensor& mask = *mask_or_null;
+    VK_CHECK_SHAPE(mask, R);
+    TORCH_CHECK(mask.scalar_type() == at::kBool, "mask must be bool, got ", mask.scalar_type());
+    check_same_device(input, mask, "mask");
+  }
   if (pos_weight.has_value()) {
     TORCH_CHECK(kind == ElemLoss::BCE_WITH_LOGITS, "pos_weight is only for 'bce_with_logits'");
     VK_CHECK_SHAPE(*pos_weight, F);
@@ -184,7 +223,7 @@ inline ElemLossOperands elementwise_loss_operands(const at::Tensor& input, const
                                                   const at::Tensor& mask,
                                                   const c10::optional<at::Tensor>& pos_weight,
                                                   const std::string& kind_name) {
-  const ElemLoss kind = check_elementwise_loss_args(input, target, mask, pos_weight, kind_name);
+  const ElemLoss kind = check_elementwise_loss_args(input, target, &mask, pos_weight, kind_name);
   return {kind,
           input.contiguous(),
           target.contiguous(),
@@ -193,6 +232,28 @@ inline ElemLossOperands elementwise_loss_operands(const at::Tensor& input, const
           input.size(0),
           input.size(1),
           at::toOpMathType(input.scalar_type())};
+}
+
+// masked_elementwise_loss_forward's arguments (op_schemas.h), checked: the
+// elementwise loss's operands (mask undefined), the rows' rule and the
+// reduction.
+struct MaskedElemOperands {
+  ElemLossOperands elem;
+  RowsRule rule;
+  CeReduction reduction;
+};
+inline MaskedElemOperands masked_elementwise_loss_operands(
+    const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& mask,
+    const c10::optional<at::Tensor>& lengths, bool batch_first,
+    const c10::optional<at::Tensor>& pos_weight, const std::string& kind_name,
+    c10::string_view reduction) {
+  const ElemLoss kind = check_elementwise_loss_args(input, target, nullptr, pos_weight, kind_name);
+  MaskedElemOperands o{{kind, input.contiguous(), target.contiguous(), at::Tensor(),
+                        pos_weight.has_value() ? pos_weight->contiguous() : at::Tensor(),
+                        input.size(0), input.size(1), at::toOpMathType(input.scalar_type())},
+                       rows_rule(input, "input's", mask, lengths, batch_first),
+                       parse_reduction(reduction)};
+  return o;
 }
 
 // The backward's grad: (R,) per-token sums if reduce_rows, else (R, F); in the math type.

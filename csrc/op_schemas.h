@@ -2,7 +2,7 @@
 // the `varlen_kernels` library; the emulation build (csrc/emulation) defines
 // the same schemas again in `varlen_kernels_emu`, for the CUDA kernels'
 // code compiled for the CPU. Fake (meta) kernels and autograd live in
-// varlen_kernels/ops.py (masked_cross_entropy_forward's autograd in csrc/ops.cpp).
+// varlen_kernels/ops.py (the masked losses' autograd in csrc/ops.cpp).
 #pragma once
 
 #include <torch/library.h>
@@ -128,6 +128,22 @@ inline void define_ops(torch::Library& m) {
       "elementwise_loss_backward(Tensor grad, Tensor input, Tensor target, Tensor mask, "
       "Tensor? pos_weight, str kind, bool reduce_rows) -> (Tensor grad_input, "
       "Tensor grad_target)");
+
+  // masked_mse / masked_bce_with_logits in one op: which rows count, their
+  // losses, and the reduction.
+  //   input, target (R, F); pos_weight, kind as for elementwise_loss_forward;
+  //   mask, lengths, batch_first: which rows count, as for
+  //           masked_cross_entropy_forward (no ignore_index);
+  //   reduction "none" | "sum" | "mean" (over the counted rows' F elements).
+  // Returns loss: the per-element losses (R, F) for "none", else the rows'
+  // sums (R,), in the math type, 0 where a row does not count; counted (R,)
+  // bool; total (): the sum of loss, or for "mean" the mean (0 where no row
+  // counts); scale (): d total / d (a counted row's sum). Its gradient is
+  // elementwise_loss_backward's with counted as the mask.
+  m.def(
+      "masked_elementwise_loss_forward(Tensor input, Tensor target, Tensor? mask, "
+      "Tensor? lengths, bool batch_first, Tensor? pos_weight, str kind, str reduction) -> "
+      "(Tensor loss, Tensor counted, Tensor total, Tensor scale)");
 
   // Fused linear + masked cross entropy over tokens (rows), chunk by chunk
   // (csrc/linear_cross_entropy.h): the logits hidden @ weight^T + bias are

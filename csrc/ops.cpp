@@ -1,8 +1,8 @@
 // The extension module `varlen_kernels._C` and the `varlen_kernels` library.
 // Schemas are in csrc/op_schemas.h; backends register their kernels with
 // TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda; fake (meta) kernels and
-// autograd live in varlen_kernels/ops.py, but for masked_cross_entropy_forward's
-// autograd, which is here.
+// autograd live in varlen_kernels/ops.py, but for the autograd of
+// masked_cross_entropy_forward and masked_elementwise_loss_forward, which is here.
 #include <Python.h>
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -119,9 +119,80 @@ MaskedCeResult masked_cross_entropy_autograd(
   return {r[0], r[1], r[2], r[3], r[4]};
 }
 
+using MaskedElemResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// masked_elementwise_loss_forward's autograd, in C++ for the same reason: the
+// gradient is elementwise_loss_backward's with the counted rows as the mask,
+// grad_total * scale for every row (or element, for "none"), plus the losses'
+// own gradient where they are used.
+struct MaskedElementwiseLoss : torch::autograd::Function<MaskedElementwiseLoss> {
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
+      const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& lengths,
+      bool batch_first, const c10::optional<at::Tensor>& pos_weight, c10::string_view kind,
+      c10::string_view reduction) {
+    static const auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("varlen_kernels::masked_elementwise_loss_forward", "")
+            .typed<MaskedElemResult(const at::Tensor&, const at::Tensor&,
+                                    const c10::optional<at::Tensor>&,
+                                    const c10::optional<at::Tensor>&, bool,
+                                    const c10::optional<at::Tensor>&, c10::string_view,
+                                    c10::string_view)>();
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [loss, counted, total, scale] =
+        op.call(input, target, mask, lengths, batch_first, pos_weight, kind, reduction);
+    ctx->save_for_backward({input, target, counted, scale, pos_weight.value_or(at::Tensor())});
+    ctx->saved_data["kind"] = std::string(kind);
+    ctx->saved_data["reduce_rows"] = reduction != "none";
+    ctx->mark_non_differentiable({counted, scale});
+    ctx->set_materialize_grads(false);
+    return {loss, counted, total, scale};
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static const auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("varlen_kernels::elementwise_loss_backward", "")
+            .typed<std::tuple<at::Tensor, at::Tensor>(
+                const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                const c10::optional<at::Tensor>&, c10::string_view, bool)>();
+    const torch::autograd::variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &input = saved[0], &target = saved[1], &counted = saved[2],
+                     &scale = saved[3], &pos_weight = saved[4];
+    const bool reduce_rows = ctx->saved_data["reduce_rows"].toBool();
+    at::Tensor grad;
+    if (grads[2].defined())
+      grad = (grads[2] * scale).expand(reduce_rows ? at::IntArrayRef{input.size(0)}
+                                                   : input.sizes());
+    if (grads[0].defined()) grad = grad.defined() ? grad + grads[0] : grads[0];
+    torch::autograd::variable_list out(8);
+    if (grad.defined()) {
+      auto [gi, gt] = op.call(grad, input, target, counted,
+                              pos_weight.defined() ? c10::optional<at::Tensor>(pos_weight)
+                                                   : c10::nullopt,
+                              ctx->saved_data["kind"].toStringRef(), reduce_rows);
+      out[0] = gi;
+      out[1] = gt;
+    }
+    return out;
+  }
+};
+
+MaskedElemResult masked_elementwise_loss_autograd(
+    const at::Tensor& input, const at::Tensor& target, const c10::optional<at::Tensor>& mask,
+    const c10::optional<at::Tensor>& lengths, bool batch_first,
+    const c10::optional<at::Tensor>& pos_weight, c10::string_view kind,
+    c10::string_view reduction) {
+  const torch::autograd::variable_list r = MaskedElementwiseLoss::apply(
+      input, target, mask, lengths, batch_first, pos_weight, kind, reduction);
+  return {r[0], r[1], r[2], r[3]};
+}
+
 }  // namespace
 }  // namespace varlen
 
 TORCH_LIBRARY_IMPL(varlen_kernels, Autograd, m) {
   m.impl("masked_cross_entropy_forward", &varlen::masked_cross_entropy_autograd);
+  m.impl("masked_elementwise_loss_forward", &varlen::masked_elementwise_loss_autograd);
 }

@@ -207,6 +207,90 @@ def test_masked_cross_entropy_op_bad_input():
         op(rows, t, None, torch.tensor([5, 6, 0]), True, None, 0.0, None, "mean")
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("kind", ["mse", "bce_with_logits"])
+def test_masked_elementwise_loss_op(batch_first, kind):
+    """masked_elementwise_loss_forward (op_schemas.h) on its own: which rows
+    count, from lengths in either layout, from a mask, or all rows; the losses
+    as elementwise_loss_forward's; total and scale for each reduction; the
+    gradients of the total (and of the per-element losses) w.r.t. input and
+    target against elementwise_loss_forward's; opcheck. Rows that do not count
+    hold NaN and Inf, never read."""
+    g = torch.Generator().manual_seed(11)
+    B, T, Fe = 3, 5, 4
+    lengths = torch.tensor([5, 0, 2])
+    valid = torch.arange(T)[None, :] < lengths[:, None]  # (B, T)
+    x = torch.randn(B, T, Fe, generator=g, dtype=torch.float64)
+    y = torch.rand(B, T, Fe, generator=g, dtype=torch.float64)
+    x[~valid], y[~valid] = float("nan"), float("inf")
+    if not batch_first:
+        x, y, valid = x.transpose(0, 1), y.transpose(0, 1), valid.t()
+    R = valid.numel()
+    rows, yr, v = x.reshape(R, Fe).contiguous(), y.reshape(R, Fe).contiguous(), valid.reshape(R)
+    pw = torch.rand(Fe, generator=g, dtype=torch.float64) + 0.5 if kind != "mse" else None
+    clean_x, clean_y = torch.nan_to_num(rows, nan=0.3, posinf=0.7), torch.nan_to_num(yr, nan=0.3, posinf=0.7)
+    op = torch.ops.varlen_kernels.masked_elementwise_loss_forward.default
+    ref_op = torch.ops.varlen_kernels.elementwise_loss_forward.default
+    cases = {"lengths": (rows, yr, None, lengths, v), "mask": (rows, yr, v, None, v),
+             "all": (clean_x, clean_y, None, None, torch.ones_like(v))}
+    for how, (xx, yy, m, ln, counted) in cases.items():
+        for reduction in ("none", "sum", "mean"):
+            xr, yq = xx.clone().requires_grad_(), yy.clone().requires_grad_()
+            loss, cnt, total, scale = op(xr, yq, m, ln, batch_first, pw, kind, reduction)
+            assert torch.equal(cnt, counted), (how, reduction)
+            xr2, yq2 = xx.clone().requires_grad_(), yy.clone().requires_grad_()
+            ref = ref_op(xr2, yq2, counted, pw, kind, reduction != "none")
+            torch.testing.assert_close(loss, ref, **F64)
+            div = counted.sum().double() * Fe
+            ref_total = ref.sum() / div if reduction == "mean" else ref.sum()
+            torch.testing.assert_close(total, ref_total, **F64)
+            torch.testing.assert_close(scale, 1 / div if reduction == "mean" else
+                                       torch.ones((), dtype=torch.float64), **F64)
+            weights = torch.linspace(-1, 1, loss.numel(), dtype=torch.float64).view(loss.shape)
+            grads = torch.autograd.grad(total + (loss * weights).sum(), [xr, yq])
+            grads_ref = torch.autograd.grad(ref_total + (ref * weights).sum(), [xr2, yq2])
+            for a, b in zip(grads, grads_ref):
+                torch.testing.assert_close(a, b, **F64)
+                assert (a[~counted] == 0).all()
+        args = (xx.clone().requires_grad_(), yy.clone().requires_grad_(), m, ln, batch_first, pw, kind,
+                "mean")
+        torch.library.opcheck(op, args)
+    # No counted row, and rows of no feature: total 0, not NaN.
+    none = op(rows, yr, torch.zeros_like(v), None, batch_first, pw, kind, "mean")
+    assert none[2].item() == 0.0 and not none[1].any()
+    empty = op(rows[:, :0], yr[:, :0], None, lengths, batch_first, None, kind, "mean")
+    assert empty[2].item() == 0.0 and empty[0].shape == (R,)
+
+
+def test_masked_elementwise_loss_op_bad_input():
+    """What masked_elementwise_loss_forward refuses, naming the argument;
+    lengths out of [0, T] are an error on the CPU and a device-side assert in
+    the CUDA code."""
+    x, y = torch.randn(15, 2, dtype=torch.float64), torch.rand(15, 2, dtype=torch.float64)
+    lengths, mask = torch.tensor([5, 1, 0]), torch.ones(15, dtype=torch.bool)
+    op = torch.ops.varlen_kernels.masked_elementwise_loss_forward
+    with pytest.raises(RuntimeError, match="give a mask or lengths, not both"):
+        op(x, y, mask, lengths, True, None, "mse", "mean")
+    with pytest.raises(RuntimeError, match=r"lengths must be 1-D int64, got shape \[3\] and dtype Float"):
+        op(x, y, None, lengths.float(), True, None, "mse", "mean")
+    with pytest.raises(RuntimeError, match=r"input's 15 rows must be B\*T for the 4 lengths \(B\)"):
+        op(x, y, None, torch.tensor([1, 1, 1, 1]), True, None, "mse", "mean")
+    with pytest.raises(RuntimeError, match="reduction must be 'none', 'sum' or 'mean', got 'avg'"):
+        op(x, y, None, lengths, True, None, "mse", "avg")
+    with pytest.raises(RuntimeError, match="kind must be 'mse' or 'bce_with_logits', got 'l1'"):
+        op(x, y, None, lengths, True, None, "l1", "mean")
+    with pytest.raises(RuntimeError, match=r"mask must have shape \(R\) = \[15\], got \[14\]"):
+        op(x, y, mask[:14], None, True, None, "mse", "mean")
+    with pytest.raises(RuntimeError, match=r"target must have shape"):
+        op(x, y[:, :1], None, lengths, True, None, "mse", "mean")
+    with pytest.raises(RuntimeError, match="pos_weight is only for 'bce_with_logits'"):
+        op(x, y, None, lengths, True, torch.ones(2, dtype=torch.float64), "mse", "mean")
+    msg = (r"device-side assert failed: .*lengths must be in \[0, T\]" if emulation_active() else
+           r"lengths must be in \[0, T\] with T=5, got lengths\[1\] = 6")
+    with pytest.raises(RuntimeError, match=msg):
+        op(x, y, None, torch.tensor([5, 6, 0]), True, None, "mse", "mean")
+
+
 @pytest.mark.parametrize("loss_name", ["mse", "bce"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("feature", [(), (4,), (2, 3)])

@@ -9,9 +9,11 @@ leading dims, for masks that are not prefixes.
 Every loss is exactly 0, with zero gradients, when no step is valid (never
 NaN), and never reads padding: NaN/Inf or garbage there changes nothing and
 gets gradient 0. The mean's divisor is computed on the device (no host sync).
-masked_cross_entropy is one op (masked_cross_entropy_forward) that also finds
-the counted tokens and reduces them, so that a call is a few kernel launches.
+Each loss is one op (masked_cross_entropy_forward,
+masked_elementwise_loss_forward) that also finds the counted tokens and
+reduces them, so that a call is a few kernel launches.
 """
+import math
 from typing import Optional
 
 import torch
@@ -72,15 +74,6 @@ def _autocast(x: Tensor) -> bool:
 def _check_reduction(reduction):
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-
-
-def _reduce(per_token: Tensor, count: Tensor, reduction: str, out_dtype) -> Tensor:
-    if reduction == "none":
-        return per_token.to(out_dtype)
-    total = per_token.sum()
-    if reduction == "sum":
-        return total.to(out_dtype)
-    return (total / count.clamp_min(1)).to(out_dtype)
 
 
 def _check_class_target(target, lead, lead_name, label_smoothing, ignore_index):
@@ -167,22 +160,26 @@ def _elementwise(name, kind, pred, target, lengths, mask, batch_first, reduction
         raise TypeError(f"{name} must be floating point, got {pred.dtype}")
     if pred.shape != target.shape:
         raise ValueError(f"target must have the shape of {name} {tuple(pred.shape)}, got {tuple(target.shape)}")
-    valid = _valid_mask(pred, lengths, mask, batch_first, name)
+    rows_lengths, rows_mask = _lengths_or_mask(pred, lengths, mask, batch_first, name)
     if _autocast(pred):
         pred = pred.float()  # losses in float32 under autocast, as PyTorch's
     target = target.to(pred.dtype)
-    F = pred[0, 0].numel() if pred.dim() > 2 else 1
+    F = math.prod(pred.shape[2:])
     pw = None
     if pos_weight is not None:
         if pos_weight.requires_grad:
             raise NotImplementedError("gradients w.r.t. pos_weight are not implemented: "
                                       "pass a pos_weight that does not require grad")
         pw = torch.broadcast_to(pos_weight.to(pred), pred.shape[2:] or (1,)).reshape(F)
-    out = torch.ops.varlen_kernels.elementwise_loss_forward.default(
-        pred.reshape(-1, F), target.reshape(-1, F), valid.reshape(-1), pw, kind, reduction != "none")
+    # One op: which steps count (from the lengths or the mask), their losses and
+    # their reduction, in two kernels on a GPU.
+    loss, _, total, _ = torch.ops.varlen_kernels.masked_elementwise_loss_forward.default(
+        pred.reshape(-1, F), target.reshape(-1, F),
+        None if rows_mask is None else rows_mask.reshape(-1), rows_lengths, bool(batch_first), pw,
+        kind, reduction)
     if reduction == "none":
-        return out.view(pred.shape).to(pred.dtype)
-    return _reduce(out, valid.sum() * F, reduction, pred.dtype)
+        return loss.view(pred.shape).to(pred.dtype)
+    return total.to(pred.dtype)
 
 
 def masked_mse(pred: Tensor, target: Tensor, lengths=None, *, mask: Optional[Tensor] = None,

@@ -324,6 +324,17 @@ torch.library.register_autograd(
 )
 
 
+@torch.library.register_fake("varlen_kernels::masked_elementwise_loss_forward")
+def _melem_forward_fake(input, target, mask, lengths, batch_first, pos_weight, kind, reduction):
+    acc = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+    shape = input.shape if reduction == "none" else input.shape[:1]
+    return (input.new_empty(shape, dtype=acc), input.new_empty(input.shape[:1], dtype=torch.bool),
+            input.new_empty((), dtype=acc), input.new_empty((), dtype=acc))
+
+
+# masked_elementwise_loss_forward's autograd is in C++ too (csrc/ops.cpp).
+
+
 # ------------------------------------------------- fused linear cross entropy
 def _acc(dtype):
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -409,5 +420,6 @@ for _name in ("rnn_backward", "rnn_bidirectional_backward", "cross_entropy_backw
 # CUDA kernels), see rnn_layer; the cross entropy runs in float32, as PyTorch's
 # autocast policy does for its own losses. Integer tensors are left alone.
 for _device in ("cuda", "cpu"):
-    for _op in ("cross_entropy_forward", "masked_cross_entropy_forward", "elementwise_loss_forward"):
+    for _op in ("cross_entropy_forward", "masked_cross_entropy_forward", "elementwise_loss_forward",
+                "masked_elementwise_loss_forward"):
         torch.library.register_autocast(f"varlen_kernels::{_op}", _device, torch.float32)

@@ -48,7 +48,8 @@ ORDERS = ("forward", "reverse", "random")
 # Every op of csrc/op_schemas.h.
 OPS = ("rnn_forward", "rnn_backward", "rnn_bidirectional_forward", "rnn_bidirectional_backward",
        "cross_entropy_forward", "cross_entropy_backward", "masked_cross_entropy_forward",
-       "elementwise_loss_forward", "elementwise_loss_backward", "linear_cross_entropy_forward",
+       "elementwise_loss_forward", "elementwise_loss_backward", "masked_elementwise_loss_forward",
+       "linear_cross_entropy_forward",
        "linear_cross_entropy_backward")
 
 _HOW = ("It is built with the extension from a source checkout: `make build` (or "

@@ -78,6 +78,18 @@ Tensor cross_entropy_backward_cpu(const Tensor& grad_loss, const Tensor& logits,
   return grad;
 }
 
+// Which of R rows count by `rows` (the CUDA kernels' rule, loss_math.h),
+// their lengths checked; target: the rows' targets, or null (none ignored).
+Tensor counted_rows(const CeRows& rows, int64_t R, const int64_t* target) {
+  check_rows_lengths_on_host(rows);
+  Tensor counted = at::empty({R}, at::TensorOptions().dtype(at::kBool));
+  bool* const on = counted.data_ptr<bool>();
+  for (int64_t r = 0; r < R; ++r)  // (mask and lengths are never both given)
+    on[r] = rows.counts(r, rows.lengths != nullptr ? rows.lengths[rows.seq(r)] : 0,
+                        target != nullptr ? target[r] : 0);
+  return counted;
+}
+
 // Which rows count (the CUDA kernel's rule, loss_math.h), the rows' losses by
 // cross_entropy_forward_cpu, and their reduction by ATen's sums.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> masked_cross_entropy_forward_cpu(
@@ -89,18 +101,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> masked_cross_entropy_forward_
   const CeRows& rows = o.rows;
   const CeReduction red = o.reduction;
   const Tensor& t = o.target;
-  if (rows.lengths != nullptr) {
-    for (int64_t b = 0; b < rows.B; ++b)
-      TORCH_CHECK(rows.lengths[b] >= 0 && rows.lengths[b] <= rows.T,
-                  "lengths must be in [0, T] with T=", rows.T, ", got lengths[", b, "] = ",
-                  rows.lengths[b]);
-  }
-  const int64_t R = logits.size(0);
-  Tensor counted = at::empty({R}, t.options().dtype(at::kBool));
-  bool* const on = counted.data_ptr<bool>();
-  const int64_t* const tp = t.const_data_ptr<int64_t>();
-  for (int64_t r = 0; r < R; ++r)  // (mask and lengths are never both given)
-    on[r] = rows.counts(r, rows.lengths != nullptr ? rows.lengths[rows.seq(r)] : 0, tp[r]);
+  const Tensor counted = counted_rows(rows, logits.size(0), t.const_data_ptr<int64_t>());
   auto [loss, lse] = cross_entropy_forward_cpu(logits, t, counted, label_smoothing, weight);
   Tensor total = loss.sum(), scale = at::ones({}, loss.options());
   const Tensor count = counted.sum();
@@ -197,6 +198,29 @@ std::tuple<Tensor, Tensor> elementwise_loss_backward_cpu(
   return {gx, gy};
 }
 
+// Which rows count (counted_rows), their losses by
+// elementwise_loss_forward_cpu, and their reduction by ATen's sums.
+std::tuple<Tensor, Tensor, Tensor, Tensor> masked_elementwise_loss_forward_cpu(
+    const Tensor& input, const Tensor& target, const c10::optional<Tensor>& mask,
+    const c10::optional<Tensor>& lengths, bool batch_first,
+    const c10::optional<Tensor>& pos_weight, c10::string_view kind_name,
+    c10::string_view reduction) {
+  const MaskedElemOperands o = masked_elementwise_loss_operands(
+      input, target, mask, lengths, batch_first, pos_weight, std::string(kind_name), reduction);
+  const Tensor counted = counted_rows(o.rule.rows, o.elem.R, nullptr);
+  const Tensor loss = elementwise_loss_forward_cpu(o.elem.x, o.elem.y, counted, pos_weight,
+                                                   kind_name, o.reduction != CeReduction::None);
+  Tensor total = loss.sum(), scale = at::ones({}, loss.options());
+  if (o.reduction == CeReduction::Mean) {
+    const int64_t elements = counted.sum().item<int64_t>() * o.elem.F;
+    if (elements > 0) {
+      total = total / double(elements);
+      scale = scale / double(elements);
+    }
+  }
+  return {loss, counted, total, scale};
+}
+
 }  // namespace
 }  // namespace varlen
 
@@ -206,4 +230,5 @@ TORCH_LIBRARY_IMPL(varlen_kernels, CPU, m) {
   m.impl("masked_cross_entropy_forward", &varlen::masked_cross_entropy_forward_cpu);
   m.impl("elementwise_loss_forward", &varlen::elementwise_loss_forward_cpu);
   m.impl("elementwise_loss_backward", &varlen::elementwise_loss_backward_cpu);
+  m.impl("masked_elementwise_loss_forward", &varlen::masked_elementwise_loss_forward_cpu);
 }

@@ -416,28 +416,54 @@ Tensor cross_entropy_backward_cuda(const Tensor& grad_loss, const Tensor& logits
 }
 
 // ------------------------------------------------------ elementwise losses
-// Per-token sums: one block per row, a block reduction over F.
+// One block per row, a block reduction over F: the rows' sums, or with
+// per_element each element's loss (out (R, F)); which rows count from `rows`
+// (loss_math.h; target-free), also written to counted (where not null); with
+// `partial` (3 values a block), the block's sums over its counted rows in row
+// order: of the loss, and twice of their elements (F each; so that with F = 0
+// nothing counts and a mean is 0, never 0 / 0).
 template <typename scalar_t, typename acc_t>
 __global__ void elem_loss_rows_kernel(const scalar_t* __restrict__ x,
-                                      const scalar_t* __restrict__ y,
-                                      const bool* __restrict__ mask,
+                                      const scalar_t* __restrict__ y, CeRows rows,
                                       const scalar_t* __restrict__ pos_weight, acc_t* out,
-                                      int64_t R, int64_t F, ElemLoss kind) {
+                                      bool per_element, bool* counted, acc_t* partial, int64_t R,
+                                      int64_t F, ElemLoss kind) {
   VK_SHARED(acc_t, shared, kThreads / 32);
+  acc_t sums[3] = {acc_t(0), acc_t(0), acc_t(0)};  // (thread 0's: partial)
   for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
-    if (!mask[r]) {  // uniform across the block
-      if (threadIdx.x == 0) out[r] = acc_t(0);
+    int64_t len = 0;
+    if (rows.mask == nullptr && rows.lengths != nullptr) {
+      len = rows.lengths[rows.seq(r)];
+      CUDA_KERNEL_ASSERT(len >= 0 && len <= rows.T && "lengths must be in [0, T]");
+    }
+    const bool on = rows.counts(r, len, 0);  // uniform across the block
+    if (counted != nullptr && threadIdx.x == 0) counted[r] = on;
+    if (!on) {
+      if (per_element) {
+        for (int64_t f = threadIdx.x; f < F; f += blockDim.x) out[r * F + f] = acc_t(0);
+      } else if (threadIdx.x == 0) {
+        out[r] = acc_t(0);
+      }
       continue;
     }
     acc_t sum = acc_t(0);
     for (int64_t f = threadIdx.x; f < F; f += blockDim.x) {
       const int64_t i = r * F + f;
-      sum += elem_loss<acc_t>(kind, acc_t(x[i]), acc_t(y[i]),
-                              pos_weight ? acc_t(pos_weight[f]) : acc_t(1)).loss;
+      const acc_t l = elem_loss<acc_t>(kind, acc_t(x[i]), acc_t(y[i]),
+                                       pos_weight ? acc_t(pos_weight[f]) : acc_t(1)).loss;
+      if (per_element) out[i] = l;
+      sum += l;
     }
     sum = block_reduce(sum, [](acc_t a, acc_t b) { return a + b; }, acc_t(0), shared);
-    if (threadIdx.x == 0) out[r] = sum;
+    if (threadIdx.x == 0) {
+      if (!per_element) out[r] = sum;
+      sums[0] += sum;
+      sums[1] += acc_t(F);
+      sums[2] += acc_t(F);
+    }
   }
+  if (partial != nullptr && threadIdx.x == 0)
+    for (int i = 0; i < 3; ++i) partial[3 * blockIdx.x + i] = sums[i];
 }
 
 // Per-element losses (forward, reduce_rows = false) or gradients (backward).
@@ -490,9 +516,12 @@ Tensor elementwise_loss_forward_cuda(const Tensor& input, const Tensor& target, 
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* pwp = pw.defined() ? pw.const_data_ptr<scalar_t>() : nullptr;
     if (reduce_rows) {
+      CeRows rows;
+      rows.mask = m.const_data_ptr<bool>();
       cuda::launch(elem_loss_rows_kernel<scalar_t, acc_t>, cuda::grid_for(R, 1), kThreads, 0,
-                   stream, x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
-                   m.const_data_ptr<bool>(), pwp, out.data_ptr<acc_t>(), R, F, kind);
+                   stream, x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), rows, pwp,
+                   out.data_ptr<acc_t>(), false, static_cast<bool*>(nullptr),
+                   static_cast<acc_t*>(nullptr), R, F, kind);
     } else if (F > 0) {
       cuda::launch(elem_loss_elements_kernel<scalar_t, acc_t, false>,
                    cuda::grid_for(R * F, kThreads, 65535), kThreads, 0, stream,
@@ -530,6 +559,48 @@ std::tuple<Tensor, Tensor> elementwise_loss_backward_cuda(
   return {gx, gy};
 }
 
+// The rows' rule, losses and partial sums in one kernel (elem_loss_rows_kernel),
+// their total in another (ce_total_kernel).
+std::tuple<Tensor, Tensor, Tensor, Tensor> masked_elementwise_loss_forward_cuda(
+    const Tensor& input, const Tensor& target, const c10::optional<Tensor>& mask,
+    const c10::optional<Tensor>& lengths, bool batch_first,
+    const c10::optional<Tensor>& pos_weight, c10::string_view kind_name,
+    c10::string_view reduction) {
+  const MaskedElemOperands o = masked_elementwise_loss_operands(
+      input, target, mask, lengths, batch_first, pos_weight, std::string(kind_name), reduction);
+  const cuda::DeviceGuard guard(input.device());
+  const Tensor &x = o.elem.x, &y = o.elem.y, &pw = o.elem.pos_weight, &len = o.rule.lengths;
+  const int64_t R = o.elem.R, F = o.elem.F;
+  const bool per_element = o.reduction == CeReduction::None;
+  const auto acc = o.elem.acc;
+  Tensor loss = per_element ? at::empty({R, F}, x.options().dtype(acc))
+                            : at::empty({R}, x.options().dtype(acc));
+  Tensor counted = at::empty({R}, x.options().dtype(at::kBool));
+  if (R == 0) {
+    // No row: nothing to read but the lengths, which must all be 0 (T = 0).
+    if (len.defined() && len.numel() > 0)
+      at::_assert_async(len.eq(0).all(), "lengths must be in [0, T] with T=0 (no step)");
+    return {loss, counted, at::zeros({}, loss.options()), at::ones({}, loss.options())};
+  }
+  constexpr int64_t kTotalBlocks = 1024;  // as for masked_cross_entropy_forward
+  const unsigned blocks = cuda::grid_for(R, 1, kTotalBlocks);
+  Tensor partial = at::empty({3 * int64_t(blocks)}, loss.options());
+  Tensor total = at::empty({}, loss.options()), scale = at::empty({}, loss.options());
+  const auto stream = cuda::current_stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "masked_elem_loss_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    cuda::launch(elem_loss_rows_kernel<scalar_t, acc_t>, blocks, kThreads, 0, stream,
+                 x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), o.rule.rows,
+                 pw.defined() ? pw.const_data_ptr<scalar_t>() : nullptr, loss.data_ptr<acc_t>(),
+                 per_element, counted.data_ptr<bool>(), partial.data_ptr<acc_t>(), R, F,
+                 o.elem.kind);
+    cuda::launch(ce_total_kernel<acc_t>, 1, kThreads, 0, stream, partial.const_data_ptr<acc_t>(),
+                 int64_t(blocks), o.reduction == CeReduction::Mean, total.data_ptr<acc_t>(),
+                 scale.data_ptr<acc_t>());
+  });
+  return {loss, counted, total, scale};
+}
+
 }  // namespace
 }  // namespace varlen
 
@@ -539,4 +610,5 @@ VK_CUDA_LIBRARY_IMPL(m) {
   m.impl("masked_cross_entropy_forward", &varlen::masked_cross_entropy_forward_cuda);
   m.impl("elementwise_loss_forward", &varlen::elementwise_loss_forward_cuda);
   m.impl("elementwise_loss_backward", &varlen::elementwise_loss_backward_cuda);
+  m.impl("masked_elementwise_loss_forward", &varlen::masked_elementwise_loss_forward_cuda);
 }

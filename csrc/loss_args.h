@@ -256,16 +256,19 @@ inline MaskedElemOperands masked_elementwise_loss_operands(
   return o;
 }
 
-// The backward's grad: (R,) per-token sums if reduce_rows, else (R, F); in the math type.
-inline at::Tensor elementwise_loss_grad(const at::Tensor& grad, const ElemLossOperands& o,
-                                        bool reduce_rows) {
+// The backward's grad in the math type: (R,) for per-token sums if
+// reduce_rows (one value expanded to every row read in place, as row_grad
+// does), else (R, F) contiguous (stride 1).
+inline RowGrad elementwise_loss_grad(const at::Tensor& grad, const ElemLossOperands& o,
+                                     bool reduce_rows) {
   if (reduce_rows) {
     VK_CHECK_SHAPE(grad, o.R);
   } else {
     VK_CHECK_SHAPE(grad, o.R, o.F);
   }
   check_same_device(o.x, grad, "grad");
-  return grad.to(o.acc).contiguous();
+  if (reduce_rows) return row_grad(grad, o.acc);
+  return {grad.to(o.acc).contiguous(), 1};
 }
 
 }  // namespace varlen

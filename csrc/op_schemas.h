@@ -137,8 +137,9 @@ inline void define_ops(torch::Library& m) {
   //   reduction "none" | "sum" | "mean" (over the counted rows' F elements).
   // Returns loss: the per-element losses (R, F) for "none", else the rows'
   // sums (R,), in the math type, 0 where a row does not count; counted (R,)
-  // bool; total (): the sum of loss, or for "mean" the mean (0 where no row
-  // counts); scale (): d total / d (a counted row's sum). Its gradient is
+  // bool; total (): the sum of loss ("sum"), the mean ("mean"; 0 where no row
+  // counts) or 0 ("none": no reduction is made); scale (): d total / d (a
+  // counted row's sum), 1 for "none". Its gradient is
   // elementwise_loss_backward's with counted as the mask.
   m.def(
       "masked_elementwise_loss_forward(Tensor input, Tensor target, Tensor? mask, "

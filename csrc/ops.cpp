@@ -123,8 +123,8 @@ using MaskedElemResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tens
 
 // masked_elementwise_loss_forward's autograd, in C++ for the same reason: the
 // gradient is elementwise_loss_backward's with the counted rows as the mask,
-// grad_total * scale for every row (or element, for "none"), plus the losses'
-// own gradient where they are used.
+// grad_total * scale for every row ("sum", "mean": one value expanded, read in
+// place), plus the losses' own gradient where they are used.
 struct MaskedElementwiseLoss : torch::autograd::Function<MaskedElementwiseLoss> {
   static torch::autograd::variable_list forward(
       torch::autograd::AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
@@ -161,10 +161,8 @@ struct MaskedElementwiseLoss : torch::autograd::Function<MaskedElementwiseLoss> 
     const at::Tensor &input = saved[0], &target = saved[1], &counted = saved[2],
                      &scale = saved[3], &pos_weight = saved[4];
     const bool reduce_rows = ctx->saved_data["reduce_rows"].toBool();
-    at::Tensor grad;
-    if (grads[2].defined())
-      grad = (grads[2] * scale).expand(reduce_rows ? at::IntArrayRef{input.size(0)}
-                                                   : input.sizes());
+    at::Tensor grad;  // "none": total is 0, a constant
+    if (grads[2].defined() && reduce_rows) grad = (grads[2] * scale).expand({input.size(0)});
     if (grads[0].defined()) grad = grad.defined() ? grad + grads[0] : grads[0];
     torch::autograd::variable_list out(8);
     if (grad.defined()) {

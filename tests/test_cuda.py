@@ -240,7 +240,8 @@ def test_lengths_out_of_range_fail_the_device_assert(cell):
 @pytest.mark.parametrize("cell", CELLS)
 def test_grid_stride_loops_go_round(cell):
     """With the grid capped at 2 blocks, every kernel's grid-stride loop covers
-    more rows than the grid has threads; results equal the CPU kernels'."""
+    more rows (or elements) than the grid has threads; results equal the CPU
+    kernels'."""
     ref, x, lengths, hx = sample_inputs(cell, T=5, B=70, I=3, H=9, num_layers=1, bidirectional=True)
     m = MaskedRNN.from_torch(ref)
     logits = torch.randn(70, 5, 300, dtype=torch.float64, requires_grad=True)
@@ -251,6 +252,8 @@ def test_grid_stride_loops_go_round(cell):
         loss = masked_cross_entropy(y.transpose(0, 1).sum(-1, keepdim=True) * logits, target, lengths,
                                     batch_first=True)
         loss = loss + masked_mse(logits, logits.detach() * 0.5, lengths, batch_first=True)
+        loss = loss + masked_bce_with_logits(logits, logits.detach().sigmoid(), mask=target > 100,
+                                             batch_first=True, reduction="none").sum()
         return torch.autograd.grad(loss, [x, logits, *m.parameters()])
 
     expected = run()
@@ -1410,6 +1413,39 @@ def test_elementwise_loss_opcheck(kind, reduce_rows, gpu):
     mask = torch.tensor([1, 1, 0, 1, 0, 0, 1], dtype=torch.bool, device=gpu)
     torch.library.opcheck(torch.ops.varlen_kernels.elementwise_loss_forward.default,
                           (pred, target, mask, None, kind, reduce_rows))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_masked_elementwise_loss_op_on_gpu(dtype, reduction, gpu):
+    """masked_elementwise_loss_forward's CUDA kernels against its CPU kernels:
+    lengths on the device, or a mask; losses, counted rows, total and scale;
+    the gradients; opcheck (float64). Values in every backend against F.* are
+    in test_losses.py."""
+    g = torch.Generator().manual_seed(8)
+    B, T, Fe = 5, 6, 3
+    x = torch.randn(B * T, Fe, generator=g, dtype=torch.float64).to(dtype)
+    y = torch.rand(B * T, Fe, generator=g, dtype=torch.float64).to(dtype)
+    lengths = torch.tensor([6, 0, 2, 5, 1])
+    mask = torch.rand(B * T, generator=g) > 0.4
+    pw = (torch.rand(Fe, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    op = torch.ops.varlen_kernels.masked_elementwise_loss_forward.default
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-3, atol=2e-3)
+    for kind, p in (("mse", None), ("bce_with_logits", pw)):
+        for m, ln in ((None, lengths), (mask, None)):
+            outs, grads = [], []
+            for dev in ("cpu", gpu):
+                xi = x.to(dev).requires_grad_()
+                o = op(xi, y.to(dev), None if m is None else m.to(dev), None if ln is None else ln.to(dev),
+                       True, None if p is None else p.to(dev), kind, reduction)
+                outs.append([t.cpu() for t in o])
+                grads.append(torch.autograd.grad(o[2] + o[0].sum(), [xi])[0].cpu())
+            for a, b in zip(outs[1], outs[0]):
+                torch.testing.assert_close(a, b, **tol)
+            torch.testing.assert_close(grads[1], grads[0], **tol)
+    if dtype == torch.float64:
+        torch.library.opcheck(op, (x.to(gpu).requires_grad_(), y.to(gpu), None, lengths.to(gpu), True,
+                                   pw.to(gpu), "bce_with_logits", reduction))
 
 
 def test_packed_reference_runs_cudnn_in_ieee_fp32():

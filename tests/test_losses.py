@@ -212,7 +212,8 @@ def test_masked_cross_entropy_op_bad_input():
 def test_masked_elementwise_loss_op(batch_first, kind):
     """masked_elementwise_loss_forward (op_schemas.h) on its own: which rows
     count, from lengths in either layout, from a mask, or all rows; the losses
-    as elementwise_loss_forward's; total and scale for each reduction; the
+    as elementwise_loss_forward's; total and scale for each reduction ("none":
+    0 and 1, no reduction made); the
     gradients of the total (and of the per-element losses) w.r.t. input and
     target against elementwise_loss_forward's; opcheck. Rows that do not count
     hold NaN and Inf, never read."""
@@ -242,7 +243,8 @@ def test_masked_elementwise_loss_op(batch_first, kind):
             ref = ref_op(xr2, yq2, counted, pw, kind, reduction != "none")
             torch.testing.assert_close(loss, ref, **F64)
             div = counted.sum().double() * Fe
-            ref_total = ref.sum() / div if reduction == "mean" else ref.sum()
+            ref_total = {"mean": ref.sum() / div, "sum": ref.sum(),
+                         "none": torch.zeros((), dtype=torch.float64)}[reduction]
             torch.testing.assert_close(total, ref_total, **F64)
             torch.testing.assert_close(scale, 1 / div if reduction == "mean" else
                                        torch.ones((), dtype=torch.float64), **F64)
@@ -258,8 +260,10 @@ def test_masked_elementwise_loss_op(batch_first, kind):
     # No counted row, and rows of no feature: total 0, not NaN.
     none = op(rows, yr, torch.zeros_like(v), None, batch_first, pw, kind, "mean")
     assert none[2].item() == 0.0 and not none[1].any()
-    empty = op(rows[:, :0], yr[:, :0], None, lengths, batch_first, None, kind, "mean")
-    assert empty[2].item() == 0.0 and empty[0].shape == (R,)
+    for reduction in ("mean", "none"):
+        empty = op(rows[:, :0], yr[:, :0], None, lengths, batch_first, None, kind, reduction)
+        assert empty[2].item() == 0.0 and torch.equal(empty[1], v)
+        assert empty[0].shape == ((R,) if reduction == "mean" else (R, 0))
 
 
 def test_masked_elementwise_loss_op_bad_input():

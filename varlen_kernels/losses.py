@@ -164,7 +164,7 @@ def _elementwise(name, kind, pred, target, lengths, mask, batch_first, reduction
     if _autocast(pred):
         pred = pred.float()  # losses in float32 under autocast, as PyTorch's
     target = target.to(pred.dtype)
-    F = math.prod(pred.shape[2:])
+    R, F = pred.shape[0] * pred.shape[1], math.prod(pred.shape[2:])
     pw = None
     if pos_weight is not None:
         if pos_weight.requires_grad:
@@ -174,7 +174,7 @@ def _elementwise(name, kind, pred, target, lengths, mask, batch_first, reduction
     # One op: which steps count (from the lengths or the mask), their losses and
     # their reduction, in two kernels on a GPU.
     loss, _, total, _ = torch.ops.varlen_kernels.masked_elementwise_loss_forward.default(
-        pred.reshape(-1, F), target.reshape(-1, F),
+        pred.reshape(R, F), target.reshape(R, F),
         None if rows_mask is None else rows_mask.reshape(-1), rows_lengths, bool(batch_first), pw,
         kind, reduction)
     if reduction == "none":

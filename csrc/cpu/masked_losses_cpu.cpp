@@ -168,7 +168,9 @@ std::tuple<Tensor, Tensor> elementwise_loss_backward_cpu(
   const Tensor &x = o.x, &y = o.y, &m = o.mask, &pw = o.pos_weight;
   const int64_t R = o.R, F = o.F;
   const ElemLoss kind = o.kind;
-  const Tensor g = elementwise_loss_grad(grad, o, reduce_rows);
+  const RowGrad rg = elementwise_loss_grad(grad, o, reduce_rows);
+  const Tensor& g = rg.g;
+  const int64_t g_stride = rg.stride;
   Tensor gx = at::empty({R, F}, x.options()), gy = at::empty({R, F}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "elem_loss_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -188,7 +190,7 @@ std::tuple<Tensor, Tensor> elementwise_loss_backward_cpu(
         for (int64_t f = 0; f < F; ++f) {
           const int64_t i = r * F + f;
           const auto o = elem_loss<acc_t>(kind, xp[i], yp[i], pwp ? acc_t(pwp[f]) : acc_t(1));
-          const acc_t gi = reduce_rows ? gp[r] : gp[i];
+          const acc_t gi = reduce_rows ? gp[r * g_stride] : gp[i];
           gxp[i] = scalar_t(gi * o.dx);
           gyp[i] = scalar_t(gi * o.dy);
         }
@@ -210,7 +212,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> masked_elementwise_loss_forward_cpu(
   const Tensor counted = counted_rows(o.rule.rows, o.elem.R, nullptr);
   const Tensor loss = elementwise_loss_forward_cpu(o.elem.x, o.elem.y, counted, pos_weight,
                                                    kind_name, o.reduction != CeReduction::None);
-  Tensor total = loss.sum(), scale = at::ones({}, loss.options());
+  Tensor scale = at::ones({}, loss.options());
+  if (o.reduction == CeReduction::None) return {loss, counted, at::zeros({}, loss.options()), scale};
+  Tensor total = loss.sum();
   if (o.reduction == CeReduction::Mean) {
     const int64_t elements = counted.sum().item<int64_t>() * o.elem.F;
     if (elements > 0) {

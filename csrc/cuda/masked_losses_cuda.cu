@@ -421,7 +421,8 @@ Tensor cross_entropy_backward_cuda(const Tensor& grad_loss, const Tensor& logits
 // (loss_math.h; target-free), also written to counted (where not null); with
 // `partial` (3 values a block), the block's sums over its counted rows in row
 // order: of the loss, and twice of their elements (F each; so that with F = 0
-// nothing counts and a mean is 0, never 0 / 0).
+// nothing counts and a mean is 0, never 0 / 0). The elements are counted in
+// the math type: exact up to 2^24 in float, a relative 6e-8 past that.
 template <typename scalar_t, typename acc_t>
 __global__ void elem_loss_rows_kernel(const scalar_t* __restrict__ x,
                                       const scalar_t* __restrict__ y, CeRows rows,
@@ -466,19 +467,30 @@ __global__ void elem_loss_rows_kernel(const scalar_t* __restrict__ x,
     for (int i = 0; i < 3; ++i) partial[3 * blockIdx.x + i] = sums[i];
 }
 
-// Per-element losses (forward, reduce_rows = false) or gradients (backward).
+// Per-element losses (forward, reduce_rows = false) or gradients (backward),
+// over the R x F elements; which rows count from `rows` (loss_math.h;
+// target-free), also written to counted by each row's first element (where
+// not null). grad: per row (stride grad_stride: 0 where it is one value) or
+// per element.
 template <typename scalar_t, typename acc_t, bool kBackward>
 __global__ void elem_loss_elements_kernel(const scalar_t* __restrict__ x,
-                                          const scalar_t* __restrict__ y,
-                                          const bool* __restrict__ mask,
+                                          const scalar_t* __restrict__ y, CeRows rows,
                                           const scalar_t* __restrict__ pos_weight,
                                           const acc_t* __restrict__ grad, bool grad_per_row,
-                                          acc_t* out, scalar_t* gx, scalar_t* gy, int64_t R,
-                                          int64_t F, ElemLoss kind) {
+                                          int64_t grad_stride, acc_t* out, bool* counted,
+                                          scalar_t* gx, scalar_t* gy, int64_t R, int64_t F,
+                                          ElemLoss kind) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < R * F;
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = i / F, f = i % F;
-    if (!mask[r]) {
+    int64_t len = 0;
+    if (rows.mask == nullptr && rows.lengths != nullptr) {
+      len = rows.lengths[rows.seq(r)];
+      CUDA_KERNEL_ASSERT(len >= 0 && len <= rows.T && "lengths must be in [0, T]");
+    }
+    const bool on = rows.counts(r, len, 0);
+    if (counted != nullptr && f == 0) counted[r] = on;
+    if (!on) {
       if constexpr (kBackward) {
         gx[i] = gy[i] = scalar_t(0);
       } else {
@@ -489,13 +501,30 @@ __global__ void elem_loss_elements_kernel(const scalar_t* __restrict__ x,
     const auto o = elem_loss<acc_t>(kind, acc_t(x[i]), acc_t(y[i]),
                                     pos_weight ? acc_t(pos_weight[f]) : acc_t(1));
     if constexpr (kBackward) {
-      const acc_t g = grad_per_row ? grad[r] : grad[i];
+      const acc_t g = grad_per_row ? grad[r * grad_stride] : grad[i];
       gx[i] = scalar_t(g * o.dx);
       gy[i] = scalar_t(g * o.dy);
     } else {
       out[i] = o.loss;
     }
   }
+}
+
+// elem_loss_elements_kernel's forward over x's R x F elements (contiguous
+// operands) into out (R, F), counted (where not null) the rows that count.
+void launch_elem_loss_elements(const Tensor& x, const Tensor& y, const CeRows& rows,
+                               const Tensor& pw, Tensor& out, Tensor* counted, ElemLoss kind) {
+  const int64_t R = x.size(0), F = x.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "elem_loss_elements_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    cuda::launch(elem_loss_elements_kernel<scalar_t, acc_t, false>,
+                 cuda::grid_for(R * F, kThreads, 65535), kThreads, 0, cuda::current_stream(),
+                 x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), rows,
+                 pw.defined() ? pw.const_data_ptr<scalar_t>() : nullptr,
+                 static_cast<const acc_t*>(nullptr), false, int64_t(0), out.data_ptr<acc_t>(),
+                 counted != nullptr ? counted->data_ptr<bool>() : nullptr,
+                 static_cast<scalar_t*>(nullptr), static_cast<scalar_t*>(nullptr), R, F, kind);
+  });
 }
 
 Tensor elementwise_loss_forward_cuda(const Tensor& input, const Tensor& target, const Tensor& mask,
@@ -511,25 +540,19 @@ Tensor elementwise_loss_forward_cuda(const Tensor& input, const Tensor& target, 
   Tensor out = reduce_rows ? at::empty({R}, x.options().dtype(acc))
                            : at::empty({R, F}, x.options().dtype(acc));
   if (R == 0) return out;
-  const auto stream = cuda::current_stream();
+  CeRows rows;
+  rows.mask = m.const_data_ptr<bool>();
+  if (!reduce_rows) {
+    if (F > 0) launch_elem_loss_elements(x, y, rows, pw, out, nullptr, kind);
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "elem_loss_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* pwp = pw.defined() ? pw.const_data_ptr<scalar_t>() : nullptr;
-    if (reduce_rows) {
-      CeRows rows;
-      rows.mask = m.const_data_ptr<bool>();
-      cuda::launch(elem_loss_rows_kernel<scalar_t, acc_t>, cuda::grid_for(R, 1), kThreads, 0,
-                   stream, x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), rows, pwp,
-                   out.data_ptr<acc_t>(), false, static_cast<bool*>(nullptr),
-                   static_cast<acc_t*>(nullptr), R, F, kind);
-    } else if (F > 0) {
-      cuda::launch(elem_loss_elements_kernel<scalar_t, acc_t, false>,
-                   cuda::grid_for(R * F, kThreads, 65535), kThreads, 0, stream,
-                   x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
-                   m.const_data_ptr<bool>(), pwp, static_cast<const acc_t*>(nullptr), false,
-                   out.data_ptr<acc_t>(), static_cast<scalar_t*>(nullptr),
-                   static_cast<scalar_t*>(nullptr), R, F, kind);
-    }
+    cuda::launch(elem_loss_rows_kernel<scalar_t, acc_t>, cuda::grid_for(R, 1), kThreads, 0,
+                 cuda::current_stream(), x.const_data_ptr<scalar_t>(),
+                 y.const_data_ptr<scalar_t>(), rows,
+                 pw.defined() ? pw.const_data_ptr<scalar_t>() : nullptr, out.data_ptr<acc_t>(),
+                 false, static_cast<bool*>(nullptr), static_cast<acc_t*>(nullptr), R, F, kind);
   });
   return out;
 }
@@ -543,24 +566,28 @@ std::tuple<Tensor, Tensor> elementwise_loss_backward_cuda(
   const Tensor &x = o.x, &y = o.y, &m = o.mask, &pw = o.pos_weight;
   const int64_t R = o.R, F = o.F;
   const ElemLoss kind = o.kind;
-  const Tensor g = elementwise_loss_grad(grad, o, reduce_rows);
+  const RowGrad rg = elementwise_loss_grad(grad, o, reduce_rows);
   Tensor gx = at::empty({R, F}, x.options()), gy = at::empty({R, F}, x.options());
   if (R * F == 0) return {gx, gy};
+  CeRows rows;
+  rows.mask = m.const_data_ptr<bool>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "elem_loss_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     cuda::launch(elem_loss_elements_kernel<scalar_t, acc_t, true>,
                  cuda::grid_for(R * F, kThreads, 65535), kThreads, 0, cuda::current_stream(),
-                 x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
-                 m.const_data_ptr<bool>(),
-                 pw.defined() ? pw.const_data_ptr<scalar_t>() : nullptr, g.const_data_ptr<acc_t>(),
-                 reduce_rows, static_cast<acc_t*>(nullptr), gx.data_ptr<scalar_t>(),
-                 gy.data_ptr<scalar_t>(), R, F, kind);
+                 x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), rows,
+                 pw.defined() ? pw.const_data_ptr<scalar_t>() : nullptr,
+                 rg.g.const_data_ptr<acc_t>(), reduce_rows, rg.stride,
+                 static_cast<acc_t*>(nullptr), static_cast<bool*>(nullptr),
+                 gx.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(), R, F, kind);
   });
   return {gx, gy};
 }
 
-// The rows' rule, losses and partial sums in one kernel (elem_loss_rows_kernel),
-// their total in another (ce_total_kernel).
+// "sum", "mean": the rows' rule, losses and partial sums in one kernel
+// (elem_loss_rows_kernel), their total in another (ce_total_kernel). "none":
+// the rule and the losses element by element (elem_loss_elements_kernel; the
+// row kernel where F = 0, for the rule alone), no total.
 std::tuple<Tensor, Tensor, Tensor, Tensor> masked_elementwise_loss_forward_cuda(
     const Tensor& input, const Tensor& target, const c10::optional<Tensor>& mask,
     const c10::optional<Tensor>& lengths, bool batch_first,
@@ -582,6 +609,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> masked_elementwise_loss_forward_cuda(
       at::_assert_async(len.eq(0).all(), "lengths must be in [0, T] with T=0 (no step)");
     return {loss, counted, at::zeros({}, loss.options()), at::ones({}, loss.options())};
   }
+  if (per_element && F > 0) {
+    launch_elem_loss_elements(x, y, o.rule.rows, pw, loss, &counted, o.elem.kind);
+    return {loss, counted, at::zeros({}, loss.options()), at::ones({}, loss.options())};
+  }
   constexpr int64_t kTotalBlocks = 1024;  // as for masked_cross_entropy_forward
   const unsigned blocks = cuda::grid_for(R, 1, kTotalBlocks);
   Tensor partial = at::empty({3 * int64_t(blocks)}, loss.options());
@@ -594,10 +625,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> masked_elementwise_loss_forward_cuda(
                  pw.defined() ? pw.const_data_ptr<scalar_t>() : nullptr, loss.data_ptr<acc_t>(),
                  per_element, counted.data_ptr<bool>(), partial.data_ptr<acc_t>(), R, F,
                  o.elem.kind);
-    cuda::launch(ce_total_kernel<acc_t>, 1, kThreads, 0, stream, partial.const_data_ptr<acc_t>(),
-                 int64_t(blocks), o.reduction == CeReduction::Mean, total.data_ptr<acc_t>(),
-                 scale.data_ptr<acc_t>());
+    if (!per_element)
+      cuda::launch(ce_total_kernel<acc_t>, 1, kThreads, 0, stream,
+                   partial.const_data_ptr<acc_t>(), int64_t(blocks),
+                   o.reduction == CeReduction::Mean, total.data_ptr<acc_t>(),
+                   scale.data_ptr<acc_t>());
   });
+  if (per_element) return {loss, counted, at::zeros({}, loss.options()), at::ones({}, loss.options())};
   return {loss, counted, total, scale};
 }
 

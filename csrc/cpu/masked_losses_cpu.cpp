@@ -23,11 +23,10 @@ void set_weight(CeArgs<scalar_t, acc_t>& a, const CeWeight& w) {
   a.weight_sum = w.sum.item<acc_t>();  // a CPU tensor: no device sync
 }
 
-std::tuple<Tensor, Tensor> cross_entropy_forward_cpu(const Tensor& logits, const Tensor& target,
-                                                     const Tensor& mask, double label_smoothing,
-                                                     const c10::optional<Tensor>& weight) {
-  check_cross_entropy_args(logits, target, mask, label_smoothing, weight);
-  const Tensor x = logits.contiguous(), t = target.contiguous(), m = mask.contiguous();
+// The rows' losses and log-sum-exps of arguments already checked: x, t and m
+// contiguous.
+std::tuple<Tensor, Tensor> ce_rows(const Tensor& x, const Tensor& t, const Tensor& m,
+                                   double label_smoothing, const c10::optional<Tensor>& weight) {
   const int64_t R = x.size(0), C = x.size(1);
   const auto acc = at::toOpMathType(x.scalar_type());
   Tensor loss = at::empty({R}, x.options().dtype(acc));
@@ -46,6 +45,14 @@ std::tuple<Tensor, Tensor> cross_entropy_forward_cpu(const Tensor& logits, const
                      });
   });
   return {loss, lse};
+}
+
+std::tuple<Tensor, Tensor> cross_entropy_forward_cpu(const Tensor& logits, const Tensor& target,
+                                                     const Tensor& mask, double label_smoothing,
+                                                     const c10::optional<Tensor>& weight) {
+  check_cross_entropy_args(logits, target, mask, label_smoothing, weight);
+  return ce_rows(logits.contiguous(), target.contiguous(), mask.contiguous(), label_smoothing,
+                 weight);
 }
 
 Tensor cross_entropy_backward_cpu(const Tensor& grad_loss, const Tensor& logits,
@@ -90,8 +97,8 @@ Tensor counted_rows(const CeRows& rows, int64_t R, const int64_t* target) {
   return counted;
 }
 
-// Which rows count (the CUDA kernel's rule, loss_math.h), the rows' losses by
-// cross_entropy_forward_cpu, and their reduction by ATen's sums.
+// Which rows count (the CUDA kernel's rule, loss_math.h), the rows' losses
+// (ce_rows, the arguments checked once), and their reduction by ATen's sums.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> masked_cross_entropy_forward_cpu(
     const Tensor& logits, const Tensor& target, const c10::optional<Tensor>& mask,
     const c10::optional<Tensor>& lengths, bool batch_first, c10::optional<int64_t> ignore_index,
@@ -102,7 +109,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> masked_cross_entropy_forward_
   const CeReduction red = o.reduction;
   const Tensor& t = o.target;
   const Tensor counted = counted_rows(rows, logits.size(0), t.const_data_ptr<int64_t>());
-  auto [loss, lse] = cross_entropy_forward_cpu(logits, t, counted, label_smoothing, weight);
+  auto [loss, lse] = ce_rows(logits.contiguous(), t, counted, label_smoothing, weight);
   Tensor total = loss.sum(), scale = at::ones({}, loss.options());
   const Tensor count = counted.sum();
   if (red == CeReduction::Mean && count.item<int64_t>() > 0) {
@@ -121,11 +128,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> masked_cross_entropy_forward_
 }
 
 // ------------------------------------------------------ elementwise losses
-Tensor elementwise_loss_forward_cpu(const Tensor& input, const Tensor& target, const Tensor& mask,
-                                   const c10::optional<Tensor>& pos_weight,
-                                   c10::string_view kind_name, bool reduce_rows) {
-  const ElemLossOperands o =
-      elementwise_loss_operands(input, target, mask, pos_weight, std::string(kind_name));
+// The rows' losses (summed a row where reduce_rows, else each element's) of
+// operands already checked.
+Tensor elem_loss_rows(const ElemLossOperands& o, bool reduce_rows) {
   const Tensor &x = o.x, &y = o.y, &m = o.mask, &pw = o.pos_weight;
   const int64_t R = o.R, F = o.F;
   const ElemLoss kind = o.kind;
@@ -158,6 +163,14 @@ Tensor elementwise_loss_forward_cpu(const Tensor& input, const Tensor& target, c
     });
   });
   return out;
+}
+
+Tensor elementwise_loss_forward_cpu(const Tensor& input, const Tensor& target, const Tensor& mask,
+                                   const c10::optional<Tensor>& pos_weight,
+                                   c10::string_view kind_name, bool reduce_rows) {
+  return elem_loss_rows(
+      elementwise_loss_operands(input, target, mask, pos_weight, std::string(kind_name)),
+      reduce_rows);
 }
 
 std::tuple<Tensor, Tensor> elementwise_loss_backward_cpu(
@@ -200,8 +213,8 @@ std::tuple<Tensor, Tensor> elementwise_loss_backward_cpu(
   return {gx, gy};
 }
 
-// Which rows count (counted_rows), their losses by
-// elementwise_loss_forward_cpu, and their reduction by ATen's sums.
+// Which rows count (counted_rows), their losses (elem_loss_rows, the
+// arguments checked once), and their reduction by ATen's sums.
 std::tuple<Tensor, Tensor, Tensor, Tensor> masked_elementwise_loss_forward_cpu(
     const Tensor& input, const Tensor& target, const c10::optional<Tensor>& mask,
     const c10::optional<Tensor>& lengths, bool batch_first,
@@ -209,9 +222,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> masked_elementwise_loss_forward_cpu(
     c10::string_view reduction) {
   const MaskedElemOperands o = masked_elementwise_loss_operands(
       input, target, mask, lengths, batch_first, pos_weight, std::string(kind_name), reduction);
-  const Tensor counted = counted_rows(o.rule.rows, o.elem.R, nullptr);
-  const Tensor loss = elementwise_loss_forward_cpu(o.elem.x, o.elem.y, counted, pos_weight,
-                                                   kind_name, o.reduction != CeReduction::None);
+  ElemLossOperands e = o.elem;
+  e.mask = counted_rows(o.rule.rows, e.R, nullptr);
+  const Tensor& counted = e.mask;
+  const Tensor loss = elem_loss_rows(e, o.reduction != CeReduction::None);
   Tensor scale = at::ones({}, loss.options());
   if (o.reduction == CeReduction::None) return {loss, counted, at::zeros({}, loss.options()), scale};
   Tensor total = loss.sum();

@@ -603,15 +603,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> masked_elementwise_loss_forward_cuda(
   Tensor loss = per_element ? at::empty({R, F}, x.options().dtype(acc))
                             : at::empty({R}, x.options().dtype(acc));
   Tensor counted = at::empty({R}, x.options().dtype(at::kBool));
+  // The result without a total (per-element losses, or no row): total 0, scale 1.
+  auto no_total = [&]() -> std::tuple<Tensor, Tensor, Tensor, Tensor> {
+    return {loss, counted, at::zeros({}, loss.options()), at::ones({}, loss.options())};
+  };
   if (R == 0) {
     // No row: nothing to read but the lengths, which must all be 0 (T = 0).
     if (len.defined() && len.numel() > 0)
       at::_assert_async(len.eq(0).all(), "lengths must be in [0, T] with T=0 (no step)");
-    return {loss, counted, at::zeros({}, loss.options()), at::ones({}, loss.options())};
+    return no_total();
   }
   if (per_element && F > 0) {
     launch_elem_loss_elements(x, y, o.rule.rows, pw, loss, &counted, o.elem.kind);
-    return {loss, counted, at::zeros({}, loss.options()), at::ones({}, loss.options())};
+    return no_total();
   }
   constexpr int64_t kTotalBlocks = 1024;  // as for masked_cross_entropy_forward
   const unsigned blocks = cuda::grid_for(R, 1, kTotalBlocks);
@@ -631,7 +635,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> masked_elementwise_loss_forward_cuda(
                    o.reduction == CeReduction::Mean, total.data_ptr<acc_t>(),
                    scale.data_ptr<acc_t>());
   });
-  if (per_element) return {loss, counted, at::zeros({}, loss.options()), at::ones({}, loss.options())};
+  if (per_element) return no_total();
   return {loss, counted, total, scale};
 }
 

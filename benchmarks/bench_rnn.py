@@ -34,6 +34,13 @@ Baselines, side by side in one run, same weights, lengths uniform in [1, T]:
             (VARLEN_KERNELS_PERSISTENT_EXCHANGE=global; GPU only), where masked
             passes them through the cluster's distributed shared memory
             wherever its buffers fit
+  dsmem_barrier
+            MaskedRNN whose cluster form passes them through distributed
+            shared memory with plain stores and a cluster barrier a step
+            (VARLEN_KERNELS_PERSISTENT_EXCHANGE=dsmem_barrier; GPU only), where
+            masked's stores complete on an mbarrier of the CTA they store into
+            and no barrier ends a step, wherever the columns are whole 16-byte
+            pieces
   four_slots  MaskedRNN whose tensor-core persistent kernels pipeline the
             staging of their operand rows from global memory through up to 4
             slots of asynchronous copies (VARLEN_KERNELS_PERSISTENT_SLOTS=4;
@@ -124,7 +131,7 @@ from varlen_kernels import MaskedRNN, masked_rnn_reference  # noqa: E402
 from varlen_kernels.reference import _cell_step  # noqa: E402
 
 BASELINES = ("masked", "per_step", "persistent", "all_rows", "grid_sync", "global_exchange",
-             "four_slots", "bulk", "host_lengths", "split", "packed", "padded", "reference", "compiled")
+             "dsmem_barrier", "four_slots", "bulk", "host_lengths", "split", "packed", "padded", "reference", "compiled")
 # Baselines that are MaskedRNN under a setting (CUDA paths): (variable, value),
 # set around the forward and the backward.
 SETTINGS = {"per_step": ("VARLEN_KERNELS_RNN_PATH", "per_step"),
@@ -132,6 +139,7 @@ SETTINGS = {"per_step": ("VARLEN_KERNELS_RNN_PATH", "per_step"),
             "all_rows": ("VARLEN_KERNELS_TOKEN_GEMM", "all_rows"),
             "grid_sync": ("VARLEN_KERNELS_PERSISTENT_SYNC", "grid"),
             "global_exchange": ("VARLEN_KERNELS_PERSISTENT_EXCHANGE", "global"),
+            "dsmem_barrier": ("VARLEN_KERNELS_PERSISTENT_EXCHANGE", "dsmem_barrier"),
             "four_slots": ("VARLEN_KERNELS_PERSISTENT_SLOTS", "4"),
             "bulk": ("VARLEN_KERNELS_PERSISTENT_COPY", "bulk")}
 # Baselines that only differ from masked on a GPU.

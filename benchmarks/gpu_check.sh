@@ -19,7 +19,9 @@
 #   bench      bench_rnn at the shapes (T=512, B 8/64/256, H 256/1024)
 #              for LSTM in bfloat16 and IEEE float32 against packed and padded
 #              cuDNN, the grid form of our persistent kernels, their cluster form
-#              passing rows through global memory (global_exchange), our
+#              passing rows through global memory (global_exchange) and
+#              through distributed shared memory with a cluster barrier a
+#              step (dsmem_barrier), our
 #              per-step path, our persistent kernels staging through the
 #              pipeline of asynchronous copies (four_slots), staging by bulk
 #              copies (bulk) and our persistent kernels wherever they fit,
@@ -123,7 +125,7 @@ bench() {  # STAGE NAME BENCH-ARGS...
 }
 stage_bench() {
   bench bench bench_rnn_cuda --cells lstm --dtypes bfloat16,float32 --repeats 2 --min-run-time 0.3 \
-    --baselines masked,persistent,bulk,four_slots,global_exchange,grid_sync,per_step,packed,padded
+    --baselines masked,persistent,bulk,four_slots,global_exchange,dsmem_barrier,grid_sync,per_step,packed,padded
   CAP_bench=35 cap bench $PY benchmarks/bench_linear_ce.py --device cuda --out "$RES" 2>&1 \
     | tee "$(logfile bench_linear_ce_cuda.log)" | tail -6 || status=1
   CAP_bench=35 cap bench $PY benchmarks/bench_losses.py --device cuda --out "$RES" 2>&1 \

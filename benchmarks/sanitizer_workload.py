@@ -39,7 +39,9 @@ def main(argv=None):
         # their cluster form (clusters of 2 CTAs: 20 units each, a cluster for
         # each tile of rows), with the CUDA-core product (float32) and the
         # tensor-core one (bfloat16), whose rows go from CTA to CTA through
-        # the cluster's distributed shared memory, then through global memory.
+        # the cluster's distributed shared memory (one value at a time before
+        # a cluster barrier; then, in clusters of 5 CTAs of 8 units, 16-byte
+        # stores completing on mbarriers), then through global memory.
         # Last, the grid form's tensor-core kernels staging in chunks through
         # 2 slots of asynchronous copies (40 KiB: the backward's 160 columns
         # in 3 chunks), and by bulk copies on an mbarrier (one slot of at most
@@ -48,6 +50,7 @@ def main(argv=None):
         for sync, emulated, exchange, stage, slots, copy in (
                 ("grid", dict(sm_count=4), "auto", "auto", "auto", "auto"),
                 ("auto", dict(max_cluster_blocks=2), "auto", "auto", "auto", "auto"),
+                ("auto", dict(max_cluster_blocks=5), "auto", "auto", "auto", "auto"),
                 ("auto", dict(max_cluster_blocks=2), "global", "auto", "auto", "auto"),
                 ("grid", dict(sm_count=4), "auto", "40", "2", "auto"),
                 ("grid", dict(sm_count=4), "auto", "24", "auto", "bulk")):

@@ -819,7 +819,10 @@ def test_cluster_exchange_through_shared_memory_gives_the_same_bits(cell, H, bid
     on 1 SM a single cluster steps the forward's 2 or 3 tiles of rows; on 2
     SMs two clusters share them (bidirectional: one a direction, each
     stepping several tiles). H = 64: clusters of 8 CTAs of 8 units,
-    16-byte copies into the other CTAs; H = 72: 9 units, one value at a time."""
+    16-byte pieces into the other CTAs, stores that complete on their
+    mbarriers and no cluster barrier a step ('dsmem'), or plain stores and a
+    cluster barrier a step ('dsmem_barrier'); H = 72: 9 units, one value at a
+    time, always with the barrier."""
     T, B = 7, 70
     ref, x, lengths, hx = sample_inputs(cell, T=T, B=B, I=5, H=H, seed=5, bidirectional=bidirectional)
     lengths = torch.cat([torch.tensor([T, 0, 1]), torch.randint(0, T + 1, (B - 3,))])
@@ -828,8 +831,11 @@ def test_cluster_exchange_through_shared_memory_gives_the_same_bits(cell, H, bid
     hx = [h.detach().to(dtype).requires_grad_() for h in states_of(cell, hx)]
     runs = {}
     precision = "tf32" if dtype == torch.float32 else "ieee"
+    counts = emulation_module().launch_counts
+    stores, syncs = {}, {}
     for sm_count in (1, 2):
-        for exchange in ("dsmem", "global"):
+        for exchange in ("dsmem", "dsmem_barrier", "global"):
+            before = counts()
             with rnn_path("persistent:cluster"), emulate_cuda(), matmul_precision(precision), \
                     emulated_device(sm_count=sm_count, max_shared_per_sm=1 << 24), \
                     env_setting("VARLEN_KERNELS_PERSISTENT_EXCHANGE", exchange):
@@ -838,9 +844,19 @@ def test_cluster_exchange_through_shared_memory_gives_the_same_bits(cell, H, bid
                 grads = torch.autograd.grad(sum((o.float() * (i + 1)).sum() for i, o in enumerate(out)),
                                             [x, *hx, *m.parameters()])
             runs[sm_count, exchange] = [t.detach() for t in (*out, *grads)]
+            stores[sm_count, exchange] = counts()[7] - before[7]
+            syncs[sm_count, exchange] = counts()[8] - before[8]
     for sm_count in (1, 2):
-        for a, b in zip(runs[sm_count, "dsmem"], runs[sm_count, "global"]):
-            assert torch.equal(a, b), sm_count
+        for exchange in ("dsmem", "dsmem_barrier"):
+            for a, b in zip(runs[sm_count, exchange], runs[sm_count, "global"]):
+                assert torch.equal(a, b), (sm_count, exchange)
+        assert stores[sm_count, "dsmem_barrier"] == 0 and stores[sm_count, "global"] == 0
+        if H == 64:  # a cluster barrier before and after the steps, none between them
+            assert stores[sm_count, "dsmem"] > 0
+            assert 0 < syncs[sm_count, "dsmem"] < syncs[sm_count, "dsmem_barrier"] / 2
+        else:
+            assert stores[sm_count, "dsmem"] == 0
+            assert syncs[sm_count, "dsmem"] == syncs[sm_count, "dsmem_barrier"]
 
 
 @pytest.mark.emulation
@@ -861,14 +877,14 @@ def test_cluster_exchange_runs_at_the_benchmarks_hidden_size_256(cell):
 
 @pytest.mark.emulation
 def test_persistent_exchange_setting_is_checked_and_forced_dsmem_that_cannot_run_fails():
-    """VARLEN_KERNELS_PERSISTENT_EXCHANGE takes 'auto', 'global' or 'dsmem'; a
+    """VARLEN_KERNELS_PERSISTENT_EXCHANGE takes 'auto', 'global', 'dsmem' or 'dsmem_barrier'; a
     forced exchange through distributed shared memory is an error naming the
     sizes where the launch cannot take it: the grid form, the CUDA-core kernels
     (float64), or buffers that do not fit; 'auto' then runs (same values)."""
     args = layer_args("lstm", "cpu", False)
     with emulate_cuda(), env_setting("VARLEN_KERNELS_PERSISTENT_EXCHANGE", "shared"):
         with pytest.raises(RuntimeError, match="VARLEN_KERNELS_PERSISTENT_EXCHANGE must be 'auto', "
-                                               "'global' or 'dsmem', got 'shared'"):
+                                               "'global', 'dsmem' or 'dsmem_barrier', got 'shared'"):
             torch.ops.varlen_kernels.rnn_forward(*args, "lstm", False)
     with emulate_cuda(), env_setting("VARLEN_KERNELS_PERSISTENT_COPY", "tma"):
         with pytest.raises(RuntimeError, match="VARLEN_KERNELS_PERSISTENT_COPY must be 'auto' or "

@@ -226,16 +226,57 @@ def test_bulk_copy_read_before_its_phase_completes_reads_garbage(order):
     ("bulk_bytes", r"livelock: every runnable thread spins in a wait that nothing ends"),
     ("bulk_excess", r"an mbarrier phase that expects 240 bytes has bulk copies of 256: on a GPU it "
                     r"would complete before some of them"),
-    ("bulk_unwaited", r"block \(0, 0, 0\) ended with 16 bulk copies to shared memory that nothing "
+    ("bulk_unwaited", r"block \(0, 0, 0\) ended with 16 bulk copies or stores to shared memory "
+                      r"that nothing "
                       r"waited for"),
     ("bulk_source_changed", r"the source of a bulk copy changed before the copy completed"),
     ("bulk_overwrite", r"on an mbarrier whose bytes were overwritten since its init"),
-    ("bulk_store_in_flight", r"a store or a copy wrote into the destination of a bulk copy before "
-                             r"it completed"),
+    ("bulk_store_in_flight", r"a store or a copy wrote into the destination of a bulk copy or "
+                             r"st.async before it completed"),
 ])
 def test_bulk_copy_misuse_is_an_error(name, message):
     with pytest.raises(RuntimeError, match=message):
         run(name, "forward", seed=7)
+
+
+def previous_block(x, blocks=8, cluster=4):
+    """x with each block's values replaced by those of the block before it in
+    its cluster (the last block's for the first)."""
+    v = x.view(blocks // cluster, cluster, -1)
+    return torch.roll(v, 1, dims=1).reshape(-1)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_stores_into_another_block_complete_on_its_mbarrier(order):
+    """st.async: each block of a cluster of 4 stores its values into the next
+    block's shared memory, completing on that block's mbarrier, in two phases
+    (x, then 2x); each block reads the values of the block before it. Some
+    thread orders store before the destination's threads reach the wait."""
+    before = emulation_module().launch_counts()[7]
+    x, out = run("dsmem_store", order, seed=8, blocks=8)
+    torch.testing.assert_close(out[:, 0], previous_block(x))
+    torch.testing.assert_close(out[:, 1], previous_block(2 * x))
+    assert emulation_module().launch_counts()[7] - before == 2 * x.numel() // 4
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_store_into_another_block_read_before_its_phase_completes_reads_garbage(order):
+    x, out = run("dsmem_read_early", order, seed=8, blocks=8)
+    assert torch.isnan(out[:, 1]).all()
+    torch.testing.assert_close(out[:, 0], previous_block(x))
+
+
+@pytest.mark.parametrize("name, message", [
+    ("dsmem_bytes", r"livelock: every runnable thread spins in a wait that nothing ends"),
+    ("dsmem_unwaited", r"ended with 16 bulk copies or stores to shared memory that nothing waited "
+                       r"for"),
+    ("dsmem_store_in_flight", r"a store or a copy wrote into the destination of a bulk copy or "
+                              r"st.async before it completed"),
+    ("dsmem_misaligned", r"st.async stores 4, 8 or 16 bytes to an address aligned to them"),
+])
+def test_store_into_another_block_misuse_is_an_error(name, message):
+    with pytest.raises(RuntimeError, match=message):
+        run(name, "forward", seed=8, blocks=8)
 
 
 def test_device_assert_names_block_thread_and_condition():

@@ -31,6 +31,21 @@
 //    thread. A wait that lasts 2^36 cycles (about half a minute) traps: a
 //    phase that can never complete is an error, not a hung GPU.
 // Only the tensor-core kernels' staging on sm_90 issues them (the host checks).
+//
+// Stores into the shared memory of another CTA of the cluster, completing on
+// an mbarrier there (st.async, sm_90; vk_emu::store_async under the CPU
+// execution), the cluster form's exchange (rnn_persistent.cuh):
+//  - store16_async_to(dst, v, bar, rank): the 16 bytes v into CTA `rank` of
+//    the cluster, at the place of its shared memory that corresponds to dst
+//    in the caller's own (16-byte aligned), completing on the mbarrier there
+//    that corresponds to bar: 16 bytes of that phase's expected ones. No
+//    fence: the mbarrier's phase completes after the store has.
+//  - mbarrier_wait_cluster(bar, parity): mbarrier_wait at cluster scope,
+//    then an acquire fence restricted to shared memory
+//    (fence.acquire.sync_restrict::shared::cluster.cluster): what other
+//    CTAs' stores that completed on the phase wrote is visible to the thread
+//    after it, without the L1 invalidation (CCTL.IVALL) of a wait with
+//    acquire semantics at cluster scope.
 #pragma once
 
 #include <cstdint>
@@ -139,22 +154,57 @@ __device__ __forceinline__ void bulk_copy_async(void* dst, const void* src, unsi
 #endif
 }
 
-__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, unsigned parity) {
+// (Cluster: mbarrier_wait_cluster, else mbarrier_wait.)
+template <bool Cluster>
+__device__ __forceinline__ void mbarrier_wait_at(uint64_t* bar, unsigned parity) {
 #ifdef VK_EMULATE_CUDA
   vk_emu::mbarrier_wait(bar, parity);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   const long long start = clock64();
   unsigned done = 0;
   for (;;) {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(shared_address(bar)), "r"(parity)
-        : "memory");
+    if constexpr (Cluster)
+      asm volatile(
+          "{\n.reg .pred p;\nmbarrier.try_wait.parity.relaxed.cluster.shared::cta.b64 p, [%1], "
+          "%2;\nselp.u32 %0, 1, 0, p;\n}\n"
+          : "=r"(done)
+          : "r"(shared_address(bar)), "r"(parity)
+          : "memory");
+    else
+      asm volatile(
+          "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+          "selp.u32 %0, 1, 0, p;\n}\n"
+          : "=r"(done)
+          : "r"(shared_address(bar)), "r"(parity)
+          : "memory");
     if (done) break;
     if (clock64() - start > (1ll << 36)) __trap();
   }
+  if constexpr (Cluster)
+    asm volatile("fence.acquire.sync_restrict::shared::cluster.cluster;\n" ::: "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#endif
+}
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, unsigned parity) {
+  mbarrier_wait_at<false>(bar, parity);
+}
+__device__ __forceinline__ void mbarrier_wait_cluster(uint64_t* bar, unsigned parity) {
+  mbarrier_wait_at<true>(bar, parity);
+}
+
+__device__ __forceinline__ void store16_async_to(void* dst, const uint32_t (&v)[4], uint64_t* bar,
+                                                 unsigned rank) {
+#ifdef VK_EMULATE_CUDA
+  vk_emu::store_async(vk_emu::cluster_shared(dst, rank), v, 16, vk_emu::cluster_shared(bar, rank));
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  unsigned to, at;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(to) : "r"(shared_address(dst)), "r"(rank));
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(at) : "r"(shared_address(bar)), "r"(rank));
+  asm volatile(
+      "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];\n"
+      ::"r"(to), "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3]), "r"(at)
+      : "memory");
 #elif defined(__CUDA_ARCH__)
   __trap();
 #endif

@@ -67,7 +67,8 @@ PersistentExchange persistent_exchange_setting() {
   return choice_setting<PersistentExchange>(
       "VARLEN_KERNELS_PERSISTENT_EXCHANGE",
       {{"auto", PersistentExchange::Auto}, {"global", PersistentExchange::Global},
-       {"dsmem", PersistentExchange::Dsmem}});
+       {"dsmem", PersistentExchange::Dsmem},
+       {"dsmem_barrier", PersistentExchange::DsmemBarrier}});
 }
 
 int64_t persistent_slots_setting() {
@@ -193,6 +194,7 @@ struct FwdParams {
   int slots;                  // Launch::slots
   int bulk;                   // Launch::bulk
   int64_t xrows;              // Launch::xrows: > 0, h through the cluster's shared memory
+  bool xasync;                // Launch::xasync: its stores completing on mbarriers
 };
 
 // Buffers of hbuf: forward direction, step t reads buffer t & 1 and writes the
@@ -390,6 +392,7 @@ struct BwdParams {
   int slots;                  // Launch::slots
   int bulk;                   // Launch::bulk
   int64_t xrows;              // Launch::xrows: > 0, dgh through the cluster's shared memory
+  bool xasync;                // Launch::xasync: its stores completing on mbarriers
 };
 
 // Steps run in the reverse of the forward's order. At step t a running row
@@ -610,8 +613,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     load_initial_state<scalar_t, float, K>(p, j0, Hs, grp, g.rbt);
   }
   const int64_t maxlen = group_longest(p.sorted_len, B, T, grp.first(g.rbt));
+  const int own_cols = int(H - j0 < Hs ? (H - j0 > 0 ? H - j0 : 0) : Hs);
+  const AsyncExchange xs(xr > 0 && p.xasync, as, xr, g, 1, H, own_cols, maxlen);
+  // (the running buffer rows of step s, for the exchange's arming)
+  auto xrows_of = [&](int64_t step) {
+    return buffer_rows_running(grp, forward_step(p, step, maxlen).nrun, g.rbt);
+  };
+  if (xs.on()) {
+    __syncthreads();  // the buffers' padding written (above) before the mbarriers there
+    xs.start(maxlen > 1 ? xrows_of(0) : 0, maxlen > 2 ? xrows_of(1) : 0);
+  }
   // Every unit's h0 is in place (and W is, after the tile's barrier); with
-  // the exchange, every CTA's buffers are, before any other CTA writes there.
+  // the exchange, every CTA's buffers (and mbarriers) are, before any other
+  // CTA writes there.
   step_barrier(L);
 
   // (row r of a tile, unit u) items of the cell, idx = r * Hs + u, dealt to
@@ -641,6 +655,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int64_t step = 0; step < maxlen; ++step) {
     // The next step's rows (their loads issued here, used at this step's end).
     const FwdStep<float> next = forward_step(p, step + 1 < maxlen ? step + 1 : step, maxlen);
+    if (xs.on() && step > 0)  // the other CTAs' h_{t-1} in this step's buffer
+      xs.wait(step, [&] { return buffer_rows_running(grp, next.nrun, g.rbt); });
     scalar_t* const xcur = as + (step & 1) * xr * g.lda;
     scalar_t* const xnext = as + ((step + 1) & 1) * xr * g.lda;
     // Without the exchange, h_{t-1} of the running rows is staged from global
@@ -694,11 +710,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (xr > 0 && step + 1 < maxlen) {  // (no step reads the last one's)
       __syncthreads();  // this CTA's h_t complete in its next buffer
       share_columns<1>(xnext, g.lda, xrun, j0, int(H - j0 < Hs ? H - j0 : Hs), 0,
-                       [](scalar_t v) { return tc_operand(v); });
+                       [](scalar_t v) { return tc_operand(v); },
+                       xs.on() ? xs.bar[(step + 1) & 1] : nullptr);
     }
-    step_barrier(L);
+    if (!xs.on()) step_barrier(L);
     s = next;
   }
+  if (xs.on()) step_barrier(L);  // (AsyncExchange: every CTA's stores have completed)
   if (xr > 0) {
     for_own_state(grp, xr, Hs, j0, g.rbt, [&](int64_t idx, int64_t i, int64_t jj) {
       if (i >= B || jj >= H) return;
@@ -750,11 +768,22 @@ __global__ void __launch_bounds__(kThreads, 1)
       own[idx] = in ? p.grad_h_n[p.perm[i] * H + jj] : 0.f;
       if constexpr (K == Cell::LSTM) own[xr * Hs + idx] = in ? p.grad_c_n[p.perm[i] * H + jj] : 0.f;
     });
-    step_barrier(L);  // every CTA's buffers zeroed before any other CTA writes there
   } else {
     load_initial_carry<scalar_t, float, K>(p, j0, Hs, grp, g.rbt);
   }
   const int64_t maxlen = group_longest(p.sorted_len, B, T, grp.first(g.rbt));
+  // Steps 0 .. maxlen (one past the last handles the rows that finish there).
+  const int own_cols = int(H - j0 < Hs ? (H - j0 > 0 ? H - j0 : 0) : Hs);
+  const AsyncExchange xs(xr > 0 && p.xasync, as, xr, g, G, H, own_cols, maxlen + 1);
+  if (xs.on()) {
+    __syncthreads();  // the buffers' padding zeroed (above) before the mbarriers there
+    auto xrows_of = [&](int64_t step) {
+      return buffer_rows_running(grp, backward_step(p, step, maxlen).nrun, g.rbt);
+    };
+    xs.start(maxlen > 0 ? xrows_of(0) : 0, maxlen > 1 ? xrows_of(1) : 0);
+  }
+  // every CTA's buffers zeroed (and its mbarriers set) before any other CTA writes there
+  if (xr > 0) step_barrier(L);
 
   // What the cell reads (saved gates, state and dy of a row running at t;
   // the carry and dc of the CTA's own units) of a thread's first kEarly items
@@ -781,6 +810,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int64_t step = 0; step <= maxlen; ++step) {
     // The next step's rows (their loads issued here, used at this step's end).
     const BwdStep<scalar_t> next = backward_step(p, step < maxlen ? step + 1 : step, maxlen);
+    if (xs.on() && step > 0)  // the other CTAs' dgh at tp in this step's buffer
+      xs.wait(step, [&] { return buffer_rows_running(grp, next.nrun, g.rbt); });
     scalar_t* const xcur = as + (step & 1) * xr * g.lda;
     scalar_t* const xnext = as + ((step + 1) & 1) * xr * g.lda;
     // Without the exchange, dgh at tp of the rows that ran then is staged from
@@ -841,12 +872,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       load_early(TileWalk(Hs), rows, j0, H,
                  [&](int r, int u) { return load_item(next, first, 0, r, u); }, ready);
     }
-    if (xr > 0) {
+    if (xr > 0 && (step < maxlen || !xs.on())) {  // (AsyncExchange: none after the last)
       __syncthreads();  // this CTA's dgh at t complete in its next buffer
       share_columns<G>(xnext, g.lda, xrun, j0, int(H - j0 < Hs ? H - j0 : Hs), H,
-                       [](scalar_t v) { return tc_operand(v); });
+                       [](scalar_t v) { return tc_operand(v); },
+                       xs.on() ? xs.bar[(step + 1) & 1] : nullptr);
     }
-    step_barrier(L);
+    if (!xs.on() || step == maxlen) step_barrier(L);  // (AsyncExchange: the stores completed)
     s = next;
   }
   if (xr > 0) {
@@ -985,9 +1017,12 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
                            cuda::max_active_clusters(tc_kernel, kThreads, l.smem, l.ctas)));
     }
     // Two directions that cannot: one launch each, where each may (as below).
-    if (!fits && exchange == PersistentExchange::Dsmem && dirs > 1) return Launch{};
-    TORCH_CHECK(fits || exchange != PersistentExchange::Dsmem,
-                "VARLEN_KERNELS_PERSISTENT_EXCHANGE=dsmem: the ", which, " kernel cannot pass its ",
+    const bool forced = exchange == PersistentExchange::Dsmem ||
+                        exchange == PersistentExchange::DsmemBarrier;
+    if (!fits && forced && dirs > 1) return Launch{};
+    TORCH_CHECK(fits || !forced, "VARLEN_KERNELS_PERSISTENT_EXCHANGE=",
+                exchange == PersistentExchange::Dsmem ? "dsmem" : "dsmem_barrier", ": the ", which,
+                " kernel cannot pass its ",
                 "rows through distributed shared memory for ", sizes(), " and a batch of ", B,
                 l.cluster && l.kernel_tc
                     ? c10::str(" (its buffers, ", bytes, " bytes of shared memory a CTA, do not fit)")
@@ -995,6 +1030,12 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
                 "; use 'auto' to fall back to global memory");
     if (!fits) return l;
     l.xrows = xrows;
+    // (every CTA's columns, and the backward's blocks of H, in 16-byte pieces)
+    const int64_t per16 = 16 / elem;
+    l.xasync = exchange != PersistentExchange::DsmemBarrier && H % per16 == 0 &&
+               l.units % per16 == 0;
+    // (an mbarrier phase counts at most 2^20 - 1 bytes: a buffer's are fewer)
+    TORCH_INTERNAL_ASSERT(!l.xasync || xrows * int64_t(G) * H * elem < (int64_t(1) << 20));
     l.stage_limit = kWhole;
     l.smem = size_t(bytes);
     return l;
@@ -1092,7 +1133,8 @@ std::optional<std::vector<RnnForwardResult>> rnn_forward_persistent(
             cbuf.defined() ? cbuf.data_ptr<acc_t>() : nullptr,
             output.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), states.data_ptr<scalar_t>(),
             h_n.data_ptr<scalar_t>(), K == Cell::LSTM ? c_n.data_ptr<scalar_t>() : nullptr,
-            T, B, H, gx.stride(0), l.units, in.reverse, l.tile_mt, l.stage_limit, l.slots, l.bulk, l.xrows};
+            T, B, H, gx.stride(0), l.units, in.reverse, l.tile_mt, l.stage_limit, l.slots, l.bulk, l.xrows,
+            l.xasync};
         result->emplace_back(output, h_n, c_n, gates, states);
         return params;
       });
@@ -1155,7 +1197,8 @@ std::optional<std::vector<PersistentBackwardResult>> rnn_backward_persistent(
             dcbuf.defined() ? dcbuf.data_ptr<acc_t>() : nullptr,
             dgx.data_ptr<scalar_t>(), dgh.data_ptr<scalar_t>(), grad_h0.data_ptr<acc_t>(),
             K == Cell::LSTM ? grad_c0.data_ptr<acc_t>() : nullptr, T, B, H, G, dgx.stride(0),
-            dgh.stride(0), l.units, in.reverse, l.tile_mt, l.stage_limit, l.slots, l.bulk, l.xrows};
+            dgh.stride(0), l.units, in.reverse, l.tile_mt, l.stage_limit, l.slots, l.bulk, l.xrows,
+            l.xasync};
         result->emplace_back(dgx, dgh, grad_h0, grad_c0);
         return params;
       });

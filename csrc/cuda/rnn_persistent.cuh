@@ -787,8 +787,11 @@ __device__ __forceinline__ auto tile_operand(const StageRing<scalar_t>& ring, in
 // group, whole, step s reading buffer s & 1 and filling the other. A CTA
 // writes the values of its own units (columns) of the rows it steps into its
 // own next buffer, then share_columns() copies them into every other CTA of
-// the cluster, before the step's cluster barrier, whose release and acquire
-// order shared::cluster memory too. No staging from global memory, and the
+// the cluster: by stores that complete on an mbarrier of the destination,
+// which waits for them (AsyncExchange, below), or, where the columns are not
+// in whole 16-byte pieces (or VARLEN_KERNELS_PERSISTENT_EXCHANGE=
+// dsmem_barrier), by plain stores before the step's cluster barrier, whose
+// release and acquire order shared::cluster memory. No staging from global memory, and the
 // state of the CTA's own units (h and c; the backward's carry and dc) stays
 // in its shared memory. The group's rows, in the buffers: tile q of the
 // length order (tiles of rb rows dealt to the groups in turn, RowGroup) at
@@ -811,16 +814,96 @@ __device__ __forceinline__ void for_own_state(const RowGroup& rows, int64_t xr, 
     f(idx, row_of_buffer(rows, idx / Hs, rb), j0 + idx % Hs);
 }
 
+// The buffer rows of a group's rows that run at a step (rows [0, nrun) of
+// the length order): a prefix of the buffer's rows.
+__device__ __forceinline__ int64_t buffer_rows_running(const RowGroup& rows, int64_t nrun,
+                                                       int64_t rb) {
+  const int64_t q = nrun / rb, rem = nrun % rb;
+  const int64_t whole = q > rows.group ? (q - 1 - rows.group) / rows.groups + 1 : 0;
+  return whole * rb + (rem > 0 && q % rows.groups == rows.group ? rem : 0);
+}
+
+// The exchange without a cluster barrier a step (Params.xasync: every CTA's
+// columns in whole 16-byte pieces). The CTAs store their values into the
+// others' next buffer with stores that complete on an mbarrier there
+// (cuda::store16_async_to): buffer b's, in the 16 bytes that pad the
+// buffer's row 0 (the same offset in every CTA; nothing else touches them).
+// A phase of it is one step's filling of the buffer: one arrival, thread 0's,
+// expecting the bytes of the other CTAs' columns of the group's running rows,
+// and their stores. Step s >= 1 waits on buffer s & 1's phase (filled at step
+// s - 1) before its product reads it; no CTA waits for the others otherwise.
+//  - Every fill brings at least one row from every CTA to every other: each
+//    CTA owns a unit below H (ctas = ceil(H / units)), and the group's first
+//    row runs at every step before its longest length. The rest rests on it.
+//  - A buffer is stored into at step s + 1 only after every CTA has read it at
+//    step s: a CTA stores its values of step s + 1 only after it has every
+//    CTA's of step s, which each CTA sends after its product of step s.
+//  - Thread 0 arms a buffer's phase for the next step that fills it right
+//    after its wait on the last phase (both, for steps 0 and 1, before the
+//    cluster barrier that precedes the steps): before any CTA can store into
+//    it, as those stores come after this CTA's values of the step between,
+//    sent after the arming. So a phase never receives bytes before its
+//    arming, and never another step's.
+//  - A CTA ends after a cluster barrier (finish()): its own stores into the
+//    others have completed (each waited for them before arriving).
+// Steps 0 .. steps - 1 (the forward's longest length; the backward's one
+// more); step s fills the next buffer where s + 1 < steps.
+struct AsyncExchange {
+  uint64_t* bar[2] = {nullptr, nullptr};  // this CTA's mbarriers (nullptr: not taken)
+  int64_t row_bytes = 0;                  // bytes the other CTAs store into a buffer row
+  int64_t steps = 0;
+  // buffers: the two exchange buffers (xr rows of g.lda elements of T each).
+  template <typename T>
+  __device__ AsyncExchange(bool on, T* buffers, int64_t xr, const TcGeometry& g, int NB,
+                           int64_t H, int64_t own_cols, int64_t steps_)
+      : steps(steps_) {
+    if (!on) return;
+    CUDA_KERNEL_ASSERT(own_cols > 0 && "every CTA of the exchange owns a unit below H");
+    for (int b = 0; b < 2; ++b)
+      bar[b] = reinterpret_cast<uint64_t*>(buffers + b * xr * g.lda + g.kp);
+    row_bytes = int64_t(NB) * (H - own_cols) * int64_t(sizeof(T));
+  }
+  __device__ bool on() const { return bar[0] != nullptr; }
+  // Thread 0 arms buffer b for step s (rows: the group's buffer rows running
+  // then), where step s fills it.
+  __device__ void arm(int64_t s, int64_t rows) const {
+    if (threadIdx.x == 0 && s + 1 < steps)
+      cuda::mbarrier_arrive_expect_tx(bar[(s + 1) & 1], unsigned(rows * row_bytes));
+  }
+  // After a barrier that ends every write to the buffers' padding, before the
+  // cluster barrier that precedes the steps: the mbarriers, armed for steps
+  // 0 and 1 (rows0, rows1: their running buffer rows).
+  __device__ void start(int64_t rows0, int64_t rows1) const {
+    if (threadIdx.x == 0) {
+      cuda::mbarrier_init(bar[0], 1);
+      cuda::mbarrier_init(bar[1], 1);
+    }
+    arm(0, rows0);
+    arm(1, rows1);
+  }
+  // Every thread, at the start of step s >= 1: buffer s & 1 holds every CTA's
+  // values of step s - 1; then thread 0 arms it for step s + 1 (rows_next():
+  // the running buffer rows of step s + 1, evaluated by thread 0 only, after
+  // the wait).
+  template <typename RowsNext>
+  __device__ void wait(int64_t s, RowsNext rows_next) const {
+    cuda::mbarrier_wait_cluster(bar[s & 1], unsigned((s - 1) >> 1) & 1u);
+    if (threadIdx.x == 0) arm(s + 1, rows_next());
+  }
+};
+
 // Rows [0, rows) of an exchange buffer x (row stride ld): the columns
 // [b * bstride + c0, b * bstride + c0 + nc) for b < NB, op(value) written in
 // place and into the same place in every other CTA of the cluster, in pieces
-// of 16 bytes where all of them align, else of one value. Every thread calls
-// it, after a barrier that completes the values. The thread's pieces are
+// of 16 bytes where all of them align, else of one value. With `bar` (the
+// mbarrier of x, AsyncExchange; all pieces must align), the other CTAs' by
+// stores completing on theirs. Every thread calls it, after a barrier that
+// completes the values. The thread's pieces are
 // walked without a division a piece (TileWalk; the row of a (row, block) pair
 // is a division by the constant NB).
 template <int NB, typename T, typename Op>
 __device__ __forceinline__ void share_columns(T* x, int64_t ld, int64_t rows, int64_t c0, int nc,
-                                              int64_t bstride, Op op) {
+                                              int64_t bstride, Op op, uint64_t* bar = nullptr) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // clusters need sm_90; the host launches them there only
 #else
@@ -831,6 +914,8 @@ __device__ __forceinline__ void share_columns(T* x, int64_t ld, int64_t rows, in
   const bool vec = c0 % V == 0 && nc % V == 0 && bstride % V == 0 && ld % V == 0;
   const int per = vec ? nc / V : nc;  // pieces of a block of columns
   if (per <= 0) return;  // (a CTA with no unit below H)
+  // (the host takes AsyncExchange only where they align)
+  CUDA_KERNEL_ASSERT((bar == nullptr || vec) && "the exchange's stores need 16-byte pieces");
   // 32-bit counts (the rows are the cluster's, held in its shared memory).
   TileWalk(per).each(int(rows) * NB, [&](int rb, int c) {
     const int r = rb / NB, b = rb - r * NB;
@@ -844,8 +929,14 @@ __device__ __forceinline__ void share_columns(T* x, int64_t ld, int64_t rows, in
 #endif
 #pragma unroll
       for (int e = 0; e < V; ++e) v.v[e] = op(v.v[e]);
+      uint32_t words[4];  // (the stores completing on mbarriers take 32-bit words)
+      if (bar != nullptr) std::memcpy(words, &v, sizeof(Vec));
       // self first, then the others in turn (no division a rank)
       for (unsigned k = 0, rank = me; k < ranks; ++k, rank = rank + 1 == ranks ? 0 : rank + 1) {
+        if (rank != me && bar != nullptr) {
+          cuda::store16_async_to(at, words, bar, rank);
+          continue;
+        }
         T* dst = rank == me ? at : cluster.map_shared_rank(at, rank);
 #ifdef VK_EMULATE_CUDA
         std::memcpy(dst, &v, sizeof(Vec));
@@ -895,6 +986,7 @@ struct Launch {
   int slots = 1;             // the most slots of the tensor-core kernels' staging (TcGeometry)
   bool bulk = false;         // their staging by bulk copies (StageRing) where it can
   int64_t xrows = 0;         // the cluster form's exchange buffers' rows (0: none)
+  bool xasync = false;       // and its stores completing on mbarriers (AsyncExchange)
   bool forced = false;       // VARLEN_KERNELS_RNN_PATH=persistent (a refused launch is an error)
 };
 

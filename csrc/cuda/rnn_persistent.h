@@ -85,7 +85,12 @@ int64_t persistent_stage_setting();  // checks the value
 // through distributed shared memory where the buffers fit, else through global
 // memory), "global" (always global memory) or "dsmem" (an error where the
 // persistent launch taken cannot: another form or kernel, or no room).
-enum class PersistentExchange { Auto, Global, Dsmem };
+// Through distributed shared memory, the CTAs' stores complete on an mbarrier
+// of the CTA they store into, which waits for them, where every CTA's
+// columns are whole 16-byte pieces (hidden sizes and units a CTA of a
+// multiple of 8 half/bfloat16 or 4 float values); else, or with
+// "dsmem_barrier" (as "dsmem", otherwise), a cluster barrier ends each step.
+enum class PersistentExchange { Auto, Global, Dsmem, DsmemBarrier };
 PersistentExchange persistent_exchange_setting();  // checks the value
 // VARLEN_KERNELS_PERSISTENT_SLOTS=n (benchmarks, tests): at most n slots (1 to
 // 4) of the tensor-core kernels' staging pipeline (1: each chunk staged

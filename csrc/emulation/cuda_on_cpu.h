@@ -132,6 +132,8 @@ struct LaunchCounts {
   uint64_t last_cluster_grid = 0;        // grid size of the latest of them
   uint64_t last_cluster_blocks = 0;      // and its blocks per cluster
   uint64_t bulk_copies = 0;              // bulk copies issued (bulk_copy)
+  uint64_t async_stores = 0;             // stores into other blocks' shared memory (store_async)
+  uint64_t cluster_syncs = 0;            // cluster.sync() calls, counted per thread
 };
 LaunchCounts& launch_counts();
 
@@ -197,6 +199,13 @@ void mbarrier_init(void* bar, unsigned count);
 void mbarrier_arrive_expect_tx(void* bar, unsigned bytes);
 void bulk_copy(void* dst, const void* src, size_t bytes, void* bar);
 void mbarrier_wait(void* bar, unsigned parity);
+// sm_90's st.async: `bytes` (4, 8 or 16, dst aligned to them) of `src` stored
+// into dst in the shared memory of a block of the running cluster (an address
+// from cluster_shared), completing on the mbarrier `bar` there (also from
+// cluster_shared) as a bulk copy does: its destination holds garbage from the
+// store until the phase completes, and the phase waits for its bytes. The
+// value is taken at the store (a register's, on a GPU).
+void store_async(void* dst, const void* src, size_t bytes, void* bar);
 // Tensor cores (csrc/cuda/mma.h, which states the lane layouts): the warp's
 // ldmatrix.x4 from shared memory (each lane's 16-byte row is read as the lane
 // reaches it), its ldmatrix.x2 (the rows of lanes 0-15 only) and its

@@ -149,7 +149,7 @@ struct AlignedDelete {
 // ThreadSanitizer (the completion releases it, each wait acquires it).
 struct BulkCopy {
   unsigned char* dst;
-  const unsigned char* src;
+  const unsigned char* src;  // nullptr: a store (store_async), whose value is `seen`
   std::vector<unsigned char> seen;
 };
 struct Mbarrier {
@@ -663,7 +663,7 @@ void check_bulk_done(const Launch& L) {
         throw KernelError("block (" + std::to_string(B.idx.x) + ", " + std::to_string(B.idx.y) +
                           ", " + std::to_string(B.idx.z) + ") ended with " +
                           std::to_string(m.copies.size()) +
-                          " bulk copies to shared memory that nothing waited for");
+                          " bulk copies or stores to shared memory that nothing waited for");
 }
 
 void run_group(Launch& L, int first, int count, std::mt19937_64& rng) {
@@ -983,6 +983,7 @@ void sync_cluster() {
   if (L.cooperative)
     throw KernelError(where(f) + ": cluster.sync() in a cooperative launch (not emulated)");
   BarrierSync& sync = *L.cluster_syncs.back();
+  ++launch_counts().cluster_syncs;
   tsan_arrive(sync, f.cluster_syncs);
   park(State::Cluster);
   tsan_pass(sync, f.cluster_syncs);
@@ -1102,8 +1103,10 @@ bool in_shared_memory(const Launch& L, const BlockState& B, const void* p, size_
 // a store or a copy over them is an error at the barrier's next use.
 constexpr unsigned char kMbarrierMark = 0x5b;
 
-Mbarrier& mbarrier_of(Fiber& f, const void* bar, const char* what) {
-  BlockState& B = ts.launch->blocks[f.block];
+// The mbarrier at `bar` in block B's shared memory (the running thread's
+// block unless given).
+Mbarrier& mbarrier_of(Fiber& f, const void* bar, const char* what, BlockState* in = nullptr) {
+  BlockState& B = in != nullptr ? *in : ts.launch->blocks[f.block];
   const auto it = B.mbarriers.find(bar);
   if (it == B.mbarriers.end())
     throw KernelError(where(f) + ": " + what + " on an address where no mbarrier was initialized");
@@ -1169,6 +1172,34 @@ void bulk_copy(void* dst, const void* src, size_t bytes, void* bar) {
   ++launch_counts().bulk_copies;
 }
 
+void store_async(void* dst, const void* src, size_t bytes, void* bar) {
+  VK_HIDDEN;
+  Fiber& f = running("a store into another block's shared memory (st.async)");
+  Launch& L = *ts.launch;
+  if ((bytes != 4 && bytes != 8 && bytes != 16) || reinterpret_cast<uintptr_t>(dst) % bytes != 0)
+    throw KernelError(where(f) + ": st.async stores 4, 8 or 16 bytes to an address aligned to "
+                      "them, not " + std::to_string(bytes) + " bytes");
+  BlockState* owner = nullptr;
+  for (BlockState& b : L.blocks)
+    if (in_shared_memory(L, b, bar, 8)) owner = &b;
+  if (owner == nullptr)
+    throw KernelError(where(f) + ": st.async completing on an mbarrier outside the shared memory "
+                      "of the cluster's blocks");
+  if (!in_shared_memory(L, *owner, dst, bytes))
+    throw KernelError(where(f) + ": st.async into a block other than its mbarrier's");
+  Mbarrier& m = mbarrier_of(f, bar, "a store completing", owner);
+  BulkCopy c{static_cast<unsigned char*>(dst), nullptr,
+             std::vector<unsigned char>(static_cast<const unsigned char*>(src),
+                                        static_cast<const unsigned char*>(src) + bytes)};
+  {
+    const TsanScope shown(false);
+    std::memset(c.dst, 0xff, bytes);  // garbage until the phase completes
+  }
+  tsan_release(m.tsan_sync.get());  // the store (and what preceded it) precedes the completion
+  m.copies.push_back(std::move(c));
+  ++launch_counts().async_stores;
+}
+
 void mbarrier_wait(void* bar, unsigned parity) {
   VK_HIDDEN;
   Fiber& f = running("an mbarrier wait");
@@ -1191,7 +1222,7 @@ void mbarrier_wait(void* bar, unsigned parity) {
                                            [](unsigned char b) { return b != 0xff; });
         {
           const TsanScope shown(false);
-          changed = std::memcmp(c.seen.data(), c.src, c.seen.size()) != 0;
+          changed = c.src != nullptr && std::memcmp(c.seen.data(), c.src, c.seen.size()) != 0;
           if (!changed && !clobbered) std::memcpy(c.dst, c.seen.data(), c.seen.size());
         }
         if (changed)
@@ -1199,7 +1230,7 @@ void mbarrier_wait(void* bar, unsigned parity) {
                             "completed");
         if (clobbered)
           throw KernelError(where(f) + ": a store or a copy wrote into the destination of a "
-                            "bulk copy before it completed");
+                            "bulk copy or st.async before it completed");
       }
       m.copies.clear();
       tsan_release(m.tsan_sync.get());

@@ -101,15 +101,19 @@ PyObject* set_limit(PyObject*, PyObject* args) {
 
 // launch_counts() -> (launches, cooperative launches, blocks of the latest
 // cooperative launch, cluster launches, blocks of the latest cluster launch,
-// its blocks per cluster, bulk copies), since the module was loaded.
+// its blocks per cluster, bulk copies, stores into other blocks' shared
+// memory (st.async), cluster.sync() calls counted per thread), since the
+// module was loaded.
 PyObject* launch_counts(PyObject*, PyObject*) {
   const vk_emu::LaunchCounts& c = vk_emu::launch_counts();
-  return Py_BuildValue("(KKKKKKK)", (unsigned long long)c.launches,
+  return Py_BuildValue("(KKKKKKKKK)", (unsigned long long)c.launches,
                        (unsigned long long)c.cooperative,
                        (unsigned long long)c.last_cooperative_blocks,
                        (unsigned long long)c.clustered, (unsigned long long)c.last_cluster_grid,
                        (unsigned long long)c.last_cluster_blocks,
-                       (unsigned long long)c.bulk_copies);
+                       (unsigned long long)c.bulk_copies,
+                       (unsigned long long)c.async_stores,
+                       (unsigned long long)c.cluster_syncs);
 }
 
 PyMethodDef methods[] = {
@@ -117,7 +121,8 @@ PyMethodDef methods[] = {
     {"set_limit", set_limit, METH_VARARGS, "Sets a limit of the emulated device; returns the old one."},
     {"launch_counts", launch_counts, METH_NOARGS,
      "(launches, cooperative launches, blocks of the latest cooperative one, cluster launches, "
-     "blocks of the latest one, its blocks per cluster, bulk copies) so far."},
+     "blocks of the latest one, its blocks per cluster, bulk copies, st.async stores, "
+     "cluster.sync() calls) so far."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

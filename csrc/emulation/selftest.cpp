@@ -322,6 +322,48 @@ __global__ void bulk_copy_kernel(float* x, float* x2, float* out, int mode) {
   }
 }
 
+// Stores into the next block of a cluster of 4 completing on its mbarrier
+// (st.async; the block's floats, then the mbarrier, in shared memory): thread
+// 0 of each block arms its mbarrier for the block's bytes, a cluster barrier,
+// then each fourth thread stores its 4 values (16 bytes) into the same place
+// of the next block's shared memory; every thread waits for its block's phase
+// and reads its own value, the previous block's. mode 0: two phases, x then
+// x2 (out's two columns), the second armed after every value of the first
+// was read; 1: every thread also reads before any thread of its block waits
+// (garbage, column 1); 2: expects 16
+// bytes too many (the waits never end: livelock); 3: never waits (an error at
+// the block's end); 4: a plain store into a destination after the st.async,
+// before it completes (an error); 5: a misaligned store (an error).
+__global__ void store_async_kernel(const float* x, const float* x2, float* out, int mode) {
+  VK_DYNAMIC_SHARED(float, s);
+  namespace cg = cooperative_groups;
+  const int t = threadIdx.x, n = blockDim.x, i = blockIdx.x * n + t;
+  uint64_t* const bar = reinterpret_cast<uint64_t*>(s + n);
+  const cg::cluster_group cluster = cg::this_cluster();
+  const unsigned next = (cluster.block_rank() + 1) % cluster.num_blocks();
+  if (t == 0) cuda::mbarrier_init(bar, 1);
+  for (int round = 0; round < (mode == 0 ? 2 : 1); ++round) {
+    const unsigned bytes = unsigned(n) * 4u;
+    if (t == 0) cuda::mbarrier_arrive_expect_tx(bar, mode == 2 ? bytes + 16 : bytes);
+    cluster.sync();  // every mbarrier armed (and every value of the last phase read)
+    if (t % 4 == 0) {
+      uint32_t w[4];
+      std::memcpy(w, (round == 0 ? x : x2) + blockIdx.x * n + t, 16);
+      cuda::store16_async_to(s + t + (mode == 5 ? 1 : 0), w, bar, next);
+      if (mode == 4) *cluster.map_shared_rank(s + t + 1, next) = 0.f;
+    }
+    if (mode == 1) {
+      out[2 * i + 1] = s[t];
+      __syncthreads();  // (every thread of the block reads before any waits)
+    }
+    if (mode != 3) {
+      cuda::mbarrier_wait_cluster(bar, unsigned(round));
+      out[2 * i + round] = s[t];
+    }
+  }
+  cluster.sync();  // every block's stores completed before any block ends
+}
+
 __global__ void async_copy_kernel(float* x, float* out, int mode) {
   VK_DYNAMIC_SHARED(float, s);
   const int t = threadIdx.x, n = blockDim.x, i = blockIdx.x * n + t;
@@ -443,6 +485,19 @@ at::Tensor selftest(const at::Tensor& x_in, c10::string_view name_view, int64_t 
     at::Tensor xc = x.clone(), x2 = x * 2, out = at::zeros({x.numel(), 2}, f32);
     cuda::launch(bulk_copy_kernel, grid, block, threads * sizeof(float) + 16, stream,
                  xc.data_ptr<float>(), x2.data_ptr<float>(), out.data_ptr<float>(), mode);
+    return out;
+  }
+  if (name.rfind("dsmem_", 0) == 0) {
+    static const char* modes[] = {"dsmem_store", "dsmem_read_early", "dsmem_bytes",
+                                  "dsmem_unwaited", "dsmem_store_in_flight", "dsmem_misaligned"};
+    int mode = -1;
+    for (int m = 0; m < 6; ++m) mode = name == modes[m] ? m : mode;
+    TORCH_CHECK(mode >= 0, "unknown self-test '", name, "'");
+    TORCH_CHECK(threads % 4 == 0 && blocks % 4 == 0,
+                "dsmem tests: a multiple of 4 threads, clusters of 4 blocks");
+    at::Tensor x2 = x * 2, out = at::zeros({x.numel(), 2}, f32);
+    cuda::launch_cluster(store_async_kernel, grid, block, 4, threads * sizeof(float) + 16, stream,
+                         xp, x2.const_data_ptr<float>(), out.data_ptr<float>(), mode);
     return out;
   }
   if (name.rfind("mma_", 0) == 0) {

@@ -711,7 +711,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       __syncthreads();  // this CTA's h_t complete in its next buffer
       share_columns<1>(xnext, g.lda, xrun, j0, int(H - j0 < Hs ? H - j0 : Hs), 0,
                        [](scalar_t v) { return tc_operand(v); },
-                       xs.on() ? xs.bar[(step + 1) & 1] : nullptr);
+                       xs.on() ? xs.bar(step + 1) : nullptr);
     }
     if (!xs.on()) step_barrier(L);
     s = next;
@@ -876,7 +876,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       __syncthreads();  // this CTA's dgh at t complete in its next buffer
       share_columns<G>(xnext, g.lda, xrun, j0, int(H - j0 < Hs ? H - j0 : Hs), H,
                        [](scalar_t v) { return tc_operand(v); },
-                       xs.on() ? xs.bar[(step + 1) & 1] : nullptr);
+                       xs.on() ? xs.bar(step + 1) : nullptr);
     }
     if (!xs.on() || step == maxlen) step_barrier(L);  // (AsyncExchange: the stores completed)
     s = next;

@@ -849,8 +849,10 @@ __device__ __forceinline__ int64_t buffer_rows_running(const RowGroup& rows, int
 // Steps 0 .. steps - 1 (the forward's longest length; the backward's one
 // more); step s fills the next buffer where s + 1 < steps.
 struct AsyncExchange {
-  uint64_t* bar[2] = {nullptr, nullptr};  // this CTA's mbarriers (nullptr: not taken)
-  int64_t row_bytes = 0;                  // bytes the other CTAs store into a buffer row
+  // this CTA's mbarriers (nullptr: not taken); two pointers, not an array a
+  // step would index at run time (which would put it in local memory)
+  uint64_t *bar0 = nullptr, *bar1 = nullptr;
+  int64_t row_bytes = 0;  // bytes the other CTAs store into a buffer row
   int64_t steps = 0;
   // buffers: the two exchange buffers (xr rows of g.lda elements of T each).
   template <typename T>
@@ -859,24 +861,26 @@ struct AsyncExchange {
       : steps(steps_) {
     if (!on) return;
     CUDA_KERNEL_ASSERT(own_cols > 0 && "every CTA of the exchange owns a unit below H");
-    for (int b = 0; b < 2; ++b)
-      bar[b] = reinterpret_cast<uint64_t*>(buffers + b * xr * g.lda + g.kp);
+    bar0 = reinterpret_cast<uint64_t*>(buffers + g.kp);
+    bar1 = reinterpret_cast<uint64_t*>(buffers + xr * g.lda + g.kp);
     row_bytes = int64_t(NB) * (H - own_cols) * int64_t(sizeof(T));
   }
-  __device__ bool on() const { return bar[0] != nullptr; }
+  __device__ bool on() const { return bar0 != nullptr; }
+  // Buffer b's (b & 1).
+  __device__ uint64_t* bar(int64_t b) const { return (b & 1) ? bar1 : bar0; }
   // Thread 0 arms buffer b for step s (rows: the group's buffer rows running
   // then), where step s fills it.
   __device__ void arm(int64_t s, int64_t rows) const {
     if (threadIdx.x == 0 && s + 1 < steps)
-      cuda::mbarrier_arrive_expect_tx(bar[(s + 1) & 1], unsigned(rows * row_bytes));
+      cuda::mbarrier_arrive_expect_tx(bar(s + 1), unsigned(rows * row_bytes));
   }
   // After a barrier that ends every write to the buffers' padding, before the
   // cluster barrier that precedes the steps: the mbarriers, armed for steps
   // 0 and 1 (rows0, rows1: their running buffer rows).
   __device__ void start(int64_t rows0, int64_t rows1) const {
     if (threadIdx.x == 0) {
-      cuda::mbarrier_init(bar[0], 1);
-      cuda::mbarrier_init(bar[1], 1);
+      cuda::mbarrier_init(bar0, 1);
+      cuda::mbarrier_init(bar1, 1);
     }
     arm(0, rows0);
     arm(1, rows1);
@@ -887,7 +891,7 @@ struct AsyncExchange {
   // the wait).
   template <typename RowsNext>
   __device__ void wait(int64_t s, RowsNext rows_next) const {
-    cuda::mbarrier_wait_cluster(bar[s & 1], unsigned((s - 1) >> 1) & 1u);
+    cuda::mbarrier_wait_cluster(bar(s), unsigned((s - 1) >> 1) & 1u);
     if (threadIdx.x == 0) arm(s + 1, rows_next());
   }
 };

@@ -859,6 +859,37 @@ def test_cluster_exchange_through_shared_memory_gives_the_same_bits(cell, H, bid
             assert syncs[sm_count, "dsmem"] == syncs[sm_count, "dsmem_barrier"]
 
 
+@requires_cuda
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cluster_exchange_on_a_gpu_gives_the_same_bits(cell):
+    """On a GPU (sm_90), bfloat16 at the benchmarks' H = 256 (clusters of 8 CTAs
+    of 32 units), 64 rows with lengths spread over [0, T]: the exchange's stores
+    completing on mbarriers (the default there), the exchange with a cluster
+    barrier a step, and global memory give the same outputs and gradients bit
+    for bit (the emulated test above runs the same at smaller sizes)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread block clusters need sm_90")
+    T, B = 9, 64
+    ref, x, _, hx = sample_inputs(cell, T=T, B=B, I=16, H=256, seed=11, device="cuda")
+    g = torch.Generator().manual_seed(11)
+    lengths = torch.cat([torch.tensor([T, 0, 1]), torch.randint(0, T + 1, (B - 3,), generator=g)])
+    m = MaskedRNN.from_torch(ref).to(torch.bfloat16)
+    x = torch.nan_to_num(x.detach(), nan=0.0).to("cuda", torch.bfloat16).requires_grad_()
+    hx = [h.detach().to(torch.bfloat16).requires_grad_() for h in states_of(cell, hx)]
+    runs = {}
+    for exchange in ("dsmem", "dsmem_barrier", "global"):
+        with rnn_path("persistent:cluster"), env_setting("VARLEN_KERNELS_PERSISTENT_EXCHANGE", exchange):
+            y, h = m(x, lengths.cuda(), tuple(hx) if cell == "lstm" else hx[0])
+            out = [y, *states_of(cell, h)]
+            grads = torch.autograd.grad(sum((o.float() * (i + 1)).sum() for i, o in enumerate(out)),
+                                        [x, *hx, *m.parameters()])
+        runs[exchange] = [t.detach() for t in (*out, *grads)]
+    for exchange in ("dsmem_barrier", "global"):
+        for a, b in zip(runs["dsmem"], runs[exchange]):
+            assert torch.equal(a, b), exchange
+    assert all(torch.isfinite(t.float()).all() for t in runs["dsmem"])
+
+
 @pytest.mark.emulation
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_cluster_exchange_runs_at_the_benchmarks_hidden_size_256(cell):

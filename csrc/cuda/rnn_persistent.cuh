@@ -844,8 +844,9 @@ __device__ __forceinline__ int64_t buffer_rows_running(const RowGroup& rows, int
 //    it, as those stores come after this CTA's values of the step between,
 //    sent after the arming. So a phase never receives bytes before its
 //    arming, and never another step's.
-//  - A CTA ends after a cluster barrier (finish()): its own stores into the
-//    others have completed (each waited for them before arriving).
+//  - A CTA ends after a cluster barrier (the kernels' step_barrier after the
+//    last step): its own stores into the others have completed (each waited
+//    for them before arriving).
 // Steps 0 .. steps - 1 (the forward's longest length; the backward's one
 // more); step s fills the next buffer where s + 1 < steps.
 struct AsyncExchange {

@@ -36,7 +36,9 @@
 #              ncu_persistent.txt; then the forward kernel at B=8 H=256 with
 #              per-instruction counts (instructions executed and stall samples of
 #              each SASS instruction, with its source line): ncu_source_fwd.ncu-rep
-#              and its source page, ncu_source_fwd.csv
+#              and its source page, ncu_source_fwd.csv; then the same of the grid
+#              form's forward and backward kernels at B=64 H=1024 (T=128):
+#              ncu_source_grid.ncu-rep and ncu_source_grid.csv
 #   units      (only when named) bench_rnn, bfloat16 LSTM, T=512, B 8/64, H 256/1024,
 #              with the persistent kernels at 4, 8, 16 and 32 units a CTA as well
 #              as their default, to benchmarks/results/cta_sweep/
@@ -153,10 +155,19 @@ stage_ncu() {
     --launch-count 1 --section SourceCounters --section WarpStateStats --import-source yes -f \
     -o "$RES/ncu_source_fwd" $PY benchmarks/profile_rnn.py --ncu --shapes lstm,512,8,256 \
     > "$(logfile ncu_source.log)" 2>&1 || status=1
+  # The grid form (H = 1024): its backward took 4x its forward's time, with
+  # 0.37 instructions issued a cycle a scheduler; where they go, by instruction.
+  CAP_ncu=120 cap ncu ncu --profile-from-start off --kernel-name regex:persistent_.*_tc \
+    --launch-count 2 --section SourceCounters --section WarpStateStats --import-source yes -f \
+    -o "$RES/ncu_source_grid" $PY benchmarks/profile_rnn.py --ncu --shapes lstm,128,64,1024 \
+    >> "$(logfile ncu_source.log)" 2>&1 || status=1
   [ -n "${DRY_RUN:-}" ] && return
-  ncu --import "$RES/ncu_source_fwd.ncu-rep" --page source --print-source cuda,sass --csv \
-    > "$RES/ncu_source_fwd.csv" 2>> "$RES/ncu_source.log" || status=1
-  wc -l "$RES/ncu_source_fwd.csv"
+  local r
+  for r in fwd grid; do
+    ncu --import "$RES/ncu_source_$r.ncu-rep" --page source --print-source cuda,sass --csv \
+      > "$RES/ncu_source_$r.csv" 2>> "$RES/ncu_source.log" || status=1
+    wc -l "$RES/ncu_source_$r.csv"
+  done
 }
 
 stage_units() {

@@ -364,9 +364,9 @@ def test_gpu_check_writes_committed_results_explicitly(bench, tmp_path):
     assert "benchmarks/profile_rnn.py" in commands.read_text()
     # The ncu stage profiles the persistent kernels of profile_rnn.py's --ncu run, then
     # the forward kernel at B = 8, H = 256 once more with per-instruction counts,
-    # exported under benchmarks/results.
+    # then the grid form's two kernels at H = 1024 so, exported under benchmarks/results.
     ncu = [shlex.split(line) for line in commands.read_text().splitlines() if line.startswith("ncu ")]
-    assert len(ncu) == 2 and all("--profile-from-start" in c for c in ncu)
+    assert len(ncu) == 3 and all("--profile-from-start" in c for c in ncu)
     profile = bench("profile_rnn")
 
     def shapes_of(command):
@@ -379,6 +379,10 @@ def test_gpu_check_writes_committed_results_explicitly(bench, tmp_path):
     assert shapes_of(source) == [("lstm", 512, 8, 256)]
     assert "SourceCounters" in source and source[source.index("--launch-count") + 1] == "1"
     assert source[source.index("-o") + 1] == "benchmarks/results/ncu_source_fwd"
+    grid = ncu[2]
+    assert shapes_of(grid) == [("lstm", 128, 64, 1024)]
+    assert "SourceCounters" in grid and grid[grid.index("--launch-count") + 1] == "2"
+    assert grid[grid.index("-o") + 1] == "benchmarks/results/ncu_source_grid"
     for bad in ("lstm,512,64", "lstm,512,x,1024"):
         with pytest.raises(argparse.ArgumentTypeError, match=r"a shape is cell,T,B,H, got"):
             profile.shape(bad)

@@ -224,8 +224,8 @@ def test_bulk_copy_read_before_its_phase_completes_reads_garbage(order):
 
 @pytest.mark.parametrize("name, message", [
     ("bulk_bytes", r"livelock: every runnable thread spins in a wait that nothing ends"),
-    ("bulk_excess", r"an mbarrier phase that expects 240 bytes has bulk copies of 256: on a GPU it "
-                    r"would complete before some of them"),
+    ("bulk_excess", r"an mbarrier phase that expects 240 bytes has bulk copies and st.async "
+                    r"stores of 256 bytes: on a GPU it would complete before some of them"),
     ("bulk_unwaited", r"block \(0, 0, 0\) ended with 16 bulk copies or stores to shared memory "
                       r"that nothing "
                       r"waited for"),
@@ -273,6 +273,8 @@ def test_store_into_another_block_read_before_its_phase_completes_reads_garbage(
     ("dsmem_store_in_flight", r"a store or a copy wrote into the destination of a bulk copy or "
                               r"st.async before it completed"),
     ("dsmem_misaligned", r"st.async stores 4, 8 or 16 bytes to an address aligned to them"),
+    ("dsmem_excess", rf"an mbarrier phase that expects {4 * THREADS - 16} bytes has bulk copies and "
+                     rf"st.async stores of {4 * THREADS} bytes: on a GPU it would complete before"),
 ])
 def test_store_into_another_block_misuse_is_an_error(name, message):
     with pytest.raises(RuntimeError, match=message):

@@ -668,7 +668,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const StageRing<scalar_t> ring(g, as, hsrc, H, H, grp.first(g.rbt), grp.stride(g.rbt),
                                    s.nrun, bulk_bar, &bulk_phase);
     if (xr == 0) ring.start();
-    int64_t tile = 0, xrun = 0;  // the group's tile; buffer rows that run
+    int64_t tile = 0;  // the group's tile
     for (int64_t row0 = grp.first(g.rbt); row0 < s.nrun; row0 += grp.stride(g.rbt), ++tile) {
       const int rows = s.nrun - row0 < g.rbt ? int(s.nrun - row0) : g.rbt;
       const int64_t lr0 = tile * g.rbt;
@@ -697,7 +697,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         tc_product(g, rows, ws, tile_operand(ring, tile, xr > 0 ? xcur + lr0 * g.lda : nullptr),
                    cs, partial);
       }, cell, ready, tile == 0 && have_ready);
-      xrun = lr0 + rows;
     }
     // The next step's first tile: its items' loads, before the barrier.
     const int64_t first = grp.first(g.rbt);
@@ -709,7 +708,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     if (xr > 0 && step + 1 < maxlen) {  // (no step reads the last one's)
       __syncthreads();  // this CTA's h_t complete in its next buffer
-      share_columns<1>(xnext, g.lda, xrun, j0, int(H - j0 < Hs ? H - j0 : Hs), 0,
+      share_columns<1>(xnext, g.lda, buffer_rows_running(grp, s.nrun, g.rbt), j0, own_cols, 0,
                        [](scalar_t v) { return tc_operand(v); },
                        xs.on() ? xs.bar(step + 1) : nullptr);
     }
@@ -819,7 +818,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const StageRing<scalar_t> ring(g, as, s.dg_prev, p.dgh_ld, GH, grp.first(g.rbt),
                                    grp.stride(g.rbt), s.nprev, bulk_bar, &bulk_phase);
     if (xr == 0) ring.start();
-    int64_t tile = 0, xrun = 0;  // the group's tile; buffer rows that run at t
+    int64_t tile = 0;  // the group's tile
     for (int64_t row0 = grp.first(g.rbt); row0 < s.n; row0 += grp.stride(g.rbt), ++tile) {
       const int rows = s.n - row0 < g.rbt ? int(s.n - row0) : g.rbt;
       const int with_prev =
@@ -862,7 +861,6 @@ __global__ void __launch_bounds__(kThreads, 1)
                      partial);
         }
       }, cell, ready, tile == 0 && have_ready);
-      if (row0 < s.nrun) xrun = lr0 + (s.nrun - row0 < g.rbt ? s.nrun - row0 : g.rbt);
     }
     // The next step's first tile: its items' loads, before the barrier.
     const int64_t first = grp.first(g.rbt);
@@ -874,7 +872,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     if (xr > 0 && (step < maxlen || !xs.on())) {  // (AsyncExchange: none after the last)
       __syncthreads();  // this CTA's dgh at t complete in its next buffer
-      share_columns<G>(xnext, g.lda, xrun, j0, int(H - j0 < Hs ? H - j0 : Hs), H,
+      share_columns<G>(xnext, g.lda, buffer_rows_running(grp, s.nrun, g.rbt), j0, own_cols, H,
                        [](scalar_t v) { return tc_operand(v); },
                        xs.on() ? xs.bar(step + 1) : nullptr);
     }

@@ -1148,6 +1148,20 @@ void mbarrier_arrive_expect_tx(void* bar, unsigned bytes) {
   --m.pending;
 }
 
+// A bulk copy or st.async store c issued on mbarrier m (counted in `count`):
+// its bytes, c.seen (read from c.src at issue where it has one), land at c.dst
+// when m's phase completes (mbarrier_wait); until then c.dst holds garbage.
+void pend(Mbarrier& m, BulkCopy c, uint64_t& count) {
+  {
+    const TsanScope shown(false);  // the kernel's own accesses
+    if (c.src != nullptr) std::memcpy(c.seen.data(), c.src, c.seen.size());
+    std::memset(c.dst, 0xff, c.seen.size());
+  }
+  tsan_release(m.tsan_sync.get());  // the issue (and what preceded it) precedes the completion
+  m.copies.push_back(std::move(c));
+  ++count;
+}
+
 void bulk_copy(void* dst, const void* src, size_t bytes, void* bar) {
   VK_HIDDEN;
   Fiber& f = running("a bulk copy");
@@ -1159,17 +1173,10 @@ void bulk_copy(void* dst, const void* src, size_t bytes, void* bar) {
                       " bytes (a positive multiple of 16, both addresses 16-byte aligned)");
   if (!in_shared_memory(L, B, dst, bytes))
     throw KernelError(where(f) + ": a bulk copy to an address outside the block's shared memory");
-  Mbarrier& m = mbarrier_of(f, bar, "a bulk copy completing");
-  BulkCopy c{static_cast<unsigned char*>(dst), static_cast<const unsigned char*>(src),
-             std::vector<unsigned char>(bytes)};
-  {
-    const TsanScope shown(false);  // the kernel's own accesses
-    std::memcpy(c.seen.data(), c.src, bytes);
-    std::memset(c.dst, 0xff, bytes);  // garbage until it completes
-  }
-  tsan_release(m.tsan_sync.get());  // the issue (and its garbage) precedes the completion
-  m.copies.push_back(std::move(c));
-  ++launch_counts().bulk_copies;
+  pend(mbarrier_of(f, bar, "a bulk copy completing"),
+       {static_cast<unsigned char*>(dst), static_cast<const unsigned char*>(src),
+        std::vector<unsigned char>(bytes)},
+       launch_counts().bulk_copies);
 }
 
 void store_async(void* dst, const void* src, size_t bytes, void* bar) {
@@ -1187,17 +1194,11 @@ void store_async(void* dst, const void* src, size_t bytes, void* bar) {
                       "of the cluster's blocks");
   if (!in_shared_memory(L, *owner, dst, bytes))
     throw KernelError(where(f) + ": st.async into a block other than its mbarrier's");
-  Mbarrier& m = mbarrier_of(f, bar, "a store completing", owner);
-  BulkCopy c{static_cast<unsigned char*>(dst), nullptr,
-             std::vector<unsigned char>(static_cast<const unsigned char*>(src),
-                                        static_cast<const unsigned char*>(src) + bytes)};
-  {
-    const TsanScope shown(false);
-    std::memset(c.dst, 0xff, bytes);  // garbage until the phase completes
-  }
-  tsan_release(m.tsan_sync.get());  // the store (and what preceded it) precedes the completion
-  m.copies.push_back(std::move(c));
-  ++launch_counts().async_stores;
+  pend(mbarrier_of(f, bar, "a store completing", owner),
+       {static_cast<unsigned char*>(dst), nullptr,
+        std::vector<unsigned char>(static_cast<const unsigned char*>(src),
+                                   static_cast<const unsigned char*>(src) + bytes)},
+       launch_counts().async_stores);
 }
 
 void mbarrier_wait(void* bar, unsigned parity) {
@@ -1210,8 +1211,8 @@ void mbarrier_wait(void* bar, unsigned parity) {
     for (const BulkCopy& c : m.copies) issued += int64_t(c.seen.size());
     if (m.pending == 0 && issued > m.tx)
       throw KernelError(where(f) + ": an mbarrier phase that expects " + std::to_string(m.tx) +
-                        " bytes has bulk copies of " + std::to_string(issued) +
-                        ": on a GPU it would complete before some of them");
+                        " bytes has bulk copies and st.async stores of " + std::to_string(issued) +
+                        " bytes: on a GPU it would complete before some of them");
     if (m.pending == 0 && issued == m.tx) {  // every arrival and byte: the copies complete
       tsan_acquire(m.tsan_sync.get());  // after every issue and arrival
       for (const BulkCopy& c : m.copies) {

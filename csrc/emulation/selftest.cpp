@@ -333,7 +333,8 @@ __global__ void bulk_copy_kernel(float* x, float* x2, float* out, int mode) {
 // (garbage, column 1); 2: expects 16
 // bytes too many (the waits never end: livelock); 3: never waits (an error at
 // the block's end); 4: a plain store into a destination after the st.async,
-// before it completes (an error); 5: a misaligned store (an error).
+// before it completes (an error); 5: a misaligned store (an error); 6: expects
+// 16 bytes too few (an error: the phase would complete before a store).
 __global__ void store_async_kernel(const float* x, const float* x2, float* out, int mode) {
   VK_DYNAMIC_SHARED(float, s);
   namespace cg = cooperative_groups;
@@ -344,7 +345,7 @@ __global__ void store_async_kernel(const float* x, const float* x2, float* out, 
   if (t == 0) cuda::mbarrier_init(bar, 1);
   for (int round = 0; round < (mode == 0 ? 2 : 1); ++round) {
     const unsigned bytes = unsigned(n) * 4u;
-    if (t == 0) cuda::mbarrier_arrive_expect_tx(bar, mode == 2 ? bytes + 16 : bytes);
+    if (t == 0) cuda::mbarrier_arrive_expect_tx(bar, mode == 2 ? bytes + 16 : mode == 6 ? bytes - 16 : bytes);
     cluster.sync();  // every mbarrier armed (and every value of the last phase read)
     if (t % 4 == 0) {
       uint32_t w[4];
@@ -489,9 +490,10 @@ at::Tensor selftest(const at::Tensor& x_in, c10::string_view name_view, int64_t 
   }
   if (name.rfind("dsmem_", 0) == 0) {
     static const char* modes[] = {"dsmem_store", "dsmem_read_early", "dsmem_bytes",
-                                  "dsmem_unwaited", "dsmem_store_in_flight", "dsmem_misaligned"};
+                                  "dsmem_unwaited", "dsmem_store_in_flight", "dsmem_misaligned",
+                                  "dsmem_excess"};
     int mode = -1;
-    for (int m = 0; m < 6; ++m) mode = name == modes[m] ? m : mode;
+    for (int m = 0; m < 7; ++m) mode = name == modes[m] ? m : mode;
     TORCH_CHECK(mode >= 0, "unknown self-test '", name, "'");
     TORCH_CHECK(threads % 4 == 0 && blocks % 4 == 0,
                 "dsmem tests: a multiple of 4 threads, clusters of 4 blocks");

@@ -38,6 +38,25 @@ EMU_SEED = int(os.environ.get("VK_EMU_SEED", "0"))
 GPU_BACKENDS = [f"emulated-{o}" for o in EMU_ORDERS] + (["cuda"] if HAS_CUDA else [])
 BACKENDS = ["cpu"] + GPU_BACKENDS
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+# make test's second pass over the emulated tests, under AddressSanitizer in a
+# random thread order (or ThreadSanitizer): VK_EMU_SANITIZER is set.
+SANITIZER_PASS = bool(os.environ.get("VK_EMU_SANITIZER"))
+# A test that runs a sanitizer of its own in a child process, whatever pass it
+# is in: the first pass ran it.
+own_sanitizer = pytest.mark.skipif(SANITIZER_PASS, reason="runs its own sanitizer in a child "
+                                   "process: the first pass ran it")
+
+
+def gradcheck(fn, inputs, **kw):
+    """torch.autograd.gradcheck: every entry of the Jacobians, numerical against
+    analytical. In the sanitizer pass on the emulated backends, whose first pass
+    checked every entry of the same kernels' Jacobians, its fast mode instead
+    (a random projection of both, u^T J v, from a few runs of the kernels rather
+    than one or two per input element): that pass looks for what the thread
+    order and the sanitizer change, not for the gradient's formula again."""
+    if SANITIZER_PASS and emulation_active():
+        kw.setdefault("fast_mode", True)
+    return torch.autograd.gradcheck(fn, inputs, **kw)
 
 
 def pytest_configure(config):

@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (CELLS, check_against_packed, fails_in_child_process, grouped_mm_as_on_gpu,
-                      lengths_in_host_memory, requires_cuda, run_packed, sample_inputs, states_of)
+from conftest import (CELLS, check_against_packed, fails_in_child_process, gradcheck,
+                      grouped_mm_as_on_gpu, lengths_in_host_memory, requires_cuda, run_packed,
+                      sample_inputs, states_of)
 from varlen_kernels import (MaskedRNN, masked_bce_with_logits, masked_cross_entropy, masked_mse,
                             masked_rnn_reference, ops)
 from varlen_kernels.testing import emulate_cuda, emulated_device, emulation_module, env_setting
@@ -33,7 +34,7 @@ def test_gradcheck(cell, gpu):
         def f(x, h0, c0, *w):
             out, h, c = ops.rnn_layer(x, lengths, h0, c0, *w, cell, reverse)
             return (out, h) if c is None else (out, h, c)
-        assert torch.autograd.gradcheck(f, (x, h0, c0, *w))
+        assert gradcheck(f, (x, h0, c0, *w))
 
 
 @pytest.mark.parametrize("cell", CELLS)

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from conftest import own_sanitizer
 from varlen_kernels import testing
 from varlen_kernels.testing import ORDERS, emulate_cuda, emulated_device, emulation_module, selftest
 
@@ -417,6 +418,7 @@ def asan_env():
                 VK_EMU_SANITIZER="asan")
 
 
+@own_sanitizer
 def test_runs_under_address_sanitizer_when_preloaded():
     """In a process with libasan preloaded, the ASan-instrumented build runs the
     kernels (CI runs the emulated tests that way; this checks the mechanism)."""
@@ -431,6 +433,7 @@ def test_runs_under_address_sanitizer_when_preloaded():
     assert r.returncode == 0 and "asan 1" in r.stdout, (r.stdout + r.stderr)[-3000:]
 
 
+@own_sanitizer
 def test_address_sanitizer_sees_a_shared_memory_overflow():
     code = ("import torch\n"
             "from varlen_kernels.testing import emulate_cuda, selftest\n"
@@ -467,6 +470,7 @@ RACES = {"reduce1": "block_sum", "reduce2": "block_sum", "reduce3": "block_sum",
          "cross_cluster_race": "cluster_kernel"}
 
 
+@own_sanitizer
 def test_thread_sanitizer_reports_each_race_and_nothing_else():
     """Under ThreadSanitizer (the _C_emu_tsan build) two threads' accesses to one
     address, one a write, with no barrier, atomic or launch boundary between, are

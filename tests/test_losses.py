@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import gradcheck
 from varlen_kernels import masked_bce_with_logits, masked_cross_entropy, masked_mse
 from varlen_kernels.testing import emulation_active
 
@@ -111,7 +112,7 @@ def test_cross_entropy_gradcheck_and_opcheck():
     logits, target, lengths, valid = make(B=3, T=4, C=5)
     x = torch.nan_to_num(logits.detach(), nan=0.0, posinf=0.0).requires_grad_()
     for ls in (0.0, 0.2):
-        assert torch.autograd.gradcheck(
+        assert gradcheck(
             lambda x: masked_cross_entropy(x, target, lengths, reduction="none", label_smoothing=ls,
                                            batch_first=True), (x,))
     rows = (x.reshape(-1, 5), target.reshape(-1), valid.reshape(-1), 0.1)
@@ -336,7 +337,7 @@ def test_elementwise_all_padding_and_gradcheck():
     for fn in (masked_mse, masked_bce_with_logits):
         out = fn(pred, target, torch.tensor([0, 0]), batch_first=True)
         assert out.item() == 0.0 and (torch.autograd.grad(out, [pred])[0] == 0).all()
-        assert torch.autograd.gradcheck(lambda p: fn(p, target, torch.tensor([3, 1]), batch_first=True),
+        assert gradcheck(lambda p: fn(p, target, torch.tensor([3, 1]), batch_first=True),
                                         (pred,))
 
 
@@ -375,7 +376,7 @@ def test_elementwise_op_opcheck_and_target_grad(kind, reduce_rows):
     op = torch.ops.varlen_kernels.elementwise_loss_forward.default
     torch.library.opcheck(op, (x, y, m, pw, kind, reduce_rows))
     torch.library.opcheck(op, (x.detach(), y.detach(), m, pw, kind, reduce_rows))
-    assert torch.autograd.gradcheck(lambda x, y: op(x, y, m, pw, kind, reduce_rows), (x, y))
+    assert gradcheck(lambda x, y: op(x, y, m, pw, kind, reduce_rows), (x, y))
     out = op(x, y, m, pw, kind, reduce_rows)
     grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
     torch.library.opcheck(torch.ops.varlen_kernels.elementwise_loss_backward.default,

@@ -110,6 +110,8 @@ struct BwdArgs {
   const scalar_t* states;
   const scalar_t* dy;       // (B, H) gradient w.r.t. this step's output
   acc_t* dh;                // (B, H) in: d h' from later steps; out: direct part of d h_prev
+  const scalar_t* dh_prod;  // (B, H) the W_hh product of the step before, still to add to dh
+                            // (half/bfloat16: a GEMM in the storage type), or nullptr
   acc_t* dc;                // (B, H) LSTM: d c' in, d c_prev out
   scalar_t* dgx;            // token rows of d pre-activations, input side (zero-initialized)
   scalar_t* dgh;            // hidden side (GRU; aliases dgx otherwise)
@@ -125,14 +127,17 @@ __device__ void backward_step_one(const BwdArgs<scalar_t, acc_t>& a, int64_t idx
   const int64_t H = a.H;
   const int64_t b = idx / H, j = idx % H;
   scalar_t* step = a.dg_step + b * G * H + j;
+  // d h' (the product added as at::add_ would: the same value)
+  const acc_t dh = a.dh_prod != nullptr ? a.dh[idx] + acc_t(a.dh_prod[idx]) : a.dh[idx];
   if (a.t >= a.rows.lengths[b]) {  // padded step: no gradient, carried dh unchanged
 #pragma unroll
     for (int k = 0; k < G; ++k) step[k * H] = scalar_t(0);
+    if (a.dh_prod != nullptr) a.dh[idx] = dh;
     return;
   }
   const int64_t row = a.rows.row(b);
   scalar_t* gh = a.dgh + row * a.dgh_ld + j;
-  const acc_t dht = a.dh[idx] + acc_t(a.dy[idx]);
+  const acc_t dht = dh + acc_t(a.dy[idx]);
   const acc_t direct = backward_point<scalar_t, acc_t, K>(
       a.gates + row * GS * H + j, a.states + row * S * H + j, H, dht,
       K == Cell::LSTM ? a.dc + idx : nullptr, a.dgx + row * a.dgx_ld + j, gh);
@@ -300,23 +305,27 @@ RnnForwardResult rnn_forward_proj_cuda(const ProjSizes& s, const Tensor& input,
   return proj_forward_direction(s, tok.plan, gx, bias, h0, c0, w_hh, w_hr, reverse);
 }
 
-// d h' of step t for the running rows: the carry plus the output's gradient,
-// to the GEMM operand (batch order, zero where not running) and the token's
-// row of dh_tok; the carry restarts at zero for them (it has been used).
+// d h' of step t for the running rows: the carry (plus dh_prod, the W_hh
+// product of the step before still to add where it is not nullptr: half and
+// bfloat16) plus the output's gradient, to the GEMM operand (batch order, zero
+// where not running) and the token's row of dh_tok; the carry restarts at
+// zero for them (it has been used).
 template <typename scalar_t, typename acc_t>
 __global__ void proj_backward_in_kernel(StepRows rows, const scalar_t* dy, acc_t* dh,
-                                        scalar_t* dh_step, scalar_t* dh_tok, int64_t t, int64_t B,
-                                        int64_t P) {
+                                        const scalar_t* dh_prod, scalar_t* dh_step,
+                                        scalar_t* dh_tok, int64_t t, int64_t B, int64_t P) {
   for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < B * P;
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = idx / P, p = idx % P;
+    const acc_t d = dh_prod != nullptr ? dh[idx] + acc_t(dh_prod[idx]) : dh[idx];
     if (t < rows.lengths[b]) {
-      const scalar_t v = scalar_t(dh[idx] + acc_t(dy[idx]));
+      const scalar_t v = scalar_t(d + acc_t(dy[idx]));
       dh[idx] = acc_t(0);
       dh_step[idx] = v;
       dh_tok[rows.row(b) * P + p] = v;
     } else {
       dh_step[idx] = scalar_t(0);
+      if (dh_prod != nullptr) dh[idx] = d;
     }
   }
 }
@@ -375,6 +384,9 @@ void rnn_backward_proj_per_step(const ProjSizes& s, const TokenPlan& plan, const
   dgx = dgx_into.defined() ? dgx_into : at::zeros({T * B, 4 * H}, opts);
   TORCH_INTERNAL_ASSERT(dgx.stride(1) == 1);
   const bool same_type = acc_type == dy.scalar_type();
+  // In half/bfloat16 the W_hh GEMM's result, in the storage type, is added to
+  // the float carry by the next step's first kernel (after the last, by add_).
+  Tensor prod = same_type ? Tensor() : at::empty({B, P}, opts);
   const auto stream = cuda::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(),
                                   "rnn_backward_proj_per_step", [&] {
@@ -385,6 +397,7 @@ void rnn_backward_proj_per_step(const ProjSizes& s, const TokenPlan& plan, const
       cuda::launch(proj_backward_in_kernel<scalar_t, acc_t>, cuda::grid_for(B * P, kThreads),
                    kThreads, 0, stream, step_rows(plan, t),
                    dy.const_data_ptr<scalar_t>() + t * B * P, dh.data_ptr<acc_t>(),
+                   step > 0 && !same_type ? prod.const_data_ptr<scalar_t>() : nullptr,
                    dh_step.data_ptr<scalar_t>(), dh_tok.data_ptr<scalar_t>(), t, B, P);
       at::mm_out(dr, dh_step, w_hr);
       ProjBwdArgs<scalar_t, acc_t> a{step_rows(plan, t), gates.const_data_ptr<scalar_t>(),
@@ -396,8 +409,9 @@ void rnn_backward_proj_per_step(const ProjSizes& s, const TokenPlan& plan, const
                    kThreads, 0, stream, a);
       // Running rows restart from zero; the others carry dh (their dg_step is 0).
       if (same_type) dh.addmm_(dg_step, w_hh);
-      else dh.add_(at::mm(dg_step, w_hh));
+      else at::mm_out(prod, dg_step, w_hh);
     }
+    if (!same_type && L > 0 && B > 0) dh.add_(prod);
   });
 }
 
@@ -584,17 +598,22 @@ void rnn_backward_per_step(const RnnSizes& s, const TokenPlan& plan, const Tenso
   const auto stream = cuda::current_stream();
   const unsigned blocks = cuda::grid_for(B * H, kThreads);
   const bool same_type = acc_type == dy.scalar_type();
+  // In half/bfloat16 the GEMM's result, in the storage type, is added to the
+  // float carry by the next step's kernel (after the last step, by add_).
+  Tensor prod = same_type ? Tensor() : at::empty({B, H}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(),
                                   "rnn_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dispatch_cell(cell, [&](auto k) {
       constexpr Cell K = decltype(k)::value;
-      for (int64_t step = 0, L = plan.steps(); step < L; ++step) {
+      const int64_t L = plan.steps();
+      for (int64_t step = 0; step < L; ++step) {
         const int64_t t = step_order(step, L, !reverse);
         BwdArgs<scalar_t, acc_t> a{step_rows(plan, t),
                                    gs.const_data_ptr<scalar_t>(), st.const_data_ptr<scalar_t>(),
                                    dy.const_data_ptr<scalar_t>() + t * B * H,
                                    dh.data_ptr<acc_t>(),
+                                   step > 0 && !same_type ? prod.const_data_ptr<scalar_t>() : nullptr,
                                    K == Cell::LSTM ? dc.data_ptr<acc_t>() : nullptr,
                                    dgx.data_ptr<scalar_t>(), dgh.data_ptr<scalar_t>(),
                                    dg_step.data_ptr<scalar_t>(), t, T, B, H, dgx.stride(0),
@@ -602,10 +621,10 @@ void rnn_backward_per_step(const RnnSizes& s, const TokenPlan& plan, const Tenso
         if (B * H > 0)
           cuda::launch(backward_step_kernel<scalar_t, acc_t, K>, blocks, kThreads, 0, stream, a);
         // Rows past their length have zero dg_step, so their carried dh is unchanged.
-        // In half/bfloat16 the GEMM's result is added to the float carry.
         if (same_type) dh.addmm_(dg_step, w_hh);
-        else dh.add_(at::mm(dg_step, w_hh));
+        else at::mm_out(prod, dg_step, w_hh);
       }
+      if (!same_type && L > 0) dh.add_(prod);
       return 0;
     });
   });

@@ -129,7 +129,7 @@ __device__ void backward_step_one(const BwdArgs<scalar_t, acc_t>& a, int64_t idx
   scalar_t* step = a.dg_step + b * G * H + j;
   // d h' (the product added as at::add_ would: the same value)
   const acc_t dh = a.dh_prod != nullptr ? a.dh[idx] + acc_t(a.dh_prod[idx]) : a.dh[idx];
-  if (a.t >= a.rows.lengths[b]) {  // padded step: no gradient, carried dh unchanged
+  if (a.t >= a.rows.lengths[b]) {  // padded step: no gradient, the carried dh goes on
 #pragma unroll
     for (int k = 0; k < G; ++k) step[k * H] = scalar_t(0);
     if (a.dh_prod != nullptr) a.dh[idx] = dh;
@@ -141,7 +141,8 @@ __device__ void backward_step_one(const BwdArgs<scalar_t, acc_t>& a, int64_t idx
   const acc_t direct = backward_point<scalar_t, acc_t, K>(
       a.gates + row * GS * H + j, a.states + row * S * H + j, H, dht,
       K == Cell::LSTM ? a.dc + idx : nullptr, a.dgx + row * a.dgx_ld + j, gh);
-  a.dh[idx] = direct;  // the W_hh part is added by the GEMM that follows
+  a.dh[idx] = direct;  // the W_hh part is added by the GEMM that follows (half/bfloat16:
+                       // by the next step's kernel, or after the last step)
 #pragma unroll
   for (int k = 0; k < G; ++k) step[k * H] = gh[k * H];
 }

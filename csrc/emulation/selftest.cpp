@@ -334,7 +334,9 @@ __global__ void bulk_copy_kernel(float* x, float* x2, float* out, int mode) {
 // bytes too many (the waits never end: livelock); 3: never waits (an error at
 // the block's end); 4: a plain store into a destination after the st.async,
 // before it completes (an error); 5: a misaligned store (an error); 6: expects
-// 16 bytes too few (an error: the phase would complete before a store).
+// 16 bytes too few (an error, in the forward order: a wait sees every store
+// issued; in an order where a wait sees all but one, the phase completes then,
+// and the last store is left to a phase nothing waits for).
 __global__ void store_async_kernel(const float* x, const float* x2, float* out, int mode) {
   VK_DYNAMIC_SHARED(float, s);
   namespace cg = cooperative_groups;

@@ -46,7 +46,8 @@ def main(argv=None):
         # 2 slots of asynchronous copies (40 KiB: the backward's 160 columns
         # in 3 chunks), and by bulk copies on an mbarrier (one slot of at most
         # 24 KiB).
-        lengths = torch.cat([torch.full((8,), 9), torch.randint(0, 4, (32,))])
+        # (6 steps: the exchange's two buffers each filled and read twice over)
+        lengths = torch.cat([torch.full((8,), 6), torch.randint(0, 4, (32,))])
         for sync, emulated, exchange, stage, slots, copy in (
                 ("grid", dict(sm_count=4), "auto", "auto", "auto", "auto"),
                 ("auto", dict(max_cluster_blocks=2), "auto", "auto", "auto", "auto"),
@@ -76,7 +77,7 @@ def main(argv=None):
                             continue
                         m = vk.MaskedRNN(6, 40, cell=cell, bidirectional=bidirectional,
                                          proj_size=proj_size).to(dev, dtype)
-                        y, _ = m(torch.randn(9, 40, 6, device=dev, dtype=dtype), lengths.to(dev))
+                        y, _ = m(torch.randn(6, 40, 6, device=dev, dtype=dtype), lengths.to(dev))
                         y.float().sum().backward()
         proj = vk.MaskedLSTM(5, 7, 1, proj_size=3, bidirectional=True).to(dev)
         for lengths in (torch.tensor([6, 0, 3]), torch.tensor([6, 0, 3], device=dev)):

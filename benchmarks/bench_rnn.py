@@ -50,8 +50,15 @@ Baselines, side by side in one run, same weights, lengths uniform in [1, T]:
             rows with one bulk copy a row (cp.async.bulk on an mbarrier;
             VARLEN_KERNELS_PERSISTENT_COPY=bulk; GPU only), where masked
             issues 16-byte asynchronous copies
-  (grid_sync, global_exchange, four_slots, bulk, units_N and stage_N change the
-  persistent kernels: they differ from masked only where it takes them)
+  row_groups
+            MaskedRNN whose persistent kernels' grid form runs as 2 row groups
+            of CTAs, each owning every hidden unit (twice the units a CTA) and
+            stepping every other 16-row tile of the running rows
+            (VARLEN_KERNELS_PERSISTENT_GROUPS=2; GPU only), where masked runs
+            one group, each CTA stepping every running row
+  (grid_sync, global_exchange, four_slots, bulk, row_groups, units_N and
+  stage_N change the persistent kernels: they differ from masked only where it
+  takes them)
   units_N   with --units N,...: MaskedRNN whose persistent kernels give each
             CTA at least N hidden units, so fewer CTAs than their default of
             one per SM (VARLEN_KERNELS_PERSISTENT_UNITS=N; GPU only): how the
@@ -131,7 +138,7 @@ from varlen_kernels import MaskedRNN, masked_rnn_reference  # noqa: E402
 from varlen_kernels.reference import _cell_step  # noqa: E402
 
 BASELINES = ("masked", "per_step", "persistent", "all_rows", "grid_sync", "global_exchange",
-             "dsmem_barrier", "four_slots", "bulk", "host_lengths", "split", "packed", "padded", "reference", "compiled")
+             "dsmem_barrier", "four_slots", "bulk", "row_groups", "host_lengths", "split", "packed", "padded", "reference", "compiled")
 # Baselines that are MaskedRNN under a setting (CUDA paths): (variable, value),
 # set around the forward and the backward.
 SETTINGS = {"per_step": ("VARLEN_KERNELS_RNN_PATH", "per_step"),
@@ -141,7 +148,8 @@ SETTINGS = {"per_step": ("VARLEN_KERNELS_RNN_PATH", "per_step"),
             "global_exchange": ("VARLEN_KERNELS_PERSISTENT_EXCHANGE", "global"),
             "dsmem_barrier": ("VARLEN_KERNELS_PERSISTENT_EXCHANGE", "dsmem_barrier"),
             "four_slots": ("VARLEN_KERNELS_PERSISTENT_SLOTS", "4"),
-            "bulk": ("VARLEN_KERNELS_PERSISTENT_COPY", "bulk")}
+            "bulk": ("VARLEN_KERNELS_PERSISTENT_COPY", "bulk"),
+            "row_groups": ("VARLEN_KERNELS_PERSISTENT_GROUPS", "2")}
 # Baselines that only differ from masked on a GPU.
 GPU_ONLY = tuple(SETTINGS) + ("host_lengths",)
 UNITS = re.compile(r"units_([0-9]+)")

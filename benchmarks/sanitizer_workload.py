@@ -42,20 +42,23 @@ def main(argv=None):
         # the cluster's distributed shared memory (one value at a time before
         # a cluster barrier; then, in clusters of 5 CTAs of 8 units, 16-byte
         # stores completing on mbarriers), then through global memory.
-        # Last, the grid form's tensor-core kernels staging in chunks through
+        # Then the grid form's tensor-core kernels staging in chunks through
         # 2 slots of asynchronous copies (40 KiB: the backward's 160 columns
         # in 3 chunks), and by bulk copies on an mbarrier (one slot of at most
-        # 24 KiB).
+        # 24 KiB). Last, the grid form as 2 row groups of 2 CTAs (16-row tiles
+        # in turn: the second group runs out of rows first).
         # (6 steps: the exchange's two buffers each filled and read twice over)
         lengths = torch.cat([torch.full((8,), 6), torch.randint(0, 4, (32,))])
-        for sync, emulated, exchange, stage, slots, copy in (
-                ("grid", dict(sm_count=4), "auto", "auto", "auto", "auto"),
-                ("auto", dict(max_cluster_blocks=2), "auto", "auto", "auto", "auto"),
-                ("auto", dict(max_cluster_blocks=5), "auto", "auto", "auto", "auto"),
-                ("auto", dict(max_cluster_blocks=2), "global", "auto", "auto", "auto"),
-                ("grid", dict(sm_count=4), "auto", "40", "2", "auto"),
-                ("grid", dict(sm_count=4), "auto", "24", "auto", "bulk")):
+        for sync, emulated, exchange, stage, slots, copy, groups in (
+                ("grid", dict(sm_count=4), "auto", "auto", "auto", "auto", "auto"),
+                ("auto", dict(max_cluster_blocks=2), "auto", "auto", "auto", "auto", "auto"),
+                ("auto", dict(max_cluster_blocks=5), "auto", "auto", "auto", "auto", "auto"),
+                ("auto", dict(max_cluster_blocks=2), "global", "auto", "auto", "auto", "auto"),
+                ("grid", dict(sm_count=4), "auto", "40", "2", "auto", "auto"),
+                ("grid", dict(sm_count=4), "auto", "24", "auto", "bulk", "auto"),
+                ("grid", dict(sm_count=4), "auto", "auto", "auto", "auto", "2")):
             with vk.testing.env_setting("VARLEN_KERNELS_PERSISTENT_SYNC", sync), \
+                    vk.testing.env_setting("VARLEN_KERNELS_PERSISTENT_GROUPS", groups), \
                     vk.testing.env_setting("VARLEN_KERNELS_PERSISTENT_EXCHANGE", exchange), \
                     vk.testing.env_setting("VARLEN_KERNELS_PERSISTENT_STAGE_KIB", stage), \
                     vk.testing.env_setting("VARLEN_KERNELS_PERSISTENT_SLOTS", slots), \
@@ -64,11 +67,13 @@ def main(argv=None):
                 # (the exchange, the staging's slots and its copies concern the
                 # tensor-core kernels only; the clusters of 5 are there for the
                 # exchange's stores on mbarriers, which the projection LSTM's
-                # kernels do not take)
-                exchange_only = emulated.get("max_cluster_blocks") == 5
+                # kernels do not take, nor its grid form row groups; the
+                # groups' barriers and rows are the same in the CUDA-core
+                # kernels, so they run on tensor cores only)
+                exchange_only = emulated.get("max_cluster_blocks") == 5 or groups != "auto"
                 tensor_cores_only = exchange == "global" or stage != "auto" or exchange_only
                 print(f"persistent kernels: sync={sync} exchange={exchange} stage={stage} "
-                      f"slots={slots} copy={copy}", flush=True)  # (where a slow run has got to)
+                      f"slots={slots} copy={copy} groups={groups}", flush=True)  # (where a slow run has got to)
                 for dtype in (torch.float32, torch.bfloat16)[tensor_cores_only:]:
                     for cell, proj_size, bidirectional in [("lstm", 0, True), ("gru", 0, True),
                                                            ("lstm", 12, True), ("lstm", 0, False),

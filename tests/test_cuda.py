@@ -520,6 +520,80 @@ def test_persistent_units_setting_sizes_the_grid(cell, proj_size, bidirectional,
         assert counts()[2] == ctas * (2 if bidirectional else 1)
 
 
+def persistent_groups(n):
+    """VARLEN_KERNELS_PERSISTENT_GROUPS: the grid form's most row groups ('auto': 1)."""
+    return env_setting("VARLEN_KERNELS_PERSISTENT_GROUPS", n)
+
+
+def outputs_and_grads(m, cell, x, lengths, hx):
+    """The module's output, final states and the gradients of a fixed weighting
+    of them w.r.t. the input, the initial states and every parameter."""
+    y, h = m(x, lengths, hx)
+    out = [y, *states_of(cell, h)]
+    h0s = list(states_of(cell, hx))
+    grads = torch.autograd.grad(sum((o.float() * (i + 1)).sum() for i, o in enumerate(out)),
+                                [x, *h0s, *m.parameters()])
+    return [t.detach() for t in (*out, *grads)]
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("groups,taken", [("2", 2), ("3", 3), ("16", 3)])
+def test_grid_form_row_groups_on_cuda_cores(cell, bidirectional, groups, taken):
+    """VARLEN_KERNELS_PERSISTENT_GROUPS=n runs the grid form's CTAs of a direction
+    as n row groups, each owning every hidden unit (here one CTA of all 24 units,
+    so 20-row tiles on CUDA cores; B = 45 makes three tiles, so at most three
+    groups: 16 gives 3). Every group steps to the longest length of all, the
+    third's rows (the shortest) finishing early, so all meet at every grid
+    barrier. float64: the same bits as one group (a row's product and cell are
+    the same arithmetic), and nn.* + packed's values and every gradient."""
+    counts = emulation_module().launch_counts
+    dirs = 2 if bidirectional else 1
+    ref, x, lengths, hx = sample_inputs(cell, T=6, B=45, I=3, H=24, seed=5,
+                                        bidirectional=bidirectional)
+    m = MaskedRNN.from_torch(ref)
+    with rnn_path("persistent:grid"), persistent_units("24"), emulate_cuda():
+        with persistent_groups("auto"):
+            one = outputs_and_grads(m, cell, x, lengths, hx)
+            assert counts()[2] == dirs  # the backward's grid: a CTA a direction
+        with persistent_groups(groups):
+            before = counts()[1]
+            got = outputs_and_grads(m, cell, x, lengths, hx)
+            assert counts()[1] - before == 2 and counts()[2] == dirs * taken
+            for a, b in zip(got, one):
+                assert torch.equal(a, b)
+            check_against_packed(cell, bidirectional=bidirectional, device="cpu", T=6, B=45, H=24,
+                                 seed=6)
+            assert counts()[2] == dirs * taken
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bidirectional,groups,ctas", [
+    # 8 SMs: 2 groups of 4 CTAs (8 units each) for one direction, of 2 CTAs (16
+    # units) a direction for two; 3 groups of 2 CTAs (16 units), of 1 (32) for
+    # two directions; 4 asked for, 3 taken: B = 40 has three 16-row tiles.
+    (False, "2", (2, 4)), (True, "2", (2, 2)), (False, "3", (3, 2)), (True, "3", (3, 1)),
+    (False, "4", (3, 2)),
+])
+def test_grid_form_row_groups_on_tensor_cores(cell, dtype, bidirectional, groups, ctas):
+    """The grid form's tensor-core kernels as row groups (16-row tiles dealt to
+    the groups in turn; H = 32 on 8 SMs, B = 40 with lengths spread, so later
+    tiles finish early and a group runs out of rows before the others): output
+    and every gradient within 2x PyTorch's own error, forward and backward
+    launched in the groups' grid."""
+    counts = emulation_module().launch_counts
+    taken, per_group = ctas
+    with rnn_path("persistent:grid"), persistent_groups(groups), emulate_cuda(), \
+            emulated_device(sm_count=8):
+        before = counts()[1]
+        check_low_precision(cell, dtype, 9, 40, 32, "cpu", bidirectional)
+        assert counts()[1] - before == 2  # the forward's launch and the backward's
+        assert counts()[2] == (2 if bidirectional else 1) * taken * per_group
+
+
 @pytest.mark.emulation
 @pytest.mark.parametrize("cell,bidirectional,B,H,limits,units,ctas,groups", [
     # H=20 in a cluster of at most 8 CTAs (the portable size): 3 units each (the
@@ -623,6 +697,8 @@ def test_persistent_units_setting_is_checked(value):
       for v in ["0", "5", "-1", "two", " 2"]],
     *[("VARLEN_KERNELS_PERSISTENT_MAX_MMAC", r"million multiply-adds a step in \[0, 9999\]", v)
       for v in ["-1", "10000", "1e3", "many", " 5"]],
+    *[("VARLEN_KERNELS_PERSISTENT_GROUPS", r"row groups of the grid form in \[1, 16\]", v)
+      for v in ["0", "17", "-2", "two", " 2"]],
 ])
 def test_persistent_staging_settings_are_checked(variable, what, value):
     args = layer_args("lstm", "cpu", False)

@@ -86,11 +86,16 @@ PersistentCopy persistent_copy_setting() {
                                          {"bulk", PersistentCopy::Bulk}});
 }
 
+int64_t persistent_groups_setting() {
+  return number_setting("VARLEN_KERNELS_PERSISTENT_GROUPS", 1, 1, 16,
+                        "row groups of the grid form");
+}
+
 PersistentSettings persistent_settings() {
   return {rnn_path_setting(), persistent_sync_setting(), persistent_exchange_setting(),
           persistent_units_setting(), persistent_stage_setting(),
           int(persistent_slots_setting()), persistent_max_mmac_setting(),
-          persistent_copy_setting()};
+          persistent_copy_setting(), persistent_groups_setting()};
 }
 
 namespace {
@@ -310,7 +315,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_forward_kernel(Directi
     w[k * GHs + uu * G + g] = jj < H ? p.w_hh[(g * H + jj) * H + k] : scalar_t(0);
   }
   load_initial_state<scalar_t, acc_t, K>(p, j0, Hs, grp, RB);
-  const int64_t maxlen = group_longest(p.sorted_len, B, T, grp.first(RB));
+  const int64_t maxlen = group_steps(L, p.sorted_len, B, T, grp.first(RB));
   step_barrier(L);  // every unit's h0 is in place (and W is, after the tile's barrier)
 
   for (int64_t step = 0; step < maxlen; ++step) {
@@ -518,7 +523,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_backward_kernel(Direct
     w[idx] = jj < H ? p.w_hh[m * H + jj] : scalar_t(0);
   }
   load_initial_carry<scalar_t, acc_t, K>(p, j0, Hs, grp, RB);
-  const int64_t maxlen = group_longest(p.sorted_len, B, T, grp.first(RB));
+  const int64_t maxlen = group_steps(L, p.sorted_len, B, T, grp.first(RB));
 
   for (int64_t step = 0; step <= maxlen; ++step) {
     const BwdStep<scalar_t> s = backward_step(p, step, maxlen);
@@ -612,7 +617,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   } else {
     load_initial_state<scalar_t, float, K>(p, j0, Hs, grp, g.rbt);
   }
-  const int64_t maxlen = group_longest(p.sorted_len, B, T, grp.first(g.rbt));
+  const int64_t maxlen = group_steps(L, p.sorted_len, B, T, grp.first(g.rbt));
   const int own_cols = int(H - j0 < Hs ? (H - j0 > 0 ? H - j0 : 0) : Hs);
   const AsyncExchange xs(xr > 0 && p.xasync, as, xr, g, 1, H, own_cols, maxlen);
   // (the running buffer rows of step s, for the exchange's arming)
@@ -770,7 +775,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   } else {
     load_initial_carry<scalar_t, float, K>(p, j0, Hs, grp, g.rbt);
   }
-  const int64_t maxlen = group_longest(p.sorted_len, B, T, grp.first(g.rbt));
+  const int64_t maxlen = group_steps(L, p.sorted_len, B, T, grp.first(g.rbt));
   // Steps 0 .. maxlen (one past the last handles the rows that finish there).
   const int own_cols = int(H - j0 < Hs ? (H - j0 > 0 ? H - j0 : 0) : Hs);
   const AsyncExchange xs(xr > 0 && p.xasync, as, xr, g, G, H, own_cols, maxlen + 1);
@@ -974,8 +979,11 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
       // The grid form's tiles have at most B rows: so sized, the staging's
       // slots hold more columns (the products are the same: they cover the
       // running rows' 16-row tiles either way).
+      // With row groups, tiles of 16 rows: dealt to the groups in turn, they
+      // give each group its share of the running rows within 16 at every step
+      // (the grid barrier waits for the group with the most).
       if (!l.cluster)
-        l.tile_mt = int(std::clamp<int64_t>((B + 15) / 16, 1, geometry(l.units).mt));
+        l.tile_mt = l.groups > 1 ? 1 : int(std::clamp<int64_t>((B + 15) / 16, 1, geometry(l.units).mt));
       const TcGeometry fixed = geometry(l.units, 0, l.tile_mt);
       // (a multiple of 128: the staged operand's align128 never takes it past)
       const int64_t planned = (int64_t(l.smem) - fixed.fixed_bytes()) / 128 * 128;
@@ -1061,8 +1069,17 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
               cuda::max_cluster_blocks() > 0 ? cuda::max_cluster_blocks() : 16,
               " CTAs that the device can schedule in their shared memory); use 'auto' to fall ",
               "back to the grid form");
-  return with_exchange(with_staging(choose_launch<scalar_t>(
-      set, tc_kernel, fma_kernel, which, dirs, B * H, sizes, tc_smem, fma_smem, H)));
+  // The grid form, with the most row groups up to the setting's whose CTAs
+  // fit and whose tiles (16 rows on tensor cores, tile_rows on CUDA cores)
+  // give every group rows of the batch.
+  Launch l;
+  for (int64_t groups = set.groups; groups >= 1; --groups) {
+    l = choose_launch<scalar_t>(set, tc_kernel, fma_kernel, which, dirs, B * H, sizes, tc_smem,
+                                fma_smem, H, groups);
+    const int64_t rows = l.kernel_tc ? 16 : l.units > 0 ? tile_rows(l.units) : 1;
+    if (groups == 1 || (l.units > 0 && (B + rows - 1) / rows >= groups)) break;
+  }
+  return with_exchange(with_staging(l));
 }
 
 template <typename scalar_t, typename acc_t>

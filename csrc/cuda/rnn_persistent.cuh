@@ -97,9 +97,10 @@ constexpr size_t align16(size_t n) { return (n + 15) / 16 * 16; }
 // `ctas` CTAs; the CTAs of a group own all hidden units between them (CTA r
 // of a group the units [r * units, (r + 1) * units)) and step the rows of
 // that group (RowGroup): block (d * groups + group) * ctas + r.
-//  - Grid form (cluster false): one group per direction, all rows, and a
-//    grid.sync() a step (a cooperative launch). Both directions step through
-//    the same steps (the longest length), so they meet at every barrier.
+//  - Grid form (cluster false): a grid.sync() a step (a cooperative launch),
+//    one group per direction (all rows) by default, or several
+//    (VARLEN_KERNELS_PERSISTENT_GROUPS). Every CTA steps through the same
+//    steps (the longest length of all), so all meet at every barrier.
 //  - Cluster form (cluster true, sm_90): each group is a thread block cluster
 //    and synchronizes with cluster.sync() only, stepping to the longest length
 //    of its own rows; groups never wait for each other.
@@ -160,12 +161,18 @@ __device__ __forceinline__ void step_barrier(const Directions<Params>& L) {
 #endif
 }
 
-// The longest length among a group's rows, the first of which (in the length
-// order, longest first) is `first_row`; 0 when the group has no row.
-// Asserts that every length is in range, as longest().
-__device__ __forceinline__ int64_t group_longest(const int64_t* sorted_len, int64_t B, int64_t T,
-                                                 int64_t first_row) {
+// The steps a CTA runs: in the cluster form the longest length among its
+// group's rows, the first of which (in the length order, longest first) is
+// `first_row` (0 when the group has no row): groups never wait for each
+// other; in the grid form the longest of all, whatever its group, so that
+// every CTA meets every grid barrier. Asserts that every length is in range,
+// as longest().
+template <typename Params>
+__device__ __forceinline__ int64_t group_steps(const Directions<Params>& L,
+                                               const int64_t* sorted_len, int64_t B, int64_t T,
+                                               int64_t first_row) {
   const int64_t all = longest(sorted_len, B, T);
+  if (!L.cluster) return all;
   if (first_row >= B) return 0;
   const int64_t l = sorted_len[first_row];
   return l < 0 ? 0 : (l > all ? all : l);
@@ -1011,17 +1018,18 @@ struct Launch {
 };
 
 // The fewest units per CTA (the most CTAs) whose W_hh slice fits in shared
-// memory and whose grid, `dirs` groups of CTAs, can be resident at once.
-// At most one CTA per SM: every CTA reads all running rows of h each step, so
-// more CTAs mean more of that traffic, not more useful parallelism. At least
-// min_units units (at most H).
+// memory and whose grid, `dirs` directions of `groups` groups of CTAs, can be
+// resident at once. At most one CTA per SM: every CTA reads all running rows
+// of its group's h each step, so more CTAs mean more of that traffic, not
+// more useful parallelism. At least min_units units (at most H).
 // smem_for(units): the kernel's shared memory in bytes, or -1 when its tiles
 // cannot have that many units.
 template <typename Kernel, typename SmemFor>
-Launch plan_launch(Kernel kernel, int64_t H, int dirs, SmemFor smem_for, int64_t min_units) {
+Launch plan_launch(Kernel kernel, int64_t H, int dirs, SmemFor smem_for, int64_t min_units,
+                   int64_t groups = 1) {
   Launch l;
-  const int64_t most =
-      std::min(cuda::sm_count(), cuda::cooperative_grid_limit(kernel, kThreads, 0)) / dirs;
+  const int64_t most = std::min(cuda::sm_count(), cuda::cooperative_grid_limit(kernel, kThreads, 0)) /
+                       (dirs * groups);
   if (most < 1 || H < 1) return l;
   int64_t units = std::max<int64_t>({kMinUnits, (H + most - 1) / most,
                                      std::min<int64_t>(min_units, H)});
@@ -1030,42 +1038,46 @@ Launch plan_launch(Kernel kernel, int64_t H, int dirs, SmemFor smem_for, int64_t
     if (bytes < 0 || size_t(bytes) > cuda::max_dynamic_smem()) return l;
     const size_t smem = size_t(bytes);
     const int64_t ctas = (H + units - 1) / units;
-    if (ctas * dirs <= cuda::cooperative_grid_limit(kernel, kThreads, smem)) {
+    if (ctas * dirs * groups <= cuda::cooperative_grid_limit(kernel, kThreads, smem)) {
       l.units = int(units);
       l.ctas = ctas;
       l.smem = smem;
+      l.groups = groups;
       return l;
     }
   }
   return l;
 }
 
-// The persistent launch of `dirs` directions, or units = 0 to take another
-// path: the tensor-core kernel where tensor_cores_allowed() and it fits, else
-// the fma kernel. tc_smem(units) / fma_smem(units): the kernels' shared memory
-// in bytes, or -1 when their tiles cannot have that many units; H: the hidden
-// units the CTAs share; work: 0 when there is nothing to step (either path
-// then does nothing). The error (a forced persistent path that does not fit
-// one direction) names the sizes, sizes(); two directions that do not fit one
-// launch are not an error (each runs in a launch of its own).
+// The persistent launch (grid form) of `dirs` directions of `groups` row
+// groups each, or units = 0 to take another path: the tensor-core kernel where
+// tensor_cores_allowed() and it fits, else the fma kernel. tc_smem(units) /
+// fma_smem(units): the kernels' shared memory in bytes, or -1 when their tiles
+// cannot have that many units; H: the hidden units the CTAs share; work: 0
+// when there is nothing to step (either path then does nothing). The error (a
+// forced persistent path that does not fit one direction of one group) names
+// the sizes, sizes(); two directions that do not fit one launch are not an
+// error (each runs in a launch of its own), nor are several groups that do not
+// fit (the caller tries fewer).
 template <typename scalar_t, typename Kernel, typename Sizes, typename TcSmem, typename FmaSmem>
 Launch choose_launch(const PersistentSettings& set, Kernel tc_kernel, Kernel fma_kernel,
                      const char* which, int dirs, int64_t work, Sizes sizes, TcSmem tc_smem,
-                     FmaSmem fma_smem, int64_t H) {
+                     FmaSmem fma_smem, int64_t H, int64_t groups = 1) {
   const RnnPath path = set.path;
   if (path == RnnPath::PerStep || work == 0) return {};
   const int64_t min_units = set.min_units;
   Launch l;
   if (tensor_cores_allowed<scalar_t>()) {
-    l = plan_launch(tc_kernel, H, dirs, tc_smem, min_units);
+    l = plan_launch(tc_kernel, H, dirs, tc_smem, min_units, groups);
     l.kernel_tc = l.units > 0;
     // Two directions that fit one launch only on CUDA cores: one tensor-core
     // launch each instead, where one direction fits.
-    if (l.units == 0 && dirs > 1 && plan_launch(tc_kernel, H, 1, tc_smem, min_units).units > 0)
+    if (l.units == 0 && dirs > 1 &&
+        plan_launch(tc_kernel, H, 1, tc_smem, min_units, groups).units > 0)
       return {};
   }
-  if (l.units == 0) l = plan_launch(fma_kernel, H, dirs, fma_smem, min_units);
-  TORCH_CHECK(l.units > 0 || path == RnnPath::Auto || dirs > 1,
+  if (l.units == 0) l = plan_launch(fma_kernel, H, dirs, fma_smem, min_units, groups);
+  TORCH_CHECK(l.units > 0 || path == RnnPath::Auto || dirs > 1 || groups > 1,
               "VARLEN_KERNELS_RNN_PATH=persistent: the ", which,
               " kernel does not fit this device for ", sizes(),
               " (the weight slices exceed the shared memory of the CTAs that can be resident ",

@@ -111,6 +111,15 @@ int64_t persistent_max_mmac_setting();  // checks the value
 // multiple of 8; else cp.async). Not yet run on a GPU.
 enum class PersistentCopy { Auto, Bulk };
 PersistentCopy persistent_copy_setting();  // checks the value
+// VARLEN_KERNELS_PERSISTENT_GROUPS=n (benchmarks, tests): the grid form's
+// CTAs of a direction as up to n row groups (1 to 16) instead of one: each
+// group's CTAs own all hidden units between them (n times the units a CTA)
+// and step the 16-row tiles of the length order dealt to them in turn, so a
+// CTA stages about 1/n of the running rows a step; fewer groups where the
+// weight slices of n groups' CTAs do not fit or the batch has fewer tiles
+// (the tensor-core kernels' 16 rows, the CUDA-core kernels' tile). 1 when
+// unset or "auto". Not yet run on a GPU.
+int64_t persistent_groups_setting();  // checks the value
 
 // The settings above, each read and checked once for a choice of launch.
 struct PersistentSettings {
@@ -122,6 +131,7 @@ struct PersistentSettings {
   int slots;            // persistent_slots_setting()
   int64_t max_mmac;     // persistent_max_mmac_setting(), -1: the measured bounds
   PersistentCopy copy;  // persistent_copy_setting()
+  int64_t groups;       // persistent_groups_setting(): the grid form's most row groups
 };
 PersistentSettings persistent_settings();
 

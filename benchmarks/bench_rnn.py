@@ -59,6 +59,9 @@ Baselines, side by side in one run, same weights, lengths uniform in [1, T]:
   (grid_sync, global_exchange, four_slots, bulk, row_groups, units_N and
   stage_N change the persistent kernels: they differ from masked only where it
   takes them)
+  a+b       the settings of several of the baselines from per_step to stage_N
+            at once (persistent+row_groups: the persistent kernels past the auto
+            path's bound, as 2 row groups; GPU only)
   units_N   with --units N,...: MaskedRNN whose persistent kernels give each
             CTA at least N hidden units, so fewer CTAs than their default of
             one per SM (VARLEN_KERNELS_PERSISTENT_UNITS=N; GPU only): how the
@@ -150,21 +153,33 @@ SETTINGS = {"per_step": ("VARLEN_KERNELS_RNN_PATH", "per_step"),
             "four_slots": ("VARLEN_KERNELS_PERSISTENT_SLOTS", "4"),
             "bulk": ("VARLEN_KERNELS_PERSISTENT_COPY", "bulk"),
             "row_groups": ("VARLEN_KERNELS_PERSISTENT_GROUPS", "2")}
-# Baselines that only differ from masked on a GPU.
-GPU_ONLY = tuple(SETTINGS) + ("host_lengths",)
 UNITS = re.compile(r"units_([0-9]+)")
 STAGES = re.compile(r"stage_([0-9]+)")
 
 
 def setting_of(name):
-    """(variable, value) of a baseline that is MaskedRNN under a setting, else None."""
+    """The settings [(variable, value), ...] of a baseline that is MaskedRNN under
+    settings, else None: a name of SETTINGS, units_N or stage_N, or several of
+    them joined by '+', all at once (persistent+row_groups: the persistent
+    kernels past the auto path's bound, as 2 row groups), no variable twice."""
+    if "+" in name:
+        each = [setting_of(part) for part in name.split("+")]
+        if any(e is None or len(e) != 1 for e in each):
+            return None
+        pairs = [e[0] for e in each]
+        return pairs if len({var for var, _ in pairs}) == len(pairs) else None
     if name in SETTINGS:
-        return SETTINGS[name]
+        return [SETTINGS[name]]
     m = UNITS.fullmatch(name)
     if m:
-        return ("VARLEN_KERNELS_PERSISTENT_UNITS", m.group(1))
+        return [("VARLEN_KERNELS_PERSISTENT_UNITS", m.group(1))]
     m = STAGES.fullmatch(name)
-    return ("VARLEN_KERNELS_PERSISTENT_STAGE_KIB", m.group(1)) if m else None
+    return [("VARLEN_KERNELS_PERSISTENT_STAGE_KIB", m.group(1))] if m else None
+
+
+def gpu_only(name):
+    """Baselines that only differ from masked on a GPU."""
+    return name == "host_lengths" or setting_of(name) is not None
 
 
 def known(name):
@@ -459,20 +474,17 @@ def forwards(ref, masked, x, lengths, device, baselines=BASELINES, compile_backe
 
 @contextlib.contextmanager
 def setting(name):
-    """The environment of a baseline under a setting (nothing for the others)."""
-    var_value = setting_of(name)
-    if var_value is None:
-        yield
-        return
-    var, value = var_value
-    old = os.environ.get(var)
-    os.environ[var] = value
+    """The environment of a baseline under settings (nothing for the others)."""
+    pairs = setting_of(name) or []
+    old = {var: os.environ.get(var) for var, _ in pairs}
+    os.environ.update(dict(pairs))
     try:
         yield
     finally:
-        os.environ.pop(var)
-        if old is not None:
-            os.environ[var] = old
+        for var, value in old.items():
+            os.environ.pop(var)
+            if value is not None:
+                os.environ[var] = value
 
 
 def with_setting(name, fn):
@@ -642,7 +654,7 @@ def parse_args(argv=None):
         dtypes, min_run_time = ("float32,tf32,bfloat16" if gpu else "float32"), (0.5 if gpu else 1.0)
         baselines = [b for b in BASELINES if b != ("reference" if gpu else "compiled")]
     if not gpu:
-        baselines = [b for b in baselines if b not in GPU_ONLY]
+        baselines = [b for b in baselines if not gpu_only(b)]
     # split is for two directions; compiled_loop runs one
     baselines = [b for b in baselines if b != ("compiled" if args.bidirectional else "split")]
     if args.proj_size:
@@ -669,7 +681,8 @@ def parse_args(argv=None):
     skip = set(filter(None, args.skip.split(",")))
     unknown = [b for b in baselines + sorted(skip) if not known(b)]
     if unknown:
-        ap.error(f"unknown baselines {unknown}; choose from {','.join(BASELINES)} and units_N")
+        ap.error(f"unknown baselines {unknown}; choose from {','.join(BASELINES)}, units_N and "
+                 "stage_N, or settings joined by '+' (persistent+row_groups)")
     args.baselines = [b for b in baselines if b not in skip]
     if args.repeats < 1:
         ap.error("--repeats must be at least 1")

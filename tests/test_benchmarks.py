@@ -173,8 +173,9 @@ def test_bidirectional_baselines_compute_the_same(bench):
 
 
 def test_setting_baselines_run_forward_and_backward_under_their_setting(bench, monkeypatch):
-    """per_step, all_rows and units_N are MaskedRNN under an environment setting:
-    it holds for the backward too (run after the forward returns), and is restored."""
+    """per_step, all_rows, units_N and the others are MaskedRNN under an environment
+    setting (a+b: under each of theirs): it holds for the backward too (run after
+    the forward returns), and is restored."""
     rnn = bench("bench_rnn")
     ref, masked, x, lengths = rnn.make_case("gru", T=4, B=3, H=5, dtype=torch.float64,
                                             device="cpu")
@@ -192,16 +193,19 @@ def test_setting_baselines_run_forward_and_backward_under_their_setting(bench, m
             return g
 
     monkeypatch.setattr(masked, "forward", lambda x, lengths: (Record.apply(x * 2),))
-    assert rnn.setting_of("units_8") == ("VARLEN_KERNELS_PERSISTENT_UNITS", "8")
-    assert rnn.setting_of("stage_16") == ("VARLEN_KERNELS_PERSISTENT_STAGE_KIB", "16")
-    assert rnn.setting_of("masked") is None and rnn.setting_of("units_") is None
-    for name in [*rnn.SETTINGS, "units_8", "stage_0"]:
-        var, value = rnn.setting_of(name)
-        monkeypatch.delenv(var, raising=False)
-        seen.clear()
-        rnn.runners(ref, masked, x.requires_grad_(), lengths, "cpu", [name])[name]()
-        assert seen == [("forward", value), ("backward", value)], name
-        assert var not in os.environ
+    assert rnn.setting_of("units_8") == [("VARLEN_KERNELS_PERSISTENT_UNITS", "8")]
+    assert rnn.setting_of("stage_16") == [("VARLEN_KERNELS_PERSISTENT_STAGE_KIB", "16")]
+    assert rnn.setting_of("persistent+row_groups") == [("VARLEN_KERNELS_RNN_PATH", "persistent"),
+                                                       ("VARLEN_KERNELS_PERSISTENT_GROUPS", "2")]
+    for bad in ("masked", "units_", "persistent+masked", "per_step+persistent", "bulk+", "+bulk"):
+        assert rnn.setting_of(bad) is None, bad
+    for name in [*rnn.SETTINGS, "units_8", "stage_0", "row_groups+four_slots"]:
+        for var, value in rnn.setting_of(name):
+            monkeypatch.delenv(var, raising=False)
+            seen.clear()
+            rnn.runners(ref, masked, x.requires_grad_(), lengths, "cpu", [name])[name]()
+            assert seen == [("forward", value), ("backward", value)], (name, var)
+            assert var not in os.environ
 
 
 def test_units_and_stages_add_a_baseline_per_value_on_gpus_only(bench):
@@ -210,8 +214,11 @@ def test_units_and_stages_add_a_baseline_per_value_on_gpus_only(bench):
                            "--stages", "0,16"])
     assert args.baselines == ["masked", "padded", "units_4", "units_16", "stage_0", "stage_16"]
     assert "units_8" in rnn.parse_args(["--device", "cuda", "--baselines", "masked,units_8"]).baselines
+    assert rnn.parse_args(["--device", "cuda", "--baselines", "masked,persistent+row_groups"]
+                          ).baselines == ["masked", "persistent+row_groups"]
     for bad in (["--device", "cpu", "--units", "4"], ["--device", "cuda", "--units", "4,x"],
                 ["--device", "cuda", "--baselines", "units_"], ["--device", "cpu", "--stages", "16"],
+                ["--device", "cuda", "--baselines", "masked+row_groups"],
                 ["--device", "cuda", "--stages", "-1"]):
         with pytest.raises(SystemExit):
             rnn.parse_args(bad)

@@ -288,7 +288,7 @@ def matmul_precision(precision):
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "lstm_proj"])
 @pytest.mark.parametrize("bidirectional", [False, True])
-@pytest.mark.parametrize("sync", ["grid", "grid8", "cluster"])
+@pytest.mark.parametrize("sync", ["grid", "grid8", "grid_groups", "cluster"])
 def test_float32_follows_torchs_tf32_setting(cell, bidirectional, sync, gpu):
     """The float32 persistent kernels run IEEE fma unless torch allows TF32 for
     CUDA matmuls, then tensor cores in TF32. IEEE: output and every gradient
@@ -298,11 +298,13 @@ def test_float32_follows_torchs_tf32_setting(cell, bidirectional, sync, gpu):
     run). lstm_proj: proj_size 5 (both products of its kernels; the grid form
     only). Both forms of the persistent kernels: the grid form on 2 SMs a
     direction, and on 8 (8 units a CTA: the backward's tensor-core tiles have 8
-    columns, TcGeometry::tn), the cluster form in clusters of 2 CTAs."""
+    columns, TcGeometry::tn), and as 3 row groups on 6 SMs a direction (2 CTAs
+    of 32 units a group, for the three 16-row tiles of B = 40); the cluster form
+    in clusters of 2 CTAs."""
     if sync == "grid8" and gpu == "cuda":
         pytest.skip("a GPU's grid form gives these 64 units a CTA each: 'grid' has such tiles")
-    if cell == "lstm_proj" and sync == "cluster":
-        pytest.skip("the projection LSTM's kernels have the grid form only")
+    if cell == "lstm_proj" and sync in ("cluster", "grid_groups"):
+        pytest.skip("the projection LSTM's kernels have the grid form only, in one group")
     T, B, H = 9, 40, 64
     proj_size = 5 if cell == "lstm_proj" else 0
     cell = "lstm" if proj_size else cell
@@ -328,10 +330,11 @@ def test_float32_follows_torchs_tf32_setting(cell, bidirectional, sync, gpu):
         return [((a.double() - b).abs().max() / b.abs().max().clamp_min(1.0)).item()
                 for a, b in zip([y, *grads], [y64, *g64])]
 
-    per_dir = {"grid": 2, "grid8": 8}.get(sync)
+    per_dir = {"grid": 2, "grid8": 8, "grid_groups": 6}.get(sync)
     limits = dict(sm_count=per_dir * (2 if bidirectional else 1)) if per_dir else \
         dict(max_cluster_blocks=2)
-    with rnn_path(f"persistent:{sync[:4] if per_dir else sync}"), device_limits(gpu, **limits):
+    with rnn_path(f"persistent:{sync[:4] if per_dir else sync}"), device_limits(gpu, **limits), \
+            persistent_groups("3" if sync == "grid_groups" else "auto"):
         with matmul_precision("ieee"):
             ieee = errors(run(torch.float32))
         with matmul_precision("tf32"):

@@ -22,10 +22,14 @@
 //  - bulk_copy_async(dst, src, bytes, bar): `bytes` (a multiple of 16) from
 //    global src to shared dst, both 16-byte aligned, completing on bar. The
 //    copy reads and writes through the async proxy: a thread that wrote dst
-//    (or, here, any memory the copy touches) through the generic proxy runs
-//    fence_proxy_async() before the barrier that orders that write before
-//    the copy, and the issuing thread runs fence_proxy_async() after it (src
-//    was written by other CTAs, before the grid's or cluster's barrier).
+//    through the generic proxy runs fence_proxy_async_shared() before the
+//    barrier that orders that write before the copy, and the issuing thread
+//    runs fence_proxy_async_global() after it (src was written by other CTAs,
+//    before the grid's or cluster's barrier). Each fence covers one state
+//    space: on sm_90a the one of all state spaces (fence.proxy.async) is a
+//    GPU-scope MEMBAR, which waits for every global store of the thread
+//    still in flight; the shared one is a CTA-scope MEMBAR, the global one
+//    none.
 //  - mbarrier_wait(bar, parity): until the phase of that parity has
 //    completed; the copies that completed on it are then visible to the
 //    thread. A wait that lasts 2^36 cycles (about half a minute) traps: a
@@ -133,10 +137,16 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, unsigne
 }
 
 // Orders the thread's accesses through the generic proxy with those through
-// the async proxy, in every state space (global and shared).
-__device__ __forceinline__ void fence_proxy_async() {
+// the async proxy: of global memory (sm_90a: FENCE.VIEW.ASYNC.G), and of the
+// CTA's shared memory (MEMBAR.ALL.CTA, FENCE.VIEW.ASYNC.S).
+__device__ __forceinline__ void fence_proxy_async_global() {
 #if !defined(VK_EMULATE_CUDA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("fence.proxy.async;\n" ::: "memory");
+  asm volatile("fence.proxy.async.global;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void fence_proxy_async_shared() {
+#if !defined(VK_EMULATE_CUDA) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
 }
 

@@ -727,7 +727,7 @@ struct StageRing {
           const unsigned row_bytes = unsigned(have) * unsigned(sizeof(scalar_t));
           const int lda = int(g.lda);
           if (threadIdx.x == 0) cuda::mbarrier_arrive_expect_tx(bar, unsigned(rows) * row_bytes);
-          if (int(threadIdx.x) < rows) cuda::fence_proxy_async();
+          if (int(threadIdx.x) < rows) cuda::fence_proxy_async_global();
           for (int r = threadIdx.x; r < rows; r += kThreads)
             cuda::bulk_copy_async(as + r * lda, chunk + r * ld, row_bytes, bar);
           zero_fill(as, rows, kc, have);
@@ -762,7 +762,7 @@ struct StageRing {
     if (g.slots == 1) {
       // The previous item's plain and 16-byte stores into the slot, before
       // bulk copies write it (async_copy.h).
-      if (bar != nullptr) cuda::fence_proxy_async();
+      if (bar != nullptr) cuda::fence_proxy_async_shared();
       __syncthreads();  // the previous item is consumed
       if (issue(e)) {
         cuda::mbarrier_wait(bar, *phase);  // the item's bulk copies are done

@@ -308,7 +308,7 @@ __global__ void bulk_copy_kernel(float* x, float* x2, float* out, int mode) {
     if (t == 0)
       cuda::mbarrier_arrive_expect_tx(bar, mode == 2 ? bytes + 16 : mode == 5 ? bytes - 16 : bytes);
     if (t % 4 == 0) {
-      cuda::fence_proxy_async();
+      cuda::fence_proxy_async_global();
       cuda::bulk_copy_async(s + t, src, 16, bar);
       if (mode == 4) src[0] += 1.f;
       if (mode == 7) s[t + 1] = 0.f;

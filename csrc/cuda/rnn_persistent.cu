@@ -657,11 +657,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   bool have_ready = false;
   FwdStep<float> s{};
   if (maxlen > 0) s = forward_step(p, 0, maxlen);
+  // With the exchange, the buffer rows of this step's running rows (what the
+  // CTA sends at its end), the next step's of the step before: worked out
+  // before the step's wait, off the path from the other CTAs' values to this
+  // CTA's.
+  int xrows = xr > 0 && maxlen > 0 ? buffer_rows_running(grp, s.nrun, g.rbt) : 0;
   for (int64_t step = 0; step < maxlen; ++step) {
     // The next step's rows (their loads issued here, used at this step's end).
     const FwdStep<float> next = forward_step(p, step + 1 < maxlen ? step + 1 : step, maxlen);
+    const int xrows_next = xr > 0 ? buffer_rows_running(grp, next.nrun, g.rbt) : 0;
     if (xs.on() && step > 0)  // the other CTAs' h_{t-1} in this step's buffer
-      xs.wait(step, [&] { return buffer_rows_running(grp, next.nrun, g.rbt); });
+      xs.wait(step, xrows_next);
     scalar_t* const xcur = as + (step & 1) * xr * g.lda;
     scalar_t* const xnext = as + ((step + 1) & 1) * xr * g.lda;
     // Without the exchange, h_{t-1} of the running rows is staged from global
@@ -713,12 +719,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     if (xr > 0 && step + 1 < maxlen) {  // (no step reads the last one's)
       __syncthreads();  // this CTA's h_t complete in its next buffer
-      share_columns<1>(xnext, g.lda, buffer_rows_running(grp, s.nrun, g.rbt), j0, own_cols, 0,
+      share_columns<1>(xnext, g.lda, xrows, j0, own_cols, 0,
                        [](scalar_t v) { return tc_operand(v); },
                        xs.on() ? xs.bar(step + 1) : nullptr);
     }
     if (!xs.on()) step_barrier(L);
     s = next;
+    xrows = xrows_next;
   }
   if (xs.on()) step_barrier(L);  // (AsyncExchange: every CTA's stores have completed)
   if (xr > 0) {
@@ -811,11 +818,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   Item ready[kEarly];
   bool have_ready = false;
   BwdStep<scalar_t> s = backward_step(p, 0, maxlen);
+  // With the exchange, the buffer rows of this step's running rows (as the
+  // forward's: before the step's wait).
+  int xrows = xr > 0 ? buffer_rows_running(grp, s.nrun, g.rbt) : 0;
   for (int64_t step = 0; step <= maxlen; ++step) {
     // The next step's rows (their loads issued here, used at this step's end).
     const BwdStep<scalar_t> next = backward_step(p, step < maxlen ? step + 1 : step, maxlen);
+    const int xrows_next = xr > 0 ? buffer_rows_running(grp, next.nrun, g.rbt) : 0;
     if (xs.on() && step > 0)  // the other CTAs' dgh at tp in this step's buffer
-      xs.wait(step, [&] { return buffer_rows_running(grp, next.nrun, g.rbt); });
+      xs.wait(step, xrows_next);
     scalar_t* const xcur = as + (step & 1) * xr * g.lda;
     scalar_t* const xnext = as + ((step + 1) & 1) * xr * g.lda;
     // Without the exchange, dgh at tp of the rows that ran then is staged from
@@ -877,12 +888,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     if (xr > 0 && (step < maxlen || !xs.on())) {  // (AsyncExchange: none after the last)
       __syncthreads();  // this CTA's dgh at t complete in its next buffer
-      share_columns<G>(xnext, g.lda, buffer_rows_running(grp, s.nrun, g.rbt), j0, own_cols, H,
+      share_columns<G>(xnext, g.lda, xrows, j0, own_cols, H,
                        [](scalar_t v) { return tc_operand(v); },
                        xs.on() ? xs.bar(step + 1) : nullptr);
     }
     if (!xs.on() || step == maxlen) step_barrier(L);  // (AsyncExchange: the stores completed)
     s = next;
+    xrows = xrows_next;
   }
   if (xr > 0) {
     for_own_state(grp, xr, Hs, j0, g.rbt, [&](int64_t idx, int64_t i, int64_t jj) {
@@ -1035,6 +1047,9 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
                     : std::string(" (only the cluster form on tensor cores does)"),
                 "; use 'auto' to fall back to global memory");
     if (!fits) return l;
+    // (buffer_rows_running's 32-bit arithmetic: the buffers hold a group's
+    // share of the batch, which therefore has fewer than 2^31 rows)
+    TORCH_INTERNAL_ASSERT(B <= INT32_MAX);
     l.xrows = xrows;
     // (every CTA's columns, and the backward's blocks of H, in 16-byte pieces)
     const int64_t per16 = 16 / elem;

@@ -837,12 +837,16 @@ __device__ __forceinline__ void for_own_state(const RowGroup& rows, int64_t xr, 
 }
 
 // The buffer rows of a group's rows that run at a step (rows [0, nrun) of
-// the length order): a prefix of the buffer's rows.
-__device__ __forceinline__ int64_t buffer_rows_running(const RowGroup& rows, int64_t nrun,
-                                                       int64_t rb) {
-  const int64_t q = nrun / rb, rem = nrun % rb;
-  const int64_t whole = q > rows.group ? (q - 1 - rows.group) / rows.groups + 1 : 0;
-  return whole * rb + (rem > 0 && q % rows.groups == rows.group ? rem : 0);
+// the length order): a prefix of the buffer's rows. In 32-bit arithmetic (no
+// 64-bit division's branches): with the exchange the batch has fewer than
+// 2^31 rows (the buffers hold a group's share of them in shared memory; the
+// host asserts it).
+__device__ __forceinline__ int buffer_rows_running(const RowGroup& rows, int64_t nrun,
+                                                   int64_t rb) {
+  const int n = int(nrun), b = int(rb), groups = int(rows.groups), group = int(rows.group);
+  const int q = n / b, rem = n - q * b;
+  const int whole = q > group ? (q - 1 - group) / groups + 1 : 0;
+  return whole * b + (rem > 0 && q % groups == group ? rem : 0);
 }
 
 // The exchange without a cluster barrier a step (Params.xasync: every CTA's
@@ -909,13 +913,12 @@ struct AsyncExchange {
     arm(1, rows1);
   }
   // Every thread, at the start of step s >= 1: buffer s & 1 holds every CTA's
-  // values of step s - 1; then thread 0 arms it for step s + 1 (rows_next():
-  // the running buffer rows of step s + 1, evaluated by thread 0 only, after
-  // the wait).
-  template <typename RowsNext>
-  __device__ void wait(int64_t s, RowsNext rows_next) const {
+  // values of step s - 1; then thread 0 arms it for step s + 1 (rows_next:
+  // the running buffer rows of step s + 1, which the kernels work out before
+  // the wait, so that no division follows it).
+  __device__ void wait(int64_t s, int rows_next) const {
     cuda::mbarrier_wait_cluster(bar(s), unsigned((s - 1) >> 1) & 1u);
-    if (threadIdx.x == 0) arm(s + 1, rows_next());
+    arm(s + 1, rows_next);
   }
 };
 

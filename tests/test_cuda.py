@@ -572,6 +572,28 @@ def test_grid_form_row_groups_on_cuda_cores(cell, bidirectional, groups, taken):
 
 
 @pytest.mark.emulation
+def test_grid_form_row_groups_keep_the_kernel_of_one_group():
+    """Row groups never trade the tensor cores for the CUDA cores: on 2 SMs,
+    H = 128, one group's forward is 2 CTAs of 64 units on tensor cores; 2 groups
+    would need CTAs of 128 units, whose forward product has more output tiles
+    than the tensor-core kernel takes, and only the CUDA-core kernel would fit.
+    So the forward keeps one group (the same bits as without the setting),
+    while the backward, whose 128-unit slices fit on tensor cores, takes 2
+    groups; output and every gradient within 2x PyTorch's own error."""
+    ref, x, lengths, hx = sample_inputs("lstm", T=5, B=40, I=8, H=128, requires_grad=False, seed=2)
+    m = MaskedRNN.from_torch(ref).to(torch.bfloat16)
+    x = torch.nan_to_num(x, nan=0.0).to(torch.bfloat16)
+    hx = tuple(t.to(torch.bfloat16) for t in hx)
+    with rnn_path("persistent:grid"), emulate_cuda(), emulated_device(sm_count=2):
+        with persistent_groups("auto"):
+            one = m(x, lengths, hx)[0]
+        with persistent_groups("2"):
+            two = m(x, lengths, hx)[0]
+            check_low_precision("lstm", torch.bfloat16, 5, 40, 128, "cpu")
+    assert torch.equal(one, two)
+
+
+@pytest.mark.emulation
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bidirectional,groups,ctas", [

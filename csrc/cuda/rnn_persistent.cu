@@ -1084,17 +1084,23 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
               cuda::max_cluster_blocks() > 0 ? cuda::max_cluster_blocks() : 16,
               " CTAs that the device can schedule in their shared memory); use 'auto' to fall ",
               "back to the grid form");
-  // The grid form, with the most row groups up to the setting's whose CTAs
-  // fit and whose tiles (16 rows on tensor cores, tile_rows on CUDA cores)
-  // give every group rows of the batch.
-  Launch l;
-  for (int64_t groups = set.groups; groups >= 1; --groups) {
-    l = choose_launch<scalar_t>(set, tc_kernel, fma_kernel, which, dirs, B * H, sizes, tc_smem,
-                                fma_smem, H, groups);
+  // The grid form: one group's launch (or none), else, with the setting's
+  // row groups, the most groups up to it whose CTAs fit on the same kernel as
+  // one group's (tensor cores or CUDA cores: more units a CTA can leave only
+  // the CUDA-core kernel fitting, which is not what the groups are for) and
+  // whose tiles (16 rows on tensor cores, tile_rows on CUDA cores) give every
+  // group rows of the batch.
+  const Launch one = choose_launch<scalar_t>(set, tc_kernel, fma_kernel, which, dirs, B * H,
+                                             sizes, tc_smem, fma_smem, H);
+  if (one.units == 0) return one;
+  for (int64_t groups = set.groups; groups > 1; --groups) {
+    const Launch l = choose_launch<scalar_t>(set, tc_kernel, fma_kernel, which, dirs, B * H, sizes,
+                                             tc_smem, fma_smem, H, groups);
     const int64_t rows = l.kernel_tc ? 16 : l.units > 0 ? tile_rows(l.units) : 1;
-    if (groups == 1 || (l.units > 0 && (B + rows - 1) / rows >= groups)) break;
+    if (l.units > 0 && l.kernel_tc == one.kernel_tc && (B + rows - 1) / rows >= groups)
+      return with_exchange(with_staging(l));
   }
-  return with_exchange(with_staging(l));
+  return with_exchange(with_staging(one));
 }
 
 template <typename scalar_t, typename acc_t>

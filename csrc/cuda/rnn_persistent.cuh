@@ -109,7 +109,7 @@ struct Directions {
   Params d[2];
   int64_t ctas;          // CTAs per group
   int64_t groups = 1;    // groups per direction
-  bool cluster = false;  // each group a cluster (else one group, the grid)
+  bool cluster = false;  // each group a cluster (else the grid, all groups)
 };
 
 // The rows of the length order a group steps: in tiles of rb rows (the
@@ -139,7 +139,8 @@ __device__ __forceinline__ Params cta_place(const Directions<Params>& L, int64_t
   return p;
 }
 
-// The same for kernels launched in the grid form only (one group).
+// The same for kernels launched in the grid form in one group only (the
+// projection LSTM's: their launches come from choose_launch with one group).
 template <typename Params>
 __device__ __forceinline__ Params direction_of_cta(const Directions<Params>& L, int64_t& j0) {
   RowGroup rows;

@@ -15,8 +15,9 @@
 // How they synchronize (the LSTM and GRU kernels; the projection LSTM's take
 // the grid form only):
 //  - grid form: the CTAs own all hidden units between them and step every
-//    running row; a grid.sync() a step (a cooperative launch, one CTA per SM
-//    at most);
+//    running row (or, with VARLEN_KERNELS_PERSISTENT_GROUPS, as row groups
+//    that each own all units and step a share of the rows, as clusters do);
+//    a grid.sync() a step (a cooperative launch, one CTA per SM at most);
 //  - cluster form (sm_90 and later, where the weight slices fit in a thread
 //    block cluster of at most 8 CTAs, or 16 where the device schedules
 //    such clusters): each cluster owns all hidden units
@@ -25,7 +26,7 @@
 //    the longest length among its rows. Several clusters run side by side
 //    (as many as there are row tiles, as can be resident), so each CTA reads
 //    only its cluster's rows of h each step, where in the grid form every
-//    CTA reads all of them.
+//    CTA reads all of them (its group's, with row groups).
 //
 // The workspaces and results are the per-step path's, element for element in
 // layout: gates (T*B, GS*H) and states (T*B, S*H) in the packed token layout of
@@ -116,9 +117,10 @@ PersistentCopy persistent_copy_setting();  // checks the value
 // group's CTAs own all hidden units between them (n times the units a CTA)
 // and step the 16-row tiles of the length order dealt to them in turn, so a
 // CTA stages about 1/n of the running rows a step; fewer groups where the
-// weight slices of n groups' CTAs do not fit or the batch has fewer tiles
-// (the tensor-core kernels' 16 rows, the CUDA-core kernels' tile). 1 when
-// unset or "auto". Not yet run on a GPU.
+// weight slices of n groups' CTAs do not fit on the kernel one group takes
+// (tensor cores or CUDA cores) or the batch has fewer tiles (the tensor-core
+// kernels' 16 rows, the CUDA-core kernels' tile). 1 when unset or "auto".
+// The projection LSTM's kernels take one group. Not yet run on a GPU.
 int64_t persistent_groups_setting();  // checks the value
 
 // The settings above, each read and checked once for a choice of launch.

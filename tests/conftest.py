@@ -45,6 +45,11 @@ SANITIZER_PASS = bool(os.environ.get("VK_EMU_SANITIZER"))
 # is in: the first pass ran it.
 own_sanitizer = pytest.mark.skipif(SANITIZER_PASS, reason="runs its own sanitizer in a child "
                                    "process: the first pass ran it")
+# A case that differs from another case of its test, which the sanitizer pass
+# runs, in sizes, types or host-side choices only (the same kernel code, with
+# the same paths through it): the first pass ran it.
+first_pass_only = pytest.mark.skipif(SANITIZER_PASS, reason="the sanitizer pass runs another "
+                                     "case of this test through the same kernel code")
 
 
 def gradcheck(fn, inputs, **kw):

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (CELLS, check_against_packed, fails_in_child_process, gradcheck,
-                      grouped_mm_as_on_gpu, lengths_in_host_memory, requires_cuda, run_packed,
-                      sample_inputs, states_of)
+from conftest import (CELLS, check_against_packed, fails_in_child_process, first_pass_only,
+                      gradcheck, grouped_mm_as_on_gpu, lengths_in_host_memory, requires_cuda,
+                      run_packed, sample_inputs, states_of)
 from varlen_kernels import (MaskedRNN, masked_bce_with_logits, masked_cross_entropy, masked_mse,
                             masked_rnn_reference, ops)
 from varlen_kernels.testing import emulate_cuda, emulated_device, emulation_module, env_setting
@@ -542,7 +542,8 @@ def outputs_and_grads(m, cell, x, lengths, hx):
 @pytest.mark.emulation
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
 @pytest.mark.parametrize("bidirectional", [False, True])
-@pytest.mark.parametrize("groups,taken", [("2", 2), ("3", 3), ("16", 3)])
+@pytest.mark.parametrize("groups,taken", [pytest.param("2", 2, marks=first_pass_only), ("3", 3),
+                                          pytest.param("16", 3, marks=first_pass_only)])
 def test_grid_form_row_groups_on_cuda_cores(cell, bidirectional, groups, taken):
     """VARLEN_KERNELS_PERSISTENT_GROUPS=n runs the grid form's CTAs of a direction
     as n row groups, each owning every hidden unit (here one CTA of all 24 units,
@@ -595,13 +596,14 @@ def test_grid_form_row_groups_keep_the_kernel_of_one_group():
 
 @pytest.mark.emulation
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=first_pass_only)])
 @pytest.mark.parametrize("bidirectional,groups,ctas", [
     # 8 SMs: 2 groups of 4 CTAs (8 units each) for one direction, of 2 CTAs (16
     # units) a direction for two; 3 groups of 2 CTAs (16 units), of 1 (32) for
     # two directions; 4 asked for, 3 taken: B = 40 has three 16-row tiles.
-    (False, "2", (2, 4)), (True, "2", (2, 2)), (False, "3", (3, 2)), (True, "3", (3, 1)),
-    (False, "4", (3, 2)),
+    (False, "2", (2, 4)), pytest.param(True, "2", (2, 2), marks=first_pass_only),
+    (False, "3", (3, 2)), (True, "3", (3, 1)),
+    pytest.param(False, "4", (3, 2), marks=first_pass_only),
 ])
 def test_grid_form_row_groups_on_tensor_cores(cell, dtype, bidirectional, groups, ctas):
     """The grid form's tensor-core kernels as row groups (16-row tiles dealt to

@@ -66,19 +66,20 @@ def main(argv=None):
                     limits(**emulated):
                 # (the exchange, the staging's slots and its copies concern the
                 # tensor-core kernels only; the clusters of 5 are there for the
-                # exchange's stores on mbarriers, which the projection LSTM's
-                # kernels do not take, nor its grid form row groups; the
-                # groups' barriers and rows are the same in the CUDA-core
-                # kernels, so they run on tensor cores only)
-                exchange_only = emulated.get("max_cluster_blocks") == 5 or groups != "auto"
-                tensor_cores_only = exchange == "global" or stage != "auto" or exchange_only
+                # exchange's stores on mbarriers and the groups case for the
+                # grid form's row groups, neither of which the projection
+                # LSTM's kernels take: both run the plain cells on tensor
+                # cores only, the groups' barriers and rows being the same in
+                # the CUDA-core kernels)
+                plain_cells_only = emulated.get("max_cluster_blocks") == 5 or groups != "auto"
+                tensor_cores_only = exchange == "global" or stage != "auto" or plain_cells_only
                 print(f"persistent kernels: sync={sync} exchange={exchange} stage={stage} "
                       f"slots={slots} copy={copy} groups={groups}", flush=True)  # (where a slow run has got to)
                 for dtype in (torch.float32, torch.bfloat16)[tensor_cores_only:]:
                     for cell, proj_size, bidirectional in [("lstm", 0, True), ("gru", 0, True),
                                                            ("lstm", 12, True), ("lstm", 0, False),
                                                            ("lstm", 12, False)]:
-                        if exchange_only and proj_size:
+                        if plain_cells_only and proj_size:
                             continue
                         m = vk.MaskedRNN(6, 40, cell=cell, bidirectional=bidirectional,
                                          proj_size=proj_size).to(dev, dtype)

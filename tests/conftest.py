@@ -64,6 +64,13 @@ def gradcheck(fn, inputs, **kw):
     return torch.autograd.gradcheck(fn, inputs, **kw)
 
 
+def gradgradcheck(fn, inputs, **kw):
+    """torch.autograd.gradgradcheck, in its fast mode where gradcheck (above) takes it."""
+    if SANITIZER_PASS and emulation_active():
+        kw.setdefault("fast_mode", True)
+    return torch.autograd.gradgradcheck(fn, inputs, **kw)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cpu_only: exercises no CUDA kernel; skipped when emulated")
     config.addinivalue_line("markers", "emulation: runs CUDA code on the CPU (`-m emulation` "

@@ -161,14 +161,6 @@ def test_gradcheck_and_opcheck(device):
                           (torch.randn(N, **dd), h.detach(), w.detach(), b.detach(), t, m, lse, 0.0, 3))
 
 
-def test_double_backward_is_refused(device):
-    hidden, weight, b, target, lengths, _ = make(device=device)
-    out = masked_linear_cross_entropy(torch.nan_to_num(hidden.detach()).requires_grad_(), weight,
-                                      target, lengths, bias=b)
-    with pytest.raises(NotImplementedError, match="double backward"):
-        torch.autograd.grad(out, [weight], create_graph=True)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_within_twice_pytorchs_error(dtype, device):
     """Loss and gradients against float64, within 2x the error of F.linear +

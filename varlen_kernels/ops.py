@@ -7,6 +7,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import _double_backward
+
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 # Gate blocks (of H columns) in the weights, per cell.
@@ -144,7 +146,7 @@ def _rnn_setup_context(ctx, inputs, output):
     input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, cell, reverse = inputs[:10]
     w_hr = inputs[10] if len(inputs) > 10 else None
     _, _, _, gates, states = output
-    ctx.save_for_backward(input, lengths, w_ih, w_hh, gates, states, w_hr)
+    ctx.save_for_backward(input, lengths, w_ih, w_hh, gates, states, w_hr, h0, c0, b_ih, b_hh)
     ctx.cell, ctx.reverse, ctx.has_bias = cell, reverse, b_ih is not None
     ctx.n_inputs = len(inputs)
     ctx.mark_non_differentiable(gates, states)
@@ -152,7 +154,11 @@ def _rnn_setup_context(ctx, inputs, output):
 
 
 def _rnn_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_states):
-    input, lengths, w_ih, w_hh, gates, states, w_hr = ctx.saved_tensors
+    input, lengths, w_ih, w_hh, gates, states, w_hr, h0, c0, b_ih, b_hh = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: gradients to differentiate again
+        return _double_backward.rnn_layer_grads(
+            ctx.needs_input_grad, input, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, ctx.cell,
+            ctx.reverse, grad_output, grad_h_n, grad_c_n)
     T, B, _ = input.shape
     H = w_hh.shape[1] if w_hr is None else w_hr.shape[1]  # cell features
     P = w_hh.shape[1]                                     # state (output) features
@@ -213,18 +219,23 @@ def _rnn_bidirectional_backward_fake(grad_output, grad_h_n, grad_c_n, input, len
 def _rnn_bidirectional_setup_context(ctx, inputs, output):
     input, lengths, h0, c0, weights, has_biases, cell = inputs
     workspaces = output[3:]
-    ctx.save_for_backward(input, lengths, *workspaces, *weights)
+    ctx.save_for_backward(input, lengths, h0, c0, *workspaces, *weights)
     ctx.cell, ctx.has_biases = cell, has_biases
     ctx.mark_non_differentiable(*workspaces)
     ctx.set_materialize_grads(False)  # no zero gradients for the workspaces
 
 
 def _rnn_bidirectional_backward(ctx, grad_output, grad_h_n, grad_c_n, *_grad_workspaces):
-    input, lengths, *saved = ctx.saved_tensors
+    input, lengths, h0, c0, *saved = ctx.saved_tensors
     workspaces, weights = saved[:4], saved[4:]
     T, B, _ = input.shape
-    H, P, _ = _bidirectional_sizes(weights, ctx.has_biases)
+    H, P, proj = _bidirectional_sizes(weights, ctx.has_biases)
     lstm = ctx.cell == "lstm"
+    if torch.is_grad_enabled():  # create_graph=True: gradients to differentiate again
+        gi, gh0, gc0, gw = _double_backward.rnn_bidirectional_grads(
+            input, lengths, h0, c0, weights, ctx.has_biases, proj, ctx.cell, grad_output,
+            grad_h_n, grad_c_n)
+        return gi, None, gh0, gc0, gw, None, None
     if grad_output is None:
         grad_output = input.new_zeros(T, B, 2 * P)
     if grad_h_n is None:
@@ -375,10 +386,11 @@ def _lce_backward(ctx, grad_loss, _lse, _gh, _gw, _gb):
     none = (None,) * 6
     if grad_loss is None:
         return (None, None, None) + none
+    if torch.is_grad_enabled():  # create_graph=True: gradients to differentiate again
+        return tuple(_double_backward.linear_cross_entropy_grads(
+            ctx.needs_input_grad, hidden, weight, bias, target, mask, ctx.label_smoothing,
+            ctx.reduction, grad_loss)) + none
     if ctx.compute_grad:  # gradients of the reduced loss, computed with the forward
-        if torch.is_grad_enabled():  # create_graph=True: these products are not the whole graph
-            raise NotImplementedError("double backward (gradients of gradients) through "
-                                      "varlen_kernels::linear_cross_entropy_forward is not supported")
         g = grad_loss.to(gh.dtype)
         return (g * gh, g.to(gw.dtype) * gw, g.to(gb.dtype) * gb if bias is not None else None) + none
     if ctx.reduction == "none":
@@ -399,19 +411,24 @@ torch.library.register_autograd(
 
 
 # ----------------------------------------------------------- double backward
-# The backward ops are not differentiable themselves. Say so when someone
-# differentiates through them (create_graph=True), rather than returning
-# silently incomplete second-order gradients.
+# The backward ops of the recurrent layers and of the fused linear cross
+# entropy are not differentiable themselves: their forward ops' backward
+# takes the gradients of _double_backward when grad mode is on
+# (create_graph=True). The losses' backward ops have derivatives of their own.
+# Say so where someone differentiates through one of the others when calling
+# it directly, rather than returning silently incomplete second-order
+# gradients.
 def _refuse_double_backward(name):
     def backward(ctx, *grads):
         raise NotImplementedError(
-            f"double backward (gradients of gradients) through varlen_kernels::{name} is not supported")
+            f"double backward (gradients of gradients) through varlen_kernels::{name} is not "
+            "supported: differentiate the forward op (its backward with create_graph=True)")
     return backward
 
 
-for _name in ("rnn_backward", "rnn_bidirectional_backward", "cross_entropy_backward", "elementwise_loss_backward",
-              "linear_cross_entropy_backward"):
+for _name in ("rnn_backward", "rnn_bidirectional_backward", "linear_cross_entropy_backward"):
     torch.library.register_autograd(f"varlen_kernels::{_name}", _refuse_double_backward(_name))
+_double_backward.register_loss_double_backward()
 
 
 # ------------------------------------------------------------------ autocast

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import shlex
 import subprocess
 import sys
@@ -94,6 +95,20 @@ def test_bench_linear_ce_quick(tmp_path):
         assert f"{name}_error" not in row, row[f"{name}_error"]
         assert 0 < row[f"{name}_min_ms"] <= row[f"{name}_ms"] and row[f"{name}_extra_MiB"] >= 0
     assert row["speedup_vs_idiom"] > 0 and row["memory_ratio_vs_idiom"] > 0
+
+
+def test_profile_losses_quick(tmp_path):
+    """The loss profile of gpu_check.sh's profile stage, on a CPU at a tiny size:
+    both methods timed three ways, with torch.profiler's table."""
+    out = tmp_path / "profile_losses.txt"
+    r = run_script(["benchmarks/profile_losses.py", "--device", "cpu", "--tokens", "64",
+                    "--C", "10", "--T", "16", "--calls", "2", "--out", str(out)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = out.read_text()
+    for name in ("masked", "idiom"):
+        assert re.search(rf"== {name} float32 tokens=64 C=10: [0-9.]+ ms a call synchronized, "
+                         r"[0-9.]+ ms back to back, [0-9.]+ ms of host time", text), text
+    assert "varlen_kernels::masked_cross_entropy_forward" in text
 
 
 def test_default_out_is_a_new_run_folder(bench):
@@ -369,6 +384,7 @@ def test_gpu_check_writes_committed_results_explicitly(bench, tmp_path):
         found.add(path)
     assert found == {"benchmarks/bench_rnn.py", "benchmarks/bench_losses.py", "benchmarks/bench_linear_ce.py"}
     assert "benchmarks/profile_rnn.py" in commands.read_text()
+    assert "benchmarks/profile_losses.py --out benchmarks/results/profile_losses.txt" in commands.read_text()
     # The ncu stage profiles the persistent kernels of profile_rnn.py's --ncu run, then
     # the forward kernel at B = 8, H = 256 once more with per-instruction counts,
     # then the grid form's two kernels at H = 1024 so, exported under benchmarks/results.

@@ -273,3 +273,64 @@ def test_first_order_backward_never_takes_the_reference(monkeypatch):
 
     step(x).backward()
     torch.compile(step, backend="aot_eager", fullgraph=True)(x).backward()
+
+
+def test_tied_and_shared_inputs_count_once(device):
+    """Inputs that depend on each other or are one tensor twice, and hooks: the
+    gradients with create_graph=True equal the kernels' (first order) and the
+    reference module's (second order, varlen_kernels.reference, PyTorch ops)."""
+    from varlen_kernels.ops import rnn_layer
+    from varlen_kernels.reference import masked_rnn_reference
+    dd = dict(dtype=torch.float64, device=device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 2, 3, generator=g, dtype=torch.float64).to(device)
+    lengths = torch.tensor([5, 3], device=device)
+    m = MaskedRNN(3, 3, cell="gru", bidirectional=True, **dd)
+    m.weight_hh_l0_reverse = m.weight_hh_l0  # the directions' recurrent weights tied
+    m.bias_ih_l0.register_hook(lambda grad: 2 * grad)
+    w = [m.weight_hh_l0, m.bias_ih_l0]
+
+    def run(module_call):
+        y, _ = module_call()
+        first = torch.autograd.grad((y ** 2).sum(), w, create_graph=True)
+        return [d.detach() for d in first], torch.autograd.grad(sum(d.pow(2).sum() for d in first), w)
+
+    plain = torch.autograd.grad((m(x, lengths)[0] ** 2).sum(), w)
+    first, second = run(lambda: m(x, lengths))
+    first_ref, second_ref = run(lambda: masked_rnn_reference(m, x, lengths))
+    for a, b, c in zip(first, plain, first_ref):
+        torch.testing.assert_close(a, b, **TOL)
+        torch.testing.assert_close(a, c, **TOL)
+    for a, b in zip(second, second_ref):
+        torch.testing.assert_close(a, b, **TOL)
+    # h0 and c0 one tensor
+    s = torch.randn(2, 4, **dd, requires_grad=True)
+    w_ih, w_hh = torch.randn(16, 3, **dd), torch.randn(16, 4, **dd)
+    grads = [torch.autograd.grad((rnn_layer(x, lengths, s, s, w_ih, w_hh, None, None, "lstm",
+                                            False)[0] ** 2).sum(), [s], create_graph=cg)[0]
+             for cg in (False, True)]
+    torch.testing.assert_close(grads[1], grads[0], **TOL)
+
+
+def test_linear_cross_entropy_tied_to_the_embedding(device):
+    """The output layer's weight is the embedding whose rows are the hidden
+    states: first and second order as F.linear + F.cross_entropy's."""
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(7, 3, generator=g, dtype=torch.float64).to(device)
+    tokens = torch.randint(0, 7, (4, 2), generator=g).to(device)
+    target = torch.randint(0, 7, (4, 2), generator=g).to(device)
+    lengths = torch.tensor([4, 2], device=device)
+    mask = torch.arange(4, device=device)[:, None] < lengths[None]
+
+    def ours(e):
+        return [masked_linear_cross_entropy(torch.tanh(e[tokens]), e, target, lengths)]
+
+    def idiom(e):
+        per = F.cross_entropy(F.linear(torch.tanh(e[tokens]), e).view(-1, 7), target.view(-1),
+                              reduction="none").view(4, 2)
+        return [torch.where(mask, per, 0).sum() / mask.sum()]
+
+    first, second = second_order(ours, fresh([emb]))
+    first2, second2 = second_order(idiom, fresh([emb]))
+    for a, b in zip(first + list(second), first2 + list(second2)):
+        torch.testing.assert_close(a, b, **TOL)

@@ -40,16 +40,26 @@ def grads_through(tensors: Sequence[Optional[Tensor]], needs: Sequence[bool],
                   grads: Sequence[Optional[Tensor]]) -> List[Optional[Tensor]]:
     """The gradients w.r.t. `tensors` (those whose `needs` is true, else None) of
     run(tensors in their math type)'s outputs, given the outputs' incoming
-    `grads` (None: zero), as a graph that can be differentiated again."""
+    `grads` (None: zero), as a graph that can be differentiated again.
+
+    The gradients are taken w.r.t. aliases of the tensors (views made here),
+    not the tensors themselves: those may depend on each other (an output
+    layer tied to the embedding whose rows are the hidden states), be the same
+    tensor twice (tied directions, h0 passed as c0) or carry hooks; autograd
+    then follows each path out of the op once, from the gradients returned
+    here, as for the kernels' gradients. The reference runs outside autocast,
+    in the math type, as the kernels compute."""
     result: List[Optional[Tensor]] = [None] * len(tensors)
     wanted = [i for i, t in enumerate(tensors) if t is not None and needs[i]]
     if not wanted:
         return result
-    with torch.enable_grad():
-        outs = run([_math(t) for t in tensors])
+    device = next(t for t in tensors if t is not None).device.type
+    with torch.enable_grad(), torch.autocast(device, enabled=False):
+        alias = [None if t is None else t.view_as(t) for t in tensors]
+        outs = run([_math(t) for t in alias])
     pairs = [(o, g) for o, g in zip(outs, grads)
              if o is not None and g is not None and o.requires_grad]
-    got = (torch.autograd.grad([o for o, _ in pairs], [tensors[i] for i in wanted],
+    got = (torch.autograd.grad([o for o, _ in pairs], [alias[i] for i in wanted],
                                [g.to(o.dtype) for o, g in pairs], create_graph=True,
                                allow_unused=True)
            if pairs else [None] * len(wanted))

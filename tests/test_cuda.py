@@ -1175,7 +1175,7 @@ def test_workspaces_are_the_cpu_kernels_layout(cell, path):
 
 
 def token_gemm(setting):
-    """Forces VARLEN_KERNELS_TOKEN_GEMM: 'auto' or 'all_rows'."""
+    """Forces VARLEN_KERNELS_TOKEN_GEMM: 'auto', 'all_rows' or 'valid_rows'."""
     return env_setting("VARLEN_KERNELS_TOKEN_GEMM", setting)
 
 
@@ -1190,12 +1190,14 @@ def grouped_gemms(fn):
 @pytest.mark.emulation
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("bidirectional", [False, True])
-@pytest.mark.parametrize("setting,grouped", [("auto", True), ("all_rows", False)])
+@pytest.mark.parametrize("setting,grouped", [("auto", True), ("valid_rows", True),
+                                             ("all_rows", False)])
 def test_bfloat16_token_gemms_over_valid_tokens(cell, bidirectional, setting, grouped):
     """bfloat16 with 16-byte aligned rows on sm_90 (the emulated device's): the
     input projection, the input gradient and both weight gradients are grouped
     GEMMs whose row count (the valid tokens) is read on the device (four per
-    layer, six for both directions of a bidirectional one); 'all_rows' runs at::mm over every row instead. Both are within
+    layer, six for both directions of a bidirectional one), by default as with
+    'valid_rows'; 'all_rows' runs at::mm over every row instead. Both are within
     2x PyTorch's own bfloat16 error, values and every gradient, with zero-length
     sequences and padding, with the grouped GEMM's rows past the count NaN."""
     T, B, H = 7, 11, 16
@@ -1222,8 +1224,8 @@ def test_token_gemms_need_bfloat16_and_aligned_rows():
 def test_token_gemm_setting_is_checked():
     x, lengths, h0, c0, *w = layer_args("gru", "cpu", False)
     with token_gemm("valid"), emulate_cuda():
-        with pytest.raises(RuntimeError, match="VARLEN_KERNELS_TOKEN_GEMM must be 'auto' or "
-                                               "'all_rows', got 'valid'"):
+        with pytest.raises(RuntimeError, match="VARLEN_KERNELS_TOKEN_GEMM must be 'auto', "
+                                               "'all_rows' or 'valid_rows', got 'valid'"):
             torch.ops.varlen_kernels.rnn_forward(x, lengths, h0, c0, *w, "gru", False)
 
 

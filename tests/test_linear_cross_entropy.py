@@ -253,17 +253,18 @@ def test_bad_input(device):
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("setting", ["auto", "all_rows"])
+@pytest.mark.parametrize("setting", ["valid_rows", "auto", "all_rows"])
 def test_bfloat16_gemms_over_valid_rows(bias, reduction, setting, device, monkeypatch):
-    """bfloat16 with 16-byte aligned rows (H = 32, V = 304): on the GPU (and the
-    emulated sm_90) the valid tokens are ordered first on the device and the
-    GEMMs of each chunk take its valid rows alone (grouped GEMMs with a
-    device-side count; chunks of 7 rows, so some are partly and some wholly
-    past the count; the grouped GEMM's rows past the count NaN, as unwritten
-    on a GPU). Loss and every gradient within 2x the error of F.linear +
-    F.cross_entropy in bfloat16, label smoothing 0.1, zero gradient at padding
-    (which holds NaN); VARLEN_KERNELS_TOKEN_GEMM=all_rows gives the same within
-    that bound."""
+    """bfloat16 with 16-byte aligned rows (H = 32, V = 304): with
+    VARLEN_KERNELS_TOKEN_GEMM=valid_rows, on the GPU (and the emulated sm_90)
+    the valid tokens are ordered first on the device and the GEMMs of each
+    chunk take its valid rows alone (grouped GEMMs with a device-side count;
+    chunks of 7 rows, so some are partly and some wholly past the count; the
+    grouped GEMM's rows past the count NaN, as unwritten on a GPU). Loss and
+    every gradient within 2x the error of F.linear + F.cross_entropy in
+    bfloat16, label smoothing 0.1, zero gradient at padding (which holds NaN);
+    'auto' (the default) and 'all_rows' run every row through at::mm, within
+    the same bound."""
     from varlen_kernels.testing import emulation_active
     monkeypatch.setenv("VARLEN_KERNELS_TOKEN_GEMM", setting)
     hidden, weight, b, target, lengths, valid = make(T=6, B=5, H=32, V=304, bias=bias,
@@ -283,7 +284,7 @@ def test_bfloat16_gemms_over_valid_rows(bias, reduction, setting, device, monkey
         ours = out if reduction == "mean" else (out[valid].double() * w).sum()
         g_ours = torch.autograd.grad(ours, params(*low))
     if emulation_active():
-        assert (grouped.calls > 0) == (setting == "auto"), grouped.calls
+        assert (grouped.calls > 0) == (setting == "valid_rows"), grouped.calls
     assert (g_ours[0][~valid] == 0).all()
     xl = low[0].detach()[valid].requires_grad_()
     wl = [t.detach().requires_grad_() for t in low[1:] if t is not None]
@@ -302,9 +303,11 @@ def test_bfloat16_gemms_over_valid_rows(bias, reduction, setting, device, monkey
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_bfloat16_all_padding_with_gemms_over_valid_rows(reduction, device):
-    """No valid token, bfloat16, 16-byte aligned rows (grouped GEMMs over no
-    row where they run): zero loss and exactly zero gradients."""
+def test_bfloat16_all_padding_with_gemms_over_valid_rows(reduction, device, monkeypatch):
+    """No valid token, bfloat16, 16-byte aligned rows, VARLEN_KERNELS_TOKEN_GEMM=
+    valid_rows (grouped GEMMs over no row where they run): zero loss and
+    exactly zero gradients."""
+    monkeypatch.setenv("VARLEN_KERNELS_TOKEN_GEMM", "valid_rows")
     hidden, weight, _, target, _, _ = make(T=6, B=5, H=32, V=304, bias=False, device=device)
     low = [t.detach().to(torch.bfloat16).requires_grad_() for t in (hidden, weight)]
     lengths = torch.zeros(5, dtype=torch.long, device=device)

@@ -55,11 +55,12 @@ __global__ void unpack_kernel(const scalar_t* packed, int64_t ld, const int64_t*
   }
 }
 
-enum class TokenGemm { Auto, AllRows };
+enum class TokenGemm { Auto, AllRows, ValidRows };
 
 TokenGemm token_gemm_setting() {
   return choice_setting<TokenGemm>("VARLEN_KERNELS_TOKEN_GEMM",
-                                   {{"auto", TokenGemm::Auto}, {"all_rows", TokenGemm::AllRows}});
+                                   {{"auto", TokenGemm::Auto}, {"all_rows", TokenGemm::AllRows},
+                                    {"valid_rows", TokenGemm::ValidRows}});
 }
 
 // The plan on the device: a few ATen ops, no host read.
@@ -197,6 +198,10 @@ bool token_gemm_valid_only(std::initializer_list<const Tensor*> operands) {
     if (t->size(0) == 0 || t->size(1) == 0) return false;
   }
   return true;
+}
+
+bool token_gemm_valid_rows_asked(std::initializer_list<const Tensor*> operands) {
+  return token_gemm_setting() == TokenGemm::ValidRows && token_gemm_valid_only(operands);
 }
 
 Tensor tokens_times(const Tensor& a, const Tensor& w, const Tensor& count) {

@@ -13,7 +13,10 @@
 // sizes its tiles from device memory, no host sync), so only the valid rows
 // are computed. Elsewhere at::mm runs over all rows; rows past the count are
 // then zero in every operand, so they add nothing. Setting:
-// VARLEN_KERNELS_TOKEN_GEMM = "auto" (default) or "all_rows" (at::mm always).
+// VARLEN_KERNELS_TOKEN_GEMM = "auto" (default), "all_rows" (at::mm always) or
+// "valid_rows". The fused linear cross entropy takes its valid rows alone only
+// with "valid_rows": on an H200 (16k tokens, half of them valid, H = 1024,
+// V = 128k, bfloat16, fwd+bwd) that took 95.9 ms, all rows 63.1 ms.
 //
 // Lengths may also live in host memory (a CPU tensor next to a GPU input, as
 // pack_padded_sequence wants them): then the plan is made on the host, checked
@@ -75,5 +78,8 @@ at::Tensor tokens_outer(const at::Tensor& d, const at::Tensor& x, const TokenPla
 // Whether tokens_times / tokens_outer of these operands take only the valid
 // tokens (one grouped GEMM) rather than all rows.
 bool token_gemm_valid_only(std::initializer_list<const at::Tensor*> operands);
+// The same where VARLEN_KERNELS_TOKEN_GEMM=valid_rows asks for it (the fused
+// linear cross entropy's choice, above).
+bool token_gemm_valid_rows_asked(std::initializer_list<const at::Tensor*> operands);
 
 }  // namespace varlen

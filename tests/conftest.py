@@ -28,6 +28,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import varlen_kernels  # noqa: F401  (loads the ops)
 from varlen_kernels import MaskedRNN
+from varlen_kernels.ops import NUM_GATES
 from varlen_kernels.testing import emulate_cuda, emulated_device, emulation_active
 
 CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
@@ -151,6 +152,18 @@ def sample_inputs(cell, *, T=7, B=5, I=4, H=6, num_layers=1, bidirectional=False
 
 def states_of(cell, h):
     return list(h) if cell == "lstm" else [h]
+
+
+def layer_args(cell, device, requires_grad, T=4, B=3, I=2, H=3, lengths=(4, 0, 2), seed=0):
+    """The tensor arguments of one layer direction's op (rnn_forward, ops.rnn_layer):
+    x, lengths, h0, c0 (None but for "lstm"), w_ih, w_hh, b_ih, b_hh; float64."""
+    torch.manual_seed(seed)
+    G = NUM_GATES[cell]
+    dd = dict(dtype=torch.float64, device=device, requires_grad=requires_grad)
+    return [torch.randn(T, B, I, **dd), torch.tensor(lengths, device=device),
+            torch.randn(B, H, **dd), torch.randn(B, H, **dd) if cell == "lstm" else None,
+            torch.randn(G * H, I, **dd), torch.randn(G * H, H, **dd), torch.randn(G * H, **dd),
+            torch.randn(G * H, **dd)]
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,21 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import (CELLS, check_against_packed, fails_in_child_process, first_pass_only,
-                      gradcheck, grouped_mm_as_on_gpu, lengths_in_host_memory, requires_cuda,
-                      run_packed, sample_inputs, states_of)
+                      gradcheck, grouped_mm_as_on_gpu, layer_args, lengths_in_host_memory,
+                      requires_cuda, run_packed, sample_inputs, states_of)
 from varlen_kernels import (MaskedRNN, masked_bce_with_logits, masked_cross_entropy, masked_mse,
                             masked_rnn_reference, ops)
 from varlen_kernels.testing import emulate_cuda, emulated_device, emulation_module, env_setting
-
-
-def layer_args(cell, device, requires_grad, T=4, B=3, I=2, H=3, lengths=(4, 0, 2), seed=0):
-    torch.manual_seed(seed)
-    G = ops.NUM_GATES[cell]
-    dd = dict(dtype=torch.float64, device=device, requires_grad=requires_grad)
-    return [torch.randn(T, B, I, **dd), torch.tensor(lengths, device=device),
-            torch.randn(B, H, **dd), torch.randn(B, H, **dd) if cell == "lstm" else None,
-            torch.randn(G * H, I, **dd), torch.randn(G * H, H, **dd), torch.randn(G * H, **dd),
-            torch.randn(G * H, **dd)]
 
 
 @pytest.mark.parametrize("cell", CELLS)

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import CELLS, SANITIZER_PASS, gradgradcheck, run_packed, sample_inputs, states_of
+from conftest import (CELLS, SANITIZER_PASS, gradgradcheck, layer_args, run_packed, sample_inputs,
+                      states_of)
 from varlen_kernels import (MaskedRNN, masked_bce_with_logits, masked_cross_entropy,
                             masked_linear_cross_entropy, masked_mse)
 from varlen_kernels import _double_backward
@@ -104,17 +105,8 @@ def test_rnn_gradgradcheck(cell, device):
     """One layer op, lengths with 0, 1 and T: second derivatives against finite
     differences of the first."""
     from varlen_kernels.ops import rnn_layer
-    g = torch.Generator().manual_seed(0)
-    G = 4 if cell == "lstm" else 3
-    T, B, I, H = 3, 3, 2, 2
-    lengths = torch.tensor([3, 0, 1], device=device)
-    dd = dict(dtype=torch.float64)
-    x = torch.randn(T, B, I, generator=g, **dd).to(device)
-    h0 = torch.randn(B, H, generator=g, **dd).to(device)
-    c0 = torch.randn(B, H, generator=g, **dd).to(device) if cell == "lstm" else None
-    w = [torch.randn(G * H, n, generator=g, **dd).to(device) for n in (I, H)]
-    b = [torch.randn(G * H, generator=g, **dd).to(device) for _ in range(2)]
-    inputs = [t.requires_grad_() for t in [x, h0, *w, *b]]
+    x, lengths, h0, c0, *w = layer_args(cell, device, False, T=3, H=2, lengths=(3, 0, 1))
+    inputs = [t.requires_grad_() for t in [x, h0, *w]]
 
     def f(x, h0, w_ih, w_hh, b_ih, b_hh):
         out, h_n, c_n = rnn_layer(x, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, cell, True)

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from conftest import layer_args
 from varlen_kernels import MaskedGRU, MaskedLSTM, MaskedRNN, ops
 
 
@@ -106,16 +107,12 @@ def test_double_backward_through_a_backward_op_is_refused():
     """The recurrent layers' backward ops are not differentiable: called
     directly, differentiating their results is an error naming the op (the
     forward ops' backward differentiates again: test_double_backward.py)."""
-    dd = dict(dtype=torch.float64)
-    T, B, H = 3, 2, 2
-    x, h0, c0 = torch.randn(T, B, 2, **dd), torch.randn(B, H, **dd), torch.randn(B, H, **dd)
-    w_ih, w_hh = torch.randn(4 * H, 2, **dd), torch.randn(4 * H, H, **dd)
-    lengths = torch.tensor([3, 1])
-    _, _, _, gates, states = torch.ops.varlen_kernels.rnn_forward.default(
-        x, lengths, h0, c0, w_ih, w_hh, None, None, "lstm", False)
-    grad_y = torch.randn(T, B, H, **dd, requires_grad=True)
+    args = layer_args("lstm", "cpu", False)
+    x, lengths, h0, c0, w_ih, w_hh = args[:6]
+    out, h_n, c_n, gates, states = torch.ops.varlen_kernels.rnn_forward.default(*args, "lstm", False)
+    grad_y = torch.randn_like(out).requires_grad_()
     grads = torch.ops.varlen_kernels.rnn_backward.default(
-        grad_y, torch.zeros(B, H, **dd), torch.zeros(B, H, **dd), x, lengths, w_ih, w_hh, gates,
+        grad_y, torch.zeros_like(h_n), torch.zeros_like(c_n), x, lengths, w_ih, w_hh, gates,
         states, "lstm", False)
     with pytest.raises(NotImplementedError, match="double backward .*::rnn_backward is not supported"):
         grads[0].sum().backward()

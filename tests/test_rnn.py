@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from conftest import (CELLS, TOL, ShapesCreated, check_against_packed, gradcheck, make_torch_rnn,
-                      run_packed, sample_inputs, states_of)
+from conftest import (CELLS, TOL, ShapesCreated, check_against_packed, gradcheck, layer_args,
+                      make_torch_rnn, run_packed, sample_inputs, states_of)
 from varlen_kernels import MaskedGRU, MaskedLSTM, MaskedRNN, masked_rnn_reference, ops
 from varlen_kernels.reference import rnn_layer_reference
 
@@ -140,29 +140,17 @@ def test_backward_gets_no_zero_gradients_for_workspaces(bidirectional, device):
                                    atol=1e-11)
 
 
-def _op_samples(cell, requires_grad):
-    torch.manual_seed(0)
-    T, B, I, H = 4, 3, 2, 3
-    G = ops.NUM_GATES[cell]
-    dd = dict(dtype=torch.float64, requires_grad=requires_grad)
-    lengths = torch.tensor([4, 0, 2])
-    c0 = torch.randn(B, H, **dd) if cell == "lstm" else None
-    return [torch.randn(T, B, I, **dd), lengths, torch.randn(B, H, **dd), c0,
-            torch.randn(G * H, I, **dd), torch.randn(G * H, H, **dd), torch.randn(G * H, **dd),
-            torch.randn(G * H, **dd)]
-
-
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_opcheck_forward(cell, requires_grad, reverse):
-    args = _op_samples(cell, requires_grad) + [cell, reverse]
+    args = layer_args(cell, "cpu", requires_grad) + [cell, reverse]
     torch.library.opcheck(torch.ops.varlen_kernels.rnn_forward.default, args)
 
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_opcheck_backward(cell):
-    args = _op_samples(cell, False)
+    args = layer_args(cell, "cpu", False)
     x, lengths, h0, c0, w_ih, w_hh = args[:6]
     out, h_n, c_n, gates, states = torch.ops.varlen_kernels.rnn_forward(*args, cell, False)
     torch.library.opcheck(
@@ -174,7 +162,7 @@ def test_opcheck_backward(cell):
 @pytest.mark.parametrize("cell", CELLS)
 def test_layer_matches_reference_with_inf_padding(cell):
     """Inf/NaN in padding of the input never reaches values or gradients."""
-    args = _op_samples(cell, True)
+    args = layer_args(cell, "cpu", True)
     x = args[0].detach().clone()
     x[2:, 2] = float("inf")
     x[:, 1] = float("nan")
@@ -329,7 +317,7 @@ def test_portable_cpu_kernels_match(tmp_path):
 
 def test_opcheck_forward_strided_input():
     """batch_first hands the op a transposed (non-contiguous) input."""
-    args = _op_samples("gru", True)
+    args = layer_args("gru", "cpu", True)
     args[0] = args[0].detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
     assert not args[0].is_contiguous()
     torch.library.opcheck(torch.ops.varlen_kernels.rnn_forward.default, args + ["gru", False])

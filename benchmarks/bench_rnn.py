@@ -55,8 +55,11 @@ Baselines, side by side in one run, same weights, lengths uniform in [1, T]:
             of CTAs, each owning every hidden unit (twice the units a CTA) and
             stepping every other 16-row tile of the running rows
             (VARLEN_KERNELS_PERSISTENT_GROUPS=2; GPU only), where masked runs
-            one group, each CTA stepping every running row
-  (grid_sync, global_exchange, four_slots, bulk, row_groups, units_N and
+            2 on tensor cores from 32 rows of the batch, else one
+  one_group MaskedRNN whose persistent kernels' grid form runs as one group,
+            each CTA stepping every running row
+            (VARLEN_KERNELS_PERSISTENT_GROUPS=1; GPU only)
+  (grid_sync, global_exchange, four_slots, bulk, row_groups, one_group, units_N and
   stage_N change the persistent kernels: they differ from masked only where it
   takes them)
   a+b       the settings of several of the baselines from per_step to stage_N
@@ -141,7 +144,7 @@ from varlen_kernels import MaskedRNN, masked_rnn_reference  # noqa: E402
 from varlen_kernels.reference import _cell_step  # noqa: E402
 
 BASELINES = ("masked", "per_step", "persistent", "all_rows", "grid_sync", "global_exchange",
-             "dsmem_barrier", "four_slots", "bulk", "row_groups", "host_lengths", "split", "packed", "padded", "reference", "compiled")
+             "dsmem_barrier", "four_slots", "bulk", "row_groups", "one_group", "host_lengths", "split", "packed", "padded", "reference", "compiled")
 # Baselines that are MaskedRNN under a setting (CUDA paths): (variable, value),
 # set around the forward and the backward.
 SETTINGS = {"per_step": ("VARLEN_KERNELS_RNN_PATH", "per_step"),
@@ -152,7 +155,8 @@ SETTINGS = {"per_step": ("VARLEN_KERNELS_RNN_PATH", "per_step"),
             "dsmem_barrier": ("VARLEN_KERNELS_PERSISTENT_EXCHANGE", "dsmem_barrier"),
             "four_slots": ("VARLEN_KERNELS_PERSISTENT_SLOTS", "4"),
             "bulk": ("VARLEN_KERNELS_PERSISTENT_COPY", "bulk"),
-            "row_groups": ("VARLEN_KERNELS_PERSISTENT_GROUPS", "2")}
+            "row_groups": ("VARLEN_KERNELS_PERSISTENT_GROUPS", "2"),
+            "one_group": ("VARLEN_KERNELS_PERSISTENT_GROUPS", "1")}
 UNITS = re.compile(r"units_([0-9]+)")
 STAGES = re.compile(r"stage_([0-9]+)")
 

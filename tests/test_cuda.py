@@ -3,6 +3,7 @@ code executed on the CPU (every CI run) and on a GPU where there is one. Values
 and gradients against nn.* + pack_padded_sequence for every configuration run
 in test_rnn.py / test_losses.py on every backend."""
 import contextlib
+import os
 import textwrap
 
 import pytest
@@ -324,7 +325,7 @@ def test_float32_follows_torchs_tf32_setting(cell, bidirectional, sync, gpu):
     limits = dict(sm_count=per_dir * (2 if bidirectional else 1)) if per_dir else \
         dict(max_cluster_blocks=2)
     with rnn_path(f"persistent:{sync[:4] if per_dir else sync}"), device_limits(gpu, **limits), \
-            persistent_groups("3" if sync == "grid_groups" else "auto"):
+            persistent_groups("3" if sync == "grid_groups" else "1"):
         with matmul_precision("ieee"):
             ieee = errors(run(torch.float32))
         with matmul_precision("tf32"):
@@ -514,7 +515,7 @@ def test_persistent_units_setting_sizes_the_grid(cell, proj_size, bidirectional,
 
 
 def persistent_groups(n):
-    """VARLEN_KERNELS_PERSISTENT_GROUPS: the grid form's most row groups ('auto': 1)."""
+    """VARLEN_KERNELS_PERSISTENT_GROUPS: the grid form's most row groups (unset or 'auto': 2 on tensor cores from 32 rows, else 1)."""
     return env_setting("VARLEN_KERNELS_PERSISTENT_GROUPS", n)
 
 
@@ -548,7 +549,7 @@ def test_grid_form_row_groups_on_cuda_cores(cell, bidirectional, groups, taken):
                                         bidirectional=bidirectional)
     m = MaskedRNN.from_torch(ref)
     with rnn_path("persistent:grid"), persistent_units("24"), emulate_cuda():
-        with persistent_groups("auto"):
+        with persistent_groups("1"):
             one = outputs_and_grads(m, cell, x, lengths, hx)
             assert counts()[2] == dirs  # the backward's grid: a CTA a direction
         with persistent_groups(groups):
@@ -576,7 +577,7 @@ def test_grid_form_row_groups_keep_the_kernel_of_one_group():
     x = torch.nan_to_num(x, nan=0.0).to(torch.bfloat16)
     hx = tuple(t.to(torch.bfloat16) for t in hx)
     with rnn_path("persistent:grid"), emulate_cuda(), emulated_device(sm_count=2):
-        with persistent_groups("auto"):
+        with persistent_groups("1"):
             one = m(x, lengths, hx)[0]
         with persistent_groups("2"):
             two = m(x, lengths, hx)[0]
@@ -609,6 +610,47 @@ def test_grid_form_row_groups_on_tensor_cores(cell, dtype, bidirectional, groups
         check_low_precision(cell, dtype, 9, 40, 32, "cpu", bidirectional)
         assert counts()[1] - before == 2  # the forward's launch and the backward's
         assert counts()[2] == (2 if bidirectional else 1) * taken * per_group
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize("dtype,B,groups", [
+    (torch.bfloat16, 40, "2"),  # tensor cores, at least 32 rows: 2 groups
+    (torch.bfloat16, 31, "1"),  # two 16-row tiles, fewer than 32 rows: one
+    (torch.float64, 40, "1"),   # CUDA cores: one
+])
+def test_grid_form_row_groups_by_default(dtype, B, groups):
+    """Unset (or 'auto'), VARLEN_KERNELS_PERSISTENT_GROUPS runs the grid form's
+    tensor-core kernels as 2 row groups from 32 rows of the batch, and one group
+    below that or on CUDA cores (H = 32 on 8 SMs, LSTM, 8 units a CTA: one
+    group is 4 CTAs, two are 8): the forward's and the backward's grids and the
+    output and every gradient's bits are those of the setting given explicitly
+    (whose values the tests above check against nn.* + packed)."""
+    counts = emulation_module().launch_counts
+    ref, x, lengths, hx = sample_inputs("lstm", T=5, B=B, I=8, H=32, requires_grad=False, seed=3)
+    m = MaskedRNN.from_torch(ref).to(dtype)
+    x = torch.nan_to_num(x, nan=0.0).to(dtype).requires_grad_()
+    hx = tuple(t.to(dtype) for t in hx)
+
+    def run():
+        y, _ = m(x, lengths, hx)
+        forward_grid = counts()[2]
+        grads = torch.autograd.grad(y.float().sum(), [x, *m.parameters()])
+        return (forward_grid, counts()[2]), [y.detach(), *grads]
+
+    with rnn_path("persistent:grid"), emulate_cuda(), emulated_device(sm_count=8), \
+            persistent_units("8"):
+        assert "VARLEN_KERNELS_PERSISTENT_GROUPS" not in os.environ
+        unset = run()
+        with persistent_groups("auto"):
+            auto = run()
+        with persistent_groups(groups):
+            given = run()
+        with persistent_groups("1"):
+            one = run()
+    assert unset[0] == auto[0] == given[0]
+    assert unset[0] == ((8, 8) if groups == "2" else (4, 4)) and one[0] == (4, 4)
+    for a, b, c in zip(unset[1], auto[1], given[1]):
+        assert torch.equal(a, c) and torch.equal(b, c)
 
 
 @pytest.mark.emulation

@@ -87,7 +87,7 @@ PersistentCopy persistent_copy_setting() {
 }
 
 int64_t persistent_groups_setting() {
-  return number_setting("VARLEN_KERNELS_PERSISTENT_GROUPS", 1, 1, 16,
+  return number_setting("VARLEN_KERNELS_PERSISTENT_GROUPS", 0, 1, 16,
                         "row groups of the grid form");
 }
 
@@ -1093,7 +1093,11 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
   const Launch one = choose_launch<scalar_t>(set, tc_kernel, fma_kernel, which, dirs, B * H,
                                              sizes, tc_smem, fma_smem, H);
   if (one.units == 0) return one;
-  for (int64_t groups = set.groups; groups > 1; --groups) {
+  // Unset or "auto": 2 groups on tensor cores from kAutoGroupRows rows of the
+  // batch, else one.
+  const int64_t most_groups =
+      set.groups > 0 ? set.groups : one.kernel_tc && B >= kAutoGroupRows ? 2 : 1;
+  for (int64_t groups = most_groups; groups > 1; --groups) {
     const Launch l = choose_launch<scalar_t>(set, tc_kernel, fma_kernel, which, dirs, B * H, sizes,
                                              tc_smem, fma_smem, H, groups);
     const int64_t rows = l.kernel_tc ? 16 : l.units > 0 ? tile_rows(l.units) : 1;

@@ -28,7 +28,8 @@
 #              persistent kernels wherever they fit, past the auto path's
 #              bound (persistent), and so as 2 row groups
 #              (persistent+row_groups);
-#              bench_linear_ce; bench_losses
+#              (bench_rnn: this alone); bench_linear_ce; bench_losses
+#              (bench_losses: these two alone)
 #   bench_gru  GRU (bfloat16, IEEE float32) and the LSTM with TF32 on both sides,
 #              against persistent, per_step, packed and padded
 #   profile    torch.profiler's kernel table of one MaskedRNN fwd+bwd per shape, and
@@ -128,9 +129,12 @@ bench() {  # STAGE NAME BENCH-ARGS...
     | show "^=\|failed\|  [a-z_]*:" | tail -40
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 }
-stage_bench() {
+stage_bench() { stage_bench_rnn; stage_bench_losses; }
+stage_bench_rnn() {
   bench bench bench_rnn_cuda --cells lstm --dtypes bfloat16,float32 --repeats 2 --min-run-time 0.3 \
     --baselines masked,persistent,bulk,one_group,persistent+row_groups,global_exchange,dsmem_barrier,grid_sync,per_step,packed,padded
+}
+stage_bench_losses() {
   CAP_bench=35 cap bench $PY benchmarks/bench_linear_ce.py --device cuda --out "$RES" 2>&1 \
     | tee "$(logfile bench_linear_ce_cuda.log)" | tail -6 || status=1
   CAP_bench=35 cap bench $PY benchmarks/bench_losses.py --device cuda --out "$RES" 2>&1 \
@@ -183,7 +187,7 @@ stage_units() {
 
 for s in "${stages[@]}"; do
   [ "$(type -t "stage_$s")" = function ] || {
-    echo "unknown stage '$s': choose from build tests tests_other sanitizer ptxas bench bench_gru profile ncu units" >&2
+    echo "unknown stage '$s': choose from build tests tests_other sanitizer ptxas bench bench_rnn bench_losses bench_gru profile ncu units" >&2
     exit 2; }
 done
 for s in "${stages[@]}"; do

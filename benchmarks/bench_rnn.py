@@ -48,18 +48,23 @@ Baselines, side by side in one run, same weights, lengths uniform in [1, T]:
             barriers
   bulk      MaskedRNN whose tensor-core persistent kernels stage their operand
             rows with one bulk copy a row (cp.async.bulk on an mbarrier;
-            VARLEN_KERNELS_PERSISTENT_COPY=bulk; GPU only), where masked
-            issues 16-byte asynchronous copies
+            VARLEN_KERNELS_PERSISTENT_COPY=bulk; GPU only), as masked does
+            where they can
+  async_copy
+            MaskedRNN whose tensor-core persistent kernels stage their operand
+            rows with 16-byte asynchronous copies (cp.async;
+            VARLEN_KERNELS_PERSISTENT_COPY=async; GPU only)
   row_groups
             MaskedRNN whose persistent kernels' grid form runs as 2 row groups
             of CTAs, each owning every hidden unit (twice the units a CTA) and
             stepping every other 16-row tile of the running rows
             (VARLEN_KERNELS_PERSISTENT_GROUPS=2; GPU only), where masked runs
-            2 on tensor cores from 32 rows of the batch, else one
+            the backward's tensor-core kernels as 2 from 32 rows of the batch,
+            everything else as one
   one_group MaskedRNN whose persistent kernels' grid form runs as one group,
             each CTA stepping every running row
             (VARLEN_KERNELS_PERSISTENT_GROUPS=1; GPU only)
-  (grid_sync, global_exchange, four_slots, bulk, row_groups, one_group, units_N and
+  (grid_sync, global_exchange, four_slots, bulk, async_copy, row_groups, one_group, units_N and
   stage_N change the persistent kernels: they differ from masked only where it
   takes them)
   a+b       the settings of several of the baselines from per_step to stage_N
@@ -144,7 +149,7 @@ from varlen_kernels import MaskedRNN, masked_rnn_reference  # noqa: E402
 from varlen_kernels.reference import _cell_step  # noqa: E402
 
 BASELINES = ("masked", "per_step", "persistent", "all_rows", "grid_sync", "global_exchange",
-             "dsmem_barrier", "four_slots", "bulk", "row_groups", "one_group", "host_lengths", "split", "packed", "padded", "reference", "compiled")
+             "dsmem_barrier", "four_slots", "bulk", "async_copy", "row_groups", "one_group", "host_lengths", "split", "packed", "padded", "reference", "compiled")
 # Baselines that are MaskedRNN under a setting (CUDA paths): (variable, value),
 # set around the forward and the backward.
 SETTINGS = {"per_step": ("VARLEN_KERNELS_RNN_PATH", "per_step"),
@@ -155,6 +160,7 @@ SETTINGS = {"per_step": ("VARLEN_KERNELS_RNN_PATH", "per_step"),
             "dsmem_barrier": ("VARLEN_KERNELS_PERSISTENT_EXCHANGE", "dsmem_barrier"),
             "four_slots": ("VARLEN_KERNELS_PERSISTENT_SLOTS", "4"),
             "bulk": ("VARLEN_KERNELS_PERSISTENT_COPY", "bulk"),
+            "async_copy": ("VARLEN_KERNELS_PERSISTENT_COPY", "async"),
             "row_groups": ("VARLEN_KERNELS_PERSISTENT_GROUPS", "2"),
             "one_group": ("VARLEN_KERNELS_PERSISTENT_GROUPS", "1")}
 UNITS = re.compile(r"units_([0-9]+)")

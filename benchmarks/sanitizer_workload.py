@@ -43,10 +43,12 @@ def main(argv=None):
         # a cluster barrier; then, in clusters of 5 CTAs of 8 units, 16-byte
         # stores completing on mbarriers), then through global memory.
         # Then the grid form's tensor-core kernels staging in chunks through
-        # 2 slots of asynchronous copies (40 KiB: the backward's 160 columns
-        # in 3 chunks), and by bulk copies on an mbarrier (one slot of at most
-        # 24 KiB). Last, the grid form as 2 row groups of 2 CTAs (16-row tiles
-        # in turn: the second group runs out of rows first).
+        # 2 slots of 16-byte asynchronous copies (40 KiB: the backward's 160
+        # columns in 3 chunks), and by bulk copies on an mbarrier (one slot of
+        # at most 24 KiB; bfloat16 takes them by default where the staging
+        # has one slot). Last, the grid form as 2 row groups of 2 CTAs (16-row
+        # tiles in turn: the second group runs out of rows first; by default
+        # the backward takes 2 groups at this batch of 40).
         # (6 steps: the exchange's two buffers each filled and read twice over)
         lengths = torch.cat([torch.full((8,), 6), torch.randint(0, 4, (32,))])
         for sync, emulated, exchange, stage, slots, copy, groups in (
@@ -54,7 +56,7 @@ def main(argv=None):
                 ("auto", dict(max_cluster_blocks=2), "auto", "auto", "auto", "auto", "auto"),
                 ("auto", dict(max_cluster_blocks=5), "auto", "auto", "auto", "auto", "auto"),
                 ("auto", dict(max_cluster_blocks=2), "global", "auto", "auto", "auto", "auto"),
-                ("grid", dict(sm_count=4), "auto", "40", "2", "auto", "auto"),
+                ("grid", dict(sm_count=4), "auto", "40", "2", "async", "auto"),
                 ("grid", dict(sm_count=4), "auto", "24", "auto", "bulk", "auto"),
                 ("grid", dict(sm_count=4), "auto", "auto", "auto", "auto", "2")):
             with vk.testing.env_setting("VARLEN_KERNELS_PERSISTENT_SYNC", sync), \

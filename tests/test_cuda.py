@@ -613,18 +613,19 @@ def test_grid_form_row_groups_on_tensor_cores(cell, dtype, bidirectional, groups
 
 
 @pytest.mark.emulation
-@pytest.mark.parametrize("dtype,B,groups", [
-    (torch.bfloat16, 40, "2"),  # tensor cores, at least 32 rows: 2 groups
+@pytest.mark.parametrize("dtype,B,backward_groups", [
+    (torch.bfloat16, 40, "2"),  # tensor cores, at least 32 rows: the backward as 2 groups
     (torch.bfloat16, 31, "1"),  # two 16-row tiles, fewer than 32 rows: one
     (torch.float64, 40, "1"),   # CUDA cores: one
 ])
-def test_grid_form_row_groups_by_default(dtype, B, groups):
+def test_grid_form_row_groups_by_default(dtype, B, backward_groups):
     """Unset (or 'auto'), VARLEN_KERNELS_PERSISTENT_GROUPS runs the grid form's
-    tensor-core kernels as 2 row groups from 32 rows of the batch, and one group
-    below that or on CUDA cores (H = 32 on 8 SMs, LSTM, 8 units a CTA: one
-    group is 4 CTAs, two are 8): the forward's and the backward's grids and the
-    output and every gradient's bits are those of the setting given explicitly
-    (whose values the tests above check against nn.* + packed)."""
+    tensor-core backward as 2 row groups from 32 rows of the batch, and one
+    group for the forward, below 32 rows and on CUDA cores (H = 32 on 8 SMs,
+    LSTM, 8 units a CTA: one group is 4 CTAs, two are 8): the forward's and the
+    backward's grids, unset and 'auto' the same bits, the forward's output
+    that of one group given explicitly, and the output and every gradient
+    within 2x PyTorch's own error against nn.* + packed."""
     counts = emulation_module().launch_counts
     ref, x, lengths, hx = sample_inputs("lstm", T=5, B=B, I=8, H=32, requires_grad=False, seed=3)
     m = MaskedRNN.from_torch(ref).to(dtype)
@@ -643,14 +644,17 @@ def test_grid_form_row_groups_by_default(dtype, B, groups):
         unset = run()
         with persistent_groups("auto"):
             auto = run()
-        with persistent_groups(groups):
-            given = run()
         with persistent_groups("1"):
             one = run()
-    assert unset[0] == auto[0] == given[0]
-    assert unset[0] == ((8, 8) if groups == "2" else (4, 4)) and one[0] == (4, 4)
-    for a, b, c in zip(unset[1], auto[1], given[1]):
-        assert torch.equal(a, c) and torch.equal(b, c)
+        if dtype != torch.float64:
+            check_low_precision("lstm", dtype, 5, B, 32, "cpu")
+        else:
+            check_against_packed("lstm", device="cpu", T=5, B=B, H=32, seed=3)
+    assert unset[0] == auto[0] == (4, 8 if backward_groups == "2" else 4), unset[0]
+    assert one[0] == (4, 4)
+    assert torch.equal(unset[1][0], one[1][0])
+    for a, b in zip(unset[1], auto[1]):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.emulation
@@ -791,9 +795,10 @@ def test_staging_whole_or_in_chunks_gives_the_same_bits(cell, dtype):
     reductions between warps) follow the clusters that the shared memory
     leaves resident, which the setting changes there. The slots setting (at
     most 1 (its default), 2 or 3 slots) gives the same bits too, and so do
-    bulk copies (VARLEN_KERNELS_PERSISTENT_COPY=bulk: one slot, a bulk copy a
-    row of each chunk whose columns all exist, on an mbarrier; half and
-    bfloat16 only), which then run."""
+    bulk copies (VARLEN_KERNELS_PERSISTENT_COPY=bulk, and unset where they
+    can: one slot, a bulk copy a row of each chunk whose columns all exist, on
+    an mbarrier; half and bfloat16 only), which then run, against 16-byte
+    asynchronous copies (=async)."""
     precision, paths = "ieee", ("persistent:grid", "persistent:cluster")
     if dtype == "tf32":
         dtype, precision, paths = torch.float32, "tf32", ("persistent:grid",)
@@ -802,9 +807,10 @@ def test_staging_whole_or_in_chunks_gives_the_same_bits(cell, dtype):
     x = torch.nan_to_num(x.detach(), nan=0.0).to(dtype).requires_grad_()
     hx = tuple(h.detach().to(dtype) for h in hx) if cell == "lstm" else hx.detach().to(dtype)
     runs = {}
-    settings = [(kib, "4", "auto") for kib in ("auto", "0", "4", "5", "10", "16", "24", "32", "48")]
-    settings += [("auto", slots, "auto") for slots in ("auto", "2", "3")]
+    settings = [(kib, "4", "async") for kib in ("auto", "0", "4", "5", "10", "16", "24", "32", "48")]
+    settings += [("auto", slots, "async") for slots in ("auto", "2", "3")]
     settings += [(kib, "auto", "bulk") for kib in ("auto", "0", "10", "32")]
+    settings += [("auto", "auto", "auto")]
     bulk = {}
     for path in paths:
         for kib, slots, copy in settings:
@@ -822,11 +828,11 @@ def test_staging_whole_or_in_chunks_gives_the_same_bits(cell, dtype):
                 bulk[path, kib, slots, copy] = emulation_module().launch_counts()[6] - before
             runs[path, kib, slots, copy] = [t.detach() for t in (*out, *grads)]
     for (path, kib, slots, copy), tensors in runs.items():
-        for a, b in zip(tensors, runs[path, "auto", "4", "auto"]):
+        for a, b in zip(tensors, runs[path, "auto", "4", "async"]):
             assert torch.equal(a, b), (path, kib, slots, copy)
-        # bulk copies where asked for in half and bfloat16 (rows of 16-byte
-        # multiples: H = 72, 4H = 288, 3H = 216), and only there
-        assert (bulk[path, kib, slots, copy] > 0) == (copy == "bulk" and dtype != torch.float32), \
+        # bulk copies in half and bfloat16 (rows of 16-byte multiples: H = 72,
+        # 4H = 288, 3H = 216) where asked for or by default, and only there
+        assert (bulk[path, kib, slots, copy] > 0) == (copy != "async" and dtype != torch.float32), \
             (path, kib, slots, copy)
 
 
@@ -880,10 +886,10 @@ def test_auto_path_takes_the_per_step_path_past_the_bound_of_a_steps_product(cel
 def test_bulk_copies_stage_the_same_bits_as_16_byte_copies(cell, gpu):
     """The tensor-core kernels' staging by bulk copies on an mbarrier
     (VARLEN_KERNELS_PERSISTENT_COPY=bulk) gives the outputs and gradients of
-    their 16-byte asynchronous copies bit for bit: bfloat16, grid form, H = 72
-    (the forward's rows of 72 columns with zeros to 80, the backward's of 4H or
-    3H), whole and in chunks (16 KiB); on a GPU too (sm_90), where it has not
-    run before."""
+    their 16-byte asynchronous copies (=async) bit for bit: bfloat16, grid
+    form, H = 72 (the forward's rows of 72 columns with zeros to 80, the
+    backward's of 4H or 3H), whole and in chunks (16 KiB); on a GPU too
+    (sm_90)."""
     if gpu == "cuda" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("bulk copies need sm_90")
     ref, x, lengths, hx = sample_inputs(cell, T=6, B=20, I=5, H=72, seed=9, device=gpu)
@@ -891,10 +897,10 @@ def test_bulk_copies_stage_the_same_bits_as_16_byte_copies(cell, gpu):
     x = torch.nan_to_num(x.detach(), nan=0.0).to(torch.bfloat16).requires_grad_()
     hx = tuple(h.detach().to(torch.bfloat16) for h in hx) if cell == "lstm" \
         else hx.detach().to(torch.bfloat16)
-    runs, issued = {}, {"auto": 0, "bulk": 0}
+    runs, issued = {}, {"async": 0, "bulk": 0}
     count = emulation_module().launch_counts if gpu != "cuda" else lambda: (0,) * 7
     for kib in ("auto", "16"):
-        for copy in ("auto", "bulk"):
+        for copy in ("async", "bulk"):
             with rnn_path("persistent:grid"), device_limits(gpu, sm_count=3), \
                     env_setting("VARLEN_KERNELS_PERSISTENT_STAGE_KIB", kib), \
                     env_setting("VARLEN_KERNELS_PERSISTENT_COPY", copy):
@@ -906,11 +912,11 @@ def test_bulk_copies_stage_the_same_bits_as_16_byte_copies(cell, gpu):
                 issued[copy] += count()[6] - before
             runs[kib, copy] = [t.detach() for t in (*out, *grads)]
     for kib in ("auto", "16"):
-        for a, b in zip(runs[kib, "bulk"], runs[kib, "auto"]):
+        for a, b in zip(runs[kib, "bulk"], runs[kib, "async"]):
             assert torch.equal(a, b), kib
     assert all(torch.isfinite(t.float()).all() for t in runs["auto", "bulk"])
     if gpu != "cuda":  # bulk copies ran, and only where asked for
-        assert issued["bulk"] > 0 and issued["auto"] == 0, issued
+        assert issued["bulk"] > 0 and issued["async"] == 0, issued
 
 
 @pytest.mark.emulation
@@ -1054,8 +1060,8 @@ def test_persistent_exchange_setting_is_checked_and_forced_dsmem_that_cannot_run
                                                "'global', 'dsmem' or 'dsmem_barrier', got 'shared'"):
             torch.ops.varlen_kernels.rnn_forward(*args, "lstm", False)
     with emulate_cuda(), env_setting("VARLEN_KERNELS_PERSISTENT_COPY", "tma"):
-        with pytest.raises(RuntimeError, match="VARLEN_KERNELS_PERSISTENT_COPY must be 'auto' or "
-                                               "'bulk', got 'tma'"):
+        with pytest.raises(RuntimeError, match="VARLEN_KERNELS_PERSISTENT_COPY must be 'auto', "
+                                               "'async' or 'bulk', got 'tma'"):
             torch.ops.varlen_kernels.rnn_forward(*args, "lstm", False)
     ref, x, lengths, hx = sample_inputs("lstm", T=3, B=300, I=3, H=16)
     m = MaskedRNN.from_torch(ref)

@@ -83,6 +83,7 @@ int64_t persistent_max_mmac_setting() {
 PersistentCopy persistent_copy_setting() {
   return choice_setting<PersistentCopy>("VARLEN_KERNELS_PERSISTENT_COPY",
                                         {{"auto", PersistentCopy::Auto},
+                                         {"async", PersistentCopy::Async},
                                          {"bulk", PersistentCopy::Bulk}});
 }
 
@@ -1004,7 +1005,7 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
       l.slots = set.slots;
       // (sm_90 exactly: the build's sm_90a code has them; a later device
       // would run the sm_80 PTX, which does not)
-      l.bulk = set.copy == PersistentCopy::Bulk && elem != 4 && cuda::compute_major() == 9;
+      l.bulk = set.copy != PersistentCopy::Async && elem != 4 && cuda::compute_major() == 9;
       l.smem = size_t(geometry(l.units, l.stage_limit, l.tile_mt).smem());
     } else {
       l.stage_limit = fma_stage(l.units);
@@ -1093,10 +1094,10 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
   const Launch one = choose_launch<scalar_t>(set, tc_kernel, fma_kernel, which, dirs, B * H,
                                              sizes, tc_smem, fma_smem, H);
   if (one.units == 0) return one;
-  // Unset or "auto": 2 groups on tensor cores from kAutoGroupRows rows of the
-  // batch, else one.
+  // Unset or "auto": the backward as 2 groups on tensor cores from
+  // kAutoGroupRows rows of the batch, else one.
   const int64_t most_groups =
-      set.groups > 0 ? set.groups : one.kernel_tc && B >= kAutoGroupRows ? 2 : 1;
+      set.groups > 0 ? set.groups : !forward && one.kernel_tc && B >= kAutoGroupRows ? 2 : 1;
   for (int64_t groups = most_groups; groups > 1; --groups) {
     const Launch l = choose_launch<scalar_t>(set, tc_kernel, fma_kernel, which, dirs, B * H, sizes,
                                              tc_smem, fma_smem, H, groups);

@@ -105,13 +105,14 @@ int64_t persistent_slots_setting();  // checks the value
 // multiply-adds (0 to 9999), the per-step path one past it; unset or "auto":
 // -1, for the measured bounds (kMostStepMacs...).
 int64_t persistent_max_mmac_setting();  // checks the value
-// VARLEN_KERNELS_PERSISTENT_COPY = "auto" (default: the tensor-core kernels
-// stage with 16-byte asynchronous copies, cp.async) or "bulk": a bulk copy a
-// row (cp.async.bulk, completing on an mbarrier) where it can run (sm_90,
-// half and bfloat16, one slot, rows 16-byte aligned, hidden sizes of a
-// multiple of 8; else cp.async). On an H200 (bfloat16 LSTM, H = 1024, B = 64)
-// 1.05x faster than cp.async.
-enum class PersistentCopy { Auto, Bulk };
+// VARLEN_KERNELS_PERSISTENT_COPY: how the tensor-core kernels stage their
+// operand rows. "bulk": a bulk copy a row (cp.async.bulk, completing on an
+// mbarrier) where it can run (sm_90, half and bfloat16, one slot, rows
+// 16-byte aligned, chunks of whole 16 bytes; else as "async"); "async":
+// 16-byte asynchronous copies (cp.async); unset or "auto": "bulk". On an
+// H200 (bfloat16 LSTM, T = 512) bulk copies were 1.05x and 1.06x faster at
+// B = 64, H = 1024 (two runs), 1.02x at B = 8, H = 1024, the same elsewhere.
+enum class PersistentCopy { Auto, Async, Bulk };
 PersistentCopy persistent_copy_setting();  // checks the value
 // VARLEN_KERNELS_PERSISTENT_GROUPS=n: the grid form's CTAs of a direction as
 // up to n row groups (1 to 16) instead of one: each group's CTAs own all
@@ -120,9 +121,12 @@ PersistentCopy persistent_copy_setting();  // checks the value
 // of the running rows a step; fewer groups where the weight slices of n
 // groups' CTAs do not fit on the kernel one group takes (tensor cores or CUDA
 // cores) or the batch has fewer tiles (the tensor-core kernels' 16 rows, the
-// CUDA-core kernels' tile). Unset or "auto" (0): 2 on the tensor-core kernels
-// for batches of at least kAutoGroupRows rows, else 1. On an H200 (bfloat16
-// LSTM, H = 1024, B = 64, T = 512) 2 groups were 1.10x faster than one.
+// CUDA-core kernels' tile). Unset or "auto" (0): on the tensor-core kernels,
+// 2 for the backward and 1 for the forward from kAutoGroupRows rows of the
+// batch, else 1. On an H200 (bfloat16 LSTM, H = 1024, B = 64, T = 512) 2 groups
+// took the backward kernel from 9.77 to 7.88 ms and the forward from 4.94 to
+// 5.31 (two runs), and the fwd+bwd from 16.5 to 15.0 ms: the backward stages
+// B x 4H values a CTA a step, the forward B x H.
 // The projection LSTM's kernels take one group.
 constexpr int64_t kAutoGroupRows = 32;
 int64_t persistent_groups_setting();  // checks the value

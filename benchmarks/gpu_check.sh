@@ -34,8 +34,10 @@
 #              (bench_losses: these two alone)
 #   bench_gru  GRU (bfloat16, IEEE float32) and the LSTM with TF32 on both sides,
 #              against persistent, per_step, packed and padded
-#   profile    torch.profiler's kernel table of one MaskedRNN fwd+bwd per shape, and
-#              profile_losses.py (masked_cross_entropy's host and device time)
+#   profile    torch.profiler's kernel table of one MaskedRNN fwd+bwd per shape (and its
+#              wall time), the persistent kernels' at B=256 H=1024 (past the
+#              auto path's bound), and profile_losses.py (masked_cross_entropy's
+#              host and device time)
 #   ncu        (only when named) Nsight Compute on the persistent kernels of one
 #              fwd+bwd (bfloat16 LSTM, T=512) at B=8 H=256 (cluster form) and
 #              B=64 H=1024 (grid form): throughput, memory, warp stalls, to
@@ -150,7 +152,12 @@ stage_bench_gru() {
 }
 
 stage_profile() {
-  cap profile $PY benchmarks/profile_rnn.py --out "$RES/profile_rnn.txt" 2>&1 | tail -45 || status=1
+  cap profile $PY benchmarks/profile_rnn.py --out "$RES/profile_rnn.txt" 2>&1 | show "^==" || status=1
+  # Past the bound (B = 256, H = 1024) the persistent kernels took 41 ms against the
+  # per-step path's 22 to 29: their kernels there.
+  CAP_profile=20 VARLEN_KERNELS_RNN_PATH=persistent cap profile $PY benchmarks/profile_rnn.py \
+    --out "$RES/profile_rnn_persistent_b256.txt" --shapes lstm,512,256,1024 2>&1 | show "^==" \
+    || status=1
   # The cross entropy's fixed ~0.5 ms at 1k classes: host or device, and where.
   CAP_profile=30 cap profile $PY benchmarks/profile_losses.py --out "$RES/profile_losses.txt" \
     2>&1 | show "^==" || status=1

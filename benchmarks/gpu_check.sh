@@ -31,7 +31,7 @@
 #              bound (persistent), and so as 2 row groups
 #              (persistent+row_groups);
 #              (bench_rnn: this alone); bench_linear_ce; bench_losses
-#              (bench_losses: these two alone)
+#              (bench_losses: these two alone; both under bench's caps, CAP_bench)
 #   bench_gru  GRU (bfloat16, IEEE float32) and the LSTM with TF32 on both sides,
 #              against persistent, per_step, packed and padded
 #   profile    torch.profiler's kernel table of one MaskedRNN fwd+bwd per shape (and its

@@ -42,8 +42,9 @@ def main(argv=None):
         # the cluster's distributed shared memory (one value at a time before
         # a cluster barrier; then, in clusters of 5 CTAs of 8 units, 16-byte
         # stores completing on mbarriers), then through global memory.
-        # Then the grid form's tensor-core kernels staging in chunks through
-        # 2 slots of 16-byte asynchronous copies (40 KiB: the backward's 160
+        # Then the grid form's tensor-core kernels staging by 16-byte
+        # asynchronous copies through one slot and in chunks through
+        # 2 slots of them (40 KiB: the backward's 160
         # columns in 3 chunks), and by bulk copies on an mbarrier (one slot of
         # at most 24 KiB; bfloat16 takes them by default where the staging
         # has one slot). Last, the grid form as 2 row groups of 2 CTAs (16-row
@@ -56,6 +57,7 @@ def main(argv=None):
                 ("auto", dict(max_cluster_blocks=2), "auto", "auto", "auto", "auto", "auto"),
                 ("auto", dict(max_cluster_blocks=5), "auto", "auto", "auto", "auto", "auto"),
                 ("auto", dict(max_cluster_blocks=2), "global", "auto", "auto", "auto", "auto"),
+                ("grid", dict(sm_count=4), "auto", "auto", "auto", "async", "auto"),
                 ("grid", dict(sm_count=4), "auto", "40", "2", "async", "auto"),
                 ("grid", dict(sm_count=4), "auto", "24", "auto", "bulk", "auto"),
                 ("grid", dict(sm_count=4), "auto", "auto", "auto", "auto", "2")):

@@ -633,9 +633,11 @@ def test_grid_form_row_groups_by_default(dtype, B, backward_groups):
     hx = tuple(t.to(dtype) for t in hx)
 
     def run():
+        before = counts()[1]
         y, _ = m(x, lengths, hx)
         forward_grid = counts()[2]
         grads = torch.autograd.grad(y.float().sum(), [x, *m.parameters()])
+        assert counts()[1] - before == 2  # the grids below are this run's
         return (forward_grid, counts()[2]), [y.detach(), *grads]
 
     with rnn_path("persistent:grid"), emulate_cuda(), emulated_device(sm_count=8), \
@@ -1321,6 +1323,30 @@ def test_rnn_path_setting_is_checked():
         with pytest.raises(RuntimeError, match="VARLEN_KERNELS_RNN_PATH must be 'auto', "
                                                "'persistent' or 'per_step', got 'fastest'"):
             torch.ops.varlen_kernels.rnn_forward(*args, "gru", False)
+
+
+def test_small_div_is_exact_with_the_gpus_reciprocal():
+    """small_div (csrc/cuda/rnn_persistent.cuh), the persistent kernels' a / b for
+    0 <= a < 2^20 (their walks over a tile's elements divide by its columns): the
+    whole part of (a + 0.5) * rcp in float32 arithmetic, rcp being 1 / b to
+    within 2 ulp on a GPU (__fdividef) and rounded under the CPU execution of
+    CUDA. For every b up to 1024 and the a where an error would show (the
+    multiples of b, and the numbers just below them), with reciprocals 2 float
+    steps below and above the rounded 1 / b, and that one: the quotient is
+    exact."""
+    def steps(t, toward, n=2):
+        for _ in range(n):
+            t = torch.nextafter(t, torch.tensor(toward, dtype=t.dtype))
+        return t
+
+    for b in range(1, 1025):
+        k = torch.arange(1, (1 << 20) // b + 1, dtype=torch.int64)
+        a = torch.cat([k * b - 1, k * b])
+        a = a[a < (1 << 20)]
+        rounded = torch.tensor(1.0 / b, dtype=torch.float32)
+        for rcp in (steps(rounded, 0.0), rounded, steps(rounded, 2.0)):
+            quotient = ((a.to(torch.float32) + 0.5) * rcp).to(torch.int64)
+            assert torch.equal(quotient, a // b), b
 
 
 # ------------------------------------------------- lengths in host memory

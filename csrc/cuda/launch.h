@@ -215,6 +215,33 @@ inline int64_t max_cluster_blocks() {
 #endif
 }
 
+// Whether the code of `kernel` the current device runs was compiled from PTX
+// for sm_90 or later (cudaFuncAttributes::ptxVersion; code just-in-time
+// compiled from older PTX, such as the build's 8.0 PTX on an H100 whose
+// TORCH_CUDA_ARCH_LIST left out 9.0, keeps its PTX's version): the kernels'
+// bulk copies exist only in such code (elsewhere they trap; max_active_clusters
+// checks the same for clusters). Remembered per device and kernel on a GPU;
+// the emulated device's code has them.
+template <typename... Params>
+bool has_sm90_code(void (*kernel)(Params...)) {
+#ifdef VK_EMULATE_CUDA
+  (void)kernel;
+  return true;
+#else
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  using Key = std::tuple<int, const void*>;
+  static std::mutex mutex;
+  static std::map<Key, bool> known;
+  const Key key{device, reinterpret_cast<const void*>(kernel)};
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (const auto it = known.find(key); it != known.end()) return it->second;
+  cudaFuncAttributes attributes;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, reinterpret_cast<const void*>(kernel)));
+  return known[key] = attributes.ptxVersion >= 90;
+#endif
+}
+
 #ifndef VK_EMULATE_CUDA
 // A launch configuration in clusters of `cluster` consecutive blocks along x;
 // `attr` holds its cluster attribute (and must outlive it).

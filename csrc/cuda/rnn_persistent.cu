@@ -1003,9 +1003,10 @@ Launch choose(Kernel tc_kernel, Kernel fma_kernel, bool forward, const char* whi
       l.stage_limit =
           std::max<int64_t>(0, std::min(tc_stage(l.units, l.tile_mt, l.cluster), planned));
       l.slots = set.slots;
-      // (sm_90 exactly: the build's sm_90a code has them; a later device
-      // would run the sm_80 PTX, which does not)
-      l.bulk = set.copy != PersistentCopy::Async && elem != 4 && cuda::compute_major() == 9;
+      // (sm_90 exactly, and code compiled for it: the build's sm_90a code has
+      // them; a later device would run the sm_80 PTX, which does not)
+      l.bulk = set.copy != PersistentCopy::Async && elem != 4 && cuda::compute_major() == 9 &&
+               cuda::has_sm90_code(tc_kernel);
       l.smem = size_t(geometry(l.units, l.stage_limit, l.tile_mt).smem());
     } else {
       l.stage_limit = fma_stage(l.units);

@@ -42,16 +42,45 @@ constexpr int kMinUnits = 2, kMaxUnits = 128;
 // Rows of a tile of the fma kernels: kRows per row group of Hs threads.
 constexpr int tile_rows(int units) { return (kThreads / units) * kRows; }
 
+// a / b for 0 <= a < 2^20 and b >= 1 given as rcp_b = small_rcp(b): the
+// whole part of (a + 0.5) * rcp_b, in float arithmetic, a few instructions
+// where a 32-bit division by a number known only at run time takes about 20
+// (the kernels divide by their units a CTA and their chunks' columns at every
+// step). Exact: (a + 0.5) / b is at least 0.5 / b from a whole number, and the
+// float result is within about 2.5 * 2^-23 of it relatively (the reciprocal's
+// 2 ulp at most, __fdividef's bound for 1 <= b < 2^126, and the product's half
+// ulp; a and b are exact in float), less than 0.5 / b while a + 0.5 < 0.39 *
+// 2^22 (tests/test_cuda.py checks it with reciprocals 2 ulp off).
+//   The reciprocal is made at each call, never held across a kernel's steps
+// (an empty asm volatile keeps the compiler from hoisting it, and the walks
+// made from it, out of the loop over the steps, where they would hold
+// registers: the backward LSTM tensor-core kernel has 255). TileWalk takes
+// it; StageRing::for_copies keeps its integer divisions, as with small_div
+// there that kernel spilled (20 bytes, sm_90a).
+__device__ __forceinline__ float small_rcp(int b) {
+#ifdef __CUDA_ARCH__
+  float r = __fdividef(1.f, float(b));
+  asm volatile("" : "+f"(r));
+  return r;
+#else
+  return 1.f / float(b);
+#endif
+}
+__device__ __forceinline__ int small_div(int a, float rcp_b) {
+  return int((float(a) + 0.5f) * rcp_b);
+}
+
 // The calling thread's elements of a tile of `cols` columns (element r * cols
 // + c is thread (r * cols + c) % kThreads's): its first, (r0, c0), and the
 // fixed steps from one to the next (advance()), so that a loop over them has
-// no division. The divisions are the constructor's: a kernel that walks tiles
-// of the same columns at every step makes its walk once, before its steps.
+// no division. The constructor's two divisions (of kThreads and of the thread's
+// index by cols) are small_div's.
 struct TileWalk {
   int cols, dr, dc, r0, c0;
-  __device__ explicit TileWalk(int cols_)
-      : cols(cols_), dr(kThreads / cols_), dc(kThreads - (kThreads / cols_) * cols_),
-        r0(int(threadIdx.x) / cols_), c0(int(threadIdx.x) - (int(threadIdx.x) / cols_) * cols_) {}
+  __device__ explicit TileWalk(int cols_) : TileWalk(cols_, small_rcp(cols_)) {}
+  __device__ TileWalk(int cols_, float rcp)
+      : cols(cols_), dr(small_div(kThreads, rcp)), dc(kThreads - dr * cols_),
+        r0(small_div(int(threadIdx.x), rcp)), c0(int(threadIdx.x) - r0 * cols_) {}
   __device__ __forceinline__ void advance(int& r, int& c) const {
     r += dr;
     c += dc;
@@ -573,7 +602,7 @@ __device__ __forceinline__ auto staged(scalar_t* as, Stage stage) {
 // copies (async_copy.h) where the rows allow them (block-uniform), else
 // loads and stores at issue, on the same schedule. float32: rounded to TF32
 // in place by the thread that copied them, after its wait.
-// With one slot and an mbarrier (`bar`: VARLEN_KERNELS_PERSISTENT_COPY=bulk,
+// With one slot and an mbarrier (`bar`: VARLEN_KERNELS_PERSISTENT_COPY auto or bulk,
 // half and bfloat16 on sm_90), a chunk whose existing columns take whole
 // 16 bytes a row is staged with one bulk copy a row (cp.async.bulk,
 // completing on the mbarrier: thread 0 arrives expecting the chunk's bytes,

@@ -515,7 +515,8 @@ def test_persistent_units_setting_sizes_the_grid(cell, proj_size, bidirectional,
 
 
 def persistent_groups(n):
-    """VARLEN_KERNELS_PERSISTENT_GROUPS: the grid form's most row groups (unset or 'auto': 2 on tensor cores from 32 rows, else 1)."""
+    """VARLEN_KERNELS_PERSISTENT_GROUPS: the grid form's most row groups (unset or
+    'auto': the tensor-core backward as 2 from 32 rows, everything else as 1)."""
     return env_setting("VARLEN_KERNELS_PERSISTENT_GROUPS", n)
 
 

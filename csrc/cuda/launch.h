@@ -219,9 +219,9 @@ inline int64_t max_cluster_blocks() {
 // for sm_90 or later (cudaFuncAttributes::ptxVersion; code just-in-time
 // compiled from older PTX, such as the build's 8.0 PTX on an H100 whose
 // TORCH_CUDA_ARCH_LIST left out 9.0, keeps its PTX's version): the kernels'
-// bulk copies exist only in such code (elsewhere they trap; max_active_clusters
-// checks the same for clusters). Remembered per device and kernel on a GPU;
-// the emulated device's code has them.
+// clusters, mbarriers and bulk copies exist only in such code (elsewhere they
+// trap). Remembered per device and kernel on a GPU; the emulated device's
+// code has them.
 template <typename... Params>
 bool has_sm90_code(void (*kernel)(Params...)) {
 #ifdef VK_EMULATE_CUDA
@@ -289,9 +289,7 @@ int64_t max_active_clusters(void (*kernel)(Params...), int threads, size_t smem,
   // The code that runs must have been compiled for sm_90 or later: a device
   // that JIT-compiles an older PTX (e.g. a newer GPU than the build's SASS)
   // runs a kernel without clusters.
-  cudaFuncAttributes attributes{};
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
-  if (attributes.ptxVersion < 90) return known[key] = 0;
+  if (!has_sm90_code(kernel)) return known[key] = 0;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       int(prop.sharedMemPerBlockOptin)));
   if (cluster > kPortableClusterBlocks)  // a kernel-wide permission, never withdrawn

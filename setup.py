@@ -47,6 +47,27 @@ def cuda_wheel_includes():
     return dirs
 
 
+def cuda_wheel_library(name):
+    """The path of a CUDA wheel's shared library (libcublas.so.13), to link
+    against by path (the wheels ship no unversioned .so); None where there is none."""
+    try:
+        import nvidia
+    except ImportError:
+        return None
+    for base in nvidia.__path__:
+        found = sorted(glob.glob(os.path.join(base, "cu*", "lib", f"lib{name}.so.*")))
+        if found:
+            return found[0]
+    return None
+
+
+def cublas_link_args():
+    """What links the CUDA module with cuBLAS (the per-step loops call it
+    directly): the wheel's library that torch loads, else the toolkit's."""
+    lib = cuda_wheel_library("cublas")
+    return [lib] if lib else ["-lcublas"]
+
+
 def emulation_sources(variant):
     """One generated C++ file per source of the emulation build, in a folder of
     its own per variant (so the two builds' objects never collide). A CUDA
@@ -91,7 +112,7 @@ if with_cuda:
         cpp_sources + cuda_sources,
         include_dirs=[os.path.join(ROOT, "csrc"), GENERATED] + cuda_wheel_includes(),
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=["-fopenmp"] + cublas_link_args(),
         py_limited_api=False,
     )
 else:

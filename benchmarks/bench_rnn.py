@@ -6,6 +6,10 @@ Baselines, side by side in one run, same weights, lengths uniform in [1, T]:
             auto path takes them to, else the per-step path)
   per_step  MaskedRNN on the per-step CUDA path (VARLEN_KERNELS_RNN_PATH=per_step;
             GPU only)
+  aten_gemm MaskedRNN whose per-step path makes its GEMMs as ATen ops
+            (at::mm_out; VARLEN_KERNELS_STEP_GEMM=aten; GPU only), where masked
+            calls the same cuBLAS GEMM directly: the host time of the ATen op
+            (it differs from masked only where masked takes the per-step path)
   persistent  MaskedRNN on its persistent kernels wherever they fit, past the
             auto path's bound too (VARLEN_KERNELS_RNN_PATH=persistent; GPU only)
   all_rows  MaskedRNN with its GEMMs over tokens on all T*B rows
@@ -148,12 +152,13 @@ import varlen_kernels  # noqa: E402
 from varlen_kernels import MaskedRNN, masked_rnn_reference  # noqa: E402
 from varlen_kernels.reference import _cell_step  # noqa: E402
 
-BASELINES = ("masked", "per_step", "persistent", "all_rows", "grid_sync", "global_exchange",
+BASELINES = ("masked", "per_step", "aten_gemm", "persistent", "all_rows", "grid_sync", "global_exchange",
              "dsmem_barrier", "four_slots", "bulk", "async_copy", "row_groups", "one_group", "host_lengths", "split", "packed", "padded", "reference", "compiled")
 # Baselines that are MaskedRNN under a setting (CUDA paths): (variable, value),
 # set around the forward and the backward.
 SETTINGS = {"per_step": ("VARLEN_KERNELS_RNN_PATH", "per_step"),
             "persistent": ("VARLEN_KERNELS_RNN_PATH", "persistent"),
+            "aten_gemm": ("VARLEN_KERNELS_STEP_GEMM", "aten"),
             "all_rows": ("VARLEN_KERNELS_TOKEN_GEMM", "all_rows"),
             "grid_sync": ("VARLEN_KERNELS_PERSISTENT_SYNC", "grid"),
             "global_exchange": ("VARLEN_KERNELS_PERSISTENT_EXCHANGE", "global"),

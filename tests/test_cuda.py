@@ -279,7 +279,7 @@ def matmul_precision(precision):
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "lstm_proj"])
 @pytest.mark.parametrize("bidirectional", [False, True])
-@pytest.mark.parametrize("sync", ["grid", "grid8", "grid_groups", "cluster"])
+@pytest.mark.parametrize("sync", ["grid", "grid8", "grid_groups", "cluster", "per_step"])
 def test_float32_follows_torchs_tf32_setting(cell, bidirectional, sync, gpu):
     """The float32 persistent kernels run IEEE fma unless torch allows TF32 for
     CUDA matmuls, then tensor cores in TF32. IEEE: output and every gradient
@@ -291,7 +291,11 @@ def test_float32_follows_torchs_tf32_setting(cell, bidirectional, sync, gpu):
     direction, and on 8 (8 units a CTA: the backward's tensor-core tiles have 8
     columns, TcGeometry::tn), and as 3 row groups on 6 SMs a direction (2 CTAs
     of 32 units a group, for the three 16-row tiles of B = 40); the cluster form
-    in clusters of 2 CTAs."""
+    in clusters of 2 CTAs. per_step: the per-step path's cuBLAS GEMMs (on a GPU
+    only: under the emulation they are ATen's CPU GEMMs, which TF32 does not
+    touch)."""
+    if sync == "per_step" and gpu != "cuda":
+        pytest.skip("the emulation's per-step GEMMs are ATen's on the CPU")
     if sync == "grid8" and gpu == "cuda":
         pytest.skip("a GPU's grid form gives these 64 units a CTA each: 'grid' has such tiles")
     if cell == "lstm_proj" and sync in ("cluster", "grid_groups"):
@@ -324,7 +328,8 @@ def test_float32_follows_torchs_tf32_setting(cell, bidirectional, sync, gpu):
     per_dir = {"grid": 2, "grid8": 8, "grid_groups": 6}.get(sync)
     limits = dict(sm_count=per_dir * (2 if bidirectional else 1)) if per_dir else \
         dict(max_cluster_blocks=2)
-    with rnn_path(f"persistent:{sync[:4] if per_dir else sync}"), device_limits(gpu, **limits), \
+    path = "per_step" if sync == "per_step" else f"persistent:{sync[:4] if per_dir else sync}"
+    with rnn_path(path), device_limits(gpu, **limits), \
             persistent_groups("3" if sync == "grid_groups" else "1"):
         with matmul_precision("ieee"):
             ieee = errors(run(torch.float32))
@@ -1315,6 +1320,62 @@ def test_cooperative_launch_refused_at_run_time_falls_back(cell, proj_size, whic
                                                rf"refused the {which} kernel's launch of 12 CTAs "
                                                r"\(cooperative\) at run time"):
             m(x, lengths, hx)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "lstm_proj"])
+@pytest.mark.parametrize("gemm", ["blas", "aten"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_per_step_gemms_direct_and_as_aten_ops(cell, gemm, bidirectional, gpu):
+    """The per-step path's GEMMs made either way (VARLEN_KERNELS_STEP_GEMM: on a
+    GPU 'blas' calls cuBLAS directly, 'aten' through at::mm_out / addmm_; under
+    the emulation both are ATen's): float64 values and every gradient against
+    nn.* + packed, two layers (the float64 backward accumulates into the carry,
+    beta = 1); bfloat16 within 2x PyTorch's own error (the product in the
+    storage type, added to the float carry by the next step's kernel);
+    lstm_proj: proj_size 5 (four GEMMs a step)."""
+    proj_size = 5 if cell == "lstm_proj" else 0
+    cell = "lstm" if proj_size else cell
+    with rnn_path("per_step"), env_setting("VARLEN_KERNELS_STEP_GEMM", gemm):
+        check_against_packed(cell, num_layers=2, bidirectional=bidirectional, device=gpu, T=7,
+                             B=9, H=12, proj_size=proj_size, seed=11)
+        check_low_precision(cell, torch.bfloat16, 7, 9, 16, gpu, bidirectional,
+                            proj_size=proj_size)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("dtype,precision", [(torch.bfloat16, "ieee"), (torch.float16, "ieee"),
+                                             (torch.float32, "ieee"), (torch.float32, "tf32"),
+                                             (torch.float64, "ieee")])
+def test_per_step_gemms_direct_equal_atens_bitwise(cell, dtype, precision, gpu):
+    """The direct cuBLAS calls are the calls at::mm makes under torch's default
+    settings, TF32 or not: the per-step path's output and every gradient are
+    bitwise those of VARLEN_KERNELS_STEP_GEMM=aten (two bidirectional layers,
+    zero lengths)."""
+    torch.manual_seed(0)
+    ref = (torch.nn.LSTM if cell == "lstm" else torch.nn.GRU)(6, 16, num_layers=2,
+                                                                bidirectional=True)
+    m = MaskedRNN.from_torch(ref).to(gpu, dtype)
+    x = torch.randn(9, 7, 6, device=gpu, dtype=dtype)
+    lengths = torch.tensor([9, 0, 3, 8, 1, 9, 5], device=gpu)
+    results = {}
+    with rnn_path("per_step"), matmul_precision(precision):
+        for gemm in ("blas", "aten"):
+            with env_setting("VARLEN_KERNELS_STEP_GEMM", gemm):
+                xx = x.clone().requires_grad_()
+                y, _ = m(xx, lengths)
+                grads = torch.autograd.grad(y.double().square().sum(), [xx, *m.parameters()])
+                results[gemm] = [y, *grads]
+    for a, b in zip(results["blas"], results["aten"]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.emulation
+def test_step_gemm_setting_is_checked():
+    args = layer_args("gru", "cpu", False)
+    with emulate_cuda(), rnn_path("per_step"), env_setting("VARLEN_KERNELS_STEP_GEMM", "cublas"):
+        with pytest.raises(RuntimeError, match="VARLEN_KERNELS_STEP_GEMM must be 'blas' or "
+                                               "'aten', got 'cublas'"):
+            torch.ops.varlen_kernels.rnn_forward(*args, "gru", False)
 
 
 @pytest.mark.emulation

@@ -47,25 +47,16 @@ def cuda_wheel_includes():
     return dirs
 
 
-def cuda_wheel_library(name):
-    """The path of a CUDA wheel's shared library (libcublas.so.13), to link
-    against by path (the wheels ship no unversioned .so); None where there is none."""
-    try:
-        import nvidia
-    except ImportError:
-        return None
-    for base in nvidia.__path__:
-        found = sorted(glob.glob(os.path.join(base, "cu*", "lib", f"lib{name}.so.*")))
+def torch_cublas():
+    """The cuBLAS shared library that torch's CUDA wheel loads (its nvidia wheel
+    next to torch: nvidia/cu13/lib/libcublas.so.13, nvidia/cublas/lib/libcublas.so.12),
+    or None (torch from elsewhere)."""
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    for pattern in ("nvidia/cu*/lib/libcublas.so.*", "nvidia/cublas/lib/libcublas.so.*"):
+        found = sorted(glob.glob(os.path.join(site, pattern)))
         if found:
             return found[0]
     return None
-
-
-def cublas_link_args():
-    """What links the CUDA module with cuBLAS (the per-step loops call it
-    directly): the wheel's library that torch loads, else the toolkit's."""
-    lib = cuda_wheel_library("cublas")
-    return [lib] if lib else ["-lcublas"]
 
 
 def emulation_sources(variant):
@@ -106,13 +97,21 @@ defines = ["-DVK_WITH_CUDA"] if with_cuda else []
 cxx_flags = ["-O3", "-std=c++20", "-fno-math-errno", "-fopenmp"] + defines
 nvcc_flags = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"] + defines
 
+# The per-step loops call cuBLAS directly (csrc/cuda/masked_rnn_cuda.cu, nvcc) only
+# when linked, by path (the wheels ship no unversioned .so), with the very
+# library torch loads; otherwise they make their GEMMs as ATen ops.
+cublas = torch_cublas() if with_cuda else None
+cublas_link = [cublas] if cublas else []
+if cublas:
+    nvcc_flags.append("-DVK_DIRECT_CUBLAS")
+
 if with_cuda:
     ext = CUDAExtension(
         "varlen_kernels._C",
         cpp_sources + cuda_sources,
         include_dirs=[os.path.join(ROOT, "csrc"), GENERATED] + cuda_wheel_includes(),
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-        extra_link_args=["-fopenmp"] + cublas_link_args(),
+        extra_link_args=["-fopenmp"] + cublas_link,
         py_limited_api=False,
     )
 else:

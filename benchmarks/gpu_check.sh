@@ -22,7 +22,9 @@
 #              passing rows through global memory (global_exchange) and
 #              through distributed shared memory with a cluster barrier a
 #              step (dsmem_barrier), our
-#              per-step path, our persistent kernels staging by 16-byte copies
+#              per-step path, our per-step path's GEMMs as ATen ops
+#              (aten_gemm; the default calls cuBLAS directly), our
+#              persistent kernels staging by 16-byte copies
 #              (async_copy; the default stages by bulk copies where they run),
 #              their grid form as one row group and as 2 (one_group,
 #              row_groups; the default runs the tensor-core backward as 2
@@ -136,7 +138,7 @@ bench() {  # STAGE NAME BENCH-ARGS...
 stage_bench() { stage_bench_rnn; stage_bench_losses; }
 stage_bench_rnn() {
   bench bench bench_rnn_cuda --cells lstm --dtypes bfloat16,float32 --repeats 2 --min-run-time 0.3 \
-    --baselines masked,persistent,async_copy,one_group,row_groups,persistent+row_groups,global_exchange,dsmem_barrier,grid_sync,per_step,packed,padded
+    --baselines masked,persistent,async_copy,one_group,row_groups,persistent+row_groups,global_exchange,dsmem_barrier,grid_sync,per_step,aten_gemm,packed,padded
 }
 stage_bench_losses() {
   CAP_bench=35 cap bench $PY benchmarks/bench_linear_ce.py --device cuda --out "$RES" 2>&1 \

@@ -1342,30 +1342,70 @@ def test_per_step_gemms_direct_and_as_aten_ops(cell, gemm, bidirectional, gpu):
                             proj_size=proj_size)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-@pytest.mark.parametrize("dtype,precision", [(torch.bfloat16, "ieee"), (torch.float16, "ieee"),
-                                             (torch.float32, "ieee"), (torch.float32, "tf32"),
-                                             (torch.float64, "ieee")])
-def test_per_step_gemms_direct_equal_atens_bitwise(cell, dtype, precision, gpu):
-    """The direct cuBLAS calls are the calls at::mm makes under torch's default
-    settings, TF32 or not: the per-step path's output and every gradient are
-    bitwise those of VARLEN_KERNELS_STEP_GEMM=aten (two bidirectional layers,
-    zero lengths)."""
+def per_step_blas_and_aten(cell, dtype, gpu, H=16):
+    """The per-step path's output and every gradient, two bidirectional layers,
+    zero lengths, with VARLEN_KERNELS_STEP_GEMM 'blas' and 'aten'."""
+    proj_size = 5 if cell == "lstm_proj" else 0
     torch.manual_seed(0)
-    ref = (torch.nn.LSTM if cell == "lstm" else torch.nn.GRU)(6, 16, num_layers=2,
-                                                                bidirectional=True)
+    ref = (torch.nn.GRU if cell == "gru" else torch.nn.LSTM)(
+        6, H, num_layers=2, bidirectional=True, **({"proj_size": proj_size} if proj_size else {}))
     m = MaskedRNN.from_torch(ref).to(gpu, dtype)
     x = torch.randn(9, 7, 6, device=gpu, dtype=dtype)
     lengths = torch.tensor([9, 0, 3, 8, 1, 9, 5], device=gpu)
     results = {}
-    with rnn_path("per_step"), matmul_precision(precision):
+    with rnn_path("per_step"):
         for gemm in ("blas", "aten"):
             with env_setting("VARLEN_KERNELS_STEP_GEMM", gemm):
                 xx = x.clone().requires_grad_()
                 y, _ = m(xx, lengths)
                 grads = torch.autograd.grad(y.double().square().sum(), [xx, *m.parameters()])
                 results[gemm] = [y, *grads]
-    for a, b in zip(results["blas"], results["aten"]):
+    return results["blas"], results["aten"]
+
+
+@pytest.mark.parametrize("cell,H", [("lstm", 16), ("gru", 16), ("lstm_proj", 16), ("lstm", 80)])
+@pytest.mark.parametrize("dtype,precision", [(torch.bfloat16, "ieee"), (torch.float16, "ieee"),
+                                             (torch.float32, "ieee"), (torch.float32, "tf32"),
+                                             (torch.float64, "ieee")])
+def test_per_step_gemms_direct_equal_atens_bitwise(cell, H, dtype, precision, gpu):
+    """The direct cuBLAS calls are the calls at::mm makes under torch's default
+    settings, TF32 or not: the per-step path's output and every gradient are
+    bitwise those of VARLEN_KERNELS_STEP_GEMM=aten (lstm_proj: proj_size 5, four
+    GEMMs a step)."""
+    with matmul_precision(precision):
+        blas, aten = per_step_blas_and_aten(cell, dtype, gpu, H)
+    for a, b in zip(blas, aten):
+        assert torch.equal(a, b)
+
+
+@contextlib.contextmanager
+def cublas_setting(name):
+    """A torch setting under which the per-step GEMMs are ATen's whatever
+    VARLEN_KERNELS_STEP_GEMM says (at::mm then differs from the direct calls)."""
+    matmul = torch.backends.cuda.matmul
+    if name == "bf16_reduction_off":
+        old = matmul.allow_bf16_reduced_precision_reduction
+        matmul.allow_bf16_reduced_precision_reduction = False
+        try:
+            yield
+        finally:
+            matmul.allow_bf16_reduced_precision_reduction = old
+    else:  # "cublaslt"
+        old = torch.backends.cuda.preferred_blas_library()
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+        try:
+            yield
+        finally:
+            torch.backends.cuda.preferred_blas_library(old)
+
+
+@pytest.mark.parametrize("setting", ["bf16_reduction_off", "cublaslt"])
+def test_per_step_gemms_take_aten_under_other_torch_settings(setting, gpu):
+    """Reduced-precision reductions disallowed, or cuBLASLt preferred: the direct
+    calls give way to ATen's (bitwise the same as 'aten'), bfloat16 LSTM."""
+    with cublas_setting(setting):
+        blas, aten = per_step_blas_and_aten("lstm", torch.bfloat16, gpu)
+    for a, b in zip(blas, aten):
         assert torch.equal(a, b)
 
 

@@ -34,10 +34,17 @@
 #include "settings.h"
 #include "token_plan.h"
 
-#ifndef VK_EMULATE_CUDA
+// The per-step loops' direct cuBLAS calls (StepGemms): in the GPU build linked
+// with torch's own cuBLAS (setup.py), with torch >= 2.10 (its settings below).
+#if !defined(VK_EMULATE_CUDA) && defined(VK_DIRECT_CUBLAS)
+#include <torch/version.h>
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
+#define VK_STEP_CUBLAS 1
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/Exceptions.h>
+#include <ATen/cuda/tunable/Tunable.h>
 #include <cublas_v2.h>
+#endif
 #endif
 #include <type_traits>
 
@@ -166,7 +173,8 @@ int64_t step_order(int64_t k, int64_t T, bool descending) { return descending ? 
 
 // The per-step loops' GEMMs, c (M, N) = a (M, K) op(w), or c += that
 // (accumulate); a, w and c contiguous. op(w) = w^T for w of shape (N, K)
-// (w_is_nk), else w (K, N). On a GPU, by default ("blas"), one cuBLAS call
+// (w_is_nk), else w (K, N). One StepGemms a loop, made where the loop runs (its
+// stream). On a GPU, by default ("blas"), one cuBLAS call a GEMM
 // (cublasSgemm / cublasGemmEx / cublasDgemm) on torch's handle for the
 // current stream, as at::mm makes it with torch's default settings (float:
 // the handle's math mode, TF32 where torch allows it for CUDA matmuls;
@@ -174,11 +182,15 @@ int64_t step_order(int64_t k, int64_t T, bool descending) { return descending ? 
 // allowed), without the ATen op around it: a loop makes two to four of these
 // a step, and at B = 256, H = 1024 (bfloat16 LSTM, T = 512) the per-step path
 // took 26.0 ms of wall time for 18.7 ms of kernels on an H200, ~2600
-// launches. Where torch's settings differ from those defaults
+// launches. The handle is fetched once a loop: nothing else uses it on the
+// loop's thread meanwhile (a loop launches our kernels and these GEMMs, all on
+// one stream; an ATen op on another stream inside a loop would need the handle
+// fetched again). Where torch's settings differ from those defaults
 // (reduced-precision reductions disallowed, half accumulated in half,
-// cuBLASLt as the preferred BLAS backend), and with
-// VARLEN_KERNELS_STEP_GEMM=aten (read once a loop), at::mm_out / addmm_.
-// Under the emulation, always ATen's CPU GEMM.
+// cuBLASLt as the preferred BLAS backend, TunableOp, an SM carveout), with
+// VARLEN_KERNELS_STEP_GEMM=aten (read once a loop), in a build not linked
+// with torch's cuBLAS or with torch before 2.10: at::mm_out / addmm_. Under
+// the emulation, always ATen's CPU GEMM.
 enum class StepGemm { Blas, Aten };
 
 StepGemm step_gemm_setting() {
@@ -186,69 +198,93 @@ StepGemm step_gemm_setting() {
                                   {{"blas", StepGemm::Blas}, {"aten", StepGemm::Aten}});
 }
 
-#ifndef VK_EMULATE_CUDA
-// c^T = op(w)^T a^T in column-major terms (row-major (M, N) is column-major
-// (N, M)); false where torch's settings ask for what at::mm does instead.
 template <typename scalar_t>
-bool cublas_step_gemm(bool w_is_nk, int64_t M, int64_t N, int64_t K, const scalar_t* a,
-                      const scalar_t* w, bool accumulate, scalar_t* c) {
-  auto& ctx = at::globalContext();
-  const at::BlasBackend backend = ctx.blasPreferredBackend();
-  if (backend == at::BlasBackend::Cublaslt || backend == at::BlasBackend::Ck) return false;
-  constexpr bool is_half = std::is_same_v<scalar_t, at::Half>;
-  constexpr bool is_bf16 = std::is_same_v<scalar_t, at::BFloat16>;
-  if constexpr (is_half || is_bf16) {
-    const auto option = is_half ? ctx.allowFP16ReductionCuBLAS() : ctx.allowBF16ReductionCuBLAS();
-    if (option != at::CuBLASReductionOption::AllowReducedPrecisionWithSplitK) return false;
-    if (is_half && ctx.allowFP16AccumulationCuBLAS()) return false;
-  }
-  TORCH_CHECK(M <= INT32_MAX && N <= INT32_MAX && K <= INT32_MAX,
-              "rnn per-step GEMM: sizes (", M, ", ", N, ", ", K, ") past cuBLAS's int range");
-  const cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();  // the current stream's
-  const cublasOperation_t op_w = w_is_nk ? CUBLAS_OP_T : CUBLAS_OP_N;
-  const int n = int(N), m = int(M), k = int(K), ldw = int(w_is_nk ? K : N);
-  if constexpr (is_half || is_bf16) {
-    const cudaDataType_t type = is_half ? CUDA_R_16F : CUDA_R_16BF;
-    const float one = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-    // (the handle comes in float32's math mode, TF32 where allowed; torch's
-    // half and bfloat16 GEMMs run in the default one and leave it so)
-    TORCH_CUDABLAS_CHECK(cublasSetMathMode(handle, CUBLAS_DEFAULT_MATH));
-    TORCH_CUDABLAS_CHECK(cublasGemmEx(handle, op_w, CUBLAS_OP_N, n, m, k, &one, w, type, ldw, a,
-                                      type, k, &beta, c, type, n, CUBLAS_COMPUTE_32F,
-                                      CUBLAS_GEMM_DEFAULT_TENSOR_OP));
-  } else if constexpr (std::is_same_v<scalar_t, float>) {
-    const float one = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-    TORCH_CUDABLAS_CHECK(
-        cublasSgemm(handle, op_w, CUBLAS_OP_N, n, m, k, &one, w, ldw, a, k, &beta, c, n));
-  } else {
-    static_assert(std::is_same_v<scalar_t, double>, "per-step GEMM: an unexpected dtype");
-    const double one = 1.0, beta = accumulate ? 1.0 : 0.0;
-    TORCH_CUDABLAS_CHECK(
-        cublasDgemm(handle, op_w, CUBLAS_OP_N, n, m, k, &one, w, ldw, a, k, &beta, c, n));
-  }
-  return true;
-}
+class StepGemms {
+ public:
+  StepGemms() {
+    const bool blas = step_gemm_setting() == StepGemm::Blas;
+#ifdef VK_STEP_CUBLAS
+    if (blas && torch_defaults()) {
+      handle_ = at::cuda::getCurrentCUDABlasHandle();  // float: in TF32 math where allowed
+      // (torch's half and bfloat16 GEMMs run in the default math mode and
+      // leave the handle in it)
+      if constexpr (kHalf || kBf16)
+        TORCH_CUDABLAS_CHECK(cublasSetMathMode(handle_, CUBLAS_DEFAULT_MATH));
+    }
+#else
+    (void)blas;
 #endif
+  }
 
-template <typename scalar_t>
-void step_gemm(StepGemm how, Tensor& c, const Tensor& a, const Tensor& w, bool w_is_nk,
-               bool accumulate = false) {
-  const int64_t M = a.size(0), K = a.size(1), N = c.size(1);
-  TORCH_INTERNAL_ASSERT(a.is_contiguous() && w.is_contiguous() && c.is_contiguous() &&
-                        c.size(0) == M && w.numel() == N * K);
-#ifndef VK_EMULATE_CUDA
-  // (K = 0, an empty sum, and empty results are left to ATen: cuBLAS wants
-  // leading dimensions of at least 1)
-  if (how == StepGemm::Blas && M > 0 && N > 0 && K > 0 &&
-      cublas_step_gemm<scalar_t>(w_is_nk, M, N, K, a.const_data_ptr<scalar_t>(),
-                                 w.const_data_ptr<scalar_t>(), accumulate, c.data_ptr<scalar_t>()))
-    return;
+  void operator()(Tensor& c, const Tensor& a, const Tensor& w, bool w_is_nk,
+                  bool accumulate = false) const {
+    const int64_t M = a.size(0), K = a.size(1), N = c.size(1);
+    TORCH_INTERNAL_ASSERT(a.is_contiguous() && w.is_contiguous() && c.is_contiguous() &&
+                          c.size(0) == M && w.dim() == 2 && w.size(0) == (w_is_nk ? N : K) &&
+                          w.size(1) == (w_is_nk ? K : N));
+#ifdef VK_STEP_CUBLAS
+    // (K = 0, an empty sum, and empty results are left to ATen: cuBLAS wants
+    // leading dimensions of at least 1)
+    if (handle_ != nullptr && M > 0 && N > 0 && K > 0) {
+      cublas(w_is_nk, M, N, K, a.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+             accumulate, c.data_ptr<scalar_t>());
+      return;
+    }
 #endif
-  (void)how;
-  const Tensor op = w_is_nk ? w.t() : w;
-  if (accumulate) c.addmm_(a, op);
-  else at::mm_out(c, a, op);
-}
+    const Tensor op = w_is_nk ? w.t() : w;
+    if (accumulate) c.addmm_(a, op);
+    else at::mm_out(c, a, op);
+  }
+
+ private:
+  static constexpr bool kHalf = std::is_same_v<scalar_t, at::Half>;
+  static constexpr bool kBf16 = std::is_same_v<scalar_t, at::BFloat16>;
+#ifdef VK_STEP_CUBLAS
+  cublasHandle_t handle_ = nullptr;  // null: ATen makes the GEMMs
+
+  // Whether torch's settings are those under which at::mm makes the calls below
+  // (not with TunableOp, an SM carveout, cuBLASLt preferred, ...).
+  static bool torch_defaults() {
+    auto& ctx = at::globalContext();
+    const at::BlasBackend backend = ctx.blasPreferredBackend();
+    if (backend == at::BlasBackend::Cublaslt || backend == at::BlasBackend::Ck) return false;
+    if (at::cuda::tunable::getTuningContext()->IsTunableOpEnabled()) return false;
+    if (ctx._SMCarveout_EXPERIMENTAL().has_value()) return false;
+    if constexpr (kHalf || kBf16) {
+      const auto option = kHalf ? ctx.allowFP16ReductionCuBLAS() : ctx.allowBF16ReductionCuBLAS();
+      if (option != at::CuBLASReductionOption::AllowReducedPrecisionWithSplitK) return false;
+      if (kHalf && ctx.allowFP16AccumulationCuBLAS()) return false;
+    }
+    return true;
+  }
+
+  // c^T = op(w)^T a^T in column-major terms (row-major (M, N) is column-major
+  // (N, M)).
+  void cublas(bool w_is_nk, int64_t M, int64_t N, int64_t K, const scalar_t* a,
+              const scalar_t* w, bool accumulate, scalar_t* c) const {
+    TORCH_CHECK(M <= INT32_MAX && N <= INT32_MAX && K <= INT32_MAX,
+                "rnn per-step GEMM: sizes (", M, ", ", N, ", ", K, ") past cuBLAS's int range");
+    const cublasOperation_t op_w = w_is_nk ? CUBLAS_OP_T : CUBLAS_OP_N;
+    const int n = int(N), m = int(M), k = int(K), ldw = int(w_is_nk ? K : N);
+    if constexpr (kHalf || kBf16) {
+      const cudaDataType_t type = kHalf ? CUDA_R_16F : CUDA_R_16BF;
+      const float one = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+      TORCH_CUDABLAS_CHECK(cublasGemmEx(handle_, op_w, CUBLAS_OP_N, n, m, k, &one, w, type, ldw,
+                                        a, type, k, &beta, c, type, n, CUBLAS_COMPUTE_32F,
+                                        CUBLAS_GEMM_DEFAULT_TENSOR_OP));
+    } else if constexpr (std::is_same_v<scalar_t, float>) {
+      const float one = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+      TORCH_CUDABLAS_CHECK(
+          cublasSgemm(handle_, op_w, CUBLAS_OP_N, n, m, k, &one, w, ldw, a, k, &beta, c, n));
+    } else {
+      static_assert(std::is_same_v<scalar_t, double>, "per-step GEMM: an unexpected dtype");
+      const double one = 1.0, beta = accumulate ? 1.0 : 0.0;
+      TORCH_CUDABLAS_CHECK(
+          cublasDgemm(handle_, op_w, CUBLAS_OP_N, n, m, k, &one, w, ldw, a, k, &beta, c, n));
+    }
+  }
+#endif
+};
 
 // The length plan of a call and its input in the packed layout (rows past
 // the valid tokens zero): shared by both directions of a layer.
@@ -349,14 +385,14 @@ RnnForwardResult proj_forward_per_step(const ProjSizes& s, const TokenPlan& plan
   Tensor gates = at::zeros({T * B, 4 * H}, opts);
   Tensor states = at::zeros({T * B, 2 * H + P}, opts);
   const Tensor w_hh_c = w_hh.contiguous(), w_hr_c = w_hr.contiguous();
-  const StepGemm how = step_gemm_setting();
   const auto stream = cuda::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gx.scalar_type(),
                                   "rnn_forward_proj_per_step", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const StepGemms<scalar_t> gemm;
     for (int64_t step = 0; step < L && B > 0; ++step) {
       const int64_t t = step_order(step, L, reverse);
-      step_gemm<scalar_t>(how, gh, h_out, w_hh_c, /*w_is_nk=*/true);
+      gemm(gh, h_out, w_hh_c, /*w_is_nk=*/true);
       ProjFwdArgs<scalar_t, acc_t> a{step_rows(plan, t),
                                      gx.const_data_ptr<scalar_t>(), gh.const_data_ptr<scalar_t>(),
                                      bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr,
@@ -366,7 +402,7 @@ RnnForwardResult proj_forward_per_step(const ProjSizes& s, const TokenPlan& plan
                                      gx.stride(0)};
       cuda::launch(proj_forward_step_kernel<scalar_t, acc_t>, cuda::grid_for(B * H, kThreads),
                    kThreads, 0, stream, a);
-      step_gemm<scalar_t>(how, hp, r, w_hr_c, /*w_is_nk=*/true);
+      gemm(hp, r, w_hr_c, /*w_is_nk=*/true);
       cuda::launch(proj_commit_kernel<scalar_t, acc_t>, cuda::grid_for(B * P, kThreads),
                    kThreads, 0, stream, plan.lengths.const_data_ptr<int64_t>(),
                    hp.const_data_ptr<scalar_t>(), h.data_ptr<acc_t>(), h_out.data_ptr<scalar_t>(),
@@ -484,11 +520,11 @@ void rnn_backward_proj_per_step(const ProjSizes& s, const TokenPlan& plan, const
   // the float carry by the next step's first kernel (after the last, by add_).
   Tensor prod = same_type ? Tensor() : at::empty({B, P}, opts);
   const Tensor w_hh_c = w_hh.contiguous(), w_hr_c = w_hr.contiguous();
-  const StepGemm how = step_gemm_setting();
   const auto stream = cuda::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(),
                                   "rnn_backward_proj_per_step", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const StepGemms<scalar_t> gemm;
     const int64_t L = plan.steps();
     for (int64_t step = 0; step < L && B > 0; ++step) {
       const int64_t t = step_order(step, L, !reverse);
@@ -497,7 +533,7 @@ void rnn_backward_proj_per_step(const ProjSizes& s, const TokenPlan& plan, const
                    dy.const_data_ptr<scalar_t>() + t * B * P, dh.data_ptr<acc_t>(),
                    step > 0 && !same_type ? prod.const_data_ptr<scalar_t>() : nullptr,
                    dh_step.data_ptr<scalar_t>(), dh_tok.data_ptr<scalar_t>(), t, B, P);
-      step_gemm<scalar_t>(how, dr, dh_step, w_hr_c, /*w_is_nk=*/false);
+      gemm(dr, dh_step, w_hr_c, /*w_is_nk=*/false);
       ProjBwdArgs<scalar_t, acc_t> a{step_rows(plan, t), gates.const_data_ptr<scalar_t>(),
                                      states.const_data_ptr<scalar_t>(), dr.const_data_ptr<scalar_t>(),
                                      dc.data_ptr<acc_t>(), dgx.data_ptr<scalar_t>(),
@@ -506,8 +542,8 @@ void rnn_backward_proj_per_step(const ProjSizes& s, const TokenPlan& plan, const
       cuda::launch(proj_backward_step_kernel<scalar_t, acc_t>, cuda::grid_for(B * H, kThreads),
                    kThreads, 0, stream, a);
       // Running rows restart from zero; the others carry dh (their dg_step is 0).
-      if (same_type) step_gemm<scalar_t>(how, dh, dg_step, w_hh_c, false, /*accumulate=*/true);
-      else step_gemm<scalar_t>(how, prod, dg_step, w_hh_c, false);
+      if (same_type) gemm(dh, dg_step, w_hh_c, false, /*accumulate=*/true);
+      else gemm(prod, dg_step, w_hh_c, false);
     }
     if (!same_type && L > 0 && B > 0) dh.add_(prod);
   });
@@ -603,18 +639,18 @@ RnnForwardResult forward_per_step(const Prepared& f, const TokenPlan& plan, cons
   Tensor gates = at::zeros({T * B, s.GS * H}, opts);  // packed
   Tensor states = at::zeros({T * B, s.S * H}, opts);
   const Tensor w_hh_c = w_hh.contiguous(), gxc = gx.stride(1) == 1 ? gx : gx.contiguous();
-  const StepGemm how = step_gemm_setting();
   const auto stream = cuda::current_stream();
   const unsigned blocks = cuda::grid_for(B * H, kThreads);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gx.scalar_type(), "rnn_forward_cuda",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const StepGemms<scalar_t> gemm;
     dispatch_cell(s.cell, [&](auto k) {
       constexpr Cell K = decltype(k)::value;
       for (int64_t step = 0; step < L; ++step) {
         const int64_t t = step_order(step, L, reverse);
-        step_gemm<scalar_t>(how, gh, h_out, w_hh_c, /*w_is_nk=*/true);
+        gemm(gh, h_out, w_hh_c, /*w_is_nk=*/true);
         FwdArgs<scalar_t, acc_t> a{step_rows(plan, t),
                                    gxc.const_data_ptr<scalar_t>(),
                                    gh.const_data_ptr<scalar_t>(),
@@ -694,7 +730,6 @@ void rnn_backward_per_step(const RnnSizes& s, const TokenPlan& plan, const Tenso
   TORCH_INTERNAL_ASSERT(dgx.stride(1) == 1);
   Tensor dg_step = at::empty({B, G * H}, opts);
   const Tensor gs = gates.contiguous(), st = states.contiguous(), w_hh_c = w_hh.contiguous();
-  const StepGemm how = step_gemm_setting();
   const auto stream = cuda::current_stream();
   const unsigned blocks = cuda::grid_for(B * H, kThreads);
   const bool same_type = acc_type == dy.scalar_type();
@@ -704,6 +739,7 @@ void rnn_backward_per_step(const RnnSizes& s, const TokenPlan& plan, const Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(),
                                   "rnn_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const StepGemms<scalar_t> gemm;
     dispatch_cell(cell, [&](auto k) {
       constexpr Cell K = decltype(k)::value;
       const int64_t L = plan.steps();
@@ -721,8 +757,8 @@ void rnn_backward_per_step(const RnnSizes& s, const TokenPlan& plan, const Tenso
         if (B * H > 0)
           cuda::launch(backward_step_kernel<scalar_t, acc_t, K>, blocks, kThreads, 0, stream, a);
         // Rows past their length have zero dg_step, so their carried dh is unchanged.
-        if (same_type) step_gemm<scalar_t>(how, dh, dg_step, w_hh_c, false, /*accumulate=*/true);
-        else step_gemm<scalar_t>(how, prod, dg_step, w_hh_c, false);
+        if (same_type) gemm(dh, dg_step, w_hh_c, false, /*accumulate=*/true);
+        else gemm(prod, dg_step, w_hh_c, false);
       }
       if (!same_type && L > 0) dh.add_(prod);
       return 0;

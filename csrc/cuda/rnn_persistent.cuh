@@ -849,9 +849,6 @@ __device__ __forceinline__ auto tile_operand(const StageRing<scalar_t>& ring, in
 // length order (tiles of rb rows dealt to the groups in turn, RowGroup) at
 // buffer row (q / groups) * rb, so the rows running at a step, a prefix of
 // the order, are a prefix of the buffer's rows.
-__device__ __forceinline__ int64_t buffer_row(const RowGroup& rows, int64_t i, int64_t rb) {
-  return (i / rb) / rows.groups * rb + i % rb;
-}
 __device__ __forceinline__ int64_t row_of_buffer(const RowGroup& rows, int64_t lr, int64_t rb) {
   return ((lr / rb) * rows.groups + rows.group) * rb + lr % rb;
 }
